@@ -1,0 +1,106 @@
+"""Frozen configuration dataclasses shared by every layer of the engine."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from mobile_moe.errors import InvalidParameter
+
+PolicyName = Literal["big", "little", "mobile"]
+LittleWeights = Literal["native", "rescale"]
+PrefillMode = Literal["big", "little"]
+Criterion = Literal["max_prob", "entropy", "margin"]
+POLICIES: tuple[str, ...] = ("big", "little", "mobile")
+CRITERIA: tuple[str, ...] = ("max_prob", "entropy", "margin")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How tokens are drawn from logits and when generation stops."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InvalidParameter(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidParameter(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise InvalidParameter(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        """True when the most likely token is always taken."""
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Which experts each pass uses (DESIGN.md §1)."""
+
+    name: PolicyName = "big"
+    tau: float = 0.9
+    criterion: Criterion = "max_prob"
+    little_weights: LittleWeights = "native"
+    prefill: PrefillMode | None = None  # None: little for `little`, big otherwise
+    prefetch_on_fallback: bool = True
+
+    def __post_init__(self) -> None:
+        if self.name not in POLICIES:
+            raise InvalidParameter(f"policy must be one of {', '.join(POLICIES)}, got {self.name!r}")
+        if not math.isfinite(self.tau) or self.tau < 0:
+            raise InvalidParameter(f"tau must be a finite number >= 0, got {self.tau}")
+        if self.criterion not in CRITERIA:
+            raise InvalidParameter(f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
+        if self.little_weights not in ("native", "rescale"):
+            raise InvalidParameter(f"little_weights must be native or rescale, got {self.little_weights!r}")
+        if self.prefill not in (None, "big", "little"):
+            raise InvalidParameter(f"prefill must be big or little, got {self.prefill!r}")
+
+    @property
+    def prefill_mode(self) -> PrefillMode:
+        """Experts used for the prompt: explicit knob, else little only for the `little` policy."""
+        if self.prefill is not None:
+            return self.prefill
+        return "little" if self.name == "little" else "big"
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Size of the device expert cache: a slot count, a memory budget, or neither (automatic)."""
+
+    slots: int | None = None
+    gpu_memory_gb: float | None = None
+    eviction: Literal["lru", "lfu"] = "lru"
+
+    def __post_init__(self) -> None:
+        if self.slots is not None and self.gpu_memory_gb is not None:
+            raise InvalidParameter("give either an expert cache size or a GPU memory budget, not both")
+        if self.slots is not None and self.slots < 1:
+            raise InvalidParameter(f"expert cache must hold at least 1 expert, got {self.slots}")
+        if self.gpu_memory_gb is not None and not (self.gpu_memory_gb > 0 and math.isfinite(self.gpu_memory_gb)):
+            raise InvalidParameter(f"gpu memory budget must be > 0 GB, got {self.gpu_memory_gb}")
+        if self.eviction not in ("lru", "lfu"):
+            raise InvalidParameter(f"eviction must be lru or lfu, got {self.eviction!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Where and in which precision the engine runs."""
+
+    device: str = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    cache: CacheConfig = CacheConfig()
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise InvalidParameter(f"device must be cpu or cuda, got {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise InvalidParameter(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")

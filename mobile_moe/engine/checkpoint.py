@@ -1,0 +1,124 @@
+"""Reading a Hugging Face checkpoint directory: config, safetensors shards, and which tensor is what."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, PretrainedConfig
+
+from mobile_moe.errors import CheckpointError
+from mobile_moe.models.registry import check_supported
+
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+_FUSED = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj)$")
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+PART_NAMES = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+
+
+@dataclass(frozen=True)
+class ExpertTensor:
+    """One projection of one expert in a per-expert checkpoint."""
+
+    layer: int
+    expert: int
+    part: str  # gate | up | down
+
+
+@dataclass(frozen=True)
+class FusedExpertTensor:
+    """All experts of a layer in one 3-D tensor."""
+
+    layer: int
+    part: str  # gate_up | down
+
+
+def classify(key: str) -> ExpertTensor | FusedExpertTensor | None:
+    """What a checkpoint key holds: an expert piece, a fused expert tensor, or None for a dense weight."""
+    if m := _EXPERT.match(key):
+        return ExpertTensor(int(m[1]), int(m[2]), PART_NAMES[m[3]])
+    if m := _FUSED.match(key):
+        return FusedExpertTensor(int(m[1]), "gate_up" if m[2] == "gate_up_proj" else "down")
+    return None
+
+
+def layer_of(key: str) -> int | None:
+    """Decoder layer index a key belongs to, if any."""
+    m = _LAYER.match(key)
+    return int(m[1]) if m else None
+
+
+def dense_name(key: str) -> str:
+    """Our module's parameter name for a dense checkpoint key."""
+    return key.replace(".block_sparse_moe.", ".mlp.").replace(".shared_experts.", ".shared_expert.")
+
+
+def read_config(path: Path) -> PretrainedConfig:
+    """The checkpoint's config, after checking the directory and the architecture."""
+    if not path.is_dir():
+        raise CheckpointError(f"model directory not found: {path}")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"no config.json in {path}")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"config.json in {path} is not valid JSON: {e}") from None
+    check_supported(raw.get("model_type"), raw.get("architectures"))
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except Exception as e:  # transformers raises several types for bad configs
+        raise CheckpointError(f"cannot parse config.json in {path}: {one_line(e)}") from None
+
+
+def shard_files(path: Path) -> list[Path]:
+    """The safetensors files holding the weights, checked to exist."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {one_line(e)}") from None
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise CheckpointError(f"missing shard {missing[0]} listed in {index.name} ({len(missing)} missing)")
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors weights in {path}")
+    return files
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) for every tensor of every shard; unreadable or truncated files raise CheckpointError."""
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error type for truncated/corrupt files
+            raise CheckpointError(f"cannot read {file.name}: {one_line(e)} (truncated or corrupt shard?)") from None
+
+
+def count_tensors(files: list[Path]) -> int:
+    """Number of tensors in all shards (reads headers only)."""
+    total = 0
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                total += len(list(f.keys()))
+        except Exception as e:
+            raise CheckpointError(f"cannot read {file.name}: {one_line(e)} (truncated or corrupt shard?)") from None
+    return total
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line."""
+    return " ".join(str(e).split()) or type(e).__name__

@@ -1,0 +1,108 @@
+"""The public Python API: `LLM(model_dir).generate(prompt, sampling, policy)`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mobile_moe.config import CacheConfig, EngineConfig, PolicyConfig, SamplingParams
+from mobile_moe.engine.budget import plan_slots
+from mobile_moe.engine.generate import GenerationResult, generate
+from mobile_moe.engine.loader import LoadedModel, load
+from mobile_moe.engine.runner import Runner
+from mobile_moe.errors import CheckpointError, InvalidParameter, PromptTooLong
+from mobile_moe.experts.cache import ExpertCache
+from mobile_moe.experts.transfer import TransferEngine
+from mobile_moe.layers.moe import ExpertMode
+from mobile_moe.policy.policies import Policy
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def resolve_device(name: str) -> torch.device:
+    """A torch device, checking that CUDA exists when asked for."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidParameter("device cuda was requested but CUDA is not available on this machine")
+    return device
+
+
+class LLM:
+    """An offloaded MoE model: dense weights on the device, experts in host memory behind a bounded cache."""
+
+    def __init__(self, model: str | Path, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.device = resolve_device(self.config.device)
+        self.loaded: LoadedModel = load(model, self.device, self.config.dtype, self.config.progress)
+        self.path = self.loaded.path
+        self.info = self.loaded.model.info
+        slots = plan_slots(self.config.cache, self.loaded.model, self.loaded.store, self.device)
+        self.cache = ExpertCache(self.loaded.store, slots, self.device, TransferEngine(self.device), self.config.cache.eviction)
+        self.runner = Runner(self.loaded.model, self.cache)
+        self.tokenizer = _load_tokenizer(self.path)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Token ids that end generation."""
+        ids = set(self.info.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return tuple(sorted(ids))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a text (needs the checkpoint's tokenizer)."""
+        if self.tokenizer is None:
+            raise InvalidParameter(f"{self.path} has no tokenizer; pass token ids (--prompt-ids) instead of text")
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int]) -> str | None:
+        """Text of token ids, or None without a tokenizer."""
+        return None if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def generate(self, prompt: str | list[int], sampling: SamplingParams | None = None, policy: PolicyConfig | None = None) -> GenerationResult:
+        """Generate a continuation of a text or of token ids under a policy (big / little / mobile)."""
+        sampling, policy = sampling or SamplingParams(), policy or PolicyConfig()
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_prompt(ids)
+        room = self.info.max_context - len(ids)
+        if sampling.max_new_tokens > room:
+            sampling = SamplingParams(room, sampling.temperature, sampling.top_p, sampling.seed, sampling.stop_at_eos)
+        self.runner.little_weights = policy.little_weights
+        result = generate(self.runner, ids, sampling, Policy(policy), self.eos_token_ids)
+        result.text = self.decode(result.token_ids)
+        return result
+
+    def logits(self, ids: list[int], mode: str = "big") -> torch.Tensor:
+        """Teacher-forced logits [T, V] of a token sequence with big or little experts."""
+        self._check_prompt(ids)
+        kv = self.runner.new_kv(len(ids))
+        return self.runner.forward(torch.tensor(ids, device=self.device), kv, ExpertMode(mode), all_logits=True)
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        """Reject empty, out-of-vocabulary or over-long prompts."""
+        if not ids:
+            raise InvalidParameter("the prompt is empty")
+        vocab = self.loaded.model.lm_head.weight.shape[0]
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise InvalidParameter(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        if len(ids) >= self.info.max_context:
+            raise PromptTooLong(f"prompt has {len(ids)} tokens; the model's context is {self.info.max_context} tokens")
+
+
+def _load_tokenizer(path: Path):  # -> PreTrainedTokenizerBase | None
+    """The checkpoint's tokenizer when it ships one."""
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise CheckpointError(f"cannot load the tokenizer in {path}: {' '.join(str(e).split())}") from None
+
+
+def engine_config(device: str = "cpu", dtype: str = "auto", expert_cache: int | None = None, gpu_memory: float | None = None, eviction: str = "lru", progress: bool = True) -> EngineConfig:
+    """EngineConfig from flat keyword arguments (what the CLI and API users pass)."""
+    return EngineConfig(device=device, dtype=dtype, cache=CacheConfig(expert_cache, gpu_memory, eviction), progress=progress)

@@ -1,0 +1,103 @@
+"""Checkpoint directory -> our model on the compute device (dense weights) + host ExpertStore (routed experts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import PretrainedConfig
+
+from mobile_moe.engine.checkpoint import (
+    ExpertTensor, FusedExpertTensor, classify, count_tensors, dense_name, iter_tensors, layer_of, read_config, shard_files,
+)
+from mobile_moe.errors import CheckpointError
+from mobile_moe.experts.store import ExpertShape, ExpertStore
+from mobile_moe.models.registry import build_model
+from mobile_moe.models.transformer import CausalLM
+
+FP32_BUFFERS = ("e_score_correction_bias",)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: dense part on the device, experts in host memory."""
+
+    model: CausalLM
+    store: ExpertStore
+    config: PretrainedConfig
+    path: Path
+    dtype: torch.dtype
+
+
+def resolve_dtype(name: str, cfg: PretrainedConfig, device: torch.device) -> torch.dtype:
+    """`auto`: float32 on CPU, the checkpoint's own precision on CUDA."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cpu":
+        return torch.float32
+    stored = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if isinstance(stored, torch.dtype) else torch.bfloat16
+
+
+def load(path: str | Path, device: torch.device, dtype_name: str = "auto", progress: bool = True) -> LoadedModel:
+    """Read config and weights; never materialise all experts on the device."""
+    path = Path(path)
+    cfg = read_config(path)
+    files = shard_files(path)
+    dtype = resolve_dtype(dtype_name, cfg, device)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    info = model.info
+    store = ExpertStore(list(info.moe_layers), info.num_experts, ExpertShape(info.hidden, info.expert_intermediate), dtype, pin=device.type == "cuda")
+    dense: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=count_tensors(files), desc="loading weights", unit="tensor", disable=(not progress) or None, leave=False)
+    for key, tensor in iter_tensors(files):
+        bar.update()
+        _place(key, tensor, cfg, store, dense, device, dtype)
+    bar.close()
+    _finish(model, dense, store, cfg, device)
+    model.eval()
+    return LoadedModel(model=model, store=store, config=cfg, path=path, dtype=dtype)
+
+
+def _place(key: str, tensor: torch.Tensor, cfg: PretrainedConfig, store: ExpertStore, dense: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> None:
+    """Route one checkpoint tensor to the expert store or the dense state dict."""
+    layer = layer_of(key)
+    if layer is not None and layer >= cfg.num_hidden_layers:
+        return  # e.g. DeepSeek-V3's multi-token-prediction layers, unused for decoding
+    kind = classify(key)
+    try:
+        if isinstance(kind, ExpertTensor):
+            store.put(kind.layer, kind.expert, kind.part, tensor.to(dtype))
+        elif isinstance(kind, FusedExpertTensor):
+            store.put_fused(kind.layer, kind.part, tensor.to(dtype))
+        elif not key.endswith("rotary_emb.inv_freq"):
+            keep_fp32 = key.endswith(FP32_BUFFERS)
+            dense[dense_name(key)] = tensor.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+    except (ValueError, KeyError, IndexError) as e:
+        raise CheckpointError(f"tensor {key} does not fit the config: {e}") from None
+
+
+def _finish(model: CausalLM, dense: dict[str, torch.Tensor], store: ExpertStore, cfg: PretrainedConfig, device: torch.device) -> None:
+    """Assign dense weights, tie the LM head if asked, and check nothing is missing."""
+    if "lm_head.weight" not in dense and getattr(cfg, "tie_word_embeddings", False) and "model.embed_tokens.weight" in dense:
+        dense["lm_head.weight"] = dense["model.embed_tokens.weight"]
+    expected = set(model.state_dict().keys())
+    missing = sorted(expected - dense.keys())
+    unexpected = sorted(dense.keys() - expected)
+    if missing:
+        raise CheckpointError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[0]}")
+    if unexpected:
+        raise CheckpointError(f"checkpoint has {len(unexpected)} weights the config does not describe, e.g. {unexpected[0]}")
+    lacking = store.missing()
+    if lacking:
+        raise CheckpointError(f"checkpoint lacks {len(lacking)} expert weights, e.g. {lacking[0]}")
+    try:
+        model.load_state_dict(dense, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights do not match the config: {' '.join(str(e).split())[:300]}") from None
+    model.rotary.to(device)

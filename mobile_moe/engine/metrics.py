@@ -1,0 +1,39 @@
+"""Per-request counters and timings."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class GenerationStats:
+    """What one generate call did and how long it took."""
+
+    prompt_tokens: int = 0
+    tokens: int = 0
+    fallback_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    expert_hits: int = 0
+    expert_misses: int = 0
+    prefetched: int = 0
+    h2d_bytes: int = 0
+    transfer_wait_s: float = 0.0
+    cache_slots: int = 0
+    total_experts: int = 0
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens per second over the decode steps (the first token comes from prefill)."""
+        steps = max(self.tokens - 1, 0)
+        return steps / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of expert requests served from the cache."""
+        total = self.expert_hits + self.expert_misses
+        return self.expert_hits / total if total else 0.0
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict including derived rates."""
+        return {**asdict(self), "decode_tok_s": self.decode_tok_s, "hit_rate": self.hit_rate}

@@ -1,0 +1,59 @@
+"""Runs forward passes of the model with a chosen expert mode, recording routing for fallback prefetch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mobile_moe.experts.cache import ExpertCache
+from mobile_moe.experts.executor import ExpertExecutor
+from mobile_moe.layers.kv_cache import KVCache
+from mobile_moe.layers.mlp import activation
+from mobile_moe.layers.moe import ExpertMode, Routing
+from mobile_moe.models.transformer import CausalLM
+
+
+class Runner:
+    """Binds model, expert cache and executor; implements the ExpertRunner protocol MoE blocks call."""
+
+    def __init__(self, model: CausalLM, cache: ExpertCache, little_weights: str = "native") -> None:
+        self.model = model
+        self.cache = cache
+        self.executor = ExpertExecutor(cache, activation(model.info.hidden_act))
+        self.mode = ExpertMode.BIG
+        self.little_weights = little_weights
+        self.routing_log: dict[int, torch.Tensor] | None = None
+
+    def new_kv(self, max_len: int) -> KVCache:
+        """An empty KV cache for one sequence of up to max_len positions."""
+        k_shapes, v_shapes = self.model.kv_shapes()
+        return KVCache(k_shapes, v_shapes, max_len, self.model.lm_head.weight.device, self.model.lm_head.weight.dtype)
+
+    def run_experts(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Delegate to the batched executor."""
+        return self.executor.run(layer, x, indices, weights)
+
+    def note_routing(self, layer: int, routing: Routing) -> None:
+        """Keep each layer's full top-k of the last token while recording."""
+        if self.routing_log is not None:
+            self.routing_log[layer] = routing.indices[-1]
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, kv: KVCache, mode: ExpertMode, record: bool = False, all_logits: bool = False) -> torch.Tensor:
+        """ids: [T] -> logits of the last position [V] (or all [T, V]); with record, routing_log holds each layer's top-k."""
+        self.mode = mode
+        self.routing_log = {} if record else None
+        return self.model(ids, kv, self, all_logits=all_logits)
+
+    def prefetch_other_half(self, routing_log: dict[int, torch.Tensor]) -> int:
+        """Before a fallback pass: start loading, in layer order, the top-k experts the little pass did not use."""
+        little_k = math.ceil(self.model.info.top_k / 2)
+        budget = self.cache.num_slots - self.model.info.top_k  # leave room for the layer being computed
+        issued = 0
+        for layer in sorted(routing_log):
+            if issued >= budget:
+                break
+            others = routing_log[layer][little_k:].tolist()
+            issued += self.cache.prefetch(layer, others[: budget - issued])
+        return issued

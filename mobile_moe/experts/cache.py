@@ -1,0 +1,134 @@
+"""Device-side expert cache: a fixed pool of slots, pluggable eviction, pin counts, hit/miss/bytes counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mobile_moe.errors import CacheTooSmall
+from mobile_moe.experts.eviction import make_eviction
+from mobile_moe.experts.store import ExpertStore
+from mobile_moe.experts.transfer import Ticket, TransferEngine
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+@dataclass
+class CacheStats:
+    """Counters of one cache since creation or the last reset."""
+
+    hits: int = 0
+    misses: int = 0
+    prefetched: int = 0
+    evictions: int = 0
+    h2d_bytes: int = 0
+
+    def snapshot(self) -> "CacheStats":
+        """A copy, for measuring deltas."""
+        return CacheStats(**vars(self))
+
+
+@dataclass
+class _Slot:
+    key: Key | None = None
+    pins: int = 0
+    ticket: Ticket | None = None
+
+
+@dataclass
+class ExpertCache:
+    """`num_slots` resident experts on `device`; an expert in use (pinned) is never evicted."""
+
+    store: ExpertStore
+    num_slots: int
+    device: torch.device
+    transfer: TransferEngine
+    eviction_name: str = "lru"
+    stats: CacheStats = field(default_factory=CacheStats)
+
+    def __post_init__(self) -> None:
+        self.pool = torch.empty(self.num_slots, self.store.shape.numel, dtype=self.store.dtype, device=self.device)
+        s = self.store.shape
+        self.gate_up = self.pool[:, : s.gate_up_numel].view(self.num_slots, 2 * s.intermediate, s.hidden)
+        self.down = self.pool[:, s.gate_up_numel :].view(self.num_slots, s.hidden, s.intermediate)
+        self.slots = [_Slot() for _ in range(self.num_slots)]
+        self.where: dict[Key, int] = {}
+        self.eviction = make_eviction(self.eviction_name)
+
+    def resident(self, layer: int, expert: int) -> bool:
+        """Whether the expert is in a slot (possibly still arriving)."""
+        return (layer, expert) in self.where
+
+    def acquire(self, layer: int, experts: list[int]) -> list[int]:
+        """Make the experts resident, pin them, and return their slots (compute may read them once this returns)."""
+        if len(experts) > self.num_slots:
+            raise CacheTooSmall(f"expert cache has {self.num_slots} slots but one step needs {len(experts)} experts of layer {layer}")
+        slots = []
+        for expert in experts:
+            key = (layer, expert)
+            if key in self.where:
+                self.stats.hits += 1
+                self.eviction.touched(key)
+                slot = self.where[key]
+            else:
+                self.stats.misses += 1
+                slot = self._load(key)
+            self.slots[slot].pins += 1
+            slots.append(slot)
+        for slot in slots:
+            self._ready(slot)
+        return slots
+
+    def release(self, slots: list[int]) -> None:
+        """Unpin slots returned by `acquire`."""
+        for slot in slots:
+            self.slots[slot].pins -= 1
+
+    def prefetch(self, layer: int, experts: list[int]) -> int:
+        """Start loading experts that are not resident, without pinning; returns how many loads were issued."""
+        issued = 0
+        for expert in experts:
+            key = (layer, expert)
+            if key in self.where or not self._has_evictable_or_free():
+                continue
+            self._load(key)
+            self.stats.prefetched += 1
+            issued += 1
+        return issued
+
+    def _has_evictable_or_free(self) -> bool:
+        return any(s.pins == 0 for s in self.slots)
+
+    def _load(self, key: Key) -> int:
+        """Choose a slot (free or evicted) and start copying the expert into it."""
+        slot = self._free_slot()
+        self.where[key] = slot
+        self.slots[slot].key = key
+        self.eviction.inserted(key)
+        src = self.store.buffer(*key)
+        self.slots[slot].ticket = self.transfer.load(self.pool[slot], src)
+        self.stats.h2d_bytes += self.slots[slot].ticket.nbytes
+        return slot
+
+    def _free_slot(self) -> int:
+        """An empty slot, else the eviction policy's victim among unpinned slots."""
+        for i, s in enumerate(self.slots):
+            if s.key is None:
+                return i
+        evictable = [s.key for s in self.slots if s.pins == 0]
+        if not evictable:
+            raise CacheTooSmall(f"all {self.num_slots} expert cache slots are in use")
+        victim = self.eviction.victim(evictable)
+        slot = self.where.pop(victim)
+        self.eviction.removed(victim)
+        self.slots[slot] = _Slot()
+        self.stats.evictions += 1
+        return slot
+
+    def _ready(self, slot: int) -> None:
+        """Wait for the slot's copy if it is still in flight."""
+        ticket = self.slots[slot].ticket
+        if ticket is not None:
+            self.transfer.wait(ticket)
+            self.slots[slot].ticket = None

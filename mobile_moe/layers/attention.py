@@ -1,0 +1,151 @@
+"""Attention modules: grouped-query attention (Mixtral, Qwen, OLMoE) and multi-head latent attention (DeepSeek)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mobile_moe.layers.kv_cache import KVCache
+from mobile_moe.layers.norm import RMSNorm
+from mobile_moe.layers.rotary import RopeLayout, apply_rotary
+
+
+@dataclass(frozen=True)
+class AttentionInput:
+    """What every attention layer of one forward pass shares."""
+
+    cos: torch.Tensor  # [T, rot/2]
+    sin: torch.Tensor  # [T, rot/2]
+    mask: torch.Tensor | None  # [T, S] bool (True = attend), None when T == 1
+    kv: KVCache
+
+
+def causal_mask(start: int, length: int, device: torch.device) -> torch.Tensor | None:
+    """[T, start+T] boolean mask letting query i see keys 0..start+i; None for a single query."""
+    if length == 1:
+        return None
+    q_pos = torch.arange(start, start + length, device=device)
+    k_pos = torch.arange(start + length, device=device)
+    return k_pos[None, :] <= q_pos[:, None]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """q: [Hq, T, D], k/v: [Hkv, S, D*] -> [T, Hq * Dv]."""
+    out = F.scaled_dot_product_attention(
+        q[None], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=k.shape[0] != q.shape[0]
+    )  # [1, Hq, T, Dv]
+    return out[0].transpose(0, 1).reshape(q.shape[1], -1)
+
+
+QKNorm = Literal["none", "head", "full"]
+
+
+class GQAAttention(nn.Module):
+    """Rotary grouped-query attention with optional q/k RMSNorm (per head or over the full width) and clipping."""
+
+    def __init__(
+        self,
+        layer: int,
+        hidden: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        qkv_bias: bool,
+        o_bias: bool,
+        qk_norm: QKNorm,
+        eps: float,
+        clip_qkv: float | None,
+    ) -> None:
+        super().__init__()
+        self.layer, self.heads, self.kv_heads, self.head_dim = layer, heads, kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=o_bias)
+        self.qk_norm = qk_norm
+        if qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(head_dim, eps), RMSNorm(head_dim, eps)
+        elif qk_norm == "full":
+            self.q_norm, self.k_norm = RMSNorm(heads * head_dim, eps), RMSNorm(kv_heads * head_dim, eps)
+        self.clip_qkv = clip_qkv
+
+    def kv_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(heads, dim) of the cached keys and values."""
+        return (self.kv_heads, self.head_dim), (self.kv_heads, self.head_dim)
+
+    def forward(self, x: torch.Tensor, inp: AttentionInput) -> torch.Tensor:
+        """x: [T, hidden] -> [T, hidden]; writes this step's keys/values into the cache."""
+        T = x.shape[0]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, H*D]
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.view(T, self.heads, self.head_dim)
+        k = k.view(T, self.kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(0, 1), k.transpose(0, 1)  # [H, T, D]
+        v = v.view(T, self.kv_heads, self.head_dim).transpose(0, 1)
+        q, k = apply_rotary(q, inp.cos, inp.sin, "half"), apply_rotary(k, inp.cos, inp.sin, "half")
+        k_all, v_all = inp.kv.write(self.layer, k, v)
+        return self.o_proj(attend(q, k_all, v_all, inp.mask, self.head_dim**-0.5))
+
+
+@dataclass(frozen=True)
+class MLADims:
+    """Shapes of DeepSeek's multi-head latent attention."""
+
+    hidden: int
+    heads: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_dim: int
+    qk_rope_dim: int
+    v_dim: int
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention; the cache holds the compressed latent and the shared rotary key."""
+
+    def __init__(self, layer: int, d: MLADims, *, bias: bool, eps: float, scale: float, rope_layout: RopeLayout) -> None:
+        super().__init__()
+        self.layer, self.d, self.scale, self.rope_layout = layer, d, scale, rope_layout
+        qk_dim = d.qk_nope_dim + d.qk_rope_dim
+        if d.q_lora_rank is None:
+            self.q_proj = nn.Linear(d.hidden, d.heads * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d.hidden, d.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(d.q_lora_rank, eps)
+            self.q_b_proj = nn.Linear(d.q_lora_rank, d.heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d.hidden, d.kv_lora_rank + d.qk_rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(d.kv_lora_rank, eps)
+        self.kv_b_proj = nn.Linear(d.kv_lora_rank, d.heads * (d.qk_nope_dim + d.v_dim), bias=False)
+        self.o_proj = nn.Linear(d.heads * d.v_dim, d.hidden, bias=bias)
+
+    def kv_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The cache stores (1, kv_lora_rank) latents as keys and (1, rope_dim) rotary keys as values."""
+        return (1, self.d.kv_lora_rank), (1, self.d.qk_rope_dim)
+
+    def forward(self, x: torch.Tensor, inp: AttentionInput) -> torch.Tensor:
+        """x: [T, hidden] -> [T, hidden]."""
+        d, T = self.d, x.shape[0]
+        q = self.q_proj(x) if d.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(T, d.heads, d.qk_nope_dim + d.qk_rope_dim).transpose(0, 1)  # [H, T, qk]
+        q_nope, q_rope = q.split([d.qk_nope_dim, d.qk_rope_dim], dim=-1)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([d.kv_lora_rank, d.qk_rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)[None]  # [1, T, R]
+        q_rope = apply_rotary(q_rope, inp.cos, inp.sin, self.rope_layout)
+        k_rope = apply_rotary(k_rope[None], inp.cos, inp.sin, self.rope_layout)  # [1, T, rope]
+        latent_all, k_rope_all = inp.kv.write(self.layer, latent, k_rope)  # [1, S, R], [1, S, rope]
+        S = latent_all.shape[1]
+        kv = self.kv_b_proj(latent_all[0]).view(S, d.heads, d.qk_nope_dim + d.v_dim).transpose(0, 1)
+        k_nope, v = kv.split([d.qk_nope_dim, d.v_dim], dim=-1)  # [H, S, nope], [H, S, v]
+        k = torch.cat((k_nope, k_rope_all.expand(d.heads, -1, -1)), dim=-1)
+        q = torch.cat((q_nope, q_rope), dim=-1)
+        return self.o_proj(attend(q, k, v, inp.mask, self.scale))

@@ -1,0 +1,152 @@
+"""Routing (per-architecture semantics, big and little selections) and the MoE block that combines experts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ExpertMode(Enum):
+    """Which of the router's experts a pass uses."""
+
+    BIG = "big"  # all top-k
+    LITTLE = "little"  # the ceil(k/2) highest-ranked of the top-k
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """How an architecture turns router logits into experts and weights (DESIGN.md §3)."""
+
+    num_experts: int
+    top_k: int
+    scoring: Literal["softmax", "sigmoid"] = "softmax"
+    renormalize: bool = False
+    renorm_eps: float = 0.0
+    scaling: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: Literal["max", "top2_sum"] = "max"
+    correction_bias: bool = False
+    logits_fp32: bool = False  # compute the router matmul in float32 (DeepSeek keeps the gate in fp32)
+
+    @property
+    def little_k(self) -> int:
+        """Experts per token of the little model."""
+        return math.ceil(self.top_k / 2)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Top-k choice for T tokens, ranked best first."""
+
+    indices: torch.Tensor  # [T, k] int64, sorted by selection score, descending
+    raw_weights: torch.Tensor  # [T, k] float32 gate values before renormalisation and scaling
+
+
+def route(logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None) -> Routing:
+    """logits: [T, E] -> the architecture's top-k, sorted best first."""
+    logits = logits.float()
+    scores = logits.softmax(-1) if spec.scoring == "softmax" else logits.sigmoid()  # [T, E]
+    choice = scores + bias.float() if bias is not None else scores
+    if spec.n_group > 1 and spec.topk_group < spec.n_group:
+        choice = _mask_groups(choice, spec)
+    indices = choice.topk(spec.top_k, dim=-1, sorted=True).indices  # [T, k]
+    return Routing(indices=indices, raw_weights=scores.gather(1, indices))
+
+
+def _mask_groups(choice: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+    """Keep only experts of the topk_group best groups (DeepSeek group-limited routing)."""
+    T = choice.shape[0]
+    grouped = choice.view(T, spec.n_group, -1)  # [T, G, E/G]
+    if spec.group_score == "max":
+        group_scores = grouped.max(-1).values
+    else:
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+    keep = torch.zeros_like(group_scores, dtype=torch.bool)
+    keep.scatter_(1, group_scores.topk(spec.topk_group, dim=-1).indices, True)  # [T, G]
+    return choice.masked_fill(~keep[:, :, None].expand_as(grouped).reshape(T, -1), float("-inf"))
+
+
+def _finish(raw: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+    """Apply the architecture's renormalisation and scaling to gathered gate values [T, n]."""
+    if spec.renormalize:
+        raw = raw / (raw.sum(-1, keepdim=True) + spec.renorm_eps)
+    return raw * spec.scaling
+
+
+def select(routing: Routing, spec: RouterSpec, mode: ExpertMode, little_weights: str = "native") -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices [T, n], weights [T, n]) for the big (n = k) or little (n = ceil(k/2)) model."""
+    big = _finish(routing.raw_weights, spec)
+    if mode is ExpertMode.BIG:
+        return routing.indices, big
+    n = spec.little_k
+    little = _finish(routing.raw_weights[:, :n], spec)
+    if little_weights == "rescale":
+        little = little * (big.sum(-1, keepdim=True) / little.sum(-1, keepdim=True))
+    return routing.indices[:, :n], little
+
+
+class ExpertRunner(Protocol):
+    """What an MoE block needs from the engine: run routed experts, and note routing for prefetch."""
+
+    mode: ExpertMode
+    little_weights: str
+
+    def run_experts(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x: [T, H], indices/weights: [T, n] -> weighted sum of expert outputs [T, H]."""
+        ...
+
+    def note_routing(self, layer: int, routing: Routing) -> None:
+        """Called with every MoE layer's full top-k choice."""
+        ...
+
+
+class Router(nn.Module):
+    """Linear gate over experts, with DeepSeek-V3's optional score-correction bias."""
+
+    def __init__(self, hidden: int, spec: RouterSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.weight = nn.Parameter(torch.empty(spec.num_experts, hidden))
+        if spec.correction_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(spec.num_experts))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        """x: [T, H] -> routing for T tokens."""
+        if self.spec.logits_fp32:
+            logits = F.linear(x.float(), self.weight.float())
+        else:
+            logits = F.linear(x, self.weight)  # [T, E]
+        return route(logits, self.spec, self.e_score_correction_bias)
+
+
+class MoEBlock(nn.Module):
+    """Routed experts (run by the engine) plus optional shared experts, optionally sigmoid-gated."""
+
+    def __init__(self, layer: int, hidden: int, spec: RouterSpec, shared: nn.Module | None, shared_gate: bool) -> None:
+        super().__init__()
+        self.layer, self.spec = layer, spec
+        self.gate = Router(hidden, spec)
+        self.shared_expert = shared
+        self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if shared_gate else None
+
+    def forward(self, x: torch.Tensor, runner: ExpertRunner) -> torch.Tensor:
+        """x: [T, H] -> [T, H]."""
+        routing = self.gate(x)
+        runner.note_routing(self.layer, routing)
+        indices, weights = select(routing, self.spec, runner.mode, runner.little_weights)
+        out = runner.run_experts(self.layer, x, indices, weights)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out

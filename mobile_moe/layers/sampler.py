@@ -1,0 +1,24 @@
+"""Greedy, temperature and nucleus (top-p) sampling from one row of logits."""
+
+from __future__ import annotations
+
+import torch
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """logits: [V] -> token id. temperature 0 means greedy."""
+    if temperature == 0.0:
+        return int(logits.argmax())
+    probs = (logits.float() / temperature).softmax(-1)
+    if top_p < 1.0:
+        probs = _nucleus(probs, top_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero every token outside the smallest set whose probability mass reaches top_p; renormalise."""
+    sorted_probs, order = probs.sort(descending=True)
+    before = sorted_probs.cumsum(-1) - sorted_probs  # mass strictly above each token
+    sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
+    kept = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return kept / kept.sum()

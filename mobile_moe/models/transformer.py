@@ -1,0 +1,86 @@
+"""The decoder-only MoE transformer all adapters assemble: embeddings, decoder layers, final norm, LM head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mobile_moe.layers.attention import AttentionInput, causal_mask
+from mobile_moe.layers.kv_cache import KVCache
+from mobile_moe.layers.moe import ExpertRunner, MoEBlock
+from mobile_moe.layers.norm import RMSNorm
+from mobile_moe.layers.rotary import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention then pre-norm MLP (dense or MoE), each with a residual."""
+
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden: int, eps: float) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.self_attn = self_attn
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor, inp: AttentionInput, runner: ExpertRunner) -> torch.Tensor:
+        """x: [T, H] -> [T, H]."""
+        x = x + self.self_attn(self.input_layernorm(x), inp)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, runner) if isinstance(self.mlp, MoEBlock) else self.mlp(h))
+
+
+class Backbone(nn.Module):
+    """Token embeddings, decoder stack and final norm (parameter names follow the hub checkpoints)."""
+
+    def __init__(self, vocab: int, hidden: int, layers: list[DecoderLayer], eps: float) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, hidden)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(hidden, eps)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts about a built model that the engine needs."""
+
+    model_type: str
+    max_context: int
+    moe_layers: tuple[int, ...]
+    top_k: int
+    num_experts: int
+    hidden: int
+    expert_intermediate: int
+    hidden_act: str
+    eos_token_ids: tuple[int, ...]
+
+
+class CausalLM(nn.Module):
+    """Our runtime model: routed experts are not parameters here; MoE blocks ask the engine to run them."""
+
+    def __init__(self, backbone: Backbone, vocab: int, rotary: RotaryEmbedding, info: ModelInfo) -> None:
+        super().__init__()
+        self.model = backbone
+        self.lm_head = nn.Linear(backbone.embed_tokens.embedding_dim, vocab, bias=False)
+        self.rotary = rotary
+        self.info = info
+
+    def kv_shapes(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """Per-layer (heads, dim) of cached keys and values."""
+        shapes = [layer.self_attn.kv_shapes() for layer in self.model.layers]
+        return [k for k, _ in shapes], [v for _, v in shapes]
+
+    def forward(self, ids: torch.Tensor, kv: KVCache, runner: ExpertRunner, all_logits: bool = False) -> torch.Tensor:
+        """ids: [T] at positions kv.length.. -> logits [V] of the last position ([T, V] if all_logits); writes the KV cache."""
+        T, start = ids.shape[0], kv.length
+        positions = torch.arange(start, start + T, device=ids.device)
+        cos, sin = self.rotary(positions)
+        inp = AttentionInput(cos=cos, sin=sin, mask=causal_mask(start, T, ids.device), kv=kv)
+        x = self.model.embed_tokens(ids)  # [T, H]
+        for layer in self.model.layers:
+            x = layer(x, inp, runner)
+        kv.advance(T)
+        x = self.model.norm(x if all_logits else x[-1:])
+        logits = self.lm_head(x)
+        return logits if all_logits else logits[0]

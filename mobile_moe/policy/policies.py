@@ -1,0 +1,41 @@
+"""Decisions of the big / little / MoBiLE policies: which experts each pass uses and when to fall back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mobile_moe.config import PolicyConfig
+from mobile_moe.layers.moe import ExpertMode
+from mobile_moe.policy.importance import confidence
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Decisions only: no model code, no devices."""
+
+    config: PolicyConfig
+
+    @property
+    def prefill_mode(self) -> ExpertMode:
+        """Experts for the prompt."""
+        return ExpertMode(self.config.prefill_mode)
+
+    @property
+    def decode_mode(self) -> ExpertMode:
+        """Experts of the first pass of every decode step."""
+        return ExpertMode.BIG if self.config.name == "big" else ExpertMode.LITTLE
+
+    @property
+    def may_fall_back(self) -> bool:
+        """Whether a step may be recomputed with big experts."""
+        return self.config.name == "mobile"
+
+    def confidence(self, logits: torch.Tensor) -> float:
+        """The configured importance criterion on one row of logits."""
+        return confidence(logits, self.config.criterion)
+
+    def falls_back(self, conf: float) -> bool:
+        """MoBiLE: a token is important (recompute with big) when the little pass is not confident enough."""
+        return self.may_fall_back and conf < self.config.tau

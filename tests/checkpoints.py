@@ -1,0 +1,59 @@
+"""Tiny random checkpoints in the real hub format, built with transformers' own classes and save_pretrained."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers as T
+
+COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=256, initializer_range=0.15, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def configs() -> dict[str, T.PretrainedConfig]:
+    """One small config per supported architecture, each exercising its routing quirks."""
+    return {
+        "mixtral": T.MixtralConfig(**COMMON, num_key_value_heads=2, intermediate_size=24, num_local_experts=8, num_experts_per_tok=3),
+        "qwen2_moe": T.Qwen2MoeConfig(
+            **COMMON, num_key_value_heads=2, intermediate_size=40, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+            num_experts=16, num_experts_per_tok=4, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1],
+        ),
+        "qwen3_moe": T.Qwen3MoeConfig(
+            **COMMON, num_key_value_heads=2, head_dim=16, intermediate_size=40, moe_intermediate_size=16,
+            num_experts=16, num_experts_per_tok=4, norm_topk_prob=True,
+        ),
+        "olmoe": T.OlmoeConfig(**COMMON, num_key_value_heads=4, intermediate_size=16, num_experts=16, num_experts_per_tok=4, clip_qkv=4.0),
+        "deepseek_v2": T.DeepseekV2Config(
+            **COMMON, num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=16, num_experts_per_tok=4,
+            n_shared_experts=1, first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+            routed_scaling_factor=1.5, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+        ),
+        "deepseek_v3": T.DeepseekV3Config(
+            **COMMON, num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=16, num_experts_per_tok=4,
+            n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+            kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+        ),
+    }
+
+
+ARCHITECTURES = tuple(configs())
+
+
+def build_checkpoint(arch: str, path: Path, seed: int = 0) -> Path:
+    """Save a random model of `arch` to `path`; norms and DeepSeek-V3's correction bias are randomised too."""
+    torch.manual_seed(seed)
+    cfg = configs()[arch]
+    model = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if "norm" in name and tensor.dim() == 1:
+                tensor.copy_(1.0 + 0.2 * torch.randn_like(tensor))
+            elif name.endswith("e_score_correction_bias"):
+                tensor.copy_(0.05 * torch.randn_like(tensor))
+    model.save_pretrained(path)
+    return path
+
+
+def reference_model(path: Path, **overrides) -> T.PreTrainedModel:
+    """transformers' own model loaded from the checkpoint, float32, eval mode."""
+    return T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **overrides).eval()
