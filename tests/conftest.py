@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny checkpoints of every architecture, built once per test session."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from checkpoints import ARCHITECTURES, build_checkpoint, configs  # noqa: E402
+
+from mobile_moe import LLM, engine_config  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """arch -> directory of a tiny random checkpoint in hub format."""
+    root = tmp_path_factory.mktemp("ckpt")
+    return {arch: build_checkpoint(arch, root / arch) for arch in ARCHITECTURES}
+
+
+def small_cache(arch: str) -> int:
+    """A cache holding fewer than a quarter of the model's routed experts (but one layer's top-k)."""
+    cfg = configs()[arch]
+    k = cfg.num_experts_per_tok
+    return max(k, 1)
+
+
+def open_llm(path: Path, **cache) -> LLM:
+    """Load a checkpoint with a small default cache."""
+    return LLM(path, engine_config(progress=False, **cache))
+
+
+def little_k(arch: str) -> int:
+    """Experts per token of the little model."""
+    return math.ceil(configs()[arch].num_experts_per_tok / 2)

@@ -1,0 +1,136 @@
+"""The command line: JSON output, and one-line errors with exit status 2 for every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mobile_moe.cli import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop output of test setup
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def gen(model: Path, *extra: str) -> list[str]:
+    return ["generate", "--model", str(model), "--prompt-ids", "5,6,7", "--max-new-tokens", "4", "--quiet", *extra]
+
+
+def test_generate_json_has_ids_and_stats(checkpoints, capsys):
+    code, out, _ = run(capsys, *gen(checkpoints["deepseek_v3"], "--json", "--expert-cache", "4", "--policy", "mobile", "--tau", "0.5"))
+    assert code == 0
+    data = json.loads(out)
+    assert len(data["token_ids"]) == 4 and data["text"] is None
+    for key in ("prefill_s", "decode_tok_s", "tokens", "fallback_tokens", "expert_hits", "expert_misses", "h2d_bytes", "cache_slots"):
+        assert key in data["stats"]
+    assert data["stats"]["cache_slots"] == 4 and data["stats"]["tokens"] == 4
+    assert data["stats"]["h2d_bytes"] == data["stats"]["expert_misses"] * (3 * 32 * 16 * 4)
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_missing_directory(capsys, tmp_path):
+    code, _, err = run(capsys, *gen(tmp_path / "nope"))
+    assert_one_line_error(code, err, "model directory not found")
+
+
+def test_unsupported_architecture_names_supported_ones(capsys, checkpoints, tmp_path):
+    dst = tmp_path / "llama"
+    shutil.copytree(checkpoints["mixtral"], dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    (dst / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run(capsys, *gen(dst))
+    assert_one_line_error(code, err, "'llama' is not supported", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+
+
+def test_truncated_shard(capsys, checkpoints, tmp_path):
+    dst = tmp_path / "trunc"
+    shutil.copytree(checkpoints["olmoe"], dst)
+    weights = dst / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    code, _, err = run(capsys, *gen(dst))
+    assert_one_line_error(code, err, "model.safetensors", "truncated")
+
+
+def test_missing_shard(capsys, checkpoints, tmp_path):
+    from checkpoints import reference_model
+
+    dst = tmp_path / "sharded"
+    reference_model(checkpoints["olmoe"]).save_pretrained(dst, max_shard_size="40KB")
+    victim = sorted(dst.glob("*.safetensors"))[1]
+    victim.unlink()
+    code, _, err = run(capsys, *gen(dst))
+    assert_one_line_error(code, err, "missing shard", victim.name)
+
+
+def test_missing_expert_weights(capsys, checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    dst = tmp_path / "noexp"
+    shutil.copytree(checkpoints["qwen3_moe"], dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    del weights["model.layers.2.mlp.experts.7.up_proj.weight"]
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    code, _, err = run(capsys, *gen(dst))
+    assert_one_line_error(code, err, "layer 2 expert 7 up")
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--expert-cache", "2"], "too small for one layer's top-4 experts"),
+        (["--gpu-memory", "0.0001"], "too small for one layer's top-4 experts"),
+        (["--temperature", "-1"], "temperature"),
+        (["--top-p", "0"], "top_p"),
+        (["--top-p", "1.5"], "top_p"),
+        (["--max-new-tokens", "0"], "max_new_tokens"),
+        (["--tau", "-0.1", "--policy", "mobile"], "tau"),
+        (["--expert-cache", "0"], "at least 1"),
+    ],
+)
+def test_invalid_parameters(capsys, checkpoints, flags, needle):
+    code, _, err = run(capsys, *gen(checkpoints["olmoe"]), *flags)
+    assert_one_line_error(code, err, needle)
+
+
+def test_prompt_longer_than_context(capsys, checkpoints):
+    ids = ",".join(["5"] * 300)  # tiny models have 256 positions
+    code, _, err = run(capsys, "generate", "--model", str(checkpoints["olmoe"]), "--prompt-ids", ids, "--quiet")
+    assert_one_line_error(code, err, "300 tokens", "256")
+
+
+def test_malformed_prompt_ids_and_text_without_tokenizer(capsys, checkpoints):
+    code, _, err = run(capsys, "generate", "--model", str(checkpoints["olmoe"]), "--prompt-ids", "1,x", "--quiet")
+    assert_one_line_error(code, err, "--prompt-ids")
+    code, _, err = run(capsys, "generate", "--model", str(checkpoints["olmoe"]), "--prompt", "hello", "--quiet")
+    assert_one_line_error(code, err, "no tokenizer")
+    code, _, err = run(capsys, "generate", "--model", str(checkpoints["olmoe"]), "--prompt-ids", "1,999", "--quiet")
+    assert_one_line_error(code, err, "outside the vocabulary")
+
+
+def test_console_script_exit_status_and_no_traceback(tmp_path):
+    """The installed entry point itself: bad flag value and a bad directory both exit 2 with one line."""
+    exe = shutil.which("mobile-moe")
+    cmd = [exe] if exe else [sys.executable, "-m", "mobile_moe.cli"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for argv in (["generate", "--model", str(tmp_path), "--prompt-ids", "1"], ["generate", "--top-p", "abc"]):
+        proc = subprocess.run(cmd + argv, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 2
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

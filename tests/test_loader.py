@@ -1,0 +1,76 @@
+"""Loader: sharded checkpoints with an index, fused (3-D) expert tensors, and experts kept off the device."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from checkpoints import reference_model
+from conftest import open_llm
+from safetensors.torch import load_file, save_file
+
+from mobile_moe.engine.checkpoint import classify
+
+PROMPT = [4, 9, 16, 25, 36, 49]
+
+
+def fuse_experts(src: Path, dst: Path) -> Path:
+    """Rewrite a per-expert checkpoint with each layer's experts as gate_up_proj [E, 2I, H] and down_proj [E, H, I]."""
+    shutil.copytree(src, dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    out, experts = {}, {}
+    for key, t in weights.items():
+        kind = classify(key)
+        if kind is None:
+            out[key] = t
+        else:
+            experts.setdefault(kind.layer, {}).setdefault(kind.expert, {})[kind.part] = t
+    for layer, per_expert in experts.items():
+        order = sorted(per_expert)
+        prefix = f"model.layers.{layer}.mlp.experts"
+        out[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([per_expert[e]["gate"], per_expert[e]["up"]]) for e in order])
+        out[f"{prefix}.down_proj"] = torch.stack([per_expert[e]["down"] for e in order])
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_fused_expert_layout_gives_the_same_logits(checkpoints, tmp_path):
+    fused = fuse_experts(checkpoints["qwen3_moe"], tmp_path / "fused")
+    per_expert = open_llm(checkpoints["qwen3_moe"], expert_cache=4).logits(PROMPT)
+    torch.testing.assert_close(open_llm(fused, expert_cache=4).logits(PROMPT), per_expert, atol=0, rtol=0)
+
+
+def test_sharded_checkpoint_with_index_loads(checkpoints, tmp_path):
+    ref = reference_model(checkpoints["deepseek_v2"])
+    ref.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    shards = list((tmp_path / "sharded").glob("*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    with torch.no_grad():
+        expected = ref(torch.tensor([PROMPT])).logits[0]
+    torch.testing.assert_close(open_llm(tmp_path / "sharded", expert_cache=4).logits(PROMPT), expected, atol=1e-4, rtol=0)
+
+
+def test_experts_live_in_host_store_not_in_model_parameters(checkpoints):
+    llm = open_llm(checkpoints["olmoe"], expert_cache=4)
+    names = [n for n, _ in llm.loaded.model.named_parameters()]
+    assert not any(".experts." in n for n in names)
+    store = llm.loaded.store
+    assert len(store.layers) == 3 and all(t.shape == (16, store.shape.numel) for t in store.layers.values())
+    assert llm.cache.pool.shape[0] == 4
+
+
+def test_tied_embeddings_without_lm_head_tensor(checkpoints, tmp_path):
+    dst = tmp_path / "tied"
+    shutil.copytree(checkpoints["mixtral"], dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    ref_weights = dict(weights)
+    del weights["lm_head.weight"]
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["tie_word_embeddings"] = True
+    (dst / "config.json").write_text(json.dumps(cfg))
+    llm = open_llm(dst, expert_cache=3)
+    assert torch.equal(llm.loaded.model.lm_head.weight, ref_weights["model.embed_tokens.weight"])

@@ -1,0 +1,90 @@
+"""MoBiLE decoding: its two limits (tau = 0, tau > 1) and, in between, every token from the right pass."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+from conftest import open_llm
+
+from mobile_moe import PolicyConfig, SamplingParams
+from mobile_moe.layers.moe import ExpertMode
+from mobile_moe.policy.importance import confidence
+
+PROMPT = [7, 3, 44, 19, 28, 90, 11]
+SAMPLING = SamplingParams(max_new_tokens=16, stop_at_eos=False)
+ARCHS = ["qwen3_moe", "deepseek_v3", "olmoe"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tau_zero_with_little_prefill_is_little(checkpoints, arch):
+    llm = open_llm(checkpoints[arch], expert_cache=6)
+    little = llm.generate(PROMPT, SAMPLING, PolicyConfig("little"))
+    mobile = llm.generate(PROMPT, SAMPLING, PolicyConfig("mobile", tau=0.0, prefill="little"))
+    assert mobile.token_ids == little.token_ids
+    assert mobile.stats.fallback_tokens == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tau_above_one_is_big(checkpoints, arch):
+    llm = open_llm(checkpoints[arch], expert_cache=6)
+    big = llm.generate(PROMPT, SAMPLING, PolicyConfig("big"))
+    mobile = llm.generate(PROMPT, SAMPLING, PolicyConfig("mobile", tau=1.5))
+    assert mobile.token_ids == big.token_ids
+    assert mobile.stats.fallback_tokens == SAMPLING.max_new_tokens - 1  # every decode step; the first token is prefill's
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_middle_tau_emits_little_or_big_token_and_counts_fallbacks(checkpoints, arch):
+    llm = open_llm(checkpoints[arch], expert_cache=6)
+    probe = llm.generate(PROMPT, SAMPLING, PolicyConfig("mobile", tau=0.0))
+    tau = statistics.median(s.confidence for s in probe.steps[1:])
+    result = llm.generate(PROMPT, SAMPLING, PolicyConfig("mobile", tau=tau))
+    fell_back = [s.fell_back for s in result.steps]
+    assert 0 < sum(fell_back) < len(fell_back) - 1
+    assert result.stats.fallback_tokens == sum(fell_back)
+
+    # Replay the decode loop by hand: little pass, accept if confident, else rewind and take the big token.
+    runner, tokens = llm.runner, result.token_ids
+    kv = runner.new_kv(len(PROMPT) + len(tokens))
+    assert int(runner.forward(torch.tensor(PROMPT), kv, ExpertMode.BIG).argmax()) == tokens[0]
+    for i, step in enumerate(result.steps[1:], start=1):
+        ids = torch.tensor([tokens[i - 1]])
+        little = runner.forward(ids, kv, ExpertMode.LITTLE)
+        conf = confidence(little, "max_prob")
+        assert step.confidence == pytest.approx(conf, abs=1e-6)
+        assert step.fell_back == (conf < tau)
+        if step.fell_back:
+            kv.rewind(1)
+            expected = int(runner.forward(ids, kv, ExpertMode.BIG).argmax())
+        else:
+            expected = int(little.argmax())
+        assert tokens[i] == expected
+
+
+def test_fallback_prefetches_the_other_half(checkpoints):
+    llm = open_llm(checkpoints["qwen3_moe"], expert_cache=12)
+    result = llm.generate(PROMPT, SAMPLING, PolicyConfig("mobile", tau=1.5))
+    assert result.stats.prefetched > 0
+    no_prefetch = llm.generate(PROMPT, SAMPLING, PolicyConfig("mobile", tau=1.5, prefetch_on_fallback=False))
+    assert no_prefetch.stats.prefetched == 0
+    assert no_prefetch.token_ids == result.token_ids
+
+
+def test_little_loads_fewer_experts_than_big(checkpoints):
+    llm = open_llm(checkpoints["qwen3_moe"], expert_cache=4)
+    big = llm.generate(PROMPT, SAMPLING, PolicyConfig("big"))
+    little = llm.generate(PROMPT, SAMPLING, PolicyConfig("little"))
+    assert little.stats.expert_hits + little.stats.expert_misses < big.stats.expert_hits + big.stats.expert_misses
+    assert little.stats.h2d_bytes < big.stats.h2d_bytes
+
+
+def test_seeded_sampling_is_reproducible_and_differs_from_greedy(checkpoints):
+    llm = open_llm(checkpoints["mixtral"], expert_cache=3)
+    params = SamplingParams(max_new_tokens=12, temperature=1.5, top_p=0.95, seed=123, stop_at_eos=False)
+    a = llm.generate(PROMPT, params, PolicyConfig("mobile", tau=0.5)).token_ids
+    b = llm.generate(PROMPT, params, PolicyConfig("mobile", tau=0.5)).token_ids
+    greedy = llm.generate(PROMPT, SamplingParams(max_new_tokens=12, stop_at_eos=False)).token_ids
+    assert a == b
+    assert a != greedy
