@@ -1,4 +1,4 @@
-"""Command line: `mobile-moe generate ...`. Entry point only: parse, call the API, print."""
+"""Command line: `mobile-moe generate | eval | calibrate`. Entry point only: parse, call the API, print."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ from pathlib import Path
 from typing import NoReturn
 
 from mobile_moe.config import CRITERIA, POLICIES, PolicyConfig, SamplingParams
-from mobile_moe.engine.calibration import DEFAULT_TAU, calibrated_tau
+from mobile_moe.engine.calibration import DEFAULT_TAU, calibrated_tau, write_calibration
 from mobile_moe.engine.llm import LLM, engine_config
 from mobile_moe.errors import CheckpointError, InvalidParameter, MobileMoeError
+from mobile_moe.eval.calibrate import DEFAULT_TAUS
+from mobile_moe.eval.data import read_texts
+from mobile_moe.eval.evaluate import EvalSettings, calibrate, evaluate
+from mobile_moe.eval.report import plot_taus, runs_table
 
 DEMO_MODEL = Path(__file__).parent / "demo_model"
 
@@ -62,7 +66,36 @@ def build_parser() -> Parser:
     add_engine_args(gen)
     add_policy_args(gen)
     gen.set_defaults(handler=cmd_generate)
+    add_eval_parsers(sub)
     return parser
+
+
+def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
+    """`eval` and `calibrate`."""
+    ev = sub.add_parser("eval", help="quality of big / little / mobile: perplexity, agreement with big, fallback rate")
+    ev.add_argument("--data", type=Path, nargs="+", help="text files or directories (default: the demo corpus's test split)")
+    ev.add_argument("--taus", type=parse_taus, default=(0.3, 0.5, 0.7, 0.9), help="comma-separated taus for mobile (default 0.3,0.5,0.7,0.9)")
+    ev.add_argument("--plot", type=Path, metavar="FILE.png", help="plot agreement, perplexity and fallback rate against tau")
+    ev.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    cal = sub.add_parser("calibrate", help="pick tau on the validation split and store it next to the model")
+    cal.add_argument("--target-agreement", type=float, default=0.98)
+    cal.add_argument("--data", type=Path, nargs="+", help="text files or directories (default: the demo corpus's validation split)")
+    cal.add_argument("--taus", type=parse_taus, default=DEFAULT_TAUS, help="comma-separated taus to try")
+    for p, handler in ((ev, cmd_eval), (cal, cmd_calibrate)):
+        p.add_argument("--max-prompts", type=int, default=48)
+        p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per prompt")
+        p.add_argument("--ppl-tokens", type=int, default=8192, help="tokens scored for perplexity")
+        add_engine_args(p)
+        add_policy_args(p)
+        p.set_defaults(handler=handler)
+
+
+def parse_taus(text: str) -> tuple[float, ...]:
+    """'0.3,0.5' -> (0.3, 0.5)."""
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"taus must be comma-separated numbers, got {text!r}") from None
 
 
 def model_dir(arg: Path | None) -> Path:
@@ -120,6 +153,48 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"fallback {s.fallback_tokens}, cache {s.cache_slots}/{s.total_experts} experts, hit rate {s.hit_rate:.0%}",
             file=sys.stderr,
         )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """`mobile-moe eval`."""
+    settings = EvalSettings(tuple(args.taus), args.max_prompts, args.new_tokens, args.ppl_tokens, progress=not args.quiet)
+    texts, data = read_texts(args.data, "test")
+    llm = open_llm(args)
+    calibrated = calibrated_tau(llm.path) if args.tau is None else args.tau
+    report = evaluate(llm, texts, data, settings, policy_from(args, llm.path), calibrated)
+    if args.plot:
+        plot_taus(report, args.plot)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    ppl = report["perplexity"]
+    print(f"model {report['model']}, data {report['data']}: {report['prompts']} prompts x {report['new_tokens']} tokens, criterion {report['criterion']}")
+    print(f"perplexity on {ppl['tokens']} tokens: big {ppl['big']:.3f}, little {ppl['little']:.3f}")
+    print(runs_table(report["runs"]))
+    if args.plot:
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """`mobile-moe calibrate`: exit 0 and write the tau, or exit 1 when no tau meets the target."""
+    settings = EvalSettings(tuple(args.taus), args.max_prompts, args.new_tokens, args.ppl_tokens, progress=not args.quiet)
+    texts, data = read_texts(args.data, "validation")
+    llm = open_llm(args)
+    base = policy_from(args, llm.path)
+    result, prompts = calibrate(llm, texts, settings, base, args.target_agreement)
+    print(runs_table([r.to_dict() for r in result.runs]))
+    if result.chosen is None:
+        best = max(result.runs, key=lambda r: r.agreement)
+        print(
+            f"no tau meets the target agreement {args.target_agreement:.1%} "
+            f"(best: tau {best.tau:g} with {best.agreement:.1%} at fallback rate {best.fallback_rate:.1%}); nothing written"
+        )
+        return 1
+    file = write_calibration(llm.path, result.record(base.criterion, prompts, data))
+    c = result.chosen
+    print(f"calibrated tau {c.tau:g}: agreement {c.agreement:.1%} (target {args.target_agreement:.1%}), fallback rate {c.fallback_rate:.1%}; written to {file}")
     return 0
 
 

@@ -57,3 +57,23 @@ def build_checkpoint(arch: str, path: Path, seed: int = 0) -> Path:
 def reference_model(path: Path, **overrides) -> T.PreTrainedModel:
     """transformers' own model loaded from the checkpoint, float32, eval mode."""
     return T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **overrides).eval()
+
+
+def build_text_checkpoint(path: Path, texts: list[str], seed: int = 0) -> Path:
+    """A tiny random Qwen3-MoE with a small byte-level BPE tokenizer trained on `texts`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    torch.manual_seed(seed)
+    cfg = T.Qwen3MoeConfig(
+        **{**COMMON, "vocab_size": len(fast), "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, "max_position_embeddings": 512},
+        num_key_value_heads=2, head_dim=16, intermediate_size=40, moe_intermediate_size=16, num_experts=16, num_experts_per_tok=4,
+    )
+    T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path

@@ -1,0 +1,63 @@
+"""The `eval` and `calibrate` jobs: data -> prompts -> runs -> report dict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mobile_moe.config import PolicyConfig
+from mobile_moe.engine.llm import LLM
+from mobile_moe.errors import InvalidParameter
+from mobile_moe.eval.calibrate import Calibration, choose
+from mobile_moe.eval.prompts import cut_prompts
+from mobile_moe.eval.quality import mobile_perplexity, perplexity, policy_runs, token_scores
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How much of the data to use and which taus to try."""
+
+    taus: tuple[float, ...]
+    max_prompts: int = 48
+    new_tokens: int = 32
+    ppl_tokens: int = 8192
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_prompts < 1 or self.new_tokens < 1 or self.ppl_tokens < 1:
+            raise InvalidParameter("--max-prompts, --new-tokens and --ppl-tokens must be >= 1")
+        if not self.taus or any(t < 0 for t in self.taus):
+            raise InvalidParameter("--taus must be a non-empty list of numbers >= 0")
+
+
+def _prompts(llm: LLM, texts: list[str], settings: EvalSettings):
+    prompts = cut_prompts(texts, settings.max_prompts)
+    if not prompts:
+        raise InvalidParameter("no prompts could be cut from the data (it needs Python functions with a body)")
+    return prompts
+
+
+def evaluate(llm: LLM, texts: list[str], data: str, settings: EvalSettings, base: PolicyConfig, calibrated: float | None) -> dict:
+    """Perplexity of big/little (and a teacher-forced mobile estimate per tau), then greedy runs per policy."""
+    prompts = _prompts(llm, texts, settings)
+    taus = tuple(sorted(set(settings.taus) | ({calibrated} if calibrated is not None else set())))
+    scores = token_scores(llm, texts, settings.ppl_tokens, base.criterion, settings.progress)
+    runs = policy_runs(llm, prompts, taus, settings.new_tokens, base, settings.progress)
+    return {
+        "model": str(llm.path), "data": data, "prompts": len(prompts), "new_tokens": settings.new_tokens,
+        "criterion": base.criterion, "little_weights": base.little_weights,
+        "perplexity": {
+            "big": perplexity(scores.big), "little": perplexity(scores.little), "tokens": int(scores.big.numel()),
+            "mobile": {f"{t:g}": mobile_perplexity(scores, t) for t in taus},
+        },
+        "calibrated_tau": calibrated,
+        "runs": [r.to_dict() for r in runs],
+    }
+
+
+def calibrate(llm: LLM, texts: list[str], settings: EvalSettings, base: PolicyConfig, target: float) -> tuple[Calibration, int]:
+    """Sweep taus on the texts and choose the one meeting the target agreement at the lowest fallback rate."""
+    if not 0 < target <= 1:
+        raise InvalidParameter(f"--target-agreement must be in (0, 1], got {target}")
+    prompts = _prompts(llm, texts, settings)
+    runs = policy_runs(llm, prompts, settings.taus, settings.new_tokens, base, settings.progress)
+    return choose(runs, target), len(prompts)

@@ -1,0 +1,135 @@
+"""Quality of big / little / MoBiLE on text: perplexity, greedy agreement with big, next-line accuracy, fallback rate."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from mobile_moe.config import PolicyConfig, SamplingParams
+from mobile_moe.engine.llm import LLM
+from mobile_moe.eval.agreement import compare
+from mobile_moe.eval.prompts import Prompt, predicted_next_line
+from mobile_moe.policy.importance import confidence
+
+PPL_WINDOW = 256
+
+
+@dataclass(frozen=True)
+class Run:
+    """One policy's continuations of every prompt, scored against big's."""
+
+    policy: str
+    tau: float | None
+    agreement: float
+    agreement_overall: float
+    exact_match: float
+    next_line_exact: float
+    fallback_rate: float
+    tokens: int
+
+    def to_dict(self) -> dict:
+        """JSON-ready."""
+        return asdict(self)
+
+
+@dataclass
+class Continuations:
+    """Generated ids and texts of one policy over all prompts, with its fallback counts."""
+
+    ids: list[list[int]]
+    texts: list[str]
+    fallbacks: int
+    decode_steps: int
+
+
+def continue_prompts(llm: LLM, prompts: list[list[int]], policy: PolicyConfig, new_tokens: int, bar: tqdm | None = None) -> Continuations:
+    """Greedy continuations of every prompt under one policy."""
+    out = Continuations([], [], 0, 0)
+    sampling = SamplingParams(max_new_tokens=new_tokens, stop_at_eos=True)
+    for ids in prompts:
+        result = llm.generate(ids, sampling, policy)
+        out.ids.append(result.token_ids)
+        out.texts.append(result.text or "")
+        out.fallbacks += result.stats.fallback_tokens
+        out.decode_steps += max(result.stats.tokens - 1, 0)
+        if bar is not None:
+            bar.update()
+    return out
+
+
+def score(name: str, tau: float | None, cont: Continuations, big: Continuations, prompts: list[Prompt]) -> Run:
+    """A Run comparing `cont` with big's continuations and the real next lines."""
+    agree = compare(big.ids, cont.ids)
+    hits = sum(predicted_next_line(text) is not None and predicted_next_line(text).rstrip() == p.next_line.rstrip() for text, p in zip(cont.texts, prompts))
+    return Run(
+        policy=name, tau=tau, agreement=agree.agreement, agreement_overall=agree.agreement_overall, exact_match=agree.exact_match,
+        next_line_exact=hits / len(prompts) if prompts else 0.0,
+        fallback_rate=cont.fallbacks / cont.decode_steps if cont.decode_steps else 0.0,
+        tokens=sum(len(i) for i in cont.ids),
+    )
+
+
+def policy_runs(llm: LLM, prompts: list[Prompt], taus: Iterable[float], new_tokens: int, base: PolicyConfig, progress: bool = True) -> list[Run]:
+    """big, little and mobile at each tau, all on the same prompts."""
+    taus = list(taus)
+    ids = [llm.encode(p.text) for p in prompts]
+    with tqdm(total=len(ids) * (2 + len(taus)), desc="generating", unit="prompt", disable=(not progress) or None, leave=False) as bar:
+        big = continue_prompts(llm, ids, PolicyConfig("big"), new_tokens, bar)
+        little = continue_prompts(llm, ids, PolicyConfig("little", little_weights=base.little_weights), new_tokens, bar)
+        runs = [score("big", None, big, big, prompts), score("little", None, little, big, prompts)]
+        for tau in taus:
+            policy = PolicyConfig("mobile", tau, base.criterion, base.little_weights, base.prefill, base.prefetch_on_fallback)
+            runs.append(score("mobile", tau, continue_prompts(llm, ids, policy, new_tokens, bar), big, prompts))
+    return runs
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Per predicted token: log-probability of the true token under big and little, and little's confidence."""
+
+    big: torch.Tensor  # [N]
+    little: torch.Tensor  # [N]
+    little_conf: torch.Tensor  # [N]
+
+
+def token_scores(llm: LLM, texts: list[str], max_tokens: int, criterion: str, progress: bool = True) -> TokenScores:
+    """Teacher-forced scores on up to max_tokens tokens of the texts, in windows of PPL_WINDOW tokens."""
+    eos = llm.eos_token_ids[:1]
+    stream: list[int] = []
+    for text in texts:
+        stream += llm.encode(text) + list(eos)
+        if len(stream) >= max_tokens + 1:
+            break
+    stream = stream[: max_tokens + 1]
+    window = min(PPL_WINDOW, llm.info.max_context)
+    big, little, conf = [], [], []
+    starts = range(0, max(len(stream) - 1, 0), window)
+    for start in tqdm(starts, desc="perplexity", unit="window", disable=(not progress) or None, leave=False):
+        ids = stream[start : start + window + 1]
+        if len(ids) < 2:
+            continue
+        target = torch.tensor(ids[1:])
+        for mode, sink in (("big", big), ("little", little)):
+            logp = llm.logits(ids[:-1], mode).float().log_softmax(-1)  # [T, V]
+            sink.append(logp.gather(1, target[:, None].to(logp.device))[:, 0].cpu())
+            if mode == "little":
+                conf.append(torch.tensor([confidence(row, criterion) for row in logp]))
+    return TokenScores(torch.cat(big), torch.cat(little), torch.cat(conf))
+
+
+def perplexity(logprobs: torch.Tensor) -> float:
+    """exp(mean negative log-likelihood)."""
+    return math.exp(-float(logprobs.mean()))
+
+
+def mobile_perplexity(scores: TokenScores, tau: float) -> float:
+    """Teacher-forced MoBiLE perplexity: little's prediction where it is confident (>= tau), big's elsewhere.
+
+    An estimate: each pass runs over the whole window with its own KV cache, while real MoBiLE decoding
+    mixes the two passes' KV entries.
+    """
+    return perplexity(torch.where(scores.little_conf >= tau, scores.little, scores.big))
