@@ -1,20 +1,27 @@
-"""Command line: `mobile-moe generate | eval | calibrate`. Entry point only: parse, call the API, print."""
+"""Command line: `mobile-moe generate | eval | calibrate | bench`. Entry point only: parse, call the API, print."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
 
+import torch
+
+from mobile_moe.bench.bench import BenchSettings, run_bench, table
+from mobile_moe.bench.synthetic import SHAPES, build_synthetic
 from mobile_moe.config import CRITERIA, POLICIES, PolicyConfig, SamplingParams
-from mobile_moe.engine.calibration import DEFAULT_TAU, calibrated_tau, write_calibration
-from mobile_moe.engine.llm import LLM, engine_config
+from mobile_moe.engine.calibration import CALIBRATION_FILE, DEFAULT_TAU, calibrated_tau, write_calibration
+from mobile_moe.engine.llm import LLM, engine_config, resolve_device
 from mobile_moe.errors import CheckpointError, InvalidParameter, MobileMoeError
 from mobile_moe.eval.calibrate import DEFAULT_TAUS
 from mobile_moe.eval.data import read_texts
 from mobile_moe.eval.evaluate import EvalSettings, calibrate, evaluate
+from mobile_moe.eval.prompts import cut_prompts
 from mobile_moe.eval.report import plot_taus, runs_table
 
 DEMO_MODEL = Path(__file__).parent / "demo_model"
@@ -67,6 +74,7 @@ def build_parser() -> Parser:
     add_policy_args(gen)
     gen.set_defaults(handler=cmd_generate)
     add_eval_parsers(sub)
+    add_bench_parser(sub)
     return parser
 
 
@@ -88,6 +96,23 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
         add_engine_args(p)
         add_policy_args(p)
         p.set_defaults(handler=handler)
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """`bench`."""
+    b = sub.add_parser("bench", help="decode speed of big / mobile / little / resident / transformers+accelerate, same prompts and budget")
+    b.add_argument("--synthetic", choices=list(SHAPES), help="random weights with the shapes of a public model (instead of --model)")
+    b.add_argument("--shrink", type=int, default=1, help=argparse.SUPPRESS)  # synthetic widths / N, for tests on CPU
+    b.add_argument("--prompts", type=int, default=4)
+    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--fallback-rate", type=float, help="drive mobile's fallbacks at this rate (default for synthetic: the demo model's calibrated rate)")
+    b.add_argument("--lookahead", action="store_true", help="prefetch layer l+1's experts from layer l's hidden state")
+    b.add_argument("--skip-accelerate", action="store_true", help="do not run the transformers + accelerate baseline")
+    b.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
+    b.add_argument("--trace-dir", type=Path, help="write each system's expert-access trace (JSONL) here")
+    add_engine_args(b)
+    add_policy_args(b)
+    b.set_defaults(handler=cmd_bench)
 
 
 def parse_taus(text: str) -> tuple[float, ...]:
@@ -196,6 +221,62 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     c = result.chosen
     print(f"calibrated tau {c.tau:g}: agreement {c.agreement:.1%} (target {args.target_agreement:.1%}), fallback rate {c.fallback_rate:.1%}; written to {file}")
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """`mobile-moe bench`."""
+    if args.prompts < 1 or args.new_tokens < 2:
+        raise InvalidParameter("--prompts must be >= 1 and --new-tokens >= 2")
+    if args.synthetic and args.model:
+        raise InvalidParameter("give --model or --synthetic, not both")
+    config = engine_config(args.device, args.dtype, args.expert_cache, args.gpu_memory, args.eviction, progress=not args.quiet)
+    if args.synthetic:
+        loaded = build_synthetic(args.synthetic, resolve_device(args.device), args.dtype, args.shrink)
+        llm = LLM(loaded, config)
+    else:
+        llm = open_llm(args)
+    if args.expert_cache is None and args.gpu_memory is None and llm.device.type == "cpu":
+        llm.planned_slots = max(llm.info.top_k, llm.loaded.store.total_experts // 4)  # CPU: offload three quarters
+    rate = args.fallback_rate
+    if rate is None and args.synthetic:
+        rate = demo_fallback_rate()
+    policy = dataclasses.replace(policy_from(args, llm.path), name="mobile", forced_fallback_rate=rate, lookahead=args.lookahead)
+    settings = BenchSettings(bench_prompts(llm, args.prompts), args.new_tokens, policy, args.gpu_memory, not args.skip_accelerate, args.trace_dir)
+    report = run_bench(llm, settings)
+    if rate is not None:
+        report["mobile"]["note"] = f"fallbacks driven at rate {rate:g}, evenly spaced (random weights give meaningless confidences)"
+    print(table(report))
+    if args.json:
+        write_json(args.json, report)
+    return 0
+
+
+def bench_prompts(llm: LLM, count: int, max_len: int = 128) -> list[list[int]]:
+    """Prompts cut from the demo corpus when the model has a tokenizer, else seeded random ids."""
+    if llm.tokenizer is not None:
+        texts = read_texts(None, "test")[0]
+        prompts = [llm.encode(p.text)[-max_len:] for p in cut_prompts(texts, count)]
+        if len(prompts) == count:
+            return prompts
+    gen = torch.Generator().manual_seed(0)
+    vocab = llm.loaded.model.lm_head.weight.shape[0]
+    return [torch.randint(2, vocab, (64,), generator=gen).tolist() for _ in range(count)]
+
+
+def demo_fallback_rate() -> float:
+    """The fallback rate measured on the demo model at its calibrated tau (0.2 if it was never calibrated)."""
+    try:
+        return float(json.loads((DEMO_MODEL / CALIBRATION_FILE).read_text())["fallback_rate"])
+    except (OSError, KeyError, ValueError, TypeError):
+        return 0.2
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

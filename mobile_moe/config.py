@@ -50,8 +50,12 @@ class PolicyConfig:
     little_weights: LittleWeights = "native"
     prefill: PrefillMode | None = None  # None: little for `little`, big otherwise
     prefetch_on_fallback: bool = True
+    lookahead: bool = False  # apply layer l+1's router to layer l's input to start its loads early
+    forced_fallback_rate: float | None = None  # benchmarks on random weights: fall back at this rate, evenly spaced
 
     def __post_init__(self) -> None:
+        if self.forced_fallback_rate is not None and not (0.0 <= self.forced_fallback_rate <= 1.0):
+            raise InvalidParameter(f"fallback rate must be in [0, 1], got {self.forced_fallback_rate}")
         if self.name not in POLICIES:
             raise InvalidParameter(f"policy must be one of {', '.join(POLICIES)}, got {self.name!r}")
         if not math.isfinite(self.tau) or self.tau < 0:

@@ -38,6 +38,42 @@ class GenerationResult:
     finish_reason: str = "length"
 
 
+@dataclass
+class _Decoder:
+    """State of one generation: runner, KV cache, sampling, policy, result so far."""
+
+    runner: Runner
+    kv: KVCache
+    sampling: SamplingParams
+    policy: Policy
+    generator: torch.Generator | None
+    result: GenerationResult
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """Draw from the distribution of the pass whose token is emitted."""
+        return sample(logits, self.sampling.temperature, self.sampling.top_p, self.generator)
+
+    def step(self, token: int, step: int) -> int:
+        """One MoBiLE step: first pass (big or little); if the policy says so, rewind and redo it with big."""
+        runner, policy = self.runner, self.policy
+        ids = torch.tensor([token], device=self.kv.k[0].device)
+        logits = runner.forward(ids, self.kv, policy.decode_mode, record=policy.may_fall_back, step=step)
+        conf = policy.confidence(logits) if policy.may_fall_back and policy.config.forced_fallback_rate is None else None
+        if not policy.falls_back(conf if conf is not None else 1.0, step):
+            nxt = self.sample(logits)
+            self.result.steps.append(StepRecord(nxt, conf, False, nxt))
+            return nxt
+        first = int(logits.argmax())
+        routing_log = runner.routing_log or {}
+        self.kv.rewind(1)
+        if policy.config.prefetch_on_fallback:
+            runner.prefetch_other_half(routing_log)
+        nxt = self.sample(runner.forward(ids, self.kv, ExpertMode.BIG, step=step))
+        self.result.stats.fallback_tokens += 1
+        self.result.steps.append(StepRecord(first, conf, True, nxt))
+        return nxt
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -47,62 +83,48 @@ def generate(runner: Runner, prompt: list[int], sampling: SamplingParams, policy
     """Prefill the prompt, then decode token by token under the policy; stops at EOS or the token limit."""
     device = runner.model.lm_head.weight.device
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
-    kv = runner.new_kv(len(prompt) + sampling.max_new_tokens)
-    cache, transfer = runner.cache, runner.cache.transfer
+    runner.lookahead = policy.config.lookahead
+    dec = _Decoder(runner, runner.new_kv(len(prompt) + sampling.max_new_tokens), sampling, policy, generator,
+                   GenerationResult(token_ids=[], stats=GenerationStats(prompt_tokens=len(prompt))))
+    stats, cache, transfer = dec.result.stats, runner.cache, runner.cache.transfer
     before, wait_before = cache.stats.snapshot(), transfer.wait_s
-    result = GenerationResult(token_ids=[], stats=GenerationStats(prompt_tokens=len(prompt)))
 
     start = time.perf_counter()
-    logits = runner.forward(torch.tensor(prompt, device=device), kv, policy.prefill_mode)
-    token = sample(logits, sampling.temperature, sampling.top_p, generator)
+    token = dec.sample(runner.forward(torch.tensor(prompt, device=device), dec.kv, policy.prefill_mode))
     _synchronize(device)
-    result.stats.prefill_s = time.perf_counter() - start
-    result.steps.append(StepRecord(token, None, False, token))
+    stats.prefill_s = time.perf_counter() - start
+    dec.result.steps.append(StepRecord(token, None, False, token))
+    after_prefill, wait_prefill = cache.stats.snapshot(), transfer.wait_s
 
     start = time.perf_counter()
+    step = 0
     while True:
-        result.token_ids.append(token)
+        dec.result.token_ids.append(token)
         if sampling.stop_at_eos and token in eos:
-            result.finish_reason = "stop"
+            dec.result.finish_reason = "stop"
             break
-        if len(result.token_ids) >= sampling.max_new_tokens:
+        if len(dec.result.token_ids) >= sampling.max_new_tokens:
             break
-        token = _decode_step(runner, kv, token, sampling, policy, generator, result)
+        step += 1
+        token = dec.step(token, step)
     _synchronize(device)
-    result.stats.decode_s = time.perf_counter() - start
-    result.stats.tokens = len(result.token_ids)
-    _fill_counters(result.stats, runner, before, transfer.wait_s - wait_before)
-    return result
+    stats.decode_s = time.perf_counter() - start
+    stats.tokens = len(dec.result.token_ids)
+    _fill_counters(stats, runner, before, after_prefill, transfer.wait_s - wait_before, transfer.wait_s - wait_prefill)
+    return dec.result
 
 
-def _decode_step(runner: Runner, kv: KVCache, token: int, sampling: SamplingParams, policy: Policy, generator: torch.Generator | None, result: GenerationResult) -> int:
-    """One MoBiLE step: first pass (big or little); if the policy says so, rewind and redo it with big."""
-    ids = torch.tensor([token], device=kv.k[0].device)
-    logits = runner.forward(ids, kv, policy.decode_mode, record=policy.may_fall_back)
-    conf = policy.confidence(logits) if policy.may_fall_back else None
-    if conf is None or not policy.falls_back(conf):
-        nxt = sample(logits, sampling.temperature, sampling.top_p, generator)
-        result.steps.append(StepRecord(nxt, conf, False, nxt))
-        return nxt
-    first = int(logits.argmax())
-    routing_log = runner.routing_log or {}
-    kv.rewind(1)
-    if policy.config.prefetch_on_fallback:
-        runner.prefetch_other_half(routing_log)
-    logits = runner.forward(ids, kv, ExpertMode.BIG)
-    nxt = sample(logits, sampling.temperature, sampling.top_p, generator)
-    result.stats.fallback_tokens += 1
-    result.steps.append(StepRecord(first, conf, True, nxt))
-    return nxt
-
-
-def _fill_counters(stats: GenerationStats, runner: Runner, before: CacheStats, wait_s: float) -> None:
-    """Cache counters accumulated during this request."""
+def _fill_counters(stats: GenerationStats, runner: Runner, before: CacheStats, after_prefill: CacheStats, wait_s: float, decode_wait_s: float) -> None:
+    """Cache counters accumulated during this request, and during its decode phase alone."""
     now = runner.cache.stats
     stats.expert_hits = now.hits - before.hits
     stats.expert_misses = now.misses - before.misses
     stats.prefetched = now.prefetched - before.prefetched
     stats.h2d_bytes = now.h2d_bytes - before.h2d_bytes
     stats.transfer_wait_s = wait_s
+    stats.decode_expert_hits = now.hits - after_prefill.hits
+    stats.decode_expert_misses = now.misses - after_prefill.misses
+    stats.decode_h2d_bytes = now.h2d_bytes - after_prefill.h2d_bytes
+    stats.decode_transfer_wait_s = decode_wait_s
     stats.cache_slots = runner.cache.num_slots
     stats.total_experts = runner.cache.store.total_experts

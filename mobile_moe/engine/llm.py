@@ -13,6 +13,7 @@ from mobile_moe.engine.loader import LoadedModel, load
 from mobile_moe.engine.runner import Runner
 from mobile_moe.errors import CheckpointError, InvalidParameter, PromptTooLong
 from mobile_moe.experts.cache import ExpertCache
+from mobile_moe.experts.trace import Trace
 from mobile_moe.experts.transfer import TransferEngine
 from mobile_moe.layers.moe import ExpertMode
 from mobile_moe.policy.policies import Policy
@@ -31,16 +32,24 @@ def resolve_device(name: str) -> torch.device:
 class LLM:
     """An offloaded MoE model: dense weights on the device, experts in host memory behind a bounded cache."""
 
-    def __init__(self, model: str | Path, config: EngineConfig | None = None) -> None:
+    def __init__(self, model: str | Path | LoadedModel, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
         self.device = resolve_device(self.config.device)
-        self.loaded: LoadedModel = load(model, self.device, self.config.dtype, self.config.progress)
+        if isinstance(model, LoadedModel):
+            self.loaded = model
+        else:
+            self.loaded = load(model, self.device, self.config.dtype, self.config.progress)
         self.path = self.loaded.path
         self.info = self.loaded.model.info
-        slots = plan_slots(self.config.cache, self.loaded.model, self.loaded.store, self.device)
-        self.cache = ExpertCache(self.loaded.store, slots, self.device, TransferEngine(self.device), self.config.cache.eviction)
+        self.planned_slots = plan_slots(self.config.cache, self.loaded.model, self.loaded.store, self.device)
+        self.reset_cache(self.planned_slots)
+        self.tokenizer = _load_tokenizer(self.path) if self.path.is_dir() else None
+
+    def reset_cache(self, slots: int, trace: Trace | None = None) -> None:
+        """Start over with an empty expert cache of `slots` slots (benchmarks compare systems from the same state)."""
+        self.cache = self.runner = None  # release the old slot pool first
+        self.cache = ExpertCache(self.loaded.store, slots, self.device, TransferEngine(self.device), self.config.cache.eviction, trace=trace)
         self.runner = Runner(self.loaded.model, self.cache)
-        self.tokenizer = _load_tokenizer(self.path)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

@@ -19,6 +19,10 @@ class GenerationStats:
     prefetched: int = 0
     h2d_bytes: int = 0
     transfer_wait_s: float = 0.0
+    decode_expert_hits: int = 0
+    decode_expert_misses: int = 0
+    decode_h2d_bytes: int = 0
+    decode_transfer_wait_s: float = 0.0
     cache_slots: int = 0
     total_experts: int = 0
 

@@ -10,7 +10,7 @@ from mobile_moe.experts.cache import ExpertCache
 from mobile_moe.experts.executor import ExpertExecutor
 from mobile_moe.layers.kv_cache import KVCache
 from mobile_moe.layers.mlp import activation
-from mobile_moe.layers.moe import ExpertMode, Routing
+from mobile_moe.layers.moe import ExpertMode, Routing, select
 from mobile_moe.models.transformer import CausalLM
 
 
@@ -23,7 +23,10 @@ class Runner:
         self.executor = ExpertExecutor(cache, activation(model.info.hidden_act))
         self.mode = ExpertMode.BIG
         self.little_weights = little_weights
+        self.lookahead = False
         self.routing_log: dict[int, torch.Tensor] | None = None
+        moe = list(model.info.moe_layers)
+        self.next_moe_layer = dict(zip(moe, moe[1:]))
 
     def new_kv(self, max_len: int) -> KVCache:
         """An empty KV cache for one sequence of up to max_len positions."""
@@ -34,16 +37,24 @@ class Runner:
         """Delegate to the batched executor."""
         return self.executor.run(layer, x, indices, weights)
 
-    def note_routing(self, layer: int, routing: Routing) -> None:
-        """Keep each layer's full top-k of the last token while recording."""
+    def note_routing(self, layer: int, x: torch.Tensor, routing: Routing) -> None:
+        """Keep each layer's top-k of the last token while recording; with lookahead, start the next layer's loads."""
         if self.routing_log is not None:
             self.routing_log[layer] = routing.indices[-1]
+        nxt = self.next_moe_layer.get(layer)
+        if self.lookahead and nxt is not None and x.shape[0] == 1:
+            block = self.model.model.layers[nxt].mlp
+            indices, _ = select(block.gate(x), block.spec, self.mode, self.little_weights)
+            self.cache.prefetch(nxt, indices[0].tolist())
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, kv: KVCache, mode: ExpertMode, record: bool = False, all_logits: bool = False) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, kv: KVCache, mode: ExpertMode, record: bool = False, all_logits: bool = False, step: int = 0) -> torch.Tensor:
         """ids: [T] -> logits of the last position [V] (or all [T, V]); with record, routing_log holds each layer's top-k."""
         self.mode = mode
         self.routing_log = {} if record else None
+        if self.cache.trace is not None:
+            trace = self.cache.trace
+            trace.step, trace.pass_id, trace.mode = step, trace.pass_id + 1, mode.value
         return self.model(ids, kv, self, all_logits=all_logits)
 
     def prefetch_other_half(self, routing_log: dict[int, torch.Tensor]) -> int:

@@ -9,6 +9,7 @@ import torch
 from mobile_moe.errors import CacheTooSmall
 from mobile_moe.experts.eviction import make_eviction
 from mobile_moe.experts.store import ExpertStore
+from mobile_moe.experts.trace import Trace
 from mobile_moe.experts.transfer import Ticket, TransferEngine
 
 Key = tuple[int, int]  # (layer, expert)
@@ -46,6 +47,7 @@ class ExpertCache:
     transfer: TransferEngine
     eviction_name: str = "lru"
     stats: CacheStats = field(default_factory=CacheStats)
+    trace: Trace | None = None
 
     def __post_init__(self) -> None:
         self.pool = torch.empty(self.num_slots, self.store.shape.numel, dtype=self.store.dtype, device=self.device)
@@ -67,13 +69,16 @@ class ExpertCache:
         slots = []
         for expert in experts:
             key = (layer, expert)
-            if key in self.where:
+            hit = key in self.where
+            if hit:
                 self.stats.hits += 1
                 self.eviction.touched(key)
                 slot = self.where[key]
             else:
                 self.stats.misses += 1
                 slot = self._load(key)
+            if self.trace is not None:
+                self.trace.record(layer, expert, hit)
             self.slots[slot].pins += 1
             slots.append(slot)
         for slot in slots:
@@ -94,11 +99,21 @@ class ExpertCache:
                 continue
             self._load(key)
             self.stats.prefetched += 1
+            if self.trace is not None:
+                self.trace.record(layer, expert, False, "prefetch")
             issued += 1
         return issued
 
     def _has_evictable_or_free(self) -> bool:
         return any(s.pins == 0 for s in self.slots)
+
+    def load_all(self) -> None:
+        """Bring every expert in (all-resident reference); needs a slot per expert."""
+        if self.num_slots < self.store.total_experts:
+            raise CacheTooSmall(f"{self.num_slots} slots cannot hold all {self.store.total_experts} experts")
+        for layer in self.store.layers:
+            self.prefetch(layer, list(range(self.store.num_experts)))
+        self.transfer.synchronize()
 
     def _load(self, key: Key) -> int:
         """Choose a slot (free or evicted) and start copying the expert into it."""

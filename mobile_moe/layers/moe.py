@@ -102,8 +102,8 @@ class ExpertRunner(Protocol):
         """x: [T, H], indices/weights: [T, n] -> weighted sum of expert outputs [T, H]."""
         ...
 
-    def note_routing(self, layer: int, routing: Routing) -> None:
-        """Called with every MoE layer's full top-k choice."""
+    def note_routing(self, layer: int, x: torch.Tensor, routing: Routing) -> None:
+        """Called with every MoE layer's input [T, H] and full top-k choice, before its experts run."""
         ...
 
 
@@ -141,7 +141,7 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor, runner: ExpertRunner) -> torch.Tensor:
         """x: [T, H] -> [T, H]."""
         routing = self.gate(x)
-        runner.note_routing(self.layer, routing)
+        runner.note_routing(self.layer, x, routing)
         indices, weights = select(routing, self.spec, runner.mode, runner.little_weights)
         out = runner.run_experts(self.layer, x, indices, weights)
         if self.shared_expert is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,15 @@ class Policy:
         """The configured importance criterion on one row of logits."""
         return confidence(logits, self.config.criterion)
 
-    def falls_back(self, conf: float) -> bool:
-        """MoBiLE: a token is important (recompute with big) when the little pass is not confident enough."""
-        return self.may_fall_back and conf < self.config.tau
+    def falls_back(self, conf: float, step: int) -> bool:
+        """MoBiLE: decode step `step` (1, 2, ...) is recomputed with big when the little pass is not confident enough.
+
+        With a forced fallback rate R (benchmarks on random weights, whose confidences mean nothing) the
+        decision ignores confidence: step s falls back iff floor(s * R) > floor((s - 1) * R), i.e. evenly spaced.
+        """
+        if not self.may_fall_back:
+            return False
+        rate = self.config.forced_fallback_rate
+        if rate is not None:
+            return math.floor(step * rate) > math.floor((step - 1) * rate)
+        return conf < self.config.tau

@@ -1,0 +1,135 @@
+"""`mobile-moe bench`: big (on-demand + LRU), mobile, little, all-resident and transformers+accelerate, same prompts and budget."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from mobile_moe.bench.costmodel import ModelCost, predict
+from mobile_moe.bench.hf_baseline import run_baseline
+from mobile_moe.bench.profiles import PROFILES, HardwareProfile
+from mobile_moe.config import PolicyConfig, SamplingParams
+from mobile_moe.engine.budget import dense_bytes
+from mobile_moe.engine.llm import LLM
+from mobile_moe.experts.trace import Access, Trace
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What every system runs."""
+
+    prompts: list[list[int]]
+    new_tokens: int
+    mobile: PolicyConfig
+    gpu_memory_gb: float | None
+    run_accelerate: bool = True
+    trace_dir: Path | None = None
+
+
+@dataclass
+class SystemResult:
+    """One system's numbers over all prompts."""
+
+    name: str
+    decode_tok_s: float
+    ttft_s: float
+    h2d_gb_per_token: float
+    hit_rate: float
+    fallback_rate: float
+    transfer_wait_share: float
+    ratio_to_big: float = 0.0
+    note: str = ""
+
+
+def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettings, slots: int, preload: bool = False) -> tuple[SystemResult, list[Access]]:
+    """Fresh cache of `slots`, then every prompt under `policy`; sums decode-phase counters."""
+    trace = Trace()
+    llm.reset_cache(slots, trace)
+    if preload:
+        llm.cache.load_all()
+    sampling = SamplingParams(max_new_tokens=settings.new_tokens, stop_at_eos=False)
+    decode_s = ttft = wait = 0.0
+    steps = fallbacks = hits = misses = moved = 0
+    for ids in settings.prompts:
+        s = llm.generate(ids, sampling, policy).stats
+        decode_s, ttft, wait = decode_s + s.decode_s, ttft + s.prefill_s, wait + s.decode_transfer_wait_s
+        steps, fallbacks = steps + s.tokens - 1, fallbacks + s.fallback_tokens
+        hits, misses, moved = hits + s.decode_expert_hits, misses + s.decode_expert_misses, moved + s.decode_h2d_bytes
+    if settings.trace_dir is not None:
+        settings.trace_dir.mkdir(parents=True, exist_ok=True)
+        trace.save(settings.trace_dir / f"{name}.jsonl")
+    return SystemResult(
+        name=name, decode_tok_s=steps / decode_s if decode_s else 0.0, ttft_s=ttft / len(settings.prompts),
+        h2d_gb_per_token=moved / 1e9 / max(steps, 1), hit_rate=hits / max(hits + misses, 1),
+        fallback_rate=fallbacks / max(steps, 1), transfer_wait_share=wait / decode_s if decode_s else 0.0,
+    ), trace.accesses
+
+
+def _resident_fits(llm: LLM) -> bool:
+    """Whether every expert fits on the device next to the dense weights (host memory on CPU)."""
+    if llm.device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(llm.device)
+    return llm.loaded.store.total_experts * llm.loaded.store.expert_bytes < 0.85 * free
+
+
+def run_bench(llm: LLM, settings: BenchSettings, profiles: dict[str, HardwareProfile] = PROFILES) -> dict:
+    """All systems on the same prompts; ratios to big; cost-model predictions from this run's traces."""
+    slots = llm.planned_slots
+    llm.reset_cache(slots)
+    llm.generate(settings.prompts[0], SamplingParams(max_new_tokens=4, stop_at_eos=False))  # warm-up: kernels, allocator
+    systems, traces = [], {}
+    plans = [("big", PolicyConfig("big")), ("mobile", settings.mobile), ("little", PolicyConfig("little", little_weights=settings.mobile.little_weights))]
+    for name, policy in plans:
+        result, traces[name] = _run_system(llm, name, policy, settings, slots)
+        systems.append(result)
+    if _resident_fits(llm):
+        total = llm.loaded.store.total_experts
+        result, _ = _run_system(llm, "resident", PolicyConfig("big"), settings, total, preload=True)
+        result.note = f"all {total} experts on the device"
+        systems.append(result)
+    llm.reset_cache(slots)
+    if settings.run_accelerate:
+        base = run_baseline(llm.loaded, llm.device, settings.gpu_memory_gb, settings.prompts[:2], min(settings.new_tokens, 16))
+        systems.append(SystemResult("accelerate", base.decode_tok_s, base.ttft_s, float("nan"), float("nan"), 0.0, float("nan"), note=base.placement))
+    big = systems[0].decode_tok_s
+    for s in systems:
+        s.ratio_to_big = s.decode_tok_s / big if big else 0.0
+    cost = ModelCost(len(llm.loaded.model.model.layers), dense_bytes(llm.loaded.model), llm.loaded.store.expert_bytes)
+    predicted = {
+        hw.name: {name: predict(traces[name], cost, hw, slots).tok_s for name in ("big", "mobile", "little")}
+        for hw in profiles.values()
+    }
+    return {
+        "device": torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu",
+        "model": str(llm.path), "gpu_memory_gb": settings.gpu_memory_gb, "cache_slots": slots,
+        "total_experts": llm.loaded.store.total_experts, "expert_mb": llm.loaded.store.expert_bytes / 2**20,
+        "dense_gb": cost.dense_bytes / 1e9, "prompts": len(settings.prompts), "new_tokens": settings.new_tokens,
+        "mobile": {"tau": settings.mobile.tau, "forced_fallback_rate": settings.mobile.forced_fallback_rate,
+                   "lookahead": settings.mobile.lookahead, "criterion": settings.mobile.criterion},
+        "systems": [_json_safe(asdict(s)) for s in systems],
+        "predicted": predicted,
+    }
+
+
+def _json_safe(d: dict) -> dict:
+    """NaN (not applicable) -> None."""
+    return {k: (None if isinstance(v, float) and v != v else v) for k, v in d.items()}
+
+
+def table(report: dict) -> str:
+    """Terminal table of a bench report."""
+    head = f"{'system':<11} {'tok/s':>8} {'x big':>6} {'TTFT s':>7} {'GB/tok':>7} {'hit':>6} {'fallbk':>7} {'wait':>6}  note"
+    rows = [head, "-" * len(head)]
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    for s in report["systems"]:
+        rows.append(
+            f"{s['name']:<11} {s['decode_tok_s']:>8.2f} {s['ratio_to_big']:>6.2f} {s['ttft_s']:>7.3f} {fmt(s['h2d_gb_per_token'], '.4f'):>7} "
+            f"{fmt(s['hit_rate'], '.0%'):>6} {s['fallback_rate']:>7.1%} {fmt(s['transfer_wait_share'], '.0%'):>6}  {s['note']}"
+        )
+    rows.append("predicted tok/s (cost model on this run's traces): " + "; ".join(
+        f"{hw}: big {p['big']:.1f}, mobile {p['mobile']:.1f} ({p['mobile'] / p['big']:.2f}x), little {p['little']:.1f}"
+        for hw, p in report["predicted"].items() if p["big"]))
+    return "\n".join(rows)

@@ -1,0 +1,84 @@
+"""Random-weight models with the exact shapes of public MoE checkpoints, built in memory (no files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers as T
+
+from mobile_moe.engine.loader import LoadedModel, resolve_dtype
+from mobile_moe.errors import InvalidParameter
+from mobile_moe.experts.store import ExpertShape, ExpertStore
+from mobile_moe.models.registry import build_model
+
+INIT_STD = 0.02
+
+SHAPES: dict[str, tuple[type, dict]] = {
+    "olmoe-1b-7b": (T.OlmoeConfig, dict(
+        vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
+        num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096, norm_topk_prob=False)),
+    "qwen1.5-moe-a2.7b": (T.Qwen2MoeConfig, dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+        num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16, num_experts=60, num_experts_per_tok=4,
+        max_position_embeddings=8192, norm_topk_prob=False)),
+    "deepseek-v2-lite": (T.DeepseekV2Config, dict(
+        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=27,
+        num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2,
+        first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+        topk_method="greedy", routed_scaling_factor=1.0, max_position_embeddings=4096)),
+    "qwen3-30b-a3b": (T.Qwen3MoeConfig, dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        max_position_embeddings=40960, norm_topk_prob=True)),
+    "mixtral-8x7b": (T.MixtralConfig, dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768)),
+}
+SHRUNK_WIDTHS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size", "kv_lora_rank")
+
+
+def synthetic_config(name: str, shrink: int = 1) -> T.PretrainedConfig:
+    """The config of a named shape; shrink > 1 divides widths (not layers, experts or top-k) for CPU tests."""
+    if name not in SHAPES:
+        raise InvalidParameter(f"unknown synthetic model {name!r} (known: {', '.join(SHAPES)})")
+    cls, fields = SHAPES[name]
+    fields = dict(fields)
+    if shrink > 1:
+        for key in SHRUNK_WIDTHS:
+            if key in fields:
+                fields[key] = max(8, fields[key] // shrink)
+        kv = max(1, fields["num_key_value_heads"] // shrink)
+        fields["num_attention_heads"] = max(kv, fields["num_attention_heads"] // shrink // kv * kv)
+        fields["num_key_value_heads"] = kv
+    return cls(**fields, bos_token_id=0, eos_token_id=1, pad_token_id=0)
+
+
+def build_synthetic(name: str, device: torch.device, dtype_name: str = "auto", shrink: int = 1, seed: int = 0) -> LoadedModel:
+    """Random dense weights made on the device, random experts made there and copied into (pinned) host memory."""
+    cfg = synthetic_config(name, shrink)
+    dtype = resolve_dtype(dtype_name, cfg, device) if dtype_name != "auto" or device.type == "cpu" else torch.bfloat16
+    with torch.device("meta"):
+        model = build_model(cfg)
+    inv_freq = model.rotary.inv_freq
+    model.to_empty(device=device)
+    model.rotary.inv_freq = inv_freq.to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname and p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, INIT_STD, generator=gen)
+        for bname, b in model.named_buffers():
+            if bname.endswith("e_score_correction_bias"):
+                b.zero_()
+    model.to(dtype)
+    model.rotary.inv_freq = inv_freq.to(device)  # rotary frequencies stay float32
+    info = model.info
+    store = ExpertStore(list(info.moe_layers), info.num_experts, ExpertShape(info.hidden, info.expert_intermediate), dtype, pin=device.type == "cuda")
+    for rows in store.layers.values():
+        rows.copy_(torch.empty(rows.shape, dtype=dtype, device=device).normal_(0.0, INIT_STD, generator=gen))
+    store.filled = {(l, e, p) for l in store.layers for e in range(info.num_experts) for p in ("gate", "up", "down")}
+    model.eval()
+    return LoadedModel(model=model, store=store, config=cfg, path=Path(f"synthetic:{name}"), dtype=dtype)
