@@ -1,0 +1,105 @@
+"""Benchmark plumbing on CPU: synthetic shapes at reduced width, traces, the cost model, the bench report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mobile_moe import LLM, PolicyConfig, SamplingParams, engine_config
+from mobile_moe.bench.costmodel import ModelCost, predict
+from mobile_moe.bench.profiles import PROFILES
+from mobile_moe.bench.synthetic import SHAPES, build_synthetic, synthetic_config
+from mobile_moe.cli import main
+from mobile_moe.experts.trace import Trace, load_trace
+
+SYSTEM_FIELDS = ("name", "decode_tok_s", "ttft_s", "h2d_gb_per_token", "hit_rate", "fallback_rate", "transfer_wait_share", "ratio_to_big")
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_synthetic_shapes_keep_structure_when_shrunk(name):
+    full, small = synthetic_config(name), synthetic_config(name, shrink=16)
+    for key in ("num_hidden_layers", "num_experts_per_tok", "num_experts", "num_local_experts", "n_routed_experts", "first_k_dense_replace"):
+        assert getattr(full, key, None) == getattr(small, key, None)
+    assert small.hidden_size == full.hidden_size // 16
+    loaded = build_synthetic(name, torch.device("cpu"), shrink=16)
+    info = loaded.model.info
+    assert info.top_k == full.num_experts_per_tok and info.hidden == small.hidden_size
+    assert loaded.store.total_experts == info.num_experts * len(info.moe_layers)
+    llm = LLM(loaded, engine_config(expert_cache=info.top_k, progress=False))
+    out = llm.generate([3, 4, 5], SamplingParams(max_new_tokens=3, stop_at_eos=False))
+    assert len(out.token_ids) == 3 and out.stats.expert_misses > 0
+
+
+def test_full_size_expert_bytes_match_the_calibrated_shapes():
+    """bf16 expert sizes equal the ones measured on the H200 (shared/hardware/h200-calibration.json)."""
+    sizes = {"olmoe-1b-7b": 12582912, "qwen1.5-moe-a2.7b": 17301504, "deepseek-v2-lite": 17301504, "qwen3-30b-a3b": 9437184, "mixtral-8x7b": 352321536}
+    for name, expected in sizes.items():
+        cfg = synthetic_config(name)
+        inter = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+        assert 3 * cfg.hidden_size * inter * 2 == expected
+
+
+def test_forced_fallback_rate_is_exact_and_evenly_spaced():
+    llm = LLM(build_synthetic("qwen3-30b-a3b", torch.device("cpu"), shrink=16), engine_config(expert_cache=16, progress=False))
+    out = llm.generate([5, 6, 7], SamplingParams(max_new_tokens=21, stop_at_eos=False), PolicyConfig("mobile", forced_fallback_rate=0.25))
+    assert out.stats.fallback_tokens == 5  # 20 decode steps x 0.25
+    assert [i for i, s in enumerate(out.steps) if s.fell_back] == [4, 8, 12, 16, 20]
+
+
+def _trace(policy: PolicyConfig, slots: int) -> tuple[list, ModelCost, int]:
+    loaded = build_synthetic("olmoe-1b-7b", torch.device("cpu"), shrink=16)
+    llm = LLM(loaded, engine_config(expert_cache=slots, progress=False))
+    trace = Trace()
+    llm.reset_cache(slots, trace)
+    for prompt in ([3, 4, 5, 6], [9, 8, 7]):
+        llm.generate(prompt, SamplingParams(max_new_tokens=9, stop_at_eos=False), policy)
+    cost = ModelCost(len(loaded.model.model.layers), 10**8, 12 * 2**20)  # real-size expert bytes on the shrunk trace
+    return trace.accesses, cost, slots
+
+
+def test_trace_roundtrip_and_replay_counts_decode_steps(tmp_path):
+    accesses, cost, slots = _trace(PolicyConfig("big"), 16)
+    trace = Trace()
+    trace.accesses = accesses
+    trace.save(tmp_path / "t.jsonl")
+    assert load_trace(tmp_path / "t.jsonl") == accesses
+    p = predict(accesses, cost, PROFILES["rtx4090"], slots)
+    assert p.steps == 16 and p.tok_s > 0 and p.h2d_gb > 0
+
+
+def test_cost_model_moves_the_right_way():
+    accesses, cost, slots = _trace(PolicyConfig("big"), 16)
+    base = PROFILES["rtx4090"]
+    slow_link = replace(base, link_gbps=base.link_gbps / 4)
+    assert predict(accesses, cost, slow_link, slots).tok_s < predict(accesses, cost, base, slots).tok_s
+    assert predict(accesses, cost, base, slots * 8).tok_s > predict(accesses, cost, base, slots).tok_s
+    assert predict(accesses, cost, base, 1024).h2d_gb < predict(accesses, cost, base, slots).h2d_gb
+
+
+def test_cost_model_sees_little_move_fewer_bytes_than_big():
+    big, cost, slots = _trace(PolicyConfig("big"), 16)
+    little, _, _ = _trace(PolicyConfig("little"), 16)
+    hw = PROFILES["rtx4060ti-16gb"]
+    assert predict(little, cost, hw, slots).h2d_gb < predict(big, cost, hw, slots).h2d_gb
+    assert predict(little, cost, hw, slots).tok_s > predict(big, cost, hw, slots).tok_s
+
+
+def test_bench_cli_reports_every_system(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--synthetic", "deepseek-v2-lite", "--shrink", "16", "--prompts", "2", "--new-tokens", "5",
+                 "--expert-cache", "24", "--fallback-rate", "0.5", "--json", str(out), "--trace-dir", str(tmp_path / "tr"), "--quiet"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    names = [s["name"] for s in report["systems"]]
+    assert names == ["big", "mobile", "little", "resident", "accelerate"]
+    for s in report["systems"]:
+        assert set(SYSTEM_FIELDS) <= set(s)
+    mobile = report["systems"][1]
+    assert mobile["fallback_rate"] == pytest.approx(0.5)
+    assert report["systems"][0]["ratio_to_big"] == 1.0
+    assert set(report["predicted"]) == set(PROFILES) and all(set(p) == {"big", "mobile", "little"} for p in report["predicted"].values())
+    assert "driven at rate 0.5" in report["mobile"]["note"]
+    assert sorted(p.name for p in (tmp_path / "tr").iterdir()) == ["big.jsonl", "little.jsonl", "mobile.jsonl", "resident.jsonl"]
