@@ -15,7 +15,12 @@ import torch
 from mobile_moe.bench.bench import BenchSettings, run_bench, table
 from mobile_moe.bench.synthetic import SHAPES, build_synthetic
 from mobile_moe.config import CRITERIA, POLICIES, PolicyConfig, SamplingParams
-from mobile_moe.engine.calibration import CALIBRATION_FILE, DEFAULT_TAU, calibrated_tau, write_calibration
+from mobile_moe.engine.calibration import (
+    CALIBRATION_FILE,
+    DEFAULT_TAU,
+    calibrated_tau,
+    write_calibration,
+)
 from mobile_moe.engine.llm import LLM, engine_config, resolve_device
 from mobile_moe.errors import CheckpointError, InvalidParameter, MobileMoeError
 from mobile_moe.eval.calibrate import DEFAULT_TAUS

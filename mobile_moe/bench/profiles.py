@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 
 @dataclass(frozen=True)
@@ -19,12 +21,12 @@ class HardwareProfile:
 
 
 # Consumer cards from public specs; the H200 link from shared/hardware/h200-calibration.json (pinned, 9-350 MB copies).
-PROFILES: dict[str, HardwareProfile] = {
+PROFILES: Mapping[str, HardwareProfile] = MappingProxyType({
     "rtx4090": HardwareProfile("rtx4090", link_gbps=25.0, mem_gbps=1008.0),
     "rtx3090": HardwareProfile("rtx3090", link_gbps=25.0, mem_gbps=936.0),
     "rtx4060ti-16gb": HardwareProfile("rtx4060ti-16gb", link_gbps=12.5, mem_gbps=288.0),
     "h200": HardwareProfile("h200", link_gbps=54.4, mem_gbps=4800.0),
-}
+})
 
 
 def h200_from_calibration(path: Path) -> HardwareProfile:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 import transformers as T
@@ -14,7 +16,7 @@ from mobile_moe.models.registry import build_model
 
 INIT_STD = 0.02
 
-SHAPES: dict[str, tuple[type, dict]] = {
+SHAPES: Mapping[str, tuple[type, dict]] = MappingProxyType({
     "olmoe-1b-7b": (T.OlmoeConfig, dict(
         vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
         num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096, norm_topk_prob=False)),
@@ -34,7 +36,7 @@ SHAPES: dict[str, tuple[type, dict]] = {
     "mixtral-8x7b": (T.MixtralConfig, dict(
         vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768)),
-}
+})
 SHRUNK_WIDTHS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size", "kv_lora_rank")
 
 
@@ -79,6 +81,6 @@ def build_synthetic(name: str, device: torch.device, dtype_name: str = "auto", s
     store = ExpertStore(list(info.moe_layers), info.num_experts, ExpertShape(info.hidden, info.expert_intermediate), dtype, pin=device.type == "cuda")
     for rows in store.layers.values():
         rows.copy_(torch.empty(rows.shape, dtype=dtype, device=device).normal_(0.0, INIT_STD, generator=gen))
-    store.filled = {(l, e, p) for l in store.layers for e in range(info.num_experts) for p in ("gate", "up", "down")}
+    store.filled = {(layer, e, p) for layer in store.layers for e in range(info.num_experts) for p in ("gate", "up", "down")}
     model.eval()
     return LoadedModel(model=model, store=store, config=cfg, path=Path(f"synthetic:{name}"), dtype=dtype)

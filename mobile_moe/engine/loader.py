@@ -10,7 +10,15 @@ from tqdm import tqdm
 from transformers import PretrainedConfig
 
 from mobile_moe.engine.checkpoint import (
-    ExpertTensor, FusedExpertTensor, classify, count_tensors, dense_name, iter_tensors, layer_of, read_config, shard_files,
+    ExpertTensor,
+    FusedExpertTensor,
+    classify,
+    count_tensors,
+    dense_name,
+    iter_tensors,
+    layer_of,
+    read_config,
+    shard_files,
 )
 from mobile_moe.errors import CheckpointError
 from mobile_moe.experts.store import ExpertShape, ExpertStore

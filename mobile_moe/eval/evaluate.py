@@ -9,7 +9,12 @@ from mobile_moe.engine.llm import LLM
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.eval.calibrate import Calibration, choose
 from mobile_moe.eval.prompts import cut_prompts
-from mobile_moe.eval.quality import mobile_perplexity, perplexity, policy_runs, token_scores
+from mobile_moe.eval.quality import (
+    mobile_perplexity,
+    perplexity,
+    policy_runs,
+    token_scores,
+)
 
 
 @dataclass(frozen=True)

@@ -21,18 +21,17 @@ class ExpertExecutor:
 
     def run(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [T, H], indices/weights: [T, n] -> sum_j weights[:, j] * expert_{indices[:, j]}(x)  [T, H]."""
-        unique = indices.unique().tolist()  # the one host sync per layer: which experts to bring
+        unique_t, inverse = indices.unique(return_inverse=True)
+        unique = unique_t.tolist()  # the one host sync per layer: which experts to bring
         if indices.numel() <= BATCHED_PAIRS_MAX and len(unique) <= self.cache.num_slots:
-            return self._run_pairs(layer, x, indices, weights, unique)
+            return self._run_pairs(layer, x, indices, weights, unique, inverse)
         return self._run_grouped(layer, x, indices, weights, unique)
 
-    def _run_pairs(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, unique: list[int]) -> torch.Tensor:
+    def _run_pairs(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, unique: list[int], inverse: torch.Tensor) -> torch.Tensor:
         """Gather each (token, expert) pair's weights and compute all pairs in two bmm calls."""
         slots = self.cache.acquire(layer, unique)
         try:
-            slot_of = torch.tensor(slots, device=x.device)
-            position = torch.searchsorted(torch.tensor(unique, device=x.device), indices.flatten())
-            pair_slots = slot_of[position]  # [P]
+            pair_slots = torch.tensor(slots, device=x.device)[inverse.flatten()]  # [P]
             tokens = torch.arange(x.shape[0], device=x.device).repeat_interleave(indices.shape[1])  # [P]
             xs = x[tokens].unsqueeze(-1)  # [P, H, 1]
             gate_up = torch.bmm(self.cache.gate_up[pair_slots], xs).squeeze(-1)  # [P, 2I]

@@ -87,6 +87,6 @@ class ExpertStore:
     def missing(self) -> list[str]:
         """Names of expert projections never filled."""
         return [
-            f"layer {l} expert {e} {p}" for l in self.layers for e in range(self.num_experts) for p in PARTS
-            if (l, e, p) not in self.filled
+            f"layer {layer} expert {e} {p}" for layer in self.layers for e in range(self.num_experts) for p in PARTS
+            if (layer, e, p) not in self.filled
         ]

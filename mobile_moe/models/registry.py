@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 
 from transformers import PretrainedConfig
 
@@ -10,14 +11,14 @@ from mobile_moe.errors import UnsupportedArchitecture
 from mobile_moe.models import deepseek, mixtral, olmoe, qwen_moe
 from mobile_moe.models.transformer import CausalLM
 
-BUILDERS: dict[str, Callable[[PretrainedConfig], CausalLM]] = {
+BUILDERS: Mapping[str, Callable[[PretrainedConfig], CausalLM]] = MappingProxyType({
     "mixtral": mixtral.build,
     "qwen2_moe": qwen_moe.build_qwen2_moe,
     "qwen3_moe": qwen_moe.build_qwen3_moe,
     "olmoe": olmoe.build,
     "deepseek_v2": deepseek.build_v2,
     "deepseek_v3": deepseek.build_v3,
-}
+})
 SUPPORTED = tuple(BUILDERS)
 
 

@@ -1,0 +1,97 @@
+"""The shipped demo model: offline generation with no --model, eval metrics, calibration."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mobile_moe.cli import DEMO_MODEL, main
+from mobile_moe.eval import corpus
+
+RUN_FIELDS = ("policy", "tau", "agreement", "agreement_overall", "exact_match", "next_line_exact", "fallback_rate")
+
+
+@pytest.fixture(scope="module")
+def slice_dir(tmp_path_factory) -> Path:
+    """A small slice of the held-out test split: its first three files."""
+    root = tmp_path_factory.mktemp("slice")
+    for i, text in enumerate(corpus.load_split("test")[:3]):
+        (root / f"part{i}.py").write_text(text)
+    return root
+
+
+@pytest.fixture()
+def demo_copy(tmp_path) -> Path:
+    """The demo model copied, so calibration does not write into the package."""
+    dst = tmp_path / "demo"
+    shutil.copytree(DEMO_MODEL, dst)
+    (dst / "mobile_moe.json").unlink(missing_ok=True)
+    return dst
+
+
+def test_demo_model_is_small_and_records_its_recipe():
+    size = sum(p.stat().st_size for p in DEMO_MODEL.iterdir())
+    assert size <= 40 * 2**20
+    recipe = json.loads((DEMO_MODEL / "training.json").read_text())
+    assert recipe["corpus"]["hash"] and recipe["recipe"]["seed"] is not None and recipe["final_validation_loss"] > 0
+
+
+def test_generate_without_model_runs_offline_and_writes_python():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "mobile_moe.cli", "generate", "--prompt", "def fibonacci(n):", "--max-new-tokens", "40", "--json", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    text = out["text"]
+    assert len(out["token_ids"]) > 5
+    assert "\n" in text and any(word in text for word in ("return", "if ", " = ", "(")), text
+
+
+def test_eval_reports_every_metric_for_every_policy(slice_dir, tmp_path, capsys):
+    plot = tmp_path / "taus.png"
+    capsys.readouterr()
+    code = main(["eval", "--data", str(slice_dir), "--max-prompts", "3", "--new-tokens", "8", "--ppl-tokens", "200",
+                 "--taus", "0.5,0.9", "--json", "--quiet", "--plot", str(plot)])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["perplexity"]["big"] > 1 and report["perplexity"]["little"] > 1
+    assert "calibrated_tau" in report
+    policies = [(r["policy"], r["tau"]) for r in report["runs"]]
+    assert ("big", None) in policies and ("little", None) in policies
+    assert {t for p, t in policies if p == "mobile"} >= {0.5, 0.9}
+    for run in report["runs"]:
+        assert set(RUN_FIELDS) <= set(run)
+        assert 0.0 <= run["agreement"] <= 1.0 and 0.0 <= run["fallback_rate"] <= 1.0
+    big = next(r for r in report["runs"] if r["policy"] == "big")
+    assert big["agreement"] == 1.0 and big["fallback_rate"] == 0.0
+    assert plot.stat().st_size > 1000
+
+
+def test_calibrate_meets_the_target_and_generate_uses_it(demo_copy, slice_dir, capsys):
+    capsys.readouterr()
+    code = main(["calibrate", "--model", str(demo_copy), "--data", str(slice_dir), "--max-prompts", "4", "--new-tokens", "8",
+                 "--taus", "0.3,0.6,0.9,0.99", "--target-agreement", "0.9", "--quiet"])
+    assert code == 0
+    record = json.loads((demo_copy / "mobile_moe.json").read_text())
+    assert record["agreement"] >= 0.9 and record["tau"] in (0.3, 0.6, 0.9, 0.99)
+    chosen = [r for r in record["runs"] if r["tau"] == record["tau"]][0]
+    cheaper = [r for r in record["runs"] if r["fallback_rate"] < chosen["fallback_rate"]]
+    assert all(r["agreement"] < 0.9 for r in cheaper)  # nothing cheaper met the target
+    capsys.readouterr()
+    main(["generate", "--model", str(demo_copy), "--prompt", "x = 1", "--policy", "mobile", "--max-new-tokens", "4", "--json", "--quiet"])
+    assert json.loads(capsys.readouterr().out)["policy"]["tau"] == record["tau"]
+
+
+def test_calibrate_says_plainly_when_no_tau_meets_the_target(demo_copy, slice_dir, capsys):
+    capsys.readouterr()
+    code = main(["calibrate", "--model", str(demo_copy), "--data", str(slice_dir), "--max-prompts", "6", "--new-tokens", "16",
+                 "--taus", "0", "--target-agreement", "1.0", "--quiet"])
+    assert code == 1
+    assert "no tau meets the target" in capsys.readouterr().out
+    assert not (demo_copy / "mobile_moe.json").exists()
