@@ -13,7 +13,7 @@ from typing import NoReturn
 import torch
 
 from mobile_moe.bench.bench import BenchSettings, run_bench, table
-from mobile_moe.bench.synthetic import SHAPES, build_synthetic
+from mobile_moe.bench.synthetic import SHAPES, build_synthetic, full_size_cost
 from mobile_moe.config import CRITERIA, POLICIES, PolicyConfig, SamplingParams
 from mobile_moe.engine.calibration import (
     CALIBRATION_FILE,
@@ -246,7 +246,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if rate is None and args.synthetic:
         rate = demo_fallback_rate()
     policy = dataclasses.replace(policy_from(args, llm.path), name="mobile", forced_fallback_rate=rate, lookahead=args.lookahead)
-    settings = BenchSettings(bench_prompts(llm, args.prompts), args.new_tokens, policy, args.gpu_memory, not args.skip_accelerate, args.trace_dir)
+    cost = full_size_cost(args.synthetic) if args.synthetic and args.shrink > 1 else None  # predict the real widths
+    settings = BenchSettings(
+        bench_prompts(llm, args.prompts), args.new_tokens, policy, args.gpu_memory, not args.skip_accelerate, args.trace_dir, cost,
+        temperature=1.0 if args.synthetic else 0.0,
+    )
     report = run_bench(llm, settings)
     if rate is not None:
         report["mobile"]["note"] = f"fallbacks driven at rate {rate:g}, evenly spaced (random weights give meaningless confidences)"

@@ -26,6 +26,8 @@ class BenchSettings:
     gpu_memory_gb: float | None
     run_accelerate: bool = True
     trace_dir: Path | None = None
+    cost: ModelCost | None = None  # sizes for the cost model; default: the benchmarked model's own
+    temperature: float = 0.0  # synthetic models sample (seeded): greedy decoding of random weights repeats one token
 
 
 @dataclass
@@ -49,7 +51,7 @@ def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettin
     llm.reset_cache(slots, trace)
     if preload:
         llm.cache.load_all()
-    sampling = SamplingParams(max_new_tokens=settings.new_tokens, stop_at_eos=False)
+    sampling = SamplingParams(max_new_tokens=settings.new_tokens, temperature=settings.temperature, seed=0, stop_at_eos=False)
     decode_s = ttft = wait = 0.0
     steps = fallbacks = hits = misses = moved = 0
     for ids in settings.prompts:
@@ -98,7 +100,7 @@ def run_bench(llm: LLM, settings: BenchSettings, profiles: dict[str, HardwarePro
     big = systems[0].decode_tok_s
     for s in systems:
         s.ratio_to_big = s.decode_tok_s / big if big else 0.0
-    cost = ModelCost(len(llm.loaded.model.model.layers), dense_bytes(llm.loaded.model), llm.loaded.store.expert_bytes)
+    cost = settings.cost or ModelCost(len(llm.loaded.model.model.layers), dense_bytes(llm.loaded.model), llm.loaded.store.expert_bytes)
     predicted = {
         hw.name: {name: predict(traces[name], cost, hw, slots).tok_s for name in ("big", "mobile", "little")}
         for hw in profiles.values()
@@ -107,7 +109,8 @@ def run_bench(llm: LLM, settings: BenchSettings, profiles: dict[str, HardwarePro
         "device": torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu",
         "model": str(llm.path), "gpu_memory_gb": settings.gpu_memory_gb, "cache_slots": slots,
         "total_experts": llm.loaded.store.total_experts, "expert_mb": llm.loaded.store.expert_bytes / 2**20,
-        "dense_gb": cost.dense_bytes / 1e9, "prompts": len(settings.prompts), "new_tokens": settings.new_tokens,
+        "dense_gb": dense_bytes(llm.loaded.model) / 1e9, "cost_model_sizes": asdict(cost), "prompts": len(settings.prompts), "new_tokens": settings.new_tokens,
+        "temperature": settings.temperature,
         "mobile": {"tau": settings.mobile.tau, "forced_fallback_rate": settings.mobile.forced_fallback_rate,
                    "lookahead": settings.mobile.lookahead, "criterion": settings.mobile.criterion},
         "systems": [_json_safe(asdict(s)) for s in systems],

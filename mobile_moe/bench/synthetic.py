@@ -9,6 +9,7 @@ from types import MappingProxyType
 import torch
 import transformers as T
 
+from mobile_moe.bench.costmodel import ModelCost
 from mobile_moe.engine.loader import LoadedModel, resolve_dtype
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.experts.store import ExpertShape, ExpertStore
@@ -56,8 +57,22 @@ def synthetic_config(name: str, shrink: int = 1) -> T.PretrainedConfig:
     return cls(**fields, bos_token_id=0, eos_token_id=1, pad_token_id=0)
 
 
+def full_size_cost(name: str) -> ModelCost:
+    """Cost-model sizes of the full-width model in bf16 (for predictions from a reduced-width run's trace)."""
+    cfg = synthetic_config(name)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    info = model.info
+    return ModelCost(len(model.model.layers), 2 * sum(p.numel() for p in model.parameters()), 2 * 3 * info.hidden * info.expert_intermediate)
+
+
 def build_synthetic(name: str, device: torch.device, dtype_name: str = "auto", shrink: int = 1, seed: int = 0) -> LoadedModel:
-    """Random dense weights made on the device, random experts made there and copied into (pinned) host memory."""
+    """Random dense weights made on the device, random experts made there and copied into (pinned) host memory.
+
+    Embeddings have unit variance so that, as in a trained model with load-balanced routers, each token is
+    routed by its own identity; with small random embeddings the shared part of the residual stream
+    would send every token to the same few experts and make caching look far better than it is.
+    """
     cfg = synthetic_config(name, shrink)
     dtype = resolve_dtype(dtype_name, cfg, device) if dtype_name != "auto" or device.type == "cpu" else torch.bfloat16
     with torch.device("meta"):
@@ -70,6 +85,8 @@ def build_synthetic(name: str, device: torch.device, dtype_name: str = "auto", s
         for pname, p in model.named_parameters():
             if "norm" in pname and p.dim() == 1:
                 p.fill_(1.0)
+            elif pname == "model.embed_tokens.weight":
+                p.normal_(0.0, 1.0, generator=gen)  # token identity dominates the residual stream: routes follow tokens
             else:
                 p.normal_(0.0, INIT_STD, generator=gen)
         for bname, b in model.named_buffers():
