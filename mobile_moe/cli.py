@@ -5,20 +5,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 from typing import NoReturn
 
-import torch
-
-from mobile_moe.bench.bench import BenchSettings, run_bench, table
+from mobile_moe.bench.bench import BenchSettings, default_prompts, run_bench, table
 from mobile_moe.bench.synthetic import SHAPES, build_synthetic, full_size_cost
 from mobile_moe.config import CRITERIA, POLICIES, PolicyConfig, SamplingParams
 from mobile_moe.engine.calibration import (
-    CALIBRATION_FILE,
     DEFAULT_TAU,
+    DEMO_MODEL,
     calibrated_tau,
+    demo_fallback_rate,
     write_calibration,
 )
 from mobile_moe.engine.llm import LLM, engine_config, resolve_device
@@ -26,10 +24,8 @@ from mobile_moe.errors import CheckpointError, InvalidParameter, MobileMoeError
 from mobile_moe.eval.calibrate import DEFAULT_TAUS
 from mobile_moe.eval.data import read_texts
 from mobile_moe.eval.evaluate import EvalSettings, calibrate, evaluate
-from mobile_moe.eval.prompts import cut_prompts
 from mobile_moe.eval.report import plot_taus, runs_table
-
-DEMO_MODEL = Path(__file__).parent / "demo_model"
+from mobile_moe.jsonio import write_json_atomic
 
 
 class Parser(argparse.ArgumentParser):
@@ -248,7 +244,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     policy = dataclasses.replace(policy_from(args, llm.path), name="mobile", forced_fallback_rate=rate, lookahead=args.lookahead)
     cost = full_size_cost(args.synthetic) if args.synthetic and args.shrink > 1 else None  # predict the real widths
     settings = BenchSettings(
-        bench_prompts(llm, args.prompts), args.new_tokens, policy, args.gpu_memory, not args.skip_accelerate, args.trace_dir, cost,
+        default_prompts(llm, args.prompts), args.new_tokens, policy, args.gpu_memory, not args.skip_accelerate, args.trace_dir, cost,
         temperature=1.0 if args.synthetic else 0.0,
     )
     report = run_bench(llm, settings)
@@ -256,36 +252,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report["mobile"]["note"] = f"fallbacks driven at rate {rate:g}, evenly spaced (random weights give meaningless confidences)"
     print(table(report))
     if args.json:
-        write_json(args.json, report)
+        write_json_atomic(args.json, report)
     return 0
-
-
-def bench_prompts(llm: LLM, count: int, max_len: int = 128) -> list[list[int]]:
-    """Prompts cut from the demo corpus when the model has a tokenizer, else seeded random ids."""
-    if llm.tokenizer is not None:
-        texts = read_texts(None, "test")[0]
-        prompts = [llm.encode(p.text)[-max_len:] for p in cut_prompts(texts, count)]
-        if len(prompts) == count:
-            return prompts
-    gen = torch.Generator().manual_seed(0)
-    vocab = llm.loaded.model.lm_head.weight.shape[0]
-    return [torch.randint(2, vocab, (64,), generator=gen).tolist() for _ in range(count)]
-
-
-def demo_fallback_rate() -> float:
-    """The fallback rate measured on the demo model at its calibrated tau (0.2 if it was never calibrated)."""
-    try:
-        return float(json.loads((DEMO_MODEL / CALIBRATION_FILE).read_text())["fallback_rate"])
-    except (OSError, KeyError, ValueError, TypeError):
-        return 0.2
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mobile_moe.cli import DEMO_MODEL, main
+from mobile_moe.cli import main
+from mobile_moe.engine.calibration import DEMO_MODEL
 from mobile_moe.eval import corpus
 
 RUN_FIELDS = ("policy", "tau", "agreement", "agreement_overall", "exact_match", "next_line_exact", "fallback_rate")

@@ -13,6 +13,8 @@ from mobile_moe.bench.profiles import PROFILES, HardwareProfile
 from mobile_moe.config import PolicyConfig, SamplingParams
 from mobile_moe.engine.budget import dense_bytes
 from mobile_moe.engine.llm import LLM
+from mobile_moe.eval.data import read_texts
+from mobile_moe.eval.prompts import cut_prompts
 from mobile_moe.experts.trace import Access, Trace
 
 
@@ -67,6 +69,18 @@ def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettin
         h2d_gb_per_token=moved / 1e9 / max(steps, 1), hit_rate=hits / max(hits + misses, 1),
         fallback_rate=fallbacks / max(steps, 1), transfer_wait_share=wait / decode_s if decode_s else 0.0,
     ), trace.accesses
+
+
+def default_prompts(llm: LLM, count: int, max_len: int = 128) -> list[list[int]]:
+    """Prompts cut from the demo corpus's test split when the model has a tokenizer, else seeded random ids."""
+    if llm.tokenizer is not None:
+        texts = read_texts(None, "test")[0]
+        prompts = [llm.encode(p.text)[-max_len:] for p in cut_prompts(texts, count)]
+        if len(prompts) == count:
+            return prompts
+    gen = torch.Generator().manual_seed(0)
+    vocab = llm.loaded.model.lm_head.weight.shape[0]
+    return [torch.randint(2, vocab, (64,), generator=gen).tolist() for _ in range(count)]
 
 
 def _resident_fits(llm: LLM) -> bool:

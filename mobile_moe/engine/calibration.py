@@ -1,34 +1,39 @@
-"""The calibrated MoBiLE threshold stored next to a model (mobile_moe.json)."""
+"""The calibrated MoBiLE threshold stored next to a model (mobile_moe.json), and the bundled demo model."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from mobile_moe.jsonio import write_json_atomic
 
 CALIBRATION_FILE = "mobile_moe.json"
 DEFAULT_TAU = 0.9
+DEFAULT_FALLBACK_RATE = 0.2
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "demo_model"
+
+
+def read_calibration(model_dir: Path) -> dict:
+    """The record written by `mobile-moe calibrate`, or {} when there is none (or it is unreadable)."""
+    try:
+        record = json.loads((model_dir / CALIBRATION_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def calibrated_tau(model_dir: Path) -> float | None:
     """The tau written by `mobile-moe calibrate`, if any."""
-    file = model_dir / CALIBRATION_FILE
-    if not file.is_file():
-        return None
-    try:
-        tau = json.loads(file.read_text()).get("tau")
-    except (json.JSONDecodeError, AttributeError):
-        return None
+    tau = read_calibration(model_dir).get("tau")
     return float(tau) if isinstance(tau, (int, float)) else None
+
+
+def demo_fallback_rate() -> float:
+    """The fallback rate measured on the demo model at its calibrated tau (benchmarks on random weights replay it)."""
+    rate = read_calibration(DEMO_MODEL).get("fallback_rate")
+    return float(rate) if isinstance(rate, (int, float)) else DEFAULT_FALLBACK_RATE
 
 
 def write_calibration(model_dir: Path, record: dict) -> Path:
     """Atomically write the calibration record next to the model."""
-    file = model_dir / CALIBRATION_FILE
-    fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".mobile_moe.", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, file)
-    return file
+    return write_json_atomic(model_dir / CALIBRATION_FILE, record)
