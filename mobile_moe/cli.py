@@ -15,13 +15,13 @@ from mobile_moe.config import CRITERIA, POLICIES, PolicyConfig, SamplingParams
 from mobile_moe.engine.calibration import (
     DEFAULT_TAU,
     DEMO_MODEL,
+    calibrated_criterion,
     calibrated_tau,
     demo_fallback_rate,
     write_calibration,
 )
 from mobile_moe.engine.llm import LLM, engine_config, resolve_device
 from mobile_moe.errors import CheckpointError, InvalidParameter, MobileMoeError
-from mobile_moe.eval.calibrate import DEFAULT_TAUS
 from mobile_moe.eval.data import read_texts
 from mobile_moe.eval.evaluate import EvalSettings, calibrate, evaluate
 from mobile_moe.eval.report import plot_taus, runs_table
@@ -52,7 +52,7 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     """MoBiLE policy flags."""
     p.add_argument("--policy", default="big", choices=POLICIES)
     p.add_argument("--tau", type=float, help=f"confidence threshold for mobile (default: calibrated, else {DEFAULT_TAU})")
-    p.add_argument("--criterion", default="max_prob", choices=CRITERIA)
+    p.add_argument("--criterion", choices=CRITERIA, help="importance criterion for mobile (default: calibrated, else max_prob)")
     p.add_argument("--little-weights", default="native", choices=["native", "rescale"])
     p.add_argument("--prefill", choices=["big", "little"], help="experts for the prompt (default: little for policy little, else big)")
     p.add_argument("--no-prefetch", action="store_true", help="do not prefetch the other-half experts before a fallback")
@@ -89,7 +89,8 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     cal = sub.add_parser("calibrate", help="pick tau on the validation split and store it next to the model")
     cal.add_argument("--target-agreement", type=float, default=0.98)
     cal.add_argument("--data", type=Path, nargs="+", help="text files or directories (default: the demo corpus's validation split)")
-    cal.add_argument("--taus", type=parse_taus, default=DEFAULT_TAUS, help="comma-separated taus to try")
+    cal.add_argument("--taus", type=parse_taus, help="comma-separated taus to try (default: a grid per criterion)")
+    cal.add_argument("--criteria", type=parse_criteria, default=CRITERIA, help="comma-separated criteria to try (default: all)")
     for p, handler in ((ev, cmd_eval), (cal, cmd_calibrate)):
         p.add_argument("--max-prompts", type=int, default=48)
         p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per prompt")
@@ -116,6 +117,15 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.set_defaults(handler=cmd_bench)
 
 
+def parse_criteria(text: str) -> tuple[str, ...]:
+    """'max_prob,margin' -> ('max_prob', 'margin'), checked."""
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [n for n in names if n not in CRITERIA]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"criteria must be among {', '.join(CRITERIA)}, got {text!r}")
+    return names
+
+
 def parse_taus(text: str) -> tuple[float, ...]:
     """'0.3,0.5' -> (0.3, 0.5)."""
     try:
@@ -140,9 +150,10 @@ def open_llm(args: argparse.Namespace) -> LLM:
 
 
 def policy_from(args: argparse.Namespace, model: Path) -> PolicyConfig:
-    """PolicyConfig from flags; tau falls back to the model's calibrated value."""
-    tau = args.tau if args.tau is not None else (calibrated_tau(model) or DEFAULT_TAU)
-    return PolicyConfig(args.policy, tau, args.criterion, args.little_weights, args.prefill, not args.no_prefetch)
+    """PolicyConfig from flags; criterion and tau fall back to the model's calibration, then to the defaults."""
+    criterion = args.criterion or calibrated_criterion(model) or "max_prob"
+    tau = args.tau if args.tau is not None else calibrated_tau(model, criterion)
+    return PolicyConfig(args.policy, DEFAULT_TAU if tau is None else tau, criterion, args.little_weights, args.prefill, not args.no_prefetch)
 
 
 def parse_ids(text: str) -> list[int]:
@@ -187,8 +198,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = EvalSettings(tuple(args.taus), args.max_prompts, args.new_tokens, args.ppl_tokens, progress=not args.quiet)
     texts, data = read_texts(args.data, "test")
     llm = open_llm(args)
-    calibrated = calibrated_tau(llm.path) if args.tau is None else args.tau
-    report = evaluate(llm, texts, data, settings, policy_from(args, llm.path), calibrated)
+    policy = policy_from(args, llm.path)
+    calibrated = calibrated_tau(llm.path, policy.criterion) if args.tau is None else args.tau
+    report = evaluate(llm, texts, data, settings, policy, calibrated)
     if args.plot:
         plot_taus(report, args.plot)
     if args.json:
@@ -205,22 +217,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """`mobile-moe calibrate`: exit 0 and write the tau, or exit 1 when no tau meets the target."""
-    settings = EvalSettings(tuple(args.taus), args.max_prompts, args.new_tokens, args.ppl_tokens, progress=not args.quiet)
+    settings = EvalSettings(tuple(args.taus or (0.5,)), args.max_prompts, args.new_tokens, args.ppl_tokens, progress=not args.quiet)
     texts, data = read_texts(args.data, "validation")
     llm = open_llm(args)
     base = policy_from(args, llm.path)
-    result, prompts = calibrate(llm, texts, settings, base, args.target_agreement)
+    bases = [dataclasses.replace(base, criterion=c) for c in args.criteria]
+    result, prompts = calibrate(llm, texts, settings, bases, args.target_agreement, grid=args.taus is None)
     print(runs_table([r.to_dict() for r in result.runs]))
     if result.chosen is None:
         best = max(result.runs, key=lambda r: r.agreement)
         print(
             f"no tau meets the target agreement {args.target_agreement:.1%} "
-            f"(best: tau {best.tau:g} with {best.agreement:.1%} at fallback rate {best.fallback_rate:.1%}); nothing written"
+            f"(best: {best.criterion} tau {best.tau:g} with {best.agreement:.1%} at fallback rate {best.fallback_rate:.1%}); nothing written"
         )
         return 1
-    file = write_calibration(llm.path, result.record(base.criterion, prompts, data))
+    file = write_calibration(llm.path, result.record(prompts, data))
     c = result.chosen
-    print(f"calibrated tau {c.tau:g}: agreement {c.agreement:.1%} (target {args.target_agreement:.1%}), fallback rate {c.fallback_rate:.1%}; written to {file}")
+    print(f"calibrated {c.criterion} tau {c.tau:g}: agreement {c.agreement:.1%} (target {args.target_agreement:.1%}), fallback rate {c.fallback_rate:.1%}; written to {file}")
     return 0
 
 

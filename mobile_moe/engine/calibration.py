@@ -22,10 +22,19 @@ def read_calibration(model_dir: Path) -> dict:
     return record if isinstance(record, dict) else {}
 
 
-def calibrated_tau(model_dir: Path) -> float | None:
-    """The tau written by `mobile-moe calibrate`, if any."""
-    tau = read_calibration(model_dir).get("tau")
-    return float(tau) if isinstance(tau, (int, float)) else None
+def calibrated_tau(model_dir: Path, criterion: str) -> float | None:
+    """The tau written by `mobile-moe calibrate`, if it was calibrated for this criterion."""
+    record = read_calibration(model_dir)
+    tau = record.get("tau")
+    if record.get("criterion", "max_prob") != criterion or not isinstance(tau, (int, float)):
+        return None
+    return float(tau)
+
+
+def calibrated_criterion(model_dir: Path) -> str | None:
+    """The importance criterion `mobile-moe calibrate` chose, if any."""
+    criterion = read_calibration(model_dir).get("criterion")
+    return criterion if isinstance(criterion, str) else None
 
 
 def demo_fallback_rate() -> float:

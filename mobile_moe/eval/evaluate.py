@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from mobile_moe.config import PolicyConfig
 from mobile_moe.engine.llm import LLM
 from mobile_moe.errors import InvalidParameter
-from mobile_moe.eval.calibrate import Calibration, choose
+from mobile_moe.eval.calibrate import TAU_GRIDS, Calibration, choose
 from mobile_moe.eval.prompts import cut_prompts
 from mobile_moe.eval.quality import (
     mobile_perplexity,
+    mobile_sweep,
     perplexity,
     policy_runs,
     token_scores,
@@ -46,7 +47,7 @@ def evaluate(llm: LLM, texts: list[str], data: str, settings: EvalSettings, base
     prompts = _prompts(llm, texts, settings)
     taus = tuple(sorted(set(settings.taus) | ({calibrated} if calibrated is not None else set())))
     scores = token_scores(llm, texts, settings.ppl_tokens, base.criterion, settings.progress)
-    runs = policy_runs(llm, prompts, taus, settings.new_tokens, base, settings.progress)
+    runs = policy_runs(llm, prompts, mobile_sweep(base, taus), settings.new_tokens, settings.progress)
     return {
         "model": str(llm.path), "data": data, "prompts": len(prompts), "new_tokens": settings.new_tokens,
         "criterion": base.criterion, "little_weights": base.little_weights,
@@ -59,10 +60,14 @@ def evaluate(llm: LLM, texts: list[str], data: str, settings: EvalSettings, base
     }
 
 
-def calibrate(llm: LLM, texts: list[str], settings: EvalSettings, base: PolicyConfig, target: float) -> tuple[Calibration, int]:
-    """Sweep taus on the texts and choose the one meeting the target agreement at the lowest fallback rate."""
+def calibrate(llm: LLM, texts: list[str], settings: EvalSettings, bases: list[PolicyConfig], target: float, grid: bool) -> tuple[Calibration, int]:
+    """Sweep (criterion, tau) on the texts and choose the pair meeting the target agreement at the lowest fallback rate.
+
+    With `grid`, each criterion uses its own default taus (TAU_GRIDS); otherwise settings.taus.
+    """
     if not 0 < target <= 1:
         raise InvalidParameter(f"--target-agreement must be in (0, 1], got {target}")
     prompts = _prompts(llm, texts, settings)
-    runs = policy_runs(llm, prompts, settings.taus, settings.new_tokens, base, settings.progress)
+    mobiles = [p for base in bases for p in mobile_sweep(base, TAU_GRIDS[base.criterion] if grid else settings.taus)]
+    runs = policy_runs(llm, prompts, mobiles, settings.new_tokens, settings.progress)
     return choose(runs, target), len(prompts)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from tqdm import tqdm
@@ -24,6 +24,7 @@ class Run:
 
     policy: str
     tau: float | None
+    criterion: str | None
     agreement: float
     agreement_overall: float
     exact_match: float
@@ -61,29 +62,33 @@ def continue_prompts(llm: LLM, prompts: list[list[int]], policy: PolicyConfig, n
     return out
 
 
-def score(name: str, tau: float | None, cont: Continuations, big: Continuations, prompts: list[Prompt]) -> Run:
+def score(policy: PolicyConfig, cont: Continuations, big: Continuations, prompts: list[Prompt]) -> Run:
     """A Run comparing `cont` with big's continuations and the real next lines."""
     agree = compare(big.ids, cont.ids)
     hits = sum(predicted_next_line(text) is not None and predicted_next_line(text).rstrip() == p.next_line.rstrip() for text, p in zip(cont.texts, prompts))
+    mobile = policy.name == "mobile"
     return Run(
-        policy=name, tau=tau, agreement=agree.agreement, agreement_overall=agree.agreement_overall, exact_match=agree.exact_match,
+        policy=policy.name, tau=policy.tau if mobile else None, criterion=policy.criterion if mobile else None, agreement=agree.agreement, agreement_overall=agree.agreement_overall, exact_match=agree.exact_match,
         next_line_exact=hits / len(prompts) if prompts else 0.0,
         fallback_rate=cont.fallbacks / cont.decode_steps if cont.decode_steps else 0.0,
         tokens=sum(len(i) for i in cont.ids),
     )
 
 
-def policy_runs(llm: LLM, prompts: list[Prompt], taus: Iterable[float], new_tokens: int, base: PolicyConfig, progress: bool = True) -> list[Run]:
-    """big, little and mobile at each tau, all on the same prompts."""
-    taus = list(taus)
+def mobile_sweep(base: PolicyConfig, taus: Iterable[float]) -> list[PolicyConfig]:
+    """The mobile policy of `base` at each tau."""
+    return [replace(base, name="mobile", tau=tau) for tau in taus]
+
+
+def policy_runs(llm: LLM, prompts: list[Prompt], mobiles: list[PolicyConfig], new_tokens: int, progress: bool = True) -> list[Run]:
+    """big, little and each mobile configuration, all on the same prompts (big and little once)."""
     ids = [llm.encode(p.text) for p in prompts]
-    with tqdm(total=len(ids) * (2 + len(taus)), desc="generating", unit="prompt", disable=(not progress) or None, leave=False) as bar:
-        big = continue_prompts(llm, ids, PolicyConfig("big"), new_tokens, bar)
-        little = continue_prompts(llm, ids, PolicyConfig("little", little_weights=base.little_weights), new_tokens, bar)
-        runs = [score("big", None, big, big, prompts), score("little", None, little, big, prompts)]
-        for tau in taus:
-            policy = PolicyConfig("mobile", tau, base.criterion, base.little_weights, base.prefill, base.prefetch_on_fallback)
-            runs.append(score("mobile", tau, continue_prompts(llm, ids, policy, new_tokens, bar), big, prompts))
+    little_weights = mobiles[0].little_weights if mobiles else "native"
+    with tqdm(total=len(ids) * (2 + len(mobiles)), desc="generating", unit="prompt", disable=(not progress) or None, leave=False) as bar:
+        big_policy, little_policy = PolicyConfig("big"), PolicyConfig("little", little_weights=little_weights)
+        big = continue_prompts(llm, ids, big_policy, new_tokens, bar)
+        runs = [score(big_policy, big, big, prompts), score(little_policy, continue_prompts(llm, ids, little_policy, new_tokens, bar), big, prompts)]
+        runs += [score(policy, continue_prompts(llm, ids, policy, new_tokens, bar), big, prompts) for policy in mobiles]
     return runs
 
 
