@@ -183,7 +183,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         }
         print(json.dumps(out))
     else:
-        print(result.text if result.text is not None else ",".join(map(str, result.token_ids)))
+        print(result.text if result.text is not None else ",".join(map(str, result.token_ids)), flush=True)
         s = result.stats
         print(
             f"[{policy.name}] {s.tokens} tokens, {s.decode_tok_s:.1f} tok/s decode, prefill {s.prefill_s:.2f}s, "

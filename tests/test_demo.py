@@ -96,3 +96,18 @@ def test_calibrate_says_plainly_when_no_tau_meets_the_target(demo_copy, slice_di
     assert code == 1
     assert "no tau meets the target" in capsys.readouterr().out
     assert not (demo_copy / "mobile_moe.json").exists()
+
+
+def test_bench_on_the_demo_model_reports_every_system(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    capsys.readouterr()
+    assert main(["bench", "--prompts", "2", "--new-tokens", "6", "--json", str(out), "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    assert [s["name"] for s in report["systems"]] == ["big", "mobile", "little", "resident", "accelerate"]
+    fields = ("decode_tok_s", "ttft_s", "h2d_gb_per_token", "hit_rate", "fallback_rate", "transfer_wait_share", "ratio_to_big")
+    for system in report["systems"]:
+        assert all(key in system for key in fields)
+        assert system["decode_tok_s"] > 0
+    assert report["mobile"]["forced_fallback_rate"] is None  # a trained model: real confidences decide
+    assert report["cache_slots"] * 4 <= report["total_experts"]
+    assert all(p["big"] > 0 for p in report["predicted"].values())
