@@ -61,10 +61,13 @@ class Runner:
         """Before a fallback pass: start loading, in layer order, the top-k experts the little pass did not use."""
         little_k = math.ceil(self.model.info.top_k / 2)
         budget = self.cache.num_slots - self.model.info.top_k  # leave room for the layer being computed
+        layers = sorted(routing_log)
+        if not layers or budget <= 0:
+            return 0
+        others = torch.stack([routing_log[layer] for layer in layers])[:, little_k:].tolist()  # one sync for all layers
         issued = 0
-        for layer in sorted(routing_log):
+        for layer, experts in zip(layers, others):
             if issued >= budget:
                 break
-            others = routing_log[layer][little_k:].tolist()
-            issued += self.cache.prefetch(layer, others[: budget - issued])
+            issued += self.cache.prefetch(layer, experts[: budget - issued])
         return issued
