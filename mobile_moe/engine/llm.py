@@ -63,7 +63,7 @@ class LLM:
         """Token ids of a text (needs the checkpoint's tokenizer)."""
         if self.tokenizer is None:
             raise InvalidParameter(f"{self.path} has no tokenizer; pass token ids (--prompt-ids) instead of text")
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return list(self.tokenizer.encode(text, add_special_tokens=False, verbose=False))  # long texts are fine: we check length ourselves
 
     def decode(self, ids: list[int]) -> str | None:
         """Text of token ids, or None without a tokenizer."""

@@ -45,7 +45,7 @@ def plot_taus(report: dict, path: Path) -> None:
     ax2.axhline(ppl["big"], color="black", ls="--", label="big")
     ax2.axhline(ppl["little"], color="gray", ls="--", label="little")
     ax2.set_xlabel("tau"), ax2.set_ylabel("perplexity"), ax2.legend(fontsize=8), ax2.set_title("held-out perplexity")
-    fig.suptitle(f"{report['model']} on {report['data']} ({report['prompts']} prompts)", fontsize=9)
+    fig.suptitle(f"{Path(report['model']).name} on {report['data']} ({report['prompts']} prompts)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
