@@ -258,7 +258,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cost = full_size_cost(args.synthetic) if args.synthetic and args.shrink > 1 else None  # predict the real widths
     settings = BenchSettings(
         default_prompts(llm, args.prompts), args.new_tokens, policy, args.gpu_memory, not args.skip_accelerate, args.trace_dir, cost,
-        temperature=1.0 if args.synthetic else 0.0,
+        temperature=1.0 if args.synthetic else 0.0, progress=not args.quiet,
     )
     report = run_bench(llm, settings)
     if rate is not None:

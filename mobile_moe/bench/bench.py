@@ -30,6 +30,7 @@ class BenchSettings:
     trace_dir: Path | None = None
     cost: ModelCost | None = None  # sizes for the cost model; default: the benchmarked model's own
     temperature: float = 0.0  # synthetic models sample (seeded): greedy decoding of random weights repeats one token
+    progress: bool = True
 
 
 @dataclass
@@ -109,7 +110,7 @@ def run_bench(llm: LLM, settings: BenchSettings, profiles: dict[str, HardwarePro
     llm.reset_cache(slots)
     if settings.run_accelerate:
         # one short prompt: offloaded transformers runs well under 1 tok/s at real size
-        base = run_baseline(llm.loaded, llm.device, settings.gpu_memory_gb, settings.prompts[:1], min(settings.new_tokens, 8))
+        base = run_baseline(llm.loaded, llm.device, settings.gpu_memory_gb, settings.prompts[:1], min(settings.new_tokens, 8), settings.progress)
         systems.append(SystemResult("accelerate", base.decode_tok_s, base.ttft_s, float("nan"), float("nan"), 0.0, float("nan"), note=base.placement))
     big = systems[0].decode_tok_s
     for s in systems:

@@ -42,9 +42,14 @@ def _hf_model(loaded: LoadedModel, device: torch.device, gpu_memory_gb: float | 
     return model, f"accelerate device_map, {on_cpu} of {len(device_map)} modules on cpu"
 
 
-def run_baseline(loaded: LoadedModel, device: torch.device, gpu_memory_gb: float | None, prompts: list[list[int]], new_tokens: int) -> BaselineResult:
+def run_baseline(loaded: LoadedModel, device: torch.device, gpu_memory_gb: float | None, prompts: list[list[int]], new_tokens: int, progress: bool = True) -> BaselineResult:
     """Greedy generate on the prompts; decode speed from the time beyond a 1-token generate (the prefill)."""
-    model, placement = _hf_model(loaded, device, gpu_memory_gb)
+    if not progress:
+        T.utils.logging.disable_progress_bar()
+    try:
+        model, placement = _hf_model(loaded, device, gpu_memory_gb)
+    finally:
+        T.utils.logging.enable_progress_bar()
     first = next(model.parameters()).device if device.type != "cuda" else device
     decode_s = ttft_s = 0.0
     steps = 0
