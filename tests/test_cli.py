@@ -134,3 +134,20 @@ def test_console_script_exit_status_and_no_traceback(tmp_path):
         proc = subprocess.run(cmd + argv, capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 2
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_cuda_requested_without_cuda(capsys, checkpoints):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")  # CI machines do not: the check runs there
+    code, _, err = run(capsys, *gen(checkpoints["olmoe"], "--device", "cuda"))
+    assert_one_line_error(code, err, "CUDA is not available")
+
+
+def test_corrupt_config(capsys, checkpoints, tmp_path):
+    dst = tmp_path / "badcfg"
+    shutil.copytree(checkpoints["olmoe"], dst)
+    (dst / "config.json").write_text('{"model_type": "olmoe", ')
+    code, _, err = run(capsys, *gen(dst))
+    assert_one_line_error(code, err, "config.json", "not valid JSON")
