@@ -20,12 +20,16 @@ def test_cache_is_under_a_quarter_of_the_experts(checkpoints, arch):
     assert llm.cache.num_slots * 4 < llm.loaded.store.total_experts
 
 
+def reference_and_ours(path, **overrides):
+    """(transformers' logits of PROMPT, our LLM with a cache under a quarter of the experts)."""
+    with torch.no_grad():
+        expected = reference_model(path, **overrides)(torch.tensor([PROMPT])).logits[0]
+    return expected, open_llm(path, expert_cache=small_cache(path.name))
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_big_prefill_logits_match_transformers(checkpoints, arch):
-    ref = reference_model(checkpoints[arch])
-    llm = open_llm(checkpoints[arch], expert_cache=small_cache(arch))
-    with torch.no_grad():
-        expected = ref(torch.tensor([PROMPT])).logits[0]
+    expected, llm = reference_and_ours(checkpoints[arch])
     torch.testing.assert_close(llm.logits(PROMPT), expected, atol=ATOL, rtol=0)
     assert llm.cache.stats.misses > llm.cache.num_slots  # experts really streamed through the small cache
 
@@ -33,10 +37,7 @@ def test_big_prefill_logits_match_transformers(checkpoints, arch):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_big_stepwise_decode_matches_transformers(checkpoints, arch):
     """Prefill 4 tokens, then feed the rest one at a time through the KV cache; compare every step's logits."""
-    ref = reference_model(checkpoints[arch])
-    llm = open_llm(checkpoints[arch], expert_cache=small_cache(arch))
-    with torch.no_grad():
-        expected = ref(torch.tensor([PROMPT])).logits[0]
+    expected, llm = reference_and_ours(checkpoints[arch])
     runner = llm.runner
     kv = runner.new_kv(len(PROMPT))
     got = [runner.forward(torch.tensor(PROMPT[:4]), kv, ExpertMode.BIG)]
