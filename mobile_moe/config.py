@@ -34,12 +34,6 @@ class SamplingParams:
         if not (0.0 < self.top_p <= 1.0):
             raise InvalidParameter(f"top_p must be in (0, 1], got {self.top_p}")
 
-    @property
-    def greedy(self) -> bool:
-        """True when the most likely token is always taken."""
-        return self.temperature == 0.0
-
-
 @dataclass(frozen=True)
 class PolicyConfig:
     """Which experts each pass uses (DESIGN.md §1)."""

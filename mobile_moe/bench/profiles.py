@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
 
 
@@ -28,9 +26,3 @@ PROFILES: Mapping[str, HardwareProfile] = MappingProxyType({
     "h200": HardwareProfile("h200", link_gbps=54.4, mem_gbps=4800.0),
 })
 
-
-def h200_from_calibration(path: Path) -> HardwareProfile:
-    """The H200 profile with the link bandwidth measured in a calibration file (median of expert-sized copies)."""
-    data = json.loads(path.read_text())
-    rates = sorted(v["pinned_GBps_ms"][0] for k, v in data["h2d"].items() if k != "1MiB")
-    return HardwareProfile("h200", link_gbps=rates[len(rates) // 2], mem_gbps=4800.0)

@@ -58,10 +58,6 @@ class ExpertCache:
         self.where: dict[Key, int] = {}
         self.eviction = make_eviction(self.eviction_name)
 
-    def resident(self, layer: int, expert: int) -> bool:
-        """Whether the expert is in a slot (possibly still arriving)."""
-        return (layer, expert) in self.where
-
     def acquire(self, layer: int, experts: list[int]) -> list[int]:
         """Make the experts resident, pin them, and return their slots (compute may read them once this returns)."""
         if len(experts) > self.num_slots:

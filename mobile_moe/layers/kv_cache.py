@@ -21,12 +21,6 @@ class KVCache:
         self.v = [torch.zeros(h, max_len, d, device=device, dtype=dtype) for h, d in v_shapes]
         self.length = 0
 
-    @staticmethod
-    def bytes_needed(k_shapes: list[tuple[int, int]], v_shapes: list[tuple[int, int]], max_len: int, itemsize: int) -> int:
-        """Memory the cache would take, for budgeting before it exists."""
-        per_pos = sum(h * d for h, d in k_shapes) + sum(h * d for h, d in v_shapes)
-        return per_pos * max_len * itemsize
-
     def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store [H, T, D] entries at the current length; return the layer's keys/values up to length + T."""
         end = self.length + k_new.shape[1]
