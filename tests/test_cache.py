@@ -89,3 +89,11 @@ def test_prefetch_loads_without_pinning_and_turns_misses_into_hits():
     assert cache.stats.prefetched == 2 and all(s.pins == 0 for s in cache.slots)
     use(cache, 1, 4, 5)
     assert cache.stats.hits == 2 and cache.stats.misses == 0
+
+
+def test_prefetch_stops_when_every_slot_is_pinned():
+    cache = make_cache(2)
+    held = cache.acquire(0, [0, 1])
+    assert cache.prefetch(1, [2, 3]) == 0
+    assert set(cache.where) == {(0, 0), (0, 1)}
+    cache.release(held)

@@ -65,7 +65,8 @@ def continue_prompts(llm: LLM, prompts: list[list[int]], policy: PolicyConfig, n
 def score(policy: PolicyConfig, cont: Continuations, big: Continuations, prompts: list[Prompt]) -> Run:
     """A Run comparing `cont` with big's continuations and the real next lines."""
     agree = compare(big.ids, cont.ids)
-    hits = sum(predicted_next_line(text) is not None and predicted_next_line(text).rstrip() == p.next_line.rstrip() for text, p in zip(cont.texts, prompts))
+    predicted = [predicted_next_line(text) for text in cont.texts]
+    hits = sum(line is not None and line.rstrip() == p.next_line.rstrip() for line, p in zip(predicted, prompts))
     mobile = policy.name == "mobile"
     return Run(
         policy=policy.name, tau=policy.tau if mobile else None, criterion=policy.criterion if mobile else None, agreement=agree.agreement, agreement_overall=agree.agreement_overall, exact_match=agree.exact_match,

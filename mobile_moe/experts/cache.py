@@ -91,17 +91,17 @@ class ExpertCache:
         issued = 0
         for expert in experts:
             key = (layer, expert)
-            if key in self.where or not self._has_evictable_or_free():
+            if key in self.where:
                 continue
-            self._load(key)
+            try:
+                self._load(key)
+            except CacheTooSmall:  # every slot is pinned: nothing may make room for a prefetch
+                break
             self.stats.prefetched += 1
             if self.trace is not None:
                 self.trace.record(layer, expert, False, "prefetch")
             issued += 1
         return issued
-
-    def _has_evictable_or_free(self) -> bool:
-        return any(s.pins == 0 for s in self.slots)
 
     def load_all(self) -> None:
         """Bring every expert in (all-resident reference); needs a slot per expert."""
