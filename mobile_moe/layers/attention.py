@@ -111,7 +111,16 @@ class MLADims:
 
 
 class MLAttention(nn.Module):
-    """Multi-head latent attention; the cache holds the compressed latent and the shared rotary key."""
+    """Multi-head latent attention; the cache holds the compressed latent and the shared rotary key.
+
+    Two equivalent paths: "decompress" projects every cached latent through kv_b_proj into per-head keys and
+    values; "absorbed" folds kv_b_proj into the query (q_nope @ W_UK) and the output (@ W_UV^T) and attends over
+    the latents directly, so its cost does not include re-projecting the cache. `forward` takes the absorbed path
+    when its estimated multiply-adds are fewer (see `absorbs`): always for decode (T == 1, S > 1), not for a
+    long prefill (T ~ S). Set `absorb` to True/False to force a path (tests).
+    """
+
+    absorb: bool | None = None  # None: choose by cost
 
     def __init__(self, layer: int, d: MLADims, *, bias: bool, eps: float, scale: float, rope_layout: RopeLayout) -> None:
         super().__init__()
@@ -132,6 +141,13 @@ class MLAttention(nn.Module):
         """The cache stores (1, kv_lora_rank) latents as keys and (1, rope_dim) rotary keys as values."""
         return (1, self.d.kv_lora_rank), (1, self.d.qk_rope_dim)
 
+    def absorbs(self, T: int, S: int) -> bool:
+        """Absorbed iff T*R*(nope+v) + T*S*(2R+rope) < S*R*(nope+v) + T*S*(nope+rope+v) (per-head multiply-adds)."""
+        if self.absorb is not None:
+            return self.absorb
+        d, R, nv = self.d, self.d.kv_lora_rank, self.d.qk_nope_dim + self.d.v_dim
+        return T * R * nv + T * S * (2 * R + d.qk_rope_dim) < S * R * nv + T * S * (nv + d.qk_rope_dim)
+
     def forward(self, x: torch.Tensor, inp: AttentionInput) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden]."""
         d, T = self.d, x.shape[0]
@@ -144,8 +160,23 @@ class MLAttention(nn.Module):
         k_rope = apply_rotary(k_rope[None], inp.cos, inp.sin, self.rope_layout)  # [1, T, rope]
         latent_all, k_rope_all = inp.kv.write(self.layer, latent, k_rope)  # [1, S, R], [1, S, rope]
         S = latent_all.shape[1]
+        if self.absorbs(T, S):
+            return self.o_proj(self._absorbed(q_nope, q_rope, latent_all, k_rope_all, inp.mask))
         kv = self.kv_b_proj(latent_all[0]).view(S, d.heads, d.qk_nope_dim + d.v_dim).transpose(0, 1)
         k_nope, v = kv.split([d.qk_nope_dim, d.v_dim], dim=-1)  # [H, S, nope], [H, S, v]
         k = torch.cat((k_nope, k_rope_all.expand(d.heads, -1, -1)), dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)
         return self.o_proj(attend(q, k, v, inp.mask, self.scale))
+
+    def _absorbed(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent_all: torch.Tensor, k_rope_all: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attention over the latents with kv_b_proj folded into q and out: one shared KV head -> [T, H * v]."""
+        d, (H, T, _) = self.d, q_nope.shape
+        w_uk, w_uv = self.kv_b_proj.weight.view(H, d.qk_nope_dim + d.v_dim, d.kv_lora_rank).split([d.qk_nope_dim, d.v_dim], dim=1)
+        q = torch.cat((q_nope @ w_uk, q_rope), dim=-1).reshape(1, 1, H * T, -1)  # [1, 1, H*T, R+rope], row h*T+t
+        k = torch.cat((latent_all, k_rope_all), dim=-1)[None]  # [1, 1, S, R+rope]
+        mask = None if mask is None else mask.repeat(H, 1)  # [H*T, S]
+        out = F.scaled_dot_product_attention(q, k, latent_all[None], attn_mask=mask, scale=self.scale)  # [1, 1, H*T, R]
+        out = out.view(H, T, d.kv_lora_rank) @ w_uv.transpose(1, 2)  # [H, T, v]
+        return out.transpose(0, 1).reshape(T, H * d.v_dim)
