@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import NoReturn
 
 from mobile_moe.bench.bench import BenchSettings, default_prompts, run_bench, table
-from mobile_moe.bench.synthetic import SHAPES, build_synthetic, full_size_cost
-from mobile_moe.config import CRITERIA, POLICIES, PolicyConfig, SamplingParams
+from mobile_moe.bench.synthetic import SHAPES, build_synthetic, full_size_cost, synthetic_config
+from mobile_moe.config import CRITERIA, POLICIES, EngineConfig, PolicyConfig, SamplingParams
+from mobile_moe.engine.budget import plan_for_config
 from mobile_moe.engine.calibration import (
     DEFAULT_TAU,
     DEMO_MODEL,
@@ -20,6 +22,7 @@ from mobile_moe.engine.calibration import (
     demo_fallback_rate,
     write_calibration,
 )
+from mobile_moe.engine.checkpoint import read_config
 from mobile_moe.engine.llm import LLM, engine_config, resolve_device
 from mobile_moe.errors import CheckpointError, InvalidParameter, MobileMoeError
 from mobile_moe.eval.data import read_texts
@@ -44,7 +47,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--expert-cache", type=int, metavar="N", help="device expert cache size, in experts")
     size.add_argument("--gpu-memory", type=float, metavar="GB", help="device memory budget for dense weights + KV cache + expert slots")
-    p.add_argument("--eviction", default="lru", choices=["lru", "lfu"])
+    p.add_argument("--eviction", default="lru", choices=["lru", "lfu"], help="expert cache eviction policy (default: lru)")
+    p.add_argument("--max-context", type=int, default=4096, metavar="N",
+                   help="longest prompt + generation; a --gpu-memory budget reserves this many tokens of KV cache (default: 4096)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -112,6 +117,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--skip-accelerate", action="store_true", help="do not run the transformers + accelerate baseline")
     b.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
     b.add_argument("--trace-dir", type=Path, help="write each system's expert-access trace (JSONL) here")
+    b.add_argument("--plan-only", action="store_true", help="print how the budget splits into dense weights, KV cache and expert slots, then exit without loading")
     add_engine_args(b)
     add_policy_args(b)
     b.set_defaults(handler=cmd_bench)
@@ -145,8 +151,12 @@ def model_dir(arg: Path | None) -> Path:
 
 def open_llm(args: argparse.Namespace) -> LLM:
     """Load the model the flags name."""
-    config = engine_config(args.device, args.dtype, args.expert_cache, args.gpu_memory, args.eviction, progress=not args.quiet)
-    return LLM(model_dir(args.model), config)
+    return LLM(model_dir(args.model), engine_config_from(args))
+
+
+def engine_config_from(args: argparse.Namespace) -> EngineConfig:
+    """EngineConfig from the shared engine flags."""
+    return engine_config(args.device, args.dtype, args.expert_cache, args.gpu_memory, args.eviction, not args.quiet, args.max_context)
 
 
 def policy_from(args: argparse.Namespace, model: Path) -> PolicyConfig:
@@ -243,7 +253,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise InvalidParameter("--prompts must be >= 1 and --new-tokens >= 2")
     if args.synthetic and args.model:
         raise InvalidParameter("give --model or --synthetic, not both")
-    config = engine_config(args.device, args.dtype, args.expert_cache, args.gpu_memory, args.eviction, progress=not args.quiet)
+    config = engine_config_from(args)
+    model_cfg = synthetic_config(args.synthetic, args.shrink) if args.synthetic else read_config(model_dir(args.model))
+    plan = plan_for_config(model_cfg, config)
+    print(f"{args.synthetic or model_dir(args.model)} on {args.device}: {plan.describe()}", file=sys.stderr if not args.plan_only else sys.stdout, flush=True)
+    if args.plan_only:
+        return 0
     if args.synthetic:
         loaded = build_synthetic(args.synthetic, resolve_device(args.device), args.dtype, args.shrink)
         llm = LLM(loaded, config)
@@ -272,6 +287,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit status 2."""
     args = build_parser().parse_args(argv)
+    _log_warnings_in_one_line()
     try:
         return args.handler(args)
     except MobileMoeError as e:
@@ -280,6 +296,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mobile-moe: interrupted", file=sys.stderr)
         return 130
+
+
+def _log_warnings_in_one_line() -> None:
+    """The engine's warnings (e.g. pageable fallback) as `mobile-moe: warning: ...` on stderr."""
+    log = logging.getLogger("mobile_moe")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("mobile-moe: warning: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.WARNING)
+        log.propagate = False
 
 
 if __name__ == "__main__":

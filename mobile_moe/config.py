@@ -96,8 +96,11 @@ class EngineConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     cache: CacheConfig = CacheConfig()
     progress: bool = True
+    max_context: int = 4096  # longest prompt + generation served; a memory budget reserves its KV cache
 
     def __post_init__(self) -> None:
+        if self.max_context < 2:
+            raise InvalidParameter(f"max context must be >= 2 tokens, got {self.max_context}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise InvalidParameter(f"device must be cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

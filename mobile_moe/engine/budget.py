@@ -1,22 +1,36 @@
-"""How many expert slots the device cache gets: explicit, from a memory budget, or automatic."""
+"""How many expert slots the device cache gets: explicit, from a memory budget, or automatic; planned without allocating."""
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from mobile_moe.config import CacheConfig
-from mobile_moe.errors import CacheTooSmall
-from mobile_moe.experts.store import ExpertStore
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from mobile_moe.config import CacheConfig, EngineConfig
+from mobile_moe.engine.loader import FP32_BUFFERS, resolve_dtype
+from mobile_moe.errors import CacheTooSmall, InvalidParameter
+from mobile_moe.models.registry import build_model
 from mobile_moe.models.transformer import CausalLM
 
 GIB = 1024**3
-KV_RESERVE_TOKENS = 4096  # KV-cache room reserved inside a --gpu-memory budget
 AUTO_FREE_FRACTION = 0.9  # share of free device memory an automatic budget takes
+PREFILL_CHUNK = 512  # prompt tokens per prefill pass: bounds the transient activations a budget must hold
 
 
-def dense_bytes(model: CausalLM) -> int:
-    """Bytes of every weight on the device (dense part only: routed experts are not parameters)."""
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+def dense_bytes(model: CausalLM, dtype: torch.dtype | None = None) -> int:
+    """Bytes of every weight on the device (routed experts are not parameters); `dtype`: as if stored in it (planning on meta)."""
+    total = 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.endswith("rotary.inv_freq"):
+            size = 4
+        elif dtype is None or name.endswith(FP32_BUFFERS):
+            size = t.element_size()
+        else:
+            size = torch.empty((), dtype=dtype).element_size()
+        total += t.numel() * size
+    return total
 
 
 def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
@@ -25,26 +39,57 @@ def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
     return sum(h * d for h, d in k_shapes + v_shapes) * torch.empty((), dtype=dtype).element_size()
 
 
-def plan_slots(cfg: CacheConfig, model: CausalLM, store: ExpertStore, device: torch.device) -> int:
-    """Number of expert slots; raises CacheTooSmall when one layer's top-k would not fit."""
-    top_k, total = model.info.top_k, store.total_experts
+def scratch_bytes(model: CausalLM, dtype: torch.dtype, context: int) -> int:
+    """Estimate of the largest transient activations: one prefill chunk through a layer (expert pairs, MLP widths, mask)."""
+    info, chunk = model.info, min(PREFILL_CHUNK, context)
+    widest = max((m.out_features for m in model.model.layers.modules() if isinstance(m, nn.Linear)), default=0)
+    per_token = info.top_k * (2 * info.hidden + 3 * info.expert_intermediate) + 3 * widest + 8 * info.hidden
+    return chunk * per_token * torch.empty((), dtype=dtype).element_size() + chunk * context  # + boolean causal mask
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """The expert slots a cache gets and where the budget went."""
+
+    slots: int
+    total_experts: int
+    expert_bytes: int
+    budget_bytes: int | None = None  # None: no budget applies (explicit slot count, or CPU)
+    dense_bytes: int = 0
+    kv_bytes: int = 0
+    scratch_bytes: int = 0
+    context: int = 0
+
+    def describe(self) -> str:
+        """One line: budget split and resulting slots."""
+        if self.budget_bytes is None:
+            return f"{self.slots} of {self.total_experts} expert slots ({self.expert_bytes / 2**20:.1f} MiB each)"
+        return (
+            f"a {self.budget_bytes / GIB:.2f} GiB budget = {self.dense_bytes / GIB:.2f} GiB dense weights + "
+            f"{self.kv_bytes / GIB:.2f} GiB KV cache ({self.context} tokens) + {self.scratch_bytes / GIB:.2f} GiB activations + "
+            f"{self.slots} of {self.total_experts} expert slots ({self.expert_bytes / 2**20:.1f} MiB each)"
+        )
+
+
+def plan_slots(cfg: CacheConfig, model: CausalLM, expert_bytes: int, total_experts: int, device: torch.device, dtype: torch.dtype, max_context: int) -> SlotPlan:
+    """The slot plan; raises CacheTooSmall when one layer's top-k would not fit. `model` may live on the meta device."""
+    top_k = model.info.top_k
     if cfg.slots is not None:
-        slots = cfg.slots
+        plan = SlotPlan(min(cfg.slots, total_experts), total_experts, expert_bytes)
         reason = f"--expert-cache {cfg.slots}"
     else:
         budget = _budget_bytes(cfg, model, device)
         if budget is None:
-            return total  # CPU without a budget: every expert gets a slot
-        context = min(model.info.max_context, KV_RESERVE_TOKENS)
-        left = budget - dense_bytes(model) - context * kv_bytes_per_token(model, store.dtype)
-        slots = max(0, left // store.expert_bytes)
-        reason = (
-            f"a {budget / GIB:.2f} GiB budget ({dense_bytes(model) / GIB:.2f} GiB dense weights, "
-            f"{context}-token KV cache, {store.expert_bytes / 2**20:.1f} MiB per expert) leaves {slots} expert slots"
-        )
-    if slots < top_k:
+            return SlotPlan(total_experts, total_experts, expert_bytes)  # CPU without a budget: every expert gets a slot
+        context = min(model.info.max_context, max_context)
+        dense = dense_bytes(model, dtype)
+        kv, scratch = context * kv_bytes_per_token(model, dtype), scratch_bytes(model, dtype, context)
+        slots = max(0, (budget - dense - kv - scratch) // expert_bytes)
+        plan = SlotPlan(min(slots, total_experts), total_experts, expert_bytes, budget, dense, kv, scratch, context)
+        reason = plan.describe()
+    if plan.slots < top_k:
         raise CacheTooSmall(f"{reason}: too small for one layer's top-{top_k} experts (need >= {top_k} slots)")
-    return min(slots, total)
+    return plan
 
 
 def _budget_bytes(cfg: CacheConfig, model: CausalLM, device: torch.device) -> int | None:
@@ -55,3 +100,16 @@ def _budget_bytes(cfg: CacheConfig, model: CausalLM, device: torch.device) -> in
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * AUTO_FREE_FRACTION) + dense_bytes(model)
     return None
+
+
+def plan_for_config(model_cfg: PretrainedConfig, config: EngineConfig) -> SlotPlan:
+    """The slot plan of a checkpoint config under an engine config, built on the meta device: nothing is allocated."""
+    device = torch.device(config.device)
+    if device.type == "cuda" and config.cache.slots is None and config.cache.gpu_memory_gb is None and not torch.cuda.is_available():
+        raise InvalidParameter("planning for cuda on a machine without CUDA needs --gpu-memory or --expert-cache")
+    with torch.device("meta"):
+        model = build_model(model_cfg)
+    dtype = resolve_dtype(config.dtype, model_cfg, device)
+    info = model.info
+    expert_bytes = 3 * info.hidden * info.expert_intermediate * torch.empty((), dtype=dtype).element_size()
+    return plan_slots(config.cache, model, expert_bytes, info.num_experts * len(info.moe_layers), device, dtype, min(info.max_context, config.max_context))

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mobile_moe.config import SamplingParams
+from mobile_moe.engine.budget import PREFILL_CHUNK
 from mobile_moe.engine.metrics import GenerationStats
 from mobile_moe.engine.runner import Runner
 from mobile_moe.experts.cache import CacheStats
@@ -49,34 +50,45 @@ class _Decoder:
     generator: torch.Generator | None
     result: GenerationResult
 
-    def sample(self, logits: torch.Tensor) -> int:
-        """Draw from the distribution of the pass whose token is emitted."""
-        return sample(logits, self.sampling.temperature, self.sampling.top_p, self.generator)
+    def read(self, logits: torch.Tensor, with_confidence: bool) -> tuple[int, int, float | None]:
+        """(sampled token, greedy token, confidence or None) of one pass's logits [V], in one host sync."""
+        token = sample(logits, self.sampling.temperature, self.sampling.top_p, self.generator)
+        greedy = token if self.sampling.temperature == 0.0 else logits.argmax()
+        parts = [token.double(), greedy.double()]
+        if with_confidence:
+            parts.append(self.policy.confidence(logits).double())
+        values = self.runner.cache.transfer.to_host(torch.stack(parts))
+        return int(values[0]), int(values[1]), (values[2] if with_confidence else None)
 
     def step(self, token: int, step: int) -> int:
         """One MoBiLE step: first pass (big or little); if the policy says so, rewind and redo it with big."""
         runner, policy = self.runner, self.policy
-        ids = torch.tensor([token], device=self.kv.k[0].device)
+        ids = runner.ids([token])
         logits = runner.forward(ids, self.kv, policy.decode_mode, record=policy.may_fall_back, step=step)
-        conf = policy.confidence(logits) if policy.may_fall_back and policy.config.forced_fallback_rate is None else None
+        nxt, greedy, conf = self.read(logits, policy.needs_confidence)
         if not policy.falls_back(conf if conf is not None else 1.0, step):
-            nxt = self.sample(logits)
             self.result.steps.append(StepRecord(nxt, conf, False, nxt))
             return nxt
-        first = int(logits.argmax())
         routing_log = runner.routing_log or {}
         self.kv.rewind(1)
         if policy.config.prefetch_on_fallback:
             runner.prefetch_other_half(routing_log)
-        nxt = self.sample(runner.forward(ids, self.kv, ExpertMode.BIG, step=step))
+        nxt, _, _ = self.read(runner.forward(ids, self.kv, ExpertMode.BIG, step=step), with_confidence=False)
         self.result.stats.fallback_tokens += 1
-        self.result.steps.append(StepRecord(first, conf, True, nxt))
+        self.result.steps.append(StepRecord(greedy, conf, True, nxt))
         return nxt
 
 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _prefill(runner: Runner, prompt: list[int], kv: KVCache, mode: ExpertMode) -> torch.Tensor:
+    """The prompt in chunks of PREFILL_CHUNK tokens (bounded activations); logits of its last position [V]."""
+    for start in range(0, len(prompt), PREFILL_CHUNK):
+        logits = runner.forward(runner.ids(prompt[start : start + PREFILL_CHUNK]), kv, mode)
+    return logits
 
 
 def generate(runner: Runner, prompt: list[int], sampling: SamplingParams, policy: Policy, eos: tuple[int, ...]) -> GenerationResult:
@@ -87,14 +99,14 @@ def generate(runner: Runner, prompt: list[int], sampling: SamplingParams, policy
     dec = _Decoder(runner, runner.new_kv(len(prompt) + sampling.max_new_tokens), sampling, policy, generator,
                    GenerationResult(token_ids=[], stats=GenerationStats(prompt_tokens=len(prompt))))
     stats, cache, transfer = dec.result.stats, runner.cache, runner.cache.transfer
-    before, wait_before = cache.stats.snapshot(), transfer.wait_s
+    before, wait_before, syncs_before = cache.stats.snapshot(), transfer.wait_s(), transfer.host_syncs
 
     start = time.perf_counter()
-    token = dec.sample(runner.forward(torch.tensor(prompt, device=device), dec.kv, policy.prefill_mode))
+    token, _, _ = dec.read(_prefill(runner, prompt, dec.kv, policy.prefill_mode), with_confidence=False)
     _synchronize(device)
     stats.prefill_s = time.perf_counter() - start
     dec.result.steps.append(StepRecord(token, None, False, token))
-    after_prefill, wait_prefill = cache.stats.snapshot(), transfer.wait_s
+    after_prefill, wait_prefill, syncs_prefill = cache.stats.snapshot(), transfer.wait_s(), transfer.host_syncs
 
     start = time.perf_counter()
     step = 0
@@ -110,7 +122,9 @@ def generate(runner: Runner, prompt: list[int], sampling: SamplingParams, policy
     _synchronize(device)
     stats.decode_s = time.perf_counter() - start
     stats.tokens = len(dec.result.token_ids)
-    _fill_counters(stats, runner, before, after_prefill, transfer.wait_s - wait_before, transfer.wait_s - wait_prefill)
+    wait_now = transfer.wait_s()
+    _fill_counters(stats, runner, before, after_prefill, wait_now - wait_before, wait_now - wait_prefill)
+    stats.host_syncs, stats.decode_host_syncs = transfer.host_syncs - syncs_before, transfer.host_syncs - syncs_prefill
     return dec.result
 
 
@@ -128,3 +142,4 @@ def _fill_counters(stats: GenerationStats, runner: Runner, before: CacheStats, a
     stats.decode_transfer_wait_s = decode_wait_s
     stats.cache_slots = runner.cache.num_slots
     stats.total_experts = runner.cache.store.total_experts
+    stats.host_pinned_bytes = runner.cache.store.pinned_bytes

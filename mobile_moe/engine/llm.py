@@ -41,7 +41,10 @@ class LLM:
             self.loaded = load(model, self.device, self.config.dtype, self.config.progress)
         self.path = self.loaded.path
         self.info = self.loaded.model.info
-        self.planned_slots = plan_slots(self.config.cache, self.loaded.model, self.loaded.store, self.device)
+        self.max_context = min(self.info.max_context, self.config.max_context)
+        store = self.loaded.store
+        self.plan = plan_slots(self.config.cache, self.loaded.model, store.expert_bytes, store.total_experts, self.device, self.loaded.dtype, self.max_context)
+        self.planned_slots = self.plan.slots
         self.reset_cache(self.planned_slots)
         self.tokenizer = _load_tokenizer(self.path) if self.path.is_dir() else None
 
@@ -74,7 +77,7 @@ class LLM:
         sampling, policy = sampling or SamplingParams(), policy or PolicyConfig()
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_prompt(ids)
-        room = self.info.max_context - len(ids)
+        room = self.max_context - len(ids)
         if sampling.max_new_tokens > room:
             sampling = SamplingParams(room, sampling.temperature, sampling.top_p, sampling.seed, sampling.stop_at_eos)
         self.runner.little_weights = policy.little_weights
@@ -96,8 +99,8 @@ class LLM:
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
             raise InvalidParameter(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
-        if len(ids) >= self.info.max_context:
-            raise PromptTooLong(f"prompt has {len(ids)} tokens; the model's context is {self.info.max_context} tokens")
+        if len(ids) >= self.max_context:
+            raise PromptTooLong(f"prompt has {len(ids)} tokens; the context is {self.max_context} tokens (model {self.info.max_context}, --max-context {self.config.max_context})")
 
 
 def _load_tokenizer(path: Path):  # -> PreTrainedTokenizerBase | None
@@ -112,6 +115,9 @@ def _load_tokenizer(path: Path):  # -> PreTrainedTokenizerBase | None
         raise CheckpointError(f"cannot load the tokenizer in {path}: {' '.join(str(e).split())}") from None
 
 
-def engine_config(device: str = "cpu", dtype: str = "auto", expert_cache: int | None = None, gpu_memory: float | None = None, eviction: str = "lru", progress: bool = True) -> EngineConfig:
+def engine_config(
+    device: str = "cpu", dtype: str = "auto", expert_cache: int | None = None, gpu_memory: float | None = None,
+    eviction: str = "lru", progress: bool = True, max_context: int = 4096,
+) -> EngineConfig:
     """EngineConfig from flat keyword arguments (what the CLI and API users pass)."""
-    return EngineConfig(device=device, dtype=dtype, cache=CacheConfig(expert_cache, gpu_memory, eviction), progress=progress)
+    return EngineConfig(device=device, dtype=dtype, cache=CacheConfig(expert_cache, gpu_memory, eviction), progress=progress, max_context=max_context)

@@ -45,7 +45,7 @@ def resolve_dtype(name: str, cfg: PretrainedConfig, device: torch.device) -> tor
         return getattr(torch, name)
     if device.type == "cpu":
         return torch.float32
-    stored = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    stored = getattr(cfg, "dtype", None)
     if isinstance(stored, str):
         stored = getattr(torch, stored, None)
     return stored if isinstance(stored, torch.dtype) else torch.bfloat16

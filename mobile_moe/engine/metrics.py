@@ -25,12 +25,21 @@ class GenerationStats:
     decode_transfer_wait_s: float = 0.0
     cache_slots: int = 0
     total_experts: int = 0
+    host_pinned_bytes: int = 0
+    host_syncs: int = 0  # device->host reads that drain the launch queue, whole request
+    decode_host_syncs: int = 0
 
     @property
     def decode_tok_s(self) -> float:
         """Tokens per second over the decode steps (the first token comes from prefill)."""
         steps = max(self.tokens - 1, 0)
         return steps / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def host_syncs_per_token(self) -> float:
+        """Host syncs per decode step (a fallback step counts both of its passes)."""
+        steps = max(self.tokens - 1, 0)
+        return self.decode_host_syncs / steps if steps else 0.0
 
     @property
     def hit_rate(self) -> float:
@@ -40,4 +49,4 @@ class GenerationStats:
 
     def to_dict(self) -> dict:
         """JSON-ready dict including derived rates."""
-        return {**asdict(self), "decode_tok_s": self.decode_tok_s, "hit_rate": self.hit_rate}
+        return {**asdict(self), "decode_tok_s": self.decode_tok_s, "hit_rate": self.hit_rate, "host_syncs_per_token": self.host_syncs_per_token}

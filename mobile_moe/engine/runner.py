@@ -33,6 +33,10 @@ class Runner:
         k_shapes, v_shapes = self.model.kv_shapes()
         return KVCache(k_shapes, v_shapes, max_len, self.model.lm_head.weight.device, self.model.lm_head.weight.dtype)
 
+    def ids(self, tokens: list[int]) -> torch.Tensor:
+        """Token ids [T] on the device, without a host sync."""
+        return self.cache.transfer.to_device(tokens).to(self.model.lm_head.weight.device)
+
     def run_experts(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Delegate to the batched executor."""
         return self.executor.run(layer, x, indices, weights)
@@ -45,7 +49,7 @@ class Runner:
         if self.lookahead and nxt is not None and x.shape[0] == 1:
             block = self.model.model.layers[nxt].mlp
             indices, _ = select(block.gate(x), block.spec, self.mode, self.little_weights)
-            self.cache.prefetch(nxt, indices[0].tolist())
+            self.cache.prefetch(nxt, self.cache.transfer.to_host(indices[0]))
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, kv: KVCache, mode: ExpertMode, record: bool = False, all_logits: bool = False, step: int = 0) -> torch.Tensor:
@@ -64,7 +68,7 @@ class Runner:
         layers = sorted(routing_log)
         if not layers or budget <= 0:
             return 0
-        others = torch.stack([routing_log[layer] for layer in layers])[:, little_k:].tolist()  # one sync for all layers
+        others = self.cache.transfer.to_host(torch.stack([routing_log[layer] for layer in layers])[:, little_k:])  # one sync, all layers
         issued = 0
         for layer, experts in zip(layers, others):
             if issued >= budget:

@@ -10,7 +10,7 @@ from mobile_moe.errors import CacheTooSmall
 from mobile_moe.experts.eviction import make_eviction
 from mobile_moe.experts.store import ExpertStore
 from mobile_moe.experts.trace import Trace
-from mobile_moe.experts.transfer import Ticket, TransferEngine
+from mobile_moe.experts.transfer import Fence, Ticket, TransferEngine
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -34,7 +34,8 @@ class CacheStats:
 class _Slot:
     key: Key | None = None
     pins: int = 0
-    ticket: Ticket | None = None
+    ticket: Ticket | None = None  # the copy writing this slot, until compute has waited for it
+    read_fence: Fence | None = None  # after the last compute that read this slot
 
 
 @dataclass
@@ -55,36 +56,31 @@ class ExpertCache:
         self.gate_up = self.pool[:, : s.gate_up_numel].view(self.num_slots, 2 * s.intermediate, s.hidden)
         self.down = self.pool[:, s.gate_up_numel :].view(self.num_slots, s.hidden, s.intermediate)
         self.slots = [_Slot() for _ in range(self.num_slots)]
+        self.free = list(range(self.num_slots - 1, -1, -1))  # stack: slot 0 is handed out first
         self.where: dict[Key, int] = {}
         self.eviction = make_eviction(self.eviction_name)
 
     def acquire(self, layer: int, experts: list[int]) -> list[int]:
-        """Make the experts resident, pin them, and return their slots (compute may read them once this returns)."""
+        """Make the experts resident (demand loads), pin them, and return their slots; compute may read them once this returns."""
         if len(experts) > self.num_slots:
             raise CacheTooSmall(f"expert cache has {self.num_slots} slots but one step needs {len(experts)} experts of layer {layer}")
-        slots = []
-        for expert in experts:
-            key = (layer, expert)
-            hit = key in self.where
-            if hit:
-                self.stats.hits += 1
-                self.eviction.touched(key)
-                slot = self.where[key]
-            else:
-                self.stats.misses += 1
-                slot = self._load(key)
-            if self.trace is not None:
-                self.trace.record(layer, expert, hit)
-            self.slots[slot].pins += 1
-            slots.append(slot)
+        slots: list[int] = []
+        try:
+            for expert in experts:
+                slots.append(self._pin(layer, expert))
+        except CacheTooSmall:
+            self._unpin(slots)  # a failed step leaves the cache as usable as before
+            raise
         for slot in slots:
             self._ready(slot)
         return slots
 
     def release(self, slots: list[int]) -> None:
-        """Unpin slots returned by `acquire`."""
+        """Unpin slots returned by `acquire`; a later copy into them waits only for the compute queued so far."""
+        fence = self.transfer.reader_fence()
         for slot in slots:
-            self.slots[slot].pins -= 1
+            self.slots[slot].read_fence = fence
+        self._unpin(slots)
 
     def prefetch(self, layer: int, experts: list[int]) -> int:
         """Start loading experts that are not resident, without pinning; returns how many loads were issued."""
@@ -94,7 +90,7 @@ class ExpertCache:
             if key in self.where:
                 continue
             try:
-                self._load(key)
+                self._load(key, prefetch=True)
             except CacheTooSmall:  # every slot is pinned: nothing may make room for a prefetch
                 break
             self.stats.prefetched += 1
@@ -111,34 +107,52 @@ class ExpertCache:
             self.prefetch(layer, list(range(self.store.num_experts)))
         self.transfer.synchronize()
 
-    def _load(self, key: Key) -> int:
-        """Choose a slot (free or evicted) and start copying the expert into it."""
-        slot = self._free_slot()
-        self.where[key] = slot
-        self.slots[slot].key = key
-        self.eviction.inserted(key)
-        src = self.store.buffer(*key)
-        self.slots[slot].ticket = self.transfer.load(self.pool[slot], src)
-        self.stats.h2d_bytes += self.slots[slot].ticket.nbytes
+    def _pin(self, layer: int, expert: int) -> int:
+        """Count a hit or start a demand load, then pin the expert's slot."""
+        key = (layer, expert)
+        slot = self.where.get(key)
+        hit = slot is not None
+        if slot is not None:
+            self.stats.hits += 1
+            self.eviction.touched(key)
+        else:
+            self.stats.misses += 1
+            slot = self._load(key, prefetch=False)
+        if self.trace is not None:
+            self.trace.record(layer, expert, hit)
+        self.slots[slot].pins += 1
         return slot
 
-    def _free_slot(self) -> int:
-        """An empty slot, else the eviction policy's victim among unpinned slots."""
-        for i, s in enumerate(self.slots):
-            if s.key is None:
-                return i
-        evictable = [s.key for s in self.slots if s.pins == 0]
-        if not evictable:
+    def _unpin(self, slots: list[int]) -> None:
+        """Drop one pin from each slot."""
+        for slot in slots:
+            self.slots[slot].pins -= 1
+
+    def _load(self, key: Key, prefetch: bool) -> int:
+        """Take a slot (free or evicted) and start copying the expert into it after the slot's last reader and writer."""
+        slot = self._take_slot()
+        old = self.slots[slot]
+        ticket = self.transfer.load(self.pool[slot], self.store.buffer(*key), prefetch, after=(old.read_fence, old.ticket))
+        self.slots[slot] = _Slot(key=key, ticket=ticket)
+        self.where[key] = slot
+        self.eviction.inserted(key)
+        self.stats.h2d_bytes += ticket.nbytes
+        return slot
+
+    def _take_slot(self) -> int:
+        """A free slot, else the eviction policy's victim among unpinned slots."""
+        if self.free:
+            return self.free.pop()
+        victim = self.eviction.victim(lambda key: self.slots[self.where[key]].pins == 0)
+        if victim is None:
             raise CacheTooSmall(f"all {self.num_slots} expert cache slots are in use")
-        victim = self.eviction.victim(evictable)
         slot = self.where.pop(victim)
         self.eviction.removed(victim)
-        self.slots[slot] = _Slot()
         self.stats.evictions += 1
         return slot
 
     def _ready(self, slot: int) -> None:
-        """Wait for the slot's copy if it is still in flight."""
+        """Order compute after the slot's copy if it is still in flight."""
         ticket = self.slots[slot].ticket
         if ticket is not None:
             self.transfer.wait(ticket)

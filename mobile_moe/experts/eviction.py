@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Hashable, Protocol
 
 
 class EvictionPolicy(Protocol):
-    """Tracks resident keys and picks a victim among the evictable ones."""
+    """Tracks resident keys and picks a victim; `scanned` counts keys examined while choosing victims."""
+
+    scanned: int
 
     def inserted(self, key: Hashable) -> None:
         """A key became resident."""
@@ -22,16 +25,26 @@ class EvictionPolicy(Protocol):
         """A key left the cache."""
         ...
 
-    def victim(self, evictable: Iterable[Hashable]) -> Hashable:
-        """The key to evict among those allowed."""
+    def victim(self, evictable: Callable[[Hashable], bool]) -> Hashable | None:
+        """The key to evict among those `evictable` accepts, or None when there is none."""
         ...
 
 
+def _first(keys: Iterable[Hashable], evictable: Callable[[Hashable], bool], policy: "LRU | LFU") -> Hashable | None:
+    """The first evictable key in `keys`, counting every key examined on the policy."""
+    for key in keys:
+        policy.scanned += 1
+        if evictable(key):
+            return key
+    return None
+
+
 class LRU:
-    """Least recently used first."""
+    """Least recently used first; in-use keys were just touched, so the scan from the oldest end stops at once."""
 
     def __init__(self) -> None:
         self.order: OrderedDict[Hashable, None] = OrderedDict()
+        self.scanned = 0
 
     def inserted(self, key: Hashable) -> None:
         """New keys are the most recent."""
@@ -45,38 +58,63 @@ class LRU:
         """Forget the key."""
         del self.order[key]
 
-    def victim(self, evictable: Iterable[Hashable]) -> Hashable:
+    def victim(self, evictable: Callable[[Hashable], bool]) -> Hashable | None:
         """Oldest evictable key."""
-        allowed = set(evictable)
-        return next(k for k in self.order if k in allowed)
+        return _first(self.order, evictable, self)
 
 
 class LFU:
-    """Least frequently used first (counts survive eviction); ties go to the least recent."""
+    """Least frequently used first (counts survive eviction); ties go to the least recent.
+
+    Keys live in buckets by use count, each bucket in recency order, and the counts that have a non-empty
+    bucket are kept sorted, so a victim is found without looking at every resident key.
+    """
 
     def __init__(self) -> None:
         self.counts: Counter[Hashable] = Counter()
-        self.recency = LRU()
+        self.buckets: dict[int, OrderedDict[Hashable, None]] = {}
+        self.levels: list[int] = []  # sorted counts with a non-empty bucket
+        self.scanned = 0
 
     def inserted(self, key: Hashable) -> None:
         """Count the load as a use."""
         self.counts[key] += 1
-        self.recency.inserted(key)
+        self._enter(key)
 
     def touched(self, key: Hashable) -> None:
         """Count a use."""
+        self._leave(key)
         self.counts[key] += 1
-        self.recency.touched(key)
+        self._enter(key)
 
     def removed(self, key: Hashable) -> None:
-        """Keep the count, drop recency."""
-        self.recency.removed(key)
+        """Keep the count, leave the buckets."""
+        self._leave(key)
 
-    def victim(self, evictable: Iterable[Hashable]) -> Hashable:
+    def victim(self, evictable: Callable[[Hashable], bool]) -> Hashable | None:
         """Fewest uses, oldest first among equals."""
-        allowed = set(evictable)
-        rank = {k: i for i, k in enumerate(self.recency.order) if k in allowed}
-        return min(rank, key=lambda k: (self.counts[k], rank[k]))
+        for level in self.levels:
+            key = _first(self.buckets[level], evictable, self)
+            if key is not None:
+                return key
+        return None
+
+    def _enter(self, key: Hashable) -> None:
+        """Add a key to the bucket of its count."""
+        level = self.counts[key]
+        if level not in self.buckets:
+            self.buckets[level] = OrderedDict()
+            bisect.insort(self.levels, level)
+        self.buckets[level][key] = None
+
+    def _leave(self, key: Hashable) -> None:
+        """Remove a key from the bucket of its count."""
+        level = self.counts[key]
+        bucket = self.buckets[level]
+        del bucket[key]
+        if not bucket:
+            del self.buckets[level]
+            self.levels.pop(bisect.bisect_left(self.levels, level))
 
 
 def make_eviction(name: str) -> EvictionPolicy:

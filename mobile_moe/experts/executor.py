@@ -1,61 +1,108 @@
-"""Batched computation of routed experts out of the device cache."""
+"""Routed-expert computation straight out of the device cache: no weight copies, one host sync per layer.
+
+The layer's (token, expert) pairs are planned on the host from one read of the router's choice; each cached
+expert's weights are read in place, either by one grouped matmul over the whole slot pool (`torch._grouped_mm`,
+where the device runs it correctly: probed once) or by a short loop of per-expert matmuls. Pair outputs are
+combined by a weighted sum in a fixed order, so results do not depend on atomics.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from mobile_moe.experts.cache import ExpertCache
 
-# Token-expert pairs up to which the gathered-weights bmm path is used (decode); above it, loop over experts.
-BATCHED_PAIRS_MAX = 64
+Activation = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ExpertGroup:
+    """Experts computed together (they fit the cache at once) and their pairs, grouped by expert."""
+
+    experts: list[int]  # ascending
+    counts: list[int]  # pairs routed to each expert
+    positions: list[int]  # flat pair positions (token * n + rank), expert by expert
+
+
+def plan_groups(flat: list[int], group_size: int) -> list[ExpertGroup]:
+    """flat: expert id of each pair [T * n] -> groups of at most `group_size` distinct experts."""
+    by_expert: dict[int, list[int]] = {}
+    for position, expert in enumerate(flat):
+        by_expert.setdefault(expert, []).append(position)
+    experts = sorted(by_expert)
+    groups = []
+    for start in range(0, len(experts), group_size):
+        chunk = experts[start : start + group_size]
+        groups.append(ExpertGroup(chunk, [len(by_expert[e]) for e in chunk], [p for e in chunk for p in by_expert[e]]))
+    return groups
 
 
 class ExpertExecutor:
-    """Runs a layer's chosen experts: resident first (via the cache), then a few batched kernels."""
+    """Runs a layer's chosen experts: makes them resident (via the cache), then computes them in place."""
 
-    def __init__(self, cache: ExpertCache, act: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, cache: ExpertCache, act: Activation, grouped: bool | None = None) -> None:
         self.cache = cache
         self.act = act
+        self.grouped = grouped_mm_works(cache, act) if grouped is None else grouped
 
     def run(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [T, H], indices/weights: [T, n] -> sum_j weights[:, j] * expert_{indices[:, j]}(x)  [T, H]."""
-        unique_t, inverse = indices.unique(return_inverse=True)
-        unique = unique_t.tolist()  # the one host sync per layer: which experts to bring
-        if indices.numel() <= BATCHED_PAIRS_MAX and len(unique) <= self.cache.num_slots:
-            return self._run_pairs(layer, x, indices, weights, unique, inverse)
-        return self._run_grouped(layer, x, indices, weights, unique)
-
-    def _run_pairs(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, unique: list[int], inverse: torch.Tensor) -> torch.Tensor:
-        """Gather each (token, expert) pair's weights and compute all pairs in two bmm calls."""
-        slots = self.cache.acquire(layer, unique)
-        try:
-            pair_slots = torch.tensor(slots, device=x.device)[inverse.flatten()]  # [P]
-            tokens = torch.arange(x.shape[0], device=x.device).repeat_interleave(indices.shape[1])  # [P]
-            xs = x[tokens].unsqueeze(-1)  # [P, H, 1]
-            gate_up = torch.bmm(self.cache.gate_up[pair_slots], xs).squeeze(-1)  # [P, 2I]
-            gate, up = gate_up.chunk(2, dim=-1)
-            h = (self.act(gate) * up).unsqueeze(-1)  # [P, I, 1]
-            y = torch.bmm(self.cache.down[pair_slots], h).squeeze(-1)  # [P, H]
-            y = y * weights.flatten().to(y.dtype)[:, None]
-            return torch.zeros_like(x).index_add_(0, tokens, y)
-        finally:
-            self.cache.release(slots)
-
-    def _run_grouped(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, unique: list[int]) -> torch.Tensor:
-        """Prefill: experts in groups that fit the cache, each expert on the tokens routed to it."""
-        out = torch.zeros_like(x)
-        group = max(1, self.cache.num_slots)
-        for start in range(0, len(unique), group):
-            experts = unique[start : start + group]
-            slots = self.cache.acquire(layer, experts)
+        T, n = indices.shape
+        flat = self.cache.transfer.to_host(indices.flatten())  # the layer's one host sync: which experts to bring
+        pairs = x.new_empty(T * n, x.shape[1])  # [P, H] each pair's weighted output
+        w = weights.flatten().to(x.dtype)  # [P]
+        for group in plan_groups(flat, self.cache.num_slots):
+            slots = self.cache.acquire(layer, group.experts)
             try:
-                for expert, slot in zip(experts, slots):
-                    token, pos = torch.where(indices == expert)
-                    gate, up = torch.nn.functional.linear(x[token], self.cache.gate_up[slot]).chunk(2, dim=-1)
-                    y = torch.nn.functional.linear(self.act(gate) * up, self.cache.down[slot])
-                    out.index_add_(0, token, y * weights[token, pos, None].to(y.dtype))
+                position = self.cache.transfer.to_device(group.positions)  # [Pg]
+                y = self._compute(x[position // n], slots, group.counts)  # [Pg, H]
+                pairs[position] = y * w[position, None]
             finally:
                 self.cache.release(slots)
-        return out
+        return pairs.view(T, n, -1).sum(1)  # fixed-order combine: deterministic on every device
+
+    def _compute(self, xs: torch.Tensor, slots: list[int], counts: list[int]) -> torch.Tensor:
+        """xs: [Pg, H], rows grouped by expert (slot order as given) -> expert outputs [Pg, H]."""
+        if self.grouped:
+            return self._compute_grouped(xs, slots, counts)
+        outs, start = [], 0
+        for slot, count in zip(slots, counts):
+            gate, up = F.linear(xs[start : start + count], self.cache.gate_up[slot]).chunk(2, dim=-1)
+            outs.append(F.linear(self.act(gate) * up, self.cache.down[slot]))
+            start += count
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _compute_grouped(self, xs: torch.Tensor, slots: list[int], counts: list[int]) -> torch.Tensor:
+        """Two grouped matmuls over the whole slot pool: group s holds the rows routed to slot s (most are empty)."""
+        order = sorted(range(len(slots)), key=slots.__getitem__)  # grouped_mm wants rows in slot order
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        rows = [r for i in order for r in range(starts[i], starts[i] + counts[i])]
+        transfer = self.cache.transfer
+        row_index = transfer.to_device(rows)
+        per_slot = torch.zeros(self.cache.num_slots, dtype=torch.int64, device=xs.device)
+        per_slot[transfer.to_device([slots[i] for i in order])] = transfer.to_device([counts[i] for i in order])
+        offs = per_slot.cumsum(0).to(torch.int32)  # [S] end row of each slot's group
+        gate_up = torch._grouped_mm(xs[row_index], self.cache.gate_up.transpose(1, 2), offs=offs)  # [Pg, 2I]
+        gate, up = gate_up.chunk(2, dim=-1)
+        y = torch._grouped_mm((self.act(gate) * up).contiguous(), self.cache.down.transpose(1, 2), offs=offs)  # [Pg, H]
+        return torch.empty_like(y).index_copy_(0, row_index, y)  # back to the caller's row order
+
+
+def grouped_mm_works(cache: ExpertCache, act: Activation) -> bool:
+    """Whether this device runs grouped matmuls over the slot pool correctly (checked once on random weights)."""
+    if cache.device.type != "cuda" or not hasattr(torch, "_grouped_mm") or cache.num_slots < 2:
+        return False
+    s = cache.store.shape
+    probe = ExpertCache(cache.store, 2, cache.device, cache.transfer)
+    probe.pool.normal_(0.0, 0.02)
+    xs = torch.randn(3, s.hidden, dtype=cache.store.dtype, device=cache.device)
+    try:
+        got = ExpertExecutor(probe, act, grouped=True)._compute(xs, [1, 0], [2, 1])
+    except RuntimeError:
+        return False
+    want = ExpertExecutor(probe, act, grouped=False)._compute(xs, [1, 0], [2, 1])
+    return bool(torch.allclose(got.float(), want.float(), rtol=2e-2, atol=1e-3))

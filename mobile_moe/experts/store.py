@@ -7,6 +7,8 @@ from typing import Literal
 
 import torch
 
+from mobile_moe.experts.host_memory import Pinner, allocate_host, cuda_pinner
+
 Part = Literal["gate", "up", "down"]
 PARTS: tuple[Part, ...] = ("gate", "up", "down")
 
@@ -39,14 +41,22 @@ class ExpertShape:
 
 
 class ExpertStore:
-    """Routed experts of every MoE layer in host memory (pinned when the compute device is CUDA)."""
+    """Routed experts of every MoE layer in one exact-size host allocation (page-locked when the device is CUDA)."""
 
-    def __init__(self, moe_layers: list[int], num_experts: int, shape: ExpertShape, dtype: torch.dtype, pin: bool) -> None:
+    def __init__(self, moe_layers: list[int], num_experts: int, shape: ExpertShape, dtype: torch.dtype, pin: bool, pinner: Pinner = cuda_pinner) -> None:
         self.shape, self.dtype, self.num_experts = shape, dtype, num_experts
+        layer_bytes = num_experts * self.expert_bytes
+        self.host = allocate_host(layer_bytes * len(moe_layers), pin, pinner)
         self.layers: dict[int, torch.Tensor] = {
-            layer: torch.empty(num_experts, shape.numel, dtype=dtype, pin_memory=pin) for layer in moe_layers
-        }  # layer -> [E, numel]
+            layer: self.host.data[i * layer_bytes : (i + 1) * layer_bytes].view(dtype).view(num_experts, shape.numel)
+            for i, layer in enumerate(moe_layers)
+        }  # layer -> [E, numel], views of one allocation
         self.filled: set[tuple[int, int, Part]] = set()
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Bytes of host memory page-locked for the experts (0 when pageable)."""
+        return self.host.pinned_bytes
 
     @property
     def expert_bytes(self) -> int:

@@ -1,11 +1,21 @@
-"""Host->device copies. The only module that owns CUDA streams and events; on CPU the same calls run synchronously."""
+"""Host<->device traffic: the only module that owns CUDA streams and events. On CPU the same calls run synchronously.
+
+Two copy streams: demand loads (a layer is waiting for them) on a high-priority stream, prefetches on their own,
+so a demand miss never queues behind prefetches. A copy into a slot waits only for the fences of that slot
+(its last reader, its previous copy), never for all queued compute. Every device->host read the engine needs
+goes through `to_host`, which counts it: host syncs stall the launch queue, so they are kept few and visible.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+DEMAND_PRIORITY = -1  # CUDA: lower is more urgent
+PREFETCH_PRIORITY = 0
 
 
 @dataclass
@@ -16,47 +26,92 @@ class Ticket:
     nbytes: int
 
 
+Fence = torch.cuda.Event  # marks a point on a stream; a copy may be ordered after it
+
+
 class TransferEngine:
-    """Copies expert buffers on a dedicated stream and makes compute wait only for what it uses."""
+    """Copies expert buffers on dedicated streams and makes compute wait only for what it uses."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.is_cuda = device.type == "cuda"
-        self.copy_stream = torch.cuda.Stream(device) if self.is_cuda else None
+        self.demand_stream = torch.cuda.Stream(device, priority=DEMAND_PRIORITY) if self.is_cuda else None
+        self.prefetch_stream = torch.cuda.Stream(device, priority=PREFETCH_PRIORITY) if self.is_cuda else None
         self.bytes_copied = 0
         self.copies = 0
-        self.wait_s = 0.0
+        self.host_syncs = 0
+        self.stalls = 0  # waits on copies that had not finished when compute needed them
+        self.resolved_wait_s = 0.0  # CPU: synchronous copy time; CUDA: stalls already measured
+        self._stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
-    def load(self, dst: torch.Tensor, src: torch.Tensor) -> Ticket:
-        """Start copying host `src` into device `dst`; returns a ticket to wait on before reading `dst`."""
+    def load(self, dst: torch.Tensor, src: torch.Tensor, prefetch: bool, after: Sequence[Fence | Ticket | None] = ()) -> Ticket:
+        """Start copying host `src` into device `dst` once every fence in `after` has passed; returns a ticket to wait on."""
         nbytes = src.numel() * src.element_size()
         self.bytes_copied += nbytes
         self.copies += 1
         if not self.is_cuda:
             start = time.perf_counter()
             dst.copy_(src)
-            self.wait_s += time.perf_counter() - start  # compute waits for a synchronous copy
+            self.resolved_wait_s += time.perf_counter() - start  # compute waits for a synchronous copy
             return Ticket(event=None, nbytes=nbytes)
-        assert self.copy_stream is not None
-        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # slot may still be read by compute
-        with torch.cuda.stream(self.copy_stream):
+        stream = self.prefetch_stream if prefetch else self.demand_stream
+        assert stream is not None
+        for dep in after:
+            event = dep.event if isinstance(dep, Ticket) else dep
+            if event is not None:
+                stream.wait_event(event)
+        with torch.cuda.stream(stream):
             dst.copy_(src, non_blocking=True)
             event = torch.cuda.Event()
-            event.record(self.copy_stream)
+            event.record(stream)
         return Ticket(event=event, nbytes=nbytes)
 
     def wait(self, ticket: Ticket) -> None:
-        """Block compute until the ticket's copy is done, timing how long the host had to wait for it."""
+        """Order compute after the ticket's copy, on the device (no host sync); stalls are timed with event pairs."""
         if ticket.event is None:
             return
-        if not ticket.event.query():
-            start = time.perf_counter()
-            ticket.event.synchronize()
-            self.wait_s += time.perf_counter() - start
-        torch.cuda.current_stream(self.device).wait_event(ticket.event)
+        compute = torch.cuda.current_stream(self.device)
+        if ticket.event.query():
+            compute.wait_event(ticket.event)
+        else:
+            self.stalls += 1
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record(compute)
+            compute.wait_event(ticket.event)
+            end.record(compute)
+            self._stall_events.append((begin, end))
         ticket.event = None
+
+    def reader_fence(self) -> Fence | None:
+        """A fence after everything compute has queued so far (the last read of slots released now)."""
+        if not self.is_cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def to_host(self, tensor: torch.Tensor) -> list:
+        """`tensor.tolist()`, counted as one host sync (the launch queue drains before the host can read)."""
+        self.host_syncs += 1
+        return tensor.tolist()
+
+    def to_device(self, values: list[int]) -> torch.Tensor:
+        """A small int64 tensor of host values on the device, copied without a host sync (through pinned memory on CUDA)."""
+        if not self.is_cuda:
+            return torch.tensor(values, dtype=torch.int64)
+        staged = torch.tensor(values, dtype=torch.int64, pin_memory=True)  # the caching host allocator keeps it until the copy ends
+        return staged.to(self.device, non_blocking=True)
+
+    def wait_s(self) -> float:
+        """Seconds compute has waited for copies so far (CPU: synchronous copy time; CUDA: device-side stalls)."""
+        if self._stall_events:
+            self._stall_events[-1][1].synchronize()
+            self.resolved_wait_s += sum(b.elapsed_time(e) for b, e in self._stall_events) / 1e3
+            self._stall_events.clear()
+        return self.resolved_wait_s
 
     def synchronize(self) -> None:
         """Wait for every copy issued so far."""
-        if self.copy_stream is not None:
-            self.copy_stream.synchronize()
+        for stream in (self.demand_stream, self.prefetch_stream):
+            if stream is not None:
+                stream.synchronize()

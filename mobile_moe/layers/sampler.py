@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """logits: [V] -> token id. temperature 0 means greedy."""
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """logits: [V] -> 0-d int64 token id on the logits' device (no host sync). temperature 0 means greedy."""
     if temperature == 0.0:
-        return int(logits.argmax())
+        return logits.argmax()
     probs = (logits.float() / temperature).softmax(-1)
     if top_p < 1.0:
         probs = _nucleus(probs, top_p)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.multinomial(probs, 1, generator=generator)[0]
 
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:

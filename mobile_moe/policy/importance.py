@@ -7,15 +7,20 @@ import math
 import torch
 
 
-def confidence(logits: torch.Tensor, criterion: str) -> float:
-    """logits: [V] -> confidence in [0, 1] by max probability, normalised entropy, or top-1/top-2 margin."""
+def confidence_tensor(logits: torch.Tensor, criterion: str) -> torch.Tensor:
+    """logits: [V] -> 0-d confidence in [0, 1] on the logits' device: max probability, normalised entropy, or top-1/top-2 margin."""
     probs = logits.float().softmax(-1)
     if criterion == "max_prob":
-        return float(probs.max())
+        return probs.max()
     if criterion == "entropy":
         entropy = -(probs * probs.clamp_min(1e-30).log()).sum()
-        return float(1.0 - entropy / math.log(probs.numel()))
+        return 1.0 - entropy / math.log(probs.numel())
     if criterion == "margin":
         top2 = probs.topk(2).values
-        return float(top2[0] - top2[1])
+        return top2[0] - top2[1]
     raise ValueError(f"unknown criterion {criterion!r}")
+
+
+def confidence(logits: torch.Tensor, criterion: str) -> float:
+    """The confidence of one row of logits as a Python float."""
+    return float(confidence_tensor(logits, criterion))

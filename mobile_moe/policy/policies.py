@@ -9,7 +9,7 @@ import torch
 
 from mobile_moe.config import PolicyConfig
 from mobile_moe.layers.moe import ExpertMode
-from mobile_moe.policy.importance import confidence
+from mobile_moe.policy.importance import confidence_tensor
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,14 @@ class Policy:
         """Whether a step may be recomputed with big experts."""
         return self.config.name == "mobile"
 
-    def confidence(self, logits: torch.Tensor) -> float:
-        """The configured importance criterion on one row of logits."""
-        return confidence(logits, self.config.criterion)
+    @property
+    def needs_confidence(self) -> bool:
+        """Whether decode steps must measure the first pass's confidence."""
+        return self.may_fall_back and self.config.forced_fallback_rate is None
+
+    def confidence(self, logits: torch.Tensor) -> torch.Tensor:
+        """The configured importance criterion on one row of logits (0-d tensor on the logits' device)."""
+        return confidence_tensor(logits, self.config.criterion)
 
     def falls_back(self, conf: float, step: int) -> bool:
         """MoBiLE: decode step `step` (1, 2, ...) is recomputed with big when the little pass is not confident enough.
