@@ -10,9 +10,11 @@ import torch
 
 from mobile_moe import LLM, PolicyConfig, SamplingParams, engine_config
 from mobile_moe.bench.costmodel import ModelCost, predict
+from mobile_moe.bench.hf_baseline import clock_timings, run_baseline
 from mobile_moe.bench.profiles import PROFILES
 from mobile_moe.bench.synthetic import SHAPES, build_synthetic, synthetic_config
 from mobile_moe.cli import main
+from mobile_moe.engine.loader import load
 from mobile_moe.experts.trace import Trace, load_trace
 
 SYSTEM_FIELDS = ("name", "decode_tok_s", "ttft_s", "h2d_gb_per_token", "hit_rate", "fallback_rate", "transfer_wait_share", "ratio_to_big")
@@ -103,3 +105,20 @@ def test_bench_cli_reports_every_system(tmp_path, capsys):
     assert set(report["predicted"]) == set(PROFILES) and all(set(p) == {"big", "mobile", "little"} for p in report["predicted"].values())
     assert "driven at rate 0.5" in report["mobile"]["note"]
     assert sorted(p.name for p in (tmp_path / "tr").iterdir()) == ["big.jsonl", "little.jsonl", "mobile.jsonl", "resident.jsonl"]
+
+
+def test_token_clock_arithmetic_clamps_nothing():
+    """TTFT = first token's stamp - start; decode = last stamp - first stamp over n - 1 intervals."""
+    assert clock_timings(10.0, [10.5, 10.7, 10.9, 11.3]) == pytest.approx((0.5, 0.8, 3))
+    assert clock_timings(1.0, [1.25]) == (0.25, 0.0, 0)  # one token: no decode interval, none invented
+    with pytest.raises(ValueError):
+        clock_timings(0.0, [])
+
+
+def test_accelerate_baseline_times_every_decode_token(checkpoints):
+    loaded = load(checkpoints["olmoe"], torch.device("cpu"), progress=False)
+    prompts, new_tokens = [[3, 4, 5], [6, 7, 8, 9], [10, 11]], 5
+    r = run_baseline(loaded, torch.device("cpu"), None, prompts, new_tokens, progress=False)
+    assert r.steps == len(prompts) * (new_tokens - 1)
+    assert 0 < r.decode_tok_s < float("inf") and r.decode_tok_s == pytest.approx(r.steps / r.decode_s)
+    assert r.ttft_s > 0 and r.placement.startswith("cpu")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from mobile_moe.bench.costinputs import count_decode_ops, model_cost, with_counts
 from mobile_moe.bench.costmodel import ModelCost, predict
 from mobile_moe.bench.hf_baseline import run_baseline
 from mobile_moe.bench.profiles import PROFILES, HardwareProfile
@@ -44,6 +45,8 @@ class SystemResult:
     hit_rate: float
     fallback_rate: float
     transfer_wait_share: float
+    h2d_gbps: float = float("nan")  # bytes moved host->device per second of decode (the link's achieved rate when transfer-bound)
+    host_syncs_per_token: float = float("nan")
     ratio_to_big: float = 0.0
     note: str = ""
 
@@ -56,12 +59,13 @@ def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettin
         llm.cache.load_all()
     sampling = SamplingParams(max_new_tokens=settings.new_tokens, temperature=settings.temperature, seed=0, stop_at_eos=False)
     decode_s = ttft = wait = 0.0
-    steps = fallbacks = hits = misses = moved = 0
+    steps = fallbacks = hits = misses = moved = syncs = 0
     for ids in settings.prompts:
         s = llm.generate(ids, sampling, policy).stats
         decode_s, ttft, wait = decode_s + s.decode_s, ttft + s.prefill_s, wait + s.decode_transfer_wait_s
         steps, fallbacks = steps + s.tokens - 1, fallbacks + s.fallback_tokens
         hits, misses, moved = hits + s.decode_expert_hits, misses + s.decode_expert_misses, moved + s.decode_h2d_bytes
+        syncs += s.decode_host_syncs
     if settings.trace_dir is not None:
         settings.trace_dir.mkdir(parents=True, exist_ok=True)
         trace.save(settings.trace_dir / f"{name}.jsonl")
@@ -69,6 +73,7 @@ def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettin
         name=name, decode_tok_s=steps / decode_s if decode_s else 0.0, ttft_s=ttft / len(settings.prompts),
         h2d_gb_per_token=moved / 1e9 / max(steps, 1), hit_rate=hits / max(hits + misses, 1),
         fallback_rate=fallbacks / max(steps, 1), transfer_wait_share=wait / decode_s if decode_s else 0.0,
+        h2d_gbps=moved / 1e9 / decode_s if decode_s else 0.0, host_syncs_per_token=syncs / max(steps, 1),
     ), trace.accesses
 
 
@@ -97,6 +102,7 @@ def run_bench(llm: LLM, settings: BenchSettings, profiles: dict[str, HardwarePro
     slots = llm.planned_slots
     llm.reset_cache(slots)
     llm.generate(settings.prompts[0], SamplingParams(max_new_tokens=4, stop_at_eos=False))  # warm-up: kernels, allocator
+    ops = count_decode_ops(llm)  # kernel launches of one decode step, for the cost model
     systems, traces = [], {}
     plans = [("big", PolicyConfig("big")), ("mobile", settings.mobile), ("little", PolicyConfig("little", little_weights=settings.mobile.little_weights))]
     for name, policy in plans:
@@ -109,13 +115,13 @@ def run_bench(llm: LLM, settings: BenchSettings, profiles: dict[str, HardwarePro
         systems.append(result)
     llm.reset_cache(slots)
     if settings.run_accelerate:
-        # one short prompt: offloaded transformers runs well under 1 tok/s at real size
-        base = run_baseline(llm.loaded, llm.device, settings.gpu_memory_gb, settings.prompts[:1], min(settings.new_tokens, 8), settings.progress)
+        # two short runs after a warm-up: offloaded transformers runs well under 1 tok/s at real size
+        base = run_baseline(llm.loaded, llm.device, settings.gpu_memory_gb, settings.prompts[:2], min(settings.new_tokens, 8), settings.progress)
         systems.append(SystemResult("accelerate", base.decode_tok_s, base.ttft_s, float("nan"), float("nan"), 0.0, float("nan"), note=base.placement))
     big = systems[0].decode_tok_s
     for s in systems:
         s.ratio_to_big = s.decode_tok_s / big if big else 0.0
-    cost = settings.cost or ModelCost(len(llm.loaded.model.model.layers), dense_bytes(llm.loaded.model), llm.loaded.store.expert_bytes)
+    cost = with_counts(settings.cost, ops) if settings.cost else model_cost(llm.loaded.model, llm.loaded.store.expert_bytes, ops)
     predicted = {
         hw.name: {name: predict(traces[name], cost, hw, slots).tok_s for name in ("big", "mobile", "little")}
         for hw in profiles.values()
@@ -140,13 +146,13 @@ def _json_safe(d: dict) -> dict:
 
 def table(report: dict) -> str:
     """Terminal table of a bench report."""
-    head = f"{'system':<11} {'tok/s':>8} {'x big':>6} {'TTFT s':>7} {'GB/tok':>7} {'hit':>6} {'fallbk':>7} {'wait':>6}  note"
+    head = f"{'system':<11} {'tok/s':>8} {'x big':>6} {'TTFT s':>7} {'GB/tok':>7} {'GB/s':>6} {'hit':>6} {'fallbk':>7} {'wait':>6} {'sync/t':>6}  note"
     rows = [head, "-" * len(head)]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for s in report["systems"]:
         rows.append(
-            f"{s['name']:<11} {s['decode_tok_s']:>8.2f} {s['ratio_to_big']:>6.2f} {s['ttft_s']:>7.3f} {fmt(s['h2d_gb_per_token'], '.4f'):>7} "
-            f"{fmt(s['hit_rate'], '.0%'):>6} {s['fallback_rate']:>7.1%} {fmt(s['transfer_wait_share'], '.0%'):>6}  {s['note']}"
+            f"{s['name']:<11} {s['decode_tok_s']:>8.2f} {s['ratio_to_big']:>6.2f} {s['ttft_s']:>7.3f} {fmt(s['h2d_gb_per_token'], '.4f'):>7} {fmt(s['h2d_gbps'], '.1f'):>6} "
+            f"{fmt(s['hit_rate'], '.0%'):>6} {s['fallback_rate']:>7.1%} {fmt(s['transfer_wait_share'], '.0%'):>6} {fmt(s['host_syncs_per_token'], '.1f'):>6}  {s['note']}"
         )
     rows.append("predicted tok/s (cost model on this run's traces): " + "; ".join(
         f"{hw}: big {p['big']:.1f}, mobile {p['mobile']:.1f} ({p['mobile'] / p['big']:.2f}x), little {p['little']:.1f}"

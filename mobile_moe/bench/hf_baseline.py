@@ -10,6 +10,8 @@ import transformers as T
 
 from mobile_moe.engine.loader import LoadedModel
 
+WARMUP_TOKENS = 2  # one short untimed generate: kernels, allocator, accelerate's hooks
+
 
 @dataclass(frozen=True)
 class BaselineResult:
@@ -18,6 +20,30 @@ class BaselineResult:
     decode_tok_s: float
     ttft_s: float
     placement: str
+    decode_s: float = 0.0  # summed over prompts: last token's clock minus first token's clock
+    steps: int = 0  # decode intervals timed: prompts x (new_tokens - 1)
+
+
+class TokenClock(T.LogitsProcessor):
+    """Records a timestamp each time generate has the logits of a new token (after a device sync on CUDA)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """Stamp the token; the scores pass through unchanged."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def clock_timings(start: float, stamps: list[float]) -> tuple[float, float, int]:
+    """(time to first token, decode seconds, decode intervals) of one generate from its start and token stamps."""
+    if not stamps:
+        raise ValueError("generate produced no tokens")
+    return stamps[0] - start, stamps[-1] - stamps[0], len(stamps) - 1
 
 
 def _hf_model(loaded: LoadedModel, device: torch.device, gpu_memory_gb: float | None) -> tuple[T.PreTrainedModel, str]:
@@ -43,7 +69,7 @@ def _hf_model(loaded: LoadedModel, device: torch.device, gpu_memory_gb: float | 
 
 
 def run_baseline(loaded: LoadedModel, device: torch.device, gpu_memory_gb: float | None, prompts: list[list[int]], new_tokens: int, progress: bool = True) -> BaselineResult:
-    """Greedy generate on the prompts; decode speed from the time beyond a 1-token generate (the prefill)."""
+    """Greedy generate of exactly `new_tokens` per prompt after one untimed warm-up; a token clock times each token."""
     if not progress:
         T.utils.logging.disable_progress_bar()
     try:
@@ -51,26 +77,24 @@ def run_baseline(loaded: LoadedModel, device: torch.device, gpu_memory_gb: float
     finally:
         T.utils.logging.enable_progress_bar()
     first = next(model.parameters()).device if device.type != "cuda" else device
-    decode_s = ttft_s = 0.0
+    ttft_s = decode_s = 0.0
     steps = 0
     with torch.inference_mode():
+        _generate(model, torch.tensor([prompts[0]], device=first), WARMUP_TOKENS, TokenClock(device))
         for ids in prompts:
-            x = torch.tensor([ids], device=first)
-            ttft, _ = _timed(model, x, 1, device)
-            full, n = _timed(model, x, new_tokens, device)
-            ttft_s += ttft
-            decode_s += max(full - ttft, 1e-9)
-            steps += n - 1
+            clock = TokenClock(device)
+            start = _generate(model, torch.tensor([ids], device=first), new_tokens, clock)
+            ttft, decode, intervals = clock_timings(start, clock.stamps)
+            ttft_s, decode_s, steps = ttft_s + ttft, decode_s + decode, steps + intervals
     del model
-    return BaselineResult(decode_tok_s=steps / decode_s if decode_s else 0.0, ttft_s=ttft_s / len(prompts), placement=placement)
+    return BaselineResult(decode_tok_s=steps / decode_s if steps else 0.0, ttft_s=ttft_s / len(prompts), placement=placement, decode_s=decode_s, steps=steps)
 
 
-def _timed(model: T.PreTrainedModel, x: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, int]:
-    """(seconds, tokens generated) of one greedy generate."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def _generate(model: T.PreTrainedModel, x: torch.Tensor, new_tokens: int, clock: TokenClock) -> float:
+    """Run one greedy generate of exactly `new_tokens` tokens with the clock attached; returns its start time."""
+    if clock.device.type == "cuda":
+        torch.cuda.synchronize(clock.device)
     start = time.perf_counter()
-    out = model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, out.shape[1] - x.shape[1]
+    model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                   logits_processor=T.LogitsProcessorList([clock]))
+    return start

@@ -1,4 +1,4 @@
-"""Hardware profiles for the cost model: link bandwidth, device memory bandwidth, fixed per-kernel costs."""
+"""Hardware profiles for the cost model: link and memory bandwidth, per-copy, per-launch and per-sync costs, with sources."""
 
 from __future__ import annotations
 
@@ -6,23 +6,42 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+# Per eager kernel launch: the H200 calibration times one eager SwiGLU expert at batch 1 at 77-80 us for 9-17 MB
+# experts (shared/hardware/h200-calibration.json, expert_ffn_us); weight reads take 2-4 us of that at 4.8 TB/s and
+# such an expert launches 5 kernels (3 linear, silu, mul: costinputs.swiglu_expert_launches), so ~15 us per launch.
+# Consumer cards: assumed the same (a launch costs host time, not GPU time).
+LAUNCH_US = 15.0
+# Per host sync: assumption, not measured: a stream-synchronize round trip (~5-10 us) plus the drained GPU idling
+# until the next launch reaches it (about one launch).
+SYNC_US = 20.0
+# Per copy: an H2D copy's fixed cost. H200: a least-squares fit t = latency + bytes / bandwidth over the calibration's
+# pinned copies of 1 MiB..336 MiB gives 4.0 us + bytes / 55.4 GB/s (within 0.3% on every expert size, 4% on 1 MiB).
+# Consumer cards: assumed the same 4 us (driver + DMA setup).
+COPY_LATENCY_US = 4.0
+
 
 @dataclass(frozen=True)
 class HardwareProfile:
     """What decides decode speed when experts stream over the host link."""
 
     name: str
-    link_gbps: float  # pinned host->device GB/s
-    mem_gbps: float  # device memory GB/s (batch-1 decode reads every weight once)
-    layer_overhead_us: float = 250.0  # eager launches of one layer's dense part (attention, norms, router)
-    expert_call_us: float = 60.0  # one batched expert computation (gather + 2 bmm + activation)
+    link_gbps: float  # pinned host->device GB/s for large copies
+    mem_gbps: float  # device memory GB/s (batch-1 decode reads every weight it uses once)
+    launch_us: float = LAUNCH_US  # host cost of one eager kernel launch
+    sync_us: float = SYNC_US  # one host sync (device->host read that drains the launch queue)
+    copy_latency_us: float = COPY_LATENCY_US  # fixed cost of one host->device copy, on top of bytes / link
+    source: str = "assumed"
 
 
-# Consumer cards from public specs; the H200 link from shared/hardware/h200-calibration.json (pinned, 9-350 MB copies).
+_CONSUMER = "launch, sync and per-copy costs: see profiles.py (H200-derived or assumed)"
 PROFILES: Mapping[str, HardwareProfile] = MappingProxyType({
-    "rtx4090": HardwareProfile("rtx4090", link_gbps=25.0, mem_gbps=1008.0),
-    "rtx3090": HardwareProfile("rtx3090", link_gbps=25.0, mem_gbps=936.0),
-    "rtx4060ti-16gb": HardwareProfile("rtx4060ti-16gb", link_gbps=12.5, mem_gbps=288.0),
-    "h200": HardwareProfile("h200", link_gbps=54.4, mem_gbps=4800.0),
+    "rtx4090": HardwareProfile("rtx4090", link_gbps=25.0, mem_gbps=1008.0, source=(
+        "public specs: PCIe 4.0 x16 (31.5 GB/s raw, ~25 GB/s pinned in practice), GDDR6X 1008 GB/s; " + _CONSUMER)),
+    "rtx3090": HardwareProfile("rtx3090", link_gbps=25.0, mem_gbps=936.0, source=(
+        "public specs: PCIe 4.0 x16 (31.5 GB/s raw, ~25 GB/s pinned in practice), GDDR6X 936 GB/s; " + _CONSUMER)),
+    "rtx4060ti-16gb": HardwareProfile("rtx4060ti-16gb", link_gbps=12.5, mem_gbps=288.0, source=(
+        "public specs: PCIe 4.0 x8 (15.8 GB/s raw, ~12.5 GB/s pinned in practice), GDDR6 288 GB/s; " + _CONSUMER)),
+    "h200": HardwareProfile("h200", link_gbps=55.4, mem_gbps=4800.0, source=(
+        "link and per-copy latency: fit to shared/hardware/h200-calibration.json pinned copies (PCIe Gen5 x16, "
+        "54.3-55.4 GB/s measured for 9-336 MiB); launch cost from its expert_ffn_us; HBM3e 4.8 TB/s public spec")),
 })
-

@@ -9,6 +9,7 @@ from types import MappingProxyType
 import torch
 import transformers as T
 
+from mobile_moe.bench.costinputs import model_cost
 from mobile_moe.bench.costmodel import ModelCost
 from mobile_moe.engine.loader import LoadedModel, resolve_dtype
 from mobile_moe.errors import InvalidParameter
@@ -63,7 +64,7 @@ def full_size_cost(name: str) -> ModelCost:
     with torch.device("meta"):
         model = build_model(cfg)
     info = model.info
-    return ModelCost(len(model.model.layers), 2 * sum(p.numel() for p in model.parameters()), 2 * 3 * info.hidden * info.expert_intermediate)
+    return model_cost(model, 2 * 3 * info.hidden * info.expert_intermediate, bytes_per_param=2)
 
 
 def build_synthetic(name: str, device: torch.device, dtype_name: str = "auto", shrink: int = 1, seed: int = 0) -> LoadedModel:

@@ -1,0 +1,155 @@
+"""Cost-model inputs measured from a model: dense bytes per decoder layer and kernel launches of one decode pass.
+
+A launch is an aten op dispatched during the pass that runs a kernel: views, metadata ops, allocations and `item` are
+not counted (on CUDA a `tolist` shows up as one device->host copy); expert loads (host->device copies) are subtracted. Op counts are taken at the
+dispatcher, above the backend, so a count on CPU matches CUDA except where the engine itself picks another path
+(e.g. grouped matmuls over all experts on CUDA instead of a per-expert loop): count on the device you predict for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.hooks import RemovableHandle
+
+from mobile_moe.bench.costmodel import ModelCost
+from mobile_moe.engine.llm import LLM
+from mobile_moe.layers.moe import ExpertMode, MoEBlock
+from mobile_moe.layers.sampler import sample
+from mobile_moe.models.transformer import CausalLM
+
+NO_KERNEL = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"})
+
+
+@dataclass(frozen=True)
+class OpCounts:
+    """Kernel launches of one batch-1 decode pass."""
+
+    per_layer: float  # a decoder layer's dense part (norms, attention, router, shared experts), mean over layers
+    per_moe_layer: float  # one MoE layer's routed-expert computation, fixed part (routing weights included)
+    per_expert: float  # added per expert the layer uses
+    per_pass: float  # outside the decoder layers: positions, rotary, embedding, final norm, LM head, greedy sampling
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts dispatched ops that launch a kernel, into the region (`pass`, `layer`, `experts`) set by module hooks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.region = "pass"
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
+        tags = func.tags
+        if not (func.is_view or torch.Tag.inplace_view in tags or torch.Tag.data_dependent_output in tags
+                or func.overloadpacket.__name__ in NO_KERNEL):
+            self.counts[self.region] += 1
+        return func(*args, **(kwargs or {}))
+
+    def mark(self, module: nn.Module, region: str, before: bool) -> RemovableHandle:
+        """Switch to `region` when `module` starts (before) or ends its forward."""
+        hook = lambda *_: setattr(self, "region", region)  # noqa: E731
+        return module.register_forward_pre_hook(hook) if before else module.register_forward_hook(hook)
+
+
+def swiglu_expert_launches(hidden: int = 64, intermediate: int = 32) -> int:
+    """Kernel launches of one eager SwiGLU expert at batch 1, as timed in the H200 calibration (down(silu(gate x) * up x))."""
+    gate, up, down = nn.Linear(hidden, intermediate, bias=False), nn.Linear(hidden, intermediate, bias=False), nn.Linear(intermediate, hidden, bias=False)
+    x = torch.randn(1, hidden)
+    with torch.inference_mode(), LaunchCounter() as counter:
+        down(nn.functional.silu(gate(x)) * up(x))
+    return counter.counts["pass"]
+
+
+def count_decode_ops(llm: LLM, prompt: Sequence[int] = (1, 2, 3)) -> OpCounts:
+    """Launches of one big decode pass of `llm`, by region; the per-expert part from expert calls with k and k/2 experts."""
+    info, layers, moe = llm.info, len(llm.loaded.model.model.layers), len(llm.info.moe_layers)
+    counts = _count_pass(llm, prompt)
+    half = math.ceil(info.top_k / 2)
+    per_expert = 0.0
+    if moe and info.top_k > half:
+        per_expert = (_count_expert_call(llm, info.top_k) - _count_expert_call(llm, half)) / (info.top_k - half)
+    per_moe_layer = counts["experts"] / moe - per_expert * info.top_k if moe else 0.0
+    return OpCounts(counts["layer"] / layers, per_moe_layer, per_expert, counts["pass"])
+
+
+def _count_pass(llm: LLM, prompt: Sequence[int]) -> Counter[str]:
+    """Launch counts by region of one big decode pass whose experts are already resident (no lookahead, no trace)."""
+    runner, cache = llm.runner, llm.cache
+    saved = runner.lookahead, cache.trace
+    runner.lookahead, cache.trace = False, None
+    counter = LaunchCounter()
+    handles = [h for layer in llm.loaded.model.model.layers for h in _marks(counter, layer)]
+    try:
+        kv = runner.new_kv(len(prompt) + 1)
+        runner.forward(torch.tensor(list(prompt), device=llm.device), kv, ExpertMode.BIG)
+        token = torch.tensor([prompt[-1]], device=llm.device)
+        runner.forward(token, kv, ExpertMode.BIG)  # warm-up: this step's experts become resident
+        kv.rewind(1)
+        counter.counts.clear()
+        copies = cache.transfer.copies
+        with counter:
+            sample(runner.forward(token, kv, ExpertMode.BIG), 0.0, 1.0, None)
+        counter.counts["experts"] -= cache.transfer.copies - copies  # a load that still missed is a copy, not compute
+    finally:
+        runner.lookahead, cache.trace = saved
+        for h in handles:
+            h.remove()
+    return counter.counts
+
+
+def _count_expert_call(llm: LLM, n: int) -> int:
+    """Launches of one routed-expert call of the first MoE layer on one token with `n` (resident) experts."""
+    runner, cache, model = llm.runner, llm.cache, llm.loaded.model
+    x = torch.randn(1, llm.info.hidden, device=llm.device, dtype=model.lm_head.weight.dtype)
+    indices = torch.arange(n, device=llm.device)[None]
+    weights = torch.full((1, n), 1.0 / n, device=llm.device)
+    saved, cache.trace = cache.trace, None
+    try:
+        with torch.inference_mode():
+            runner.run_experts(llm.info.moe_layers[0], x, indices, weights)  # warm-up: the experts become resident
+            copies = cache.transfer.copies
+            with LaunchCounter() as counter:
+                runner.run_experts(llm.info.moe_layers[0], x, indices, weights)
+    finally:
+        cache.trace = saved
+    return counter.counts["pass"] - (cache.transfer.copies - copies)
+
+
+def _marks(counter: LaunchCounter, layer: nn.Module) -> list[RemovableHandle]:
+    """Hooks that attribute a decoder layer's launches: dense part -> layer, routed experts -> experts."""
+    handles = [counter.mark(layer, "layer", before=True), counter.mark(layer, "pass", before=False)]
+    mlp = getattr(layer, "mlp", None)
+    if isinstance(mlp, MoEBlock):
+        handles += [counter.mark(mlp.gate, "experts", before=False), counter.mark(mlp, "layer", before=False)]
+        if mlp.shared_expert is not None:
+            handles.append(counter.mark(mlp.shared_expert, "layer", before=True))
+    return handles
+
+
+def model_cost(model: CausalLM, expert_bytes: int, ops: OpCounts | None = None, bytes_per_param: int | None = None) -> ModelCost:
+    """ModelCost of a built model (a meta model too, given bytes_per_param); launch counts from `ops` when given."""
+    def size(tensors: list[torch.Tensor]) -> int:
+        return sum(t.numel() * (bytes_per_param or t.element_size()) for t in tensors)
+
+    def weights(m: nn.Module) -> list[torch.Tensor]:
+        return list(m.parameters()) + list(m.buffers())
+
+    embed = model.model.embed_tokens.weight
+    cost = ModelCost(
+        num_layers=len(model.model.layers), dense_bytes=size(weights(model)), expert_bytes=expert_bytes,
+        embedding_bytes=0 if embed is model.lm_head.weight else size([embed]),
+        layer_bytes=tuple(size(weights(layer)) for layer in model.model.layers))
+    return cost if ops is None else with_counts(cost, ops)
+
+
+def with_counts(cost: ModelCost, ops: OpCounts) -> ModelCost:
+    """`cost` with launch counts from `ops` (counts do not depend on widths: a shrunk model's apply at full size)."""
+    return replace(cost, launches_per_layer=ops.per_layer, launches_per_moe_layer=ops.per_moe_layer,
+                   launches_per_expert=ops.per_expert, launches_per_pass=ops.per_pass)
