@@ -266,6 +266,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         llm = open_llm(args)
     if args.expert_cache is None and args.gpu_memory is None and llm.device.type == "cpu":
         llm.planned_slots = max(llm.info.top_k, llm.loaded.store.total_experts // 4)  # CPU: offload three quarters
+        print(f"bench on cpu without a budget: {llm.planned_slots} of {llm.loaded.store.total_experts} expert slots (three quarters offloaded)", file=sys.stderr)
     rate = args.fallback_rate
     if rate is None and args.synthetic:
         rate = demo_fallback_rate()
@@ -298,11 +299,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """A handler writing to whatever sys.stderr is at the time of each record."""
+
+    @property
+    def stream(self):  # noqa: D401 - logging reads this attribute
+        """The current sys.stderr."""
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        """Ignored: the stream is always the current sys.stderr."""
+
+
 def _log_warnings_in_one_line() -> None:
     """The engine's warnings (e.g. pageable fallback) as `mobile-moe: warning: ...` on stderr."""
     log = logging.getLogger("mobile_moe")
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _CurrentStderr) for h in log.handlers):
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("mobile-moe: warning: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.WARNING)

@@ -52,12 +52,27 @@ def test_store_pins_exactly_the_experts_bytes_in_one_page_aligned_block():
     assert len(pinner.unpinned) == 1
 
 
-def test_pinning_failure_falls_back_to_pageable_memory_with_one_warning(caplog):
-    with caplog.at_level(logging.WARNING, logger="mobile_moe"):
+class Records(logging.Handler):
+    """Collects the engine's log records."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_pinning_failure_falls_back_to_pageable_memory_with_one_warning():
+    log, seen = logging.getLogger("mobile_moe"), Records()
+    log.addHandler(seen)
+    try:
         store = filled_store(pinner=FakePinner(fail=True))
+    finally:
+        log.removeHandler(seen)
     assert store.pinned_bytes == 0
     assert torch.equal(store.buffer(1, 2), torch.full((SHAPE.numel,), 102.0))
-    assert len(caplog.records) == 1 and "pageable" in caplog.records[0].getMessage()
+    assert len(seen.records) == 1 and "pageable" in seen.records[0].getMessage()
 
 
 def test_unpinned_allocation_registers_nothing():
