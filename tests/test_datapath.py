@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mobile_moe.experts.cache import ExpertCache
 from mobile_moe.experts.eviction import make_eviction
-from mobile_moe.experts.executor import ExpertExecutor, plan_groups
+from mobile_moe.experts.executor import ExpertExecutor, grouped_matches_loop, grouped_mm_works, plan_groups
 from mobile_moe.experts.host_memory import PAGE, allocate_host
 from mobile_moe.experts.store import ExpertShape, ExpertStore
 from mobile_moe.experts.transfer import Ticket, TransferEngine
@@ -220,3 +220,9 @@ def test_experts_are_computed_in_place_and_combined_in_a_fixed_order(grouped, to
     assert watch.largest < store.shape.gate_up_numel  # no op materialised a copy of any expert's weights
     assert torch.equal(executor.run(0, x, indices, weights), got)
     assert cache.transfer.host_syncs == 2  # one read of the routing per layer call
+
+
+def test_grouped_matmul_probe_runs_and_is_used_only_on_cuda():
+    cpu = torch.device("cpu")
+    assert grouped_matches_loop(cpu, torch.float32, torch.nn.functional.silu, TransferEngine(cpu))
+    assert not grouped_mm_works(fake_cache(3), torch.nn.functional.silu)  # CPU keeps the per-expert loop

@@ -15,8 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from mobile_moe.experts.cache import ExpertCache
+from mobile_moe.experts.store import ExpertShape, ExpertStore
+from mobile_moe.experts.transfer import TransferEngine
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
+PROBE_HIDDEN, PROBE_INTERMEDIATE = 256, 128  # the grouped-matmul probe's expert: tiny, but aligned like real ones
 
 
 @dataclass(frozen=True)
@@ -93,16 +96,21 @@ class ExpertExecutor:
 
 
 def grouped_mm_works(cache: ExpertCache, act: Activation) -> bool:
-    """Whether this device runs grouped matmuls over the slot pool correctly (checked once on random weights)."""
+    """Whether to compute with grouped matmuls: on CUDA, when a one-time probe shows they run correctly."""
     if cache.device.type != "cuda" or not hasattr(torch, "_grouped_mm") or cache.num_slots < 2:
         return False
-    s = cache.store.shape
-    probe = ExpertCache(cache.store, 2, cache.device, cache.transfer)
+    return grouped_matches_loop(cache.device, cache.store.dtype, act, cache.transfer)
+
+
+def grouped_matches_loop(device: torch.device, dtype: torch.dtype, act: Activation, transfer: TransferEngine) -> bool:
+    """Probe: grouped matmuls over a tiny random two-slot pool give the per-expert loop's result."""
+    tiny = ExpertStore([0], 2, ExpertShape(hidden=PROBE_HIDDEN, intermediate=PROBE_INTERMEDIATE), dtype, pin=False)
+    probe = ExpertCache(tiny, 2, device, transfer)
     probe.pool.normal_(0.0, 0.02)
-    xs = torch.randn(3, s.hidden, dtype=cache.store.dtype, device=cache.device)
+    xs = torch.randn(3, PROBE_HIDDEN, dtype=dtype, device=device)
     try:
         got = ExpertExecutor(probe, act, grouped=True)._compute(xs, [1, 0], [2, 1])
-    except RuntimeError:
+    except (RuntimeError, ValueError, TypeError):  # unsupported dtype, strides or device
         return False
     want = ExpertExecutor(probe, act, grouped=False)._compute(xs, [1, 0], [2, 1])
     return bool(torch.allclose(got.float(), want.float(), rtol=2e-2, atol=1e-3))
