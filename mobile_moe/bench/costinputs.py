@@ -88,8 +88,8 @@ def _count_pass(llm: LLM, prompt: Sequence[int]) -> Counter[str]:
     handles = [h for layer in llm.loaded.model.model.layers for h in _marks(counter, layer)]
     try:
         kv = runner.new_kv(len(prompt) + 1)
-        runner.forward(torch.tensor(list(prompt), device=llm.device), kv, ExpertMode.BIG)
-        token = torch.tensor([prompt[-1]], device=llm.device)
+        runner.forward(runner.ids(list(prompt)), kv, ExpertMode.BIG)
+        token = runner.ids([prompt[-1]])
         runner.forward(token, kv, ExpertMode.BIG)  # warm-up: this step's experts become resident
         kv.rewind(1)
         counter.counts.clear()

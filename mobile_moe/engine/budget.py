@@ -11,6 +11,7 @@ from transformers import PretrainedConfig
 from mobile_moe.config import CacheConfig, EngineConfig
 from mobile_moe.engine.loader import FP32_BUFFERS, resolve_dtype
 from mobile_moe.errors import CacheTooSmall, InvalidParameter
+from mobile_moe.experts.store import ExpertShape
 from mobile_moe.models.registry import build_model
 from mobile_moe.models.transformer import CausalLM
 
@@ -28,7 +29,7 @@ def dense_bytes(model: CausalLM, dtype: torch.dtype | None = None) -> int:
         elif dtype is None or name.endswith(FP32_BUFFERS):
             size = t.element_size()
         else:
-            size = torch.empty((), dtype=dtype).element_size()
+            size = dtype.itemsize
         total += t.numel() * size
     return total
 
@@ -36,7 +37,7 @@ def dense_bytes(model: CausalLM, dtype: torch.dtype | None = None) -> int:
 def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
     """KV-cache bytes one position takes across all layers."""
     k_shapes, v_shapes = model.kv_shapes()
-    return sum(h * d for h, d in k_shapes + v_shapes) * torch.empty((), dtype=dtype).element_size()
+    return sum(h * d for h, d in k_shapes + v_shapes) * dtype.itemsize
 
 
 def scratch_bytes(model: CausalLM, dtype: torch.dtype, context: int) -> int:
@@ -44,7 +45,7 @@ def scratch_bytes(model: CausalLM, dtype: torch.dtype, context: int) -> int:
     info, chunk = model.info, min(PREFILL_CHUNK, context)
     widest = max((m.out_features for m in model.model.layers.modules() if isinstance(m, nn.Linear)), default=0)
     per_token = info.top_k * (2 * info.hidden + 3 * info.expert_intermediate) + 3 * widest + 8 * info.hidden
-    return chunk * per_token * torch.empty((), dtype=dtype).element_size() + chunk * context  # + boolean causal mask
+    return chunk * per_token * dtype.itemsize + chunk * context  # + boolean causal mask
 
 
 @dataclass(frozen=True)
@@ -111,5 +112,5 @@ def plan_for_config(model_cfg: PretrainedConfig, config: EngineConfig) -> SlotPl
         model = build_model(model_cfg)
     dtype = resolve_dtype(config.dtype, model_cfg, device)
     info = model.info
-    expert_bytes = 3 * info.hidden * info.expert_intermediate * torch.empty((), dtype=dtype).element_size()
-    return plan_slots(config.cache, model, expert_bytes, info.num_experts * len(info.moe_layers), device, dtype, min(info.max_context, config.max_context))
+    expert_bytes = ExpertShape(info.hidden, info.expert_intermediate).numel * dtype.itemsize
+    return plan_slots(config.cache, model, expert_bytes, info.num_experts * len(info.moe_layers), device, dtype, config.max_context)

@@ -43,7 +43,7 @@ class LLM:
         self.info = self.loaded.model.info
         self.max_context = min(self.info.max_context, self.config.max_context)
         store = self.loaded.store
-        self.plan = plan_slots(self.config.cache, self.loaded.model, store.expert_bytes, store.total_experts, self.device, self.loaded.dtype, self.max_context)
+        self.plan = plan_slots(self.config.cache, self.loaded.model, store.expert_bytes, store.total_experts, self.device, self.loaded.dtype, self.config.max_context)
         self.planned_slots = self.plan.slots
         self.reset_cache(self.planned_slots)
         self.tokenizer = _load_tokenizer(self.path) if self.path.is_dir() else None

@@ -35,7 +35,7 @@ class Runner:
 
     def ids(self, tokens: list[int]) -> torch.Tensor:
         """Token ids [T] on the device, without a host sync."""
-        return self.cache.transfer.to_device(tokens).to(self.model.lm_head.weight.device)
+        return self.cache.transfer.to_device(tokens)
 
     def run_experts(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Delegate to the batched executor."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +83,7 @@ class ExpertExecutor:
     def _compute_grouped(self, xs: torch.Tensor, slots: list[int], counts: list[int]) -> torch.Tensor:
         """Two grouped matmuls over the whole slot pool: group s holds the rows routed to slot s (most are empty)."""
         order = sorted(range(len(slots)), key=slots.__getitem__)  # grouped_mm wants rows in slot order
-        starts = [sum(counts[:i]) for i in range(len(counts))]
+        starts = [0, *accumulate(counts)]
         rows = [r for i in order for r in range(starts[i], starts[i] + counts[i])]
         transfer = self.cache.transfer
         row_index = transfer.to_device(rows)

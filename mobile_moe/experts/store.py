@@ -61,7 +61,7 @@ class ExpertStore:
     @property
     def expert_bytes(self) -> int:
         """Bytes moved to bring one expert to the device."""
-        return self.shape.numel * torch.empty((), dtype=self.dtype).element_size()
+        return self.shape.numel * self.dtype.itemsize
 
     @property
     def total_experts(self) -> int:
