@@ -1,4 +1,4 @@
-"""Command line: `mobile-moe generate | eval | calibrate | bench`. Entry point only: parse, call the API, print."""
+"""Command line: `mobile-moe generate | eval | calibrate | bench | quantize`. Entry point only: parse, call the API, print."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import NoReturn
 
 from mobile_moe.bench.bench import BenchSettings, default_prompts, run_bench, table
 from mobile_moe.bench.synthetic import SHAPES, build_synthetic, full_size_cost, synthetic_config
-from mobile_moe.config import CRITERIA, POLICIES, EngineConfig, PolicyConfig, SamplingParams
+from mobile_moe.config import CRITERIA, EXPERT_DTYPES, POLICIES, EngineConfig, PolicyConfig, SamplingParams
 from mobile_moe.engine.budget import plan_for_config
 from mobile_moe.engine.calibration import (
     DEFAULT_TAU,
@@ -24,7 +24,9 @@ from mobile_moe.engine.calibration import (
 )
 from mobile_moe.engine.checkpoint import read_config
 from mobile_moe.engine.llm import LLM, engine_config, resolve_device
+from mobile_moe.engine.quantize import quantize_checkpoint
 from mobile_moe.errors import CheckpointError, InvalidParameter, MobileMoeError
+from mobile_moe.experts.formats import DEFAULT_GROUP_SIZE
 from mobile_moe.eval.data import read_texts
 from mobile_moe.eval.evaluate import EvalSettings, calibrate, evaluate
 from mobile_moe.eval.report import plot_taus, runs_table
@@ -43,7 +45,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Model, device and cache flags every command shares."""
     p.add_argument("--model", type=Path, help="checkpoint directory (default: the bundled demo model)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype (default: float32 on cpu, the checkpoint's on cuda)")
+    p.add_argument("--expert-dtype", default="auto", choices=EXPERT_DTYPES,
+                   help="how routed experts are stored in host memory and moved (default auto: the compute dtype, or what a quantized checkpoint holds)")
+    p.add_argument("--group-size", type=int, metavar="G", help=f"int4 experts: weights per scale/zero group along the input dim (default {DEFAULT_GROUP_SIZE})")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--expert-cache", type=int, metavar="N", help="device expert cache size, in experts")
     size.add_argument("--gpu-memory", type=float, metavar="GB", help="device memory budget for dense weights + KV cache + expert slots")
@@ -81,7 +86,27 @@ def build_parser() -> Parser:
     gen.set_defaults(handler=cmd_generate)
     add_eval_parsers(sub)
     add_bench_parser(sub)
+    add_quantize_parser(sub)
     return parser
+
+
+def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
+    """`quantize`."""
+    q = sub.add_parser("quantize", help="write a copy of a checkpoint with its routed experts packed as int8 or int4")
+    q.add_argument("--model", type=Path, help="source checkpoint directory (default: the bundled demo model)")
+    q.add_argument("--to", required=True, choices=["int8", "int4"], help="expert format")
+    q.add_argument("--group-size", type=int, metavar="G", help=f"int4: weights per scale/zero group along the input dim (default {DEFAULT_GROUP_SIZE})")
+    q.add_argument("--out", type=Path, required=True, help="new directory to write (must not exist)")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(handler=cmd_quantize)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """`mobile-moe quantize`."""
+    r = quantize_checkpoint(model_dir(args.model), args.out, args.to, args.group_size, progress=not args.quiet)
+    detail = ", ".join(f"{k} {v}" for k, v in r.expert_format.items() if k not in ("quant_method", "modules"))
+    print(f"packed {r.experts} experts ({detail}): {r.source_expert_bytes / 2**20:.1f} MiB -> {r.packed_expert_bytes / 2**20:.1f} MiB; written to {r.out}")
+    return 0
 
 
 def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
@@ -156,7 +181,9 @@ def open_llm(args: argparse.Namespace) -> LLM:
 
 def engine_config_from(args: argparse.Namespace) -> EngineConfig:
     """EngineConfig from the shared engine flags."""
-    return engine_config(args.device, args.dtype, args.expert_cache, args.gpu_memory, args.eviction, not args.quiet, args.max_context)
+    return engine_config(
+        args.device, args.dtype, args.expert_cache, args.gpu_memory, args.eviction, not args.quiet, args.max_context, args.expert_dtype, args.group_size,
+    )
 
 
 def policy_from(args: argparse.Namespace, model: Path) -> PolicyConfig:

@@ -8,6 +8,8 @@ from typing import Literal
 
 from mobile_moe.errors import InvalidParameter
 
+EXPERT_DTYPES: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32", "int8", "int4")
+
 PolicyName = Literal["big", "little", "mobile"]
 LittleWeights = Literal["native", "rescale"]
 PrefillMode = Literal["big", "little"]
@@ -97,11 +99,17 @@ class EngineConfig:
     cache: CacheConfig = CacheConfig()
     progress: bool = True
     max_context: int = 4096  # longest prompt + generation served; a memory budget reserves its KV cache
+    expert_dtype: str = "auto"  # auto | bf16 | fp16 | fp32 | int8 | int4: how routed experts are stored and moved
+    group_size: int | None = None  # int4 only: weights per (scale, zero) group along the input dim
 
     def __post_init__(self) -> None:
         if self.max_context < 2:
             raise InvalidParameter(f"max context must be >= 2 tokens, got {self.max_context}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise InvalidParameter(f"device must be cpu or cuda, got {self.device!r}")
+        if self.expert_dtype not in EXPERT_DTYPES:
+            raise InvalidParameter(f"expert dtype must be one of {', '.join(EXPERT_DTYPES)}, got {self.expert_dtype!r}")
+        if self.group_size is not None and self.expert_dtype != "int4":
+            raise InvalidParameter(f"--group-size applies to int4 experts only, not {self.expert_dtype}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise InvalidParameter(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")

@@ -80,7 +80,7 @@ def test_hits_misses_and_bytes_match_what_was_copied():
     assert cache.transfer.copies == 5
     for (layer, expert), slot in cache.where.items():  # the copied bytes are the expert's own
         assert torch.equal(cache.pool[slot], cache.store.buffer(layer, expert))
-        assert torch.all(cache.gate_up[slot] == 100.0 * layer + expert)
+        assert torch.all(cache.fields["gate_up"][0][slot] == 100.0 * layer + expert)
 
 
 def test_prefetch_loads_without_pinning_and_turns_misses_into_hits():

@@ -57,7 +57,7 @@ def test_experts_live_in_host_store_not_in_model_parameters(checkpoints):
     names = [n for n, _ in llm.loaded.model.named_parameters()]
     assert not any(".experts." in n for n in names)
     store = llm.loaded.store
-    assert len(store.layers) == 3 and all(t.shape == (16, store.shape.numel) for t in store.layers.values())
+    assert len(store.layers) == 3 and all(t.shape == (16, store.expert_bytes) for t in store.layers.values())
     assert llm.cache.pool.shape[0] == 4
 
 

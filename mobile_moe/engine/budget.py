@@ -9,9 +9,9 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from mobile_moe.config import CacheConfig, EngineConfig
-from mobile_moe.engine.loader import FP32_BUFFERS, resolve_dtype
+from mobile_moe.engine.loader import FP32_BUFFERS, resolve_dtype, resolve_format
 from mobile_moe.errors import CacheTooSmall, InvalidParameter
-from mobile_moe.experts.store import ExpertShape
+from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertShape
 from mobile_moe.models.registry import build_model
 from mobile_moe.models.transformer import CausalLM
 
@@ -72,8 +72,14 @@ class SlotPlan:
         )
 
 
-def plan_slots(cfg: CacheConfig, model: CausalLM, expert_bytes: int, total_experts: int, device: torch.device, dtype: torch.dtype, max_context: int) -> SlotPlan:
-    """The slot plan; raises CacheTooSmall when one layer's top-k would not fit. `model` may live on the meta device."""
+def plan_slots(
+    cfg: CacheConfig, model: CausalLM, expert_bytes: int, total_experts: int, device: torch.device, dtype: torch.dtype, max_context: int,
+    dequant_bytes: int = 0,
+) -> SlotPlan:
+    """The slot plan; raises CacheTooSmall when one layer's top-k would not fit. `model` may live on the meta device.
+
+    `dequant_bytes`: transient memory for dequantizing one packed expert matrix, counted with the activations.
+    """
     top_k = model.info.top_k
     if cfg.slots is not None:
         plan = SlotPlan(min(cfg.slots, total_experts), total_experts, expert_bytes)
@@ -84,7 +90,7 @@ def plan_slots(cfg: CacheConfig, model: CausalLM, expert_bytes: int, total_exper
             return SlotPlan(total_experts, total_experts, expert_bytes)  # CPU without a budget: every expert gets a slot
         context = min(model.info.max_context, max_context)
         dense = dense_bytes(model, dtype)
-        kv, scratch = context * kv_bytes_per_token(model, dtype), scratch_bytes(model, dtype, context)
+        kv, scratch = context * kv_bytes_per_token(model, dtype), scratch_bytes(model, dtype, context) + dequant_bytes
         slots = max(0, (budget - dense - kv - scratch) // expert_bytes)
         plan = SlotPlan(min(slots, total_experts), total_experts, expert_bytes, budget, dense, kv, scratch, context)
         reason = plan.describe()
@@ -112,5 +118,11 @@ def plan_for_config(model_cfg: PretrainedConfig, config: EngineConfig) -> SlotPl
         model = build_model(model_cfg)
     dtype = resolve_dtype(config.dtype, model_cfg, device)
     info = model.info
-    expert_bytes = ExpertShape(info.hidden, info.expert_intermediate).numel * dtype.itemsize
-    return plan_slots(config.cache, model, expert_bytes, info.num_experts * len(info.moe_layers), device, dtype, config.max_context)
+    layout = ExpertLayout(ExpertShape(info.hidden, info.expert_intermediate), resolve_format(model_cfg, config.expert_dtype, config.group_size, dtype))
+    total = info.num_experts * len(info.moe_layers)
+    return plan_slots(config.cache, model, layout.nbytes, total, device, dtype, config.max_context, dequant_scratch_bytes(layout, dtype))
+
+
+def dequant_scratch_bytes(layout: ExpertLayout, dtype: torch.dtype) -> int:
+    """Transient bytes to dequantize the largest matrix of one expert (0 when experts are read in place)."""
+    return max(layout.format.dequant_bytes(*layout.shape.matrix_shape(m), dtype) for m in MATRICES)

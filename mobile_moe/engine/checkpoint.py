@@ -17,6 +17,7 @@ from mobile_moe.models.registry import check_supported
 
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
 _FUSED = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj)$")
+_PACKED = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj)\.(\w+)$")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 PART_NAMES = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 
@@ -38,13 +39,29 @@ class FusedExpertTensor:
     part: str  # gate_up | down
 
 
-def classify(key: str) -> ExpertTensor | FusedExpertTensor | None:
-    """What a checkpoint key holds: an expert piece, a fused expert tensor, or None for a dense weight."""
+@dataclass(frozen=True)
+class PackedExpertTensor:
+    """One packed field (e.g. qweight, scales) of all experts of a layer, as `mobile-moe quantize` writes it."""
+
+    layer: int
+    part: str  # gate_up | down
+    field: str
+
+
+def classify(key: str) -> ExpertTensor | FusedExpertTensor | PackedExpertTensor | None:
+    """What a checkpoint key holds: an expert piece, a fused or packed expert tensor, or None for a dense weight."""
     if m := _EXPERT.match(key):
         return ExpertTensor(int(m[1]), int(m[2]), PART_NAMES[m[3]])
     if m := _FUSED.match(key):
         return FusedExpertTensor(int(m[1]), "gate_up" if m[2] == "gate_up_proj" else "down")
+    if m := _PACKED.match(key):
+        return PackedExpertTensor(int(m[1]), "gate_up" if m[2] == "gate_up_proj" else "down", m[3])
     return None
+
+
+def packed_key(layer: int, matrix: str, field: str) -> str:
+    """The checkpoint key of one packed field of a layer's experts."""
+    return f"model.layers.{layer}.mlp.experts.{matrix}_proj.{field}"
 
 
 def layer_of(key: str) -> int | None:

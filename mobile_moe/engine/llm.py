@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from mobile_moe.config import CacheConfig, EngineConfig, PolicyConfig, SamplingParams
-from mobile_moe.engine.budget import plan_slots
+from mobile_moe.engine.budget import dequant_scratch_bytes, plan_slots
 from mobile_moe.engine.generate import GenerationResult, generate
 from mobile_moe.engine.loader import LoadedModel, load
 from mobile_moe.engine.runner import Runner
@@ -38,12 +38,15 @@ class LLM:
         if isinstance(model, LoadedModel):
             self.loaded = model
         else:
-            self.loaded = load(model, self.device, self.config.dtype, self.config.progress)
+            self.loaded = load(model, self.device, self.config.dtype, self.config.progress, self.config.expert_dtype, self.config.group_size)
         self.path = self.loaded.path
         self.info = self.loaded.model.info
         self.max_context = min(self.info.max_context, self.config.max_context)
         store = self.loaded.store
-        self.plan = plan_slots(self.config.cache, self.loaded.model, store.expert_bytes, store.total_experts, self.device, self.loaded.dtype, self.config.max_context)
+        self.plan = plan_slots(
+            self.config.cache, self.loaded.model, store.expert_bytes, store.total_experts, self.device, self.loaded.dtype, self.config.max_context,
+            dequant_scratch_bytes(store.layout, self.loaded.dtype),
+        )
         self.planned_slots = self.plan.slots
         self.reset_cache(self.planned_slots)
         self.tokenizer = _load_tokenizer(self.path) if self.path.is_dir() else None
@@ -117,7 +120,10 @@ def _load_tokenizer(path: Path):  # -> PreTrainedTokenizerBase | None
 
 def engine_config(
     device: str = "cpu", dtype: str = "auto", expert_cache: int | None = None, gpu_memory: float | None = None,
-    eviction: str = "lru", progress: bool = True, max_context: int = 4096,
+    eviction: str = "lru", progress: bool = True, max_context: int = 4096, expert_dtype: str = "auto", group_size: int | None = None,
 ) -> EngineConfig:
     """EngineConfig from flat keyword arguments (what the CLI and API users pass)."""
-    return EngineConfig(device=device, dtype=dtype, cache=CacheConfig(expert_cache, gpu_memory, eviction), progress=progress, max_context=max_context)
+    return EngineConfig(
+        device=device, dtype=dtype, cache=CacheConfig(expert_cache, gpu_memory, eviction), progress=progress, max_context=max_context,
+        expert_dtype=expert_dtype, group_size=group_size,
+    )

@@ -12,6 +12,7 @@ from transformers import PretrainedConfig
 from mobile_moe.engine.checkpoint import (
     ExpertTensor,
     FusedExpertTensor,
+    PackedExpertTensor,
     classify,
     count_tensors,
     dense_name,
@@ -20,7 +21,8 @@ from mobile_moe.engine.checkpoint import (
     read_config,
     shard_files,
 )
-from mobile_moe.errors import CheckpointError
+from mobile_moe.errors import CheckpointError, InvalidParameter
+from mobile_moe.experts.formats import ExpertFormat, format_from_config, make_format
 from mobile_moe.experts.store import ExpertShape, ExpertStore
 from mobile_moe.models.registry import build_model
 from mobile_moe.models.transformer import CausalLM
@@ -51,16 +53,39 @@ def resolve_dtype(name: str, cfg: PretrainedConfig, device: torch.device) -> tor
     return stored if isinstance(stored, torch.dtype) else torch.bfloat16
 
 
-def load(path: str | Path, device: torch.device, dtype_name: str = "auto", progress: bool = True) -> LoadedModel:
-    """Read config and weights; never materialise all experts on the device."""
+def stored_format(cfg: PretrainedConfig) -> ExpertFormat | None:
+    """The packed expert format a quantized checkpoint declares in `quantization_config`, else None."""
+    qc = getattr(cfg, "quantization_config", None)
+    if qc is None:
+        return None
+    return format_from_config(qc if isinstance(qc, dict) else qc.to_dict())
+
+
+def resolve_format(cfg: PretrainedConfig, expert_dtype: str, group_size: int | None, dtype: torch.dtype) -> ExpertFormat:
+    """The experts' format: what a quantized checkpoint stores, else `--expert-dtype` (auto: the compute dtype)."""
+    wanted = make_format(expert_dtype, dtype, group_size)  # validates the flags even for quantized checkpoints
+    stored = stored_format(cfg)
+    if stored is None:
+        return wanted
+    if expert_dtype not in ("auto", stored.name) or (group_size is not None and group_size != getattr(stored, "group_size", None)):
+        raise InvalidParameter(f"the checkpoint stores {stored.config()} experts; --expert-dtype {expert_dtype} cannot re-quantize them (use auto, or quantize the original checkpoint)")
+    return stored
+
+
+def load(
+    path: str | Path, device: torch.device, dtype_name: str = "auto", progress: bool = True,
+    expert_dtype: str = "auto", group_size: int | None = None,
+) -> LoadedModel:
+    """Read config and weights, packing experts into the host store as they stream by; never materialise all experts on the device."""
     path = Path(path)
     cfg = read_config(path)
     files = shard_files(path)
     dtype = resolve_dtype(dtype_name, cfg, device)
+    fmt = resolve_format(cfg, expert_dtype, group_size, dtype)
     with torch.device("meta"):
         model = build_model(cfg)
     info = model.info
-    store = ExpertStore(list(info.moe_layers), info.num_experts, ExpertShape(info.hidden, info.expert_intermediate), dtype, pin=device.type == "cuda")
+    store = ExpertStore(list(info.moe_layers), info.num_experts, ExpertShape(info.hidden, info.expert_intermediate), fmt, pin=device.type == "cuda")
     dense: dict[str, torch.Tensor] = {}
     bar = tqdm(total=count_tensors(files), desc="loading weights", unit="tensor", disable=(not progress) or None, leave=False)
     for key, tensor in iter_tensors(files):
@@ -73,19 +98,29 @@ def load(path: str | Path, device: torch.device, dtype_name: str = "auto", progr
 
 
 def _place(key: str, tensor: torch.Tensor, cfg: PretrainedConfig, store: ExpertStore, dense: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> None:
-    """Route one checkpoint tensor to the expert store or the dense state dict."""
+    """Route one checkpoint tensor to the expert store (packed there) or the dense state dict."""
     layer = layer_of(key)
     if layer is not None and layer >= cfg.num_hidden_layers:
         return  # e.g. DeepSeek-V3's multi-token-prediction layers, unused for decoding
     kind = classify(key)
+    if kind is not None:
+        place_expert(key, kind, tensor, store)
+    elif not key.endswith("rotary_emb.inv_freq"):
+        keep_fp32 = key.endswith(FP32_BUFFERS)
+        dense[dense_name(key)] = tensor.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+
+
+def place_expert(key: str, kind: ExpertTensor | FusedExpertTensor | PackedExpertTensor, tensor: torch.Tensor, store: ExpertStore) -> None:
+    """Pack one expert tensor of the checkpoint into the store; a tensor that does not fit is a CheckpointError."""
     try:
         if isinstance(kind, ExpertTensor):
-            store.put(kind.layer, kind.expert, kind.part, tensor.to(dtype))
+            store.put(kind.layer, kind.expert, kind.part, tensor)
         elif isinstance(kind, FusedExpertTensor):
-            store.put_fused(kind.layer, kind.part, tensor.to(dtype))
-        elif not key.endswith("rotary_emb.inv_freq"):
-            keep_fp32 = key.endswith(FP32_BUFFERS)
-            dense[dense_name(key)] = tensor.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+            store.put_fused(kind.layer, kind.part, tensor)
+        elif not store.format.quantized:
+            raise ValueError("packed expert tensors need a quantization_config naming their format")
+        else:
+            store.put_packed(kind.layer, kind.part, kind.field, tensor)
     except (ValueError, KeyError, IndexError) as e:
         raise CheckpointError(f"tensor {key} does not fit the config: {e}") from None
 

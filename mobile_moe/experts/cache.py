@@ -51,10 +51,8 @@ class ExpertCache:
     trace: Trace | None = None
 
     def __post_init__(self) -> None:
-        self.pool = torch.empty(self.num_slots, self.store.shape.numel, dtype=self.store.dtype, device=self.device)
-        s = self.store.shape
-        self.gate_up = self.pool[:, : s.gate_up_numel].view(self.num_slots, 2 * s.intermediate, s.hidden)
-        self.down = self.pool[:, s.gate_up_numel :].view(self.num_slots, s.hidden, s.intermediate)
+        self.pool = torch.empty(self.num_slots, self.store.expert_bytes, dtype=torch.uint8, device=self.device)  # packed, as in the store
+        self.fields = self.store.layout.views(self.pool)  # matrix -> each packed field as a typed view [S, ...]
         self.slots = [_Slot() for _ in range(self.num_slots)]
         self.free = list(range(self.num_slots - 1, -1, -1))  # stack: slot 0 is handed out first
         self.where: dict[Key, int] = {}

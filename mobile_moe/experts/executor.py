@@ -1,9 +1,11 @@
 """Routed-expert computation straight out of the device cache: no weight copies, one host sync per layer.
 
-The layer's (token, expert) pairs are planned on the host from one read of the router's choice; each cached
-expert's weights are read in place, either by one grouped matmul over the whole slot pool (`torch._grouped_mm`,
-where the device runs it correctly: probed once) or by a short loop of per-expert matmuls. Pair outputs are
-combined by a weighted sum in a fixed order, so results do not depend on atomics.
+The layer's (token, expert) pairs are planned on the host from one read of the router's choice. Cached
+experts in the compute dtype are read in place, either by one grouped matmul over the whole slot pool
+(`torch._grouped_mm`, where the device runs it correctly: probed once) or by a short loop of per-expert
+matmuls; quantized experts are dequantized on the device one at a time in that loop (int8 on the CPU uses
+torch's fused int8 matmul where it exists). Pair outputs are combined by a weighted sum in a fixed order, so
+results do not depend on atomics.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from mobile_moe.experts.cache import ExpertCache
-from mobile_moe.experts.store import ExpertShape, ExpertStore
+from mobile_moe.experts.formats import FloatFormat, Int8Format
+from mobile_moe.experts.store import ExpertShape, ExpertStore, Matrix
 from mobile_moe.experts.transfer import TransferEngine
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -48,10 +51,12 @@ def plan_groups(flat: list[int], group_size: int) -> list[ExpertGroup]:
 class ExpertExecutor:
     """Runs a layer's chosen experts: makes them resident (via the cache), then computes them in place."""
 
-    def __init__(self, cache: ExpertCache, act: Activation, grouped: bool | None = None) -> None:
-        self.cache = cache
-        self.act = act
-        self.grouped = grouped_mm_works(cache, act) if grouped is None else grouped
+    def __init__(self, cache: ExpertCache, act: Activation, dtype: torch.dtype, grouped: bool | None = None) -> None:
+        self.cache, self.act, self.dtype = cache, act, dtype
+        fmt = cache.store.format
+        self.in_place = fmt.reads_in_place(dtype)
+        self.fused_int8 = isinstance(fmt, Int8Format) and int8_matmul_works(cache.device, dtype)
+        self.grouped = (self.in_place and grouped_mm_works(cache, act, dtype)) if grouped is None else grouped
 
     def run(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [T, H], indices/weights: [T, n] -> sum_j weights[:, j] * expert_{indices[:, j]}(x)  [T, H]."""
@@ -75,10 +80,19 @@ class ExpertExecutor:
             return self._compute_grouped(xs, slots, counts)
         outs, start = [], 0
         for slot, count in zip(slots, counts):
-            gate, up = F.linear(xs[start : start + count], self.cache.gate_up[slot]).chunk(2, dim=-1)
-            outs.append(F.linear(self.act(gate) * up, self.cache.down[slot]))
+            gate, up = self._matmul(xs[start : start + count], slot, "gate_up").chunk(2, dim=-1)
+            outs.append(self._matmul(self.act(gate) * up, slot, "down"))
             start += count
         return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _matmul(self, x: torch.Tensor, slot: int, matrix: Matrix) -> torch.Tensor:
+        """x: [P, in] -> x @ W.T [P, out] for one cached expert's matrix, dequantizing it if it is packed."""
+        fields = [f[slot] for f in self.cache.fields[matrix]]
+        if self.in_place:
+            return F.linear(x, fields[0])
+        if self.fused_int8:
+            return torch._weight_int8pack_mm(x, fields[0], fields[1])
+        return F.linear(x, self.cache.store.format.dequantize(fields, self.dtype))  # a transient [out, in] the budget counts
 
     def _compute_grouped(self, xs: torch.Tensor, slots: list[int], counts: list[int]) -> torch.Tensor:
         """Two grouped matmuls over the whole slot pool: group s holds the rows routed to slot s (most are empty)."""
@@ -90,28 +104,47 @@ class ExpertExecutor:
         per_slot = torch.zeros(self.cache.num_slots, dtype=torch.int64, device=xs.device)
         per_slot[transfer.to_device([slots[i] for i in order])] = transfer.to_device([counts[i] for i in order])
         offs = per_slot.cumsum(0).to(torch.int32)  # [S] end row of each slot's group
-        gate_up = torch._grouped_mm(xs[row_index], self.cache.gate_up.transpose(1, 2), offs=offs)  # [Pg, 2I]
+        gate_up_w, down_w = self.cache.fields["gate_up"][0], self.cache.fields["down"][0]  # [S, 2I, H], [S, H, I]
+        gate_up = torch._grouped_mm(xs[row_index], gate_up_w.transpose(1, 2), offs=offs)  # [Pg, 2I]
         gate, up = gate_up.chunk(2, dim=-1)
-        y = torch._grouped_mm((self.act(gate) * up).contiguous(), self.cache.down.transpose(1, 2), offs=offs)  # [Pg, H]
+        y = torch._grouped_mm((self.act(gate) * up).contiguous(), down_w.transpose(1, 2), offs=offs)  # [Pg, H]
         return torch.empty_like(y).index_copy_(0, row_index, y)  # back to the caller's row order
 
 
-def grouped_mm_works(cache: ExpertCache, act: Activation) -> bool:
+def grouped_mm_works(cache: ExpertCache, act: Activation, dtype: torch.dtype) -> bool:
     """Whether to compute with grouped matmuls: on CUDA, when a one-time probe shows they run correctly."""
     if cache.device.type != "cuda" or not hasattr(torch, "_grouped_mm") or cache.num_slots < 2:
         return False
-    return grouped_matches_loop(cache.device, cache.store.dtype, act, cache.transfer)
+    return grouped_matches_loop(cache.device, dtype, act, cache.transfer)
 
 
 def grouped_matches_loop(device: torch.device, dtype: torch.dtype, act: Activation, transfer: TransferEngine) -> bool:
     """Probe: grouped matmuls over a tiny random two-slot pool give the per-expert loop's result."""
-    tiny = ExpertStore([0], 2, ExpertShape(hidden=PROBE_HIDDEN, intermediate=PROBE_INTERMEDIATE), dtype, pin=False)
+    tiny = ExpertStore([0], 2, ExpertShape(hidden=PROBE_HIDDEN, intermediate=PROBE_INTERMEDIATE), FloatFormat(dtype), pin=False)
     probe = ExpertCache(tiny, 2, device, transfer)
-    probe.pool.normal_(0.0, 0.02)
+    for field in (probe.fields["gate_up"][0], probe.fields["down"][0]):
+        field.normal_(0.0, 0.02)
     xs = torch.randn(3, PROBE_HIDDEN, dtype=dtype, device=device)
     try:
-        got = ExpertExecutor(probe, act, grouped=True)._compute(xs, [1, 0], [2, 1])
+        got = ExpertExecutor(probe, act, dtype, grouped=True)._compute(xs, [1, 0], [2, 1])
     except (RuntimeError, ValueError, TypeError):  # unsupported dtype, strides or device
         return False
-    want = ExpertExecutor(probe, act, grouped=False)._compute(xs, [1, 0], [2, 1])
+    want = ExpertExecutor(probe, act, dtype, grouped=False)._compute(xs, [1, 0], [2, 1])
     return bool(torch.allclose(got.float(), want.float(), rtol=2e-2, atol=1e-3))
+
+
+def int8_matmul_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's fused int8-weight matmul runs here and matches dequantize-then-matmul (probed once)."""
+    if not hasattr(torch, "_weight_int8pack_mm"):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 64, generator=gen)
+    x = torch.randn(3, 64, generator=gen).to(device, dtype)
+    fmt = Int8Format()
+    q, scale = (t.to(device) for t in fmt.quantize(w))
+    try:
+        got = torch._weight_int8pack_mm(x, q, scale)  # float32 scales, as the store keeps them
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    want = F.linear(x, fmt.dequantize([q, scale], dtype))
+    return bool(torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-3))

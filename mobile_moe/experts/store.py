@@ -7,51 +7,88 @@ from typing import Literal
 
 import torch
 
+from mobile_moe.experts.formats import ExpertFormat, Field, FloatFormat
 from mobile_moe.experts.host_memory import Pinner, allocate_host, cuda_pinner
 
 Part = Literal["gate", "up", "down"]
+Matrix = Literal["gate_up", "down"]
 PARTS: tuple[Part, ...] = ("gate", "up", "down")
+MATRICES: tuple[Matrix, ...] = ("gate_up", "down")
+FIELD_ALIGN = 16  # bytes: every packed field and every expert buffer starts on this boundary
+FUSED_CHUNK = 8  # experts quantized at once from a fused [E, ...] tensor: bounds the transient float copies
 
 
 @dataclass(frozen=True)
 class ExpertShape:
-    """Shape of one SwiGLU expert; its packed buffer is [gate (I*H) | up (I*H) | down (H*I)]."""
+    """Shape of one SwiGLU expert: gate_up [2I, H] (gate rows first) and down [H, I]."""
 
     hidden: int
     intermediate: int
 
     @property
     def numel(self) -> int:
-        """Elements in one packed expert."""
+        """Weights in one expert."""
         return 3 * self.hidden * self.intermediate
 
-    @property
-    def gate_up_numel(self) -> int:
-        """Elements of the stacked gate and up projections."""
-        return 2 * self.hidden * self.intermediate
+    def matrix_shape(self, matrix: Matrix) -> tuple[int, int]:
+        """[out, in] of a stacked matrix."""
+        return (2 * self.intermediate, self.hidden) if matrix == "gate_up" else (self.hidden, self.intermediate)
 
     def part_shape(self, part: Part) -> tuple[int, int]:
         """Weight shape of one projection as checkpoints store it ([out, in])."""
         return (self.hidden, self.intermediate) if part == "down" else (self.intermediate, self.hidden)
 
-    def part_range(self, part: Part) -> slice:
-        """Where a projection lives in the packed buffer."""
-        n = self.hidden * self.intermediate
-        return slice(PARTS.index(part) * n, (PARTS.index(part) + 1) * n)
+    def part_rows(self, part: Part) -> tuple[Matrix, slice]:
+        """Which matrix a projection belongs to and its rows there."""
+        i = self.intermediate
+        return ("down", slice(0, self.hidden)) if part == "down" else ("gate_up", slice(0, i) if part == "gate" else slice(i, 2 * i))
+
+
+def _align(n: int) -> int:
+    return (n + FIELD_ALIGN - 1) // FIELD_ALIGN * FIELD_ALIGN
+
+
+class ExpertLayout:
+    """Where each packed field of an expert lives inside its byte buffer: gate_up's fields, then down's."""
+
+    def __init__(self, shape: ExpertShape, fmt: ExpertFormat) -> None:
+        self.shape, self.format = shape, fmt
+        self.fields: dict[Matrix, list[tuple[Field, int]]] = {}
+        offset = 0
+        for matrix in MATRICES:
+            out, inp = shape.matrix_shape(matrix)
+            fmt.check(out, inp, matrix)
+            placed = []
+            for field in fmt.fields(out, inp):
+                placed.append((field, offset))
+                offset = _align(offset + field.nbytes)
+            self.fields[matrix] = placed
+        self.nbytes = offset
+
+    def views(self, block: torch.Tensor) -> dict[Matrix, list[torch.Tensor]]:
+        """block: uint8 [N, nbytes] -> per matrix, each field as a typed view [N, *field.shape]."""
+        n = block.shape[0]
+        return {
+            matrix: [block[:, off : off + f.nbytes].view(f.dtype).view(n, *f.shape) for f, off in placed]
+            for matrix, placed in self.fields.items()
+        }
 
 
 class ExpertStore:
     """Routed experts of every MoE layer in one exact-size host allocation (page-locked when the device is CUDA)."""
 
-    def __init__(self, moe_layers: list[int], num_experts: int, shape: ExpertShape, dtype: torch.dtype, pin: bool, pinner: Pinner = cuda_pinner) -> None:
-        self.shape, self.dtype, self.num_experts = shape, dtype, num_experts
+    def __init__(self, moe_layers: list[int], num_experts: int, shape: ExpertShape, fmt: ExpertFormat | torch.dtype, pin: bool, pinner: Pinner = cuda_pinner) -> None:
+        self.format = FloatFormat(fmt) if isinstance(fmt, torch.dtype) else fmt
+        self.shape, self.num_experts = shape, num_experts
+        self.layout = ExpertLayout(shape, self.format)
         layer_bytes = num_experts * self.expert_bytes
         self.host = allocate_host(layer_bytes * len(moe_layers), pin, pinner)
         self.layers: dict[int, torch.Tensor] = {
-            layer: self.host.data[i * layer_bytes : (i + 1) * layer_bytes].view(dtype).view(num_experts, shape.numel)
+            layer: self.host.data[i * layer_bytes : (i + 1) * layer_bytes].view(num_experts, self.expert_bytes)
             for i, layer in enumerate(moe_layers)
-        }  # layer -> [E, numel], views of one allocation
-        self.filled: set[tuple[int, int, Part]] = set()
+        }  # layer -> uint8 [E, expert_bytes], views of one allocation
+        self.fields = {layer: self.layout.views(block) for layer, block in self.layers.items()}
+        self.filled: set[tuple[int, int, Part, str]] = set()
 
     @property
     def pinned_bytes(self) -> int:
@@ -60,43 +97,71 @@ class ExpertStore:
 
     @property
     def expert_bytes(self) -> int:
-        """Bytes moved to bring one expert to the device."""
-        return self.shape.numel * self.dtype.itemsize
+        """Bytes moved to bring one expert to the device: its packed buffer."""
+        return self.layout.nbytes
 
     @property
     def total_experts(self) -> int:
         """Number of routed experts across all MoE layers."""
         return self.num_experts * len(self.layers)
 
+    @property
+    def nbytes(self) -> int:
+        """Host bytes of all experts."""
+        return self.expert_bytes * self.total_experts
+
     def buffer(self, layer: int, expert: int) -> torch.Tensor:
-        """The packed [numel] host buffer of one expert."""
+        """The packed uint8 [expert_bytes] host buffer of one expert."""
         return self.layers[layer][expert]
 
     def put(self, layer: int, expert: int, part: Part, weight: torch.Tensor) -> None:
-        """Copy one projection ([I, H] for gate/up, [H, I] for down) into the expert's buffer."""
-        want = self.shape.part_shape(part)
+        """Pack one projection ([I, H] for gate/up, [H, I] for down) into the expert's buffer."""
+        matrix, rows = self.shape.part_rows(part)
+        want = (rows.stop - rows.start, self.shape.matrix_shape(matrix)[1])
         if tuple(weight.shape) != want:
             raise ValueError(f"layer {layer} expert {expert} {part}: shape {tuple(weight.shape)}, expected {want}")
-        self.layers[layer][expert, self.shape.part_range(part)].copy_(weight.reshape(-1))
-        self.filled.add((layer, expert, part))
+        for view, packed in zip(self.fields[layer][matrix], self.format.quantize(weight)):
+            view[expert, rows].copy_(packed)
+        self._mark(layer, range(expert, expert + 1), matrix, parts=(part,))
 
-    def put_fused(self, layer: int, part: Literal["gate_up", "down"], weight: torch.Tensor) -> None:
-        """Copy a fused 3-D tensor of all experts: gate_up [E, 2I, H] (gate rows first) or down [E, H, I]."""
-        E, s = self.num_experts, self.shape
-        if part == "gate_up":
-            want = (E, 2 * s.intermediate, s.hidden)
-            cols, parts = slice(0, s.gate_up_numel), ("gate", "up")
-        else:
-            want = (E, s.hidden, s.intermediate)
-            cols, parts = s.part_range("down"), ("down",)
+    def put_fused(self, layer: int, matrix: Matrix, weight: torch.Tensor) -> None:
+        """Pack a fused 3-D tensor of all experts: gate_up [E, 2I, H] (gate rows first) or down [E, H, I]."""
+        want = (self.num_experts, *self.shape.matrix_shape(matrix))
         if tuple(weight.shape) != want:
-            raise ValueError(f"layer {layer} fused {part}: shape {tuple(weight.shape)}, expected {want}")
-        self.layers[layer][:, cols].copy_(weight.reshape(E, -1))
-        self.filled.update((layer, e, p) for e in range(E) for p in parts)
+            raise ValueError(f"layer {layer} fused {matrix}: shape {tuple(weight.shape)}, expected {want}")
+        for start in range(0, self.num_experts, FUSED_CHUNK):
+            chunk = slice(start, min(start + FUSED_CHUNK, self.num_experts))
+            for view, packed in zip(self.fields[layer][matrix], self.format.quantize(weight[chunk])):
+                view[chunk].copy_(packed)
+        self._mark(layer, range(self.num_experts), matrix)
+
+    def put_packed(self, layer: int, matrix: Matrix, field_name: str, packed: torch.Tensor) -> None:
+        """Copy one already-packed field of all experts ([E, *field.shape], as `mobile-moe quantize` writes it)."""
+        placed = {f.name: (f, i) for i, (f, _) in enumerate(self.layout.fields[matrix])}
+        if field_name not in placed:
+            raise ValueError(f"{self.format} experts have no field {field_name!r} (fields: {', '.join(placed)})")
+        field, index = placed[field_name]
+        want = (self.num_experts, *field.shape)
+        if tuple(packed.shape) != want or packed.dtype != field.dtype:
+            raise ValueError(f"layer {layer} {matrix}.{field_name}: {packed.dtype} {tuple(packed.shape)}, expected {field.dtype} {want}")
+        self.fields[layer][matrix][index].copy_(packed)
+        self._mark(layer, range(self.num_experts), matrix, fields=(field_name,))
+
+    def _mark(self, layer: int, experts: range, matrix: Matrix, parts: tuple[Part, ...] | None = None, fields: tuple[str, ...] | None = None) -> None:
+        """Record which (expert, projection, field) pieces have been written."""
+        parts = parts or (("gate", "up") if matrix == "gate_up" else ("down",))
+        fields = fields or tuple(f.name for f, _ in self.layout.fields[matrix])
+        self.filled.update((layer, e, p, f) for e in experts for p in parts for f in fields)
 
     def missing(self) -> list[str]:
-        """Names of expert projections never filled."""
-        return [
-            f"layer {layer} expert {e} {p}" for layer in self.layers for e in range(self.num_experts) for p in PARTS
-            if (layer, e, p) not in self.filled
-        ]
+        """Names of expert pieces never filled."""
+        names = []
+        for layer in self.layers:
+            for matrix, placed in self.layout.fields.items():
+                parts = ("gate", "up") if matrix == "gate_up" else ("down",)
+                for e in range(self.num_experts):
+                    for p in parts:
+                        for f, _ in placed:
+                            if (layer, e, p, f.name) not in self.filled:
+                                names.append(f"layer {layer} expert {e} {p}" + ("" if len(placed) == 1 else f" {f.name}"))
+        return names

@@ -1,0 +1,124 @@
+"""`mobile-moe quantize`: a checkpoint directory whose routed experts are stored packed (int8 / int4).
+
+The source streams tensor by tensor into a quantized host store (host RAM stays near the packed size); the
+output holds the dense weights unchanged, each MoE layer's packed fields in their own shard, a config with a
+`quantization_config` block naming the format, and every other file of the source (tokenizer, calibration).
+It is written into a temporary directory beside the target and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from mobile_moe.engine.checkpoint import classify, count_tensors, iter_tensors, layer_of, packed_key, read_config, shard_files
+from mobile_moe.engine.loader import place_expert, stored_format
+from mobile_moe.errors import CheckpointError, InvalidParameter
+from mobile_moe.experts.formats import ExpertFormat, make_format
+from mobile_moe.experts.store import ExpertShape, ExpertStore
+from mobile_moe.models.registry import build_model
+
+WEIGHT_FILES = ("model.safetensors.index.json", "config.json")
+
+
+@dataclass(frozen=True)
+class QuantizeReport:
+    """What `quantize` wrote."""
+
+    out: Path
+    expert_format: dict
+    experts: int
+    source_expert_bytes: int
+    packed_expert_bytes: int
+
+
+def quantize_checkpoint(src: Path, out: Path, to: str, group_size: int | None = None, progress: bool = True) -> QuantizeReport:
+    """Write `src` with its routed experts packed as `to` (int8 | int4) into the new directory `out`."""
+    if to not in ("int8", "int4"):
+        raise InvalidParameter(f"--to must be int8 or int4, got {to!r}")
+    if out.exists():
+        raise InvalidParameter(f"output directory {out} already exists; choose a new --out")
+    cfg = read_config(src)
+    if stored_format(cfg) is not None:
+        raise InvalidParameter(f"{src} is already quantized ({cfg.quantization_config}); quantize the original checkpoint")
+    fmt = make_format(to, torch.float32, group_size)
+    files = shard_files(src)
+    with torch.device("meta"):
+        info = build_model(cfg).info
+    shape = ExpertShape(info.hidden, info.expert_intermediate)
+    store = ExpertStore(list(info.moe_layers), info.num_experts, shape, fmt, pin=False)
+    dense, source_bytes = _read(files, cfg, store, progress)
+    lacking = store.missing()
+    if lacking:
+        raise CheckpointError(f"checkpoint lacks {len(lacking)} expert weights, e.g. {lacking[0]}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        _write(tmp, src, dense, store, fmt)
+        _usual_permissions(tmp)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return QuantizeReport(out, fmt.config(), store.total_experts, source_bytes, store.nbytes)
+
+
+def _read(files: list[Path], cfg, store: ExpertStore, progress: bool) -> tuple[dict[str, torch.Tensor], int]:
+    """Pack experts into `store` as they stream by; returns the dense tensors (keys and dtypes as stored) and the source expert bytes."""
+    dense: dict[str, torch.Tensor] = {}
+    source_bytes = 0
+    bar = tqdm(total=count_tensors(files), desc="quantizing experts", unit="tensor", disable=(not progress) or None, leave=False)
+    for key, tensor in iter_tensors(files):
+        bar.update()
+        layer = layer_of(key)
+        if layer is not None and layer >= cfg.num_hidden_layers:
+            continue  # e.g. DeepSeek-V3's multi-token-prediction layers, unused for decoding
+        kind = classify(key)
+        if kind is None:
+            dense[key] = tensor
+            continue
+        place_expert(key, kind, tensor, store)
+        source_bytes += tensor.numel() * tensor.element_size()
+    bar.close()
+    return dense, source_bytes
+
+
+def _usual_permissions(directory: Path) -> None:
+    """The temporary directory and its files get the permissions a plain mkdir / open would have given them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for file in directory.iterdir():
+        file.chmod(0o666 & ~umask)
+
+
+def _write(tmp: Path, src: Path, dense: dict[str, torch.Tensor], store: ExpertStore, fmt: ExpertFormat) -> None:
+    """Shards (dense, then one per MoE layer), their index, the config with quantization_config, and the source's other files."""
+    layers = list(store.layers)
+    count = 1 + len(layers)
+    name = lambda i: f"model-{i + 1:05d}-of-{count:05d}.safetensors"  # noqa: E731
+    weight_map = {key: name(0) for key in dense}
+    save_file({k: t.contiguous() for k, t in dense.items()}, str(tmp / name(0)), metadata={"format": "pt"})
+    for i, layer in enumerate(layers, start=1):
+        tensors = {}
+        for matrix, placed in store.layout.fields.items():
+            for (field, _), view in zip(placed, store.fields[layer][matrix]):
+                tensors[packed_key(layer, matrix, field.name)] = view.contiguous()  # one layer's fields at a time
+        save_file(tensors, str(tmp / name(i)), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name(i)))
+    index = {"metadata": {"total_size": sum((tmp / name(i)).stat().st_size for i in range(count))}, "weight_map": weight_map}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = fmt.config()
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for file in src.iterdir():
+        if file.is_file() and file.suffix != ".safetensors" and file.name not in WEIGHT_FILES:
+            shutil.copy2(file, tmp / file.name)

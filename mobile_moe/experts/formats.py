@@ -1,0 +1,201 @@
+"""Expert formats: how one expert's weights are packed into bytes and turned back into matrices on the device.
+
+A format quantizes a weight matrix [out, in] row by row into a few fields, each [out, ...]; rows are
+independent, so a projection (gate, up or down) can be packed on its own as the checkpoint streams by.
+The store, the cache slots and the copies only ever see the packed bytes.
+
+- float (bf16 / fp16 / fp32): the weights themselves; read in place when they are in the compute dtype.
+- int8: per output channel, symmetric: w = q * scale, q in [-127, 127], scale float32 [out].
+- int4: groups of `group_size` along the input dim, asymmetric: w = (q - zero) * scale, q in [0, 15]
+  two per byte (even column in the low nibble), scale and zero float16 [out, in / group_size].
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from mobile_moe.config import EXPERT_DTYPES
+from mobile_moe.errors import CheckpointError, InvalidParameter
+
+FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_GROUP_SIZE = 64  # int4: measured on the demo model (README); 64 keeps int4 under 0.3x the bytes of bf16
+QUANT_METHOD = "mobile-moe"  # quantization_config.quant_method of checkpoints `mobile-moe quantize` writes
+
+
+@dataclass(frozen=True)
+class Field:
+    """One packed piece of a matrix: rows first, so row ranges can be written independently."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the field."""
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class ExpertFormat(ABC):
+    """How weight matrices are packed (`quantize`) and restored (`dequantize`)."""
+
+    name: str
+    quantized: bool = True
+
+    @abstractmethod
+    def fields(self, out: int, inp: int) -> list[Field]:
+        """The packed fields of one [out, inp] matrix."""
+
+    @abstractmethod
+    def quantize(self, w: torch.Tensor) -> list[torch.Tensor]:
+        """w: [..., out, in] -> one tensor per field, leading dims kept."""
+
+    @abstractmethod
+    def dequantize(self, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """Fields of [..., out, in] matrices -> the weights [..., out, in] in `dtype` (a new tensor)."""
+
+    def check(self, out: int, inp: int, what: str) -> None:
+        """Raise InvalidParameter when a matrix shape cannot be packed."""
+
+    def config(self) -> dict:
+        """The `quantization_config` block of a checkpoint holding experts in this format."""
+        return {"quant_method": QUANT_METHOD, "expert_format": self.name, "modules": "routed_experts"}
+
+    def reads_in_place(self, dtype: torch.dtype) -> bool:
+        """Whether packed weights already are the matrices in `dtype` (no dequantization needed)."""
+        return False
+
+    def dequant_bytes(self, out: int, inp: int, dtype: torch.dtype) -> int:
+        """Upper estimate of the transient device memory dequantizing one [out, inp] matrix takes (float32 intermediates)."""
+        return 0 if self.reads_in_place(dtype) else out * inp * (3 * 4 + dtype.itemsize)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class FloatFormat(ExpertFormat):
+    """Unquantized weights in a float dtype."""
+
+    quantized = False
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.name = {v: k for k, v in FLOAT_DTYPES.items()}.get(dtype, str(dtype))
+
+    def fields(self, out: int, inp: int) -> list[Field]:
+        return [Field("weight", self.dtype, (out, inp))]
+
+    def quantize(self, w: torch.Tensor) -> list[torch.Tensor]:
+        return [w.to(self.dtype)]
+
+    def dequantize(self, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return parts[0].to(dtype, copy=True)
+
+    def reads_in_place(self, dtype: torch.dtype) -> bool:
+        return dtype == self.dtype
+
+
+class Int8Format(ExpertFormat):
+    """Per-output-channel symmetric int8."""
+
+    name = "int8"
+
+    def fields(self, out: int, inp: int) -> list[Field]:
+        return [Field("qweight", torch.int8, (out, inp)), Field("scales", torch.float32, (out,))]
+
+    def quantize(self, w: torch.Tensor) -> list[torch.Tensor]:
+        w = w.float()
+        scale = (w.abs().amax(-1) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # [..., out]
+        q = torch.round(w / scale[..., None]).clamp_(-127, 127).to(torch.int8)  # [..., out, in]
+        return [q, scale]
+
+    def dequantize(self, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        q, scale = parts
+        return (q.float() * scale[..., None]).to(dtype)
+
+
+class Int4Format(ExpertFormat):
+    """Group-wise asymmetric int4 along the input dim, two codes per byte."""
+
+    name = "int4"
+
+    def __init__(self, group_size: int = DEFAULT_GROUP_SIZE) -> None:
+        if group_size < 2 or group_size % 2:
+            raise InvalidParameter(f"int4 group size must be an even number >= 2, got {group_size}")
+        self.group_size = group_size
+
+    def check(self, out: int, inp: int, what: str) -> None:
+        if inp % self.group_size:
+            raise InvalidParameter(f"int4 group size {self.group_size} does not divide the input dim {inp} of the {what} projection")
+
+    def fields(self, out: int, inp: int) -> list[Field]:
+        self.check(out, inp, "expert")
+        groups = inp // self.group_size
+        return [Field("qweight", torch.uint8, (out, inp // 2)), Field("scales", torch.float16, (out, groups)), Field("zeros", torch.float16, (out, groups))]
+
+    def quantize(self, w: torch.Tensor) -> list[torch.Tensor]:
+        *lead, out, inp = w.shape
+        self.check(out, inp, "expert")
+        g = w.float().reshape(*lead, out, inp // self.group_size, self.group_size)  # [..., out, G, g]
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo) / 15).clamp_min(1e-6).half()  # stored precision is what dequantization uses
+        zero = (-lo / scale.float()).half()
+        q = torch.round(g / scale.float()[..., None] + zero.float()[..., None]).clamp_(0, 15).to(torch.uint8)
+        return [pack_int4(q.reshape(*lead, out, inp)), scale, zero]
+
+    def dequantize(self, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        packed, scale, zero = parts
+        *lead, out, half = packed.shape
+        q = unpack_int4(packed).view(*lead, out, -1, self.group_size)  # [..., out, G, g]
+        w = (q.float() - zero.float()[..., None]) * scale.float()[..., None]
+        return w.view(*lead, out, 2 * half).to(dtype)
+
+    def config(self) -> dict:
+        return {**super().config(), "group_size": self.group_size}
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """codes: uint8 [..., n] in [0, 15], n even -> [..., n / 2], even column in the low nibble."""
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """packed: uint8 [..., n / 2] -> codes [..., n]."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
+
+
+def make_format(name: str, compute_dtype: torch.dtype, group_size: int | None = None) -> ExpertFormat:
+    """The format for `--expert-dtype` (`auto`: the compute dtype, read in place)."""
+    if name not in EXPERT_DTYPES:
+        raise InvalidParameter(f"expert dtype must be one of {', '.join(EXPERT_DTYPES)}, got {name!r}")
+    if group_size is not None and name != "int4":
+        raise InvalidParameter(f"--group-size applies to int4 experts only, not {name}")
+    if name == "auto":
+        return FloatFormat(compute_dtype)
+    if name in FLOAT_DTYPES:
+        return FloatFormat(FLOAT_DTYPES[name])
+    return Int8Format() if name == "int8" else Int4Format(group_size or DEFAULT_GROUP_SIZE)
+
+
+def format_from_config(qc: dict) -> ExpertFormat:
+    """The format a checkpoint's `quantization_config` names; unknown ones are a one-line error."""
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(f"quantization_config.quant_method {qc.get('quant_method')!r} is not supported (only {QUANT_METHOD!r} checkpoints)")
+    name = qc.get("expert_format")
+    if name == "int8":
+        return Int8Format()
+    if name == "int4":
+        group = qc.get("group_size")
+        if not isinstance(group, int):
+            raise CheckpointError(f"quantization_config of an int4 checkpoint needs an integer group_size, got {group!r}")
+        try:
+            return Int4Format(group)
+        except InvalidParameter as e:
+            raise CheckpointError(f"quantization_config: {e}") from None
+    raise CheckpointError(f"quantization_config names an unknown expert format {name!r} (known: int8, int4)")
