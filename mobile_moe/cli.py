@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+import torch
+
 from mobile_moe.bench.bench import BenchSettings, default_prompts, run_bench, table
 from mobile_moe.bench.synthetic import SHAPES, build_synthetic, full_size_cost, synthetic_config
 from mobile_moe.config import CRITERIA, EXPERT_DTYPES, POLICIES, EngineConfig, PolicyConfig, SamplingParams
@@ -24,9 +26,10 @@ from mobile_moe.engine.calibration import (
 )
 from mobile_moe.engine.checkpoint import read_config
 from mobile_moe.engine.llm import LLM, engine_config, resolve_device
+from mobile_moe.engine.loader import stored_format
 from mobile_moe.engine.quantize import quantize_checkpoint
 from mobile_moe.errors import CheckpointError, InvalidParameter, MobileMoeError
-from mobile_moe.experts.formats import DEFAULT_GROUP_SIZE
+from mobile_moe.experts.formats import DEFAULT_GROUP_SIZE, ExpertFormat, make_format
 from mobile_moe.eval.data import read_texts
 from mobile_moe.eval.evaluate import EvalSettings, calibrate, evaluate
 from mobile_moe.eval.report import plot_taus, runs_table
@@ -116,6 +119,7 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--taus", type=parse_taus, default=(0.3, 0.5, 0.7, 0.9), help="comma-separated taus for mobile (default 0.3,0.5,0.7,0.9)")
     ev.add_argument("--plot", type=Path, metavar="FILE.png", help="plot agreement, perplexity and fallback rate against tau")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    ev.add_argument("--no-reference", action="store_true", help="with quantized experts, skip comparing big with the float-expert big (which loads the model twice)")
     cal = sub.add_parser("calibrate", help="pick tau on the validation split and store it next to the model")
     cal.add_argument("--target-agreement", type=float, default=0.98)
     cal.add_argument("--data", type=Path, nargs="+", help="text files or directories (default: the demo corpus's validation split)")
@@ -132,14 +136,16 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     """`bench`."""
-    b = sub.add_parser("bench", help="decode speed of big / mobile / little / resident / transformers+accelerate, same prompts and budget")
+    b = sub.add_parser("bench", help="decode speed of big / mobile / little / resident / transformers / transformers+accelerate, same prompts and budget")
     b.add_argument("--synthetic", choices=list(SHAPES), help="random weights with the shapes of a public model (instead of --model)")
     b.add_argument("--shrink", type=int, default=1, help=argparse.SUPPRESS)  # synthetic widths / N, for tests on CPU
     b.add_argument("--prompts", type=int, default=4)
     b.add_argument("--new-tokens", type=int, default=32)
     b.add_argument("--fallback-rate", type=float, help="drive mobile's fallbacks at this rate (default for synthetic: the demo model's calibrated rate)")
     b.add_argument("--lookahead", action="store_true", help="prefetch layer l+1's experts from layer l's hidden state")
-    b.add_argument("--skip-accelerate", action="store_true", help="do not run the transformers + accelerate baseline")
+    b.add_argument("--skip-accelerate", action="store_true", help="do not run the transformers + accelerate offloaded baseline (cuda)")
+    b.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every system; speeds are medians (default 3)")
+    b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice; reported either way)")
     b.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
     b.add_argument("--trace-dir", type=Path, help="write each system's expert-access trace (JSONL) here")
     b.add_argument("--plan-only", action="store_true", help="print how the budget splits into dense weights, KV cache and expert slots, then exit without loading")
@@ -237,7 +243,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     llm = open_llm(args)
     policy = policy_from(args, llm.path)
     calibrated = calibrated_tau(llm.path, policy.criterion) if args.tau is None else args.tau
-    report = evaluate(llm, texts, data, settings, policy, calibrated)
+    report = evaluate(llm, texts, data, settings, policy, calibrated, float_reference(llm, args))
     if args.plot:
         plot_taus(report, args.plot)
     if args.json:
@@ -245,11 +251,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     ppl = report["perplexity"]
     print(f"model {report['model']}, data {report['data']}: {report['prompts']} prompts x {report['new_tokens']} tokens, criterion {report['criterion']}")
-    print(f"perplexity on {ppl['tokens']} tokens: big {ppl['big']:.3f}, little {ppl['little']:.3f}")
+    print(f"experts {report['expert_format']} ({report['expert_bytes'] / 2**10:.1f} KiB each); perplexity on {ppl['tokens']} tokens: big {ppl['big']:.3f}, little {ppl['little']:.3f}")
+    if report["big_vs_float_big"]:
+        v = report["big_vs_float_big"]
+        print(f"big vs big with {v['expert_format']} experts: greedy agreement {v['agreement']:.1%} (positions {v['agreement_overall']:.1%}, whole continuations {v['exact_match']:.1%})")
     print(runs_table(report["runs"]))
     if args.plot:
         print(f"plot written to {args.plot}")
     return 0
+
+
+def float_reference(llm: LLM, args: argparse.Namespace) -> LLM | None:
+    """For quantized experts: the same checkpoint with float experts (the compute dtype), unless --no-reference or none exists."""
+    if not llm.loaded.store.format.quantized or args.no_reference or stored_format(llm.loaded.config) is not None:
+        return None
+    return LLM(llm.path, dataclasses.replace(engine_config_from(args), expert_dtype="auto", group_size=None))
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -274,10 +290,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def full_size_format(args: argparse.Namespace) -> ExpertFormat:
+    """The expert format the full-width prediction assumes: the benchmarked one, bf16 for `auto`."""
+    return make_format(args.expert_dtype, torch.bfloat16, args.group_size)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """`mobile-moe bench`."""
-    if args.prompts < 1 or args.new_tokens < 2:
-        raise InvalidParameter("--prompts must be >= 1 and --new-tokens >= 2")
+    if args.prompts < 1 or args.new_tokens < 2 or args.rounds < 1:
+        raise InvalidParameter("--prompts and --rounds must be >= 1 and --new-tokens >= 2")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InvalidParameter(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     if args.synthetic and args.model:
         raise InvalidParameter("give --model or --synthetic, not both")
     config = engine_config_from(args)
@@ -287,7 +312,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plan_only:
         return 0
     if args.synthetic:
-        loaded = build_synthetic(args.synthetic, resolve_device(args.device), args.dtype, args.shrink)
+        loaded = build_synthetic(args.synthetic, resolve_device(args.device), args.dtype, args.shrink, expert_dtype=args.expert_dtype, group_size=args.group_size)
         llm = LLM(loaded, config)
     else:
         llm = open_llm(args)
@@ -298,10 +323,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if rate is None and args.synthetic:
         rate = demo_fallback_rate()
     policy = dataclasses.replace(policy_from(args, llm.path), name="mobile", forced_fallback_rate=rate, lookahead=args.lookahead)
-    cost = full_size_cost(args.synthetic) if args.synthetic and args.shrink > 1 else None  # predict the real widths
+    cost = full_size_cost(args.synthetic, full_size_format(args)) if args.synthetic and args.shrink > 1 else None  # predict the real widths
     settings = BenchSettings(
         default_prompts(llm, args.prompts), args.new_tokens, policy, args.gpu_memory, not args.skip_accelerate, args.trace_dir, cost,
-        temperature=1.0 if args.synthetic else 0.0, progress=not args.quiet,
+        temperature=1.0 if args.synthetic else 0.0, progress=not args.quiet, rounds=args.rounds,
     )
     report = run_bench(llm, settings)
     if rate is not None:

@@ -96,7 +96,7 @@ def test_bench_cli_reports_every_system(tmp_path, capsys):
     assert code == 0
     report = json.loads(out.read_text())
     names = [s["name"] for s in report["systems"]]
-    assert names == ["big", "mobile", "little", "resident", "accelerate"]
+    assert names == ["big", "mobile", "little", "resident", "transformers"]  # accelerate offloads only on cuda
     for s in report["systems"]:
         assert set(SYSTEM_FIELDS) <= set(s)
     mobile = report["systems"][1]
@@ -121,4 +121,20 @@ def test_accelerate_baseline_times_every_decode_token(checkpoints):
     r = run_baseline(loaded, torch.device("cpu"), None, prompts, new_tokens, progress=False)
     assert r.steps == len(prompts) * (new_tokens - 1)
     assert 0 < r.decode_tok_s < float("inf") and r.decode_tok_s == pytest.approx(r.steps / r.decode_s)
-    assert r.ttft_s > 0 and r.placement.startswith("cpu")
+    assert r.ttft_s > 0 and r.placement == "whole model on cpu (no offload)"
+    llm = LLM(loaded, engine_config(expert_cache=6, progress=False))
+    greedy = SamplingParams(max_new_tokens=new_tokens, stop_at_eos=False)
+    assert r.token_ids == [llm.generate(p, greedy).token_ids for p in prompts]  # transformers' greedy tokens are ours
+
+
+@pytest.mark.parametrize("expert_dtype", ["int8", "int4"])
+def test_synthetic_shapes_build_packed_experts_directly(expert_dtype):
+    group = 16 if expert_dtype == "int4" else None  # the shrunk expert width (48) is not a multiple of the default 64
+    loaded = build_synthetic("qwen3-30b-a3b", torch.device("cpu"), shrink=16, expert_dtype=expert_dtype, group_size=group)
+    store = loaded.store
+    assert str(store.format).startswith(expert_dtype) and store.missing() == []
+    w = store.format.dequantize([f[0] for f in store.fields[0]["gate_up"]], torch.float32)
+    assert w.shape == (2 * 48, 128) and 0.5 * 0.02 < w.std() < 2 * 0.02  # random codes and scales give init-sized weights
+    llm = LLM(loaded, engine_config(expert_cache=16, progress=False))
+    out = llm.generate([3, 4, 5], SamplingParams(max_new_tokens=3, stop_at_eos=False, temperature=1.0, seed=0))
+    assert out.stats.h2d_bytes == out.stats.expert_misses * store.expert_bytes

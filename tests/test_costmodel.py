@@ -11,7 +11,8 @@ from mobile_moe import LLM, engine_config
 from mobile_moe.bench.costinputs import count_decode_ops, model_cost, swiglu_expert_launches
 from mobile_moe.bench.costmodel import Link, ModelCost, predict
 from mobile_moe.bench.profiles import PROFILES, HardwareProfile
-from mobile_moe.bench.synthetic import build_synthetic, synthetic_config
+from mobile_moe.bench.synthetic import build_synthetic, full_size_cost, synthetic_config
+from mobile_moe.experts.formats import Int4Format
 from mobile_moe.experts.trace import Access
 from mobile_moe.models.registry import build_model
 
@@ -145,3 +146,17 @@ def test_full_size_meta_model_cost():
     assert c.embedding_bytes == 2 * 50304 * 2048
     assert c.tail_reads() == 2 * (50304 * 2048 + 2048 + 64)  # LM head, final norm, rotary frequencies
     assert c.dense_bytes - c.embedding_bytes - c.tail_reads() == sum(c.layer_bytes)
+
+
+def test_packed_experts_cost_their_packed_bytes_plus_dequantization():
+    bf16 = full_size_cost("qwen3-30b-a3b")
+    int4 = full_size_cost("qwen3-30b-a3b", Int4Format(64))
+    numel = 3 * 2048 * 768
+    assert bf16.expert_bytes == 2 * numel and bf16.dequant_bytes == 0
+    assert int4.expert_bytes == numel // 2 + 2 * 2 * (numel // 64)  # codes + float16 scale and zero per group of 64
+    assert int4.dequant_bytes == 2 * 2 * numel  # bf16 weights written once, read once by the matmuls
+    trace = WARM + [demand(2, layer, 1) for layer in range(4)]  # every layer misses once: transfer-bound
+    slow_link = replace(HW, link_gbps=0.1)
+    assert predict(trace, int4, slow_link, 8).tok_s > 3 * predict(trace, bf16, slow_link, 8).tok_s
+    fast_link_slow_memory = replace(HW, link_gbps=1e6, mem_gbps=1.0)  # where dequantizing costs more than it saves
+    assert predict(trace, int4, fast_link_slow_memory, 8).tok_s < predict(trace, bf16, fast_link_slow_memory, 8).tok_s

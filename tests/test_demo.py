@@ -101,9 +101,12 @@ def test_calibrate_says_plainly_when_no_tau_meets_the_target(demo_copy, slice_di
 def test_bench_on_the_demo_model_reports_every_system(tmp_path, capsys):
     out = tmp_path / "bench.json"
     capsys.readouterr()
-    assert main(["bench", "--prompts", "2", "--new-tokens", "6", "--json", str(out), "--quiet"]) == 0
+    assert main(["bench", "--prompts", "2", "--new-tokens", "6", "--rounds", "2", "--threads", "1", "--json", str(out), "--quiet"]) == 0
     report = json.loads(out.read_text())
-    assert [s["name"] for s in report["systems"]] == ["big", "mobile", "little", "resident", "accelerate"]
+    assert [s["name"] for s in report["systems"]] == ["big", "mobile", "little", "resident", "transformers"]
+    assert report["threads"] == 1 and report["rounds"] == 2 and report["expert_dtype"] == "fp32"
+    by_name = {s["name"]: s for s in report["systems"]}
+    assert by_name["transformers"]["same_tokens_as_big"] == 1.0 and by_name["resident"]["same_tokens_as_big"] == 1.0
     fields = ("decode_tok_s", "ttft_s", "h2d_gb_per_token", "hit_rate", "fallback_rate", "transfer_wait_share", "ratio_to_big")
     for system in report["systems"]:
         assert all(key in system for key in fields)

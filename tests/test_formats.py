@@ -136,7 +136,7 @@ def test_quantize_writes_a_checkpoint_that_loads_packed(checkpoints, tmp_path, c
     assert config["quantization_config"] == {"quant_method": "mobile-moe", "expert_format": "int4", "modules": "routed_experts", "group_size": GROUP}
     loaded = LLM(out, engine_config(progress=False, expert_cache=6))
     on_the_fly = LLM(checkpoints["olmoe"], engine_config(progress=False, expert_cache=6, expert_dtype="int4", group_size=GROUP))
-    assert str(loaded.loaded.store.format) == "int4"
+    assert str(loaded.loaded.store.format) == f"int4 (group {GROUP})"
     assert torch.equal(loaded.loaded.store.host.data, on_the_fly.loaded.store.host.data)  # the same packed bytes
     assert loaded.generate(PROMPT, GREEDY).token_ids == on_the_fly.generate(PROMPT, GREEDY).token_ids
 

@@ -1,15 +1,17 @@
-"""`mobile-moe bench`: big (on-demand + LRU), mobile, little, all-resident and transformers+accelerate, same prompts and budget."""
+"""`mobile-moe bench`: big (on-demand + LRU), mobile, little, all-resident, transformers (whole model) and transformers+accelerate
+(offloaded), same prompts and budget. Systems run in interleaved rounds; speeds are medians over rounds."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from statistics import median
 
 import torch
 
-from mobile_moe.bench.costinputs import count_decode_ops, model_cost, with_counts
+from mobile_moe.bench.costinputs import count_decode_ops, dequant_traffic, model_cost, with_counts
 from mobile_moe.bench.costmodel import ModelCost, predict
-from mobile_moe.bench.hf_baseline import run_baseline
+from mobile_moe.bench.hf_baseline import HFBaseline, run_baseline
 from mobile_moe.bench.profiles import PROFILES, HardwareProfile
 from mobile_moe.config import PolicyConfig, SamplingParams
 from mobile_moe.engine.budget import dense_bytes
@@ -32,6 +34,7 @@ class BenchSettings:
     cost: ModelCost | None = None  # sizes for the cost model; default: the benchmarked model's own
     temperature: float = 0.0  # synthetic models sample (seeded): greedy decoding of random weights repeats one token
     progress: bool = True
+    rounds: int = 3  # every system runs once per round, systems interleaved; speeds are medians over rounds
 
 
 @dataclass
@@ -48,11 +51,12 @@ class SystemResult:
     h2d_gbps: float = float("nan")  # bytes moved host->device per second of decode (the link's achieved rate when transfer-bound)
     host_syncs_per_token: float = float("nan")
     ratio_to_big: float = 0.0
+    same_tokens_as_big: float | None = None  # share of prompts whose generated ids equal big's (greedy runs)
     note: str = ""
 
 
-def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettings, slots: int, preload: bool = False) -> tuple[SystemResult, list[Access]]:
-    """Fresh cache of `slots`, then every prompt under `policy`; sums decode-phase counters."""
+def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettings, slots: int, preload: bool = False) -> tuple[SystemResult, list[Access], list[list[int]]]:
+    """Fresh cache of `slots`, then every prompt under `policy`; sums decode-phase counters; also returns the generated ids."""
     trace = Trace()
     llm.reset_cache(slots, trace)
     if preload:
@@ -60,8 +64,11 @@ def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettin
     sampling = SamplingParams(max_new_tokens=settings.new_tokens, temperature=settings.temperature, seed=0, stop_at_eos=False)
     decode_s = ttft = wait = 0.0
     steps = fallbacks = hits = misses = moved = syncs = 0
+    outputs = []
     for ids in settings.prompts:
-        s = llm.generate(ids, sampling, policy).stats
+        result = llm.generate(ids, sampling, policy)
+        s = result.stats
+        outputs.append(result.token_ids)
         decode_s, ttft, wait = decode_s + s.decode_s, ttft + s.prefill_s, wait + s.decode_transfer_wait_s
         steps, fallbacks = steps + s.tokens - 1, fallbacks + s.fallback_tokens
         hits, misses, moved = hits + s.decode_expert_hits, misses + s.decode_expert_misses, moved + s.decode_h2d_bytes
@@ -74,7 +81,7 @@ def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettin
         h2d_gb_per_token=moved / 1e9 / max(steps, 1), hit_rate=hits / max(hits + misses, 1),
         fallback_rate=fallbacks / max(steps, 1), transfer_wait_share=wait / decode_s if decode_s else 0.0,
         h2d_gbps=moved / 1e9 / decode_s if decode_s else 0.0, host_syncs_per_token=syncs / max(steps, 1),
-    ), trace.accesses
+    ), trace.accesses, outputs
 
 
 def default_prompts(llm: LLM, count: int, max_len: int = 128) -> list[list[int]]:
@@ -89,47 +96,77 @@ def default_prompts(llm: LLM, count: int, max_len: int = 128) -> list[list[int]]
     return [torch.randint(2, vocab, (64,), generator=gen).tolist() for _ in range(count)]
 
 
-def _resident_fits(llm: LLM) -> bool:
-    """Whether every expert fits on the device next to the dense weights (host memory on CPU)."""
+def _fits_on_device(llm: LLM, extra_bytes: int = 0) -> bool:
+    """Whether every expert (plus `extra_bytes`) fits on the device next to what is there (host memory on CPU)."""
     if llm.device.type != "cuda":
         return True
     free, _ = torch.cuda.mem_get_info(llm.device)
-    return llm.loaded.store.total_experts * llm.loaded.store.expert_bytes < 0.85 * free
+    return llm.loaded.store.nbytes + extra_bytes < 0.85 * free
+
+
+def _same_tokens(a: list[list[int]], b: list[list[int]]) -> float:
+    """Share of prompts with identical generated ids."""
+    return sum(x == y for x, y in zip(a, b)) / max(len(a), 1)
+
+
+def _median_of_rounds(rounds: list[SystemResult]) -> SystemResult:
+    """The last round's counters with the median speed and TTFT over rounds."""
+    return replace(rounds[-1], decode_tok_s=median(r.decode_tok_s for r in rounds), ttft_s=median(r.ttft_s for r in rounds),
+                   h2d_gbps=median(r.h2d_gbps for r in rounds))
 
 
 def run_bench(llm: LLM, settings: BenchSettings, profiles: dict[str, HardwareProfile] = PROFILES) -> dict:
-    """All systems on the same prompts; ratios to big; cost-model predictions from this run's traces."""
+    """All systems on the same prompts in interleaved rounds; ratios to big; cost-model predictions from this run's traces."""
     slots = llm.planned_slots
     llm.reset_cache(slots)
     llm.generate(settings.prompts[0], SamplingParams(max_new_tokens=4, stop_at_eos=False))  # warm-up: kernels, allocator
     ops = count_decode_ops(llm)  # kernel launches of one decode step, for the cost model
-    systems, traces = [], {}
-    plans = [("big", PolicyConfig("big")), ("mobile", settings.mobile), ("little", PolicyConfig("little", little_weights=settings.mobile.little_weights))]
-    for name, policy in plans:
-        result, traces[name] = _run_system(llm, name, policy, settings, slots)
-        systems.append(result)
-    if _resident_fits(llm):
-        total = llm.loaded.store.total_experts
-        result, _ = _run_system(llm, "resident", PolicyConfig("big"), settings, total, preload=True)
-        result.note = f"all {total} experts on the device"
-        systems.append(result)
+    total = llm.loaded.store.total_experts
+    engines = [("big", PolicyConfig("big"), slots, False), ("mobile", settings.mobile, slots, False),
+               ("little", PolicyConfig("little", little_weights=settings.mobile.little_weights), slots, False)]
+    if _fits_on_device(llm):
+        engines.append(("resident", PolicyConfig("big"), total, True))
+    whole = None
+    if _fits_on_device(llm, dense_bytes(llm.loaded.model) + llm.loaded.store.nbytes):  # transformers holds its own copy
+        whole = HFBaseline(llm.loaded, llm.device, None, offload=False, warmup_ids=settings.prompts[0], progress=settings.progress)
+    rounds: dict[str, list[SystemResult]] = {}
+    traces, outputs = {}, {}
+    for _ in range(settings.rounds):
+        for name, policy, n, preload in engines:
+            result, traces[name], outputs[name] = _run_system(llm, name, policy, settings, n, preload)
+            rounds.setdefault(name, []).append(result)
+        if whole is not None:
+            base = whole.run(settings.prompts, settings.new_tokens)
+            outputs["transformers"] = base.token_ids
+            rounds.setdefault("transformers", []).append(SystemResult(
+                "transformers", base.decode_tok_s, base.ttft_s, float("nan"), float("nan"), 0.0, float("nan"), note=base.placement))
+    del whole
+    systems = [_median_of_rounds(r) for r in rounds.values()]
+    for s in systems:
+        if s.name == "resident":
+            s.note = f"all {total} experts on the device"
+        if settings.temperature == 0.0:
+            s.same_tokens_as_big = _same_tokens(outputs[s.name], outputs["big"]) if s.name in ("resident", "transformers") else None
     llm.reset_cache(slots)
-    if settings.run_accelerate:
+    if settings.run_accelerate and llm.device.type == "cuda":
         # two short runs after a warm-up: offloaded transformers runs well under 1 tok/s at real size
         base = run_baseline(llm.loaded, llm.device, settings.gpu_memory_gb, settings.prompts[:2], min(settings.new_tokens, 8), settings.progress)
         systems.append(SystemResult("accelerate", base.decode_tok_s, base.ttft_s, float("nan"), float("nan"), 0.0, float("nan"), note=base.placement))
     big = systems[0].decode_tok_s
     for s in systems:
         s.ratio_to_big = s.decode_tok_s / big if big else 0.0
-    cost = with_counts(settings.cost, ops) if settings.cost else model_cost(llm.loaded.model, llm.loaded.store.expert_bytes, ops)
+    store = llm.loaded.store
+    cost = with_counts(settings.cost, ops) if settings.cost else model_cost(llm.loaded.model, store.expert_bytes, ops, dequant_bytes=dequant_traffic(store.layout, llm.loaded.dtype))
     predicted = {
         hw.name: {name: predict(traces[name], cost, hw, slots).tok_s for name in ("big", "mobile", "little")}
         for hw in profiles.values()
     }
     return {
         "device": torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(), "rounds": settings.rounds,
         "model": str(llm.path), "gpu_memory_gb": settings.gpu_memory_gb, "cache_slots": slots,
-        "total_experts": llm.loaded.store.total_experts, "expert_mb": llm.loaded.store.expert_bytes / 2**20,
+        "expert_dtype": str(store.format), "expert_bytes": store.expert_bytes,
+        "total_experts": store.total_experts, "expert_mb": store.expert_bytes / 2**20,
         "dense_gb": dense_bytes(llm.loaded.model) / 1e9, "cost_model_sizes": asdict(cost), "prompts": len(settings.prompts), "new_tokens": settings.new_tokens,
         "temperature": settings.temperature,
         "mobile": {"tau": settings.mobile.tau, "forced_fallback_rate": settings.mobile.forced_fallback_rate,
@@ -146,13 +183,18 @@ def _json_safe(d: dict) -> dict:
 
 def table(report: dict) -> str:
     """Terminal table of a bench report."""
-    head = f"{'system':<11} {'tok/s':>8} {'x big':>6} {'TTFT s':>7} {'GB/tok':>7} {'GB/s':>6} {'hit':>6} {'fallbk':>7} {'wait':>6} {'sync/t':>6}  note"
-    rows = [head, "-" * len(head)]
+    head = f"{'system':<12} {'tok/s':>8} {'x big':>6} {'TTFT s':>7} {'GB/tok':>7} {'GB/s':>6} {'hit':>6} {'fallbk':>7} {'wait':>6} {'sync/t':>6}  note"
+    title = (f"{report['model']} on {report['device']}, {report['threads']} threads, experts {report['expert_dtype']} "
+             f"({report['expert_bytes'] / 2**20:.3f} MiB each), {report['cache_slots']} of {report['total_experts']} slots; "
+             f"median of {report['rounds']} interleaved rounds")
+    rows = [title, head, "-" * len(head)]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for s in report["systems"]:
+        same = s.get("same_tokens_as_big")
+        note = s["note"] + ("" if same is None else f"{'; ' if s['note'] else ''}same greedy tokens as big on {same:.0%} of prompts")
         rows.append(
-            f"{s['name']:<11} {s['decode_tok_s']:>8.2f} {s['ratio_to_big']:>6.2f} {s['ttft_s']:>7.3f} {fmt(s['h2d_gb_per_token'], '.4f'):>7} {fmt(s['h2d_gbps'], '.1f'):>6} "
-            f"{fmt(s['hit_rate'], '.0%'):>6} {s['fallback_rate']:>7.1%} {fmt(s['transfer_wait_share'], '.0%'):>6} {fmt(s['host_syncs_per_token'], '.1f'):>6}  {s['note']}"
+            f"{s['name']:<12} {s['decode_tok_s']:>8.2f} {s['ratio_to_big']:>6.2f} {s['ttft_s']:>7.3f} {fmt(s['h2d_gb_per_token'], '.4f'):>7} {fmt(s['h2d_gbps'], '.1f'):>6} "
+            f"{fmt(s['hit_rate'], '.0%'):>6} {s['fallback_rate']:>7.1%} {fmt(s['transfer_wait_share'], '.0%'):>6} {fmt(s['host_syncs_per_token'], '.1f'):>6}  {note}"
         )
     rows.append("predicted tok/s (cost model on this run's traces): " + "; ".join(
         f"{hw}: big {p['big']:.1f}, mobile {p['mobile']:.1f} ({p['mobile'] / p['big']:.2f}x), little {p['little']:.1f}"

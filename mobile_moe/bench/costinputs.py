@@ -20,6 +20,7 @@ from torch.utils.hooks import RemovableHandle
 
 from mobile_moe.bench.costmodel import ModelCost
 from mobile_moe.engine.llm import LLM
+from mobile_moe.experts.store import ExpertLayout
 from mobile_moe.layers.moe import ExpertMode, MoEBlock
 from mobile_moe.layers.sampler import sample
 from mobile_moe.models.transformer import CausalLM
@@ -133,7 +134,12 @@ def _marks(counter: LaunchCounter, layer: nn.Module) -> list[RemovableHandle]:
     return handles
 
 
-def model_cost(model: CausalLM, expert_bytes: int, ops: OpCounts | None = None, bytes_per_param: int | None = None) -> ModelCost:
+def dequant_traffic(layout: ExpertLayout, dtype: torch.dtype) -> int:
+    """Device memory traffic of dequantizing one packed expert: its float weights written once and read back by the matmuls."""
+    return 0 if layout.format.reads_in_place(dtype) else 2 * layout.shape.numel * dtype.itemsize
+
+
+def model_cost(model: CausalLM, expert_bytes: int, ops: OpCounts | None = None, bytes_per_param: int | None = None, dequant_bytes: int = 0) -> ModelCost:
     """ModelCost of a built model (a meta model too, given bytes_per_param); launch counts from `ops` when given."""
     def size(tensors: list[torch.Tensor]) -> int:
         return sum(t.numel() * (bytes_per_param or t.element_size()) for t in tensors)
@@ -143,7 +149,7 @@ def model_cost(model: CausalLM, expert_bytes: int, ops: OpCounts | None = None, 
 
     embed = model.model.embed_tokens.weight
     cost = ModelCost(
-        num_layers=len(model.model.layers), dense_bytes=size(weights(model)), expert_bytes=expert_bytes,
+        num_layers=len(model.model.layers), dense_bytes=size(weights(model)), expert_bytes=expert_bytes, dequant_bytes=dequant_bytes,
         embedding_bytes=0 if embed is model.lm_head.weight else size([embed]),
         layer_bytes=tuple(size(weights(layer)) for layer in model.model.layers))
     return cost if ops is None else with_counts(cost, ops)

@@ -23,7 +23,7 @@ class ModelCost:
 
     num_layers: int
     dense_bytes: int  # every weight kept on the device, embedding table included
-    expert_bytes: int  # one routed expert: one copy
+    expert_bytes: int  # one routed expert, packed: one copy
     embedding_bytes: int = 0  # the token-embedding table within dense_bytes: a token reads one row (0 if tied to the LM head)
     layer_bytes: tuple[int, ...] = ()  # each decoder layer's own dense weights; () = dense minus embedding, split evenly
     # kernel launches; defaults: count_decode_ops on the olmoe-1b-7b shape on CPU (per-expert loop, no grouped matmul)
@@ -33,6 +33,7 @@ class ModelCost:
     launches_per_pass: float = 15.0  # outside the decoder layers (positions, embedding, final norm, LM head, sampling)
     syncs_per_moe_layer: float = 1.0  # host syncs per MoE layer (engine target: one read of the router's choice)
     syncs_per_pass: float = 1.0  # host syncs per pass outside the layers (engine target: one read of the token)
+    dequant_bytes: int = 0  # device memory traffic of dequantizing one expert for compute (0: read in place)
 
     def layer_reads(self) -> list[int]:
         """Dense bytes each decoder layer reads per token."""
@@ -96,7 +97,7 @@ class _Timeline:
         mem, launch, sync = hw.mem_gbps * 1e9, hw.launch_us * 1e-6, hw.sync_us * 1e-6
         self.layer_s = [b / mem + cost.launches_per_layer * launch for b in cost.layer_reads()]
         self.router_sync_s = cost.syncs_per_moe_layer * sync
-        self.expert_s = cost.expert_bytes / mem + cost.launches_per_expert * launch
+        self.expert_s = (cost.expert_bytes + cost.dequant_bytes) / mem + cost.launches_per_expert * launch
         self.moe_s = cost.launches_per_moe_layer * launch
         self.tail_s = cost.tail_reads() / mem + cost.launches_per_pass * launch + cost.syncs_per_pass * sync
         self.link = Link(cost.expert_bytes / (hw.link_gbps * 1e9) + hw.copy_latency_us * 1e-6)

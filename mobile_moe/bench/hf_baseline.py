@@ -1,9 +1,9 @@
-"""What a newcomer runs first: transformers generate, offloaded with accelerate's device_map at the same budget."""
+"""What a newcomer runs first: transformers' own generate, whole on the device or offloaded with accelerate's device_map at the same budget."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import transformers as T
@@ -22,6 +22,7 @@ class BaselineResult:
     placement: str
     decode_s: float = 0.0  # summed over prompts: last token's clock minus first token's clock
     steps: int = 0  # decode intervals timed: prompts x (new_tokens - 1)
+    token_ids: list[list[int]] = field(default_factory=list)  # generated ids per prompt
 
 
 class TokenClock(T.LogitsProcessor):
@@ -46,13 +47,13 @@ def clock_timings(start: float, stamps: list[float]) -> tuple[float, float, int]
     return stamps[0] - start, stamps[-1] - stamps[0], len(stamps) - 1
 
 
-def _hf_model(loaded: LoadedModel, device: torch.device, gpu_memory_gb: float | None) -> tuple[T.PreTrainedModel, str]:
-    """transformers' model of the same checkpoint (random weights for synthetic shapes), placed by accelerate."""
+def _hf_model(loaded: LoadedModel, device: torch.device, gpu_memory_gb: float | None, offload: bool) -> tuple[T.PreTrainedModel, str]:
+    """transformers' model of the same checkpoint (random weights for synthetic shapes): whole on the device, or placed by accelerate."""
     dtype = loaded.dtype
     synthetic = str(loaded.path).startswith("synthetic:")
-    if device.type != "cuda":
+    if not offload or device.type != "cuda":
         model = T.AutoModelForCausalLM.from_config(loaded.config, dtype=dtype) if synthetic else T.AutoModelForCausalLM.from_pretrained(loaded.path, dtype=dtype)
-        return model.eval(), "cpu (no accelerator: nothing to offload)"
+        return model.to(device).eval(), f"whole model on {device.type} (no offload)"
     from accelerate import dispatch_model, infer_auto_device_map
 
     budget = f"{gpu_memory_gb}GiB" if gpu_memory_gb else None
@@ -68,33 +69,53 @@ def _hf_model(loaded: LoadedModel, device: torch.device, gpu_memory_gb: float | 
     return model, f"accelerate device_map, {on_cpu} of {len(device_map)} modules on cpu"
 
 
-def run_baseline(loaded: LoadedModel, device: torch.device, gpu_memory_gb: float | None, prompts: list[list[int]], new_tokens: int, progress: bool = True) -> BaselineResult:
-    """Greedy generate of exactly `new_tokens` per prompt after one untimed warm-up; a token clock times each token."""
-    if not progress:
-        T.utils.logging.disable_progress_bar()
+class HFBaseline:
+    """transformers' own generate on the same checkpoint, built once and warmed up, timed per token by a clock."""
+
+    def __init__(self, loaded: LoadedModel, device: torch.device, gpu_memory_gb: float | None, offload: bool, warmup_ids: list[int], progress: bool = True) -> None:
+        if not progress:
+            T.utils.logging.disable_progress_bar()
+        try:
+            self.model, self.placement = _hf_model(loaded, device, gpu_memory_gb, offload)
+        finally:
+            T.utils.logging.enable_progress_bar()
+        self.device = device
+        self.first = next(self.model.parameters()).device if device.type != "cuda" else device
+        with torch.inference_mode():
+            _generate(self.model, torch.tensor([warmup_ids], device=self.first), WARMUP_TOKENS, TokenClock(device))
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> BaselineResult:
+        """Greedy generate of exactly `new_tokens` per prompt; decode time is last token's clock minus first token's."""
+        ttft_s = decode_s = 0.0
+        steps = 0
+        token_ids = []
+        with torch.inference_mode():
+            for ids in prompts:
+                clock = TokenClock(self.device)
+                start, out = _generate(self.model, torch.tensor([ids], device=self.first), new_tokens, clock)
+                ttft, decode, intervals = clock_timings(start, clock.stamps)
+                ttft_s, decode_s, steps = ttft_s + ttft, decode_s + decode, steps + intervals
+                token_ids.append(out[0, len(ids):].tolist())
+        return BaselineResult(steps / decode_s if steps else 0.0, ttft_s / len(prompts), self.placement, decode_s, steps, token_ids)
+
+
+def run_baseline(
+    loaded: LoadedModel, device: torch.device, gpu_memory_gb: float | None, prompts: list[list[int]], new_tokens: int,
+    progress: bool = True, offload: bool = True,
+) -> BaselineResult:
+    """Build, warm up and time transformers' generate once over the prompts."""
+    baseline = HFBaseline(loaded, device, gpu_memory_gb, offload, prompts[0], progress)
     try:
-        model, placement = _hf_model(loaded, device, gpu_memory_gb)
+        return baseline.run(prompts, new_tokens)
     finally:
-        T.utils.logging.enable_progress_bar()
-    first = next(model.parameters()).device if device.type != "cuda" else device
-    ttft_s = decode_s = 0.0
-    steps = 0
-    with torch.inference_mode():
-        _generate(model, torch.tensor([prompts[0]], device=first), WARMUP_TOKENS, TokenClock(device))
-        for ids in prompts:
-            clock = TokenClock(device)
-            start = _generate(model, torch.tensor([ids], device=first), new_tokens, clock)
-            ttft, decode, intervals = clock_timings(start, clock.stamps)
-            ttft_s, decode_s, steps = ttft_s + ttft, decode_s + decode, steps + intervals
-    del model
-    return BaselineResult(decode_tok_s=steps / decode_s if steps else 0.0, ttft_s=ttft_s / len(prompts), placement=placement, decode_s=decode_s, steps=steps)
+        del baseline.model
 
 
-def _generate(model: T.PreTrainedModel, x: torch.Tensor, new_tokens: int, clock: TokenClock) -> float:
-    """Run one greedy generate of exactly `new_tokens` tokens with the clock attached; returns its start time."""
+def _generate(model: T.PreTrainedModel, x: torch.Tensor, new_tokens: int, clock: TokenClock) -> tuple[float, torch.Tensor]:
+    """Run one greedy generate of exactly `new_tokens` tokens with the clock attached; returns its start time and the sequences."""
     if clock.device.type == "cuda":
         torch.cuda.synchronize(clock.device)
     start = time.perf_counter()
-    model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                   logits_processor=T.LogitsProcessorList([clock]))
-    return start
+    out = model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                         logits_processor=T.LogitsProcessorList([clock]))
+    return start, out

@@ -9,11 +9,12 @@ from types import MappingProxyType
 import torch
 import transformers as T
 
-from mobile_moe.bench.costinputs import model_cost
+from mobile_moe.bench.costinputs import dequant_traffic, model_cost
 from mobile_moe.bench.costmodel import ModelCost
 from mobile_moe.engine.loader import LoadedModel, resolve_dtype
 from mobile_moe.errors import InvalidParameter
-from mobile_moe.experts.store import ExpertShape, ExpertStore
+from mobile_moe.experts.formats import ExpertFormat, FloatFormat, make_format
+from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertShape, ExpertStore
 from mobile_moe.models.registry import build_model
 
 INIT_STD = 0.02
@@ -39,6 +40,21 @@ SHAPES: Mapping[str, tuple[type, dict]] = MappingProxyType({
         vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768)),
 })
+CODE_STD = {torch.int8: 255 / 12**0.5, torch.uint8: 16 / 12**0.5}  # std of uniform int8 [-127, 127] and int4 [0, 15] codes
+
+
+def _random_field(name: str, view: torch.Tensor, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Random contents of one packed field of a layer's experts, made on the device: weights of std ~INIT_STD once dequantized."""
+    if name == "weight":
+        return torch.empty(view.shape, dtype=view.dtype, device=device).normal_(0.0, INIT_STD, generator=gen)
+    if name == "qweight":  # int8 codes, or int4 codes two per byte (any byte is valid)
+        low, high = (-127, 128) if view.dtype == torch.int8 else (0, 256)
+        return torch.randint(low, high, view.shape, dtype=view.dtype, device=device, generator=gen)
+    codes = torch.int8 if view.ndim == 2 else torch.uint8  # int8 scales are [E, out]; int4 scales and zeros [E, out, groups]
+    value = INIT_STD / CODE_STD[codes] if name == "scales" else 7.5  # int4 zeros: the middle code
+    return torch.full(view.shape, value, dtype=view.dtype, device=device)
+
+
 SHRUNK_WIDTHS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size", "kv_lora_rank")
 
 
@@ -58,17 +74,20 @@ def synthetic_config(name: str, shrink: int = 1) -> T.PretrainedConfig:
     return cls(**fields, bos_token_id=0, eos_token_id=1, pad_token_id=0)
 
 
-def full_size_cost(name: str) -> ModelCost:
-    """Cost-model sizes of the full-width model in bf16 (for predictions from a reduced-width run's trace)."""
+def full_size_cost(name: str, fmt: ExpertFormat | None = None) -> ModelCost:
+    """Cost-model sizes of the full-width model in bf16, experts packed as `fmt` (for predictions from a reduced-width run's trace)."""
     cfg = synthetic_config(name)
     with torch.device("meta"):
         model = build_model(cfg)
     info = model.info
-    return model_cost(model, 2 * 3 * info.hidden * info.expert_intermediate, bytes_per_param=2)
+    layout = ExpertLayout(ExpertShape(info.hidden, info.expert_intermediate), fmt or FloatFormat(torch.bfloat16))
+    return model_cost(model, layout.nbytes, bytes_per_param=2, dequant_bytes=dequant_traffic(layout, torch.bfloat16))
 
 
-def build_synthetic(name: str, device: torch.device, dtype_name: str = "auto", shrink: int = 1, seed: int = 0) -> LoadedModel:
-    """Random dense weights made on the device, random experts made there and copied into (pinned) host memory.
+def build_synthetic(
+    name: str, device: torch.device, dtype_name: str = "auto", shrink: int = 1, seed: int = 0, expert_dtype: str = "auto", group_size: int | None = None,
+) -> LoadedModel:
+    """Random dense weights made on the device, random experts made there (already packed: random codes and scales) and copied into (pinned) host memory.
 
     Embeddings have unit variance so that, as in a trained model with load-balanced routers, each token is
     routed by its own identity; with small random embeddings the shared part of the residual stream
@@ -96,9 +115,12 @@ def build_synthetic(name: str, device: torch.device, dtype_name: str = "auto", s
     model.to(dtype)
     model.rotary.inv_freq = inv_freq.to(device)  # rotary frequencies stay float32
     info = model.info
-    store = ExpertStore(list(info.moe_layers), info.num_experts, ExpertShape(info.hidden, info.expert_intermediate), dtype, pin=device.type == "cuda")
-    for rows in store.layers.values():
-        rows.copy_(torch.empty(rows.shape, dtype=dtype, device=device).normal_(0.0, INIT_STD, generator=gen))
-    store.filled = {(layer, e, p) for layer in store.layers for e in range(info.num_experts) for p in ("gate", "up", "down")}
+    fmt = make_format(expert_dtype, dtype, group_size)
+    store = ExpertStore(list(info.moe_layers), info.num_experts, ExpertShape(info.hidden, info.expert_intermediate), fmt, pin=device.type == "cuda")
+    for layer in store.layers:
+        for matrix in MATRICES:
+            for (field, _), view in zip(store.layout.fields[matrix], store.fields[layer][matrix]):
+                view.copy_(_random_field(field.name, view, gen, device))
+            store.mark_filled(layer, matrix)
     model.eval()
     return LoadedModel(model=model, store=store, config=cfg, path=Path(f"synthetic:{name}"), dtype=dtype)

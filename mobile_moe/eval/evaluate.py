@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from mobile_moe.config import PolicyConfig
 from mobile_moe.engine.llm import LLM
@@ -42,15 +42,23 @@ def _prompts(llm: LLM, texts: list[str], settings: EvalSettings):
     return prompts
 
 
-def evaluate(llm: LLM, texts: list[str], data: str, settings: EvalSettings, base: PolicyConfig, calibrated: float | None) -> dict:
-    """Perplexity of big/little (and a teacher-forced mobile estimate per tau), then greedy runs per policy."""
+def evaluate(
+    llm: LLM, texts: list[str], data: str, settings: EvalSettings, base: PolicyConfig, calibrated: float | None, reference: LLM | None = None,
+) -> dict:
+    """Perplexity of big/little (and a teacher-forced mobile estimate per tau), then greedy runs per policy.
+
+    `reference`: the same model with float experts; big's greedy agreement with it measures what quantization costs.
+    """
     prompts = _prompts(llm, texts, settings)
     taus = tuple(sorted(set(settings.taus) | ({calibrated} if calibrated is not None else set())))
     scores = token_scores(llm, texts, settings.ppl_tokens, base.criterion, settings.progress)
-    runs = policy_runs(llm, prompts, mobile_sweep(base, taus), settings.new_tokens, settings.progress)
+    runs, versus = policy_runs(llm, prompts, mobile_sweep(base, taus), settings.new_tokens, settings.progress, reference)
     return {
         "model": str(llm.path), "data": data, "prompts": len(prompts), "new_tokens": settings.new_tokens,
         "criterion": base.criterion, "little_weights": base.little_weights,
+        "expert_format": str(llm.loaded.store.format),
+        "expert_bytes": llm.loaded.store.expert_bytes,
+        "big_vs_float_big": None if versus is None else {"expert_format": str(reference.loaded.store.format), **asdict(versus)},
         "perplexity": {
             "big": perplexity(scores.big), "little": perplexity(scores.little), "tokens": int(scores.big.numel()),
             "mobile": {f"{t:g}": mobile_perplexity(scores, t) for t in taus},
@@ -69,5 +77,5 @@ def calibrate(llm: LLM, texts: list[str], settings: EvalSettings, bases: list[Po
         raise InvalidParameter(f"--target-agreement must be in (0, 1], got {target}")
     prompts = _prompts(llm, texts, settings)
     mobiles = [p for base in bases for p in mobile_sweep(base, TAU_GRIDS[base.criterion] if grid else settings.taus)]
-    runs = policy_runs(llm, prompts, mobiles, settings.new_tokens, settings.progress)
+    runs, _ = policy_runs(llm, prompts, mobiles, settings.new_tokens, settings.progress)
     return choose(runs, target), len(prompts)

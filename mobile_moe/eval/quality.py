@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from mobile_moe.config import PolicyConfig, SamplingParams
 from mobile_moe.engine.llm import LLM
-from mobile_moe.eval.agreement import compare
+from mobile_moe.eval.agreement import Agreement, compare
 from mobile_moe.eval.prompts import Prompt, predicted_next_line
 from mobile_moe.policy.importance import confidence
 
@@ -81,16 +81,23 @@ def mobile_sweep(base: PolicyConfig, taus: Iterable[float]) -> list[PolicyConfig
     return [replace(base, name="mobile", tau=tau) for tau in taus]
 
 
-def policy_runs(llm: LLM, prompts: list[Prompt], mobiles: list[PolicyConfig], new_tokens: int, progress: bool = True) -> list[Run]:
-    """big, little and each mobile configuration, all on the same prompts (big and little once)."""
+def policy_runs(
+    llm: LLM, prompts: list[Prompt], mobiles: list[PolicyConfig], new_tokens: int, progress: bool = True, reference: LLM | None = None,
+) -> tuple[list[Run], Agreement | None]:
+    """big, little and each mobile configuration, all on the same prompts (big and little once).
+
+    With a `reference` (the same model with float experts), also how often this big's greedy tokens agree with the reference's big.
+    """
     ids = [llm.encode(p.text) for p in prompts]
     little_weights = mobiles[0].little_weights if mobiles else "native"
-    with tqdm(total=len(ids) * (2 + len(mobiles)), desc="generating", unit="prompt", disable=(not progress) or None, leave=False) as bar:
+    total = len(ids) * (2 + len(mobiles) + (reference is not None))
+    with tqdm(total=total, desc="generating", unit="prompt", disable=(not progress) or None, leave=False) as bar:
         big_policy, little_policy = PolicyConfig("big"), PolicyConfig("little", little_weights=little_weights)
         big = continue_prompts(llm, ids, big_policy, new_tokens, bar)
         runs = [score(big_policy, big, big, prompts), score(little_policy, continue_prompts(llm, ids, little_policy, new_tokens, bar), big, prompts)]
         runs += [score(policy, continue_prompts(llm, ids, policy, new_tokens, bar), big, prompts) for policy in mobiles]
-    return runs
+        versus = None if reference is None else compare(continue_prompts(reference, ids, big_policy, new_tokens, bar).ids, big.ids)
+    return runs, versus
 
 
 @dataclass(frozen=True)

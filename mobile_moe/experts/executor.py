@@ -57,11 +57,15 @@ class ExpertExecutor:
         self.in_place = fmt.reads_in_place(dtype)
         self.fused_int8 = isinstance(fmt, Int8Format) and int8_matmul_works(cache.device, dtype)
         self.grouped = (self.in_place and grouped_mm_works(cache, act, dtype)) if grouped is None else grouped
+        # per slot, per matrix: the packed fields as views, made once (indexing the pool per call costs a dispatch each)
+        self.slot_fields = [{m: [f[slot] for f in cache.fields[m]] for m in cache.fields} for slot in range(cache.num_slots)]
 
     def run(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [T, H], indices/weights: [T, n] -> sum_j weights[:, j] * expert_{indices[:, j]}(x)  [T, H]."""
         T, n = indices.shape
         flat = self.cache.transfer.to_host(indices.flatten())  # the layer's one host sync: which experts to bring
+        if T == 1 and not self.grouped:
+            return self._run_one_token(layer, x, flat, weights)
         pairs = x.new_empty(T * n, x.shape[1])  # [P, H] each pair's weighted output
         w = weights.flatten().to(x.dtype)  # [P]
         for group in plan_groups(flat, self.cache.num_slots):
@@ -73,6 +77,19 @@ class ExpertExecutor:
             finally:
                 self.cache.release(slots)
         return pairs.view(T, n, -1).sum(1)  # fixed-order combine: deterministic on every device
+
+    def _run_one_token(self, layer: int, x: torch.Tensor, experts: list[int], weights: torch.Tensor) -> torch.Tensor:
+        """Decode: x [1, H], `experts` distinct, in rank order -> [1, H], the same fixed-order combine without index plumbing."""
+        outs: list[torch.Tensor] = [x] * len(experts)
+        for group in plan_groups(experts, self.cache.num_slots):
+            slots = self.cache.acquire(layer, group.experts)
+            try:
+                for slot, rank in zip(slots, group.positions):
+                    gate, up = self._matmul(x, slot, "gate_up").chunk(2, dim=-1)
+                    outs[rank] = self._matmul(self.act(gate) * up, slot, "down")  # [1, H]
+            finally:
+                self.cache.release(slots)
+        return (torch.cat(outs) * weights.view(-1, 1).to(x.dtype)).sum(0, keepdim=True)  # [n, H] -> [1, H], rank order
 
     def _compute(self, xs: torch.Tensor, slots: list[int], counts: list[int]) -> torch.Tensor:
         """xs: [Pg, H], rows grouped by expert (slot order as given) -> expert outputs [Pg, H]."""
@@ -87,7 +104,7 @@ class ExpertExecutor:
 
     def _matmul(self, x: torch.Tensor, slot: int, matrix: Matrix) -> torch.Tensor:
         """x: [P, in] -> x @ W.T [P, out] for one cached expert's matrix, dequantizing it if it is packed."""
-        fields = [f[slot] for f in self.cache.fields[matrix]]
+        fields = self.slot_fields[slot][matrix]
         if self.in_place:
             return F.linear(x, fields[0])
         if self.fused_int8:

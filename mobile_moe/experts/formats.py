@@ -159,6 +159,9 @@ class Int4Format(ExpertFormat):
     def config(self) -> dict:
         return {**super().config(), "group_size": self.group_size}
 
+    def __repr__(self) -> str:
+        return f"int4 (group {self.group_size})"
+
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """codes: uint8 [..., n] in [0, 15], n even -> [..., n / 2], even column in the low nibble."""

@@ -147,6 +147,10 @@ class ExpertStore:
         self.fields[layer][matrix][index].copy_(packed)
         self._mark(layer, range(self.num_experts), matrix, fields=(field_name,))
 
+    def mark_filled(self, layer: int, matrix: Matrix) -> None:
+        """Declare every expert's `matrix` of a layer written (callers that fill the field views directly)."""
+        self._mark(layer, range(self.num_experts), matrix)
+
     def _mark(self, layer: int, experts: range, matrix: Matrix, parts: tuple[Part, ...] | None = None, fields: tuple[str, ...] | None = None) -> None:
         """Record which (expert, projection, field) pieces have been written."""
         parts = parts or (("gate", "up") if matrix == "gate_up" else ("down",))

@@ -90,9 +90,9 @@ class GQAAttention(nn.Module):
         k = k.view(T, self.kv_heads, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(0, 1), k.transpose(0, 1)  # [H, T, D]
+        qk = apply_rotary(torch.cat((q, k), dim=1).transpose(0, 1), inp.cos, inp.sin, "half")  # [H + Hkv, T, D], one rotation
+        q, k = qk[: self.heads], qk[self.heads :]
         v = v.view(T, self.kv_heads, self.head_dim).transpose(0, 1)
-        q, k = apply_rotary(q, inp.cos, inp.sin, "half"), apply_rotary(k, inp.cos, inp.sin, "half")
         k_all, v_all = inp.kv.write(self.layer, k, v)
         return self.o_proj(attend(q, k_all, v_all, inp.mask, self.head_dim**-0.5))
 
