@@ -74,3 +74,16 @@ def test_tied_embeddings_without_lm_head_tensor(checkpoints, tmp_path):
     (dst / "config.json").write_text(json.dumps(cfg))
     llm = open_llm(dst, expert_cache=3)
     assert torch.equal(llm.loaded.model.lm_head.weight, ref_weights["model.embed_tokens.weight"])
+
+
+def test_fused_projections_view_the_loaded_weights(checkpoints):
+    llm = open_llm(checkpoints["qwen2_moe"], expert_cache=4)  # qkv bias, a shared expert and a dense layer
+    layer = llm.loaded.model.model.layers[0]
+    attn, shared = layer.self_attn, layer.mlp.shared_expert
+    assert attn.qkv is not None and shared.gate_up is not None
+    storage = lambda t: t.untyped_storage().data_ptr()  # noqa: E731
+    assert storage(attn.q_proj.weight) == storage(attn.v_proj.weight) == storage(attn.qkv.weight)  # views: no second copy
+    assert storage(attn.k_proj.bias) == storage(attn.qkv.bias)
+    x = torch.randn(3, attn.q_proj.in_features)
+    for fused, separate in zip(attn.qkv(x), (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))):
+        torch.testing.assert_close(fused, separate)

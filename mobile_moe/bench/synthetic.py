@@ -122,5 +122,6 @@ def build_synthetic(
             for (field, _), view in zip(store.layout.fields[matrix], store.fields[layer][matrix]):
                 view.copy_(_random_field(field.name, view, gen, device))
             store.mark_filled(layer, matrix)
+    model.fuse_projections()
     model.eval()
     return LoadedModel(model=model, store=store, config=cfg, path=Path(f"synthetic:{name}"), dtype=dtype)

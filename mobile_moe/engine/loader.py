@@ -93,6 +93,7 @@ def load(
         _place(key, tensor, cfg, store, dense, device, dtype)
     bar.close()
     _finish(model, dense, store, cfg, device)
+    model.fuse_projections()
     model.eval()
     return LoadedModel(model=model, store=store, config=cfg, path=path, dtype=dtype)
 

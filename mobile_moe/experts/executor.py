@@ -37,6 +37,9 @@ class ExpertGroup:
 
 def plan_groups(flat: list[int], group_size: int) -> list[ExpertGroup]:
     """flat: expert id of each pair [T * n] -> groups of at most `group_size` distinct experts."""
+    if len(flat) <= group_size and len(set(flat)) == len(flat):  # one token's distinct experts (decode): one group
+        order = sorted(range(len(flat)), key=flat.__getitem__)
+        return [ExpertGroup([flat[p] for p in order], [1] * len(flat), order)]
     by_expert: dict[int, list[int]] = {}
     for position, expert in enumerate(flat):
         by_expert.setdefault(expert, []).append(position)
@@ -59,6 +62,7 @@ class ExpertExecutor:
         self.grouped = (self.in_place and grouped_mm_works(cache, act, dtype)) if grouped is None else grouped
         # per slot, per matrix: the packed fields as views, made once (indexing the pool per call costs a dispatch each)
         self.slot_fields = [{m: [f[slot] for f in cache.fields[m]] for m in cache.fields} for slot in range(cache.num_slots)]
+        self.slot_weights = [(f["gate_up"][0], f["down"][0]) for f in self.slot_fields] if self.in_place else []
 
     def run(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [T, H], indices/weights: [T, n] -> sum_j weights[:, j] * expert_{indices[:, j]}(x)  [T, H]."""
@@ -84,9 +88,15 @@ class ExpertExecutor:
         for group in plan_groups(experts, self.cache.num_slots):
             slots = self.cache.acquire(layer, group.experts)
             try:
-                for slot, rank in zip(slots, group.positions):
-                    gate, up = self._matmul(x, slot, "gate_up").chunk(2, dim=-1)
-                    outs[rank] = self._matmul(self.act(gate) * up, slot, "down")  # [1, H]
+                if self.in_place:  # the common case, kept free of per-call dispatch in Python
+                    for slot, rank in zip(slots, group.positions):
+                        gate_up, down = self.slot_weights[slot]
+                        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+                        outs[rank] = F.linear(self.act(gate) * up, down)  # [1, H]
+                else:
+                    for slot, rank in zip(slots, group.positions):
+                        gate, up = self._matmul(x, slot, "gate_up").chunk(2, dim=-1)
+                        outs[rank] = self._matmul(self.act(gate) * up, slot, "down")
             finally:
                 self.cache.release(slots)
         return (torch.cat(outs) * weights.view(-1, 1).to(x.dtype)).sum(0, keepdim=True)  # [n, H] -> [1, H], rank order

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mobile_moe.layers.fused import FusedLinear, fuse_linears
 from mobile_moe.layers.kv_cache import KVCache
 from mobile_moe.layers.norm import RMSNorm
 from mobile_moe.layers.rotary import RopeLayout, apply_rotary
@@ -73,6 +74,11 @@ class GQAAttention(nn.Module):
         elif qk_norm == "full":
             self.q_norm, self.k_norm = RMSNorm(heads * head_dim, eps), RMSNorm(kv_heads * head_dim, eps)
         self.clip_qkv = clip_qkv
+        self.qkv: FusedLinear | None = None
+
+    def fuse_projections(self) -> None:
+        """Compute q, k and v with one matmul from now on (weights must be final: loaded and placed)."""
+        self.qkv = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
 
     def kv_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """(heads, dim) of the cached keys and values."""
@@ -81,7 +87,7 @@ class GQAAttention(nn.Module):
     def forward(self, x: torch.Tensor, inp: AttentionInput) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden]; writes this step's keys/values into the cache."""
         T = x.shape[0]
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, H*D]
+        q, k, v = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))  # [T, H*D]
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mobile_moe.errors import UnsupportedArchitecture
+from mobile_moe.layers.fused import FusedLinear, fuse_linears
 
 ACTIVATIONS: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] = MappingProxyType({
     "silu": F.silu,
@@ -35,7 +36,13 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
         self.act = activation(act)
+        self.gate_up: FusedLinear | None = None
+
+    def fuse_projections(self) -> None:
+        """Compute gate and up with one matmul from now on (weights must be final: loaded and placed)."""
+        self.gate_up = fuse_linears([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden]."""
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(self.act(gate) * up)

@@ -66,6 +66,12 @@ class CausalLM(nn.Module):
         self.rotary = rotary
         self.info = info
 
+    def fuse_projections(self) -> None:
+        """Fuse linears that share an input (q/k/v, gate/up) in every layer; call once the weights are final."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "fuse_projections"):
+                module.fuse_projections()
+
     def kv_shapes(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """Per-layer (heads, dim) of cached keys and values."""
         shapes = [layer.self_attn.kv_shapes() for layer in self.model.layers]
