@@ -183,7 +183,7 @@ def _json_safe(d: dict) -> dict:
 
 def table(report: dict) -> str:
     """Terminal table of a bench report."""
-    head = f"{'system':<12} {'tok/s':>8} {'x big':>6} {'TTFT s':>7} {'GB/tok':>7} {'GB/s':>6} {'hit':>6} {'fallbk':>7} {'wait':>6} {'sync/t':>6}  note"
+    head = f"{'system':<12} {'tok/s':>8} {'x big':>6} {'TTFT s':>7} {'MB/tok':>7} {'GB/s':>6} {'hit':>6} {'fallbk':>7} {'wait':>6} {'sync/t':>6}  note"
     title = (f"{report['model']} on {report['device']}, {report['threads']} threads, experts {report['expert_dtype']} "
              f"({report['expert_bytes'] / 2**20:.3f} MiB each), {report['cache_slots']} of {report['total_experts']} slots; "
              f"median of {report['rounds']} interleaved rounds")
@@ -193,7 +193,7 @@ def table(report: dict) -> str:
         same = s.get("same_tokens_as_big")
         note = s["note"] + ("" if same is None else f"{'; ' if s['note'] else ''}same greedy tokens as big on {same:.0%} of prompts")
         rows.append(
-            f"{s['name']:<12} {s['decode_tok_s']:>8.2f} {s['ratio_to_big']:>6.2f} {s['ttft_s']:>7.3f} {fmt(s['h2d_gb_per_token'], '.4f'):>7} {fmt(s['h2d_gbps'], '.1f'):>6} "
+            f"{s['name']:<12} {s['decode_tok_s']:>8.2f} {s['ratio_to_big']:>6.2f} {s['ttft_s']:>7.3f} {fmt(None if s['h2d_gb_per_token'] is None else 1e3 * s['h2d_gb_per_token'], '.3f'):>7} {fmt(s['h2d_gbps'], '.1f'):>6} "
             f"{fmt(s['hit_rate'], '.0%'):>6} {s['fallback_rate']:>7.1%} {fmt(s['transfer_wait_share'], '.0%'):>6} {fmt(s['host_syncs_per_token'], '.1f'):>6}  {note}"
         )
     rows.append("predicted tok/s (cost model on this run's traces): " + "; ".join(

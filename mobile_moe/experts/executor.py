@@ -3,8 +3,8 @@
 The layer's (token, expert) pairs are planned on the host from one read of the router's choice. Cached
 experts in the compute dtype are read in place, either by one grouped matmul over the whole slot pool
 (`torch._grouped_mm`, where the device runs it correctly: probed once) or by a short loop of per-expert
-matmuls; quantized experts are dequantized on the device one at a time in that loop (int8 on the CPU uses
-torch's fused int8 matmul where it exists). Pair outputs are combined by a weighted sum in a fixed order, so
+matmuls; quantized experts are dequantized on the device one at a time in that loop (torch's fused int8-weight
+matmul was measured slower than dequantize-then-matmul on the CPU, so it is not used). Pair outputs are combined by a weighted sum in a fixed order, so
 results do not depend on atomics.
 """
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mobile_moe.experts.cache import ExpertCache
-from mobile_moe.experts.formats import FloatFormat, Int8Format
+from mobile_moe.experts.formats import FloatFormat
 from mobile_moe.experts.store import ExpertShape, ExpertStore, Matrix
 from mobile_moe.experts.transfer import TransferEngine
 
@@ -56,9 +56,7 @@ class ExpertExecutor:
 
     def __init__(self, cache: ExpertCache, act: Activation, dtype: torch.dtype, grouped: bool | None = None) -> None:
         self.cache, self.act, self.dtype = cache, act, dtype
-        fmt = cache.store.format
-        self.in_place = fmt.reads_in_place(dtype)
-        self.fused_int8 = isinstance(fmt, Int8Format) and int8_matmul_works(cache.device, dtype)
+        self.in_place = cache.store.format.reads_in_place(dtype)
         self.grouped = (self.in_place and grouped_mm_works(cache, act, dtype)) if grouped is None else grouped
         # per slot, per matrix: the packed fields as views, made once (indexing the pool per call costs a dispatch each)
         self.slot_fields = [{m: [f[slot] for f in cache.fields[m]] for m in cache.fields} for slot in range(cache.num_slots)]
@@ -117,8 +115,6 @@ class ExpertExecutor:
         fields = self.slot_fields[slot][matrix]
         if self.in_place:
             return F.linear(x, fields[0])
-        if self.fused_int8:
-            return torch._weight_int8pack_mm(x, fields[0], fields[1])
         return F.linear(x, self.cache.store.format.dequantize(fields, self.dtype))  # a transient [out, in] the budget counts
 
     def _compute_grouped(self, xs: torch.Tensor, slots: list[int], counts: list[int]) -> torch.Tensor:
@@ -159,19 +155,3 @@ def grouped_matches_loop(device: torch.device, dtype: torch.dtype, act: Activati
     want = ExpertExecutor(probe, act, dtype, grouped=False)._compute(xs, [1, 0], [2, 1])
     return bool(torch.allclose(got.float(), want.float(), rtol=2e-2, atol=1e-3))
 
-
-def int8_matmul_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch's fused int8-weight matmul runs here and matches dequantize-then-matmul (probed once)."""
-    if not hasattr(torch, "_weight_int8pack_mm"):
-        return False
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randn(16, 64, generator=gen)
-    x = torch.randn(3, 64, generator=gen).to(device, dtype)
-    fmt = Int8Format()
-    q, scale = (t.to(device) for t in fmt.quantize(w))
-    try:
-        got = torch._weight_int8pack_mm(x, q, scale)  # float32 scales, as the store keeps them
-    except (RuntimeError, NotImplementedError, TypeError):
-        return False
-    want = F.linear(x, fmt.dequantize([q, scale], dtype))
-    return bool(torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-3))
