@@ -144,6 +144,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--fallback-rate", type=float, help="drive mobile's fallbacks at this rate (default for synthetic: the demo model's calibrated rate)")
     b.add_argument("--lookahead", action="store_true", help="prefetch layer l+1's experts from layer l's hidden state")
     b.add_argument("--skip-accelerate", action="store_true", help="do not run the transformers + accelerate offloaded baseline (cuda)")
+    b.add_argument("--skip-transformers", action="store_true", help="do not run transformers' generate on the whole model")
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every system; speeds are medians (default 3)")
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice; reported either way)")
     b.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
@@ -326,7 +327,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cost = full_size_cost(args.synthetic, full_size_format(args)) if args.synthetic and args.shrink > 1 else None  # predict the real widths
     settings = BenchSettings(
         default_prompts(llm, args.prompts), args.new_tokens, policy, args.gpu_memory, not args.skip_accelerate, args.trace_dir, cost,
-        temperature=1.0 if args.synthetic else 0.0, progress=not args.quiet, rounds=args.rounds,
+        temperature=1.0 if args.synthetic else 0.0, progress=not args.quiet, rounds=args.rounds, run_transformers=not args.skip_transformers,
     )
     report = run_bench(llm, settings)
     if rate is not None:

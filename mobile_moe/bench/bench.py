@@ -30,6 +30,7 @@ class BenchSettings:
     mobile: PolicyConfig
     gpu_memory_gb: float | None
     run_accelerate: bool = True
+    run_transformers: bool = True  # transformers' generate with the whole model on the device, when it fits
     trace_dir: Path | None = None
     cost: ModelCost | None = None  # sizes for the cost model; default: the benchmarked model's own
     temperature: float = 0.0  # synthetic models sample (seeded): greedy decoding of random weights repeats one token
@@ -127,7 +128,7 @@ def run_bench(llm: LLM, settings: BenchSettings, profiles: dict[str, HardwarePro
     if _fits_on_device(llm):
         engines.append(("resident", PolicyConfig("big"), total, True))
     whole = None
-    if _fits_on_device(llm, dense_bytes(llm.loaded.model) + llm.loaded.store.nbytes):  # transformers holds its own copy
+    if settings.run_transformers and _fits_on_device(llm, dense_bytes(llm.loaded.model) + llm.loaded.store.nbytes):  # its own copy
         whole = HFBaseline(llm.loaded, llm.device, None, offload=False, warmup_ids=settings.prompts[0], progress=settings.progress)
     rounds: dict[str, list[SystemResult]] = {}
     traces, outputs = {}, {}
