@@ -30,12 +30,12 @@ class BenchSettings:
     mobile: PolicyConfig
     gpu_memory_gb: float | None
     run_accelerate: bool = True
-    run_transformers: bool = True  # transformers' generate with the whole model on the device, when it fits
     trace_dir: Path | None = None
     cost: ModelCost | None = None  # sizes for the cost model; default: the benchmarked model's own
     temperature: float = 0.0  # synthetic models sample (seeded): greedy decoding of random weights repeats one token
     progress: bool = True
     rounds: int = 3  # every system runs once per round, systems interleaved; speeds are medians over rounds
+    run_transformers: bool = True  # transformers' generate with the whole model on the device, when it fits
 
 
 @dataclass
