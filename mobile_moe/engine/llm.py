@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import torch
@@ -30,9 +31,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 class LLM:
-    """An offloaded MoE model: dense weights on the device, experts in host memory behind a bounded cache."""
+    """An offloaded MoE model: dense weights on the device, experts in host memory behind a bounded cache.
+
+    Safe to share between threads: calls that run the model (`generate`, `logits`, `reset_cache`) hold one
+    lock, so concurrent calls run one after another, each exactly as it would alone. A call that fails
+    (e.g. a cache too small for a step) leaves the object usable.
+    """
 
     def __init__(self, model: str | Path | LoadedModel, config: EngineConfig | None = None) -> None:
+        self._lock = threading.RLock()
         self.config = config or EngineConfig()
         self.device = resolve_device(self.config.device)
         if isinstance(model, LoadedModel):
@@ -53,9 +60,10 @@ class LLM:
 
     def reset_cache(self, slots: int, trace: Trace | None = None) -> None:
         """Start over with an empty expert cache of `slots` slots (benchmarks compare systems from the same state)."""
-        self.cache = self.runner = None  # release the old slot pool first
-        self.cache = ExpertCache(self.loaded.store, slots, self.device, TransferEngine(self.device), self.config.cache.eviction, trace=trace)
-        self.runner = Runner(self.loaded.model, self.cache)
+        with self._lock:
+            self.cache = self.runner = None  # release the old slot pool first
+            self.cache = ExpertCache(self.loaded.store, slots, self.device, TransferEngine(self.device), self.config.cache.eviction, trace=trace)
+            self.runner = Runner(self.loaded.model, self.cache)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -83,16 +91,18 @@ class LLM:
         room = self.max_context - len(ids)
         if sampling.max_new_tokens > room:
             sampling = SamplingParams(room, sampling.temperature, sampling.top_p, sampling.seed, sampling.stop_at_eos)
-        self.runner.little_weights = policy.little_weights
-        result = generate(self.runner, ids, sampling, Policy(policy), self.eos_token_ids)
+        with self._lock:
+            self.runner.little_weights = policy.little_weights
+            result = generate(self.runner, ids, sampling, Policy(policy), self.eos_token_ids)
         result.text = self.decode(result.token_ids)
         return result
 
     def logits(self, ids: list[int], mode: str = "big") -> torch.Tensor:
         """Teacher-forced logits [T, V] of a token sequence with big or little experts."""
         self._check_prompt(ids)
-        kv = self.runner.new_kv(len(ids))
-        return self.runner.forward(torch.tensor(ids, device=self.device), kv, ExpertMode(mode), all_logits=True)
+        with self._lock:
+            kv = self.runner.new_kv(len(ids))
+            return self.runner.forward(torch.tensor(ids, device=self.device), kv, ExpertMode(mode), all_logits=True)
 
     def _check_prompt(self, ids: list[int]) -> None:
         """Reject empty, out-of-vocabulary or over-long prompts."""

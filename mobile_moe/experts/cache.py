@@ -66,8 +66,8 @@ class ExpertCache:
         try:
             for expert in experts:
                 slots.append(self._pin(layer, expert))
-        except CacheTooSmall:
-            self._unpin(slots)  # a failed step leaves the cache as usable as before
+        except BaseException:  # too small, or a copy that failed: the cache stays as usable as before
+            self._unpin(slots)
             raise
         for slot in slots:
             self._ready(slot)
@@ -130,7 +130,12 @@ class ExpertCache:
         """Take a slot (free or evicted) and start copying the expert into it after the slot's last reader and writer."""
         slot = self._take_slot()
         old = self.slots[slot]
-        ticket = self.transfer.load(self.pool[slot], self.store.buffer(*key), prefetch, after=(old.read_fence, old.ticket))
+        try:
+            ticket = self.transfer.load(self.pool[slot], self.store.buffer(*key), prefetch, after=(old.read_fence, old.ticket))
+        except BaseException:
+            self.slots[slot] = _Slot(ticket=old.ticket, read_fence=old.read_fence)  # the slot is empty now, not lost
+            self.free.append(slot)
+            raise
         self.slots[slot] = _Slot(key=key, ticket=ticket)
         self.where[key] = slot
         self.eviction.inserted(key)
