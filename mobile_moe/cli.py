@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import NoReturn
 
@@ -32,6 +33,7 @@ from mobile_moe.errors import CheckpointError, InvalidParameter, MobileMoeError
 from mobile_moe.experts.formats import DEFAULT_GROUP_SIZE, ExpertFormat, make_format
 from mobile_moe.eval.data import read_texts
 from mobile_moe.eval.evaluate import EvalSettings, calibrate, evaluate
+from mobile_moe.eval.calibrate import TAU_GRIDS
 from mobile_moe.eval.report import plot_taus, runs_table
 from mobile_moe.jsonio import write_json_atomic
 
@@ -116,7 +118,7 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     """`eval` and `calibrate`."""
     ev = sub.add_parser("eval", help="quality of big / little / mobile: perplexity, agreement with big, fallback rate")
     ev.add_argument("--data", type=Path, nargs="+", help="text files or directories (default: the demo corpus's test split)")
-    ev.add_argument("--taus", type=parse_taus, default=(0.3, 0.5, 0.7, 0.9), help="comma-separated taus for mobile (default 0.3,0.5,0.7,0.9)")
+    ev.add_argument("--taus", type=parse_taus, help="comma-separated taus for mobile (default: the calibrated tau and its neighbours in the criterion's grid)")
     ev.add_argument("--plot", type=Path, metavar="FILE.png", help="plot agreement, perplexity and fallback rate against tau")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     ev.add_argument("--no-reference", action="store_true", help="with quantized experts, skip comparing big with the float-expert big (which loads the model twice)")
@@ -212,6 +214,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """`mobile-moe generate`."""
     if args.prompt is None and args.prompt_ids is None:
         raise InvalidParameter("give --prompt TEXT or --prompt-ids 1,2,3")
+    if args.policy != "mobile" and (args.tau is not None or args.criterion is not None):
+        raise InvalidParameter(f"--tau and --criterion apply to --policy mobile only, not {args.policy}")
     sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     llm = open_llm(args)
     policy = policy_from(args, llm.path)
@@ -237,13 +241,52 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def taus_around(criterion: str, tau: float | None, count: int = 5) -> tuple[float, ...]:
+    """The `count` taus of the criterion's grid nearest to `tau` (the whole grid's middle without one)."""
+    grid = TAU_GRIDS[criterion]
+    if tau is None:
+        start = max(0, (len(grid) - count) // 2)
+        return grid[start : start + count]
+    return tuple(sorted(sorted(grid, key=lambda t: abs(t - tau))[:count]))
+
+
+def check_writable_file(path: Path | None, what: str) -> None:
+    """Fail before a long run, not after it, when an output file cannot be written."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise InvalidParameter(f"{what} {path} is a directory, not a file")
+    _check_writable_dir(path.parent, f"{what} {path}")
+
+
+def check_writable_dir(path: Path | None, what: str) -> None:
+    """Fail before a long run when an output directory is a file or cannot be created or written."""
+    if path is None:
+        return
+    if path.exists() and not path.is_dir():
+        raise InvalidParameter(f"{what} {path} exists and is not a directory")
+    _check_writable_dir(path, f"{what} {path}")
+
+
+def _check_writable_dir(directory: Path, what: str) -> None:
+    """Create the directory if needed and write a probe file in it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise InvalidParameter(f"cannot write {what}: {e.strerror or e}") from None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """`mobile-moe eval`."""
-    settings = EvalSettings(tuple(args.taus), args.max_prompts, args.new_tokens, args.ppl_tokens, progress=not args.quiet)
+    check_writable_file(args.plot, "--plot")
     texts, data = read_texts(args.data, "test")
     llm = open_llm(args)
     policy = policy_from(args, llm.path)
     calibrated = calibrated_tau(llm.path, policy.criterion) if args.tau is None else args.tau
+    taus = args.taus or taus_around(policy.criterion, calibrated)
+    settings = EvalSettings(taus, args.max_prompts, args.new_tokens, args.ppl_tokens, progress=not args.quiet)
     report = evaluate(llm, texts, data, settings, policy, calibrated, float_reference(llm, args))
     if args.plot:
         plot_taus(report, args.plot)
@@ -300,6 +343,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """`mobile-moe bench`."""
     if args.prompts < 1 or args.new_tokens < 2 or args.rounds < 1:
         raise InvalidParameter("--prompts and --rounds must be >= 1 and --new-tokens >= 2")
+    check_writable_file(args.json, "--json")
+    check_writable_dir(args.trace_dir, "--trace-dir")
     if args.threads is not None:
         if args.threads < 1:
             raise InvalidParameter(f"--threads must be >= 1, got {args.threads}")
@@ -340,7 +385,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit status 2."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
     _log_warnings_in_one_line()
     try:
         return args.handler(args)
@@ -350,6 +395,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mobile-moe: interrupted", file=sys.stderr)
         return 130
+
+
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """`--prompt-ids -1,2` -> `--prompt-ids=-1,2`, so the ids are checked (and named) instead of read as a flag."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--prompt-ids" and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1][1:2].isdigit():
+            out.append(f"--prompt-ids={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 class _CurrentStderr(logging.StreamHandler):

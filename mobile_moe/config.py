@@ -35,6 +35,8 @@ class SamplingParams:
             raise InvalidParameter(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not (0.0 < self.top_p <= 1.0):
             raise InvalidParameter(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not (0 <= self.seed < 2**64):
+            raise InvalidParameter(f"seed must be an integer in [0, 2**64), got {self.seed}")
 
 @dataclass(frozen=True)
 class PolicyConfig:
@@ -82,8 +84,6 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if self.slots is not None and self.gpu_memory_gb is not None:
             raise InvalidParameter("give either an expert cache size or a GPU memory budget, not both")
-        if self.slots is not None and self.slots < 1:
-            raise InvalidParameter(f"expert cache must hold at least 1 expert, got {self.slots}")
         if self.gpu_memory_gb is not None and not (self.gpu_memory_gb > 0 and math.isfinite(self.gpu_memory_gb)):
             raise InvalidParameter(f"gpu memory budget must be > 0 GB, got {self.gpu_memory_gb}")
         if self.eviction not in ("lru", "lfu"):

@@ -102,7 +102,11 @@ def test_missing_expert_weights(capsys, checkpoints, tmp_path):
         (["--top-p", "1.5"], "top_p"),
         (["--max-new-tokens", "0"], "max_new_tokens"),
         (["--tau", "-0.1", "--policy", "mobile"], "tau"),
-        (["--expert-cache", "0"], "at least 1"),
+        (["--expert-cache", "0"], "--expert-cache 0: too small for one layer's top-4 experts (need >= 4 slots)"),
+        (["--expert-cache", "1"], "--expert-cache 1: too small for one layer's top-4 experts (need >= 4 slots)"),
+        (["--seed", "1" * 24], "seed must be an integer in [0, 2**64)"),
+        (["--tau", "0.5"], "--tau and --criterion apply to --policy mobile only, not big"),
+        (["--criterion", "margin", "--policy", "little"], "apply to --policy mobile only, not little"),
     ],
 )
 def test_invalid_parameters(capsys, checkpoints, flags, needle):
@@ -123,6 +127,29 @@ def test_malformed_prompt_ids_and_text_without_tokenizer(capsys, checkpoints):
     assert_one_line_error(code, err, "no tokenizer")
     code, _, err = run(capsys, "generate", "--model", str(checkpoints["olmoe"]), "--prompt-ids", "1,999", "--quiet")
     assert_one_line_error(code, err, "outside the vocabulary")
+    code, _, err = run(capsys, "generate", "--model", str(checkpoints["olmoe"]), "--prompt-ids", "-1,2", "--quiet")
+    assert_one_line_error(code, err, "prompt token id -1 is outside the vocabulary")
+
+
+def test_outputs_that_cannot_be_written_fail_before_the_run(capsys, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for argv, needle in (
+        (["eval", "--plot", str(a_file / "x.png"), "--quiet"], "cannot write --plot"),
+        (["bench", "--json", str(a_file / "x.json"), "--quiet"], "cannot write --json"),
+        (["bench", "--json", str(tmp_path), "--quiet"], "is a directory"),
+        (["bench", "--trace-dir", str(a_file), "--quiet"], "exists and is not a directory"),
+    ):
+        code, out, err = run(capsys, *argv)
+        assert_one_line_error(code, err, needle)
+        assert out == ""  # nothing ran
+
+
+def test_generation_cut_short_by_the_context_says_so(capsys, checkpoints):
+    ids = ",".join(["5"] * 250)  # tiny models have 256 positions: room for 6 new tokens
+    code, out, err = run(capsys, "generate", "--model", str(checkpoints["olmoe"]), "--prompt-ids", ids, "--max-new-tokens", "20", "--quiet", "--json")
+    assert code == 0 and len(json.loads(out)["token_ids"]) <= 6
+    assert "warning: 250 prompt tokens leave room for 6 of the 20 new tokens asked" in err
 
 
 def test_console_script_exit_status_and_no_traceback(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
@@ -90,6 +91,8 @@ class LLM:
         self._check_prompt(ids)
         room = self.max_context - len(ids)
         if sampling.max_new_tokens > room:
+            logging.getLogger("mobile_moe").warning(
+                f"{len(ids)} prompt tokens leave room for {room} of the {sampling.max_new_tokens} new tokens asked (context {self.max_context})")
             sampling = SamplingParams(room, sampling.temperature, sampling.top_p, sampling.seed, sampling.stop_at_eos)
         with self._lock:
             self.runner.little_weights = policy.little_weights
