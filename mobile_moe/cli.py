@@ -20,9 +20,9 @@ from mobile_moe.engine.budget import plan_for_config
 from mobile_moe.engine.calibration import (
     DEFAULT_TAU,
     DEMO_MODEL,
-    calibrated_criterion,
     calibrated_tau,
     demo_fallback_rate,
+    resolve_policy,
     write_calibration,
 )
 from mobile_moe.engine.checkpoint import read_config
@@ -126,6 +126,8 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--target-agreement", type=float, default=0.98)
     cal.add_argument("--data", type=Path, nargs="+", help="text files or directories (default: the demo corpus's validation split)")
     cal.add_argument("--taus", type=parse_taus, help="comma-separated taus to try (default: a grid per criterion)")
+    cal.add_argument("--output", type=Path, metavar="FILE", help="where to write the calibration (default: mobile_moe.json beside the model; "
+                     "for the bundled demo model, the user config directory, never the installed package)")
     cal.add_argument("--criteria", type=parse_criteria, default=CRITERIA, help="comma-separated criteria to try (default: all)")
     for p, handler in ((ev, cmd_eval), (cal, cmd_calibrate)):
         p.add_argument("--max-prompts", type=int, default=48)
@@ -197,9 +199,7 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
 
 def policy_from(args: argparse.Namespace, model: Path) -> PolicyConfig:
     """PolicyConfig from flags; criterion and tau fall back to the model's calibration, then to the defaults."""
-    criterion = args.criterion or calibrated_criterion(model) or "max_prob"
-    tau = args.tau if args.tau is not None else calibrated_tau(model, criterion)
-    return PolicyConfig(args.policy, DEFAULT_TAU if tau is None else tau, criterion, args.little_weights, args.prefill, not args.no_prefetch)
+    return resolve_policy(PolicyConfig(args.policy, args.tau, args.criterion, args.little_weights, args.prefill, not args.no_prefetch), model)
 
 
 def parse_ids(text: str) -> list[int]:
@@ -314,6 +314,7 @@ def float_reference(llm: LLM, args: argparse.Namespace) -> LLM | None:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """`mobile-moe calibrate`: exit 0 and write the tau, or exit 1 when no tau meets the target."""
+    check_writable_file(args.output, "--output")
     settings = EvalSettings(tuple(args.taus or (0.5,)), args.max_prompts, args.new_tokens, args.ppl_tokens, progress=not args.quiet)
     texts, data = read_texts(args.data, "validation")
     llm = open_llm(args)
@@ -328,7 +329,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             f"(best: {best.criterion} tau {best.tau:g} with {best.agreement:.1%} at fallback rate {best.fallback_rate:.1%}); nothing written"
         )
         return 1
-    file = write_calibration(llm.path, result.record(prompts, data))
+    file = write_calibration(llm.path, result.record(prompts, data), args.output)
     c = result.chosen
     print(f"calibrated {c.criterion} tau {c.tau:g}: agreement {c.agreement:.1%} (target {args.target_agreement:.1%}), fallback rate {c.fallback_rate:.1%}; written to {file}")
     return 0

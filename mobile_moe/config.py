@@ -43,8 +43,8 @@ class PolicyConfig:
     """Which experts each pass uses (DESIGN.md §1)."""
 
     name: PolicyName = "big"
-    tau: float = 0.9
-    criterion: Criterion = "max_prob"
+    tau: float | None = None  # None: the model's calibrated tau, else 0.9 (resolved by the engine)
+    criterion: Criterion | None = None  # None: the model's calibrated criterion, else max_prob
     little_weights: LittleWeights = "native"
     prefill: PrefillMode | None = None  # None: little for `little`, big otherwise
     prefetch_on_fallback: bool = True
@@ -56,9 +56,9 @@ class PolicyConfig:
             raise InvalidParameter(f"fallback rate must be in [0, 1], got {self.forced_fallback_rate}")
         if self.name not in POLICIES:
             raise InvalidParameter(f"policy must be one of {', '.join(POLICIES)}, got {self.name!r}")
-        if not math.isfinite(self.tau) or self.tau < 0:
+        if self.tau is not None and (not math.isfinite(self.tau) or self.tau < 0):
             raise InvalidParameter(f"tau must be a finite number >= 0, got {self.tau}")
-        if self.criterion not in CRITERIA:
+        if self.criterion is not None and self.criterion not in CRITERIA:
             raise InvalidParameter(f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
         if self.little_weights not in ("native", "rescale"):
             raise InvalidParameter(f"little_weights must be native or rescale, got {self.little_weights!r}")

@@ -114,3 +114,32 @@ def test_bench_on_the_demo_model_reports_every_system(tmp_path, capsys):
     assert report["mobile"]["forced_fallback_rate"] is None  # a trained model: real confidences decide
     assert report["cache_slots"] * 4 <= report["total_experts"]
     assert all(p["big"] > 0 for p in report["predicted"].values())
+
+
+def test_recalibrating_the_bundled_model_never_writes_the_package(slice_dir, tmp_path, monkeypatch, capsys):
+    shipped = (DEMO_MODEL / "mobile_moe.json").read_bytes()
+    monkeypatch.setenv("MOBILE_MOE_CONFIG_DIR", str(tmp_path / "config"))
+    assert main(["calibrate", "--data", str(slice_dir), "--max-prompts", "4", "--new-tokens", "8", "--criteria", "max_prob",
+                 "--taus", "0.3,0.6,0.9,0.99", "--target-agreement", "0.9", "--quiet"]) == 0
+    assert (DEMO_MODEL / "mobile_moe.json").read_bytes() == shipped
+    record = json.loads((tmp_path / "config" / "demo_model" / "mobile_moe.json").read_text())
+    assert record["criterion"] == "max_prob"
+    capsys.readouterr()
+    main(["generate", "--prompt", "x = 1", "--policy", "mobile", "--max-new-tokens", "2", "--json", "--quiet"])
+    assert json.loads(capsys.readouterr().out)["policy"]["tau"] == record["tau"]  # the user's calibration is read first
+    from mobile_moe import LLM, PolicyConfig, engine_config
+
+    api = LLM(DEMO_MODEL, engine_config(progress=False)).resolve_policy(PolicyConfig("mobile"))
+    assert (api.criterion, api.tau) == ("max_prob", record["tau"])  # the Python API applies the same default
+
+
+def test_the_python_api_uses_the_shipped_calibration(tmp_path, monkeypatch):
+    from mobile_moe import LLM, PolicyConfig, engine_config
+
+    monkeypatch.setenv("MOBILE_MOE_CONFIG_DIR", str(tmp_path))  # no user calibration
+
+    shipped = json.loads((DEMO_MODEL / "mobile_moe.json").read_text())
+    llm = LLM(DEMO_MODEL, engine_config(progress=False))
+    policy = llm.resolve_policy(PolicyConfig("mobile"))
+    assert (policy.criterion, policy.tau) == (shipped["criterion"], shipped["tau"])
+    assert llm.resolve_policy(PolicyConfig("mobile", tau=0.5, criterion="max_prob")).tau == 0.5  # explicit values win

@@ -1,25 +1,61 @@
-"""The calibrated MoBiLE threshold stored next to a model (mobile_moe.json), and the bundled demo model."""
+"""The calibrated MoBiLE threshold stored with a model (mobile_moe.json), policy defaults resolved from it, and the bundled demo model.
+
+A user's own model keeps its calibration beside it. The bundled demo model ships one inside the package;
+recalibrating it writes to the user's config directory (`$MOBILE_MOE_CONFIG_DIR`, else
+`$XDG_CONFIG_HOME/mobile-moe`, else `~/.config/mobile-moe`), which is then read first: the installed package is never written.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from pathlib import Path
 
+from mobile_moe.config import PolicyConfig
 from mobile_moe.jsonio import write_json_atomic
 
 CALIBRATION_FILE = "mobile_moe.json"
 DEFAULT_TAU = 0.9
+DEFAULT_CRITERION = "max_prob"
 DEFAULT_FALLBACK_RATE = 0.2
-DEMO_MODEL = Path(__file__).resolve().parents[1] / "demo_model"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+DEMO_MODEL = PACKAGE_DIR / "demo_model"
+
+
+def user_config_dir() -> Path:
+    """Where the user's own settings for bundled models live."""
+    if os.environ.get("MOBILE_MOE_CONFIG_DIR"):
+        return Path(os.environ["MOBILE_MOE_CONFIG_DIR"])
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "mobile-moe"
+
+
+def calibration_path(model_dir: Path) -> Path:
+    """Where `calibrate` writes for this model: beside it, or in the user's config directory for a model inside the package."""
+    model_dir = Path(model_dir).resolve()
+    if model_dir.is_relative_to(PACKAGE_DIR):
+        return user_config_dir() / model_dir.name / CALIBRATION_FILE
+    return model_dir / CALIBRATION_FILE
 
 
 def read_calibration(model_dir: Path) -> dict:
-    """The record written by `mobile-moe calibrate`, or {} when there is none (or it is unreadable)."""
-    try:
-        record = json.loads((model_dir / CALIBRATION_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return record if isinstance(record, dict) else {}
+    """The record written by `mobile-moe calibrate` (the user's own first), or {} when there is none or it is unreadable."""
+    for path in dict.fromkeys((calibration_path(model_dir), Path(model_dir) / CALIBRATION_FILE)):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(record, dict):
+            return record
+    return {}
+
+
+def resolve_policy(policy: PolicyConfig, model_dir: Path) -> PolicyConfig:
+    """The policy with an unset criterion and tau taken from the model's calibration, else the defaults (one rule for CLI, API and server)."""
+    criterion = policy.criterion or calibrated_criterion(model_dir) or DEFAULT_CRITERION
+    tau = policy.tau if policy.tau is not None else calibrated_tau(model_dir, criterion)
+    return dataclasses.replace(policy, criterion=criterion, tau=DEFAULT_TAU if tau is None else tau)
 
 
 def calibrated_tau(model_dir: Path, criterion: str) -> float | None:
@@ -43,6 +79,6 @@ def demo_fallback_rate() -> float:
     return float(rate) if isinstance(rate, (int, float)) else DEFAULT_FALLBACK_RATE
 
 
-def write_calibration(model_dir: Path, record: dict) -> Path:
-    """Atomically write the calibration record next to the model."""
-    return write_json_atomic(model_dir / CALIBRATION_FILE, record)
+def write_calibration(model_dir: Path, record: dict, output: Path | None = None) -> Path:
+    """Atomically write the calibration record to `output`, else where `calibration_path` says."""
+    return write_json_atomic(output or calibration_path(model_dir), record)

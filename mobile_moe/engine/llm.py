@@ -10,6 +10,7 @@ import torch
 
 from mobile_moe.config import CacheConfig, EngineConfig, PolicyConfig, SamplingParams
 from mobile_moe.engine.budget import dequant_scratch_bytes, plan_slots
+from mobile_moe.engine.calibration import resolve_policy
 from mobile_moe.engine.generate import GenerationResult, generate
 from mobile_moe.engine.loader import LoadedModel, load
 from mobile_moe.engine.runner import Runner
@@ -86,7 +87,7 @@ class LLM:
 
     def generate(self, prompt: str | list[int], sampling: SamplingParams | None = None, policy: PolicyConfig | None = None) -> GenerationResult:
         """Generate a continuation of a text or of token ids under a policy (big / little / mobile)."""
-        sampling, policy = sampling or SamplingParams(), policy or PolicyConfig()
+        sampling, policy = sampling or SamplingParams(), self.resolve_policy(policy or PolicyConfig())
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_prompt(ids)
         room = self.max_context - len(ids)
@@ -99,6 +100,10 @@ class LLM:
             result = generate(self.runner, ids, sampling, Policy(policy), self.eos_token_ids)
         result.text = self.decode(result.token_ids)
         return result
+
+    def resolve_policy(self, policy: PolicyConfig) -> PolicyConfig:
+        """Unset criterion and tau from this model's calibration (mobile_moe.json), else max_prob and 0.9."""
+        return resolve_policy(policy, self.path)
 
     def logits(self, ids: list[int], mode: str = "big") -> torch.Tensor:
         """Teacher-forced logits [T, V] of a token sequence with big or little experts."""
