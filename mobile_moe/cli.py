@@ -14,9 +14,9 @@ from typing import NoReturn
 import torch
 
 from mobile_moe.bench.bench import BenchSettings, default_prompts, run_bench, table
-from mobile_moe.bench.synthetic import SHAPES, build_synthetic, full_size_cost, synthetic_config
+from mobile_moe.bench.synthetic import SHAPES, build_synthetic, full_size_cost, synthetic_config, synthetic_expert_numel
 from mobile_moe.config import CRITERIA, EXPERT_DTYPES, POLICIES, EngineConfig, PolicyConfig, SamplingParams
-from mobile_moe.engine.budget import plan_for_config
+from mobile_moe.engine.budget import GIB, SlotPlan, plan_for_config
 from mobile_moe.engine.calibration import (
     DEFAULT_TAU,
     DEMO_MODEL,
@@ -65,10 +65,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def add_policy_args(p: argparse.ArgumentParser) -> None:
     """MoBiLE policy flags."""
-    p.add_argument("--policy", default="big", choices=POLICIES)
+    p.add_argument("--policy", default="big", choices=POLICIES, help="big: all top-k experts; little: the better half; mobile: little, big where unsure (default: big)")
     p.add_argument("--tau", type=float, help=f"confidence threshold for mobile (default: calibrated, else {DEFAULT_TAU})")
     p.add_argument("--criterion", choices=CRITERIA, help="importance criterion for mobile (default: calibrated, else max_prob)")
-    p.add_argument("--little-weights", default="native", choices=["native", "rescale"])
+    p.add_argument("--little-weights", default="native", choices=["native", "rescale"], help="little's expert weights: the architecture's own rule, or rescaled to big's sum (default: native)")
     p.add_argument("--prefill", choices=["big", "little"], help="experts for the prompt (default: little for policy little, else big)")
     p.add_argument("--no-prefetch", action="store_true", help="do not prefetch the other-half experts before a fallback")
 
@@ -81,10 +81,10 @@ def build_parser() -> Parser:
     prompt = gen.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
     prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int)
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default: 0)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default: 1)")
+    gen.add_argument("--seed", type=int, help="random seed for sampling, in [0, 2**64) (default: none)")
     gen.add_argument("--json", action="store_true", help="print one JSON object with token ids, text and stats")
     add_engine_args(gen)
     add_policy_args(gen)
@@ -123,14 +123,14 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     ev.add_argument("--no-reference", action="store_true", help="with quantized experts, skip comparing big with the float-expert big (which loads the model twice)")
     cal = sub.add_parser("calibrate", help="pick tau on the validation split and store it next to the model")
-    cal.add_argument("--target-agreement", type=float, default=0.98)
+    cal.add_argument("--target-agreement", type=float, default=0.98, help="greedy agreement with big that mobile must reach (default: 0.98)")
     cal.add_argument("--data", type=Path, nargs="+", help="text files or directories (default: the demo corpus's validation split)")
     cal.add_argument("--taus", type=parse_taus, help="comma-separated taus to try (default: a grid per criterion)")
     cal.add_argument("--output", type=Path, metavar="FILE", help="where to write the calibration (default: mobile_moe.json beside the model; "
                      "for the bundled demo model, the user config directory, never the installed package)")
     cal.add_argument("--criteria", type=parse_criteria, default=CRITERIA, help="comma-separated criteria to try (default: all)")
     for p, handler in ((ev, cmd_eval), (cal, cmd_calibrate)):
-        p.add_argument("--max-prompts", type=int, default=48)
+        p.add_argument("--max-prompts", type=int, default=48, help="prompts cut from the data (default: 48)")
         p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per prompt")
         p.add_argument("--ppl-tokens", type=int, default=8192, help="tokens scored for perplexity")
         add_engine_args(p)
@@ -142,9 +142,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     """`bench`."""
     b = sub.add_parser("bench", help="decode speed of big / mobile / little / resident / transformers / transformers+accelerate, same prompts and budget")
     b.add_argument("--synthetic", choices=list(SHAPES), help="random weights with the shapes of a public model (instead of --model)")
-    b.add_argument("--shrink", type=int, default=1, help=argparse.SUPPRESS)  # synthetic widths / N, for tests on CPU
-    b.add_argument("--prompts", type=int, default=4)
-    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--shrink", type=int, default=1, metavar="N", help="with --synthetic: divide every width (not layers, experts or top-k) by N to fit a small machine (default: 1)")
+    b.add_argument("--prompts", type=int, default=4, help="prompts per system and round (default: 4)")
+    b.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt (default: 32)")
     b.add_argument("--fallback-rate", type=float, help="drive mobile's fallbacks at this rate (default for synthetic: the demo model's calibrated rate)")
     b.add_argument("--lookahead", action="store_true", help="prefetch layer l+1's experts from layer l's hidden state")
     b.add_argument("--skip-accelerate", action="store_true", help="do not run the transformers + accelerate offloaded baseline (cuda)")
@@ -340,6 +340,31 @@ def full_size_format(args: argparse.Namespace) -> ExpertFormat:
     return make_format(args.expert_dtype, torch.bfloat16, args.group_size)
 
 
+def check_synthetic_fits(args: argparse.Namespace, plan: SlotPlan, expert_numel: int) -> None:
+    """On the CPU, refuse a synthetic model whose copies (store, resident cache, transformers' own) would not fit in memory."""
+    available = available_memory_bytes()
+    experts = plan.total_experts * plan.expert_bytes  # packed
+    float_size = 4 if args.dtype in ("auto", "float32") else 2
+    transformers_copy = 0 if args.skip_transformers else plan.dense_bytes + plan.total_experts * expert_numel * float_size
+    need = plan.dense_bytes + 2 * experts + transformers_copy  # the store, `resident`'s every-expert cache, transformers' model
+    if available is not None and need > 0.9 * available:
+        raise InvalidParameter(
+            f"synthetic {args.synthetic} at --shrink {args.shrink} needs about {need / GIB:.1f} GiB of memory on the cpu "
+            f"({available / GIB:.1f} GiB available): raise --shrink, use --expert-dtype int4, or add --skip-transformers")
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo, or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """`mobile-moe bench`."""
     if args.prompts < 1 or args.new_tokens < 2 or args.rounds < 1:
@@ -355,6 +380,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     config = engine_config_from(args)
     model_cfg = synthetic_config(args.synthetic, args.shrink) if args.synthetic else read_config(model_dir(args.model))
     plan = plan_for_config(model_cfg, config)
+    if args.synthetic and args.device == "cpu" and not args.plan_only:
+        check_synthetic_fits(args, plan, synthetic_expert_numel(model_cfg))
     print(f"{args.synthetic or model_dir(args.model)} on {args.device}: {plan.describe()}", file=sys.stderr if not args.plan_only else sys.stdout, flush=True)
     if args.plan_only:
         return 0

@@ -178,3 +178,19 @@ def test_corrupt_config(capsys, checkpoints, tmp_path):
     (dst / "config.json").write_text('{"model_type": "olmoe", ')
     code, _, err = run(capsys, *gen(dst))
     assert_one_line_error(code, err, "config.json", "not valid JSON")
+
+
+def test_a_synthetic_model_too_big_for_memory_is_refused_before_building(capsys, monkeypatch):
+    import mobile_moe.cli as cli
+
+    monkeypatch.setattr(cli, "available_memory_bytes", lambda: 24 * 2**30)  # this project's CPU machines
+    code, out, err = run(capsys, "bench", "--synthetic", "olmoe-1b-7b", "--quiet")
+    assert_one_line_error(code, err, "needs about 72.0 GiB", "24.0 GiB available", "--shrink")
+    assert out == ""
+
+
+def test_bench_table_says_how_mobile_fell_back(capsys):
+    code, out, _ = run(capsys, "bench", "--synthetic", "qwen3-30b-a3b", "--shrink", "16", "--prompts", "1", "--new-tokens", "3",
+                       "--rounds", "1", "--expert-cache", "16", "--fallback-rate", "0.5", "--skip-transformers", "--quiet")
+    assert code == 0
+    assert "mobile fell back on 50.0% of decode steps: forced at rate 0.5, evenly spaced" in out

@@ -182,6 +182,16 @@ def _json_safe(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and v != v else v) for k, v in d.items()}
 
 
+def _mobile_line(mobile: dict, system: dict) -> str:
+    """How mobile's fallbacks were decided, and the rate measured."""
+    if mobile["forced_fallback_rate"] is not None:
+        how = f"forced at rate {mobile['forced_fallback_rate']:g}, evenly spaced (random weights give meaningless confidences)"
+    else:
+        how = f"where little's {mobile['criterion']} confidence < tau {mobile['tau']:g}"
+    look = "; lookahead prefetch on" if mobile["lookahead"] else ""
+    return f"mobile fell back on {system['fallback_rate']:.1%} of decode steps: {how}{look}"
+
+
 def table(report: dict) -> str:
     """Terminal table of a bench report."""
     head = f"{'system':<12} {'tok/s':>8} {'x big':>6} {'TTFT s':>7} {'MB/tok':>7} {'GB/s':>6} {'hit':>6} {'fallbk':>7} {'wait':>6} {'sync/t':>6}  note"
@@ -197,6 +207,7 @@ def table(report: dict) -> str:
             f"{s['name']:<12} {s['decode_tok_s']:>8.2f} {s['ratio_to_big']:>6.2f} {s['ttft_s']:>7.3f} {fmt(None if s['h2d_gb_per_token'] is None else 1e3 * s['h2d_gb_per_token'], '.3f'):>7} {fmt(s['h2d_gbps'], '.1f'):>6} "
             f"{fmt(s['hit_rate'], '.0%'):>6} {s['fallback_rate']:>7.1%} {fmt(s['transfer_wait_share'], '.0%'):>6} {fmt(s['host_syncs_per_token'], '.1f'):>6}  {note}"
         )
+    rows.append(_mobile_line(report["mobile"], next(s for s in report["systems"] if s["name"] == "mobile")))
     rows.append("predicted tok/s (cost model on this run's traces): " + "; ".join(
         f"{hw}: big {p['big']:.1f}, mobile {p['mobile']:.1f} ({p['mobile'] / p['big']:.2f}x), little {p['little']:.1f}"
         for hw, p in report["predicted"].items() if p["big"]))

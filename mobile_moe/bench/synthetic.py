@@ -74,6 +74,13 @@ def synthetic_config(name: str, shrink: int = 1) -> T.PretrainedConfig:
     return cls(**fields, bos_token_id=0, eos_token_id=1, pad_token_id=0)
 
 
+def synthetic_expert_numel(cfg: T.PretrainedConfig) -> int:
+    """Weights in one routed expert of a config."""
+    with torch.device("meta"):
+        info = build_model(cfg).info
+    return ExpertShape(info.hidden, info.expert_intermediate).numel
+
+
 def full_size_cost(name: str, fmt: ExpertFormat | None = None) -> ModelCost:
     """Cost-model sizes of the full-width model in bf16, experts packed as `fmt` (for predictions from a reduced-width run's trace)."""
     cfg = synthetic_config(name)
