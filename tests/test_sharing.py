@@ -46,3 +46,16 @@ def test_a_failed_call_leaves_the_llm_usable(checkpoints):
     assert all(s.pins == 0 for s in cache.slots)
     assert len(cache.free) + len(cache.where) == cache.num_slots  # no slot lost to the failed copy
     assert llm.generate(PROMPTS[1], GREEDY, MOBILE).token_ids == solo(path, PROMPTS[1])
+
+
+def test_tokens_stream_as_they_are_made_and_a_callback_can_stop_generation(checkpoints):
+    llm = LLM(checkpoints["qwen3_moe"], engine_config(expert_cache=6, progress=False))
+    whole = llm.generate(PROMPTS[2], GREEDY, MOBILE)
+    seen: list[int] = []
+    streamed = llm.generate(PROMPTS[2], GREEDY, MOBILE, on_token=lambda t: seen.append(t) or True)
+    assert seen == streamed.token_ids == whole.token_ids and streamed.finish_reason == "length"
+    stopped: list[int] = []
+    cut = llm.generate(PROMPTS[2], GREEDY, MOBILE, on_token=lambda t: stopped.append(t) or len(stopped) < 2)  # a client leaves after 2
+    assert cut.token_ids == whole.token_ids[:2] and cut.finish_reason == "cancelled"
+    assert all(s.pins == 0 for s in llm.cache.slots)
+    assert llm.generate(PROMPTS[2], GREEDY, MOBILE).token_ids == whole.token_ids  # the engine is free and unchanged

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +37,7 @@ class GenerationResult:
     stats: GenerationStats
     steps: list[StepRecord] = field(default_factory=list)
     text: str | None = None
-    finish_reason: str = "length"
+    finish_reason: str = "length"  # length | stop (an EOS token) | cancelled (the token callback asked to stop)
 
 
 @dataclass
@@ -91,8 +92,13 @@ def _prefill(runner: Runner, prompt: list[int], kv: KVCache, mode: ExpertMode) -
     return logits
 
 
-def generate(runner: Runner, prompt: list[int], sampling: SamplingParams, policy: Policy, eos: tuple[int, ...]) -> GenerationResult:
-    """Prefill the prompt, then decode token by token under the policy; stops at EOS or the token limit."""
+TokenCallback = Callable[[int], bool]  # called with each emitted token; returning False stops generation after it
+
+
+def generate(
+    runner: Runner, prompt: list[int], sampling: SamplingParams, policy: Policy, eos: tuple[int, ...], on_token: TokenCallback | None = None,
+) -> GenerationResult:
+    """Prefill the prompt, then decode token by token under the policy; stops at EOS, the token limit, or when `on_token` says so."""
     device = runner.model.lm_head.weight.device
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
     runner.lookahead = policy.config.lookahead
@@ -114,6 +120,9 @@ def generate(runner: Runner, prompt: list[int], sampling: SamplingParams, policy
         dec.result.token_ids.append(token)
         if sampling.stop_at_eos and token in eos:
             dec.result.finish_reason = "stop"
+            break
+        if on_token is not None and not on_token(token):
+            dec.result.finish_reason = "cancelled"
             break
         if len(dec.result.token_ids) >= sampling.max_new_tokens:
             break

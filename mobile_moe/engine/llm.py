@@ -11,7 +11,7 @@ import torch
 from mobile_moe.config import CacheConfig, EngineConfig, PolicyConfig, SamplingParams
 from mobile_moe.engine.budget import dequant_scratch_bytes, plan_slots
 from mobile_moe.engine.calibration import resolve_policy
-from mobile_moe.engine.generate import GenerationResult, generate
+from mobile_moe.engine.generate import GenerationResult, TokenCallback, generate
 from mobile_moe.engine.loader import LoadedModel, load
 from mobile_moe.engine.runner import Runner
 from mobile_moe.errors import CheckpointError, InvalidParameter, PromptTooLong
@@ -85,8 +85,15 @@ class LLM:
         """Text of token ids, or None without a tokenizer."""
         return None if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def generate(self, prompt: str | list[int], sampling: SamplingParams | None = None, policy: PolicyConfig | None = None) -> GenerationResult:
-        """Generate a continuation of a text or of token ids under a policy (big / little / mobile)."""
+    def generate(
+        self, prompt: str | list[int], sampling: SamplingParams | None = None, policy: PolicyConfig | None = None,
+        on_token: TokenCallback | None = None,
+    ) -> GenerationResult:
+        """Generate a continuation of a text or of token ids under a policy (big / little / mobile).
+
+        `on_token` sees each token as it is emitted (EOS excluded); returning False stops after that token
+        (finish_reason "cancelled"): how a streaming client that went away frees the engine.
+        """
         sampling, policy = sampling or SamplingParams(), self.resolve_policy(policy or PolicyConfig())
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_prompt(ids)
@@ -97,7 +104,7 @@ class LLM:
             sampling = SamplingParams(room, sampling.temperature, sampling.top_p, sampling.seed, sampling.stop_at_eos)
         with self._lock:
             self.runner.little_weights = policy.little_weights
-            result = generate(self.runner, ids, sampling, Policy(policy), self.eos_token_ids)
+            result = generate(self.runner, ids, sampling, Policy(policy), self.eos_token_ids, on_token)
         result.text = self.decode(result.token_ids)
         return result
 
