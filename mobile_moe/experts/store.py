@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import product
 from typing import Literal
 
 import torch
@@ -14,6 +15,7 @@ Part = Literal["gate", "up", "down"]
 Matrix = Literal["gate_up", "down"]
 PARTS: tuple[Part, ...] = ("gate", "up", "down")
 MATRICES: tuple[Matrix, ...] = ("gate_up", "down")
+MATRIX_PARTS: dict[Matrix, tuple[Part, ...]] = {"gate_up": ("gate", "up"), "down": ("down",)}
 FIELD_ALIGN = 16  # bytes: every packed field and every expert buffer starts on this boundary
 FUSED_CHUNK = 8  # experts quantized at once from a fused [E, ...] tensor: bounds the transient float copies
 
@@ -153,19 +155,15 @@ class ExpertStore:
 
     def _mark(self, layer: int, experts: range, matrix: Matrix, parts: tuple[Part, ...] | None = None, fields: tuple[str, ...] | None = None) -> None:
         """Record which (expert, projection, field) pieces have been written."""
-        parts = parts or (("gate", "up") if matrix == "gate_up" else ("down",))
+        parts = parts or MATRIX_PARTS[matrix]
         fields = fields or tuple(f.name for f, _ in self.layout.fields[matrix])
-        self.filled.update((layer, e, p, f) for e in experts for p in parts for f in fields)
+        self.filled.update(product((layer,), experts, parts, fields))
 
     def missing(self) -> list[str]:
-        """Names of expert pieces never filled."""
+        """Names of expert pieces never filled (the field is named only when a format has several)."""
         names = []
-        for layer in self.layers:
-            for matrix, placed in self.layout.fields.items():
-                parts = ("gate", "up") if matrix == "gate_up" else ("down",)
-                for e in range(self.num_experts):
-                    for p in parts:
-                        for f, _ in placed:
-                            if (layer, e, p, f.name) not in self.filled:
-                                names.append(f"layer {layer} expert {e} {p}" + ("" if len(placed) == 1 else f" {f.name}"))
+        for layer, e, part in product(self.layers, range(self.num_experts), PARTS):
+            fields = [f.name for f, _ in self.layout.fields[self.shape.part_rows(part)[0]]]
+            names += [f"layer {layer} expert {e} {part}" + ("" if len(fields) == 1 else f" {field}")
+                      for field in fields if (layer, e, part, field) not in self.filled]
         return names
