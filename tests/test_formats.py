@@ -227,3 +227,11 @@ def test_float_formats_read_in_place_only_in_the_compute_dtype():
     assert FloatFormat(torch.float32).reads_in_place(torch.float32)
     assert not FloatFormat(torch.bfloat16).reads_in_place(torch.float32)
     assert make_format("auto", torch.float16).reads_in_place(torch.float16)
+
+
+def test_bf16_experts_under_float32_compute_are_cast_on_the_device(checkpoints):
+    bf16 = LLM(checkpoints["mixtral"], engine_config(progress=False, expert_cache=6, expert_dtype="bf16"))
+    reference = dequantized_reference(checkpoints["mixtral"], FloatFormat(torch.bfloat16))
+    assert bf16.loaded.store.expert_bytes * 2 == reference.loaded.store.expert_bytes and not bf16.runner.executor.in_place
+    torch.testing.assert_close(bf16.logits(PROMPT), reference.logits(PROMPT), rtol=0, atol=0)
+    assert bf16.generate(PROMPT, GREEDY).token_ids == reference.generate(PROMPT, GREEDY).token_ids
