@@ -92,7 +92,40 @@ def build_parser() -> Parser:
     add_eval_parsers(sub)
     add_bench_parser(sub)
     add_quantize_parser(sub)
+    add_serve_parser(sub)
     return parser
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    """`serve`."""
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions and chat, streaming) over one engine worker")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    s.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route but /health")
+    s.add_argument("--max-queue", type=int, default=64, help="requests running or waiting at most; more get HTTP 429 (default: 64)")
+    s.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask (default: 1024)")
+    add_engine_args(s)
+    add_policy_args(s)
+    s.set_defaults(handler=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`mobile-moe serve`: runs until interrupted."""
+    if args.max_queue < 1 or args.max_tokens_cap < 1:
+        raise InvalidParameter("--max-queue and --max-tokens-cap must be >= 1")
+    try:
+        import uvicorn
+
+        from mobile_moe.serve.app import create_app
+        from mobile_moe.serve.worker import EngineWorker
+    except ImportError as e:
+        raise InvalidParameter(f"serving needs the [serve] extra: pip install 'mobile-moe[serve]' ({e.name} is missing)") from None
+    llm = open_llm(args)
+    defaults = PolicyConfig(args.policy, args.tau, args.criterion, args.little_weights, args.prefill, not args.no_prefetch)
+    app = create_app(llm, EngineWorker(llm, args.max_queue), llm.path.name, args.api_key, args.max_tokens_cap, defaults)
+    print(f"serving {llm.path} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
 
 
 def add_quantize_parser(sub: argparse._SubParsersAction) -> None:

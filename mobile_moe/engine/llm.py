@@ -119,6 +119,17 @@ class LLM:
             kv = self.runner.new_kv(len(ids))
             return self.runner.forward(torch.tensor(ids, device=self.device), kv, ExpertMode(mode), all_logits=True)
 
+    def check_prompt(self, ids: list[int]) -> None:
+        """Raise a one-line error for an empty, out-of-vocabulary or over-long prompt."""
+        self._check_prompt(ids)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation through the checkpoint's chat template, ending where the assistant answers."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidParameter(f"{self.path} has no chat template; use completions with a plain prompt")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
     def _check_prompt(self, ids: list[int]) -> None:
         """Reject empty, out-of-vocabulary or over-long prompts."""
         if not ids:

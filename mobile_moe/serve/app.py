@@ -1,0 +1,254 @@
+"""OpenAI-compatible HTTP API over one engine worker: handlers validate, enqueue and stream; nothing in engine/ knows HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mobile_moe.config import PolicyConfig, SamplingParams
+from mobile_moe.engine.llm import LLM
+from mobile_moe.errors import MobileMoeError
+from mobile_moe.serve.worker import EngineWorker, Job, QueueFull
+
+MAX_BODY_BYTES = 1 << 20
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Common(BaseModel):
+    """Fields both endpoints take; policy/tau/criterion are this server's MoBiLE extensions."""
+
+    model: str | None = None
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, lt=2**64)
+    stop: str | list[str] | None = None
+    n: Literal[1] = 1
+    stream: bool = False
+    policy: Literal["big", "little", "mobile"] | None = None
+    tau: float | None = Field(None, ge=0.0)
+    criterion: Literal["max_prob", "entropy", "margin"] | None = None
+
+
+class CompletionRequest(Common):
+    prompt: str | list[int]
+
+
+class ChatRequest(Common):
+    messages: list[Message] = Field(min_length=1)
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    """An OpenAI-style JSON error."""
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+class Generation:
+    """One request's tokens as they arrive from the worker thread, with stop strings applied to the text."""
+
+    def __init__(self, llm: LLM, loop: asyncio.AbstractEventLoop, stops: list[str], record, metrics: Metrics) -> None:
+        self.llm, self.loop, self.stops, self.record, self.metrics = llm, loop, stops, record, metrics
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.ids: list[int] = []
+        self.sent = ""  # text already handed out
+        self.stopped = False
+
+    def on_token(self, token: int) -> bool:
+        """Worker thread: decode, cut at a stop string, hand the new text to the loop; False stops generation."""
+        self.ids.append(token)
+        text = self.llm.decode(self.ids) or ""
+        cut = min((text.find(s) for s in self.stops if s in text), default=-1)
+        if cut >= 0:
+            text, self.stopped = text[:cut], True
+        delta, self.sent = text[len(self.sent):], text
+        if delta:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, ("text", delta))
+        return not self.stopped
+
+    def on_done(self, result, err) -> None:
+        """Worker thread: the generation ended (result) or failed (err); counted even when the client already left."""
+        self.loop.call_soon_threadsafe(self._count, result, err)
+        self.loop.call_soon_threadsafe(self.events.put_nowait, ("done", result, err))
+
+    def _count(self, result, err) -> None:
+        if result is not None:
+            self.record(result)
+        else:
+            self.metrics.counts["failed_requests"] += 1
+
+
+class Metrics:
+    """Counters for /metrics (Prometheus text), updated by the event loop when a request ends."""
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(("requests", "failed_requests", "prompt_tokens", "completion_tokens", "fallback_tokens",
+                                     "expert_hits", "expert_misses", "h2d_bytes"), 0)
+        self.decode_s = 0.0
+
+    def record(self, result, prompt_tokens: int) -> None:
+        """Add one finished generation."""
+        s, c = result.stats, self.counts
+        c["requests"] += 1
+        c["prompt_tokens"] += prompt_tokens
+        c["completion_tokens"] += len(result.token_ids)
+        c["fallback_tokens"] += s.fallback_tokens
+        c["expert_hits"] += s.expert_hits
+        c["expert_misses"] += s.expert_misses
+        c["h2d_bytes"] += s.h2d_bytes
+        self.decode_s += s.decode_s
+
+    def text(self, queue_depth: int) -> str:
+        """Prometheus exposition format."""
+        lines = [f"mobile_moe_{name}_total {value}" for name, value in self.counts.items()]
+        tok_s = self.counts["completion_tokens"] / self.decode_s if self.decode_s else 0.0
+        rate = self.counts["fallback_tokens"] / max(self.counts["completion_tokens"], 1)
+        lines += [f"mobile_moe_decode_tokens_per_second {tok_s:.3f}", f"mobile_moe_fallback_rate {rate:.4f}", f"mobile_moe_queue_depth {queue_depth}"]
+        return "\n".join(lines) + "\n"
+
+
+def create_app(llm: LLM, worker: EngineWorker, model_name: str, api_key: str | None, max_tokens_cap: int, defaults: PolicyConfig) -> FastAPI:
+    """The FastAPI application."""
+    app = FastAPI(title="mobile-moe", docs_url=None, redoc_url=None)
+    metrics = Metrics()
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+            return error(413, f"request body over {MAX_BODY_BYTES} bytes")
+        if api_key and request.url.path != "/health" and request.headers.get("authorization") != f"Bearer {api_key}":
+            return error(401, "missing or wrong API key", "authentication_error")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error(exc.status_code, str(exc.detail))
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.text(worker.depth()))
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "mobile-moe"}]}
+
+    async def run(body: Common, prompt: list[int], chat: bool):
+        if body.max_tokens > max_tokens_cap:
+            return error(400, f"max_tokens {body.max_tokens} is above this server's cap {max_tokens_cap}")
+        if body.tau is not None and not math.isfinite(body.tau):
+            return error(400, "tau must be a finite number")
+        policy = replace(defaults, **{k: v for k, v in (("name", body.policy), ("tau", body.tau), ("criterion", body.criterion)) if v is not None})
+        try:
+            policy = llm.resolve_policy(policy)
+            llm.check_prompt(prompt)
+            sampling = SamplingParams(body.max_tokens, body.temperature, body.top_p, body.seed)
+        except MobileMoeError as e:
+            return error(400, str(e))
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        gen = Generation(llm, asyncio.get_running_loop(), stops, lambda result: metrics.record(result, len(prompt)), metrics)
+        job = Job(prompt, sampling, policy, gen.on_token, gen.on_done)
+        try:
+            worker.submit(job)
+        except QueueFull as e:
+            return error(429, str(e), "rate_limit_error")
+        meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_name}
+        if body.stream:
+            return StreamingResponse(stream(gen, job, meta, chat, policy), media_type="text/event-stream")
+        return await complete(gen, job, meta, chat, policy, len(prompt))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        prompt = llm.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
+        return await run(body, prompt, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest):
+        try:
+            prompt = llm.chat_prompt([m.model_dump() for m in body.messages])
+        except MobileMoeError as e:
+            return error(400, str(e))
+        return await run(body, prompt, chat=True)
+
+    return app
+
+
+def _finish(result, gen: Generation) -> str:
+    """OpenAI finish_reason: a stop string or EOS is "stop", the token limit "length"."""
+    return "stop" if gen.stopped or result.finish_reason == "stop" else "length"
+
+
+def _extension(policy: PolicyConfig, result) -> dict:
+    """The request's MoBiLE settings echoed back with its fallback count."""
+    return {"policy": policy.name, "tau": policy.tau, "criterion": policy.criterion, "fallback_tokens": result.stats.fallback_tokens}
+
+
+async def complete(gen: Generation, job: Job, meta: dict, chat: bool, policy: PolicyConfig, prompt_tokens: int) -> JSONResponse:
+    """Wait for the whole generation and answer in one JSON object."""
+    text = ""
+    while True:
+        event = await gen.events.get()
+        if event[0] == "text":
+            text += event[1]
+            continue
+        _, result, err = event
+        if err is not None:
+            return error(500, f"generation failed: {' '.join(str(err).split()) or type(err).__name__}", "server_error")
+        break
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(result.token_ids), "total_tokens": prompt_tokens + len(result.token_ids)}
+    choice = {"index": 0, "finish_reason": _finish(result, gen)}
+    choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+    obj = "chat.completion" if chat else "text_completion"
+    return JSONResponse({**meta, "object": obj, "choices": [choice], "usage": usage, "mobile_moe": _extension(policy, result)})
+
+
+async def stream(gen: Generation, job: Job, meta: dict, chat: bool, policy: PolicyConfig) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, then [DONE]; a client that leaves cancels the job."""
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(delta: str | None, finish: str | None, extra: dict | None = None) -> str:
+        choice = {"index": 0, "finish_reason": finish}
+        choice |= {"delta": {} if delta is None else {"content": delta}} if chat else {"text": delta or ""}
+        return f"data: {json.dumps({**meta, 'object': obj, 'choices': [choice], **(extra or {})})}\n\n"
+
+    try:
+        if chat:
+            yield f"data: {json.dumps({**meta, 'object': obj, 'choices': [{'index': 0, 'delta': {'role': 'assistant'}, 'finish_reason': None}]})}\n\n"
+        while True:
+            event = await gen.events.get()
+            if event[0] == "text":
+                yield chunk(event[1], None)
+                continue
+            _, result, err = event
+            if err is not None:
+                yield f"data: {json.dumps({'error': {'message': str(err), 'type': 'server_error', 'code': 500}})}\n\n"
+            else:
+                yield chunk(None, _finish(result, gen), {"mobile_moe": _extension(policy, result)})
+            yield "data: [DONE]\n\n"
+            return
+    finally:
+        job.cancelled.set()  # the client left (or the stream ended): the worker stops at the next token

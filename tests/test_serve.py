@@ -1,0 +1,176 @@
+"""`mobile-moe serve` on 127.0.0.1: the real openai client, streamed and not, concurrency, the queue limit, bad requests, faults."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from mobile_moe import LLM, PolicyConfig, SamplingParams, engine_config
+from mobile_moe.engine.calibration import DEMO_MODEL
+from mobile_moe.serve.app import create_app
+from mobile_moe.serve.worker import EngineWorker, Job
+
+PROMPT = "def add(a, b):"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(llm: LLM, max_queue: int = 64, api_key: str | None = None, cap: int = 64):
+    """A live server in a thread; yields (base url, worker)."""
+    worker = EngineWorker(llm, max_queue)
+    app = create_app(llm, worker, "demo", api_key, cap, PolicyConfig("big"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}", worker
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        worker.close()
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return LLM(DEMO_MODEL, engine_config(progress=False))
+
+
+@pytest.fixture(scope="module")
+def server(demo):
+    with serving(demo) as (url, _):
+        yield url
+
+
+def solo(llm: LLM, ids: list[int], tokens: int) -> str:
+    return llm.decode(llm.generate(ids, SamplingParams(max_new_tokens=tokens), PolicyConfig("big")).token_ids)
+
+
+def test_openai_client_completions_and_chat_equal_generate(demo, server):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    want = solo(demo, demo.encode(PROMPT), 8)
+    done = client.completions.create(model="demo", prompt=PROMPT, max_tokens=8, temperature=0)
+    assert done.choices[0].text == want and done.usage.completion_tokens == 8
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model="demo", prompt=PROMPT, max_tokens=8, temperature=0, stream=True))
+    assert streamed == want
+    messages = [{"role": "user", "content": PROMPT}]
+    want_chat = solo(demo, demo.chat_prompt(messages), 8)
+    reply = client.chat.completions.create(model="demo", messages=messages, max_tokens=8, temperature=0)
+    assert reply.choices[0].message.content == want_chat
+    chunks = client.chat.completions.create(model="demo", messages=messages, max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want_chat
+    assert [m.id for m in client.models.list().data] == ["demo"]
+
+
+def test_mobile_knobs_are_echoed_with_the_fallback_count(server):
+    body = httpx.post(f"{server}/v1/completions", json={"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "policy": "mobile", "tau": 0.5}).json()
+    ext = body["mobile_moe"]
+    assert (ext["policy"], ext["tau"]) == ("mobile", 0.5) and 0 <= ext["fallback_tokens"] <= 5
+
+
+def test_concurrent_streams_each_equal_their_solo_output(demo, server):
+    prompts = [f"x{i} = {i} *" for i in range(64)]
+    alone = [solo(demo, demo.encode(p), 3) for p in prompts]
+
+    def ask(prompt: str) -> str:
+        text = ""
+        with httpx.stream("POST", f"{server}/v1/completions", json={"prompt": prompt, "max_tokens": 3, "temperature": 0, "stream": True}, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    text += json.loads(line[6:])["choices"][0]["text"]
+        return text
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        assert list(pool.map(ask, prompts)) == alone
+
+
+def test_a_full_queue_answers_429_and_a_fault_answers_500(demo):
+    release = threading.Event()
+    with serving(demo, max_queue=1) as (url, worker):
+        blocker = Job(demo.encode(PROMPT), SamplingParams(max_new_tokens=2), PolicyConfig("big"), lambda t: release.wait(30) or True, lambda r, e: None)
+        worker.submit(blocker)  # holds the only place
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        release.set()
+        time.sleep(0.5)
+        real = demo.generate
+        demo.generate = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("injected fault"))
+        try:
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "temperature": 0})
+        finally:
+            demo.generate = real
+        assert r.status_code == 500 and "injected fault" in r.json()["error"]["message"]
+        ok = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0})
+        assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == solo(demo, demo.encode(PROMPT), 4)
+
+
+@pytest.mark.parametrize("method, path, body, status, needle", [
+    ("POST", "/v1/completions", b"{not json", 400, "JSON"),
+    ("POST", "/v1/completions", {"max_tokens": 4}, 400, "prompt"),
+    ("POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": "many"}, 400, "max_tokens"),
+    ("POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens"),
+    ("POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": -3}, 400, "max_tokens"),
+    ("POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 65}, 400, "above this server's cap 64"),
+    ("POST", "/v1/completions", {"prompt": "x " * 2000}, 400, "context"),
+    ("POST", "/v1/completions", {"prompt": PROMPT, "temperature": 3}, 400, "temperature"),
+    ("POST", "/v1/completions", {"prompt": PROMPT, "top_p": 0}, 400, "top_p"),
+    ("POST", "/v1/completions", {"prompt": PROMPT, "policy": "huge"}, 400, "policy"),
+    ("POST", "/v1/completions", b'{"prompt": "x", "tau": NaN}', 400, "tau"),
+    ("POST", "/v1/chat/completions", {"max_tokens": 4}, 400, "messages"),
+    ("POST", "/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
+    ("POST", "/v1/completions", b'{"prompt": "' + b"x" * (1 << 20) + b'"}', 413, "body over"),
+    ("GET", "/v1/nothing", None, 404, "Not Found"),
+    ("GET", "/v1/completions", None, 405, "Method Not Allowed"),
+])
+def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server, method, path, body, status, needle):
+    content = body if isinstance(body, bytes) else (None if body is None else json.dumps(body).encode())
+    r = httpx.request(method, f"{server}{path}", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status and needle in r.json()["error"]["message"]
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+
+
+def test_api_key_guards_every_route_but_health(demo):
+    with serving(demo, api_key="sekrit") as (url, _):
+        assert httpx.get(f"{url}/health").status_code == 200
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/v1/models", headers={"authorization": "Bearer wrong"}).status_code == 401
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="sekrit")
+        assert client.completions.create(model="demo", prompt=PROMPT, max_tokens=2, temperature=0).choices[0].text
+
+
+def test_a_client_that_leaves_mid_stream_frees_the_worker(demo):
+    results = []
+    real = demo.generate
+
+    def recording(*args, **kwargs):
+        results.append(real(*args, **kwargs))
+        return results[-1]
+
+    demo.generate = recording
+    try:
+        with serving(demo) as (url, worker):
+            with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 60, "temperature": 0, "stream": True}) as r:
+                next(line for line in r.iter_lines() if line.startswith("data: "))  # one chunk, then hang up
+            ok = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "temperature": 0}, timeout=60)
+            assert ok.status_code == 200
+            assert results[0].finish_reason == "cancelled" and len(results[0].token_ids) < 60
+            metrics = httpx.get(f"{url}/metrics").text
+            assert "mobile_moe_requests_total 2" in metrics and "mobile_moe_queue_depth 0" in metrics
+    finally:
+        demo.generate = real
