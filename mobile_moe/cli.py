@@ -1,4 +1,4 @@
-"""Command line: `mobile-moe generate | eval | calibrate | bench | quantize`. Entry point only: parse, call the API, print."""
+"""Command line: `mobile-moe generate | eval | calibrate | bench | quantize | serve | chat`. Entry point only: parse, call the API, print."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 
 from mobile_moe.bench.bench import BenchSettings, default_prompts, run_bench, table
 from mobile_moe.bench.synthetic import SHAPES, build_synthetic, full_size_cost, synthetic_config, synthetic_expert_numel
+from mobile_moe.chat import chat
 from mobile_moe.config import CRITERIA, EXPERT_DTYPES, POLICIES, EngineConfig, PolicyConfig, SamplingParams
 from mobile_moe.engine.budget import GIB, SlotPlan, plan_for_config
 from mobile_moe.engine.calibration import (
@@ -93,7 +94,28 @@ def build_parser() -> Parser:
     add_bench_parser(sub)
     add_quantize_parser(sub)
     add_serve_parser(sub)
+    add_chat_parser(sub)
     return parser
+
+
+def add_chat_parser(sub: argparse._SubParsersAction) -> None:
+    """`chat`."""
+    c = sub.add_parser("chat", help="talk to the model in the terminal, replies streamed token by token")
+    c.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens (default: 256)")
+    c.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default: 0)")
+    c.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default: 1)")
+    c.add_argument("--seed", type=int, help="random seed for sampling (default: none)")
+    add_engine_args(c)
+    add_policy_args(c)
+    c.set_defaults(handler=cmd_chat)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """`mobile-moe chat`."""
+    sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed, stop_at_eos=True)
+    llm = open_llm(args)
+    llm.chat_prompt([{"role": "user", "content": "x"}])  # no chat template: a one-line error now, not after the first message
+    return chat(llm, sampling, policy_from(args, llm.path))
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:

@@ -174,3 +174,11 @@ def test_a_client_that_leaves_mid_stream_frees_the_worker(demo):
             assert "mobile_moe_requests_total 2" in metrics and "mobile_moe_queue_depth 0" in metrics
     finally:
         demo.generate = real
+
+
+def test_stop_strings_cut_the_text_and_end_generation(demo, server):
+    full = httpx.post(f"{server}/v1/completions", json={"prompt": PROMPT, "max_tokens": 12, "temperature": 0}).json()["choices"][0]["text"]
+    stop = full.strip()[2:5]  # a piece from inside the greedy continuation
+    cut = httpx.post(f"{server}/v1/completions", json={"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "stop": [stop]}).json()
+    assert cut["choices"][0]["text"] == full[: full.index(stop)] and cut["choices"][0]["finish_reason"] == "stop"
+    assert cut["usage"]["completion_tokens"] < 12

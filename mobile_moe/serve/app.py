@@ -66,23 +66,39 @@ class Generation:
         self.llm, self.loop, self.stops, self.record, self.metrics = llm, loop, stops, record, metrics
         self.events: asyncio.Queue = asyncio.Queue()
         self.ids: list[int] = []
-        self.sent = ""  # text already handed out
+        self.text = ""  # the reply so far, cut at a stop string
+        self.sent = ""  # the part of it already handed out
         self.stopped = False
 
     def on_token(self, token: int) -> bool:
-        """Worker thread: decode, cut at a stop string, hand the new text to the loop; False stops generation."""
+        """Worker thread: decode, cut at a stop string, hand the new text to the loop; False stops generation.
+
+        Text that could be the start of a stop string is held back until the next tokens decide.
+        """
         self.ids.append(token)
-        text = self.llm.decode(self.ids) or ""
-        cut = min((text.find(s) for s in self.stops if s in text), default=-1)
+        self.text = self.llm.decode(self.ids) or ""
+        cut = min((self.text.find(s) for s in self.stops if s in self.text), default=-1)
         if cut >= 0:
-            text, self.stopped = text[:cut], True
-        delta, self.sent = text[len(self.sent):], text
-        if delta:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, ("text", delta))
+            self.text, self.stopped = self.text[:cut], True
+            self._send(len(self.text))
+        else:
+            self._send(len(self.text) - self._held_back(self.text))
         return not self.stopped
+
+    def _held_back(self, text: str) -> int:
+        """Length of the longest end of `text` that begins some stop string."""
+        return max((k for s in self.stops for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])), default=0)
+
+    def _send(self, end: int) -> None:
+        """Hand text[len(sent):end] to the event loop."""
+        delta = self.text[len(self.sent):end]
+        if delta:
+            self.sent += delta
+            self.loop.call_soon_threadsafe(self.events.put_nowait, ("text", delta))
 
     def on_done(self, result, err) -> None:
         """Worker thread: the generation ended (result) or failed (err); counted even when the client already left."""
+        self._send(len(self.text))  # what was held back for a stop string that never came
         self.loop.call_soon_threadsafe(self._count, result, err)
         self.loop.call_soon_threadsafe(self.events.put_nowait, ("done", result, err))
 

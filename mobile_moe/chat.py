@@ -1,0 +1,88 @@
+"""`mobile-moe chat`: a terminal conversation streamed token by token, history kept within the context."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from mobile_moe.config import PolicyConfig, SamplingParams
+from mobile_moe.engine.generate import GenerationResult
+from mobile_moe.engine.llm import LLM
+
+HELP = "type a message; /reset forgets the conversation, /stats shows the last reply's numbers, Ctrl-C stops a reply, Ctrl-D exits"
+
+
+@dataclass
+class StreamPrinter:
+    """Prints each token's new text as it is made (decoding the whole reply, so multi-byte characters come out whole)."""
+
+    llm: LLM
+    out: TextIO
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+
+    def __call__(self, token: int) -> bool:
+        self.ids.append(token)
+        text = self.llm.decode(self.ids) or ""
+        if text.startswith(self.text):
+            self.out.write(text[len(self.text):])
+            self.out.flush()
+            self.text = text
+        return True
+
+
+def fit_history(llm: LLM, history: list[dict[str, str]], new_tokens: int) -> list[int] | None:
+    """The prompt of the latest messages that leave room for `new_tokens`; older turns are dropped. None if even the last does not fit."""
+    while history:
+        ids = llm.chat_prompt(history)
+        if len(ids) + new_tokens <= llm.max_context:
+            return ids
+        del history[: 2 if len(history) > 1 else 1]
+    return None
+
+
+def stats_line(result: GenerationResult | None) -> str:
+    """The last reply's speed, fallback rate and cache hit rate."""
+    if result is None:
+        return "(no reply yet)"
+    s = result.stats
+    return (f"{s.tokens} tokens, {s.decode_tok_s:.1f} tok/s decode, fallback rate {s.fallback_tokens / max(s.tokens - 1, 1):.1%}, "
+            f"expert hit rate {s.hit_rate:.0%}")
+
+
+def chat(llm: LLM, sampling: SamplingParams, policy: PolicyConfig, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
+    """Read messages until end of input; stream each reply."""
+    history: list[dict[str, str]] = []
+    last: GenerationResult | None = None
+    print(HELP, file=sys.stderr)
+    while True:
+        out.write("> ")
+        out.flush()
+        try:
+            line = stdin.readline()
+        except KeyboardInterrupt:
+            out.write("\n")
+            continue
+        if not line:  # Ctrl-D / end of input
+            out.write("\n")
+            return 0
+        message = line.rstrip("\n")
+        if message.strip() == "/reset":
+            history.clear()
+            out.write("(conversation cleared)\n")
+        elif message.strip() == "/stats":
+            out.write(stats_line(last) + "\n")
+        elif message.strip():
+            history.append({"role": "user", "content": message})
+            ids = fit_history(llm, history, sampling.max_new_tokens)
+            if ids is None:
+                out.write(f"(that message does not fit the {llm.max_context}-token context with room for a reply)\n")
+                continue
+            printer = StreamPrinter(llm, out)
+            try:
+                last = llm.generate(ids, sampling, policy, on_token=printer)
+            except KeyboardInterrupt:
+                out.write(" (stopped)")
+            history.append({"role": "assistant", "content": printer.text})
+            out.write("\n")

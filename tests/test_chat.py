@@ -1,0 +1,40 @@
+"""`mobile-moe chat`: streamed replies equal generate, /stats and /reset, history kept within the context, clear errors."""
+
+from __future__ import annotations
+
+import io
+
+from test_cli import assert_one_line_error, run
+
+from mobile_moe import LLM, PolicyConfig, SamplingParams, engine_config
+from mobile_moe.chat import chat, fit_history
+from mobile_moe.engine.calibration import DEMO_MODEL
+
+GREEDY = SamplingParams(max_new_tokens=6)
+
+
+def test_chat_streams_replies_that_equal_generate_and_keeps_history(monkeypatch):
+    llm = LLM(DEMO_MODEL, engine_config(progress=False))
+    first = [{"role": "user", "content": "def add(a, b):"}]
+    want1 = llm.decode(llm.generate(llm.chat_prompt(first), GREEDY, PolicyConfig("big")).token_ids)
+    second = [*first, {"role": "assistant", "content": want1}, {"role": "user", "content": "x = 1"}]
+    want2 = llm.decode(llm.generate(llm.chat_prompt(second), GREEDY, PolicyConfig("big")).token_ids)
+    out = io.StringIO()
+    code = chat(llm, GREEDY, PolicyConfig("big"), io.StringIO("def add(a, b):\nx = 1\n/stats\n/reset\n/stats\n"), out)
+    lines = out.getvalue().split("> ")
+    assert code == 0
+    assert lines[1] == want1 + "\n" and lines[2] == want2 + "\n"  # the second reply saw the first turn
+    assert "tok/s decode" in lines[3] and "fallback rate" in lines[3] and "expert hit rate" in lines[3]
+    assert lines[4] == "(conversation cleared)\n"
+
+
+def test_history_drops_the_oldest_turns_to_fit_the_context():
+    llm = LLM(DEMO_MODEL, engine_config(progress=False, max_context=64))
+    history = [{"role": "user", "content": "a " * 20}, {"role": "assistant", "content": "b " * 20}, {"role": "user", "content": "c"}]
+    ids = fit_history(llm, history, 16)
+    assert ids is not None and len(ids) + 16 <= 64 and history == [{"role": "user", "content": "c"}]
+    assert fit_history(llm, [{"role": "user", "content": "d " * 100}], 16) is None
+
+
+def test_chat_without_a_chat_template_is_a_one_line_error(capsys, checkpoints):
+    assert_one_line_error(*run(capsys, "chat", "--model", str(checkpoints["olmoe"]), "--quiet")[::2], "no chat template")
