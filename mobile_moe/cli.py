@@ -64,6 +64,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """How tokens are drawn (generate and chat)."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"tokens to generate at most (default: {max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default: 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default: 1)")
+    p.add_argument("--seed", type=int, help="random seed for sampling, in [0, 2**64) (default: none)")
+
+
 def add_policy_args(p: argparse.ArgumentParser) -> None:
     """MoBiLE policy flags."""
     p.add_argument("--policy", default="big", choices=POLICIES, help="big: all top-k experts; little: the better half; mobile: little, big where unsure (default: big)")
@@ -82,10 +90,7 @@ def build_parser() -> Parser:
     prompt = gen.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
     prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
-    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default: 0)")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default: 1)")
-    gen.add_argument("--seed", type=int, help="random seed for sampling, in [0, 2**64) (default: none)")
+    add_sampling_args(gen, max_new_tokens=64)
     gen.add_argument("--json", action="store_true", help="print one JSON object with token ids, text and stats")
     add_engine_args(gen)
     add_policy_args(gen)
@@ -101,10 +106,7 @@ def build_parser() -> Parser:
 def add_chat_parser(sub: argparse._SubParsersAction) -> None:
     """`chat`."""
     c = sub.add_parser("chat", help="talk to the model in the terminal, replies streamed token by token")
-    c.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens (default: 256)")
-    c.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default: 0)")
-    c.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default: 1)")
-    c.add_argument("--seed", type=int, help="random seed for sampling (default: none)")
+    add_sampling_args(c, max_new_tokens=256)
     add_engine_args(c)
     add_policy_args(c)
     c.set_defaults(handler=cmd_chat)
