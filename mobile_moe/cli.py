@@ -32,7 +32,7 @@ from mobile_moe.engine.loader import stored_format
 from mobile_moe.engine.quantize import quantize_checkpoint
 from mobile_moe.errors import CheckpointError, InvalidParameter, MobileMoeError
 from mobile_moe.experts.formats import DEFAULT_GROUP_SIZE, ExpertFormat, make_format
-from mobile_moe.eval.data import read_texts
+from mobile_moe.eval.data import DEFAULT_GLOB, read_texts
 from mobile_moe.eval.evaluate import EvalSettings, calibrate, evaluate
 from mobile_moe.eval.calibrate import TAU_GRIDS
 from mobile_moe.eval.report import plot_taus, runs_table
@@ -187,6 +187,7 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
                      "for the bundled demo model, the user config directory, never the installed package)")
     cal.add_argument("--criteria", type=parse_criteria, default=CRITERIA, help="comma-separated criteria to try (default: all)")
     for p, handler in ((ev, cmd_eval), (cal, cmd_calibrate)):
+        p.add_argument("--glob", default=DEFAULT_GLOB, help=f"files read from --data directories (default: {DEFAULT_GLOB})")
         p.add_argument("--max-prompts", type=int, default=48, help="prompts cut from the data (default: 48)")
         p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per prompt")
         p.add_argument("--ppl-tokens", type=int, default=8192, help="tokens scored for perplexity")
@@ -338,7 +339,7 @@ def _check_writable_dir(directory: Path, what: str) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     """`mobile-moe eval`."""
     check_writable_file(args.plot, "--plot")
-    texts, data = read_texts(args.data, "test")
+    texts, data = read_texts(args.data, "test", args.glob)
     llm = open_llm(args)
     policy = policy_from(args, llm.path)
     calibrated = calibrated_tau(llm.path, policy.criterion) if args.tau is None else args.tau
@@ -373,7 +374,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     """`mobile-moe calibrate`: exit 0 and write the tau, or exit 1 when no tau meets the target."""
     check_writable_file(args.output, "--output")
     settings = EvalSettings(tuple(args.taus or (0.5,)), args.max_prompts, args.new_tokens, args.ppl_tokens, progress=not args.quiet)
-    texts, data = read_texts(args.data, "validation")
+    texts, data = read_texts(args.data, "validation", args.glob)
     llm = open_llm(args)
     base = policy_from(args, llm.path)
     bases = [dataclasses.replace(base, criterion=c) for c in args.criteria]

@@ -143,3 +143,19 @@ def test_the_python_api_uses_the_shipped_calibration(tmp_path, monkeypatch):
     policy = llm.resolve_policy(PolicyConfig("mobile"))
     assert (policy.criterion, policy.tau) == (shipped["criterion"], shipped["tau"])
     assert llm.resolve_policy(PolicyConfig("mobile", tau=0.5, criterion="max_prob")).tau == 0.5  # explicit values win
+
+
+def test_eval_data_reads_python_files_only_and_skips_what_does_not_fit(tmp_path, capsys):
+    data = tmp_path / "pkg"
+    data.mkdir()
+    body = "\n".join(f"def f{i}(a, b):\n    c = a + b\n    return c * {i}\n" for i in range(4))
+    (data / "good.py").write_text(body)
+    (data / "long.py").write_text("x = " + "1 + " * 3000 + "1\n" + "def g(a):\n    b = a\n    return b\n")  # one prompt over the context
+    (data / "blob.py").write_bytes(b"\xff\xfe\x00binary")
+    (data / "METADATA").write_text("Name: not-python\n" * 50)
+    capsys.readouterr()
+    code = main(["eval", "--data", str(data), "--max-prompts", "8", "--new-tokens", "4", "--ppl-tokens", "64", "--taus", "0.04", "--json", "--quiet"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert report["prompts"] == 4 and report["prompts_skipped_too_long"] == 1
+    assert "(2 *.py files read, 1 unreadable skipped)" in report["data"]  # METADATA is not a *.py file

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 
 from mobile_moe.config import PolicyConfig
@@ -35,11 +36,17 @@ class EvalSettings:
             raise InvalidParameter("--taus must be a non-empty list of numbers >= 0")
 
 
-def _prompts(llm: LLM, texts: list[str], settings: EvalSettings):
-    prompts = cut_prompts(texts, settings.max_prompts)
+def _prompts(llm: LLM, texts: list[str], settings: EvalSettings) -> tuple[list, int]:
+    """Prompts cut from the texts, minus those too long for the context with room for the new tokens; (prompts, skipped)."""
+    room = llm.max_context - settings.new_tokens
+    cut = cut_prompts(texts, settings.max_prompts)
+    prompts = [p for p in cut if len(llm.encode(p.text)) < room]
+    skipped = len(cut) - len(prompts)
+    if skipped:
+        logging.getLogger("mobile_moe").warning(f"skipped {skipped} of {len(cut)} prompts longer than the context allows ({room} tokens)")
     if not prompts:
-        raise InvalidParameter("no prompts could be cut from the data (it needs Python functions with a body)")
-    return prompts
+        raise InvalidParameter("no prompts could be cut from the data (it needs Python functions with a body that fit the context)")
+    return prompts, skipped
 
 
 def evaluate(
@@ -49,12 +56,12 @@ def evaluate(
 
     `reference`: the same model with float experts; big's greedy agreement with it measures what quantization costs.
     """
-    prompts = _prompts(llm, texts, settings)
+    prompts, skipped = _prompts(llm, texts, settings)
     taus = tuple(sorted(set(settings.taus) | ({calibrated} if calibrated is not None else set())))
     scores = token_scores(llm, texts, settings.ppl_tokens, base.criterion, settings.progress)
     runs, versus = policy_runs(llm, prompts, mobile_sweep(base, taus), settings.new_tokens, settings.progress, reference)
     return {
-        "model": str(llm.path), "data": data, "prompts": len(prompts), "new_tokens": settings.new_tokens,
+        "model": str(llm.path), "data": data, "prompts": len(prompts), "prompts_skipped_too_long": skipped, "new_tokens": settings.new_tokens,
         "criterion": base.criterion, "little_weights": base.little_weights,
         "expert_format": str(llm.loaded.store.format),
         "expert_bytes": llm.loaded.store.expert_bytes,
@@ -75,7 +82,7 @@ def calibrate(llm: LLM, texts: list[str], settings: EvalSettings, bases: list[Po
     """
     if not 0 < target <= 1:
         raise InvalidParameter(f"--target-agreement must be in (0, 1], got {target}")
-    prompts = _prompts(llm, texts, settings)
+    prompts, _ = _prompts(llm, texts, settings)
     mobiles = [p for base in bases for p in mobile_sweep(base, TAU_GRIDS[base.criterion] if grid else settings.taus)]
     runs, _ = policy_runs(llm, prompts, mobiles, settings.new_tokens, settings.progress)
     return choose(runs, target), len(prompts)
