@@ -88,3 +88,15 @@ def test_seeded_sampling_is_reproducible_and_differs_from_greedy(checkpoints):
     greedy = llm.generate(PROMPT, SamplingParams(max_new_tokens=12, stop_at_eos=False)).token_ids
     assert a == b
     assert a != greedy
+
+
+def test_agreement_bootstrap_interval_is_seeded_and_brackets_the_estimate():
+    from mobile_moe.eval.agreement import bootstrap_ci, compare
+
+    reference = [[1, 2, 3, 4, 5, 6]] * 30
+    candidate = [[1, 2, 3, 4, 5, 6]] * 24 + [[1, 2, 9, 4, 5, 6]] * 6  # 6 prompts diverge at their third token
+    a = compare(reference, candidate)
+    lo, hi = a.agreement_ci
+    assert lo < a.agreement < hi <= 1.0
+    assert a.agreement_ci == compare(reference, candidate).agreement_ci  # same seed, same interval
+    assert bootstrap_ci([5, 5], [0, 0]) == (1.0, 1.0)  # nothing diverged in any resample

@@ -31,6 +31,7 @@ class Run:
     next_line_exact: float
     fallback_rate: float
     tokens: int
+    agreement_ci: tuple[float, float] = (1.0, 1.0)  # 95% bootstrap interval over prompts
 
     def to_dict(self) -> dict:
         """JSON-ready."""
@@ -72,7 +73,7 @@ def score(policy: PolicyConfig, cont: Continuations, big: Continuations, prompts
         policy=policy.name, tau=policy.tau if mobile else None, criterion=policy.criterion if mobile else None, agreement=agree.agreement, agreement_overall=agree.agreement_overall, exact_match=agree.exact_match,
         next_line_exact=hits / len(prompts) if prompts else 0.0,
         fallback_rate=cont.fallbacks / cont.decode_steps if cont.decode_steps else 0.0,
-        tokens=sum(len(i) for i in cont.ids),
+        tokens=sum(len(i) for i in cont.ids), agreement_ci=agree.agreement_ci,
     )
 
 

@@ -9,12 +9,13 @@ from mobile_moe.errors import InvalidParameter
 
 def runs_table(runs: list[dict]) -> str:
     """Fixed-width table of policy runs."""
-    head = f"{'policy':<8} {'criterion':<9} {'tau':>5} {'agree':>7} {'overall':>8} {'exact':>7} {'next-line':>10} {'fallback':>9}"
+    head = f"{'policy':<8} {'criterion':<9} {'tau':>5} {'agree':>7} {'95% CI':>15} {'overall':>8} {'exact':>7} {'next-line':>10} {'fallback':>9}"
     rows = [head, "-" * len(head)]
     for r in runs:
         tau = "" if r["tau"] is None else f"{r['tau']:g}"
+        lo, hi = r.get("agreement_ci") or (r["agreement"], r["agreement"])
         rows.append(
-            f"{r['policy']:<8} {r.get('criterion') or '':<9} {tau:>5} {r['agreement']:>7.1%} {r['agreement_overall']:>8.1%} {r['exact_match']:>7.1%} "
+            f"{r['policy']:<8} {r.get('criterion') or '':<9} {tau:>5} {r['agreement']:>7.1%} {f'{lo:.1%}-{hi:.1%}':>15} {r['agreement_overall']:>8.1%} {r['exact_match']:>7.1%} "
             f"{r['next_line_exact']:>10.1%} {r['fallback_rate']:>9.1%}"
         )
     return "\n".join(rows)
