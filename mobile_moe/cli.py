@@ -23,6 +23,7 @@ from mobile_moe.engine.calibration import (
     DEMO_MODEL,
     calibrated_tau,
     demo_fallback_rate,
+    read_calibration,
     resolve_policy,
     write_calibration,
 )
@@ -257,7 +258,8 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
 
 def policy_from(args: argparse.Namespace, model: Path) -> PolicyConfig:
     """PolicyConfig from flags; criterion and tau fall back to the model's calibration, then to the defaults."""
-    return resolve_policy(PolicyConfig(args.policy, args.tau, args.criterion, args.little_weights, args.prefill, not args.no_prefetch), model)
+    policy = PolicyConfig(args.policy, args.tau, args.criterion, args.little_weights, args.prefill, not args.no_prefetch)
+    return resolve_policy(policy, read_calibration(model))
 
 
 def parse_ids(text: str) -> list[int]:

@@ -51,25 +51,27 @@ def read_calibration(model_dir: Path) -> dict:
     return {}
 
 
-def resolve_policy(policy: PolicyConfig, model_dir: Path) -> PolicyConfig:
-    """The policy with an unset criterion and tau taken from the model's calibration, else the defaults (one rule for CLI, API and server)."""
-    criterion = policy.criterion or calibrated_criterion(model_dir) or DEFAULT_CRITERION
-    tau = policy.tau if policy.tau is not None else calibrated_tau(model_dir, criterion)
+def resolve_policy(policy: PolicyConfig, record: dict) -> PolicyConfig:
+    """The policy with an unset criterion and tau taken from a calibration record, else the defaults (one rule for CLI, API and server)."""
+    criterion = policy.criterion or _criterion(record) or DEFAULT_CRITERION
+    tau = policy.tau if policy.tau is not None else _tau(record, criterion)
     return dataclasses.replace(policy, criterion=criterion, tau=DEFAULT_TAU if tau is None else tau)
 
 
 def calibrated_tau(model_dir: Path, criterion: str) -> float | None:
     """The tau written by `mobile-moe calibrate`, if it was calibrated for this criterion."""
-    record = read_calibration(model_dir)
+    return _tau(read_calibration(model_dir), criterion)
+
+
+def _tau(record: dict, criterion: str) -> float | None:
     tau = record.get("tau")
     if record.get("criterion", "max_prob") != criterion or not isinstance(tau, (int, float)):
         return None
     return float(tau)
 
 
-def calibrated_criterion(model_dir: Path) -> str | None:
-    """The importance criterion `mobile-moe calibrate` chose, if any."""
-    criterion = read_calibration(model_dir).get("criterion")
+def _criterion(record: dict) -> str | None:
+    criterion = record.get("criterion")
     return criterion if isinstance(criterion, str) else None
 
 

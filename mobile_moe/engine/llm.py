@@ -10,7 +10,7 @@ import torch
 
 from mobile_moe.config import CacheConfig, EngineConfig, PolicyConfig, SamplingParams
 from mobile_moe.engine.budget import dequant_scratch_bytes, plan_slots
-from mobile_moe.engine.calibration import resolve_policy
+from mobile_moe.engine.calibration import read_calibration, resolve_policy
 from mobile_moe.engine.generate import GenerationResult, TokenCallback, generate
 from mobile_moe.engine.loader import LoadedModel, load
 from mobile_moe.engine.runner import Runner
@@ -59,6 +59,7 @@ class LLM:
         self.planned_slots = self.plan.slots
         self.reset_cache(self.planned_slots)
         self.tokenizer = _load_tokenizer(self.path) if self.path.is_dir() else None
+        self.calibration = read_calibration(self.path)  # not re-read per request
 
     def reset_cache(self, slots: int, trace: Trace | None = None) -> None:
         """Start over with an empty expert cache of `slots` slots (benchmarks compare systems from the same state)."""
@@ -109,8 +110,8 @@ class LLM:
         return result
 
     def resolve_policy(self, policy: PolicyConfig) -> PolicyConfig:
-        """Unset criterion and tau from this model's calibration (mobile_moe.json), else max_prob and 0.9."""
-        return resolve_policy(policy, self.path)
+        """Unset criterion and tau from this model's calibration (mobile_moe.json, read once at load), else max_prob and 0.9."""
+        return resolve_policy(policy, self.calibration)
 
     def logits(self, ids: list[int], mode: str = "big") -> torch.Tensor:
         """Teacher-forced logits [T, V] of a token sequence with big or little experts."""

@@ -4,8 +4,8 @@ The layer's (token, expert) pairs are planned on the host from one read of the r
 experts in the compute dtype are read in place, either by one grouped matmul over the whole slot pool
 (`torch._grouped_mm`, where the device runs it correctly: probed once) or by a short loop of per-expert
 matmuls; quantized experts are dequantized on the device one at a time in that loop (torch's fused int8-weight
-matmul was measured slower than dequantize-then-matmul on the CPU, so it is not used). Pair outputs are combined by a weighted sum in a fixed order, so
-results do not depend on atomics.
+matmul was measured slower than dequantize-then-matmul on the CPU, so it is not used). Pair outputs are
+combined by a weighted sum in a fixed order, so results do not depend on atomics.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from mobile_moe.experts.cache import ExpertCache
 from mobile_moe.experts.formats import FloatFormat
-from mobile_moe.experts.store import ExpertShape, ExpertStore, Matrix
+from mobile_moe.experts.store import MATRICES, ExpertShape, ExpertStore
 from mobile_moe.experts.transfer import TransferEngine
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -58,9 +58,8 @@ class ExpertExecutor:
         self.cache, self.act, self.dtype = cache, act, dtype
         self.in_place = cache.store.format.reads_in_place(dtype)
         self.grouped = (self.in_place and grouped_mm_works(cache, act, dtype)) if grouped is None else grouped
-        # per slot, per matrix: the packed fields as views, made once (indexing the pool per call costs a dispatch each)
-        self.slot_fields = [{m: [f[slot] for f in cache.fields[m]] for m in cache.fields} for slot in range(cache.num_slots)]
-        self.slot_weights = [(f["gate_up"][0], f["down"][0]) for f in self.slot_fields] if self.in_place else []
+        # per slot: (gate_up, down) packed fields as views, made once (indexing the pool per call costs a dispatch each)
+        self.slot_fields = [tuple([f[slot] for f in cache.fields[m]] for m in MATRICES) for slot in range(cache.num_slots)]
 
     def run(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [T, H], indices/weights: [T, n] -> sum_j weights[:, j] * expert_{indices[:, j]}(x)  [T, H]."""
@@ -86,15 +85,8 @@ class ExpertExecutor:
         for group in plan_groups(experts, self.cache.num_slots):
             slots = self.cache.acquire(layer, group.experts)
             try:
-                if self.in_place:  # the common case, kept free of per-call dispatch in Python
-                    for slot, rank in zip(slots, group.positions):
-                        gate_up, down = self.slot_weights[slot]
-                        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-                        outs[rank] = F.linear(self.act(gate) * up, down)  # [1, H]
-                else:
-                    for slot, rank in zip(slots, group.positions):
-                        gate, up = self._matmul(x, slot, "gate_up").chunk(2, dim=-1)
-                        outs[rank] = self._matmul(self.act(gate) * up, slot, "down")
+                for slot, rank in zip(slots, group.positions):
+                    outs[rank] = self._expert(x, slot)  # [1, H]
             finally:
                 self.cache.release(slots)
         return (torch.cat(outs) * weights.view(-1, 1).to(x.dtype)).sum(0, keepdim=True)  # [n, H] -> [1, H], rank order
@@ -105,17 +97,20 @@ class ExpertExecutor:
             return self._compute_grouped(xs, slots, counts)
         outs, start = [], 0
         for slot, count in zip(slots, counts):
-            gate, up = self._matmul(xs[start : start + count], slot, "gate_up").chunk(2, dim=-1)
-            outs.append(self._matmul(self.act(gate) * up, slot, "down"))
+            outs.append(self._expert(xs[start : start + count], slot))
             start += count
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
-    def _matmul(self, x: torch.Tensor, slot: int, matrix: Matrix) -> torch.Tensor:
-        """x: [P, in] -> x @ W.T [P, out] for one cached expert's matrix, dequantizing it if it is packed."""
-        fields = self.slot_fields[slot][matrix]
+    def _expert(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        """x: [P, H] -> one cached expert's SwiGLU output [P, H], its packed weights dequantized first unless read in place."""
+        gate_up, down = self.slot_fields[slot]
         if self.in_place:
-            return F.linear(x, fields[0])
-        return F.linear(x, self.cache.store.format.dequantize(fields, self.dtype))  # a transient [out, in] the budget counts
+            gate_up, down = gate_up[0], down[0]
+        else:  # transient [out, in] matrices the budget counts
+            fmt = self.cache.store.format
+            gate_up, down = fmt.dequantize(gate_up, self.dtype), fmt.dequantize(down, self.dtype)
+        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+        return F.linear(self.act(gate) * up, down)
 
     def _compute_grouped(self, xs: torch.Tensor, slots: list[int], counts: list[int]) -> torch.Tensor:
         """Two grouped matmuls over the whole slot pool: group s holds the rows routed to slot s (most are empty)."""

@@ -135,8 +135,7 @@ class Int4Format(ExpertFormat):
             raise InvalidParameter(f"int4 group size {self.group_size} does not divide the input dim {inp} of the {what} projection")
 
     def fields(self, out: int, inp: int) -> list[Field]:
-        self.check(out, inp, "expert")
-        groups = inp // self.group_size
+        groups = inp // self.group_size  # ExpertLayout has checked that the group divides `inp`
         return [Field("qweight", torch.uint8, (out, inp // 2)), Field("scales", torch.float16, (out, groups)), Field("zeros", torch.float16, (out, groups))]
 
     def quantize(self, w: torch.Tensor) -> list[torch.Tensor]:
