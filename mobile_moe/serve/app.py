@@ -7,7 +7,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Literal
 
@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mobile_moe.config import PolicyConfig, SamplingParams
+from mobile_moe.engine.generate import GenerationResult
 from mobile_moe.engine.llm import LLM
 from mobile_moe.errors import MobileMoeError
 from mobile_moe.serve.worker import EngineWorker, Job, QueueFull
@@ -62,8 +63,8 @@ def error(status: int, message: str, kind: str = "invalid_request_error") -> JSO
 class Generation:
     """One request's tokens as they arrive from the worker thread, with stop strings applied to the text."""
 
-    def __init__(self, llm: LLM, loop: asyncio.AbstractEventLoop, stops: list[str], record, metrics: Metrics) -> None:
-        self.llm, self.loop, self.stops, self.record, self.metrics = llm, loop, stops, record, metrics
+    def __init__(self, llm: LLM, loop: asyncio.AbstractEventLoop, stops: list[str], on_finish: Callable[[GenerationResult | None], None]) -> None:
+        self.llm, self.loop, self.stops, self.on_finish = llm, loop, stops, on_finish
         self.events: asyncio.Queue = asyncio.Queue()
         self.ids: list[int] = []
         self.text = ""  # the reply so far, cut at a stop string
@@ -99,14 +100,8 @@ class Generation:
     def on_done(self, result, err) -> None:
         """Worker thread: the generation ended (result) or failed (err); counted even when the client already left."""
         self._send(len(self.text))  # what was held back for a stop string that never came
-        self.loop.call_soon_threadsafe(self._count, result, err)
+        self.loop.call_soon_threadsafe(self.on_finish, result)
         self.loop.call_soon_threadsafe(self.events.put_nowait, ("done", result, err))
-
-    def _count(self, result, err) -> None:
-        if result is not None:
-            self.record(result)
-        else:
-            self.metrics.counts["failed_requests"] += 1
 
 
 class Metrics:
@@ -117,8 +112,11 @@ class Metrics:
                                      "expert_hits", "expert_misses", "h2d_bytes"), 0)
         self.decode_s = 0.0
 
-    def record(self, result, prompt_tokens: int) -> None:
-        """Add one finished generation."""
+    def record(self, result: GenerationResult | None, prompt_tokens: int) -> None:
+        """Add one finished generation (None: one that failed)."""
+        if result is None:
+            self.counts["failed_requests"] += 1
+            return
         s, c = result.stats, self.counts
         c["requests"] += 1
         c["prompt_tokens"] += prompt_tokens
@@ -186,7 +184,7 @@ def create_app(llm: LLM, worker: EngineWorker, model_name: str, api_key: str | N
         except MobileMoeError as e:
             return error(400, str(e))
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        gen = Generation(llm, asyncio.get_running_loop(), stops, lambda result: metrics.record(result, len(prompt)), metrics)
+        gen = Generation(llm, asyncio.get_running_loop(), stops, lambda result: metrics.record(result, len(prompt)))
         job = Job(prompt, sampling, policy, gen.on_token, gen.on_done)
         try:
             worker.submit(job)
