@@ -35,8 +35,8 @@ from mobile_moe.errors import CheckpointError, InvalidParameter, MobileMoeError
 from mobile_moe.experts.formats import DEFAULT_GROUP_SIZE, ExpertFormat, make_format
 from mobile_moe.eval.data import DEFAULT_GLOB, read_texts
 from mobile_moe.eval.evaluate import EvalSettings, calibrate, evaluate
-from mobile_moe.eval.calibrate import TAU_GRIDS
-from mobile_moe.eval.report import plot_taus, runs_table
+from mobile_moe.eval.calibrate import RULES, TAU_GRIDS
+from mobile_moe.eval.report import learned_table, plot_taus, runs_table
 from mobile_moe.jsonio import write_json_atomic
 
 
@@ -81,6 +81,10 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--little-weights", default="native", choices=["native", "rescale"], help="little's expert weights: the architecture's own rule, or rescaled to big's sum (default: native)")
     p.add_argument("--prefill", choices=["big", "little"], help="experts for the prompt (default: little for policy little, else big)")
     p.add_argument("--no-prefetch", action="store_true", help="do not prefetch the other-half experts before a fallback")
+    p.add_argument("--layer-adaptive", type=float, metavar="SHARE", help="little decode: a layer uses all top-k experts when the dropped half "
+                   "carries more than this share of the routing weight (default: off)")
+    p.add_argument("--cache-prior", type=float, metavar="FACTOR", help="little decode: swap a kept expert that is not cached for a cached "
+                   "dropped one scoring within this factor of it (default: off)")
 
 
 def build_parser() -> Parser:
@@ -146,7 +150,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise InvalidParameter(f"serving needs the [serve] extra: pip install 'mobile-moe[serve]' ({e.name} is missing)") from None
     llm = open_llm(args)
-    defaults = PolicyConfig(args.policy, args.tau, args.criterion, args.little_weights, args.prefill, not args.no_prefetch)
+    defaults = policy_flags(args)
     app = create_app(llm, EngineWorker(llm, args.max_queue), llm.path.name, args.api_key, args.max_tokens_cap, defaults)
     print(f"serving {llm.path} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
@@ -186,10 +190,13 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--taus", type=parse_taus, help="comma-separated taus to try (default: a grid per criterion)")
     cal.add_argument("--output", type=Path, metavar="FILE", help="where to write the calibration (default: mobile_moe.json beside the model; "
                      "for the bundled demo model, the user config directory, never the installed package)")
-    cal.add_argument("--criteria", type=parse_criteria, default=CRITERIA, help="comma-separated criteria to try (default: all)")
-    for p, handler in ((ev, cmd_eval), (cal, cmd_calibrate)):
+    cal.add_argument("--criteria", type=parse_criteria, default=DEFAULT_CALIBRATION_CRITERIA,
+                     help=f"comma-separated criteria to try, among {', '.join(CRITERIA)} (default: {','.join(DEFAULT_CALIBRATION_CRITERIA)})")
+    cal.add_argument("--rule", choices=RULES, default=RULES[0], help="lower-bound: the 95%% interval's lower end must meet the target "
+                     "(default); point: the point estimate must")
+    for p, handler, prompts in ((ev, cmd_eval, 120), (cal, cmd_calibrate, 240)):
         p.add_argument("--glob", default=DEFAULT_GLOB, help=f"files read from --data directories (default: {DEFAULT_GLOB})")
-        p.add_argument("--max-prompts", type=int, default=48, help="prompts cut from the data (default: 48)")
+        p.add_argument("--max-prompts", type=int, default=prompts, help=f"prompts cut from the data (default: {prompts})")
         p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per prompt")
         p.add_argument("--ppl-tokens", type=int, default=8192, help="tokens scored for perplexity")
         add_engine_args(p)
@@ -216,6 +223,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     add_engine_args(b)
     add_policy_args(b)
     b.set_defaults(handler=cmd_bench)
+
+
+DEFAULT_CALIBRATION_CRITERIA = ("margin", "learned")  # margin beat max_prob and entropy at every fallback rate measured
 
 
 def parse_criteria(text: str) -> tuple[str, ...]:
@@ -256,9 +266,15 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+def policy_flags(args: argparse.Namespace) -> PolicyConfig:
+    """PolicyConfig from the policy flags alone (criterion and tau may stay unset)."""
+    return PolicyConfig(args.policy, args.tau, args.criterion, args.little_weights, args.prefill, not args.no_prefetch,
+                        layer_adaptive=args.layer_adaptive, cache_prior=args.cache_prior)
+
+
 def policy_from(args: argparse.Namespace, model: Path) -> PolicyConfig:
     """PolicyConfig from flags; criterion and tau fall back to the model's calibration, then to the defaults."""
-    policy = PolicyConfig(args.policy, args.tau, args.criterion, args.little_weights, args.prefill, not args.no_prefetch)
+    policy = policy_flags(args)
     return resolve_policy(policy, read_calibration(model))
 
 
@@ -286,7 +302,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "token_ids": result.token_ids,
             "text": result.text,
             "finish_reason": result.finish_reason,
-            "policy": {"name": policy.name, "tau": policy.tau if policy.name == "mobile" else None},
+            "policy": {"name": policy.name, "tau": policy.tau if policy.name == "mobile" else None, "criterion": policy.criterion if policy.name == "mobile" else None},
             "stats": result.stats.to_dict(),
         }
         print(json.dumps(out))
@@ -355,7 +371,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     ppl = report["perplexity"]
     print(f"model {report['model']}, data {report['data']}: {report['prompts']} prompts x {report['new_tokens']} tokens, criterion {report['criterion']}")
-    print(f"experts {report['expert_format']} ({report['expert_bytes'] / 2**10:.1f} KiB each); perplexity on {ppl['tokens']} tokens: big {ppl['big']:.3f}, little {ppl['little']:.3f}")
+    print(f"experts {report['expert_format']} ({report['expert_bytes'] / 2**10:.1f} KiB each); perplexity on {ppl['tokens']} tokens from {ppl['files']} of {ppl['files_total']} files: big {ppl['big']:.3f}, little {ppl['little']:.3f}")
     if report["big_vs_float_big"]:
         v = report["big_vs_float_big"]
         print(f"big vs big with {v['expert_format']} experts: greedy agreement {v['agreement']:.1%} (positions {v['agreement_overall']:.1%}, whole continuations {v['exact_match']:.1%})")
@@ -380,18 +396,22 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     llm = open_llm(args)
     base = policy_from(args, llm.path)
     bases = [dataclasses.replace(base, criterion=c) for c in args.criteria]
-    result, prompts = calibrate(llm, texts, settings, bases, args.target_agreement, grid=args.taus is None)
+    result, prompts = calibrate(llm, texts, settings, bases, args.target_agreement, grid=args.taus is None, rule=args.rule)
+    if result.learned_report:
+        print(learned_table(result.learned_report))
     print(runs_table([r.to_dict() for r in result.runs]))
     if result.chosen is None:
         best = max(result.runs, key=lambda r: r.agreement)
         print(
-            f"no tau meets the target agreement {args.target_agreement:.1%} "
+            f"no tau meets the target agreement {args.target_agreement:.1%} under rule {args.rule} "
             f"(best: {best.criterion} tau {best.tau:g} with {best.agreement:.1%} at fallback rate {best.fallback_rate:.1%}); nothing written"
         )
         return 1
     file = write_calibration(llm.path, result.record(prompts, data), args.output)
     c = result.chosen
-    print(f"calibrated {c.criterion} tau {c.tau:g}: agreement {c.agreement:.1%} (target {args.target_agreement:.1%}), fallback rate {c.fallback_rate:.1%}; written to {file}")
+    lo, hi = c.agreement_ci
+    print(f"calibrated {c.criterion} tau {c.tau:g}: agreement {c.agreement:.2%} (95% CI {lo:.2%}-{hi:.2%}; target {args.target_agreement:.1%}, rule {args.rule}), "
+          f"fallback rate {c.fallback_rate:.1%}; written to {file}")
     return 0
 
 

@@ -13,9 +13,51 @@ EXPERT_DTYPES: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32", "int8", "int4"
 PolicyName = Literal["big", "little", "mobile"]
 LittleWeights = Literal["native", "rescale"]
 PrefillMode = Literal["big", "little"]
-Criterion = Literal["max_prob", "entropy", "margin"]
+Criterion = Literal["max_prob", "entropy", "margin", "learned"]
 POLICIES: tuple[str, ...] = ("big", "little", "mobile")
-CRITERIA: tuple[str, ...] = ("max_prob", "entropy", "margin")
+CRITERIA: tuple[str, ...] = ("max_prob", "entropy", "margin", "learned")
+LEARNED_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LearnedImportance:
+    """A fitted logistic model of P(little's token differs from big's) over named step signals (DESIGN.md §1).
+
+    confidence = 1 - sigmoid(bias + sum_i weights[i] * (signal_i - mean[i]) / scale[i]).
+    """
+
+    features: tuple[str, ...]
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    weights: tuple[float, ...]
+    bias: float
+    version: int = LEARNED_VERSION
+
+    def __post_init__(self) -> None:
+        n = len(self.features)
+        if n == 0 or not (len(self.mean) == len(self.scale) == len(self.weights) == n):
+            raise InvalidParameter(f"learned importance needs one mean, scale and weight per feature ({n} features)")
+        values = (*self.mean, *self.scale, *self.weights, self.bias)
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values) or min(self.scale) <= 0:
+            raise InvalidParameter("learned importance weights must be finite numbers and its scales > 0")
+        if self.version != LEARNED_VERSION:
+            raise InvalidParameter(f"learned importance version {self.version} is not supported (this engine reads {LEARNED_VERSION}); recalibrate")
+
+    def to_dict(self) -> dict:
+        """JSON-ready (stored in mobile_moe.json)."""
+        return {"version": self.version, "features": list(self.features), "mean": list(self.mean), "scale": list(self.scale),
+                "weights": list(self.weights), "bias": self.bias}
+
+    @classmethod
+    def from_dict(cls, data: object) -> "LearnedImportance":
+        """Parse what to_dict wrote; anything else is an InvalidParameter naming the problem."""
+        if not isinstance(data, dict):
+            raise InvalidParameter("learned importance must be a JSON object")
+        try:
+            return cls(features=tuple(str(f) for f in data["features"]), mean=tuple(data["mean"]), scale=tuple(data["scale"]),
+                       weights=tuple(data["weights"]), bias=data["bias"], version=data.get("version", LEARNED_VERSION))
+        except (KeyError, TypeError) as e:
+            raise InvalidParameter(f"learned importance is malformed ({type(e).__name__}: {e})") from None
 
 
 @dataclass(frozen=True)
@@ -50,6 +92,9 @@ class PolicyConfig:
     prefetch_on_fallback: bool = True
     lookahead: bool = False  # apply layer l+1's router to layer l's input to start its loads early
     forced_fallback_rate: float | None = None  # benchmarks on random weights: fall back at this rate, evenly spaced
+    learned: LearnedImportance | None = None  # criterion `learned`: the fitted predictor (from the calibration)
+    layer_adaptive: float | None = None  # little decode: a layer runs all top-k when the dropped half carries more than this share of the weight
+    cache_prior: float | None = None  # little decode: a resident dropped expert replaces a kept non-resident one scoring at most this factor more
 
     def __post_init__(self) -> None:
         if self.forced_fallback_rate is not None and not (0.0 <= self.forced_fallback_rate <= 1.0):
@@ -62,6 +107,10 @@ class PolicyConfig:
             raise InvalidParameter(f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
         if self.little_weights not in ("native", "rescale"):
             raise InvalidParameter(f"little_weights must be native or rescale, got {self.little_weights!r}")
+        if self.layer_adaptive is not None and not (0.0 <= self.layer_adaptive <= 1.0):
+            raise InvalidParameter(f"layer-adaptive threshold must be in [0, 1], got {self.layer_adaptive}")
+        if self.cache_prior is not None and not (math.isfinite(self.cache_prior) and self.cache_prior >= 1.0):
+            raise InvalidParameter(f"cache-prior factor must be a finite number >= 1, got {self.cache_prior}")
         if self.prefill not in (None, "big", "little"):
             raise InvalidParameter(f"prefill must be big or little, got {self.prefill!r}")
 

@@ -76,17 +76,26 @@ def test_eval_reports_every_metric_for_every_policy(slice_dir, tmp_path, capsys)
 
 def test_calibrate_meets_the_target_and_generate_uses_it(demo_copy, slice_dir, capsys):
     capsys.readouterr()
-    code = main(["calibrate", "--model", str(demo_copy), "--data", str(slice_dir), "--max-prompts", "4", "--new-tokens", "8",
-                 "--taus", "0.3,0.6,0.9,0.99", "--target-agreement", "0.9", "--quiet"])
+    code = main(["calibrate", "--model", str(demo_copy), "--data", str(slice_dir), "--max-prompts", "12", "--new-tokens", "12",
+                 "--taus", "0.3,0.6,0.9,0.99", "--target-agreement", "0.9", "--rule", "point", "--quiet"])
     assert code == 0
+    out = capsys.readouterr().out
+    assert "learned criterion fitted on" in out and "AUC alone" in out  # which signals matter
     record = json.loads((demo_copy / "mobile_moe.json").read_text())
+    assert record["version"] == 2 and record["rule"] == "point" and record["criterion"] in ("margin", "learned")
     assert record["agreement"] >= 0.9 and record["tau"] in (0.3, 0.6, 0.9, 0.99)
-    chosen = [r for r in record["runs"] if r["tau"] == record["tau"]][0]
+    lo, hi = record["agreement_ci"]
+    assert lo <= record["agreement"] <= hi
+    chosen = [r for r in record["runs"] if (r["criterion"], r["tau"]) == (record["criterion"], record["tau"])][0]
     cheaper = [r for r in record["runs"] if r["fallback_rate"] < chosen["fallback_rate"]]
     assert all(r["agreement"] < 0.9 for r in cheaper)  # nothing cheaper met the target
+    assert set(record["learned"]["features"]) and record["learned_report"]["steps"] > 0
     capsys.readouterr()
     main(["generate", "--model", str(demo_copy), "--prompt", "x = 1", "--policy", "mobile", "--max-new-tokens", "4", "--json", "--quiet"])
     assert json.loads(capsys.readouterr().out)["policy"]["tau"] == record["tau"]
+    main(["generate", "--model", str(demo_copy), "--prompt", "x = 1", "--policy", "mobile", "--criterion", "learned", "--max-new-tokens", "4", "--json", "--quiet"])
+    policy = json.loads(capsys.readouterr().out)["policy"]
+    assert policy["criterion"] == "learned" and policy["tau"] == record["taus"].get("learned", 0.9)
 
 
 def test_calibrate_says_plainly_when_no_tau_meets_the_target(demo_copy, slice_dir, capsys):

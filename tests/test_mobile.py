@@ -100,3 +100,16 @@ def test_agreement_bootstrap_interval_is_seeded_and_brackets_the_estimate():
     assert lo < a.agreement < hi <= 1.0
     assert a.agreement_ci == compare(reference, candidate).agreement_ci  # same seed, same interval
     assert bootstrap_ci([5, 5], [0, 0]) == (1.0, 1.0)  # nothing diverged in any resample
+
+
+def test_agreement_starts_at_the_first_decode_step():
+    from mobile_moe.eval.agreement import compare
+
+    only_prefill_differs = compare([[7, 1, 2, 3]] * 4, [[8, 1, 2, 3]] * 4)
+    assert only_prefill_differs.prefill_agreement == 0.0
+    assert only_prefill_differs.judged_tokens == 0 and only_prefill_differs.agreement_overall == 1.0  # decode positions all match
+    first_decode_differs = compare([[7, 1, 2, 3]] * 4, [[7, 9, 2, 3]] * 4)
+    assert first_decode_differs.agreement == 0.0  # the free prefill token earns no credit
+    assert first_decode_differs.prefill_agreement == 1.0 and first_decode_differs.divergences == 4
+    mixed = compare([[7, 1, 2, 3], [7, 1, 2, 3]], [[8, 9, 9, 9], [7, 1, 2, 3]])
+    assert mixed.agreement == 1.0 and mixed.judged_tokens == 3  # the prompt that diverged at prefill is not scored

@@ -12,8 +12,10 @@ import json
 import os
 from pathlib import Path
 
-from mobile_moe.config import PolicyConfig
+from mobile_moe.config import CRITERIA, LearnedImportance, PolicyConfig
+from mobile_moe.errors import InvalidParameter
 from mobile_moe.jsonio import write_json_atomic
+from mobile_moe.policy.importance import SIGNALS
 
 CALIBRATION_FILE = "mobile_moe.json"
 DEFAULT_TAU = 0.9
@@ -40,22 +42,56 @@ def calibration_path(model_dir: Path) -> Path:
 
 
 def read_calibration(model_dir: Path) -> dict:
-    """The record written by `mobile-moe calibrate` (the user's own first), or {} when there is none or it is unreadable."""
+    """The record written by `mobile-moe calibrate` (the user's own first), or {} when there is none or it is not JSON.
+
+    Any version's record loads (version 1 held tau and criterion only); one naming an unknown criterion or
+    holding a malformed predictor is an InvalidParameter naming the file.
+    """
     for path in dict.fromkeys((calibration_path(model_dir), Path(model_dir) / CALIBRATION_FILE)):
         try:
             record = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
         if isinstance(record, dict):
-            return record
+            return check_record(record, path)
     return {}
 
 
+def check_record(record: dict, path: Path) -> dict:
+    """The record, after checking its criterion and learned predictor."""
+    criterion = record.get("criterion")
+    if criterion is not None and criterion not in CRITERIA:
+        raise InvalidParameter(f"{path}: unknown criterion {criterion!r} (expected one of {', '.join(CRITERIA)}); run mobile-moe calibrate again")
+    if "learned" in record or criterion == "learned":
+        try:
+            learned_from(record)
+        except InvalidParameter as e:
+            raise InvalidParameter(f"{path}: {e}") from None
+    return record
+
+
+def learned_from(record: dict) -> LearnedImportance:
+    """The fitted predictor stored in a calibration record."""
+    if "learned" not in record:
+        raise InvalidParameter("criterion learned needs a fitted predictor: run mobile-moe calibrate (its default criteria include learned)")
+    learned = LearnedImportance.from_dict(record["learned"])
+    unknown = [f for f in learned.features if f not in SIGNALS]
+    if unknown:
+        raise InvalidParameter(f"learned importance uses unknown signals {', '.join(unknown)}")
+    return learned
+
+
 def resolve_policy(policy: PolicyConfig, record: dict) -> PolicyConfig:
-    """The policy with an unset criterion and tau taken from a calibration record, else the defaults (one rule for CLI, API and server)."""
+    """The policy with an unset criterion and tau taken from a calibration record, else the defaults (one rule for CLI, API and server).
+
+    Criterion `learned` also takes the record's fitted predictor unless the policy brings its own.
+    """
     criterion = policy.criterion or _criterion(record) or DEFAULT_CRITERION
     tau = policy.tau if policy.tau is not None else _tau(record, criterion)
-    return dataclasses.replace(policy, criterion=criterion, tau=DEFAULT_TAU if tau is None else tau)
+    learned = policy.learned
+    if criterion == "learned" and learned is None:
+        learned = learned_from(record)
+    return dataclasses.replace(policy, criterion=criterion, tau=DEFAULT_TAU if tau is None else tau, learned=learned)
 
 
 def calibrated_tau(model_dir: Path, criterion: str) -> float | None:
@@ -64,10 +100,11 @@ def calibrated_tau(model_dir: Path, criterion: str) -> float | None:
 
 
 def _tau(record: dict, criterion: str) -> float | None:
-    tau = record.get("tau")
-    if record.get("criterion", "max_prob") != criterion or not isinstance(tau, (int, float)):
-        return None
-    return float(tau)
+    """The chosen tau when the record chose this criterion, else the criterion's own best tau (records since version 2)."""
+    tau = record.get("tau") if record.get("criterion", "max_prob") == criterion else None
+    if tau is None and isinstance(record.get("taus"), dict):
+        tau = record["taus"].get(criterion)
+    return float(tau) if isinstance(tau, (int, float)) else None
 
 
 def _criterion(record: dict) -> str | None:

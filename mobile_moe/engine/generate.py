@@ -16,17 +16,19 @@ from mobile_moe.experts.cache import CacheStats
 from mobile_moe.layers.kv_cache import KVCache
 from mobile_moe.layers.moe import ExpertMode
 from mobile_moe.layers.sampler import sample
+from mobile_moe.policy.importance import step_signals
 from mobile_moe.policy.policies import Policy
 
 
 @dataclass(frozen=True)
 class StepRecord:
-    """One emitted token: the first pass's token and confidence, and whether big replaced it."""
+    """One emitted token: the first pass's token, confidence and signals, and whether big replaced it."""
 
     first_token: int
     confidence: float | None
     fell_back: bool
     token: int
+    signals: tuple[float, ...] = ()  # the little pass's importance signals (policy/importance.SIGNALS), when measured
 
 
 @dataclass
@@ -51,32 +53,35 @@ class _Decoder:
     generator: torch.Generator | None
     result: GenerationResult
 
-    def read(self, logits: torch.Tensor, with_confidence: bool) -> tuple[int, int, float | None]:
-        """(sampled token, greedy token, confidence or None) of one pass's logits [V], in one host sync."""
+    def read(self, logits: torch.Tensor, with_confidence: bool) -> tuple[int, int, float | None, tuple[float, ...]]:
+        """(sampled token, greedy token, confidence or None, signals) of one pass's logits [V], in one host sync."""
         token = sample(logits, self.sampling.temperature, self.sampling.top_p, self.generator)
         greedy = token if self.sampling.temperature == 0.0 else logits.argmax()
-        parts = [token.double(), greedy.double()]
+        parts = [token.double()[None], greedy.double()[None]]
         if with_confidence:
-            parts.append(self.policy.confidence(logits).double())
-        values = self.runner.cache.transfer.to_host(torch.stack(parts))
-        return int(values[0]), int(values[1]), (values[2] if with_confidence else None)
+            signals = step_signals(logits, self.runner.logged_weights(), self.runner.little_k)  # [S]
+            parts += [self.policy.confidence(signals).double()[None], signals.double()]
+        values = self.runner.cache.transfer.to_host(torch.cat(parts))
+        if not with_confidence:
+            return int(values[0]), int(values[1]), None, ()
+        return int(values[0]), int(values[1]), values[2], tuple(values[3:])
 
     def step(self, token: int, step: int) -> int:
         """One MoBiLE step: first pass (big or little); if the policy says so, rewind and redo it with big."""
         runner, policy = self.runner, self.policy
         ids = runner.ids([token])
         logits = runner.forward(ids, self.kv, policy.decode_mode, record=policy.may_fall_back, step=step)
-        nxt, greedy, conf = self.read(logits, policy.needs_confidence)
+        nxt, greedy, conf, signals = self.read(logits, policy.needs_confidence)
         if not policy.falls_back(conf if conf is not None else 1.0, step):
-            self.result.steps.append(StepRecord(nxt, conf, False, nxt))
+            self.result.steps.append(StepRecord(nxt, conf, False, nxt, signals))
             return nxt
         routing_log = runner.routing_log or {}
         self.kv.rewind(1)
         if policy.config.prefetch_on_fallback:
             runner.prefetch_other_half(routing_log)
-        nxt, _, _ = self.read(runner.forward(ids, self.kv, ExpertMode.BIG, step=step), with_confidence=False)
+        nxt, _, _, _ = self.read(runner.forward(ids, self.kv, ExpertMode.BIG, step=step), with_confidence=False)
         self.result.stats.fallback_tokens += 1
-        self.result.steps.append(StepRecord(greedy, conf, True, nxt))
+        self.result.steps.append(StepRecord(greedy, conf, True, nxt, signals))
         return nxt
 
 
@@ -102,13 +107,14 @@ def generate(
     device = runner.model.lm_head.weight.device
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
     runner.lookahead = policy.config.lookahead
+    runner.layer_adaptive, runner.cache_prior = policy.config.layer_adaptive, policy.config.cache_prior
     dec = _Decoder(runner, runner.new_kv(len(prompt) + sampling.max_new_tokens), sampling, policy, generator,
                    GenerationResult(token_ids=[], stats=GenerationStats(prompt_tokens=len(prompt))))
     stats, cache, transfer = dec.result.stats, runner.cache, runner.cache.transfer
     before, wait_before, syncs_before = cache.stats.snapshot(), transfer.wait_s(), transfer.host_syncs
 
     start = time.perf_counter()
-    token, _, _ = dec.read(_prefill(runner, prompt, dec.kv, policy.prefill_mode), with_confidence=False)
+    token, _, _, _ = dec.read(_prefill(runner, prompt, dec.kv, policy.prefill_mode), with_confidence=False)
     _synchronize(device)
     stats.prefill_s = time.perf_counter() - start
     dec.result.steps.append(StepRecord(token, None, False, token))

@@ -10,7 +10,8 @@ from mobile_moe.experts.cache import ExpertCache
 from mobile_moe.experts.executor import ExpertExecutor
 from mobile_moe.layers.kv_cache import KVCache
 from mobile_moe.layers.mlp import activation
-from mobile_moe.layers.moe import ExpertMode, Routing, select
+from mobile_moe.layers.moe import ExpertMode, RouterSpec, Routing, select
+from mobile_moe.policy.little import prefer_resident, runs_big_here
 from mobile_moe.models.transformer import CausalLM
 
 
@@ -24,7 +25,10 @@ class Runner:
         self.mode = ExpertMode.BIG
         self.little_weights = little_weights
         self.lookahead = False
-        self.routing_log: dict[int, torch.Tensor] | None = None
+        self.layer_adaptive: float | None = None  # little decode knobs (PolicyConfig)
+        self.cache_prior: float | None = None
+        self.routing_log: dict[int, torch.Tensor] | None = None  # layer -> the last token's top-k [k]
+        self.weight_log: dict[int, torch.Tensor] | None = None  # layer -> its raw gate values [k]
         moe = list(model.info.moe_layers)
         self.next_moe_layer = dict(zip(moe, moe[1:]))
 
@@ -37,6 +41,22 @@ class Runner:
         """Token ids [T] on the device, without a host sync."""
         return self.cache.transfer.to_device(tokens)
 
+    def choose(self, layer: int, routing: Routing, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pass's experts at this layer: big or little, with the little decode knobs applied to a single token."""
+        knobs = self.layer_adaptive is not None or self.cache_prior is not None
+        if self.mode is ExpertMode.BIG or not knobs or routing.indices.shape[0] != 1:
+            return select(routing, spec, self.mode, self.little_weights)
+        k = spec.top_k
+        values = self.cache.transfer.to_host(torch.cat([routing.indices[0].double(), routing.raw_weights[0].double()]))  # one sync: [2k]
+        experts, scores = [int(v) for v in values[:k]], values[k:]
+        if self.layer_adaptive is not None and runs_big_here(scores, spec.little_k, self.layer_adaptive):
+            return select(routing, spec, ExpertMode.BIG)
+        if self.cache_prior is None:
+            return select(routing, spec, self.mode, self.little_weights)
+        ranks = prefer_resident(experts, scores, spec.little_k, lambda e: (layer, e) in self.cache.where, self.cache_prior)
+        position = self.cache.transfer.to_device(ranks)  # [n]
+        return select(Routing(routing.indices[:, position], routing.raw_weights[:, position]), spec, ExpertMode.BIG)  # weights over the chosen
+
     def run_experts(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Delegate to the batched executor."""
         return self.executor.run(layer, x, indices, weights)
@@ -45,6 +65,7 @@ class Runner:
         """Keep each layer's top-k of the last token while recording; with lookahead, start the next layer's loads."""
         if self.routing_log is not None:
             self.routing_log[layer] = routing.indices[-1]
+            self.weight_log[layer] = routing.raw_weights[-1]
         nxt = self.next_moe_layer.get(layer)
         if self.lookahead and nxt is not None and x.shape[0] == 1:
             block = self.model.model.layers[nxt].mlp
@@ -56,14 +77,26 @@ class Runner:
         """ids: [T] -> logits of the last position [V] (or all [T, V]); with record, routing_log holds each layer's top-k."""
         self.mode = mode
         self.routing_log = {} if record else None
+        self.weight_log = {} if record else None
         if self.cache.trace is not None:
             trace = self.cache.trace
             trace.step, trace.pass_id, trace.mode = step, trace.pass_id + 1, mode.value
         return self.model(ids, kv, self, all_logits=all_logits)
 
+    @property
+    def little_k(self) -> int:
+        """Experts per token of the little model."""
+        return math.ceil(self.model.info.top_k / 2)
+
+    def logged_weights(self) -> torch.Tensor:
+        """The recorded pass's raw gate values of every MoE layer [L, k] (empty [0, k] when nothing was recorded)."""
+        if not self.weight_log:
+            return torch.zeros(0, self.model.info.top_k, device=self.model.lm_head.weight.device)
+        return torch.stack([self.weight_log[layer] for layer in sorted(self.weight_log)])
+
     def prefetch_other_half(self, routing_log: dict[int, torch.Tensor]) -> int:
         """Before a fallback pass: start loading, in layer order, the top-k experts the little pass did not use."""
-        little_k = math.ceil(self.model.info.top_k / 2)
+        little_k = self.little_k
         budget = self.cache.num_slots - self.model.info.top_k  # leave room for the layer being computed
         layers = sorted(routing_log)
         if not layers or budget <= 0:

@@ -19,12 +19,19 @@ def matching_prefix(a: list[int], b: list[int]) -> int:
 
 @dataclass(frozen=True)
 class Agreement:
-    """agreement: P(token equals big's | same prefix); overall: position-wise match share; exact_match: whole continuations."""
+    """Decode-step agreement with big, from the first decode step on (the prefill token is scored apart).
+
+    agreement: P(token equals big's | same prefix); overall: position-wise match share of decode positions;
+    exact_match: whole continuations; prefill_agreement: share of prompts whose prefill token is big's.
+    """
 
     agreement: float
     agreement_overall: float
     exact_match: float
     agreement_ci: tuple[float, float] = (1.0, 1.0)  # 95% bootstrap interval of `agreement`, resampling prompts
+    prefill_agreement: float = 1.0
+    judged_tokens: int = 0  # decode tokens scored by `agreement` (matches + divergences)
+    divergences: int = 0
 
 
 BOOTSTRAP_ROUNDS = 2000
@@ -44,28 +51,37 @@ def bootstrap_ci(matches: list[int], divergences: list[int], seed: int = 0, roun
 
 
 def compare(reference: list[list[int]], candidate: list[list[int]]) -> Agreement:
-    """Compare continuations prompt by prompt.
+    """Compare continuations prompt by prompt, from the first decode step on.
 
-    `agreement` counts, for each prompt, the tokens that match before the first divergence and one
-    mismatch if it diverged: matches / (matches + divergences), the per-token chance of emitting big's
-    token while the prefixes are still identical. `agreement_overall` compares every position.
+    The first token of each continuation comes from the prefill, which mobile runs with big: it would
+    always match and flatter mobile over little, so it is only reported as `prefill_agreement`. For a
+    prompt whose prefill tokens match, `agreement` counts the decode tokens that match before the first
+    divergence and one mismatch if it diverged: matches / (matches + divergences), the per-token chance of
+    emitting big's token while the prefixes are still identical. A prompt whose prefill tokens differ
+    never shares big's prefix during decode, so it adds nothing to `agreement`.
     """
-    matches = divergences = same_positions = positions = exact = 0
+    same_positions = positions = exact = prefill_same = 0
     per_matches, per_divergences = [], []
     for ref, cand in zip(reference, candidate):
-        n = min(len(ref), len(cand))
-        prefix = matching_prefix(ref[:n], cand[:n])
+        exact += ref == cand
+        prefill_same += ref[:1] == cand[:1]
+        ref_decode, cand_decode = ref[1:], cand[1:]
+        same_positions += sum(x == y for x, y in zip(ref_decode, cand_decode))
+        positions += max(len(ref_decode), len(cand_decode))
+        if ref[:1] != cand[:1]:
+            continue
+        n = min(len(ref_decode), len(cand_decode))
+        prefix = matching_prefix(ref_decode[:n], cand_decode[:n])
         per_matches.append(prefix)
         per_divergences.append(int(prefix < n))
-        matches += prefix
-        divergences += prefix < n
-        same_positions += sum(x == y for x, y in zip(ref, cand))
-        positions += max(len(ref), len(cand))
-        exact += ref == cand
+    matches, divergences = sum(per_matches), sum(per_divergences)
     judged = matches + divergences
     return Agreement(
         agreement=matches / judged if judged else 1.0,
         agreement_overall=same_positions / positions if positions else 1.0,
         exact_match=exact / len(reference) if reference else 1.0,
         agreement_ci=bootstrap_ci(per_matches, per_divergences),
+        prefill_agreement=prefill_same / len(reference) if reference else 1.0,
+        judged_tokens=judged,
+        divergences=divergences,
     )

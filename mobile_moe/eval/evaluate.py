@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from mobile_moe.config import PolicyConfig
 from mobile_moe.engine.llm import LLM
 from mobile_moe.errors import InvalidParameter
-from mobile_moe.eval.calibrate import TAU_GRIDS, Calibration, choose
+from mobile_moe.eval.calibrate import LEARNED_FALLBACK_RATES, TAU_GRIDS, Calibration, choose
+from mobile_moe.eval.learned import collect, feature_report, fit, taus_for_rates
 from mobile_moe.eval.prompts import cut_prompts
+from mobile_moe.policy.importance import LOGIT_CRITERIA
 from mobile_moe.eval.quality import (
     mobile_perplexity,
     mobile_sweep,
@@ -58,7 +60,8 @@ def evaluate(
     """
     prompts, skipped = _prompts(llm, texts, settings)
     taus = tuple(sorted(set(settings.taus) | ({calibrated} if calibrated is not None else set())))
-    scores = token_scores(llm, texts, settings.ppl_tokens, base.criterion, settings.progress)
+    logit_criterion = base.criterion in LOGIT_CRITERIA  # the teacher-forced mobile estimate needs no router signals
+    scores = token_scores(llm, texts, settings.ppl_tokens, base.criterion if logit_criterion else None, settings.progress)
     runs, versus = policy_runs(llm, prompts, mobile_sweep(base, taus), settings.new_tokens, settings.progress, reference)
     return {
         "model": str(llm.path), "data": data, "prompts": len(prompts), "prompts_skipped_too_long": skipped, "new_tokens": settings.new_tokens,
@@ -68,21 +71,36 @@ def evaluate(
         "big_vs_float_big": None if versus is None else {"expert_format": str(reference.loaded.store.format), **asdict(versus)},
         "perplexity": {
             "big": perplexity(scores.big), "little": perplexity(scores.little), "tokens": int(scores.big.numel()),
-            "mobile": {f"{t:g}": mobile_perplexity(scores, t) for t in taus},
+            "files": scores.files, "files_total": scores.files_total,
+            "mobile": {f"{t:g}": mobile_perplexity(scores, t) for t in taus} if logit_criterion else {},
         },
         "calibrated_tau": calibrated,
         "runs": [r.to_dict() for r in runs],
     }
 
 
-def calibrate(llm: LLM, texts: list[str], settings: EvalSettings, bases: list[PolicyConfig], target: float, grid: bool) -> tuple[Calibration, int]:
+def calibrate(
+    llm: LLM, texts: list[str], settings: EvalSettings, bases: list[PolicyConfig], target: float, grid: bool, rule: str = "lower-bound",
+) -> tuple[Calibration, int]:
     """Sweep (criterion, tau) on the texts and choose the pair meeting the target agreement at the lowest fallback rate.
 
-    With `grid`, each criterion uses its own default taus (TAU_GRIDS); otherwise settings.taus.
+    Criterion `learned` is first fitted on the same prompts (every step decoded by little then big). With `grid`, each
+    criterion uses its own default taus (TAU_GRIDS; for learned, thresholds at LEARNED_FALLBACK_RATES); otherwise settings.taus.
     """
     if not 0 < target <= 1:
         raise InvalidParameter(f"--target-agreement must be in (0, 1], got {target}")
     prompts, _ = _prompts(llm, texts, settings)
-    mobiles = [p for base in bases for p in mobile_sweep(base, TAU_GRIDS[base.criterion] if grid else settings.taus)]
+    mobiles, learned, report = [], None, None
+    for base in bases:
+        taus = settings.taus
+        if base.criterion == "learned":
+            data = collect(llm, [llm.encode(p.text) for p in prompts], settings.new_tokens, base, settings.progress)
+            learned = fit(data)
+            report = feature_report(data, learned)
+            base = replace(base, learned=learned)
+            taus = taus_for_rates(data, learned, LEARNED_FALLBACK_RATES) if grid else taus
+        elif grid:
+            taus = TAU_GRIDS[base.criterion]
+        mobiles += mobile_sweep(base, taus)
     runs, _ = policy_runs(llm, prompts, mobiles, settings.new_tokens, settings.progress)
-    return choose(runs, target), len(prompts)
+    return replace(choose(runs, target, rule), learned=learned, learned_report=report), len(prompts)

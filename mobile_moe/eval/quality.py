@@ -32,6 +32,10 @@ class Run:
     fallback_rate: float
     tokens: int
     agreement_ci: tuple[float, float] = (1.0, 1.0)  # 95% bootstrap interval over prompts
+    prefill_agreement: float = 1.0  # share of prompts whose first (prefill) token is big's; not part of `agreement`
+    judged_tokens: int = 0  # decode tokens `agreement` is computed on
+    loads_per_token: float = 0.0  # experts copied to the device cache per decode step (misses)
+    loads_vs_big: float = 1.0  # loads_per_token relative to big's on the same prompts and cache
 
     def to_dict(self) -> dict:
         """JSON-ready."""
@@ -46,6 +50,7 @@ class Continuations:
     texts: list[str]
     fallbacks: int
     decode_steps: int
+    loads: int = 0  # expert loads (cache misses) during decode
 
 
 def continue_prompts(llm: LLM, prompts: list[list[int]], policy: PolicyConfig, new_tokens: int, bar: tqdm | None = None) -> Continuations:
@@ -58,6 +63,7 @@ def continue_prompts(llm: LLM, prompts: list[list[int]], policy: PolicyConfig, n
         out.texts.append(result.text or "")
         out.fallbacks += result.stats.fallback_tokens
         out.decode_steps += max(result.stats.tokens - 1, 0)
+        out.loads += result.stats.decode_expert_misses
         if bar is not None:
             bar.update()
     return out
@@ -69,12 +75,19 @@ def score(policy: PolicyConfig, cont: Continuations, big: Continuations, prompts
     predicted = [predicted_next_line(text) for text in cont.texts]
     hits = sum(line is not None and line.rstrip() == p.next_line.rstrip() for line, p in zip(predicted, prompts))
     mobile = policy.name == "mobile"
+    loads, big_loads = _per_step(cont.loads, cont.decode_steps), _per_step(big.loads, big.decode_steps)
     return Run(
         policy=policy.name, tau=policy.tau if mobile else None, criterion=policy.criterion if mobile else None, agreement=agree.agreement, agreement_overall=agree.agreement_overall, exact_match=agree.exact_match,
         next_line_exact=hits / len(prompts) if prompts else 0.0,
-        fallback_rate=cont.fallbacks / cont.decode_steps if cont.decode_steps else 0.0,
-        tokens=sum(len(i) for i in cont.ids), agreement_ci=agree.agreement_ci,
+        fallback_rate=_per_step(cont.fallbacks, cont.decode_steps),
+        tokens=sum(len(i) for i in cont.ids), agreement_ci=agree.agreement_ci, prefill_agreement=agree.prefill_agreement,
+        judged_tokens=agree.judged_tokens, loads_per_token=loads, loads_vs_big=loads / big_loads if big_loads else 1.0,
     )
+
+
+def _per_step(count: int, steps: int) -> float:
+    """count / steps, 0 without steps."""
+    return count / steps if steps else 0.0
 
 
 def mobile_sweep(base: PolicyConfig, taus: Iterable[float]) -> list[PolicyConfig]:
@@ -108,31 +121,42 @@ class TokenScores:
     big: torch.Tensor  # [N]
     little: torch.Tensor  # [N]
     little_conf: torch.Tensor  # [N]
+    files: int = 0  # files the scored windows came from
+    files_total: int = 0  # files the windows were sampled from
 
 
-def token_scores(llm: LLM, texts: list[str], max_tokens: int, criterion: str, progress: bool = True) -> TokenScores:
-    """Teacher-forced scores on up to max_tokens tokens of the texts, in windows of PPL_WINDOW tokens."""
-    eos = llm.eos_token_ids[:1]
-    stream: list[int] = []
-    for text in texts:
-        stream += llm.encode(text) + list(eos)
-        if len(stream) >= max_tokens + 1:
+def sample_windows(token_lists: list[list[int]], window: int, max_tokens: int, seed: int = 0) -> list[tuple[int, list[int]]]:
+    """(file index, ids) windows of up to window + 1 tokens cut from every file, drawn in a seeded random order
+    until max_tokens tokens are predicted (the last one shortened to fit); returned in file order."""
+    pool = [(i, ids[s : s + window + 1]) for i, ids in enumerate(token_lists) for s in range(0, max(len(ids) - 1, 0), window)]
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed)).tolist()
+    picked, budget = [], max_tokens
+    for j in order:
+        if budget <= 0:
             break
-    stream = stream[: max_tokens + 1]
-    window = min(PPL_WINDOW, llm.info.max_context)
+        file, ids = pool[j]
+        ids = ids[: budget + 1]
+        picked.append((j, file, ids))
+        budget -= len(ids) - 1
+    return [(file, ids) for _, file, ids in sorted(picked)]
+
+
+def token_scores(llm: LLM, texts: list[str], max_tokens: int, criterion: str | None, progress: bool = True, seed: int = 0) -> TokenScores:
+    """Teacher-forced scores on up to max_tokens tokens in windows of PPL_WINDOW tokens sampled (seeded) across all texts.
+
+    little_conf is measured for a criterion of the logits alone (None: left empty).
+    """
+    eos = list(llm.eos_token_ids[:1])
+    windows = sample_windows([llm.encode(text) + eos for text in texts], min(PPL_WINDOW, llm.max_context - 1), max_tokens, seed)
     big, little, conf = [], [], []
-    starts = range(0, max(len(stream) - 1, 0), window)
-    for start in tqdm(starts, desc="perplexity", unit="window", disable=(not progress) or None, leave=False):
-        ids = stream[start : start + window + 1]
-        if len(ids) < 2:
-            continue
+    for _, ids in tqdm(windows, desc="perplexity", unit="window", disable=(not progress) or None, leave=False):
         target = torch.tensor(ids[1:])
         for mode, sink in (("big", big), ("little", little)):
             logp = llm.logits(ids[:-1], mode).float().log_softmax(-1)  # [T, V]
             sink.append(logp.gather(1, target[:, None].to(logp.device))[:, 0].cpu())
-            if mode == "little":
+            if mode == "little" and criterion is not None:
                 conf.append(torch.tensor([confidence(row, criterion) for row in logp]))
-    return TokenScores(torch.cat(big), torch.cat(little), torch.cat(conf))
+    return TokenScores(torch.cat(big), torch.cat(little), torch.cat(conf) if conf else torch.zeros(0), files=len({f for f, _ in windows}), files_total=len(texts))
 
 
 def perplexity(logprobs: torch.Tensor) -> float:

@@ -93,10 +93,11 @@ def select(routing: Routing, spec: RouterSpec, mode: ExpertMode, little_weights:
 
 
 class ExpertRunner(Protocol):
-    """What an MoE block needs from the engine: run routed experts, and note routing for prefetch."""
+    """What an MoE block needs from the engine: choose and run routed experts, and note routing for prefetch."""
 
-    mode: ExpertMode
-    little_weights: str
+    def choose(self, layer: int, routing: Routing, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices [T, n], weights [T, n]) the current pass uses at this layer (see `select`)."""
+        ...
 
     def run_experts(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [T, H], indices/weights: [T, n] -> weighted sum of expert outputs [T, H]."""
@@ -142,7 +143,7 @@ class MoEBlock(nn.Module):
         """x: [T, H] -> [T, H]."""
         routing = self.gate(x)
         runner.note_routing(self.layer, x, routing)
-        indices, weights = select(routing, self.spec, runner.mode, runner.little_weights)
+        indices, weights = runner.choose(self.layer, routing, self.spec)
         out = runner.run_experts(self.layer, x, indices, weights)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)

@@ -9,7 +9,7 @@ import torch
 
 from mobile_moe.config import PolicyConfig
 from mobile_moe.layers.moe import ExpertMode
-from mobile_moe.policy.importance import confidence_tensor
+from mobile_moe.policy.importance import signal_confidence
 
 
 @dataclass(frozen=True)
@@ -38,9 +38,9 @@ class Policy:
         """Whether decode steps must measure the first pass's confidence."""
         return self.may_fall_back and self.config.forced_fallback_rate is None
 
-    def confidence(self, logits: torch.Tensor) -> torch.Tensor:
-        """The configured importance criterion on one row of logits (0-d tensor on the logits' device)."""
-        return confidence_tensor(logits, self.config.criterion)
+    def confidence(self, signals: torch.Tensor) -> torch.Tensor:
+        """The configured importance criterion on one step's signals [len(SIGNALS)] (0-d tensor on their device)."""
+        return signal_confidence(signals, self.config.criterion, self.config.learned)
 
     def falls_back(self, conf: float, step: int) -> bool:
         """MoBiLE: decode step `step` (1, 2, ...) is recomputed with big when the little pass is not confident enough.

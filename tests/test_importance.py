@@ -1,0 +1,122 @@
+"""Importance v2: the learned criterion and its storage, the little-pass knobs, and sampled perplexity windows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import open_llm
+
+from mobile_moe import PolicyConfig, SamplingParams
+from mobile_moe.cli import main
+from mobile_moe.config import LearnedImportance
+from mobile_moe.engine.calibration import CALIBRATION_FILE, read_calibration, resolve_policy
+from mobile_moe.errors import InvalidParameter
+from mobile_moe.eval.learned import StepData, auc, feature_report, fit
+from mobile_moe.eval.quality import sample_windows
+from mobile_moe.policy.importance import SIGNALS, differs_probability, signal_confidence
+from mobile_moe.policy.little import prefer_resident, runs_big_here
+
+PROMPT = [7, 3, 44, 19, 28, 90, 11]
+SAMPLING = SamplingParams(max_new_tokens=12, stop_at_eos=False)
+
+
+def synthetic_steps(n: int = 400, seed: int = 0) -> StepData:
+    """Signals where a low margin (and nothing else) makes little differ from big."""
+    gen = torch.Generator().manual_seed(seed)
+    signals = torch.rand(n, len(SIGNALS), generator=gen, dtype=torch.float64)
+    margin = signals[:, SIGNALS.index("margin")]
+    differs = torch.rand(n, generator=gen, dtype=torch.float64) > margin * 4  # margin < 0.25: likely to differ
+    return StepData(signals, differs)
+
+
+def test_fitted_predictor_ranks_by_the_informative_signal_and_round_trips_through_the_calibration_file(tmp_path):
+    data = synthetic_steps()
+    learned = fit(data)
+    report = feature_report(data, learned)
+    assert report["auc"] > 0.8
+    weights = dict(zip(learned.features, learned.weights))
+    assert weights["margin"] < 0 and abs(weights["margin"]) == max(abs(w) for w in weights.values())  # more margin, less likely to differ
+    (tmp_path / CALIBRATION_FILE).write_text(json.dumps({"version": 2, "criterion": "learned", "tau": 0.8, "learned": learned.to_dict()}))
+    policy = resolve_policy(PolicyConfig("mobile"), read_calibration(tmp_path))
+    assert policy.criterion == "learned" and policy.tau == 0.8 and policy.learned == learned
+    confidence = signal_confidence(data.signals.float(), "learned", policy.learned)
+    assert torch.allclose(confidence, 1 - differs_probability(data.signals.float(), learned))
+
+
+def test_a_version_one_calibration_still_loads(tmp_path):
+    (tmp_path / CALIBRATION_FILE).write_text(json.dumps({"tau": 0.04, "criterion": "margin", "agreement": 0.98, "fallback_rate": 0.2}))
+    policy = resolve_policy(PolicyConfig("mobile"), read_calibration(tmp_path))
+    assert (policy.criterion, policy.tau, policy.learned) == ("margin", 0.04, None)
+    with pytest.raises(InvalidParameter, match="needs a fitted predictor"):
+        resolve_policy(PolicyConfig("mobile", criterion="learned"), read_calibration(tmp_path))
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"tau": 0.5, "criterion": "telepathy"}, "unknown criterion 'telepathy'"),
+    ({"tau": 0.5, "criterion": "learned", "learned": {"features": ["margin"], "mean": [0.1], "scale": [1.0], "weights": [1.0, 2.0], "bias": 0}},
+     "one mean, scale and weight per feature"),
+    ({"tau": 0.5, "criterion": "learned", "learned": {"features": ["margin"], "mean": [0.1], "scale": [1.0], "weights": [1.0]}}, "malformed"),
+    ({"tau": 0.5, "criterion": "learned", "learned": {"features": ["aura"], "mean": [0.1], "scale": [1.0], "weights": [1.0], "bias": 0}},
+     "unknown signals aura"),
+])
+def test_a_bad_calibration_file_is_a_one_line_error(checkpoints, tmp_path, capsys, record, message):
+    (tmp_path / "copy").mkdir()  # the checkpoint's files, linked, plus its own calibration
+    for item in checkpoints["qwen3_moe"].iterdir():
+        (tmp_path / "copy" / item.name).symlink_to(item)
+    (tmp_path / "copy" / CALIBRATION_FILE).write_text(json.dumps(record))
+    capsys.readouterr()
+    code = main(["generate", "--model", str(tmp_path / "copy"), "--prompt-ids", "1,2,3", "--policy", "mobile", "--max-new-tokens", "2", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_learned_importance_rejects_bad_numbers():
+    with pytest.raises(InvalidParameter):
+        LearnedImportance(("margin",), (0.0,), (0.0,), (1.0,), 0.0)  # zero scale
+    with pytest.raises(InvalidParameter, match="version"):
+        LearnedImportance(("margin",), (0.0,), (1.0,), (1.0,), 0.0, version=99)
+
+
+def test_auc_orders_scores():
+    positive = torch.tensor([True, True, False, False])
+    assert auc(torch.tensor([0.9, 0.8, 0.1, 0.2]), positive) == 1.0
+    assert auc(torch.tensor([0.5, 0.5, 0.5, 0.5]), positive) == 0.5
+
+
+def test_layer_adaptive_little_spans_little_to_big(checkpoints):
+    llm = open_llm(checkpoints["qwen3_moe"], expert_cache=6)
+    big = llm.generate(PROMPT, SAMPLING, PolicyConfig("big")).token_ids
+    little = llm.generate(PROMPT, SAMPLING, PolicyConfig("little", prefill="big")).token_ids
+    assert big != little  # the tiny model's halves disagree, so the limits below are informative
+    always = llm.generate(PROMPT, SAMPLING, PolicyConfig("little", prefill="big", layer_adaptive=0.0)).token_ids  # any dropped weight: big
+    never = llm.generate(PROMPT, SAMPLING, PolicyConfig("little", prefill="big", layer_adaptive=1.0)).token_ids
+    assert always == big and never == little
+
+
+def test_runs_big_here_and_prefer_resident_decide_per_layer():
+    assert runs_big_here([0.4, 0.3, 0.2, 0.1], 2, 0.25) and not runs_big_here([0.4, 0.3, 0.2, 0.1], 2, 0.35)
+    experts, scores = [10, 11, 12, 13], [0.4, 0.3, 0.2, 0.1]
+    cached = {12, 13}
+    assert prefer_resident(experts, scores, 2, cached.__contains__, 1.0) == [0, 1]  # nothing within a factor of 1
+    assert prefer_resident(experts, scores, 2, cached.__contains__, 1.6) == [0, 2]  # 0.2 * 1.6 >= 0.3: rank 1 swapped
+    assert prefer_resident(experts, scores, 2, cached.__contains__, 4.0) == [2, 3]  # both swapped, weakest kept first
+    assert prefer_resident(experts, scores, 2, {10, 11}.__contains__, 4.0) == [0, 1]  # kept ones are resident already
+
+
+def test_cache_aware_little_loads_fewer_experts(checkpoints):
+    llm = open_llm(checkpoints["qwen3_moe"], expert_cache=6)
+    plain = llm.generate(PROMPT, SAMPLING, PolicyConfig("little"))
+    llm.reset_cache(6)
+    aware = llm.generate(PROMPT, SAMPLING, PolicyConfig("little", cache_prior=8.0))
+    assert aware.stats.decode_expert_misses < plain.stats.decode_expert_misses
+
+
+def test_perplexity_windows_are_seeded_and_spread_over_files():
+    files = [list(range(i * 1000, i * 1000 + 300)) for i in range(10)]  # 10 files of 300 tokens
+    windows = sample_windows(files, 64, 500, seed=3)
+    assert windows == sample_windows(files, 64, 500, seed=3)
+    assert sum(len(ids) - 1 for _, ids in windows) == 500
+    assert len({f for f, _ in windows}) >= 4  # not just the first files
+    assert all(ids[0] // 1000 == f and len(ids) <= 65 for f, ids in windows)
