@@ -36,7 +36,7 @@ from mobile_moe.experts.formats import DEFAULT_GROUP_SIZE, ExpertFormat, make_fo
 from mobile_moe.eval.data import DEFAULT_GLOB, read_texts
 from mobile_moe.eval.evaluate import EvalSettings, calibrate, evaluate
 from mobile_moe.eval.calibrate import RULES, TAU_GRIDS
-from mobile_moe.eval.report import learned_table, plot_taus, runs_table
+from mobile_moe.eval.report import learned_table, plot_quality, runs_table
 from mobile_moe.jsonio import write_json_atomic
 
 
@@ -183,6 +183,9 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--taus", type=parse_taus, help="comma-separated taus for mobile (default: the calibrated tau and its neighbours in the criterion's grid)")
     ev.add_argument("--plot", type=Path, metavar="FILE.png", help="plot agreement, perplexity and fallback rate against tau")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    ev.add_argument("--criteria", type=parse_criteria, help="comma-separated criteria to sweep, each around its calibrated tau (default: --criterion's)")
+    ev.add_argument("--variants", type=parse_variants, help="comma-separated little-pass knob settings to compare, each swept like the criteria: "
+                    "plain, layer-adaptive=SHARE, cache-prior=FACTOR (default: the --layer-adaptive/--cache-prior flags)")
     ev.add_argument("--no-reference", action="store_true", help="with quantized experts, skip comparing big with the float-expert big (which loads the model twice)")
     cal = sub.add_parser("calibrate", help="pick tau on the validation split and store it next to the model")
     cal.add_argument("--target-agreement", type=float, default=0.98, help="greedy agreement with big that mobile must reach (default: 0.98)")
@@ -235,6 +238,26 @@ def parse_criteria(text: str) -> tuple[str, ...]:
     if bad or not names:
         raise argparse.ArgumentTypeError(f"criteria must be among {', '.join(CRITERIA)}, got {text!r}")
     return names
+
+
+VARIANT_KNOBS = {"layer-adaptive": "layer_adaptive", "cache-prior": "cache_prior"}
+
+
+def parse_variants(text: str) -> tuple[dict[str, float], ...]:
+    """'plain,layer-adaptive=0.3' -> ({both knobs None}, {'layer_adaptive': 0.3}): PolicyConfig knob overrides, checked."""
+    variants = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        name, _, value = item.partition("=")
+        if item == "plain":
+            variants.append({"layer_adaptive": None, "cache_prior": None})
+            continue
+        try:
+            variants.append({VARIANT_KNOBS[name]: float(value)})
+        except (KeyError, ValueError):
+            raise argparse.ArgumentTypeError(f"variants are plain, layer-adaptive=SHARE or cache-prior=FACTOR, got {item!r}") from None
+    if not variants:
+        raise argparse.ArgumentTypeError("--variants needs at least one variant")
+    return tuple(variants)
 
 
 def parse_taus(text: str) -> tuple[float, ...]:
@@ -360,17 +383,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     texts, data = read_texts(args.data, "test", args.glob)
     llm = open_llm(args)
     policy = policy_from(args, llm.path)
+    sweeps = eval_sweeps(args, llm, policy)
+    settings = EvalSettings(sweeps[0][1], args.max_prompts, args.new_tokens, args.ppl_tokens, progress=not args.quiet)
     calibrated = calibrated_tau(llm.path, policy.criterion) if args.tau is None else args.tau
-    taus = args.taus or taus_around(policy.criterion, calibrated)
-    settings = EvalSettings(taus, args.max_prompts, args.new_tokens, args.ppl_tokens, progress=not args.quiet)
-    report = evaluate(llm, texts, data, settings, policy, calibrated, float_reference(llm, args))
+    report = evaluate(llm, texts, data, settings, sweeps, calibrated, float_reference(llm, args))
     if args.plot:
-        plot_taus(report, args.plot)
+        plot_quality(report, args.plot)
     if args.json:
         print(json.dumps(report))
         return 0
     ppl = report["perplexity"]
-    print(f"model {report['model']}, data {report['data']}: {report['prompts']} prompts x {report['new_tokens']} tokens, criterion {report['criterion']}")
+    print(f"model {report['model']}, data {report['data']}: {report['prompts']} prompts x {report['new_tokens']} tokens, criterion {report['criterion']}, "
+          f"expert cache {report['cache_slots']} of {report['total_experts']}")
+    print("agreement is scored from the first decode step (the prefill token is big's for mobile and not counted); CI: 95% bootstrap over prompts")
     print(f"experts {report['expert_format']} ({report['expert_bytes'] / 2**10:.1f} KiB each); perplexity on {ppl['tokens']} tokens from {ppl['files']} of {ppl['files_total']} files: big {ppl['big']:.3f}, little {ppl['little']:.3f}")
     if report["big_vs_float_big"]:
         v = report["big_vs_float_big"]
@@ -379,6 +404,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.plot:
         print(f"plot written to {args.plot}")
     return 0
+
+
+def eval_sweeps(args: argparse.Namespace, llm: LLM, policy: PolicyConfig) -> list[tuple[PolicyConfig, tuple[float, ...]]]:
+    """Per (criterion, variant): the resolved mobile policy and its taus (--taus, else the calibrated tau and its grid neighbours)."""
+    sweeps = []
+    for criterion in args.criteria or (policy.criterion,):
+        base = llm.resolve_policy(dataclasses.replace(policy_flags(args), criterion=criterion, tau=args.tau))
+        calibrated = calibrated_tau(llm.path, criterion) if args.tau is None else args.tau
+        taus = tuple(sorted(set(args.taus or taus_around(criterion, calibrated)) | ({calibrated} if calibrated is not None else set())))
+        for variant in args.variants or ({},):
+            sweeps.append((dataclasses.replace(base, **variant), taus))
+    return sweeps
 
 
 def float_reference(llm: LLM, args: argparse.Namespace) -> LLM | None:

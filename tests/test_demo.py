@@ -57,8 +57,8 @@ def test_generate_without_model_runs_offline_and_writes_python():
 def test_eval_reports_every_metric_for_every_policy(slice_dir, tmp_path, capsys):
     plot = tmp_path / "taus.png"
     capsys.readouterr()
-    code = main(["eval", "--data", str(slice_dir), "--max-prompts", "3", "--new-tokens", "8", "--ppl-tokens", "200",
-                 "--taus", "0.5,0.9", "--json", "--quiet", "--plot", str(plot)])
+    code = main(["eval", "--data", str(slice_dir), "--max-prompts", "3", "--new-tokens", "8", "--ppl-tokens", "200", "--expert-cache", "64",
+                 "--taus", "0.5,0.9", "--variants", "plain,layer-adaptive=0.3", "--json", "--quiet", "--plot", str(plot)])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["perplexity"]["big"] > 1 and report["perplexity"]["little"] > 1
@@ -71,6 +71,10 @@ def test_eval_reports_every_metric_for_every_policy(slice_dir, tmp_path, capsys)
         assert 0.0 <= run["agreement"] <= 1.0 and 0.0 <= run["fallback_rate"] <= 1.0
     big = next(r for r in report["runs"] if r["policy"] == "big")
     assert big["agreement"] == 1.0 and big["fallback_rate"] == 0.0
+    assert 1 <= report["perplexity"]["files"] <= report["perplexity"]["files_total"] == 3  # how many files the windows came from
+    assert {(r["policy"], r["variant"]) for r in report["runs"]} >= {("little", ""), ("little", "layer-adaptive=0.3"), ("mobile", "layer-adaptive=0.3")}
+    plain_little = next(r for r in report["runs"] if (r["policy"], r["variant"]) == ("little", ""))
+    assert report["cache_slots"] == 64 and big["loads_per_token"] > plain_little["loads_per_token"] > 0  # the frontier's x axis
     assert plot.stat().st_size > 1000
 
 

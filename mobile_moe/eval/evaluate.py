@@ -52,22 +52,26 @@ def _prompts(llm: LLM, texts: list[str], settings: EvalSettings) -> tuple[list, 
 
 
 def evaluate(
-    llm: LLM, texts: list[str], data: str, settings: EvalSettings, base: PolicyConfig, calibrated: float | None, reference: LLM | None = None,
+    llm: LLM, texts: list[str], data: str, settings: EvalSettings, sweeps: list[tuple[PolicyConfig, tuple[float, ...]]],
+    calibrated: float | None, reference: LLM | None = None,
 ) -> dict:
     """Perplexity of big/little (and a teacher-forced mobile estimate per tau), then greedy runs per policy.
 
+    `sweeps`: per mobile configuration (criterion, knobs), the taus to run; the first one's criterion is the report's.
     `reference`: the same model with float experts; big's greedy agreement with it measures what quantization costs.
     """
     prompts, skipped = _prompts(llm, texts, settings)
-    taus = tuple(sorted(set(settings.taus) | ({calibrated} if calibrated is not None else set())))
+    base, taus = sweeps[0]
     logit_criterion = base.criterion in LOGIT_CRITERIA  # the teacher-forced mobile estimate needs no router signals
     scores = token_scores(llm, texts, settings.ppl_tokens, base.criterion if logit_criterion else None, settings.progress)
-    runs, versus = policy_runs(llm, prompts, mobile_sweep(base, taus), settings.new_tokens, settings.progress, reference)
+    mobiles = [policy for sweep_base, sweep_taus in sweeps for policy in mobile_sweep(sweep_base, sweep_taus)]
+    runs, versus = policy_runs(llm, prompts, mobiles, settings.new_tokens, settings.progress, reference)
     return {
         "model": str(llm.path), "data": data, "prompts": len(prompts), "prompts_skipped_too_long": skipped, "new_tokens": settings.new_tokens,
         "criterion": base.criterion, "little_weights": base.little_weights,
         "expert_format": str(llm.loaded.store.format),
         "expert_bytes": llm.loaded.store.expert_bytes,
+        "cache_slots": llm.runner.cache.num_slots, "total_experts": llm.loaded.store.total_experts,
         "big_vs_float_big": None if versus is None else {"expert_format": str(reference.loaded.store.format), **asdict(versus)},
         "perplexity": {
             "big": perplexity(scores.big), "little": perplexity(scores.little), "tokens": int(scores.big.numel()),

@@ -34,8 +34,9 @@ class Run:
     agreement_ci: tuple[float, float] = (1.0, 1.0)  # 95% bootstrap interval over prompts
     prefill_agreement: float = 1.0  # share of prompts whose first (prefill) token is big's; not part of `agreement`
     judged_tokens: int = 0  # decode tokens `agreement` is computed on
-    loads_per_token: float = 0.0  # experts copied to the device cache per decode step (misses)
+    loads_per_token: float = 0.0  # experts copied to the device cache per decode step (on a miss or by prefetch)
     loads_vs_big: float = 1.0  # loads_per_token relative to big's on the same prompts and cache
+    variant: str = ""  # little-pass knobs in use ("" for none)
 
     def to_dict(self) -> dict:
         """JSON-ready."""
@@ -50,7 +51,7 @@ class Continuations:
     texts: list[str]
     fallbacks: int
     decode_steps: int
-    loads: int = 0  # expert loads (cache misses) during decode
+    loads: int = 0  # experts copied to the device cache during decode
 
 
 def continue_prompts(llm: LLM, prompts: list[list[int]], policy: PolicyConfig, new_tokens: int, bar: tqdm | None = None) -> Continuations:
@@ -63,7 +64,7 @@ def continue_prompts(llm: LLM, prompts: list[list[int]], policy: PolicyConfig, n
         out.texts.append(result.text or "")
         out.fallbacks += result.stats.fallback_tokens
         out.decode_steps += max(result.stats.tokens - 1, 0)
-        out.loads += result.stats.decode_expert_misses
+        out.loads += result.stats.decode_h2d_bytes // llm.loaded.store.expert_bytes  # misses and prefetches alike
         if bar is not None:
             bar.update()
     return out
@@ -82,7 +83,14 @@ def score(policy: PolicyConfig, cont: Continuations, big: Continuations, prompts
         fallback_rate=_per_step(cont.fallbacks, cont.decode_steps),
         tokens=sum(len(i) for i in cont.ids), agreement_ci=agree.agreement_ci, prefill_agreement=agree.prefill_agreement,
         judged_tokens=agree.judged_tokens, loads_per_token=loads, loads_vs_big=loads / big_loads if big_loads else 1.0,
+        variant=variant_name(policy),
     )
+
+
+def variant_name(policy: PolicyConfig) -> str:
+    """The little-pass knobs of a policy, as a short label ("" when none is on)."""
+    knobs = [("layer-adaptive", policy.layer_adaptive), ("cache-prior", policy.cache_prior)]
+    return ",".join(f"{name}={value:g}" for name, value in knobs if value is not None)
 
 
 def _per_step(count: int, steps: int) -> float:
@@ -98,18 +106,19 @@ def mobile_sweep(base: PolicyConfig, taus: Iterable[float]) -> list[PolicyConfig
 def policy_runs(
     llm: LLM, prompts: list[Prompt], mobiles: list[PolicyConfig], new_tokens: int, progress: bool = True, reference: LLM | None = None,
 ) -> tuple[list[Run], Agreement | None]:
-    """big, little and each mobile configuration, all on the same prompts (big and little once).
+    """big, little (once per knob setting among the mobiles) and each mobile configuration, all on the same prompts.
 
     With a `reference` (the same model with float experts), also how often this big's greedy tokens agree with the reference's big.
     """
     ids = [llm.encode(p.text) for p in prompts]
-    little_weights = mobiles[0].little_weights if mobiles else "native"
-    total = len(ids) * (2 + len(mobiles) + (reference is not None))
+    knobs = dict.fromkeys((m.little_weights, m.layer_adaptive, m.cache_prior) for m in mobiles) or {("native", None, None): None}
+    littles = [PolicyConfig("little", little_weights=w, layer_adaptive=a, cache_prior=c) for w, a, c in knobs]
+    total = len(ids) * (1 + len(littles) + len(mobiles) + (reference is not None))
     with tqdm(total=total, desc="generating", unit="prompt", disable=(not progress) or None, leave=False) as bar:
-        big_policy, little_policy = PolicyConfig("big"), PolicyConfig("little", little_weights=little_weights)
+        big_policy = PolicyConfig("big")
         big = continue_prompts(llm, ids, big_policy, new_tokens, bar)
-        runs = [score(big_policy, big, big, prompts), score(little_policy, continue_prompts(llm, ids, little_policy, new_tokens, bar), big, prompts)]
-        runs += [score(policy, continue_prompts(llm, ids, policy, new_tokens, bar), big, prompts) for policy in mobiles]
+        runs = [score(big_policy, big, big, prompts)]
+        runs += [score(policy, continue_prompts(llm, ids, policy, new_tokens, bar), big, prompts) for policy in littles + mobiles]
         versus = None if reference is None else compare(continue_prompts(reference, ids, big_policy, new_tokens, bar).ids, big.ids)
     return runs, versus
 
