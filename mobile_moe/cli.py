@@ -85,6 +85,8 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
                    "carries more than this share of the routing weight (default: off)")
     p.add_argument("--cache-prior", type=float, metavar="FACTOR", help="little decode: swap a kept expert that is not cached for a cached "
                    "dropped one scoring within this factor of it (default: off)")
+    p.add_argument("--kv-repair", type=int, default=0, metavar="N", help="mobile: on a fallback, big also recomputes up to N earlier "
+                   "positions whose KV entries little wrote (default: 0)")
 
 
 def build_parser() -> Parser:
@@ -240,7 +242,7 @@ def parse_criteria(text: str) -> tuple[str, ...]:
     return names
 
 
-VARIANT_KNOBS = {"layer-adaptive": "layer_adaptive", "cache-prior": "cache_prior"}
+VARIANT_KNOBS = {"layer-adaptive": "layer_adaptive", "cache-prior": "cache_prior", "kv-repair": "kv_repair"}
 
 
 def parse_variants(text: str) -> tuple[dict[str, float], ...]:
@@ -249,12 +251,12 @@ def parse_variants(text: str) -> tuple[dict[str, float], ...]:
     for item in (t.strip() for t in text.split(",") if t.strip()):
         name, _, value = item.partition("=")
         if item == "plain":
-            variants.append({"layer_adaptive": None, "cache_prior": None})
+            variants.append({"layer_adaptive": None, "cache_prior": None, "kv_repair": 0})
             continue
         try:
-            variants.append({VARIANT_KNOBS[name]: float(value)})
+            variants.append({VARIANT_KNOBS[name]: int(value) if name == "kv-repair" else float(value)})
         except (KeyError, ValueError):
-            raise argparse.ArgumentTypeError(f"variants are plain, layer-adaptive=SHARE or cache-prior=FACTOR, got {item!r}") from None
+            raise argparse.ArgumentTypeError(f"variants are plain, layer-adaptive=SHARE, cache-prior=FACTOR or kv-repair=N, got {item!r}") from None
     if not variants:
         raise argparse.ArgumentTypeError("--variants needs at least one variant")
     return tuple(variants)
@@ -292,7 +294,7 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
 def policy_flags(args: argparse.Namespace) -> PolicyConfig:
     """PolicyConfig from the policy flags alone (criterion and tau may stay unset)."""
     return PolicyConfig(args.policy, args.tau, args.criterion, args.little_weights, args.prefill, not args.no_prefetch,
-                        layer_adaptive=args.layer_adaptive, cache_prior=args.cache_prior)
+                        layer_adaptive=args.layer_adaptive, cache_prior=args.cache_prior, kv_repair=args.kv_repair)
 
 
 def policy_from(args: argparse.Namespace, model: Path) -> PolicyConfig:

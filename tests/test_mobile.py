@@ -113,3 +113,18 @@ def test_agreement_starts_at_the_first_decode_step():
     assert first_decode_differs.prefill_agreement == 1.0 and first_decode_differs.divergences == 4
     mixed = compare([[7, 1, 2, 3], [7, 1, 2, 3]], [[8, 9, 9, 9], [7, 1, 2, 3]])
     assert mixed.agreement == 1.0 and mixed.judged_tokens == 3  # the prompt that diverged at prefill is not scored
+
+
+def test_kv_repair_gives_big_its_own_kv_at_every_fallback(checkpoints):
+    llm = open_llm(checkpoints["qwen3_moe"], expert_cache=6)
+    probe = llm.generate(PROMPT, SAMPLING, PolicyConfig("mobile", tau=0.0, criterion="max_prob"))
+    tau = statistics.median(s.confidence for s in probe.steps[1:])
+    repaired = llm.generate(PROMPT, SAMPLING, PolicyConfig("mobile", tau=tau, criterion="max_prob", kv_repair=64))
+    assert 0 < repaired.stats.fallback_tokens < SAMPLING.max_new_tokens - 1
+    # Replay: at a fallback, big recomputes every position little wrote since the last big pass, so its logits are
+    # those of a big forward over the whole sequence so far.
+    tokens = repaired.token_ids
+    for i, step in enumerate(repaired.steps[1:], start=1):
+        if step.fell_back:
+            whole = llm.logits(PROMPT + tokens[:i], "big")[-1]  # [V]
+            assert tokens[i] == int(whole.argmax())

@@ -81,6 +81,8 @@ def test_mobile_knobs_are_echoed_with_the_fallback_count(server):
     body = httpx.post(f"{server}/v1/completions", json={"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "policy": "mobile", "tau": 0.5}).json()
     ext = body["mobile_moe"]
     assert (ext["policy"], ext["tau"]) == ("mobile", 0.5) and 0 <= ext["fallback_tokens"] <= 5
+    learned = httpx.post(f"{server}/v1/completions", json={"prompt": PROMPT, "max_tokens": 6, "policy": "mobile", "criterion": "learned"}).json()
+    assert learned["mobile_moe"]["criterion"] == "learned"  # the shipped calibration's fitted predictor and tau
 
 
 def test_concurrent_streams_each_equal_their_solo_output(demo, server):

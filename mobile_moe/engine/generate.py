@@ -52,6 +52,7 @@ class _Decoder:
     policy: Policy
     generator: torch.Generator | None
     result: GenerationResult
+    little_positions: int = 0  # trailing KV positions written by little passes (since the last big pass)
 
     def read(self, logits: torch.Tensor, with_confidence: bool) -> tuple[int, int, float | None, tuple[float, ...]]:
         """(sampled token, greedy token, confidence or None, signals) of one pass's logits [V], in one host sync."""
@@ -74,12 +75,17 @@ class _Decoder:
         nxt, greedy, conf, signals = self.read(logits, policy.needs_confidence)
         if not policy.falls_back(conf if conf is not None else 1.0, step):
             self.result.steps.append(StepRecord(nxt, conf, False, nxt, signals))
+            self.little_positions += policy.decode_mode is ExpertMode.LITTLE
             return nxt
         routing_log = runner.routing_log or {}
-        self.kv.rewind(1)
+        repair = min(policy.config.kv_repair, self.little_positions)  # earlier positions whose KV little wrote, redone by big
+        self.kv.rewind(1 + repair)
         if policy.config.prefetch_on_fallback:
             runner.prefetch_other_half(routing_log)
+        if repair:
+            ids = runner.ids(self.result.token_ids[-(1 + repair):])  # the inputs of those positions and of this step
         nxt, _, _, _ = self.read(runner.forward(ids, self.kv, ExpertMode.BIG, step=step), with_confidence=False)
+        self.little_positions = 0
         self.result.stats.fallback_tokens += 1
         self.result.steps.append(StepRecord(greedy, conf, True, nxt, signals))
         return nxt

@@ -89,7 +89,7 @@ def score(policy: PolicyConfig, cont: Continuations, big: Continuations, prompts
 
 def variant_name(policy: PolicyConfig) -> str:
     """The little-pass knobs of a policy, as a short label ("" when none is on)."""
-    knobs = [("layer-adaptive", policy.layer_adaptive), ("cache-prior", policy.cache_prior)]
+    knobs = [("layer-adaptive", policy.layer_adaptive), ("cache-prior", policy.cache_prior), ("kv-repair", policy.kv_repair or None)]
     return ",".join(f"{name}={value:g}" for name, value in knobs if value is not None)
 
 
@@ -111,7 +111,7 @@ def policy_runs(
     With a `reference` (the same model with float experts), also how often this big's greedy tokens agree with the reference's big.
     """
     ids = [llm.encode(p.text) for p in prompts]
-    knobs = dict.fromkeys((m.little_weights, m.layer_adaptive, m.cache_prior) for m in mobiles) or {("native", None, None): None}
+    knobs = dict.fromkeys((m.little_weights, m.layer_adaptive, m.cache_prior) for m in mobiles) or {("native", None, None): None}  # kv_repair: mobile only
     littles = [PolicyConfig("little", little_weights=w, layer_adaptive=a, cache_prior=c) for w, a, c in knobs]
     total = len(ids) * (1 + len(littles) + len(mobiles) + (reference is not None))
     with tqdm(total=total, desc="generating", unit="prompt", disable=(not progress) or None, leave=False) as bar:

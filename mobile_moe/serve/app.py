@@ -44,7 +44,7 @@ class Common(BaseModel):
     stream: bool = False
     policy: Literal["big", "little", "mobile"] | None = None
     tau: float | None = Field(None, ge=0.0)
-    criterion: Literal["max_prob", "entropy", "margin"] | None = None
+    criterion: Literal["max_prob", "entropy", "margin", "learned"] | None = None
 
 
 class CompletionRequest(Common):
