@@ -199,7 +199,7 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
                      help=f"comma-separated criteria to try, among {', '.join(CRITERIA)} (default: {','.join(DEFAULT_CALIBRATION_CRITERIA)})")
     cal.add_argument("--rule", choices=RULES, default=RULES[0], help="lower-bound: the 95%% interval's lower end must meet the target "
                      "(default); point: the point estimate must")
-    for p, handler, prompts in ((ev, cmd_eval, 120), (cal, cmd_calibrate, 240)):
+    for p, handler, prompts in ((ev, cmd_eval, 120), (cal, cmd_calibrate, 400)):
         p.add_argument("--glob", default=DEFAULT_GLOB, help=f"files read from --data directories (default: {DEFAULT_GLOB})")
         p.add_argument("--max-prompts", type=int, default=prompts, help=f"prompts cut from the data (default: {prompts})")
         p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per prompt")
@@ -387,7 +387,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     policy = policy_from(args, llm.path)
     sweeps = eval_sweeps(args, llm, policy)
     settings = EvalSettings(sweeps[0][1], args.max_prompts, args.new_tokens, args.ppl_tokens, progress=not args.quiet)
-    calibrated = calibrated_tau(llm.path, policy.criterion) if args.tau is None else args.tau
+    calibrated = calibrated_tau(llm.path, sweeps[0][0].criterion) if args.tau is None else args.tau
     report = evaluate(llm, texts, data, settings, sweeps, calibrated, float_reference(llm, args))
     if args.plot:
         plot_quality(report, args.plot)

@@ -107,6 +107,10 @@ def test_missing_expert_weights(capsys, checkpoints, tmp_path):
         (["--seed", "1" * 24], "seed must be an integer in [0, 2**64)"),
         (["--tau", "0.5"], "--tau and --criterion apply to --policy mobile only, not big"),
         (["--criterion", "margin", "--policy", "little"], "apply to --policy mobile only, not little"),
+        (["--policy", "mobile", "--criterion", "learned"], "criterion learned needs a fitted predictor"),
+        (["--policy", "little", "--layer-adaptive", "1.5"], "layer-adaptive threshold must be in [0, 1]"),
+        (["--policy", "little", "--cache-prior", "0.5"], "cache-prior factor must be a finite number >= 1"),
+        (["--policy", "mobile", "--kv-repair", "-1"], "kv repair must be an integer >= 0"),
     ],
 )
 def test_invalid_parameters(capsys, checkpoints, flags, needle):

@@ -120,3 +120,14 @@ def test_perplexity_windows_are_seeded_and_spread_over_files():
     assert sum(len(ids) - 1 for _, ids in windows) == 500
     assert len({f for f, _ in windows}) >= 4  # not just the first files
     assert all(ids[0] // 1000 == f and len(ids) <= 65 for f, ids in windows)
+
+
+def test_eval_variants_parse_and_reject_unknown_knobs(capsys):
+    from mobile_moe.cli import parse_variants
+
+    assert parse_variants("plain,layer-adaptive=0.3,kv-repair=2") == (
+        {"layer_adaptive": None, "cache_prior": None, "kv_repair": 0}, {"layer_adaptive": 0.3}, {"kv_repair": 2})
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--variants", "plain,turbo=3"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "variants are plain" in err and len(err.splitlines()) == 1

@@ -22,7 +22,7 @@ TAU_GRIDS: Mapping[str, tuple[float, ...]] = MappingProxyType({
     "learned": (0.6, 0.7, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.96, 0.98),  # eval's neighbours of a calibrated learned tau
 })
 # The learned confidence is fitted per model, so its taus are chosen as the thresholds giving these fallback rates on the fitting data.
-LEARNED_FALLBACK_RATES: tuple[float, ...] = (0.08, 0.1, 0.12, 0.14, 0.16, 0.18, 0.2, 0.22, 0.25, 0.3)
+LEARNED_FALLBACK_RATES: tuple[float, ...] = (0.1, 0.14, 0.18, 0.2, 0.22, 0.24, 0.26, 0.28, 0.3, 0.33, 0.36, 0.4)
 
 
 RULES: tuple[str, ...] = ("lower-bound", "point")

@@ -30,4 +30,5 @@ def read_texts(paths: list[Path] | None, default_split: str, pattern: str = DEFA
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise InvalidParameter(f"no readable {pattern} text in {', '.join(map(str, paths))}")
-    return texts, f"{', '.join(map(str, paths))} ({len(texts)} {pattern} files read, {skipped} unreadable skipped)"
+    where = ", ".join(map(str, paths)) if len(paths) <= 3 else f"{paths[0]} and {len(paths) - 1} more paths"
+    return texts, f"{where} ({len(texts)} {pattern} files read, {skipped} unreadable skipped)"
