@@ -33,6 +33,16 @@ def configs() -> dict[str, T.PretrainedConfig]:
             n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
             kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
         ),
+        "glm4_moe": T.Glm4MoeConfig(
+            **COMMON, num_key_value_heads=2, head_dim=16, partial_rotary_factor=0.5, use_qk_norm=True, attention_bias=True,
+            intermediate_size=48, moe_intermediate_size=16, n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=2,
+            first_k_dense_replace=1, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+        ),
+        "ernie4_5_moe": T.Ernie4_5_MoeConfig(
+            **{**COMMON, "tie_word_embeddings": True}, num_key_value_heads=2, use_bias=True, intermediate_size=48,
+            moe_intermediate_size=16, moe_num_experts=16, moe_k=4, moe_num_shared_experts=2,
+            moe_layer_start_index=0, moe_layer_end_index=1, moe_layer_interval=1,
+        ),
     }
 
 
@@ -40,16 +50,20 @@ ARCHITECTURES = tuple(configs())
 
 
 def build_checkpoint(arch: str, path: Path, seed: int = 0) -> Path:
-    """Save a random model of `arch` to `path`; norms and DeepSeek-V3's correction bias are randomised too."""
+    """Save a random model of `arch` to `path`; norms, correction biases and linear biases are randomised too."""
     torch.manual_seed(seed)
     cfg = configs()[arch]
     model = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
-        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        named = list(model.named_parameters()) + list(model.named_buffers())
+        for name, tensor in named:
             if "norm" in name and tensor.dim() == 1:
                 tensor.copy_(1.0 + 0.2 * torch.randn_like(tensor))
             elif name.endswith("e_score_correction_bias"):
                 tensor.copy_(0.05 * torch.randn_like(tensor))
+        for name, tensor in named:  # a second pass keeps the draws above (and older checkpoints' values) unchanged
+            if name.endswith(".bias") and "norm" not in name:
+                tensor.copy_(0.1 * torch.randn_like(tensor))
     model.save_pretrained(path)
     return path
 

@@ -57,7 +57,7 @@ def test_unsupported_architecture_names_supported_ones(capsys, checkpoints, tmp_
     cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
     (dst / "config.json").write_text(json.dumps(cfg))
     code, _, err = run(capsys, *gen(dst))
-    assert_one_line_error(code, err, "'llama' is not supported", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+    assert_one_line_error(code, err, "'llama' is not supported", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe")
 
 
 def test_truncated_shard(capsys, checkpoints, tmp_path):
@@ -182,6 +182,31 @@ def test_corrupt_config(capsys, checkpoints, tmp_path):
     (dst / "config.json").write_text('{"model_type": "olmoe", ')
     code, _, err = run(capsys, *gen(dst))
     assert_one_line_error(code, err, "config.json", "not valid JSON")
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    "arch, field, value, needles",
+    [
+        ("glm4_moe", "n_routed_experts", _DELETE, ("checkpoint lacks", "expert weights")),  # transformers' default (128) is not the checkpoint's
+        ("glm4_moe", "use_qk_norm", _DELETE, ("weights the config does not describe", "k_norm")),
+        ("ernie4_5_moe", "moe_k", None, ("config.json (ernie4_5_moe) needs a value for 'moe_k'",)),  # the config class accepts null
+        ("ernie4_5_moe", "moe_layer_start_index", _DELETE, ("routed expert of layer 0, a dense layer in the config",)),
+    ],
+)
+def test_config_missing_a_required_field(capsys, checkpoints, tmp_path, arch, field, value, needles):
+    dst = tmp_path / arch
+    shutil.copytree(checkpoints[arch], dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    if value is _DELETE:
+        del cfg[field]
+    else:
+        cfg[field] = value
+    (dst / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run(capsys, *gen(dst))
+    assert_one_line_error(code, err, *needles)
 
 
 def test_a_synthetic_model_too_big_for_memory_is_refused_before_building(capsys, monkeypatch):

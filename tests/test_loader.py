@@ -87,3 +87,16 @@ def test_fused_projections_view_the_loaded_weights(checkpoints):
     x = torch.randn(3, attn.q_proj.in_features)
     for fused, separate in zip(attn.qkv(x), (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))):
         torch.testing.assert_close(fused, separate)
+
+
+def test_multi_token_prediction_weights_are_skipped(checkpoints, tmp_path):
+    """ERNIE-4.5 ships MTP modules beside the decoder (model.mtp_*); decoding never uses them."""
+    dst = tmp_path / "mtp"
+    shutil.copytree(checkpoints["ernie4_5_moe"], dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    weights["model.mtp_emb_norm.0.weight"] = torch.ones(32)
+    weights["model.mtp_linear_proj.0.weight"] = torch.zeros(32, 64)
+    weights["model.mtp_block.0.mlp.up_proj.weight"] = torch.zeros(48, 32)
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    expected = open_llm(checkpoints["ernie4_5_moe"], expert_cache=4).logits(PROMPT)
+    torch.testing.assert_close(open_llm(dst, expert_cache=4).logits(PROMPT), expected, atol=0, rtol=0)

@@ -58,11 +58,12 @@ def test_big_greedy_generation_matches_transformers_generate(checkpoints, arch):
 
 
 # With little_weights=native, `little` keeps the ceil(k/2) best-ranked of the top-k and applies the
-# architecture's own weight rule to them. For all six architectures that is exactly transformers run with
+# architecture's own weight rule to them. For every architecture that is exactly transformers run with
 # num_experts_per_tok = ceil(k/2): the top-ceil(k/2) of a ranking is the prefix of its top-k; renormalising
-# architectures (Mixtral, Qwen3-MoE, DeepSeek-V3) renormalise over the kept experts in both; raw-weight ones
-# (OLMoE, Qwen2-MoE, DeepSeek-V2) gather the same probabilities; DeepSeek's group choice does not depend on k;
-# shared experts and dense layers are untouched.
+# architectures (Mixtral, Qwen3-MoE, DeepSeek-V3, GLM-4.5, ERNIE-4.5) renormalise over the kept experts in both;
+# raw-weight ones (OLMoE, Qwen2-MoE, DeepSeek-V2) gather the same probabilities; the group choice (DeepSeek,
+# GLM-4.5) and the correction bias (DeepSeek-V3, GLM-4.5, ERNIE-4.5) do not depend on k; shared experts and
+# dense layers are untouched.
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_little_equals_transformers_with_half_the_experts(checkpoints, arch):
     ref = reference_model(checkpoints[arch], num_experts_per_tok=little_k(arch))

@@ -9,7 +9,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from mobile_moe.config import CacheConfig, EngineConfig
-from mobile_moe.engine.loader import FP32_BUFFERS, resolve_dtype, resolve_format
+from mobile_moe.engine.loader import fp32_names, resolve_dtype, resolve_format
 from mobile_moe.errors import CacheTooSmall, InvalidParameter
 from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertShape
 from mobile_moe.models.registry import build_model
@@ -22,11 +22,11 @@ PREFILL_CHUNK = 512  # prompt tokens per prefill pass: bounds the transient acti
 
 def dense_bytes(model: CausalLM, dtype: torch.dtype | None = None) -> int:
     """Bytes of every weight on the device (routed experts are not parameters); `dtype`: as if stored in it (planning on meta)."""
-    total = 0
+    total, fp32 = 0, fp32_names(model)
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if name.endswith("rotary.inv_freq"):
             size = 4
-        elif dtype is None or name.endswith(FP32_BUFFERS):
+        elif dtype is None or name in fp32:
             size = t.element_size()
         else:
             size = dtype.itemsize

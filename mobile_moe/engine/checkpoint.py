@@ -19,7 +19,13 @@ _EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.
 _FUSED = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj)$")
 _PACKED = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj)\.(\w+)$")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
+_MTP = re.compile(r"model\.mtp")  # ERNIE-4.5's multi-token-prediction modules (model.mtp_block.*, model.mtp_emb_norm.*, ...)
 PART_NAMES = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+DENSE_RENAMES = (
+    (".block_sparse_moe.", ".mlp."),  # Mixtral
+    (".shared_experts.", ".shared_expert."),  # DeepSeek, GLM-4.5, ERNIE-4.5
+    (".mlp.moe_statics.", ".mlp.gate."),  # ERNIE-4.5 keeps the router's correction bias in a sibling module
+)
 
 
 @dataclass(frozen=True)
@@ -70,9 +76,22 @@ def layer_of(key: str) -> int | None:
     return int(m[1]) if m else None
 
 
+def unused(key: str, num_layers: int) -> bool:
+    """True for weights decoding never uses: multi-token-prediction layers (DeepSeek-V3, GLM-4.5) and modules (ERNIE-4.5)."""
+    layer = layer_of(key)
+    return (layer is not None and layer >= num_layers) or _MTP.match(key) is not None
+
+
 def dense_name(key: str) -> str:
     """Our module's parameter name for a dense checkpoint key."""
-    return key.replace(".block_sparse_moe.", ".mlp.").replace(".shared_experts.", ".shared_expert.")
+    for old, new in DENSE_RENAMES:
+        key = key.replace(old, new)
+    return key
+
+
+def dense_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor in our module's shape: correction biases are [E] (ERNIE-4.5 stores [1, E])."""
+    return tensor.reshape(-1) if name.endswith("e_score_correction_bias") else tensor
 
 
 def read_config(path: Path) -> PretrainedConfig:

@@ -16,14 +16,16 @@ from mobile_moe.engine.checkpoint import (
     classify,
     count_tensors,
     dense_name,
+    dense_tensor,
     iter_tensors,
-    layer_of,
     read_config,
     shard_files,
+    unused,
 )
 from mobile_moe.errors import CheckpointError, InvalidParameter
 from mobile_moe.experts.formats import ExpertFormat, format_from_config, make_format
 from mobile_moe.experts.store import ExpertShape, ExpertStore
+from mobile_moe.layers.moe import Router
 from mobile_moe.models.registry import build_model
 from mobile_moe.models.transformer import CausalLM
 
@@ -39,6 +41,14 @@ class LoadedModel:
     config: PretrainedConfig
     path: Path
     dtype: torch.dtype
+
+
+def fp32_names(model: CausalLM) -> frozenset[str]:
+    """Dense tensors kept in float32 whatever the compute dtype: correction biases, and the weights of routers computed
+    in float32 (transformers' `_keep_in_fp32_modules_strict` for DeepSeek, GLM-4.5 and ERNIE-4.5 checkpoints)."""
+    names = {name for name, _ in model.named_buffers() if name.endswith(FP32_BUFFERS)}
+    names |= {f"{prefix}.weight" for prefix, m in model.named_modules() if isinstance(m, Router) and m.spec.logits_fp32}
+    return frozenset(names)
 
 
 def resolve_dtype(name: str, cfg: PretrainedConfig, device: torch.device) -> torch.dtype:
@@ -88,9 +98,10 @@ def load(
     store = ExpertStore(list(info.moe_layers), info.num_experts, ExpertShape(info.hidden, info.expert_intermediate), fmt, pin=device.type == "cuda")
     dense: dict[str, torch.Tensor] = {}
     bar = tqdm(total=count_tensors(files), desc="loading weights", unit="tensor", disable=(not progress) or None, leave=False)
+    fp32 = fp32_names(model)
     for key, tensor in iter_tensors(files):
         bar.update()
-        _place(key, tensor, cfg, store, dense, device, dtype)
+        _place(key, tensor, cfg, store, dense, device, dtype, fp32)
     bar.close()
     _finish(model, dense, store, cfg, device)
     model.fuse_projections()
@@ -98,21 +109,26 @@ def load(
     return LoadedModel(model=model, store=store, config=cfg, path=path, dtype=dtype)
 
 
-def _place(key: str, tensor: torch.Tensor, cfg: PretrainedConfig, store: ExpertStore, dense: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> None:
-    """Route one checkpoint tensor to the expert store (packed there) or the dense state dict."""
-    layer = layer_of(key)
-    if layer is not None and layer >= cfg.num_hidden_layers:
-        return  # e.g. DeepSeek-V3's multi-token-prediction layers, unused for decoding
+def _place(
+    key: str, tensor: torch.Tensor, cfg: PretrainedConfig, store: ExpertStore, dense: dict[str, torch.Tensor],
+    device: torch.device, dtype: torch.dtype, fp32: frozenset[str],
+) -> None:
+    """Route one checkpoint tensor to the expert store (packed there) or the dense state dict (`fp32` names stay float32)."""
+    if unused(key, cfg.num_hidden_layers):
+        return
     kind = classify(key)
     if kind is not None:
         place_expert(key, kind, tensor, store)
     elif not key.endswith("rotary_emb.inv_freq"):
-        keep_fp32 = key.endswith(FP32_BUFFERS)
-        dense[dense_name(key)] = tensor.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+        name = dense_name(key)
+        dense[name] = dense_tensor(name, tensor).to(device=device, dtype=torch.float32 if name in fp32 else dtype)
 
 
 def place_expert(key: str, kind: ExpertTensor | FusedExpertTensor | PackedExpertTensor, tensor: torch.Tensor, store: ExpertStore) -> None:
     """Pack one expert tensor of the checkpoint into the store; a tensor that does not fit is a CheckpointError."""
+    if kind.layer not in store.layers:
+        moe = ", ".join(map(str, store.layers)) or "none"
+        raise CheckpointError(f"tensor {key} is a routed expert of layer {kind.layer}, a dense layer in the config (MoE layers: {moe})")
     try:
         if isinstance(kind, ExpertTensor):
             store.put(kind.layer, kind.expert, kind.part, tensor)

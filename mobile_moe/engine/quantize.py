@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from mobile_moe.engine.checkpoint import classify, count_tensors, iter_tensors, layer_of, packed_key, read_config, shard_files
+from mobile_moe.engine.checkpoint import classify, count_tensors, iter_tensors, packed_key, read_config, shard_files, unused
 from mobile_moe.engine.loader import place_expert, stored_format
 from mobile_moe.errors import CheckpointError, InvalidParameter
 from mobile_moe.experts.formats import ExpertFormat, make_format
@@ -78,9 +78,8 @@ def _read(files: list[Path], cfg, store: ExpertStore, progress: bool) -> tuple[d
     bar = tqdm(total=count_tensors(files), desc="quantizing experts", unit="tensor", disable=(not progress) or None, leave=False)
     for key, tensor in iter_tensors(files):
         bar.update()
-        layer = layer_of(key)
-        if layer is not None and layer >= cfg.num_hidden_layers:
-            continue  # e.g. DeepSeek-V3's multi-token-prediction layers, unused for decoding
+        if unused(key, cfg.num_hidden_layers):
+            continue  # e.g. DeepSeek-V3's multi-token-prediction layers
         kind = classify(key)
         if kind is None:
             dense[key] = tensor

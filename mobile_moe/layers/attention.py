@@ -46,7 +46,7 @@ QKNorm = Literal["none", "head", "full"]
 
 
 class GQAAttention(nn.Module):
-    """Rotary grouped-query attention with optional q/k RMSNorm (per head or over the full width) and clipping."""
+    """Rotary grouped-query attention with optional q/k RMSNorm (per head or over the full width), clipping and partial rotary."""
 
     def __init__(
         self,
@@ -61,9 +61,14 @@ class GQAAttention(nn.Module):
         qk_norm: QKNorm,
         eps: float,
         clip_qkv: float | None,
+        rotary_dim: int | None = None,
+        rope_layout: RopeLayout = "half",
+        rope_fp32: bool = False,
     ) -> None:
         super().__init__()
         self.layer, self.heads, self.kv_heads, self.head_dim = layer, heads, kv_heads, head_dim
+        self.rotary_dim = head_dim if rotary_dim is None else rotary_dim  # leading channels rotated, the rest pass through
+        self.rope_layout, self.rope_fp32 = rope_layout, rope_fp32  # rope_fp32: rotate in float32, round once (ERNIE-4.5)
         self.q_proj = nn.Linear(hidden, heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
@@ -96,11 +101,17 @@ class GQAAttention(nn.Module):
         k = k.view(T, self.kv_heads, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        qk = apply_rotary(torch.cat((q, k), dim=1).transpose(0, 1), inp.cos, inp.sin, "half")  # [H + Hkv, T, D], one rotation
+        qk = self._rotate(torch.cat((q, k), dim=1).transpose(0, 1), inp)  # [H + Hkv, T, D], one rotation
         q, k = qk[: self.heads], qk[self.heads :]
         v = v.view(T, self.kv_heads, self.head_dim).transpose(0, 1)
         k_all, v_all = inp.kv.write(self.layer, k, v)
         return self.o_proj(attend(q, k_all, v_all, inp.mask, self.head_dim**-0.5))
+
+    def _rotate(self, x: torch.Tensor, inp: AttentionInput) -> torch.Tensor:
+        """x: [H, T, D] -> [H, T, D] with the first rotary_dim channels rotated (cos/sin: [T, rotary_dim / 2])."""
+        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]  # [H, T, R], [H, T, D - R]
+        rotated = apply_rotary(rot.float() if self.rope_fp32 else rot, inp.cos, inp.sin, self.rope_layout).to(x.dtype)
+        return rotated if self.rotary_dim == self.head_dim else torch.cat((rotated, rest), dim=-1)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,8 @@ class RouterSpec:
     top_k: int
     scoring: Literal["softmax", "sigmoid"] = "softmax"
     renormalize: bool = False
-    renorm_eps: float = 0.0
+    renorm_eps: float = 0.0  # added to the denominator (DeepSeek-V3, GLM-4.5)
+    renorm_min: float = 0.0  # lower bound of the denominator (ERNIE-4.5's moe_norm_min)
     scaling: float = 1.0
     n_group: int = 1
     topk_group: int = 1
@@ -76,7 +77,7 @@ def _mask_groups(choice: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
 def _finish(raw: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
     """Apply the architecture's renormalisation and scaling to gathered gate values [T, n]."""
     if spec.renormalize:
-        raw = raw / (raw.sum(-1, keepdim=True) + spec.renorm_eps)
+        raw = raw / (raw.sum(-1, keepdim=True).clamp(min=spec.renorm_min) + spec.renorm_eps)
     return raw * spec.scaling
 
 
@@ -109,7 +110,7 @@ class ExpertRunner(Protocol):
 
 
 class Router(nn.Module):
-    """Linear gate over experts, with DeepSeek-V3's optional score-correction bias."""
+    """Linear gate over experts, with an optional score-correction bias [E] added to the scores for selection only."""
 
     def __init__(self, hidden: int, spec: RouterSpec) -> None:
         super().__init__()

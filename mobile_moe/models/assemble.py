@@ -20,8 +20,9 @@ def assemble(
     rotary: RotaryEmbedding,
     spec: RouterSpec,
     expert_intermediate: int,
+    head_bias: bool = False,
 ) -> CausalLM:
-    """A CausalLM whose layer i uses attention(i) and mlp(i)."""
+    """A CausalLM whose layer i uses attention(i) and mlp(i) (and an LM head with a bias if `head_bias`)."""
     hidden, eps = cfg.hidden_size, cfg.rms_norm_eps
     layers = [DecoderLayer(attention(i), mlp(i), hidden, eps) for i in range(cfg.num_hidden_layers)]
     moe_layers = tuple(i for i, layer in enumerate(layers) if isinstance(layer.mlp, MoEBlock))
@@ -36,4 +37,4 @@ def assemble(
         hidden_act=cfg.hidden_act,
         eos_token_ids=eos_ids(cfg),
     )
-    return CausalLM(Backbone(cfg.vocab_size, hidden, layers, eps), cfg.vocab_size, rotary, info)
+    return CausalLM(Backbone(cfg.vocab_size, hidden, layers, eps), cfg.vocab_size, rotary, info, head_bias)

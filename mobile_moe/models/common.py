@@ -6,10 +6,17 @@ import torch
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from mobile_moe.errors import UnsupportedArchitecture
+from mobile_moe.errors import CheckpointError, UnsupportedArchitecture
 from mobile_moe.layers.rotary import RotaryEmbedding
 
 STATIC_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+
+
+def require(cfg: PretrainedConfig, *names: str) -> None:
+    """Raise CheckpointError naming the first field the adapter needs that config.json leaves null (transformers lets some be None)."""
+    for name in names:
+        if getattr(cfg, name, None) is None:
+            raise CheckpointError(f"config.json ({cfg.model_type}) needs a value for {name!r}: it is missing or null")
 
 
 def rope_parameters(cfg: PretrainedConfig) -> dict:
@@ -31,6 +38,11 @@ def rotary_for(cfg: PretrainedConfig, dim: int) -> RotaryEmbedding:
         return RotaryEmbedding(inv_freq, 1.0)
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"))
     return RotaryEmbedding(inv_freq, float(scaling))
+
+
+def rotary_dim(cfg: PretrainedConfig, head_dim: int) -> int:
+    """Channels of a head that rotary rotates: head_dim times the rope's partial_rotary_factor (default 1)."""
+    return int(head_dim * rope_parameters(cfg).get("partial_rotary_factor", 1.0))
 
 
 def max_context(cfg: PretrainedConfig) -> int:

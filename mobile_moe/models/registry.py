@@ -8,7 +8,7 @@ from types import MappingProxyType
 from transformers import PretrainedConfig
 
 from mobile_moe.errors import UnsupportedArchitecture
-from mobile_moe.models import deepseek, mixtral, olmoe, qwen_moe
+from mobile_moe.models import deepseek, ernie4_5_moe, glm4_moe, mixtral, olmoe, qwen_moe
 from mobile_moe.models.transformer import CausalLM
 
 BUILDERS: Mapping[str, Callable[[PretrainedConfig], CausalLM]] = MappingProxyType({
@@ -18,6 +18,8 @@ BUILDERS: Mapping[str, Callable[[PretrainedConfig], CausalLM]] = MappingProxyTyp
     "olmoe": olmoe.build,
     "deepseek_v2": deepseek.build_v2,
     "deepseek_v3": deepseek.build_v3,
+    "glm4_moe": glm4_moe.build,
+    "ernie4_5_moe": ernie4_5_moe.build,
 })
 SUPPORTED = tuple(BUILDERS)
 

@@ -59,10 +59,10 @@ class ModelInfo:
 class CausalLM(nn.Module):
     """Our runtime model: routed experts are not parameters here; MoE blocks ask the engine to run them."""
 
-    def __init__(self, backbone: Backbone, vocab: int, rotary: RotaryEmbedding, info: ModelInfo) -> None:
+    def __init__(self, backbone: Backbone, vocab: int, rotary: RotaryEmbedding, info: ModelInfo, head_bias: bool = False) -> None:
         super().__init__()
         self.model = backbone
-        self.lm_head = nn.Linear(backbone.embed_tokens.embedding_dim, vocab, bias=False)
+        self.lm_head = nn.Linear(backbone.embed_tokens.embedding_dim, vocab, bias=head_bias)
         self.rotary = rotary
         self.info = info
 
