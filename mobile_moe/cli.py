@@ -187,7 +187,7 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     ev.add_argument("--criteria", type=parse_criteria, help="comma-separated criteria to sweep, each around its calibrated tau (default: --criterion's)")
     ev.add_argument("--variants", type=parse_variants, help="comma-separated little-pass knob settings to compare, each swept like the criteria: "
-                    "plain, layer-adaptive=SHARE, cache-prior=FACTOR (default: the --layer-adaptive/--cache-prior flags)")
+                    "plain, layer-adaptive=SHARE, cache-prior=FACTOR, kv-repair=N, or knobs joined by '+' (default: the knob flags)")
     ev.add_argument("--no-reference", action="store_true", help="with quantized experts, skip comparing big with the float-expert big (which loads the model twice)")
     cal = sub.add_parser("calibrate", help="pick tau on the validation split and store it next to the model")
     cal.add_argument("--target-agreement", type=float, default=0.98, help="greedy agreement with big that mobile must reach (default: 0.98)")
@@ -245,18 +245,19 @@ def parse_criteria(text: str) -> tuple[str, ...]:
 VARIANT_KNOBS = {"layer-adaptive": "layer_adaptive", "cache-prior": "cache_prior", "kv-repair": "kv_repair"}
 
 
-def parse_variants(text: str) -> tuple[dict[str, float], ...]:
-    """'plain,layer-adaptive=0.3' -> ({both knobs None}, {'layer_adaptive': 0.3}): PolicyConfig knob overrides, checked."""
+def parse_variants(text: str) -> tuple[dict[str, float | int | None], ...]:
+    """'plain,layer-adaptive=0.3,cache-prior=2+kv-repair=1' -> PolicyConfig knob overrides per variant ('+' combines knobs), checked."""
     variants = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
-        name, _, value = item.partition("=")
-        if item == "plain":
-            variants.append({"layer_adaptive": None, "cache_prior": None, "kv_repair": 0})
-            continue
-        try:
-            variants.append({VARIANT_KNOBS[name]: int(value) if name == "kv-repair" else float(value)})
-        except (KeyError, ValueError):
-            raise argparse.ArgumentTypeError(f"variants are plain, layer-adaptive=SHARE, cache-prior=FACTOR or kv-repair=N, got {item!r}") from None
+        variant: dict[str, float | int | None] = {"layer_adaptive": None, "cache_prior": None, "kv_repair": 0}
+        for knob in item.split("+") if item != "plain" else ():
+            name, _, value = knob.partition("=")
+            try:
+                variant[VARIANT_KNOBS[name]] = int(value) if name == "kv-repair" else float(value)
+            except (KeyError, ValueError):
+                raise argparse.ArgumentTypeError(f"variants are plain or knobs joined by '+': layer-adaptive=SHARE, cache-prior=FACTOR, "
+                                                 f"kv-repair=N; got {item!r}") from None
+        variants.append(variant)
     if not variants:
         raise argparse.ArgumentTypeError("--variants needs at least one variant")
     return tuple(variants)

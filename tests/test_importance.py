@@ -125,9 +125,10 @@ def test_perplexity_windows_are_seeded_and_spread_over_files():
 def test_eval_variants_parse_and_reject_unknown_knobs(capsys):
     from mobile_moe.cli import parse_variants
 
-    assert parse_variants("plain,layer-adaptive=0.3,kv-repair=2") == (
-        {"layer_adaptive": None, "cache_prior": None, "kv_repair": 0}, {"layer_adaptive": 0.3}, {"kv_repair": 2})
+    plain = {"layer_adaptive": None, "cache_prior": None, "kv_repair": 0}
+    assert parse_variants("plain,layer-adaptive=0.3,cache-prior=2+kv-repair=1") == (
+        plain, {**plain, "layer_adaptive": 0.3}, {**plain, "cache_prior": 2.0, "kv_repair": 1})
     with pytest.raises(SystemExit) as exit_:
         main(["eval", "--variants", "plain,turbo=3"])
     err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2 and "variants are plain" in err and len(err.splitlines()) == 1
+    assert exit_.value.code == 2 and "variants are plain or knobs" in err and len(err.splitlines()) == 1

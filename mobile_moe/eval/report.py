@@ -9,14 +9,15 @@ from mobile_moe.errors import InvalidParameter
 
 def runs_table(runs: list[dict]) -> str:
     """Fixed-width table of policy runs."""
-    head = (f"{'policy':<8} {'criterion':<9} {'knobs':<18} {'tau':>6} {'agree':>7} {'95% CI':>15} {'overall':>8} {'exact':>7} {'next-line':>10} {'fallback':>9} "
+    w = max([5] + [len(r.get("variant", "")) for r in runs])
+    head = (f"{'policy':<8} {'criterion':<9} {'knobs':<{w}} {'tau':>6} {'agree':>7} {'95% CI':>15} {'overall':>8} {'exact':>7} {'next-line':>10} {'fallback':>9} "
             f"{'loads/tok':>9} {'vs big':>7}")
     rows = [head, "-" * len(head)]
     for r in runs:
         tau = "" if r["tau"] is None else f"{r['tau']:.4g}"
         lo, hi = r.get("agreement_ci") or (r["agreement"], r["agreement"])
         rows.append(
-            f"{r['policy']:<8} {r.get('criterion') or '':<9} {r.get('variant', ''):<18} {tau:>6} {r['agreement']:>7.2%} {f'{lo:.1%}-{hi:.1%}':>15} {r['agreement_overall']:>8.1%} {r['exact_match']:>7.1%} "
+            f"{r['policy']:<8} {r.get('criterion') or '':<9} {r.get('variant', ''):<{w}} {tau:>6} {r['agreement']:>7.2%} {f'{lo:.1%}-{hi:.1%}':>15} {r['agreement_overall']:>8.1%} {r['exact_match']:>7.1%} "
             f"{r['next_line_exact']:>10.1%} {r['fallback_rate']:>9.1%} {r.get('loads_per_token', 0.0):>9.2f} {r.get('loads_vs_big', 1.0):>6.2f}x"
         )
     return "\n".join(rows)
