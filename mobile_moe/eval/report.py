@@ -91,11 +91,17 @@ def _plot_frontier(ax, report: dict) -> None:
 
 
 def _plot_perplexity(ax, report: dict) -> None:
-    """Teacher-forced perplexity of mobile against tau, with big and little."""
+    """Teacher-forced perplexity of mobile against tau with big and little as lines, or big and little as bars when
+    the criterion has no teacher-forced estimate (it needs the router's signals)."""
     ppl = report["perplexity"]
     mob = sorted((float(t), v) for t, v in ppl.get("mobile", {}).items())
+    title = f"held-out perplexity ({ppl['tokens']} tokens from {ppl.get('files', '?')} files)"
+    if not mob:
+        ax.bar(["big", "little"], [ppl["big"], ppl["little"]], color=["black", "gray"])
+        ax.set_ylim(min(ppl["big"], ppl["little"]) * 0.98, max(ppl["big"], ppl["little"]) * 1.01)
+        ax.set_ylabel("perplexity"), ax.set_title(title, fontsize=9)
+        return
     ax.plot([t for t, _ in mob], [v for _, v in mob], "o-", label="mobile (teacher-forced estimate)")
     ax.axhline(ppl["big"], color="black", ls="--", label="big")
     ax.axhline(ppl["little"], color="gray", ls="--", label="little")
-    ax.set_xlabel("tau"), ax.set_ylabel("perplexity"), ax.legend(fontsize=7)
-    ax.set_title(f"held-out perplexity ({ppl['tokens']} tokens from {ppl.get('files', '?')} files)", fontsize=9)
+    ax.set_xlabel("tau"), ax.set_ylabel("perplexity"), ax.legend(fontsize=7), ax.set_title(title, fontsize=9)
