@@ -8,7 +8,7 @@ from typing import Literal
 
 from mobile_moe.errors import InvalidParameter
 
-EXPERT_DTYPES: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32", "int8", "int4")
+EXPERT_DTYPES: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32", "int8", "int4", "mxfp4")
 
 PolicyName = Literal["big", "little", "mobile"]
 LittleWeights = Literal["native", "rescale"]

@@ -10,6 +10,13 @@ import transformers as T
 COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=256, initializer_range=0.15, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
+QWEN3_5_TEXT = dict(
+    **{k: v for k, v in COMMON.items() if k != "tie_word_embeddings"}, num_key_value_heads=2, head_dim=16, moe_intermediate_size=16,
+    shared_expert_intermediate_size=24, num_experts=16, num_experts_per_tok=4, layer_types=["linear_attention", "full_attention", "linear_attention"],
+    linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+)
+
+
 def configs() -> dict[str, T.PretrainedConfig]:
     """One small config per supported architecture, each exercising its routing quirks."""
     return {
@@ -43,6 +50,16 @@ def configs() -> dict[str, T.PretrainedConfig]:
             moe_intermediate_size=16, moe_num_experts=16, moe_k=4, moe_num_shared_experts=2,
             moe_layer_start_index=0, moe_layer_end_index=1, moe_layer_interval=1,
         ),
+        "gpt_oss": T.GptOssConfig(  # sliding window 4 < the parity prompts; YaRN that changes frequencies; a clamp that bites
+            **COMMON, num_key_value_heads=2, head_dim=16, intermediate_size=32, num_local_experts=16, num_experts_per_tok=4,
+            sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"], swiglu_limit=1.0,
+            rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0, truncate=False, original_max_position_embeddings=64),
+        ),
+        "qwen3_5_moe": T.Qwen3_5MoeConfig(  # the full vision-language checkpoint; its text_config is the model we run
+            text_config=QWEN3_5_TEXT, tie_word_embeddings=False,
+            vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32),
+        ),
+        "qwen3_5_moe_text": T.Qwen3_5MoeTextConfig(**QWEN3_5_TEXT, tie_word_embeddings=False),  # what Qwen3_5MoeForCausalLM saves
     }
 
 
@@ -53,7 +70,8 @@ def build_checkpoint(arch: str, path: Path, seed: int = 0) -> Path:
     """Save a random model of `arch` to `path`; norms, correction biases and linear biases are randomised too."""
     torch.manual_seed(seed)
     cfg = configs()[arch]
-    model = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    auto = T.AutoModelForImageTextToText if getattr(cfg, "vision_config", None) is not None else T.AutoModelForCausalLM
+    model = auto.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
         named = list(model.named_parameters()) + list(model.named_buffers())
         for name, tensor in named:
@@ -62,14 +80,20 @@ def build_checkpoint(arch: str, path: Path, seed: int = 0) -> Path:
             elif name.endswith("e_score_correction_bias"):
                 tensor.copy_(0.05 * torch.randn_like(tensor))
         for name, tensor in named:  # a second pass keeps the draws above (and older checkpoints' values) unchanged
-            if name.endswith(".bias") and "norm" not in name:
+            if (name.endswith(".bias") and "norm" not in name) or name.endswith("_proj_bias"):  # gpt-oss expert biases
                 tensor.copy_(0.1 * torch.randn_like(tensor))
     model.save_pretrained(path)
     return path
 
 
 def reference_model(path: Path, **overrides) -> T.PreTrainedModel:
-    """transformers' own model loaded from the checkpoint, float32, eval mode."""
+    """transformers' own model loaded from the checkpoint, float32, eval mode (overrides apply to a composite config's text part)."""
+    cfg = T.AutoConfig.from_pretrained(path)
+    if overrides and cfg.get_text_config() is not cfg:
+        text = cfg.get_text_config()
+        for name, value in overrides.items():
+            setattr(text, name, value)
+        return T.AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=torch.float32).eval()
     return T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **overrides).eval()
 
 

@@ -24,7 +24,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def small_cache(arch: str) -> int:
     """A cache holding fewer than a quarter of the model's routed experts (but one layer's top-k)."""
-    cfg = configs()[arch]
+    cfg = configs()[arch].get_text_config()
     k = cfg.num_experts_per_tok
     return max(k, 1)
 
@@ -36,4 +36,4 @@ def open_llm(path: Path, **cache) -> LLM:
 
 def little_k(arch: str) -> int:
     """Experts per token of the little model."""
-    return math.ceil(configs()[arch].num_experts_per_tok / 2)
+    return math.ceil(configs()[arch].get_text_config().num_experts_per_tok / 2)

@@ -12,7 +12,8 @@ from mobile_moe import LLM, PolicyConfig, SamplingParams, engine_config
 from mobile_moe.bench.costmodel import ModelCost, predict
 from mobile_moe.bench.hf_baseline import clock_timings, run_baseline
 from mobile_moe.bench.profiles import PROFILES
-from mobile_moe.bench.synthetic import SHAPES, build_synthetic, synthetic_config
+from mobile_moe.bench.synthetic import SHAPES, build_synthetic, full_size_cost, synthetic_config
+from mobile_moe.experts.formats import make_format
 from mobile_moe.cli import main
 from mobile_moe.engine.loader import load
 from mobile_moe.experts.trace import Trace, load_trace
@@ -20,13 +21,17 @@ from mobile_moe.experts.trace import Trace, load_trace
 SYSTEM_FIELDS = ("name", "decode_tok_s", "ttft_s", "h2d_gb_per_token", "hit_rate", "fallback_rate", "transfer_wait_share", "ratio_to_big")
 
 
+SHRINK = {"gpt-oss-20b": 32, "qwen3.5-35b-a3b": 64, "glm-4.5-air": 64, "ernie-4.5-21b-a3b": 32}  # thousands of experts: keep CI small
+
+
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_synthetic_shapes_keep_structure_when_shrunk(name):
-    full, small = synthetic_config(name), synthetic_config(name, shrink=16)
+    shrink = SHRINK.get(name, 16)
+    full, small = synthetic_config(name), synthetic_config(name, shrink=shrink)
     for key in ("num_hidden_layers", "num_experts_per_tok", "num_experts", "num_local_experts", "n_routed_experts", "first_k_dense_replace"):
         assert getattr(full, key, None) == getattr(small, key, None)
-    assert small.hidden_size == full.hidden_size // 16
-    loaded = build_synthetic(name, torch.device("cpu"), shrink=16)
+    assert small.hidden_size == full.hidden_size // shrink
+    loaded = build_synthetic(name, torch.device("cpu"), shrink=shrink)
     info = loaded.model.info
     assert info.top_k == full.num_experts_per_tok and info.hidden == small.hidden_size
     assert loaded.store.total_experts == info.num_experts * len(info.moe_layers)
@@ -42,6 +47,15 @@ def test_full_size_expert_bytes_match_the_calibrated_shapes():
         cfg = synthetic_config(name)
         inter = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
         assert 3 * cfg.hidden_size * inter * 2 == expected
+
+
+def test_new_shapes_have_their_published_expert_sizes():
+    """Per-expert bytes of the full-width shapes: bf16, and gpt-oss as it ships (MXFP4 blocks, scales and float32 biases)."""
+    bf16 = {"qwen3.5-35b-a3b": 3 * 2048 * 512 * 2, "glm-4.5-air": 3 * 4096 * 1408 * 2, "ernie-4.5-21b-a3b": 3 * 2560 * 1536 * 2}
+    for name, expected in bf16.items():
+        assert full_size_cost(name).expert_bytes == expected
+    mxfp4 = full_size_cost("gpt-oss-20b", make_format("mxfp4", torch.bfloat16))
+    assert mxfp4.expert_bytes == 13_253_760
 
 
 def test_forced_fallback_rate_is_exact_and_evenly_spaced():

@@ -29,8 +29,10 @@ def h200_plan(name: str, gb: float, max_context: int = 4096):
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_every_real_size_shape_plans_on_a_cpu_machine_within_the_h200(name):
     plan = h200_plan(name, 140)
-    assert plan.slots == plan.total_experts  # 140 GiB holds each of them whole
-    assert plan.dense_bytes + plan.kv_bytes + plan.scratch_bytes + plan.slots * plan.expert_bytes <= 140 * GIB
+    fixed = plan.dense_bytes + plan.kv_bytes + plan.scratch_bytes
+    assert fixed + plan.slots * plan.expert_bytes <= 140 * GIB
+    # every expert when they all fit (all but GLM-4.5-Air's 190 GB of bf16 experts), else as many as fit
+    assert plan.slots == plan.total_experts or fixed + (plan.slots + 1) * plan.expert_bytes > 140 * GIB
 
 
 def test_budget_split_names_every_part_and_follows_max_context():

@@ -209,6 +209,19 @@ def test_config_missing_a_required_field(capsys, checkpoints, tmp_path, arch, fi
     assert_one_line_error(code, err, *needles)
 
 
+@pytest.mark.parametrize("arch", ["qwen3_5_moe_text", "qwen3_5_moe"])
+@pytest.mark.parametrize("entry", ["sliding_attention", "bogus"])  # a type transformers knows but Qwen3.5 lacks; one it rejects
+def test_unknown_layer_type_is_a_one_line_error(capsys, checkpoints, tmp_path, arch, entry):
+    dst = tmp_path / arch
+    shutil.copytree(checkpoints[arch], dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    text = cfg.get("text_config", cfg)  # the full checkpoint nests the text stack's fields
+    text["layer_types"] = ["linear_attention", entry, "full_attention"]
+    (dst / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run(capsys, *gen(dst))
+    assert_one_line_error(code, err, "layer_types", entry)
+
+
 def test_a_synthetic_model_too_big_for_memory_is_refused_before_building(capsys, monkeypatch):
     import mobile_moe.cli as cli
 

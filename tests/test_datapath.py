@@ -226,3 +226,29 @@ def test_grouped_matmul_probe_runs_and_is_used_only_on_cuda():
     cpu = torch.device("cpu")
     assert grouped_matches_loop(cpu, torch.float32, torch.nn.functional.silu, TransferEngine(cpu))
     assert not grouped_mm_works(fake_cache(3), torch.nn.functional.silu, torch.float32)  # CPU keeps the per-expert loop
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_biased_experts_with_the_clamped_swiglu_match_the_gpt_oss_formula(grouped):
+    from mobile_moe.layers.mlp import ClampedSwiGLU
+
+    store = ExpertStore([0], 6, ExpertShape(hidden=16, intermediate=8, bias=True), torch.float32, pin=False)
+    gen = torch.Generator().manual_seed(2)
+    for matrix in ("gate_up", "down"):
+        for field in store.fields[0][matrix]:  # weight, then bias
+            field.normal_(generator=gen)
+    cache = ExpertCache(store, 4, torch.device("cpu"), TransferEngine(torch.device("cpu")))
+    act = ClampedSwiGLU(alpha=1.702, limit=1.5)
+    x = torch.randn(5, 16, generator=gen)
+    indices = torch.stack([torch.randperm(6, generator=gen)[:3] for _ in range(5)])
+    weights = torch.rand(5, 3, generator=gen)
+    got = ExpertExecutor(cache, act, torch.float32, grouped=grouped).run(0, x, indices, weights)
+    want = torch.zeros_like(x)
+    (gu_w, gu_b), (d_w, d_b) = (store.fields[0][m] for m in ("gate_up", "down"))
+    for t in range(5):
+        for j in range(3):
+            e = int(indices[t, j])
+            gate, up = (gu_w[e] @ x[t] + gu_b[e]).chunk(2)
+            gate, up = gate.clamp(max=1.5), up.clamp(-1.5, 1.5)
+            want[t] += weights[t, j] * (d_w[e] @ ((up + 1) * gate * torch.sigmoid(1.702 * gate)) + d_b[e])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -109,13 +109,19 @@ def dequantized_reference(path: Path, fmt) -> LLM:
     return llm
 
 
+def bias_bytes(store: ExpertStore) -> int:
+    """Bytes of an expert's packed bias fields (gpt-oss; float32 beside quantized weights)."""
+    return sum(f.nbytes for placed in store.layout.fields.values() for f, _ in placed if f.name == "bias")
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("name", ["int8", "int4"])
 def test_quantized_model_matches_the_model_with_dequantized_experts(checkpoints, arch, name):
     group = GROUP if name == "int4" else None
     quantized = LLM(checkpoints[arch], engine_config(progress=False, expert_cache=6, expert_dtype=name, group_size=group))
     reference = dequantized_reference(checkpoints[arch], make_format(name, torch.float32, group))
-    assert quantized.loaded.store.expert_bytes <= reference.loaded.store.expert_bytes / (3 if name == "int8" else 4)  # int4 g8: 1 byte per weight
+    weight_bytes = lambda store: store.expert_bytes - bias_bytes(store)  # noqa: E731
+    assert weight_bytes(quantized.loaded.store) <= weight_bytes(reference.loaded.store) / (3 if name == "int8" else 4)  # int4 g8: 1 byte per weight
     torch.testing.assert_close(quantized.logits(PROMPT), reference.logits(PROMPT), rtol=1e-4, atol=1e-4)
     assert quantized.generate(PROMPT, GREEDY).token_ids == reference.generate(PROMPT, GREEDY).token_ids
 
@@ -235,3 +241,87 @@ def test_bf16_experts_under_float32_compute_are_cast_on_the_device(checkpoints):
     assert bf16.loaded.store.expert_bytes * 2 == reference.loaded.store.expert_bytes and not bf16.runner.executor.in_place
     torch.testing.assert_close(bf16.logits(PROMPT), reference.logits(PROMPT), rtol=0, atol=0)
     assert bf16.generate(PROMPT, GREEDY).token_ids == reference.generate(PROMPT, GREEDY).token_ids
+
+
+def test_mxfp4_rounds_to_the_nearest_e2m1_value_ties_to_even():
+    from mobile_moe.experts.formats import Mxfp4Format
+
+    row = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, -0.25, -0.75, -5.0, 6.0, 0.1, 0.3, -1.6, 2.9] + [0.0] * 16)
+    blocks, scales = Mxfp4Format().quantize(row[None])
+    assert blocks.shape == (1, 1, 16) and scales.tolist() == [[127]]  # amax 7 -> exponent floor(log2 7) - 2 = 0
+    want = [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, 0.0, -1.0, -4.0, 6.0, 0.0, 0.5, -1.5, 3.0] + [0.0] * 16
+    assert Mxfp4Format().dequantize([blocks, scales], torch.float32)[0].tolist() == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mxfp4_packed_by_us_dequantizes_like_transformers_bit_for_bit(dtype):
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from mobile_moe.experts.formats import Mxfp4Format
+
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(4, 48, 96, generator=gen) * torch.exp2(torch.randint(-12, 6, (4, 48, 3, 1), generator=gen)).repeat_interleave(32, 1).view(4, 48, 96)
+    w[0, 0, :32] = 0.0  # an all-zero block
+    blocks, scales = Mxfp4Format().quantize(w)  # [E, out, in / 32, 16], [E, out, in / 32]: the hub's layout
+    assert blocks.shape == (4, 48, 3, 16) and scales.shape == (4, 48, 3) and blocks.dtype == scales.dtype == torch.uint8
+    ours = Mxfp4Format().dequantize([blocks, scales], dtype)  # [E, out, in]
+    theirs = convert_moe_packed_tensors(blocks, scales, dtype=dtype)  # [E, in, out], as gpt-oss multiplies
+    assert torch.equal(ours, theirs.transpose(1, 2))
+    assert (ours.float() - w).abs().max() <= w.abs().max()  # sanity: a coarse approximation, not garbage
+
+
+def mxfp4_checkpoints(src: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """(gpt-oss checkpoint with MXFP4 experts packed by us, as the hub stores them; the same with those experts
+    dequantized by transformers into float32 `gate_up_proj` / `down_proj`)."""
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from mobile_moe.experts.formats import Mxfp4Format
+
+    mx, deq = tmp_path / "mxfp4", tmp_path / "dequantized"
+    for d in (mx, deq):
+        shutil.copytree(src, d)
+        for f in d.glob("*.safetensors"):
+            f.unlink()
+    packed, floats = {}, {}
+    for key, t in load_file(src / "model.safetensors").items():
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [E, in, out] -> blocks/scales of [E, out, in]
+            blocks, scales = Mxfp4Format().quantize(t.transpose(1, 2))
+            packed[f"{key}_blocks"], packed[f"{key}_scales"] = blocks, scales
+            floats[key] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+        else:
+            packed[key] = floats[key] = t
+    save_file(packed, mx / "model.safetensors", metadata={"format": "pt"})
+    save_file(floats, deq / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((mx / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (mx / "config.json").write_text(json.dumps(config))
+    return mx, deq
+
+
+def test_mxfp4_gpt_oss_checkpoint_runs_packed_like_its_dequantized_model(checkpoints, tmp_path):
+    from checkpoints import reference_model
+
+    mx, deq = mxfp4_checkpoints(checkpoints["gpt_oss"], tmp_path)
+    packed = LLM(mx, engine_config(progress=False, expert_cache=6))
+    store = packed.loaded.store
+    assert str(store.format) == "mxfp4"
+    H, I = store.shape.hidden, store.shape.intermediate
+    assert store.expert_bytes == 3 * H * I // 32 * 17 + (2 * I + H) * 4  # 17 bytes per 32 weights (4.25 bits) + float32 biases
+    floats = LLM(deq, engine_config(progress=False, expert_cache=6))
+    torch.testing.assert_close(packed.logits(PROMPT), floats.logits(PROMPT), rtol=0, atol=1e-5)
+    with torch.no_grad():
+        ref = reference_model(deq)
+        expected = ref(torch.tensor([PROMPT])).logits[0]
+        out = ref.generate(torch.tensor([PROMPT]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    torch.testing.assert_close(packed.logits(PROMPT), expected, rtol=0, atol=1e-4)
+    assert packed.generate(PROMPT, GREEDY).token_ids == floats.generate(PROMPT, GREEDY).token_ids == out[0, len(PROMPT):].tolist()
+
+
+def test_quantize_packs_gpt_oss_experts_and_biases_like_loading_does(checkpoints, tmp_path):
+    out = tmp_path / "gpt-oss-int4"
+    quantize_checkpoint(checkpoints["gpt_oss"], out, "int4", GROUP, progress=False)
+    loaded = LLM(out, engine_config(progress=False, expert_cache=6))
+    on_the_fly = LLM(checkpoints["gpt_oss"], engine_config(progress=False, expert_cache=6, expert_dtype="int4", group_size=GROUP))
+    assert torch.equal(loaded.loaded.store.host.data, on_the_fly.loaded.store.host.data)  # de-interleaved once, biases included
+    assert loaded.generate(PROMPT, GREEDY).token_ids == on_the_fly.generate(PROMPT, GREEDY).token_ids

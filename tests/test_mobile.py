@@ -128,3 +128,52 @@ def test_kv_repair_gives_big_its_own_kv_at_every_fallback(checkpoints):
         if step.fell_back:
             whole = llm.logits(PROMPT + tokens[:i], "big")[-1]  # [V]
             assert tokens[i] == int(whole.argmax())
+
+
+HYBRIDS = ["qwen3_5_moe", "qwen3_5_moe_text"]  # Gated DeltaNet (recurrent) + full-attention layers
+
+
+@pytest.mark.parametrize("arch", HYBRIDS)
+def test_hybrid_tau_above_one_is_big_for_32_steps(checkpoints, arch):
+    """Every step falls back: the recurrent states are restored from the snapshot taken before each little pass."""
+    llm = open_llm(checkpoints[arch], expert_cache=6)
+    sampling = SamplingParams(max_new_tokens=33, stop_at_eos=False)
+    big = llm.generate(PROMPT, sampling, PolicyConfig("big"))
+    mobile = llm.generate(PROMPT, sampling, PolicyConfig("mobile", tau=1.5))
+    assert mobile.token_ids == big.token_ids
+    assert mobile.stats.fallback_tokens == 32
+    repaired = llm.generate(PROMPT, sampling, PolicyConfig("mobile", tau=1.5, kv_repair=8))  # repair is 0 with recurrent layers
+    assert repaired.token_ids == big.token_ids
+
+
+@pytest.mark.parametrize("arch", HYBRIDS)
+def test_hybrid_tau_zero_with_little_prefill_is_little(checkpoints, arch):
+    llm = open_llm(checkpoints[arch], expert_cache=6)
+    little = llm.generate(PROMPT, SAMPLING, PolicyConfig("little"))
+    mobile = llm.generate(PROMPT, SAMPLING, PolicyConfig("mobile", tau=0.0, prefill="little"))
+    assert mobile.token_ids == little.token_ids
+    assert mobile.stats.fallback_tokens == 0
+
+
+def test_hybrid_middle_tau_replays_with_snapshots(checkpoints):
+    """Mixed little and big steps: replay by hand, restoring a snapshot (KV length + recurrent states) at each fallback."""
+    llm = open_llm(checkpoints["qwen3_5_moe"], expert_cache=6)
+    probe = llm.generate(PROMPT, SAMPLING, PolicyConfig("mobile", tau=0.0))
+    tau = statistics.median(s.confidence for s in probe.steps[1:])
+    result = llm.generate(PROMPT, SAMPLING, PolicyConfig("mobile", tau=tau, criterion="max_prob"))
+    assert 0 < result.stats.fallback_tokens < SAMPLING.max_new_tokens - 1
+    runner, tokens = llm.runner, result.token_ids
+    kv = runner.new_kv(len(PROMPT) + len(tokens))
+    assert kv.recurrent and int(runner.forward(torch.tensor(PROMPT), kv, ExpertMode.BIG).argmax()) == tokens[0]
+    for i, step in enumerate(result.steps[1:], start=1):
+        ids, before = torch.tensor([tokens[i - 1]]), kv.snapshot()
+        little = runner.forward(ids, kv, ExpertMode.LITTLE)
+        assert step.fell_back == (confidence(little, "max_prob") < tau)
+        if step.fell_back:
+            kv.restore(before)
+            expected = int(runner.forward(ids, kv, ExpertMode.BIG).argmax())
+        else:
+            expected = int(little.argmax())
+        assert tokens[i] == expected
+    with pytest.raises(ValueError, match="restore a snapshot"):
+        kv.rewind(1)

@@ -90,9 +90,9 @@ def _count_pass(llm: LLM, prompt: Sequence[int]) -> Counter[str]:
     try:
         kv = runner.new_kv(len(prompt) + 1)
         runner.forward(runner.ids(list(prompt)), kv, ExpertMode.BIG)
-        token = runner.ids([prompt[-1]])
+        token, before = runner.ids([prompt[-1]]), kv.snapshot()
         runner.forward(token, kv, ExpertMode.BIG)  # warm-up: this step's experts become resident
-        kv.rewind(1)
+        kv.restore(before)
         counter.counts.clear()
         copies = cache.transfer.copies
         with counter:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -39,17 +40,26 @@ SHAPES: Mapping[str, tuple[type, dict]] = MappingProxyType({
     "mixtral-8x7b": (T.MixtralConfig, dict(
         vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768)),
+    # transformers' config defaults are these models' published shapes, except where a field is given
+    "gpt-oss-20b": (T.GptOssConfig, dict(num_hidden_layers=24, num_local_experts=32, num_key_value_heads=8)),  # experts ship as MXFP4
+    "qwen3.5-35b-a3b": (T.Qwen3_5MoeTextConfig, dict(num_key_value_heads=2)),
+    "glm-4.5-air": (T.Glm4MoeConfig, dict(attention_bias=True, num_key_value_heads=8)),
+    "ernie-4.5-21b-a3b": (T.Ernie4_5_MoeConfig, dict(num_key_value_heads=4)),
 })
 CODE_STD = {torch.int8: 255 / 12**0.5, torch.uint8: 16 / 12**0.5}  # std of uniform int8 [-127, 127] and int4 [0, 15] codes
 
 
 def _random_field(name: str, view: torch.Tensor, gen: torch.Generator, device: torch.device) -> torch.Tensor:
     """Random contents of one packed field of a layer's experts, made on the device: weights of std ~INIT_STD once dequantized."""
+    if name == "bias":  # expert biases (gpt-oss)
+        return torch.zeros(view.shape, dtype=view.dtype, device=device)
     if name == "weight":
         return torch.empty(view.shape, dtype=view.dtype, device=device).normal_(0.0, INIT_STD, generator=gen)
-    if name == "qweight":  # int8 codes, or int4 codes two per byte (any byte is valid)
+    if name in ("qweight", "blocks"):  # int8 codes, or int4 / FP4 codes two per byte (any byte is valid)
         low, high = (-127, 128) if view.dtype == torch.int8 else (0, 256)
         return torch.randint(low, high, view.shape, dtype=view.dtype, device=device, generator=gen)
+    if name == "scales" and view.dtype == torch.uint8:  # MXFP4 E8M0 exponents: random FP4 codes have std ~3.2
+        return torch.full(view.shape, 127 + round(math.log2(INIT_STD / 3.2)), dtype=view.dtype, device=device)
     codes = torch.int8 if view.ndim == 2 else torch.uint8  # int8 scales are [E, out]; int4 scales and zeros [E, out, groups]
     value = INIT_STD / CODE_STD[codes] if name == "scales" else 7.5  # int4 zeros: the middle code
     return torch.full(view.shape, value, dtype=view.dtype, device=device)
@@ -65,11 +75,14 @@ def synthetic_config(name: str, shrink: int = 1) -> T.PretrainedConfig:
     cls, fields = SHAPES[name]
     fields = dict(fields)
     if shrink > 1:
+        defaults = cls()  # the fields a shape does not give
         for key in SHRUNK_WIDTHS:
-            if key in fields:
-                fields[key] = max(8, fields[key] // shrink)
+            value = fields.get(key, getattr(defaults, key, None))
+            if isinstance(value, int):
+                fields[key] = max(8, value // shrink)
         kv = max(1, fields["num_key_value_heads"] // shrink)
-        fields["num_attention_heads"] = max(kv, fields["num_attention_heads"] // shrink // kv * kv)
+        heads = fields.get("num_attention_heads", defaults.num_attention_heads)
+        fields["num_attention_heads"] = max(kv, heads // shrink // kv * kv)
         fields["num_key_value_heads"] = kv
     return cls(**fields, bos_token_id=0, eos_token_id=1, pad_token_id=0)
 
@@ -87,7 +100,7 @@ def full_size_cost(name: str, fmt: ExpertFormat | None = None) -> ModelCost:
     with torch.device("meta"):
         model = build_model(cfg)
     info = model.info
-    layout = ExpertLayout(ExpertShape(info.hidden, info.expert_intermediate), fmt or FloatFormat(torch.bfloat16))
+    layout = ExpertLayout(ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias), fmt or FloatFormat(torch.bfloat16))
     return model_cost(model, layout.nbytes, bytes_per_param=2, dequant_bytes=dequant_traffic(layout, torch.bfloat16))
 
 
@@ -123,7 +136,7 @@ def build_synthetic(
     model.rotary.inv_freq = inv_freq.to(device)  # rotary frequencies stay float32
     info = model.info
     fmt = make_format(expert_dtype, dtype, group_size)
-    store = ExpertStore(list(info.moe_layers), info.num_experts, ExpertShape(info.hidden, info.expert_intermediate), fmt, pin=device.type == "cuda")
+    store = ExpertStore(list(info.moe_layers), info.num_experts, ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias), fmt, pin=device.type == "cuda")
     for layer in store.layers:
         for matrix in MATRICES:
             for (field, _), view in zip(store.layout.fields[matrix], store.fields[layer][matrix]):

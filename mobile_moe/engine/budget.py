@@ -40,6 +40,12 @@ def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
     return sum(h * d for h, d in k_shapes + v_shapes) * dtype.itemsize
 
 
+def recurrent_bytes(model: CausalLM, dtype: torch.dtype) -> int:
+    """Bytes of the recurrent layers' per-sequence states (conv windows, DeltaNet states), twice: the state and a fallback snapshot."""
+    states = [m.new_state(torch.device("meta"), dtype) for m in model.modules() if hasattr(m, "new_state")]
+    return 2 * sum(t.numel() * t.element_size() for state in states for t in state.tensors.values())
+
+
 def scratch_bytes(model: CausalLM, dtype: torch.dtype, context: int) -> int:
     """Estimate of the largest transient activations: one prefill chunk through a layer (expert pairs, MLP widths, mask)."""
     info, chunk = model.info, min(PREFILL_CHUNK, context)
@@ -90,7 +96,7 @@ def plan_slots(
             return SlotPlan(total_experts, total_experts, expert_bytes)  # CPU without a budget: every expert gets a slot
         context = min(model.info.max_context, max_context)
         dense = dense_bytes(model, dtype)
-        kv, scratch = context * kv_bytes_per_token(model, dtype), scratch_bytes(model, dtype, context) + dequant_bytes
+        kv, scratch = context * kv_bytes_per_token(model, dtype) + recurrent_bytes(model, dtype), scratch_bytes(model, dtype, context) + dequant_bytes
         slots = max(0, (budget - dense - kv - scratch) // expert_bytes)
         plan = SlotPlan(min(slots, total_experts), total_experts, expert_bytes, budget, dense, kv, scratch, context)
         reason = plan.describe()
@@ -118,7 +124,7 @@ def plan_for_config(model_cfg: PretrainedConfig, config: EngineConfig) -> SlotPl
         model = build_model(model_cfg)
     dtype = resolve_dtype(config.dtype, model_cfg, device)
     info = model.info
-    layout = ExpertLayout(ExpertShape(info.hidden, info.expert_intermediate), resolve_format(model_cfg, config.expert_dtype, config.group_size, dtype))
+    layout = ExpertLayout(ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias), resolve_format(model_cfg, config.expert_dtype, config.group_size, dtype))
     total = info.num_experts * len(info.moe_layers)
     return plan_slots(config.cache, model, layout.nbytes, total, device, dtype, config.max_context, dequant_scratch_bytes(layout, dtype))
 

@@ -18,13 +18,18 @@ from mobile_moe.models.registry import check_supported
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
 _FUSED = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj)$")
 _PACKED = re.compile(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(gate_up_proj|down_proj)\.(\w+)$")
+_HUB_FIELD = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)_(blocks|scales|bias)$")  # gpt-oss
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 _MTP = re.compile(r"model\.mtp")  # ERNIE-4.5's multi-token-prediction modules (model.mtp_block.*, model.mtp_emb_norm.*, ...)
+_NOT_TEXT = re.compile(r"mtp\.|model\.visual\.")  # Qwen3.5: multi-token prediction, vision tower
+TEXT_PREFIXES = (("model.language_model.", "model."),)  # vision-language checkpoints (Qwen3.5) nest the text stack
 PART_NAMES = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
 DENSE_RENAMES = (
     (".block_sparse_moe.", ".mlp."),  # Mixtral
+    (".linear_attn.", ".self_attn."),  # Qwen3.5's Gated DeltaNet layers sit in the token-mixer slot
     (".shared_experts.", ".shared_expert."),  # DeepSeek, GLM-4.5, ERNIE-4.5
     (".mlp.moe_statics.", ".mlp.gate."),  # ERNIE-4.5 keeps the router's correction bias in a sibling module
+    (".mlp.router.", ".mlp.gate."),  # gpt-oss
 )
 
 
@@ -54,7 +59,16 @@ class PackedExpertTensor:
     field: str
 
 
-def classify(key: str) -> ExpertTensor | FusedExpertTensor | PackedExpertTensor | None:
+@dataclass(frozen=True)
+class HubExpertField:
+    """A gpt-oss expert tensor of all experts of a layer: MXFP4 `blocks` / `scales`, or a `bias`, rows in hub order."""
+
+    layer: int
+    part: str  # gate_up | down
+    field: str  # blocks | scales | bias
+
+
+def classify(key: str) -> ExpertTensor | FusedExpertTensor | PackedExpertTensor | HubExpertField | None:
     """What a checkpoint key holds: an expert piece, a fused or packed expert tensor, or None for a dense weight."""
     if m := _EXPERT.match(key):
         return ExpertTensor(int(m[1]), int(m[2]), PART_NAMES[m[3]])
@@ -62,6 +76,8 @@ def classify(key: str) -> ExpertTensor | FusedExpertTensor | PackedExpertTensor 
         return FusedExpertTensor(int(m[1]), "gate_up" if m[2] == "gate_up_proj" else "down")
     if m := _PACKED.match(key):
         return PackedExpertTensor(int(m[1]), "gate_up" if m[2] == "gate_up_proj" else "down", m[3])
+    if m := _HUB_FIELD.match(key):
+        return HubExpertField(int(m[1]), "gate_up" if m[2] == "gate_up_proj" else "down", m[3])
     return None
 
 
@@ -79,7 +95,15 @@ def layer_of(key: str) -> int | None:
 def unused(key: str, num_layers: int) -> bool:
     """True for weights decoding never uses: multi-token-prediction layers (DeepSeek-V3, GLM-4.5) and modules (ERNIE-4.5)."""
     layer = layer_of(key)
-    return (layer is not None and layer >= num_layers) or _MTP.match(key) is not None
+    return (layer is not None and layer >= num_layers) or _MTP.match(key) is not None or _NOT_TEXT.match(key) is not None
+
+
+def canonical_key(key: str) -> str:
+    """The key with a vision-language checkpoint's text-stack prefix reduced to the text-only one (`model.language_model.` -> `model.`)."""
+    for old, new in TEXT_PREFIXES:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
 
 
 def dense_name(key: str) -> str:

@@ -71,6 +71,7 @@ class _Decoder:
         """One MoBiLE step: first pass (big or little); if the policy says so, rewind and redo it with big."""
         runner, policy = self.runner, self.policy
         ids = runner.ids([token])
+        before = self.kv.snapshot() if policy.may_fall_back else None  # what a fallback returns to (copies recurrent states)
         logits = runner.forward(ids, self.kv, policy.decode_mode, record=policy.may_fall_back, step=step)
         nxt, greedy, conf, signals = self.read(logits, policy.needs_confidence)
         if not policy.falls_back(conf if conf is not None else 1.0, step):
@@ -78,8 +79,10 @@ class _Decoder:
             self.little_positions += policy.decode_mode is ExpertMode.LITTLE
             return nxt
         routing_log = runner.routing_log or {}
-        repair = min(policy.config.kv_repair, self.little_positions)  # earlier positions whose KV little wrote, redone by big
-        self.kv.rewind(1 + repair)
+        # earlier positions whose KV little wrote, redone by big; none with recurrent layers (their state goes back only to `before`)
+        repair = 0 if self.kv.recurrent else min(policy.config.kv_repair, self.little_positions)
+        self.kv.restore(before)  # forget this step: KV length back, recurrent states copied back
+        self.kv.rewind(repair)
         if policy.config.prefetch_on_fallback:
             runner.prefetch_other_half(routing_log)
         if repair:

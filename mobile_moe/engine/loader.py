@@ -12,7 +12,9 @@ from transformers import PretrainedConfig
 from mobile_moe.engine.checkpoint import (
     ExpertTensor,
     FusedExpertTensor,
+    HubExpertField,
     PackedExpertTensor,
+    canonical_key,
     classify,
     count_tensors,
     dense_name,
@@ -95,13 +97,13 @@ def load(
     with torch.device("meta"):
         model = build_model(cfg)
     info = model.info
-    store = ExpertStore(list(info.moe_layers), info.num_experts, ExpertShape(info.hidden, info.expert_intermediate), fmt, pin=device.type == "cuda")
+    store = ExpertStore(list(info.moe_layers), info.num_experts, ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias), fmt, pin=device.type == "cuda")
     dense: dict[str, torch.Tensor] = {}
     bar = tqdm(total=count_tensors(files), desc="loading weights", unit="tensor", disable=(not progress) or None, leave=False)
     fp32 = fp32_names(model)
     for key, tensor in iter_tensors(files):
         bar.update()
-        _place(key, tensor, cfg, store, dense, device, dtype, fp32)
+        _place(key, tensor, cfg, store, dense, device, dtype, fp32, info.interleaved_experts)
     bar.close()
     _finish(model, dense, store, cfg, device)
     model.fuse_projections()
@@ -111,21 +113,28 @@ def load(
 
 def _place(
     key: str, tensor: torch.Tensor, cfg: PretrainedConfig, store: ExpertStore, dense: dict[str, torch.Tensor],
-    device: torch.device, dtype: torch.dtype, fp32: frozenset[str],
+    device: torch.device, dtype: torch.dtype, fp32: frozenset[str], interleaved: bool = False,
 ) -> None:
     """Route one checkpoint tensor to the expert store (packed there) or the dense state dict (`fp32` names stay float32)."""
-    if unused(key, cfg.num_hidden_layers):
+    key = canonical_key(key)
+    if unused(key, cfg.get_text_config().num_hidden_layers):
         return
     kind = classify(key)
     if kind is not None:
-        place_expert(key, kind, tensor, store)
+        place_expert(key, kind, tensor, store, interleaved)
     elif not key.endswith("rotary_emb.inv_freq"):
         name = dense_name(key)
         dense[name] = dense_tensor(name, tensor).to(device=device, dtype=torch.float32 if name in fp32 else dtype)
 
 
-def place_expert(key: str, kind: ExpertTensor | FusedExpertTensor | PackedExpertTensor, tensor: torch.Tensor, store: ExpertStore) -> None:
-    """Pack one expert tensor of the checkpoint into the store; a tensor that does not fit is a CheckpointError."""
+def place_expert(
+    key: str, kind: ExpertTensor | FusedExpertTensor | PackedExpertTensor | HubExpertField, tensor: torch.Tensor, store: ExpertStore,
+    interleaved: bool = False,
+) -> None:
+    """Pack one expert tensor of the checkpoint into the store; a tensor that does not fit is a CheckpointError.
+
+    `interleaved` (gpt-oss): fused float tensors are [E, in, out] and gate_up's gate/up outputs alternate; they are
+    turned into our [E, out, in], gate rows first. Hub blocks / scales / biases are copied as packed fields."""
     if kind.layer not in store.layers:
         moe = ", ".join(map(str, store.layers)) or "none"
         raise CheckpointError(f"tensor {key} is a routed expert of layer {kind.layer}, a dense layer in the config (MoE layers: {moe})")
@@ -133,13 +142,23 @@ def place_expert(key: str, kind: ExpertTensor | FusedExpertTensor | PackedExpert
         if isinstance(kind, ExpertTensor):
             store.put(kind.layer, kind.expert, kind.part, tensor)
         elif isinstance(kind, FusedExpertTensor):
+            if interleaved:
+                tensor = _gate_rows_first(tensor.transpose(1, 2), kind.part)
             store.put_fused(kind.layer, kind.part, tensor)
+        elif isinstance(kind, HubExpertField):
+            tensor = _gate_rows_first(tensor, kind.part) if interleaved else tensor
+            store.put_packed(kind.layer, kind.part, kind.field, tensor.to(store.format.bias_dtype) if kind.field == "bias" else tensor)
         elif not store.format.quantized:
             raise ValueError("packed expert tensors need a quantization_config naming their format")
         else:
             store.put_packed(kind.layer, kind.part, kind.field, tensor)
     except (ValueError, KeyError, IndexError) as e:
         raise CheckpointError(f"tensor {key} does not fit the config: {e}") from None
+
+
+def _gate_rows_first(t: torch.Tensor, part: str) -> torch.Tensor:
+    """[E, 2I, ...] with gate and up rows alternating (gpt-oss) -> gate rows, then up rows; `down` passes unchanged."""
+    return torch.cat((t[:, 0::2], t[:, 1::2]), dim=1) if part == "gate_up" else t
 
 
 def _finish(model: CausalLM, dense: dict[str, torch.Tensor], store: ExpertStore, cfg: PretrainedConfig, device: torch.device) -> None:

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from mobile_moe.engine.checkpoint import classify, count_tensors, iter_tensors, packed_key, read_config, shard_files, unused
+from mobile_moe.engine.checkpoint import canonical_key, classify, count_tensors, iter_tensors, packed_key, read_config, shard_files, unused
 from mobile_moe.engine.loader import place_expert, stored_format
 from mobile_moe.errors import CheckpointError, InvalidParameter
 from mobile_moe.experts.formats import ExpertFormat, make_format
@@ -53,9 +53,9 @@ def quantize_checkpoint(src: Path, out: Path, to: str, group_size: int | None = 
     files = shard_files(src)
     with torch.device("meta"):
         info = build_model(cfg).info
-    shape = ExpertShape(info.hidden, info.expert_intermediate)
+    shape = ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias)
     store = ExpertStore(list(info.moe_layers), info.num_experts, shape, fmt, pin=False)
-    dense, source_bytes = _read(files, cfg, store, progress)
+    dense, source_bytes = _read(files, cfg, store, progress, info.interleaved_experts)
     lacking = store.missing()
     if lacking:
         raise CheckpointError(f"checkpoint lacks {len(lacking)} expert weights, e.g. {lacking[0]}")
@@ -71,20 +71,20 @@ def quantize_checkpoint(src: Path, out: Path, to: str, group_size: int | None = 
     return QuantizeReport(out, fmt.config(), store.total_experts, source_bytes, store.nbytes)
 
 
-def _read(files: list[Path], cfg, store: ExpertStore, progress: bool) -> tuple[dict[str, torch.Tensor], int]:
+def _read(files: list[Path], cfg, store: ExpertStore, progress: bool, interleaved: bool = False) -> tuple[dict[str, torch.Tensor], int]:
     """Pack experts into `store` as they stream by; returns the dense tensors (keys and dtypes as stored) and the source expert bytes."""
     dense: dict[str, torch.Tensor] = {}
     source_bytes = 0
     bar = tqdm(total=count_tensors(files), desc="quantizing experts", unit="tensor", disable=(not progress) or None, leave=False)
     for key, tensor in iter_tensors(files):
         bar.update()
-        if unused(key, cfg.num_hidden_layers):
+        if unused(canonical_key(key), cfg.get_text_config().num_hidden_layers):
             continue  # e.g. DeepSeek-V3's multi-token-prediction layers
-        kind = classify(key)
+        kind = classify(canonical_key(key))  # dense tensors keep their stored keys
         if kind is None:
             dense[key] = tensor
             continue
-        place_expert(key, kind, tensor, store)
+        place_expert(key, kind, tensor, store, interleaved)
         source_bytes += tensor.numel() * tensor.element_size()
     bar.close()
     return dense, source_bytes

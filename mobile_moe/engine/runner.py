@@ -35,7 +35,9 @@ class Runner:
     def new_kv(self, max_len: int) -> KVCache:
         """An empty KV cache for one sequence of up to max_len positions."""
         k_shapes, v_shapes = self.model.kv_shapes()
-        return KVCache(k_shapes, v_shapes, max_len, self.model.lm_head.weight.device, self.model.lm_head.weight.dtype)
+        device, dtype = self.model.lm_head.weight.device, self.model.lm_head.weight.dtype
+        recurrent = {m.layer: m.new_state(device, dtype) for m in self.model.modules() if hasattr(m, "new_state")}  # recurrent token mixers
+        return KVCache(k_shapes, v_shapes, max_len, device, dtype, recurrent)
 
     def ids(self, tokens: list[int]) -> torch.Tensor:
         """Token ids [T] on the device, without a host sync."""

@@ -10,7 +10,6 @@ combined by a weighted sum in a fixed order, so results do not depend on atomics
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -21,8 +20,7 @@ from mobile_moe.experts.cache import ExpertCache
 from mobile_moe.experts.formats import FloatFormat
 from mobile_moe.experts.store import MATRICES, ExpertShape, ExpertStore
 from mobile_moe.experts.transfer import TransferEngine
-
-Activation = Callable[[torch.Tensor], torch.Tensor]
+from mobile_moe.layers.mlp import Activation, gated
 PROBE_HIDDEN, PROBE_INTERMEDIATE = 256, 128  # the grouped-matmul probe's expert: tiny, but aligned like real ones
 
 
@@ -57,6 +55,7 @@ class ExpertExecutor:
     def __init__(self, cache: ExpertCache, act: Activation, dtype: torch.dtype, grouped: bool | None = None) -> None:
         self.cache, self.act, self.dtype = cache, act, dtype
         self.in_place = cache.store.format.reads_in_place(dtype)
+        self.bias = cache.store.shape.bias  # each matrix's last packed field is its bias [out] (gpt-oss)
         self.grouped = (self.in_place and grouped_mm_works(cache, act, dtype)) if grouped is None else grouped
         # per slot: (gate_up, down) packed fields as views, made once (indexing the pool per call costs a dispatch each)
         self.slot_fields = [tuple([f[slot] for f in cache.fields[m]] for m in MATRICES) for slot in range(cache.num_slots)]
@@ -104,13 +103,16 @@ class ExpertExecutor:
     def _expert(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         """x: [P, H] -> one cached expert's SwiGLU output [P, H], its packed weights dequantized first unless read in place."""
         gate_up, down = self.slot_fields[slot]
+        gate_up_b, down_b = (gate_up[-1], down[-1]) if self.bias else (None, None)  # [2I], [H]
+        if self.bias:
+            gate_up, down = gate_up[:-1], down[:-1]
         if self.in_place:
             gate_up, down = gate_up[0], down[0]
         else:  # transient [out, in] matrices the budget counts
             fmt = self.cache.store.format
             gate_up, down = fmt.dequantize(gate_up, self.dtype), fmt.dequantize(down, self.dtype)
-        gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-        return F.linear(self.act(gate) * up, down)
+        gate, up = F.linear(x, gate_up, _cast(gate_up_b, self.dtype)).chunk(2, dim=-1)
+        return F.linear(gated(self.act, gate, up), down, _cast(down_b, self.dtype))
 
     def _compute_grouped(self, xs: torch.Tensor, slots: list[int], counts: list[int]) -> torch.Tensor:
         """Two grouped matmuls over the whole slot pool: group s holds the rows routed to slot s (most are empty)."""
@@ -124,9 +126,19 @@ class ExpertExecutor:
         offs = per_slot.cumsum(0).to(torch.int32)  # [S] end row of each slot's group
         gate_up_w, down_w = self.cache.fields["gate_up"][0], self.cache.fields["down"][0]  # [S, 2I, H], [S, H, I]
         gate_up = torch._grouped_mm(xs[row_index], gate_up_w.transpose(1, 2), offs=offs)  # [Pg, 2I]
+        if self.bias:  # each row adds its slot's biases
+            row_slot = torch.repeat_interleave(torch.arange(self.cache.num_slots, device=xs.device), per_slot)  # [Pg]
+            gate_up = gate_up + self.cache.fields["gate_up"][-1][row_slot].to(gate_up.dtype)
         gate, up = gate_up.chunk(2, dim=-1)
-        y = torch._grouped_mm((self.act(gate) * up).contiguous(), down_w.transpose(1, 2), offs=offs)  # [Pg, H]
+        y = torch._grouped_mm(gated(self.act, gate, up).contiguous(), down_w.transpose(1, 2), offs=offs)  # [Pg, H]
+        if self.bias:
+            y = y + self.cache.fields["down"][-1][row_slot].to(y.dtype)
         return torch.empty_like(y).index_copy_(0, row_index, y)  # back to the caller's row order
+
+
+def _cast(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A packed bias field in the compute dtype (None stays None)."""
+    return None if bias is None else bias.to(dtype)
 
 
 def grouped_mm_works(cache: ExpertCache, act: Activation, dtype: torch.dtype) -> bool:

@@ -8,6 +8,8 @@ The store, the cache slots and the copies only ever see the packed bytes.
 - int8: per output channel, symmetric: w = q * scale, q in [-127, 127], scale float32 [out].
 - int4: groups of `group_size` along the input dim, asymmetric: w = (q - zero) * scale, q in [0, 15]
   two per byte (even column in the low nibble), scale and zero float16 [out, in / group_size].
+- mxfp4 (OCP Microscaling, gpt-oss checkpoints): blocks of 32 along the input dim, FP4 E2M1 codes two per byte
+  (even column in the low nibble), one E8M0 exponent per block: w = fp4(code) * 2^(scale - 127).
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from mobile_moe.errors import CheckpointError, InvalidParameter
 FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_GROUP_SIZE = 64  # int4: measured on the demo model (README); 64 keeps int4 under 0.3x the bytes of bf16
 QUANT_METHOD = "mobile-moe"  # quantization_config.quant_method of checkpoints `mobile-moe quantize` writes
+MXFP4_METHOD = "mxfp4"  # quantization_config.quant_method of the hub's gpt-oss checkpoints
+MX_BLOCK = 32  # values sharing one E8M0 exponent (OCP Microscaling)
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # E2M1 magnitudes of codes 0..7; bit 3 is the sign
+FP4_EMAX = 2  # exponent of the largest E2M1 normal (6 = 1.5 * 2^2)
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,7 @@ class ExpertFormat(ABC):
 
     name: str
     quantized: bool = True
+    bias_dtype: torch.dtype = torch.float32  # expert biases (gpt-oss) are packed beside the weights in this dtype
 
     @abstractmethod
     def fields(self, out: int, inp: int) -> list[Field]:
@@ -85,7 +92,7 @@ class FloatFormat(ExpertFormat):
     quantized = False
 
     def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
+        self.dtype = self.bias_dtype = dtype
         self.name = {v: k for k, v in FLOAT_DTYPES.items()}.get(dtype, str(dtype))
 
     def fields(self, out: int, inp: int) -> list[Field]:
@@ -162,6 +169,51 @@ class Int4Format(ExpertFormat):
         return f"int4 (group {self.group_size})"
 
 
+class Mxfp4Format(ExpertFormat):
+    """OCP MXFP4: blocks of 32 FP4 (E2M1) values along the input dim sharing one E8M0 exponent; 4.25 bits per weight."""
+
+    name = "mxfp4"
+
+    def check(self, out: int, inp: int, what: str) -> None:
+        if inp % MX_BLOCK:
+            raise InvalidParameter(f"mxfp4 blocks of {MX_BLOCK} do not divide the input dim {inp} of the {what} projection")
+
+    def fields(self, out: int, inp: int) -> list[Field]:
+        blocks = inp // MX_BLOCK
+        return [Field("blocks", torch.uint8, (out, blocks, MX_BLOCK // 2)), Field("scales", torch.uint8, (out, blocks))]
+
+    def quantize(self, w: torch.Tensor) -> list[torch.Tensor]:
+        *lead, out, inp = w.shape
+        self.check(out, inp, "expert")
+        g = w.float().reshape(*lead, out, inp // MX_BLOCK, MX_BLOCK)  # [..., out, G, 32]
+        amax = g.abs().amax(-1)  # [..., out, G]
+        exp = torch.frexp(amax).exponent - 1 - FP4_EMAX  # floor(log2(amax)) - emax, exactly (amax = m * 2^e, m in [0.5, 1))
+        exp = torch.where(amax > 0, exp, -127).clamp_(-127, 127)  # [..., out, G]; 255 (NaN) is never written
+        codes = fp4_codes(torch.ldexp(g, -exp[..., None]))  # [..., out, G, 32]
+        return [pack_int4(codes).contiguous(), (exp + 127).to(torch.uint8).contiguous()]
+
+    def dequantize(self, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        blocks, scales = parts
+        *lead, out, groups, half = blocks.shape
+        lut = torch.tensor(FP4_VALUES + tuple(-v for v in FP4_VALUES), dtype=torch.float32, device=blocks.device)
+        values = lut[unpack_int4(blocks).int()]  # [..., out, G, 32]
+        w = torch.ldexp(values, scales.int()[..., None] - 127)
+        return w.view(*lead, out, groups * 2 * half).to(dtype)
+
+    def config(self) -> dict:
+        return {"quant_method": MXFP4_METHOD}
+
+
+def fp4_codes(v: torch.Tensor) -> torch.Tensor:
+    """Round float32 values to the nearest E2M1 code (ties to the even code, saturating at +-6): uint8 in [0, 15]."""
+    mag = v.abs()
+    code = torch.zeros_like(mag, dtype=torch.uint8)
+    for i, (lo, hi) in enumerate(zip(FP4_VALUES, FP4_VALUES[1:])):
+        mid = (lo + hi) / 2
+        code += (mag > mid) if i % 2 == 0 else (mag >= mid)  # a tie goes to the even code
+    return code | ((v < 0).to(torch.uint8) << 3)
+
+
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """codes: uint8 [..., n] in [0, 15], n even -> [..., n / 2], even column in the low nibble."""
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
@@ -182,13 +234,17 @@ def make_format(name: str, compute_dtype: torch.dtype, group_size: int | None = 
         return FloatFormat(compute_dtype)
     if name in FLOAT_DTYPES:
         return FloatFormat(FLOAT_DTYPES[name])
+    if name == "mxfp4":
+        return Mxfp4Format()
     return Int8Format() if name == "int8" else Int4Format(group_size or DEFAULT_GROUP_SIZE)
 
 
 def format_from_config(qc: dict) -> ExpertFormat:
     """The format a checkpoint's `quantization_config` names; unknown ones are a one-line error."""
+    if qc.get("quant_method") == MXFP4_METHOD:
+        return Mxfp4Format()
     if qc.get("quant_method") != QUANT_METHOD:
-        raise CheckpointError(f"quantization_config.quant_method {qc.get('quant_method')!r} is not supported (only {QUANT_METHOD!r} checkpoints)")
+        raise CheckpointError(f"quantization_config.quant_method {qc.get('quant_method')!r} is not supported (only {QUANT_METHOD!r} and {MXFP4_METHOD!r} checkpoints)")
     name = qc.get("expert_format")
     if name == "int8":
         return Int8Format()

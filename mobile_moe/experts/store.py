@@ -22,10 +22,11 @@ FUSED_CHUNK = 8  # experts quantized at once from a fused [E, ...] tensor: bound
 
 @dataclass(frozen=True)
 class ExpertShape:
-    """Shape of one SwiGLU expert: gate_up [2I, H] (gate rows first) and down [H, I]."""
+    """Shape of one SwiGLU expert: gate_up [2I, H] (gate rows first) and down [H, I], optionally with biases [2I] and [H]."""
 
     hidden: int
     intermediate: int
+    bias: bool = False  # gpt-oss: each matrix has a bias, packed as its last field
 
     @property
     def numel(self) -> int:
@@ -61,7 +62,7 @@ class ExpertLayout:
             out, inp = shape.matrix_shape(matrix)
             fmt.check(out, inp, matrix)
             placed = []
-            for field in fmt.fields(out, inp):
+            for field in fmt.fields(out, inp) + ([Field("bias", fmt.bias_dtype, (out,))] if shape.bias else []):
                 placed.append((field, offset))
                 offset = _align(offset + field.nbytes)
             self.fields[matrix] = placed
@@ -156,7 +157,7 @@ class ExpertStore:
     def _mark(self, layer: int, experts: range, matrix: Matrix, parts: tuple[Part, ...] | None = None, fields: tuple[str, ...] | None = None) -> None:
         """Record which (expert, projection, field) pieces have been written."""
         parts = parts or MATRIX_PARTS[matrix]
-        fields = fields or tuple(f.name for f, _ in self.layout.fields[matrix])
+        fields = fields or tuple(f.name for f, _ in self.layout.fields[matrix] if f.name != "bias")  # biases come as their own tensors
         self.filled.update(product((layer,), experts, parts, fields))
 
     def missing(self) -> list[str]:

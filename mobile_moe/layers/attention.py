@@ -42,6 +42,28 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return out[0].transpose(0, 1).reshape(q.shape[1], -1)
 
 
+def window_mask(start: int, length: int, window: int, device: torch.device) -> torch.Tensor:
+    """[T, start+T] boolean mask letting query i (position start+i) see the `window` latest keys up to itself."""
+    q_pos = torch.arange(start, start + length, device=device)[:, None]
+    k_pos = torch.arange(start + length, device=device)[None, :]
+    return (k_pos <= q_pos) & (k_pos > q_pos - window)
+
+
+def attend_with_sinks(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, sinks: torch.Tensor
+) -> torch.Tensor:
+    """`attend` with a learned logit per head in each softmax denominator (gpt-oss): one extra zero key/value
+    whose logit is sinks[h]. q: [Hq, T, D], k/v: [Hkv, S, D*], sinks: [Hq] -> [T, Hq * Dv]."""
+    (Hq, T, _), S = q.shape, k.shape[1]
+    k = torch.cat((k, k.new_zeros(k.shape[0], 1, k.shape[2])), dim=1)  # [Hkv, S+1, D]
+    v = torch.cat((v, v.new_zeros(v.shape[0], 1, v.shape[2])), dim=1)
+    bias = q.new_zeros(Hq, T, S + 1)  # additive logits: 0 (attend), -inf (masked), sinks[h] for the extra key
+    if mask is not None:
+        bias[:, :, :S].masked_fill_(~mask, float("-inf"))
+    bias[:, :, S] = sinks.to(q.dtype)[:, None]
+    return attend(q, k, v, bias, scale)
+
+
 QKNorm = Literal["none", "head", "full"]
 
 
@@ -64,12 +86,16 @@ class GQAAttention(nn.Module):
         rotary_dim: int | None = None,
         rope_layout: RopeLayout = "half",
         rope_fp32: bool = False,
+        output_gate: bool = False,
+        sinks: bool = False,
+        sliding_window: int | None = None,
     ) -> None:
         super().__init__()
         self.layer, self.heads, self.kv_heads, self.head_dim = layer, heads, kv_heads, head_dim
         self.rotary_dim = head_dim if rotary_dim is None else rotary_dim  # leading channels rotated, the rest pass through
         self.rope_layout, self.rope_fp32 = rope_layout, rope_fp32  # rope_fp32: rotate in float32, round once (ERNIE-4.5)
-        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=qkv_bias)
+        self.output_gate = output_gate  # q_proj also yields a per-head gate; out *= sigmoid(gate) before o_proj (Qwen3.5)
+        self.q_proj = nn.Linear(hidden, heads * head_dim * (2 if output_gate else 1), bias=qkv_bias)
         self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=o_bias)
@@ -79,6 +105,8 @@ class GQAAttention(nn.Module):
         elif qk_norm == "full":
             self.q_norm, self.k_norm = RMSNorm(heads * head_dim, eps), RMSNorm(kv_heads * head_dim, eps)
         self.clip_qkv = clip_qkv
+        self.sinks = nn.Parameter(torch.empty(heads)) if sinks else None  # [H] softmax sink logits (gpt-oss)
+        self.sliding_window = sliding_window  # attend to this many latest positions (gpt-oss sliding layers)
         self.qkv: FusedLinear | None = None
 
     def fuse_projections(self) -> None:
@@ -93,6 +121,9 @@ class GQAAttention(nn.Module):
         """x: [T, hidden] -> [T, hidden]; writes this step's keys/values into the cache."""
         T = x.shape[0]
         q, k, v = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))  # [T, H*D]
+        if self.output_gate:
+            q, gate = q.view(T, self.heads, 2 * self.head_dim).chunk(2, dim=-1)  # each [T, H, D]
+            q = q.reshape(T, self.heads * self.head_dim)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -105,7 +136,16 @@ class GQAAttention(nn.Module):
         q, k = qk[: self.heads], qk[self.heads :]
         v = v.view(T, self.kv_heads, self.head_dim).transpose(0, 1)
         k_all, v_all = inp.kv.write(self.layer, k, v)
-        return self.o_proj(attend(q, k_all, v_all, inp.mask, self.head_dim**-0.5))
+        mask = inp.mask
+        if self.sliding_window is not None:
+            mask = window_mask(k_all.shape[1] - T, T, self.sliding_window, x.device)  # [T, S]
+        if self.sinks is not None:
+            out = attend_with_sinks(q, k_all, v_all, mask, self.head_dim**-0.5, self.sinks)  # [T, H*D]
+        else:
+            out = attend(q, k_all, v_all, mask, self.head_dim**-0.5)  # [T, H*D]
+        if self.output_gate:
+            out = out * torch.sigmoid(gate.reshape(T, -1))
+        return self.o_proj(out)
 
     def _rotate(self, x: torch.Tensor, inp: AttentionInput) -> torch.Tensor:
         """x: [H, T, D] -> [H, T, D] with the first rotary_dim channels rotated (cos/sin: [T, rotary_dim / 2])."""

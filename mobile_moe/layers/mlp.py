@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 
 import torch
@@ -20,8 +21,32 @@ ACTIVATIONS: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] = MappingProxy
 })
 
 
-def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The activation function named in a config."""
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """gpt-oss experts' gated activation: (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)."""
+
+    alpha: float
+    limit: float
+
+    def gated(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """gate, up: [..., I] -> [..., I]."""
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(-self.limit, self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+
+Activation = Callable[[torch.Tensor], torch.Tensor] | ClampedSwiGLU  # act(gate) * up, or a two-input gated activation
+
+
+def gated(act: Activation, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The expert's gated product: act(gate) * up, or the two-input rule of a gated activation. [..., I] -> [..., I]."""
+    return act.gated(gate, up) if isinstance(act, ClampedSwiGLU) else act(gate) * up
+
+
+def activation(name: str | ClampedSwiGLU) -> Activation:
+    """The activation function named in a config (a gated activation object passes through)."""
+    if isinstance(name, ClampedSwiGLU):
+        return name
     if name not in ACTIVATIONS:
         raise UnsupportedArchitecture(f"activation {name!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
     return ACTIVATIONS[name]

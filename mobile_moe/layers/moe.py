@@ -25,7 +25,7 @@ class RouterSpec:
 
     num_experts: int
     top_k: int
-    scoring: Literal["softmax", "sigmoid"] = "softmax"
+    scoring: Literal["softmax", "sigmoid", "topk_softmax"] = "softmax"  # topk_softmax: top-k of the logits, softmax over those k (gpt-oss)
     renormalize: bool = False
     renorm_eps: float = 0.0  # added to the denominator (DeepSeek-V3, GLM-4.5)
     renorm_min: float = 0.0  # lower bound of the denominator (ERNIE-4.5's moe_norm_min)
@@ -35,6 +35,7 @@ class RouterSpec:
     group_score: Literal["max", "top2_sum"] = "max"
     correction_bias: bool = False
     logits_fp32: bool = False  # compute the router matmul in float32 (DeepSeek keeps the gate in fp32)
+    bias: bool = False  # the router linear has a bias [E] (gpt-oss)
 
     @property
     def little_k(self) -> int:
@@ -53,6 +54,9 @@ class Routing:
 def route(logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None) -> Routing:
     """logits: [T, E] -> the architecture's top-k, sorted best first."""
     logits = logits.float()
+    if spec.scoring == "topk_softmax":  # weights: softmax over the selected logits (the sum renormalises a kept prefix)
+        top = logits.topk(spec.top_k, dim=-1, sorted=True)  # [T, k]
+        return Routing(indices=top.indices, raw_weights=top.values.softmax(-1))
     scores = logits.softmax(-1) if spec.scoring == "softmax" else logits.sigmoid()  # [T, E]
     choice = scores + bias.float() if bias is not None else scores
     if spec.n_group > 1 and spec.topk_group < spec.n_group:
@@ -116,6 +120,7 @@ class Router(nn.Module):
         super().__init__()
         self.spec = spec
         self.weight = nn.Parameter(torch.empty(spec.num_experts, hidden))
+        self.bias = nn.Parameter(torch.empty(spec.num_experts)) if spec.bias else None  # [E]
         if spec.correction_bias:
             self.register_buffer("e_score_correction_bias", torch.zeros(spec.num_experts))
         else:
@@ -124,9 +129,9 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> Routing:
         """x: [T, H] -> routing for T tokens."""
         if self.spec.logits_fp32:
-            logits = F.linear(x.float(), self.weight.float())
+            logits = F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
         else:
-            logits = F.linear(x, self.weight)  # [T, E]
+            logits = F.linear(x, self.weight, self.bias)  # [T, E]
         return route(logits, self.spec, self.e_score_correction_bias)
 
 

@@ -36,7 +36,8 @@ def rotary_for(cfg: PretrainedConfig, dim: int) -> RotaryEmbedding:
     if rope_type == "default":
         inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float, device="cpu") / dim))
         return RotaryEmbedding(inv_freq, 1.0)
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"))
+    with torch.device("cpu"):  # models are built under a meta device; frequencies are real numbers (YaRN builds tensors inside)
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"))
     return RotaryEmbedding(inv_freq, float(scaling))
 
 

@@ -8,7 +8,7 @@ from types import MappingProxyType
 from transformers import PretrainedConfig
 
 from mobile_moe.errors import UnsupportedArchitecture
-from mobile_moe.models import deepseek, ernie4_5_moe, glm4_moe, mixtral, olmoe, qwen_moe
+from mobile_moe.models import deepseek, ernie4_5_moe, glm4_moe, gpt_oss, mixtral, olmoe, qwen3_5_moe, qwen_moe
 from mobile_moe.models.transformer import CausalLM
 
 BUILDERS: Mapping[str, Callable[[PretrainedConfig], CausalLM]] = MappingProxyType({
@@ -20,6 +20,9 @@ BUILDERS: Mapping[str, Callable[[PretrainedConfig], CausalLM]] = MappingProxyTyp
     "deepseek_v3": deepseek.build_v3,
     "glm4_moe": glm4_moe.build,
     "ernie4_5_moe": ernie4_5_moe.build,
+    "gpt_oss": gpt_oss.build,
+    "qwen3_5_moe": qwen3_5_moe.build,
+    "qwen3_5_moe_text": qwen3_5_moe.build,
 })
 SUPPORTED = tuple(BUILDERS)
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from mobile_moe.layers.attention import AttentionInput, causal_mask
 from mobile_moe.layers.kv_cache import KVCache
+from mobile_moe.layers.mlp import ClampedSwiGLU
 from mobile_moe.layers.moe import ExpertRunner, MoEBlock
 from mobile_moe.layers.norm import RMSNorm
 from mobile_moe.layers.rotary import RotaryEmbedding
@@ -52,8 +53,10 @@ class ModelInfo:
     num_experts: int
     hidden: int
     expert_intermediate: int
-    hidden_act: str
+    hidden_act: str | ClampedSwiGLU  # the routed experts' activation (`layers.mlp.activation`)
     eos_token_ids: tuple[int, ...]
+    expert_bias: bool = False  # routed experts have biases (gpt-oss), packed with their weights
+    interleaved_experts: bool = False  # hub tensors: fused [E, in, out], gate/up columns (packed: rows) alternating (gpt-oss)
 
 
 class CausalLM(nn.Module):
