@@ -194,6 +194,8 @@ _DELETE = object()
         ("glm4_moe", "use_qk_norm", _DELETE, ("weights the config does not describe", "k_norm")),
         ("ernie4_5_moe", "moe_k", None, ("config.json (ernie4_5_moe) needs a value for 'moe_k'",)),  # the config class accepts null
         ("ernie4_5_moe", "moe_layer_start_index", _DELETE, ("routed expert of layer 0, a dense layer in the config",)),
+        ("gpt_oss", "num_local_experts", _DELETE, ("does not fit the config", "expected (128")),  # transformers' default is 128
+        ("gpt_oss", "layer_types", ["sliding_attention", "bogus", "full_attention"], ("bogus",)),
     ],
 )
 def test_config_missing_a_required_field(capsys, checkpoints, tmp_path, arch, field, value, needles):
