@@ -163,7 +163,7 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     """`quantize`."""
     q = sub.add_parser("quantize", help="write a copy of a checkpoint with its routed experts packed as int8 or int4")
     q.add_argument("--model", type=Path, help="source checkpoint directory (default: the bundled demo model)")
-    q.add_argument("--to", required=True, choices=["int8", "int4"], help="expert format")
+    q.add_argument("--to", required=True, choices=["int8", "int4", "mxfp4"], help="expert format")
     q.add_argument("--group-size", type=int, metavar="G", help=f"int4: weights per scale/zero group along the input dim (default {DEFAULT_GROUP_SIZE})")
     q.add_argument("--out", type=Path, required=True, help="new directory to write (must not exist)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -318,10 +318,13 @@ def test_mxfp4_gpt_oss_checkpoint_runs_packed_like_its_dequantized_model(checkpo
     assert packed.generate(PROMPT, GREEDY).token_ids == floats.generate(PROMPT, GREEDY).token_ids == out[0, len(PROMPT):].tolist()
 
 
-def test_quantize_packs_gpt_oss_experts_and_biases_like_loading_does(checkpoints, tmp_path):
-    out = tmp_path / "gpt-oss-int4"
-    quantize_checkpoint(checkpoints["gpt_oss"], out, "int4", GROUP, progress=False)
+@pytest.mark.parametrize("to", ["int4", "mxfp4"])
+def test_quantize_packs_gpt_oss_experts_and_biases_like_loading_does(checkpoints, tmp_path, to):
+    group = GROUP if to == "int4" else None
+    out = tmp_path / f"gpt-oss-{to}"
+    quantize_checkpoint(checkpoints["gpt_oss"], out, to, group, progress=False)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["expert_format"] == to  # ours, not the hub's mxfp4 layout
     loaded = LLM(out, engine_config(progress=False, expert_cache=6))
-    on_the_fly = LLM(checkpoints["gpt_oss"], engine_config(progress=False, expert_cache=6, expert_dtype="int4", group_size=GROUP))
+    on_the_fly = LLM(checkpoints["gpt_oss"], engine_config(progress=False, expert_cache=6, expert_dtype=to, group_size=group))
     assert torch.equal(loaded.loaded.store.host.data, on_the_fly.loaded.store.host.data)  # de-interleaved once, biases included
     assert loaded.generate(PROMPT, GREEDY).token_ids == on_the_fly.generate(PROMPT, GREEDY).token_ids

@@ -41,9 +41,9 @@ class QuantizeReport:
 
 
 def quantize_checkpoint(src: Path, out: Path, to: str, group_size: int | None = None, progress: bool = True) -> QuantizeReport:
-    """Write `src` with its routed experts packed as `to` (int8 | int4) into the new directory `out`."""
-    if to not in ("int8", "int4"):
-        raise InvalidParameter(f"--to must be int8 or int4, got {to!r}")
+    """Write `src` with its routed experts packed as `to` (int8 | int4 | mxfp4) into the new directory `out`."""
+    if to not in ("int8", "int4", "mxfp4"):
+        raise InvalidParameter(f"--to must be int8, int4 or mxfp4, got {to!r}")
     if out.exists():
         raise InvalidParameter(f"output directory {out} already exists; choose a new --out")
     cfg = read_config(src)

@@ -201,7 +201,8 @@ class Mxfp4Format(ExpertFormat):
         return w.view(*lead, out, groups * 2 * half).to(dtype)
 
     def config(self) -> dict:
-        return {"quant_method": MXFP4_METHOD}
+        """Our own packed layout (`quantize --to mxfp4`); the hub's gpt-oss checkpoints say quant_method mxfp4 instead."""
+        return super().config()
 
 
 def fp4_codes(v: torch.Tensor) -> torch.Tensor:
@@ -248,6 +249,8 @@ def format_from_config(qc: dict) -> ExpertFormat:
     name = qc.get("expert_format")
     if name == "int8":
         return Int8Format()
+    if name == "mxfp4":
+        return Mxfp4Format()
     if name == "int4":
         group = qc.get("group_size")
         if not isinstance(group, int):
@@ -256,4 +259,4 @@ def format_from_config(qc: dict) -> ExpertFormat:
             return Int4Format(group)
         except InvalidParameter as e:
             raise CheckpointError(f"quantization_config: {e}") from None
-    raise CheckpointError(f"quantization_config names an unknown expert format {name!r} (known: int8, int4)")
+    raise CheckpointError(f"quantization_config names an unknown expert format {name!r} (known: int8, int4, mxfp4)")
