@@ -23,8 +23,6 @@ from mobile_moe.engine.calibration import (
     DEMO_MODEL,
     calibrated_tau,
     demo_fallback_rate,
-    read_calibration,
-    resolve_policy,
     write_calibration,
 )
 from mobile_moe.engine.checkpoint import read_config
@@ -124,7 +122,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed, stop_at_eos=True)
     llm = open_llm(args)
     llm.chat_prompt([{"role": "user", "content": "x"}])  # no chat template: a one-line error now, not after the first message
-    return chat(llm, sampling, policy_from(args, llm.path))
+    return chat(llm, sampling, policy_from(args, llm))
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -298,10 +296,9 @@ def policy_flags(args: argparse.Namespace) -> PolicyConfig:
                         layer_adaptive=args.layer_adaptive, cache_prior=args.cache_prior, kv_repair=args.kv_repair)
 
 
-def policy_from(args: argparse.Namespace, model: Path) -> PolicyConfig:
-    """PolicyConfig from flags; criterion and tau fall back to the model's calibration, then to the defaults."""
-    policy = policy_flags(args)
-    return resolve_policy(policy, read_calibration(model))
+def policy_from(args: argparse.Namespace, llm: LLM) -> PolicyConfig:
+    """PolicyConfig from flags; criterion and tau fall back to the model's calibration (read once at load), then to the defaults."""
+    return llm.resolve_policy(policy_flags(args))
 
 
 def parse_ids(text: str) -> list[int]:
@@ -320,7 +317,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise InvalidParameter(f"--tau and --criterion apply to --policy mobile only, not {args.policy}")
     sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     llm = open_llm(args)
-    policy = policy_from(args, llm.path)
+    policy = policy_from(args, llm)
     prompt = parse_ids(args.prompt_ids) if args.prompt_ids is not None else args.prompt
     result = llm.generate(prompt, sampling, policy)
     if args.json:
@@ -385,10 +382,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_writable_file(args.plot, "--plot")
     texts, data = read_texts(args.data, "test", args.glob)
     llm = open_llm(args)
-    policy = policy_from(args, llm.path)
+    policy = policy_from(args, llm)
     sweeps = eval_sweeps(args, llm, policy)
     settings = EvalSettings(sweeps[0][1], args.max_prompts, args.new_tokens, args.ppl_tokens, progress=not args.quiet)
-    calibrated = calibrated_tau(llm.path, sweeps[0][0].criterion) if args.tau is None else args.tau
+    calibrated = calibrated_tau(llm.calibration, sweeps[0][0].criterion) if args.tau is None else args.tau
     report = evaluate(llm, texts, data, settings, sweeps, calibrated, float_reference(llm, args))
     if args.plot:
         plot_quality(report, args.plot)
@@ -414,7 +411,7 @@ def eval_sweeps(args: argparse.Namespace, llm: LLM, policy: PolicyConfig) -> lis
     sweeps = []
     for criterion in args.criteria or (policy.criterion,):
         base = llm.resolve_policy(dataclasses.replace(policy_flags(args), criterion=criterion, tau=args.tau))
-        calibrated = calibrated_tau(llm.path, criterion) if args.tau is None else args.tau
+        calibrated = calibrated_tau(llm.calibration, criterion) if args.tau is None else args.tau
         taus = tuple(sorted(set(args.taus or taus_around(criterion, calibrated)) | ({calibrated} if calibrated is not None else set())))
         for variant in args.variants or ({},):
             sweeps.append((dataclasses.replace(base, **variant), taus))
@@ -434,7 +431,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     settings = EvalSettings(tuple(args.taus or (0.5,)), args.max_prompts, args.new_tokens, args.ppl_tokens, progress=not args.quiet)
     texts, data = read_texts(args.data, "validation", args.glob)
     llm = open_llm(args)
-    base = policy_from(args, llm.path)
+    base = policy_from(args, llm)
     bases = [dataclasses.replace(base, criterion=c) for c in args.criteria]
     result, prompts = calibrate(llm, texts, settings, bases, args.target_agreement, grid=args.taus is None, rule=args.rule)
     if result.learned_report:
@@ -516,7 +513,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rate = args.fallback_rate
     if rate is None and args.synthetic:
         rate = demo_fallback_rate()
-    policy = dataclasses.replace(policy_from(args, llm.path), name="mobile", forced_fallback_rate=rate, lookahead=args.lookahead)
+    policy = dataclasses.replace(policy_from(args, llm), name="mobile", forced_fallback_rate=rate, lookahead=args.lookahead)
     cost = full_size_cost(args.synthetic, full_size_format(args)) if args.synthetic and args.shrink > 1 else None  # predict the real widths
     settings = BenchSettings(
         default_prompts(llm, args.prompts), args.new_tokens, policy, args.gpu_memory, not args.skip_accelerate, args.trace_dir, cost,

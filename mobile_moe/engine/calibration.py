@@ -94,9 +94,9 @@ def resolve_policy(policy: PolicyConfig, record: dict) -> PolicyConfig:
     return dataclasses.replace(policy, criterion=criterion, tau=DEFAULT_TAU if tau is None else tau, learned=learned)
 
 
-def calibrated_tau(model_dir: Path, criterion: str) -> float | None:
-    """The tau written by `mobile-moe calibrate`, if it was calibrated for this criterion."""
-    return _tau(read_calibration(model_dir), criterion)
+def calibrated_tau(record: dict, criterion: str) -> float | None:
+    """The tau `mobile-moe calibrate` wrote into a calibration record for this criterion, if any."""
+    return _tau(record, criterion)
 
 
 def _tau(record: dict, criterion: str) -> float | None:
