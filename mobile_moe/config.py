@@ -96,6 +96,7 @@ class PolicyConfig:
     layer_adaptive: float | None = None  # little decode: a layer runs all top-k when the dropped half carries more than this share of the weight
     cache_prior: float | None = None  # little decode: a resident dropped expert replaces a kept non-resident one scoring at most this factor more
     kv_repair: int = 0  # on a fallback, big also recomputes up to this many earlier positions whose KV entries little wrote
+    record_signals: bool = False  # measure every importance signal at each step (calibration data), whatever the criterion
 
     def __post_init__(self) -> None:
         if self.forced_fallback_rate is not None and not (0.0 <= self.forced_fallback_rate <= 1.0):

@@ -16,7 +16,6 @@ from mobile_moe.experts.cache import CacheStats
 from mobile_moe.layers.kv_cache import KVCache
 from mobile_moe.layers.moe import ExpertMode
 from mobile_moe.layers.sampler import sample
-from mobile_moe.policy.importance import step_signals
 from mobile_moe.policy.policies import Policy
 
 
@@ -60,8 +59,8 @@ class _Decoder:
         greedy = token if self.sampling.temperature == 0.0 else logits.argmax()
         parts = [token.double()[None], greedy.double()[None]]
         if with_confidence:
-            signals = step_signals(logits, self.runner.logged_weights(), self.runner.little_k)  # [S]
-            parts += [self.policy.confidence(signals).double()[None], signals.double()]
+            conf, signals = self.policy.measure(logits, self.runner.logged_weights, self.runner.little_k)
+            parts += [conf.double()[None]] + ([] if signals is None else [signals.double()])  # + [S]
         values = self.runner.cache.transfer.to_host(torch.cat(parts))
         if not with_confidence:
             return int(values[0]), int(values[1]), None, ()

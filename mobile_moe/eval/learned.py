@@ -27,7 +27,8 @@ class StepData:
 
 def collect(llm: LLM, prompts: list[list[int]], new_tokens: int, base: PolicyConfig, progress: bool = True) -> StepData:
     """Decode every prompt with a fallback at every step: the little pass gives the signals, the big pass the label."""
-    policy = dataclasses.replace(base, name="mobile", criterion="margin", tau=ALWAYS_FALL_BACK, learned=None, forced_fallback_rate=None)
+    policy = dataclasses.replace(base, name="mobile", criterion="margin", tau=ALWAYS_FALL_BACK, learned=None, forced_fallback_rate=None,
+                                 record_signals=True)
     sampling = SamplingParams(max_new_tokens=new_tokens, stop_at_eos=True)
     rows, labels = [], []
     for ids in tqdm(prompts, desc="collecting signals", unit="prompt", disable=(not progress) or None, leave=False):

@@ -28,17 +28,27 @@ LOGIT_CRITERIA = ("max_prob", "entropy", "margin")
 
 def confidence_tensor(logits: torch.Tensor, criterion: str) -> torch.Tensor:
     """logits: [V] -> 0-d confidence in [0, 1] on the logits' device: max probability, normalised entropy, or top-1/top-2 margin."""
-    if criterion not in LOGIT_CRITERIA:
-        raise ValueError(f"criterion {criterion!r} needs more than the logits")
-    return output_signals(logits)[LOGIT_CRITERIA.index(criterion)]
+    probs = logits.float().softmax(-1)  # [V]
+    if criterion == "max_prob":
+        return probs.max()
+    if criterion == "margin":
+        top2 = probs.topk(2).values
+        return top2[0] - top2[1]
+    if criterion == "entropy":
+        return 1.0 - _entropy(probs) / math.log(probs.numel())
+    raise ValueError(f"criterion {criterion!r} needs more than the logits")
+
+
+def _entropy(probs: torch.Tensor) -> torch.Tensor:
+    """probs: [V] -> 0-d entropy in nats."""
+    return -(probs * probs.clamp_min(1e-30).log()).sum()
 
 
 def output_signals(logits: torch.Tensor) -> torch.Tensor:
     """logits: [V] -> [3]: max probability, 1 - normalised entropy, top-1/top-2 margin."""
     probs = logits.float().softmax(-1)  # [V]
     top2 = probs.topk(2).values
-    entropy = -(probs * probs.clamp_min(1e-30).log()).sum()
-    return torch.stack([top2[0], 1.0 - entropy / math.log(probs.numel()), top2[0] - top2[1]])
+    return torch.stack([top2[0], 1.0 - _entropy(probs) / math.log(probs.numel()), top2[0] - top2[1]])
 
 
 def router_signals(raw_weights: torch.Tensor, little_k: int) -> torch.Tensor:

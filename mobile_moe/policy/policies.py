@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from mobile_moe.config import PolicyConfig
 from mobile_moe.layers.moe import ExpertMode
-from mobile_moe.policy.importance import signal_confidence
+from mobile_moe.policy.importance import confidence_tensor, signal_confidence, step_signals
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,20 @@ class Policy:
         """Whether decode steps must measure the first pass's confidence."""
         return self.may_fall_back and self.config.forced_fallback_rate is None
 
-    def confidence(self, signals: torch.Tensor) -> torch.Tensor:
-        """The configured importance criterion on one step's signals [len(SIGNALS)] (0-d tensor on their device)."""
-        return signal_confidence(signals, self.config.criterion, self.config.learned)
+    @property
+    def needs_signals(self) -> bool:
+        """Whether decode steps measure every importance signal (the learned criterion, or recording them for calibration)."""
+        return self.needs_confidence and (self.config.criterion == "learned" or self.config.record_signals)
+
+    def measure(self, logits: torch.Tensor, router_weights: Callable[[], torch.Tensor], little_k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(0-d confidence, signals [len(SIGNALS)] or None) of a little pass's logits [V], on their device.
+
+        A logits-only criterion costs just its own few ops; the router's signals ([L, k] gate values) are gathered only when used.
+        """
+        if not self.needs_signals:
+            return confidence_tensor(logits, self.config.criterion), None
+        signals = step_signals(logits, router_weights(), little_k)
+        return signal_confidence(signals, self.config.criterion, self.config.learned), signals
 
     def falls_back(self, conf: float, step: int) -> bool:
         """MoBiLE: decode step `step` (1, 2, ...) is recomputed with big when the little pass is not confident enough.
