@@ -57,8 +57,9 @@ class ExpertExecutor:
         self.in_place = cache.store.format.reads_in_place(dtype)
         self.bias = cache.store.shape.bias  # each matrix's last packed field is its bias [out] (gpt-oss)
         self.grouped = (self.in_place and grouped_mm_works(cache, act, dtype)) if grouped is None else grouped
-        # per slot: (gate_up, down) packed fields as views, made once (indexing the pool per call costs a dispatch each)
-        self.slot_fields = [tuple([f[slot] for f in cache.fields[m]] for m in MATRICES) for slot in range(cache.num_slots)]
+        # per slot: (gate_up fields, down fields, gate_up bias, down bias) as views, made once (indexing the pool per call
+        # costs a dispatch each); a matrix's bias, when experts have one, is its last packed field
+        self.slot_fields = [self._split(tuple([f[slot] for f in cache.fields[m]] for m in MATRICES)) for slot in range(cache.num_slots)]
 
     def run(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [T, H], indices/weights: [T, n] -> sum_j weights[:, j] * expert_{indices[:, j]}(x)  [T, H]."""
@@ -102,10 +103,7 @@ class ExpertExecutor:
 
     def _expert(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         """x: [P, H] -> one cached expert's SwiGLU output [P, H], its packed weights dequantized first unless read in place."""
-        gate_up, down = self.slot_fields[slot]
-        gate_up_b, down_b = (gate_up[-1], down[-1]) if self.bias else (None, None)  # [2I], [H]
-        if self.bias:
-            gate_up, down = gate_up[:-1], down[:-1]
+        gate_up, down, gate_up_b, down_b = self.slot_fields[slot]  # fields; biases [2I], [H] or None
         if self.in_place:
             gate_up, down = gate_up[0], down[0]
         else:  # transient [out, in] matrices the budget counts
@@ -113,6 +111,13 @@ class ExpertExecutor:
             gate_up, down = fmt.dequantize(gate_up, self.dtype), fmt.dequantize(down, self.dtype)
         gate, up = F.linear(x, gate_up, _cast(gate_up_b, self.dtype)).chunk(2, dim=-1)
         return F.linear(gated(self.act, gate, up), down, _cast(down_b, self.dtype))
+
+    def _split(self, fields: tuple[list[torch.Tensor], list[torch.Tensor]]) -> tuple:
+        """(gate_up fields, down fields) -> (weight fields, weight fields, gate_up bias or None, down bias or None)."""
+        gate_up, down = fields
+        if not self.bias:
+            return gate_up, down, None, None
+        return gate_up[:-1], down[:-1], gate_up[-1], down[-1]
 
     def _compute_grouped(self, xs: torch.Tensor, slots: list[int], counts: list[int]) -> torch.Tensor:
         """Two grouped matmuls over the whole slot pool: group s holds the rows routed to slot s (most are empty)."""
