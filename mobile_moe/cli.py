@@ -53,6 +53,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype (default: float32 on cpu, the checkpoint's on cuda)")
     p.add_argument("--expert-dtype", default="auto", choices=EXPERT_DTYPES,
                    help="how routed experts are stored in host memory and moved (default auto: the compute dtype, or what a quantized checkpoint holds)")
+    p.add_argument("--reference-kernels", action="store_true",
+                   help="quantized experts: dequantize then matmul (the tested reference path) instead of fused weight-only kernels")
     p.add_argument("--group-size", type=int, metavar="G", help=f"int4 experts: weights per scale/zero group along the input dim (default {DEFAULT_GROUP_SIZE})")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--expert-cache", type=int, metavar="N", help="device expert cache size, in experts")
@@ -287,6 +289,7 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
     """EngineConfig from the shared engine flags."""
     return engine_config(
         args.device, args.dtype, args.expert_cache, args.gpu_memory, args.eviction, not args.quiet, args.max_context, args.expert_dtype, args.group_size,
+        not args.reference_kernels,
     )
 
 
@@ -503,7 +506,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plan_only:
         return 0
     if args.synthetic:
-        loaded = build_synthetic(args.synthetic, resolve_device(args.device), args.dtype, args.shrink, expert_dtype=args.expert_dtype, group_size=args.group_size)
+        loaded = build_synthetic(args.synthetic, resolve_device(args.device), args.dtype, args.shrink, expert_dtype=args.expert_dtype,
+                                 group_size=args.group_size, fused_kernels=not args.reference_kernels)
         llm = LLM(loaded, config)
     else:
         llm = open_llm(args)

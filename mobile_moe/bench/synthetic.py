@@ -15,6 +15,7 @@ from mobile_moe.bench.costmodel import ModelCost
 from mobile_moe.engine.loader import LoadedModel, resolve_dtype
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.experts.formats import ExpertFormat, FloatFormat, make_format
+from mobile_moe.experts.kernels import use_fused_kernels
 from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertShape, ExpertStore
 from mobile_moe.models.registry import build_model
 
@@ -106,6 +107,7 @@ def full_size_cost(name: str, fmt: ExpertFormat | None = None) -> ModelCost:
 
 def build_synthetic(
     name: str, device: torch.device, dtype_name: str = "auto", shrink: int = 1, seed: int = 0, expert_dtype: str = "auto", group_size: int | None = None,
+    fused_kernels: bool = True,
 ) -> LoadedModel:
     """Random dense weights made on the device, random experts made there (already packed: random codes and scales) and copied into (pinned) host memory.
 
@@ -142,6 +144,8 @@ def build_synthetic(
             for (field, _), view in zip(store.layout.fields[matrix], store.fields[layer][matrix]):
                 view.copy_(_random_field(field.name, view, gen, device))
             store.mark_filled(layer, matrix)
+    if fused_kernels:
+        use_fused_kernels(store, dtype, device, progress=True)
     model.fuse_projections()
     model.eval()
     return LoadedModel(model=model, store=store, config=cfg, path=Path(f"synthetic:{name}"), dtype=dtype)

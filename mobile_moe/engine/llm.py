@@ -47,7 +47,8 @@ class LLM:
         if isinstance(model, LoadedModel):
             self.loaded = model
         else:
-            self.loaded = load(model, self.device, self.config.dtype, self.config.progress, self.config.expert_dtype, self.config.group_size)
+            self.loaded = load(model, self.device, self.config.dtype, self.config.progress, self.config.expert_dtype, self.config.group_size,
+                               self.config.fused_kernels)
         self.path = self.loaded.path
         self.info = self.loaded.model.info
         self.max_context = min(self.info.max_context, self.config.max_context)
@@ -158,9 +159,10 @@ def _load_tokenizer(path: Path):  # -> PreTrainedTokenizerBase | None
 def engine_config(
     device: str = "cpu", dtype: str = "auto", expert_cache: int | None = None, gpu_memory: float | None = None,
     eviction: str = "lru", progress: bool = True, max_context: int = 4096, expert_dtype: str = "auto", group_size: int | None = None,
+    fused_kernels: bool = True,
 ) -> EngineConfig:
     """EngineConfig from flat keyword arguments (what the CLI and API users pass)."""
     return EngineConfig(
         device=device, dtype=dtype, cache=CacheConfig(expert_cache, gpu_memory, eviction), progress=progress, max_context=max_context,
-        expert_dtype=expert_dtype, group_size=group_size,
+        expert_dtype=expert_dtype, group_size=group_size, fused_kernels=fused_kernels,
     )

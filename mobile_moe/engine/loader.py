@@ -26,6 +26,7 @@ from mobile_moe.engine.checkpoint import (
 )
 from mobile_moe.errors import CheckpointError, InvalidParameter
 from mobile_moe.experts.formats import ExpertFormat, format_from_config, make_format
+from mobile_moe.experts.kernels import use_fused_kernels
 from mobile_moe.experts.store import ExpertShape, ExpertStore
 from mobile_moe.layers.moe import Router
 from mobile_moe.models.registry import build_model
@@ -86,7 +87,7 @@ def resolve_format(cfg: PretrainedConfig, expert_dtype: str, group_size: int | N
 
 def load(
     path: str | Path, device: torch.device, dtype_name: str = "auto", progress: bool = True,
-    expert_dtype: str = "auto", group_size: int | None = None,
+    expert_dtype: str = "auto", group_size: int | None = None, fused_kernels: bool = True,
 ) -> LoadedModel:
     """Read config and weights, packing experts into the host store as they stream by; never materialise all experts on the device."""
     path = Path(path)
@@ -106,6 +107,8 @@ def load(
         _place(key, tensor, cfg, store, dense, device, dtype, fp32, info.interleaved_experts)
     bar.close()
     _finish(model, dense, store, cfg, device)
+    if fused_kernels:
+        use_fused_kernels(store, dtype, device, progress)
     model.fuse_projections()
     model.eval()
     return LoadedModel(model=model, store=store, config=cfg, path=path, dtype=dtype)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -83,7 +85,8 @@ class Runner:
         if self.cache.trace is not None:
             trace = self.cache.trace
             trace.step, trace.pass_id, trace.mode = step, trace.pass_id + 1, mode.value
-        return self.model(ids, kv, self, all_logits=all_logits)
+        with native_cpu_gemv(ids.shape[0] == 1 and ids.device.type == "cpu" and self.executor.dtype in (torch.bfloat16, torch.float16)):
+            return self.model(ids, kv, self, all_logits=all_logits)
 
     @property
     def little_k(self) -> int:
@@ -110,3 +113,18 @@ class Runner:
                 break
             issued += self.cache.prefetch(layer, experts[: budget - issued])
         return issued
+
+
+@contextmanager
+def native_cpu_gemv(enabled: bool) -> Iterator[None]:
+    """While enabled, half-precision matmuls skip oneDNN: for a single row torch's own gemv reads weights ~1.7x faster
+    on AVX512-BF16 CPUs (20-25 vs 11-14 GB/s, 2 threads, a 6144 x 2048 bf16 weight); for many rows oneDNN is far faster."""
+    if not enabled:
+        yield
+        return
+    before = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(before)

@@ -3,8 +3,8 @@
 The layer's (token, expert) pairs are planned on the host from one read of the router's choice. Cached
 experts in the compute dtype are read in place, either by one grouped matmul over the whole slot pool
 (`torch._grouped_mm`, where the device runs it correctly: probed once) or by a short loop of per-expert
-matmuls; quantized experts are dequantized on the device one at a time in that loop (torch's fused int8-weight
-matmul was measured slower than dequantize-then-matmul on the CPU, so it is not used). Pair outputs are
+matmuls; quantized experts go through their format's matmul in that loop: a fused weight-only kernel for decode
+rows where the store was repacked for one (experts/kernels.py), else dequantize-then-matmul. Pair outputs are
 combined by a weighted sum in a fixed order, so results do not depend on atomics.
 """
 
@@ -102,15 +102,11 @@ class ExpertExecutor:
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def _expert(self, x: torch.Tensor, slot: int) -> torch.Tensor:
-        """x: [P, H] -> one cached expert's SwiGLU output [P, H], its packed weights dequantized first unless read in place."""
+        """x: [P, H] -> one cached expert's SwiGLU output [P, H], through its format's matmul (in place, fused kernel or dequantized)."""
         gate_up, down, gate_up_b, down_b = self.slot_fields[slot]  # fields; biases [2I], [H] or None
-        if self.in_place:
-            gate_up, down = gate_up[0], down[0]
-        else:  # transient [out, in] matrices the budget counts
-            fmt = self.cache.store.format
-            gate_up, down = fmt.dequantize(gate_up, self.dtype), fmt.dequantize(down, self.dtype)
-        gate, up = F.linear(x, gate_up, _cast(gate_up_b, self.dtype)).chunk(2, dim=-1)
-        return F.linear(gated(self.act, gate, up), down, _cast(down_b, self.dtype))
+        fmt, dtype = self.cache.store.format, self.dtype
+        gate, up = _biased(fmt.linear(x, gate_up, dtype), gate_up_b).chunk(2, dim=-1)
+        return _biased(fmt.linear(gated(self.act, gate, up), down, dtype), down_b)
 
     def _split(self, fields: tuple[list[torch.Tensor], list[torch.Tensor]]) -> tuple:
         """(gate_up fields, down fields) -> (weight fields, weight fields, gate_up bias or None, down bias or None)."""
@@ -141,9 +137,9 @@ class ExpertExecutor:
         return torch.empty_like(y).index_copy_(0, row_index, y)  # back to the caller's row order
 
 
-def _cast(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """A packed bias field in the compute dtype (None stays None)."""
-    return None if bias is None else bias.to(dtype)
+def _biased(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y [P, out] plus a packed bias field [out] in y's dtype (None: y itself)."""
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 def grouped_mm_works(cache: ExpertCache, act: Activation, dtype: torch.dtype) -> bool:

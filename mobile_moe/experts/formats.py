@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from mobile_moe.config import EXPERT_DTYPES
 from mobile_moe.errors import CheckpointError, InvalidParameter
@@ -67,6 +68,10 @@ class ExpertFormat(ABC):
     def dequantize(self, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """Fields of [..., out, in] matrices -> the weights [..., out, in] in `dtype` (a new tensor)."""
 
+    def linear(self, x: torch.Tensor, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """x: [M, in] in `dtype` -> x @ w.T [M, out]; the reference path dequantizes the matrix first."""
+        return F.linear(x, self.dequantize(parts, dtype))
+
     def check(self, out: int, inp: int, what: str) -> None:
         """Raise InvalidParameter when a matrix shape cannot be packed."""
 
@@ -106,6 +111,9 @@ class FloatFormat(ExpertFormat):
 
     def reads_in_place(self, dtype: torch.dtype) -> bool:
         return dtype == self.dtype
+
+    def linear(self, x: torch.Tensor, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return F.linear(x, parts[0] if parts[0].dtype == dtype else parts[0].to(dtype))
 
 
 class Int8Format(ExpertFormat):

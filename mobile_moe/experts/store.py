@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import product
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
+from tqdm import tqdm
 
 from mobile_moe.experts.formats import ExpertFormat, Field, FloatFormat
 from mobile_moe.experts.host_memory import Pinner, allocate_host, cuda_pinner
+
+if TYPE_CHECKING:
+    from mobile_moe.experts.kernels import FusedFormat
 
 Part = Literal["gate", "up", "down"]
 Matrix = Literal["gate_up", "down"]
@@ -54,7 +58,8 @@ def _align(n: int) -> int:
 class ExpertLayout:
     """Where each packed field of an expert lives inside its byte buffer: gate_up's fields, then down's."""
 
-    def __init__(self, shape: ExpertShape, fmt: ExpertFormat) -> None:
+    def __init__(self, shape: ExpertShape, fmt: ExpertFormat, nbytes: int | None = None) -> None:
+        """`nbytes`: pad each expert's buffer to this size (a kernel layout taking the place of a larger portable one)."""
         self.shape, self.format = shape, fmt
         self.fields: dict[Matrix, list[tuple[Field, int]]] = {}
         offset = 0
@@ -66,7 +71,9 @@ class ExpertLayout:
                 placed.append((field, offset))
                 offset = _align(offset + field.nbytes)
             self.fields[matrix] = placed
-        self.nbytes = offset
+        if nbytes is not None and offset > nbytes:
+            raise ValueError(f"{fmt} experts need {offset} bytes, more than the {nbytes} they must fit in")
+        self.nbytes = offset if nbytes is None else nbytes
 
     def views(self, block: torch.Tensor) -> dict[Matrix, list[torch.Tensor]]:
         """block: uint8 [N, nbytes] -> per matrix, each field as a typed view [N, *field.shape]."""
@@ -159,6 +166,25 @@ class ExpertStore:
         parts = parts or MATRIX_PARTS[matrix]
         fields = fields or tuple(f.name for f, _ in self.layout.fields[matrix] if f.name != "bias")  # biases come as their own tensors
         self.filled.update(product((layer,), experts, parts, fields))
+
+    def repack(self, fmt: "FusedFormat", progress: bool = False) -> None:
+        """Rewrite every expert in place into a kernel's layout of the same buffer size, one expert at a time (once, at load)."""
+        layout = ExpertLayout(self.shape, fmt, nbytes=self.expert_bytes)
+        bar = tqdm(total=self.total_experts, desc=f"repacking experts for {fmt.kernel}", unit="expert", disable=(not progress) or None, leave=False)
+        for block in self.layers.values():
+            for expert in range(self.num_experts):
+                old = self.layout.views(block[expert : expert + 1].clone())  # the portable fields, read before being overwritten
+                new = layout.views(block[expert : expert + 1])
+                for matrix in MATRICES:
+                    parts = [view[0] for view in old[matrix]]
+                    weights, bias = (parts[:-1], parts[-1:]) if self.shape.bias else (parts, [])
+                    converted = fmt.from_portable(weights, *self.shape.matrix_shape(matrix)) + bias
+                    for view, value in zip(new[matrix], converted):
+                        view[0].copy_(value)
+                bar.update()
+        bar.close()
+        self.format, self.layout = fmt, layout
+        self.fields = {layer: layout.views(block) for layer, block in self.layers.items()}
 
     def missing(self) -> list[str]:
         """Names of expert pieces never filled (the field is named only when a format has several)."""
