@@ -57,9 +57,10 @@ class SystemResult:
 
 
 def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettings, slots: int, preload: bool = False) -> tuple[SystemResult, list[Access], list[list[int]]]:
-    """Fresh cache of `slots`, then every prompt under `policy`; sums decode-phase counters; also returns the generated ids."""
+    """Fresh cache of `slots`, then every prompt under `policy`; sums decode-phase counters; also returns the generated ids.
+    The all-resident reference runs untraced: tracing reads each layer's choice on the host, which it otherwise never does."""
     trace = Trace()
-    llm.reset_cache(slots, trace)
+    llm.reset_cache(slots, None if preload else trace)
     if preload:
         llm.cache.load_all()
     sampling = SamplingParams(max_new_tokens=settings.new_tokens, temperature=settings.temperature, seed=0, stop_at_eos=False)

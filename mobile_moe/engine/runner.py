@@ -104,7 +104,7 @@ class Runner:
         little_k = self.little_k
         budget = self.cache.num_slots - self.model.info.top_k  # leave room for the layer being computed
         layers = sorted(routing_log)
-        if not layers or budget <= 0:
+        if not layers or budget <= 0 or self.cache.all_resident:  # nothing to load: no host read either
             return 0
         others = self.cache.transfer.to_host(torch.stack([routing_log[layer] for layer in layers])[:, little_k:])  # one sync, all layers
         issued = 0

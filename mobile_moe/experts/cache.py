@@ -57,6 +57,21 @@ class ExpertCache:
         self.free = list(range(self.num_slots - 1, -1, -1))  # stack: slot 0 is handed out first
         self.where: dict[Key, int] = {}
         self.eviction = make_eviction(self.eviction_name)
+        self.rows = {layer: row for row, layer in enumerate(self.store.layers)}  # MoE layer -> its row of slot_table
+        self.slot_table = torch.full((len(self.rows), self.store.num_experts), -1, dtype=torch.int64, device=self.device)  # [L, E], -1: absent
+        self._settled = False  # every expert resident and every copy into the pool finished
+
+    @property
+    def all_resident(self) -> bool:
+        """Whether every routed expert is in a slot, its copy finished (then compute needs no host decision at all)."""
+        if len(self.where) < self.store.total_experts:
+            return False
+        if not self._settled:  # once: the last copies may still be in flight
+            self.transfer.synchronize()
+            for slot in self.slots:
+                slot.ticket = None
+            self._settled = True
+        return True
 
     def acquire(self, layer: int, experts: list[int]) -> list[int]:
         """Make the experts resident (demand loads), pin them, and return their slots; compute may read them once this returns."""
@@ -138,6 +153,7 @@ class ExpertCache:
             raise
         self.slots[slot] = _Slot(key=key, ticket=ticket)
         self.where[key] = slot
+        self.slot_table[self.rows[key[0]], key[1]] = slot
         self.eviction.inserted(key)
         self.stats.h2d_bytes += ticket.nbytes
         return slot
@@ -150,6 +166,8 @@ class ExpertCache:
         if victim is None:
             raise CacheTooSmall(f"all {self.num_slots} expert cache slots are in use")
         slot = self.where.pop(victim)
+        self.slot_table[self.rows[victim[0]], victim[1]] = -1
+        self._settled = False
         self.eviction.removed(victim)
         self.stats.evictions += 1
         return slot

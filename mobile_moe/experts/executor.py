@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from mobile_moe.experts.cache import ExpertCache
+from mobile_moe.experts.dispatch import activation_args, combine, expert_output, split_bias
 from mobile_moe.experts.formats import FloatFormat
 from mobile_moe.experts.store import MATRICES, ExpertShape, ExpertStore
 from mobile_moe.experts.transfer import TransferEngine
@@ -59,11 +60,14 @@ class ExpertExecutor:
         self.grouped = (self.in_place and grouped_mm_works(cache, act, dtype)) if grouped is None else grouped
         # per slot: (gate_up fields, down fields, gate_up bias, down bias) as views, made once (indexing the pool per call
         # costs a dispatch each); a matrix's bias, when experts have one, is its last packed field
+        self.act_args = activation_args(act)  # the activation named for the resident-experts op
         self.slot_fields = [self._split(tuple([f[slot] for f in cache.fields[m]] for m in MATRICES)) for slot in range(cache.num_slots)]
 
     def run(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [T, H], indices/weights: [T, n] -> sum_j weights[:, j] * expert_{indices[:, j]}(x)  [T, H]."""
         T, n = indices.shape
+        if T == 1 and self.cache.trace is None and self.cache.all_resident and (self.in_place or self.cache.device.type == "cpu"):
+            return self._run_resident(layer, x, indices, weights)
         flat = self.cache.transfer.to_host(indices.flatten())  # the layer's one host sync: which experts to bring
         if T == 1 and not self.grouped:
             return self._run_one_token(layer, x, flat, weights)
@@ -89,7 +93,7 @@ class ExpertExecutor:
                     outs[rank] = self._expert(x, slot)  # [1, H]
             finally:
                 self.cache.release(slots)
-        return (torch.cat(outs) * weights.view(-1, 1).to(x.dtype)).sum(0, keepdim=True)  # [n, H] -> [1, H], rank order
+        return combine(outs, weights, x.dtype)  # [n, H] -> [1, H], rank order
 
     def _compute(self, xs: torch.Tensor, slots: list[int], counts: list[int]) -> torch.Tensor:
         """xs: [Pg, H], rows grouped by expert (slot order as given) -> expert outputs [Pg, H]."""
@@ -102,18 +106,39 @@ class ExpertExecutor:
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def _expert(self, x: torch.Tensor, slot: int) -> torch.Tensor:
-        """x: [P, H] -> one cached expert's SwiGLU output [P, H], through its format's matmul (in place, fused kernel or dequantized)."""
+        """x: [P, H] -> one cached expert's output [P, H], through its format's matmul (in place, fused kernel or dequantized)."""
         gate_up, down, gate_up_b, down_b = self.slot_fields[slot]  # fields; biases [2I], [H] or None
-        fmt, dtype = self.cache.store.format, self.dtype
-        gate, up = _biased(fmt.linear(x, gate_up, dtype), gate_up_b).chunk(2, dim=-1)
-        return _biased(fmt.linear(gated(self.act, gate, up), down, dtype), down_b)
+        return expert_output(self.cache.store.format, self.act, x, gate_up, down, gate_up_b, down_b)
 
     def _split(self, fields: tuple[list[torch.Tensor], list[torch.Tensor]]) -> tuple:
         """(gate_up fields, down fields) -> (weight fields, weight fields, gate_up bias or None, down bias or None)."""
-        gate_up, down = fields
-        if not self.bias:
-            return gate_up, down, None, None
-        return gate_up[:-1], down[:-1], gate_up[-1], down[-1]
+        (gate_up, gate_up_b), (down, down_b) = split_bias(fields[0], self.bias), split_bias(fields[1], self.bias)
+        return gate_up, down, gate_up_b, down_b
+
+    def _run_resident(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Decode with every expert resident: slots looked up on the device, experts run by one op (CPU) or gathered
+        into two batched matmuls (CUDA, experts read in place). x: [1, H], indices/weights: [1, n] -> [1, H]."""
+        cache = self.cache
+        slots = cache.slot_table[cache.rows[layer]][indices[0]]  # [n] int64, on the device
+        cache.stats.hits += indices.shape[1]
+        fields, fmt = cache.fields, cache.store.format
+        if cache.device.type == "cuda":
+            return self._gathered(x, slots, weights)
+        return torch.ops.mobile_moe.resident_experts(
+            x, slots, weights, fields["gate_up"], fields["down"], fmt.layout_id, getattr(fmt, "group_size", 0), *self.act_args, self.bias)
+
+    def _gathered(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """In-place float experts of one row, gathered by slot into batched matmuls: x [1, H], slots [n] -> [1, H]."""
+        gate_up = self.cache.fields["gate_up"][0][slots]  # [n, 2I, H]
+        down = self.cache.fields["down"][0][slots]  # [n, H, I]
+        h = torch.bmm(gate_up, x.expand(slots.shape[0], -1)[:, :, None])[:, :, 0]  # [n, 2I]
+        if self.bias:
+            h = h + self.cache.fields["gate_up"][-1][slots].to(h.dtype)
+        gate, up = h.chunk(2, dim=-1)
+        y = torch.bmm(down, gated(self.act, gate, up)[:, :, None])[:, :, 0]  # [n, H]
+        if self.bias:
+            y = y + self.cache.fields["down"][-1][slots].to(y.dtype)
+        return (y * weights.view(-1, 1).to(y.dtype)).sum(0, keepdim=True)
 
     def _compute_grouped(self, xs: torch.Tensor, slots: list[int], counts: list[int]) -> torch.Tensor:
         """Two grouped matmuls over the whole slot pool: group s holds the rows routed to slot s (most are empty)."""
@@ -135,11 +160,6 @@ class ExpertExecutor:
         if self.bias:
             y = y + self.cache.fields["down"][-1][row_slot].to(y.dtype)
         return torch.empty_like(y).index_copy_(0, row_index, y)  # back to the caller's row order
-
-
-def _biased(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """y [P, out] plus a packed bias field [out] in y's dtype (None: y itself)."""
-    return y if bias is None else y + bias.to(y.dtype)
 
 
 def grouped_mm_works(cache: ExpertCache, act: Activation, dtype: torch.dtype) -> bool:

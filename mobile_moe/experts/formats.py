@@ -72,6 +72,11 @@ class ExpertFormat(ABC):
         """x: [M, in] in `dtype` -> x @ w.T [M, out]; the reference path dequantizes the matrix first."""
         return F.linear(x, self.dequantize(parts, dtype))
 
+    @property
+    def layout_id(self) -> str:
+        """Names the packed layout exactly (what `layout_format` rebuilds the format from, with the group size and dtype)."""
+        return self.name
+
     def check(self, out: int, inp: int, what: str) -> None:
         """Raise InvalidParameter when a matrix shape cannot be packed."""
 

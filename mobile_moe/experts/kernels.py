@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mobile_moe.experts.formats import ExpertFormat, Field, Int4Format, Int8Format, unpack_int4
+from mobile_moe.experts.formats import ExpertFormat, Field, Int4Format, Int8Format, make_format, unpack_int4
 from mobile_moe.experts.store import MATRICES, ExpertStore
 
 FUSED_DTYPES = (torch.bfloat16, torch.float16)
@@ -64,6 +64,10 @@ class FusedFormat(ExpertFormat):
 
     def config(self) -> dict:
         return self.portable.config()
+
+    @property
+    def layout_id(self) -> str:
+        return f"{self.name}:{self.kernel}"
 
     def dequant_bytes(self, out: int, inp: int, dtype: torch.dtype) -> int:
         return out * inp * (4 + dtype.itemsize)  # prompts: one int32/float code copy and the matrix
@@ -171,6 +175,15 @@ def compute_format(fmt: ExpertFormat, dtype: torch.dtype, device: torch.device, 
         if all(inp % fmt.group_size == 0 and out % 2 == 0 and int4_layout_matches(out, inp) for out, inp in shapes):
             return FusedInt4(fmt, dtype)
     return None
+
+
+def layout_format(layout_id: str, group_size: int, dtype: torch.dtype) -> ExpertFormat:
+    """The format whose `layout_id` this is (group_size: int4 only; dtype: the compute dtype a kernel layout was packed for)."""
+    if layout_id == f"int8:{FusedInt8.kernel}":
+        return FusedInt8(dtype)
+    if layout_id == f"int4:{FusedInt4.kernel}":
+        return FusedInt4(Int4Format(group_size), dtype)
+    return make_format(layout_id, dtype, group_size if layout_id == "int4" else None)
 
 
 def use_fused_kernels(store: ExpertStore, dtype: torch.dtype, device: torch.device, progress: bool = False) -> bool:

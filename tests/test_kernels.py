@@ -1,0 +1,103 @@
+"""Fused weight-only expert kernels against the dequantize-then-matmul reference, the store's one-time repack, and the
+all-resident decode step (no host read per MoE layer)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import open_llm
+
+from mobile_moe import LLM, engine_config
+from mobile_moe.bench.synthetic import build_synthetic
+from mobile_moe.config import PolicyConfig, SamplingParams
+from mobile_moe.experts.formats import Int4Format, Int8Format, Mxfp4Format
+from mobile_moe.experts.kernels import FusedInt4, FusedInt8, compute_format, layout_format, unpack_kernel_int4
+
+CPU = torch.device("cpu")
+# bf16 rounds every (scale, zero) and activation once: 1e-2 of the output's norm; fp16 keeps 10 mantissa bits
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+SHAPES = [(96, 64), (32, 128), (160, 64), (128, 256)]  # row tails under, at and over the kernel's 64-row blocks
+GREEDY = SamplingParams(max_new_tokens=6, stop_at_eos=False)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _fused(fmt_name: str, dtype: torch.dtype, group: int):
+    return FusedInt8(dtype) if fmt_name == "int8" else FusedInt4(Int4Format(group), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt_name,group", [("int8", 0), ("int4", 32), ("int4", 64)])
+@pytest.mark.parametrize("out,inp", SHAPES)
+def test_fused_kernel_matches_the_portable_reference(fmt_name: str, group: int, dtype: torch.dtype, out: int, inp: int):
+    fused = _fused(fmt_name, dtype, group)
+    w = 0.02 * torch.randn(out, inp, generator=torch.Generator().manual_seed(out + inp))
+    portable = fused.portable.quantize(w)
+    want_w = fused.portable.dequantize(portable, torch.float32)  # [out, in], what the reference path multiplies by
+    kernel = fused.from_portable(portable, out, inp)
+    assert _rel(fused.dequantize(kernel, torch.float32), want_w) < TOLERANCE[dtype]  # the kernel layout's own reference path
+    for rows in (1, fused.max_rows, fused.max_rows + 1):  # the kernel, and the dequantized matmul above its crossover
+        x = torch.randn(rows, inp, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        got = fused.linear(x, kernel, dtype)
+        assert got.shape == (rows, out) and got.dtype == dtype
+        assert _rel(got, x.float() @ want_w.T) < TOLERANCE[dtype]
+
+
+def test_int4_kernel_layout_unpacks_exactly():
+    for out in (64, 96, 128, 32):
+        codes = torch.randint(0, 16, (out, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(out))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+        assert torch.equal(unpack_kernel_int4(packed, out, 64).int(), codes)
+
+
+def test_kernel_layouts_only_where_a_kernel_runs():
+    shapes = [(64, 64), (64, 32)]
+    assert isinstance(compute_format(Int8Format(), torch.bfloat16, CPU, shapes), FusedInt8)
+    assert isinstance(compute_format(Int4Format(32), torch.bfloat16, CPU, shapes), FusedInt4)
+    assert compute_format(Int8Format(), torch.float32, CPU, shapes) is None  # slower than dequantize-then-matmul there
+    assert compute_format(Int4Format(16), torch.bfloat16, CPU, shapes) is None  # the kernel takes groups of 32..256
+    assert compute_format(Int4Format(64), torch.bfloat16, CPU, shapes) is None  # 64 does not divide down's input 32
+    assert compute_format(Mxfp4Format(), torch.bfloat16, CPU, shapes) is None
+    assert compute_format(Int8Format(), torch.bfloat16, torch.device("cuda"), shapes) is None  # pending a GPU run
+
+
+def test_layout_ids_rebuild_their_formats():
+    for fmt in (FusedInt8(torch.bfloat16), FusedInt4(Int4Format(64), torch.bfloat16), Int4Format(32), Int8Format(), Mxfp4Format()):
+        again = layout_format(fmt.layout_id, getattr(fmt, "group_size", 0), torch.bfloat16)
+        assert type(again) is type(fmt) and getattr(again, "group_size", None) == getattr(fmt, "group_size", None)
+
+
+def _synthetic(fused: bool, expert_dtype: str) -> LLM:
+    """A small OLMoE-shaped model (widths / 16: hidden 128, experts 64 wide) in bf16; every width suits both kernels."""
+    loaded = build_synthetic("olmoe-1b-7b", CPU, "bfloat16", shrink=16, expert_dtype=expert_dtype, group_size=32 if expert_dtype == "int4" else None,
+                             fused_kernels=fused)
+    return LLM(loaded, engine_config(progress=False, expert_cache=16))
+
+
+@pytest.mark.parametrize("expert_dtype", ["int8", "int4"])
+def test_repacked_store_runs_the_fused_kernels_and_matches_the_reference_model(expert_dtype: str):
+    fused, reference = _synthetic(True, expert_dtype), _synthetic(False, expert_dtype)
+    assert "fused" in repr(fused.loaded.store.format) and "fused" not in repr(reference.loaded.store.format)
+    assert fused.loaded.store.expert_bytes == reference.loaded.store.expert_bytes  # the same bytes cross the link
+    ids = list(range(3, 40))
+    for rows in (ids, ids[:1]):  # a prompt (dequantized above the crossover) and a decode row (the kernel)
+        want, got = reference.logits(rows), fused.logits(rows)
+        assert _rel(got, want) < 2e-2
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2"])
+@pytest.mark.parametrize("policy", ["big", "mobile"])
+def test_all_resident_decode_reads_the_host_at_most_twice_per_token(checkpoints, arch: str, policy: str):
+    small = open_llm(checkpoints[arch])
+    resident = open_llm(checkpoints[arch], expert_cache=small.loaded.store.total_experts)
+    resident.cache.load_all()
+    config = PolicyConfig(policy, tau=0.9 if policy == "mobile" else None, criterion="max_prob" if policy == "mobile" else None)
+    got, want = resident.generate([5, 6, 7, 8], GREEDY, config), small.generate([5, 6, 7, 8], GREEDY, config)
+    assert got.token_ids == want.token_ids  # float32: the resident op computes exactly what the per-layer path does
+    decode_steps = len(got.token_ids) - 1
+    assert got.stats.decode_host_syncs <= 2 * decode_steps
+    assert want.stats.decode_host_syncs > 2 * decode_steps  # the offloaded path reads each MoE layer's choice
+    if policy == "mobile":
+        assert got.stats.fallback_tokens == want.stats.fallback_tokens > 0
