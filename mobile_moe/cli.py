@@ -50,7 +50,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Model, device and cache flags every command shares."""
     p.add_argument("--model", type=Path, help="checkpoint directory (default: the bundled demo model)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype (default: float32 on cpu, the checkpoint's on cuda)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype (default auto: on cpu bf16 for models over 200M parameters where the CPU has native bf16, else float32; "
+                        "on cuda the checkpoint's)")
     p.add_argument("--expert-dtype", default="auto", choices=EXPERT_DTYPES,
                    help="how routed experts are stored in host memory and moved (default auto: the compute dtype, or what a quantized checkpoint holds)")
     p.add_argument("--reference-kernels", action="store_true",
@@ -447,7 +448,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             f"(best: {best.criterion} tau {best.tau:g} with {best.agreement:.1%} at fallback rate {best.fallback_rate:.1%}); nothing written"
         )
         return 1
-    file = write_calibration(llm.path, result.record(prompts, data), args.output)
+    file = write_calibration(llm.path, result.record(prompts, data, str(llm.loaded.dtype).removeprefix("torch.")), args.output)
     c = result.chosen
     lo, hi = c.agreement_ci
     print(f"calibrated {c.criterion} tau {c.tau:g}: agreement {c.agreement:.2%} (95% CI {lo:.2%}-{hi:.2%}; target {args.target_agreement:.1%}, rule {args.rule}), "

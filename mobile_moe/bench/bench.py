@@ -13,6 +13,7 @@ from mobile_moe.bench.costinputs import count_decode_ops, dequant_traffic, model
 from mobile_moe.bench.costmodel import ModelCost, predict
 from mobile_moe.bench.hf_baseline import HFBaseline, run_baseline
 from mobile_moe.bench.profiles import PROFILES, HardwareProfile
+from mobile_moe.bench.roofline import bytes_per_token, memory_probe_gb_s
 from mobile_moe.config import PolicyConfig, SamplingParams
 from mobile_moe.engine.budget import dense_bytes
 from mobile_moe.engine.llm import LLM
@@ -51,6 +52,9 @@ class SystemResult:
     transfer_wait_share: float
     h2d_gbps: float = float("nan")  # bytes moved host->device per second of decode (the link's achieved rate when transfer-bound)
     host_syncs_per_token: float = float("nan")
+    experts_per_token: float = float("nan")  # routed experts computed per decode step (fallback passes included)
+    bytes_per_token: float = float("nan")  # weights and KV read per decode step (bench/roofline.py)
+    roofline: float = float("nan")  # tok/s x bytes/token / the memory probe's GB/s: the share of the memory-bound speed reached
     ratio_to_big: float = 0.0
     same_tokens_as_big: float | None = None  # share of prompts whose generated ids equal big's (greedy runs)
     note: str = ""
@@ -64,7 +68,7 @@ def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettin
     if preload:
         llm.cache.load_all()
     sampling = SamplingParams(max_new_tokens=settings.new_tokens, temperature=settings.temperature, seed=0, stop_at_eos=False)
-    decode_s = ttft = wait = 0.0
+    decode_s = ttft = wait = context = 0.0
     steps = fallbacks = hits = misses = moved = syncs = 0
     outputs = []
     for ids in settings.prompts:
@@ -75,6 +79,7 @@ def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettin
         steps, fallbacks = steps + s.tokens - 1, fallbacks + s.fallback_tokens
         hits, misses, moved = hits + s.decode_expert_hits, misses + s.decode_expert_misses, moved + s.decode_h2d_bytes
         syncs += s.decode_host_syncs
+        context += (s.tokens - 1) * (len(ids) + s.tokens / 2)  # positions attended, summed over decode steps
     if settings.trace_dir is not None:
         settings.trace_dir.mkdir(parents=True, exist_ok=True)
         trace.save(settings.trace_dir / f"{name}.jsonl")
@@ -83,6 +88,8 @@ def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettin
         h2d_gb_per_token=moved / 1e9 / max(steps, 1), hit_rate=hits / max(hits + misses, 1),
         fallback_rate=fallbacks / max(steps, 1), transfer_wait_share=wait / decode_s if decode_s else 0.0,
         h2d_gbps=moved / 1e9 / decode_s if decode_s else 0.0, host_syncs_per_token=syncs / max(steps, 1),
+        experts_per_token=(hits + misses) / max(steps, 1),
+        bytes_per_token=bytes_per_token(llm.loaded.model, llm.loaded.store.expert_bytes, (hits + misses) / max(steps, 1), context / max(steps, 1)),
     ), trace.accesses, outputs
 
 
@@ -155,8 +162,10 @@ def run_bench(llm: LLM, settings: BenchSettings, profiles: dict[str, HardwarePro
         base = run_baseline(llm.loaded, llm.device, settings.gpu_memory_gb, settings.prompts[:2], min(settings.new_tokens, 8), settings.progress)
         systems.append(SystemResult("accelerate", base.decode_tok_s, base.ttft_s, float("nan"), float("nan"), 0.0, float("nan"), note=base.placement))
     big = systems[0].decode_tok_s
+    probe = memory_probe_gb_s(device=llm.device)
     for s in systems:
         s.ratio_to_big = s.decode_tok_s / big if big else 0.0
+        s.roofline = s.decode_tok_s * s.bytes_per_token / 1e9 / probe
     store = llm.loaded.store
     cost = with_counts(settings.cost, ops) if settings.cost else model_cost(llm.loaded.model, store.expert_bytes, ops, dequant_bytes=dequant_traffic(store.layout, llm.loaded.dtype))
     predicted = {
@@ -165,7 +174,7 @@ def run_bench(llm: LLM, settings: BenchSettings, profiles: dict[str, HardwarePro
     }
     return {
         "device": torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(), "rounds": settings.rounds,
+        "threads": torch.get_num_threads(), "rounds": settings.rounds, "memory_probe_gb_s": probe, "dtype": str(llm.loaded.dtype).removeprefix("torch."), "dtype_reason": llm.loaded.dtype_reason,
         "model": str(llm.path), "gpu_memory_gb": settings.gpu_memory_gb, "cache_slots": slots,
         "expert_dtype": str(store.format), "expert_bytes": store.expert_bytes,
         "total_experts": store.total_experts, "expert_mb": store.expert_bytes / 2**20,
@@ -195,8 +204,10 @@ def _mobile_line(mobile: dict, system: dict) -> str:
 
 def table(report: dict) -> str:
     """Terminal table of a bench report."""
-    head = f"{'system':<12} {'tok/s':>8} {'x big':>6} {'TTFT s':>7} {'MB/tok':>7} {'GB/s':>6} {'hit':>6} {'fallbk':>7} {'wait':>6} {'sync/t':>6}  note"
-    title = (f"{report['model']} on {report['device']}, {report['threads']} threads, experts {report['expert_dtype']} "
+    head = (f"{'system':<12} {'tok/s':>8} {'x big':>6} {'TTFT s':>7} {'MB/tok':>7} {'GB/s':>6} {'hit':>6} {'fallbk':>7} {'wait':>6} {'sync/t':>6} "
+            f"{'read MB/t':>9} {'roof':>5}  note")
+    title = (f"{report['model']} on {report['device']}, {report['dtype']}, {report['threads']} threads, memory probe {report['memory_probe_gb_s']:.1f} GB/s, "
+             f"experts {report['expert_dtype']} "
              f"({report['expert_bytes'] / 2**20:.3f} MiB each), {report['cache_slots']} of {report['total_experts']} slots; "
              f"median of {report['rounds']} interleaved rounds")
     rows = [title, head, "-" * len(head)]
@@ -206,7 +217,8 @@ def table(report: dict) -> str:
         note = s["note"] + ("" if same is None else f"{'; ' if s['note'] else ''}same greedy tokens as big on {same:.0%} of prompts")
         rows.append(
             f"{s['name']:<12} {s['decode_tok_s']:>8.2f} {s['ratio_to_big']:>6.2f} {s['ttft_s']:>7.3f} {fmt(None if s['h2d_gb_per_token'] is None else 1e3 * s['h2d_gb_per_token'], '.3f'):>7} {fmt(s['h2d_gbps'], '.1f'):>6} "
-            f"{fmt(s['hit_rate'], '.0%'):>6} {s['fallback_rate']:>7.1%} {fmt(s['transfer_wait_share'], '.0%'):>6} {fmt(s['host_syncs_per_token'], '.1f'):>6}  {note}"
+            f"{fmt(s['hit_rate'], '.0%'):>6} {s['fallback_rate']:>7.1%} {fmt(s['transfer_wait_share'], '.0%'):>6} {fmt(s['host_syncs_per_token'], '.1f'):>6} "
+            f"{fmt(None if s['bytes_per_token'] is None else s['bytes_per_token'] / 1e6, '.0f'):>9} {fmt(s['roofline'], '.0%'):>5}  {note}"
         )
     rows.append(_mobile_line(report["mobile"], next(s for s in report["systems"] if s["name"] == "mobile")))
     rows.append("predicted tok/s (cost model on this run's traces): " + "; ".join(

@@ -116,9 +116,9 @@ def build_synthetic(
     would send every token to the same few experts and make caching look far better than it is.
     """
     cfg = synthetic_config(name, shrink)
-    dtype = resolve_dtype(dtype_name, cfg, device) if dtype_name != "auto" or device.type == "cpu" else torch.bfloat16
     with torch.device("meta"):
         model = build_model(cfg)
+    dtype, why = resolve_dtype(dtype_name, cfg, device, model) if dtype_name != "auto" or device.type == "cpu" else (torch.bfloat16, "bfloat16: synthetic on cuda")
     inv_freq = model.rotary.inv_freq
     model.to_empty(device=device)
     model.rotary.inv_freq = inv_freq.to(device)
@@ -148,4 +148,4 @@ def build_synthetic(
         use_fused_kernels(store, dtype, device, progress=True)
     model.fuse_projections()
     model.eval()
-    return LoadedModel(model=model, store=store, config=cfg, path=Path(f"synthetic:{name}"), dtype=dtype)
+    return LoadedModel(model=model, store=store, config=cfg, path=Path(f"synthetic:{name}"), dtype=dtype, dtype_reason=why)

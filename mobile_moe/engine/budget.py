@@ -122,7 +122,7 @@ def plan_for_config(model_cfg: PretrainedConfig, config: EngineConfig) -> SlotPl
         raise InvalidParameter("planning for cuda on a machine without CUDA needs --gpu-memory or --expert-cache")
     with torch.device("meta"):
         model = build_model(model_cfg)
-    dtype = resolve_dtype(config.dtype, model_cfg, device)
+    dtype, _ = resolve_dtype(config.dtype, model_cfg, device, model)
     info = model.info
     layout = ExpertLayout(ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias), resolve_format(model_cfg, config.expert_dtype, config.group_size, dtype))
     total = info.num_experts * len(info.moe_layers)

@@ -10,7 +10,7 @@ import torch
 
 from mobile_moe.config import CacheConfig, EngineConfig, PolicyConfig, SamplingParams
 from mobile_moe.engine.budget import dequant_scratch_bytes, plan_slots
-from mobile_moe.engine.calibration import read_calibration, resolve_policy
+from mobile_moe.engine.calibration import CALIBRATION_FILE, read_calibration, resolve_policy
 from mobile_moe.engine.generate import GenerationResult, TokenCallback, generate
 from mobile_moe.engine.loader import LoadedModel, load
 from mobile_moe.engine.runner import Runner
@@ -21,6 +21,7 @@ from mobile_moe.experts.transfer import TransferEngine
 from mobile_moe.layers.moe import ExpertMode
 from mobile_moe.policy.policies import Policy
 
+log = logging.getLogger("mobile_moe")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
@@ -61,6 +62,10 @@ class LLM:
         self.reset_cache(self.planned_slots)
         self.tokenizer = _load_tokenizer(self.path) if self.path.is_dir() else None
         self.calibration = read_calibration(self.path)  # not re-read per request
+        fitted, running = self.calibration.get("dtype"), str(self.loaded.dtype).removeprefix("torch.")
+        if fitted is not None and fitted != running:
+            log.warning("the calibration in %s was fitted in %s; running in %s, its tau may give another fallback rate (recalibrate with "
+                        "`mobile-moe calibrate --dtype %s`)", CALIBRATION_FILE, fitted, running, running)
 
     def reset_cache(self, slots: int, trace: Trace | None = None) -> None:
         """Start over with an empty expert cache of `slots` slots (benchmarks compare systems from the same state)."""
