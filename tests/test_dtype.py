@@ -9,6 +9,7 @@ import shutil
 
 import torch
 from conftest import open_llm
+from test_datapath import Records
 
 from mobile_moe.engine.loader import AUTO_BF16_MIN_PARAMS, auto_cpu_dtype, load
 
@@ -30,10 +31,14 @@ def test_auto_on_a_tiny_checkpoint_stays_float32_and_says_why(checkpoints):
     assert load(checkpoints["olmoe"], torch.device("cpu"), "bfloat16", progress=False).dtype == torch.bfloat16
 
 
-def test_a_calibration_fitted_in_another_dtype_is_named(checkpoints, tmp_path, caplog):
+def test_a_calibration_fitted_in_another_dtype_is_named(checkpoints, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(checkpoints["olmoe"], model)
     (model / "mobile_moe.json").write_text(json.dumps({"version": 2, "dtype": "bfloat16", "tau": 0.9, "criterion": "max_prob"}))
-    with caplog.at_level(logging.WARNING, logger="mobile_moe"):
+    log, seen = logging.getLogger("mobile_moe"), Records()  # the CLI stops this logger propagating: listen on it directly
+    log.addHandler(seen)
+    try:
         open_llm(model)
-    assert any("fitted in bfloat16" in r.getMessage() and "running in float32" in r.getMessage() for r in caplog.records)
+    finally:
+        log.removeHandler(seen)
+    assert [r.getMessage() for r in seen.records if "fitted in bfloat16" in r.getMessage() and "running in float32" in r.getMessage()]
