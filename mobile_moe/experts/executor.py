@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
-import torch.nn.functional as F
 
 from mobile_moe.experts.cache import ExpertCache
 from mobile_moe.experts.dispatch import activation_args, combine, expert_output, split_bias
@@ -66,7 +65,7 @@ class ExpertExecutor:
     def run(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [T, H], indices/weights: [T, n] -> sum_j weights[:, j] * expert_{indices[:, j]}(x)  [T, H]."""
         T, n = indices.shape
-        if T == 1 and self.cache.trace is None and self.cache.all_resident and (self.in_place or self.cache.device.type == "cpu"):
+        if T == 1 and self.cache.trace is None and self.cache.device.type == "cpu" and self.cache.all_resident:
             return self._run_resident(layer, x, indices, weights)
         flat = self.cache.transfer.to_host(indices.flatten())  # the layer's one host sync: which experts to bring
         if T == 1 and not self.grouped:
@@ -116,29 +115,14 @@ class ExpertExecutor:
         return gate_up, down, gate_up_b, down_b
 
     def _run_resident(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Decode with every expert resident: slots looked up on the device, experts run by one op (CPU) or gathered
-        into two batched matmuls (CUDA, experts read in place). x: [1, H], indices/weights: [1, n] -> [1, H]."""
+        """Decode on CPU with every expert resident: slots looked up in the device-side table, experts run by one op that
+        reads them inside. x: [1, H], indices/weights: [1, n] -> [1, H]."""
         cache = self.cache
         slots = cache.slot_table[cache.rows[layer]][indices[0]]  # [n] int64, on the device
         cache.stats.hits += indices.shape[1]
         fields, fmt = cache.fields, cache.store.format
-        if cache.device.type == "cuda":
-            return self._gathered(x, slots, weights)
         return torch.ops.mobile_moe.resident_experts(
             x, slots, weights, fields["gate_up"], fields["down"], fmt.layout_id, getattr(fmt, "group_size", 0), *self.act_args, self.bias)
-
-    def _gathered(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """In-place float experts of one row, gathered by slot into batched matmuls: x [1, H], slots [n] -> [1, H]."""
-        gate_up = self.cache.fields["gate_up"][0][slots]  # [n, 2I, H]
-        down = self.cache.fields["down"][0][slots]  # [n, H, I]
-        h = torch.bmm(gate_up, x.expand(slots.shape[0], -1)[:, :, None])[:, :, 0]  # [n, 2I]
-        if self.bias:
-            h = h + self.cache.fields["gate_up"][-1][slots].to(h.dtype)
-        gate, up = h.chunk(2, dim=-1)
-        y = torch.bmm(down, gated(self.act, gate, up)[:, :, None])[:, :, 0]  # [n, H]
-        if self.bias:
-            y = y + self.cache.fields["down"][-1][slots].to(y.dtype)
-        return (y * weights.view(-1, 1).to(y.dtype)).sum(0, keepdim=True)
 
     def _compute_grouped(self, xs: torch.Tensor, slots: list[int], counts: list[int]) -> torch.Tensor:
         """Two grouped matmuls over the whole slot pool: group s holds the rows routed to slot s (most are empty)."""
