@@ -56,6 +56,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="how routed experts are stored in host memory and moved (default auto: the compute dtype, or what a quantized checkpoint holds)")
     p.add_argument("--reference-kernels", action="store_true",
                    help="quantized experts: dequantize then matmul (the tested reference path) instead of fused weight-only kernels")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile'd layer segments (CPU): faster decoding after a warm-up of seconds on the first request")
     p.add_argument("--group-size", type=int, metavar="G", help=f"int4 experts: weights per scale/zero group along the input dim (default {DEFAULT_GROUP_SIZE})")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--expert-cache", type=int, metavar="N", help="device expert cache size, in experts")
@@ -290,7 +292,7 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
     """EngineConfig from the shared engine flags."""
     return engine_config(
         args.device, args.dtype, args.expert_cache, args.gpu_memory, args.eviction, not args.quiet, args.max_context, args.expert_dtype, args.group_size,
-        not args.reference_kernels,
+        not args.reference_kernels, args.compile,
     )
 
 

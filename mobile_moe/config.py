@@ -155,6 +155,7 @@ class EngineConfig:
     expert_dtype: str = "auto"  # auto | bf16 | fp16 | fp32 | int8 | int4: how routed experts are stored and moved
     group_size: int | None = None  # int4 only: weights per (scale, zero) group along the input dim
     fused_kernels: bool = True  # quantized experts through fused weight-only kernels where the device has them (experts/kernels.py)
+    compile: bool = False  # decode through torch.compile'd layer segments (CPU; the first generate pays the warm-up)
 
     def __post_init__(self) -> None:
         if self.max_context < 2:

@@ -76,7 +76,7 @@ def decode_flops(layer: MLAttention, context: int) -> int:
     kv.length = context - 1
     cos, sin = torch.ones(1, d.qk_rope_dim // 2), torch.zeros(1, d.qk_rope_dim // 2)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        layer(torch.randn(1, d.hidden), AttentionInput(cos=cos, sin=sin, mask=None, kv=kv))
+        layer(torch.randn(1, d.hidden), AttentionInput(cos=cos, sin=sin, mask=None), kv.layer(0))
     return counter.get_total_flops()
 
 

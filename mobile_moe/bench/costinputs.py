@@ -128,9 +128,7 @@ def _marks(counter: LaunchCounter, layer: nn.Module) -> list[RemovableHandle]:
     handles = [counter.mark(layer, "layer", before=True), counter.mark(layer, "pass", before=False)]
     mlp = getattr(layer, "mlp", None)
     if isinstance(mlp, MoEBlock):
-        handles += [counter.mark(mlp.gate, "experts", before=False), counter.mark(mlp, "layer", before=False)]
-        if mlp.shared_expert is not None:
-            handles.append(counter.mark(mlp.shared_expert, "layer", before=True))
+        handles += [counter.mark(mlp.routed_experts, "experts", before=True), counter.mark(mlp.routed_experts, "layer", before=False)]
     return handles
 
 

@@ -59,6 +59,8 @@ class LLM:
             dequant_scratch_bytes(store.layout, self.loaded.dtype),
         )
         self.planned_slots = self.plan.slots
+        if self.config.compile and self.device.type != "cpu":
+            log.warning("--compile is measured and tested on CPU only; decoding on %s runs eagerly", self.device)
         self.reset_cache(self.planned_slots)
         self.tokenizer = _load_tokenizer(self.path) if self.path.is_dir() else None
         self.calibration = read_calibration(self.path)  # not re-read per request
@@ -67,12 +69,17 @@ class LLM:
             log.warning("the calibration in %s was fitted in %s; running in %s, its tau may give another fallback rate (recalibrate with "
                         "`mobile-moe calibrate --dtype %s`)", CALIBRATION_FILE, fitted, running, running)
 
+    @property
+    def compiles(self) -> bool:
+        """Whether decode runs compiled layer segments (`EngineConfig.compile`; CPU only until a GPU run measures CUDA)."""
+        return self.config.compile and self.device.type == "cpu"
+
     def reset_cache(self, slots: int, trace: Trace | None = None) -> None:
         """Start over with an empty expert cache of `slots` slots (benchmarks compare systems from the same state)."""
         with self._lock:
             self.cache = self.runner = None  # release the old slot pool first
             self.cache = ExpertCache(self.loaded.store, slots, self.device, TransferEngine(self.device), self.config.cache.eviction, trace=trace)
-            self.runner = Runner(self.loaded.model, self.cache)
+            self.runner = Runner(self.loaded.model, self.cache, compile_layers=self.compiles)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -164,10 +171,10 @@ def _load_tokenizer(path: Path):  # -> PreTrainedTokenizerBase | None
 def engine_config(
     device: str = "cpu", dtype: str = "auto", expert_cache: int | None = None, gpu_memory: float | None = None,
     eviction: str = "lru", progress: bool = True, max_context: int = 4096, expert_dtype: str = "auto", group_size: int | None = None,
-    fused_kernels: bool = True,
+    fused_kernels: bool = True, compile: bool = False,
 ) -> EngineConfig:
     """EngineConfig from flat keyword arguments (what the CLI and API users pass)."""
     return EngineConfig(
         device=device, dtype=dtype, cache=CacheConfig(expert_cache, gpu_memory, eviction), progress=progress, max_context=max_context,
-        expert_dtype=expert_dtype, group_size=group_size, fused_kernels=fused_kernels,
+        expert_dtype=expert_dtype, group_size=group_size, fused_kernels=fused_kernels, compile=compile,
     )

@@ -9,18 +9,37 @@ from contextlib import contextmanager
 import torch
 
 from mobile_moe.experts.cache import ExpertCache
-from mobile_moe.experts.executor import ExpertExecutor
+from mobile_moe.experts.executor import ExpertExecutor, ResidentLayerExperts
 from mobile_moe.layers.kv_cache import KVCache
 from mobile_moe.layers.mlp import activation
-from mobile_moe.layers.moe import ExpertMode, RouterSpec, Routing, select
+from mobile_moe.layers.moe import ExpertMode, LayerExperts, RouterSpec, Routing, select
 from mobile_moe.policy.little import prefer_resident, runs_big_here
-from mobile_moe.models.transformer import CausalLM
+from mobile_moe.models.transformer import CausalLM, Segment, before_experts
+
+
+class BoundLayer:
+    """The general `LayerExperts`: one layer's calls forwarded to the runner (host-planned loads, knobs, lookahead)."""
+
+    def __init__(self, runner: "Runner", layer: int) -> None:
+        self.runner, self.layer = runner, layer
+
+    def choose(self, routing: Routing, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """See `Runner.choose`."""
+        return self.runner.choose(self.layer, routing, spec)
+
+    def run(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """See `Runner.run_experts`."""
+        return self.runner.run_experts(self.layer, x, indices, weights)
+
+    def note(self, x: torch.Tensor, routing: Routing) -> None:
+        """See `Runner.note_routing`."""
+        self.runner.note_routing(self.layer, x, routing)
 
 
 class Runner:
     """Binds model, expert cache and executor; implements the ExpertRunner protocol MoE blocks call."""
 
-    def __init__(self, model: CausalLM, cache: ExpertCache, little_weights: str = "native") -> None:
+    def __init__(self, model: CausalLM, cache: ExpertCache, little_weights: str = "native", compile_layers: bool = False) -> None:
         self.model = model
         self.cache = cache
         self.executor = ExpertExecutor(cache, activation(model.info.hidden_act), model.lm_head.weight.dtype)
@@ -29,10 +48,38 @@ class Runner:
         self.lookahead = False
         self.layer_adaptive: float | None = None  # little decode knobs (PolicyConfig)
         self.cache_prior: float | None = None
-        self.routing_log: dict[int, torch.Tensor] | None = None  # layer -> the last token's top-k [k]
-        self.weight_log: dict[int, torch.Tensor] | None = None  # layer -> its raw gate values [k]
         moe = list(model.info.moe_layers)
         self.next_moe_layer = dict(zip(moe, moe[1:]))
+        self.moe_row = {layer: row for row, layer in enumerate(moe)}
+        device, k = model.lm_head.weight.device, model.info.top_k
+        self.routing_buf = torch.zeros(len(moe), k, dtype=torch.int64, device=device)  # [L, k] the last token's top-k per MoE layer
+        self.weight_buf = torch.zeros(len(moe), k, dtype=torch.float32, device=device)  # [L, k] its raw gate values
+        self.recorded = False  # whether the last pass filled the buffers
+        self.bound = [BoundLayer(self, layer) for layer in range(len(model.model.layers))]
+        self.resident = self._resident_handles()
+        self.active: list[LayerExperts] = list(self.bound)
+        self.compiled: Segment | None = compiled_segment() if compile_layers else None
+
+    def _resident_handles(self) -> list[LayerExperts]:
+        """Per layer, the all-resident decode handle for MoE layers (the bound one for dense layers)."""
+        cache = self.cache
+        handles: list[LayerExperts] = list(self.bound)
+        for layer, row in self.moe_row.items():
+            handles[layer] = ResidentLayerExperts(cache.slot_table[cache.rows[layer]], self.executor, self.routing_buf[row], self.weight_buf[row])
+        return handles
+
+    def at(self, layer: int) -> LayerExperts:
+        """The experts handle of decoder layer `layer` for the current pass."""
+        return self.active[layer]
+
+    def resident_decode(self, tokens: int) -> bool:
+        """Whether this pass may take the all-resident decode path: one CPU row, every expert resident, no tracing,
+        no host-side knob (layer-adaptive, cache prior, lookahead)."""
+        if tokens != 1 or self.cache.device.type != "cpu" or self.cache.trace is not None:
+            return False
+        if self.lookahead or self.layer_adaptive is not None or self.cache_prior is not None:
+            return False
+        return self.cache.all_resident
 
     def new_kv(self, max_len: int) -> KVCache:
         """An empty KV cache for one sequence of up to max_len positions."""
@@ -67,9 +114,10 @@ class Runner:
 
     def note_routing(self, layer: int, x: torch.Tensor, routing: Routing) -> None:
         """Keep each layer's top-k of the last token while recording; with lookahead, start the next layer's loads."""
-        if self.routing_log is not None:
-            self.routing_log[layer] = routing.indices[-1]
-            self.weight_log[layer] = routing.raw_weights[-1]
+        if self.recorded:
+            row = self.moe_row[layer]
+            self.routing_buf[row].copy_(routing.indices[-1])
+            self.weight_buf[row].copy_(routing.raw_weights[-1])
         nxt = self.next_moe_layer.get(layer)
         if self.lookahead and nxt is not None and x.shape[0] == 1:
             block = self.model.model.layers[nxt].mlp
@@ -78,15 +126,36 @@ class Runner:
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, kv: KVCache, mode: ExpertMode, record: bool = False, all_logits: bool = False, step: int = 0) -> torch.Tensor:
-        """ids: [T] -> logits of the last position [V] (or all [T, V]); with record, routing_log holds each layer's top-k."""
+        """ids: [T] -> logits of the last position [V] (or all [T, V]); with record, `routing_log` holds each MoE layer's top-k."""
         self.mode = mode
-        self.routing_log = {} if record else None
-        self.weight_log = {} if record else None
         if self.cache.trace is not None:
             trace = self.cache.trace
             trace.step, trace.pass_id, trace.mode = step, trace.pass_id + 1, mode.value
+        resident = self.resident_decode(ids.shape[0])
+        self.recorded = record or resident  # the resident path always writes the buffers (one graph, not two)
+        self.active = self.resident if resident else self.bound
+        if resident:
+            self._arm_resident(mode)
+        segment = self.compiled if self.compiled is not None and ids.shape[0] == 1 else before_experts  # prompts run eager
         with native_cpu_gemv(ids.shape[0] == 1 and ids.device.type == "cpu" and self.executor.dtype in (torch.bfloat16, torch.float16)):
-            return self.model(ids, kv, self, all_logits=all_logits)
+            logits = self.model(ids, kv, self, all_logits=all_logits, segment=segment)
+        self.recorded = record
+        return logits
+
+    def _arm_resident(self, mode: ExpertMode) -> None:
+        """Set the resident handles' selection for this pass and count its hits (every routed expert is one)."""
+        for layer in self.moe_row:
+            handle = self.resident[layer]
+            assert isinstance(handle, ResidentLayerExperts)
+            handle.mode, handle.little_weights = mode, self.little_weights
+        self.cache.stats.hits += len(self.moe_row) * (self.little_k if mode is ExpertMode.LITTLE else self.model.info.top_k)
+
+    @property
+    def routing_log(self) -> dict[int, torch.Tensor] | None:
+        """MoE layer -> the recorded pass's top-k of its last token [k] (views of the static buffer), None when not recorded."""
+        if not self.recorded:
+            return None
+        return {layer: self.routing_buf[row] for layer, row in self.moe_row.items()}
 
     @property
     def little_k(self) -> int:
@@ -95,9 +164,9 @@ class Runner:
 
     def logged_weights(self) -> torch.Tensor:
         """The recorded pass's raw gate values of every MoE layer [L, k] (empty [0, k] when nothing was recorded)."""
-        if not self.weight_log:
+        if not self.recorded:
             return torch.zeros(0, self.model.info.top_k, device=self.model.lm_head.weight.device)
-        return torch.stack([self.weight_log[layer] for layer in sorted(self.weight_log)])
+        return self.weight_buf
 
     def prefetch_other_half(self, routing_log: dict[int, torch.Tensor]) -> int:
         """Before a fallback pass: start loading, in layer order, the top-k experts the little pass did not use."""
@@ -113,6 +182,12 @@ class Runner:
                 break
             issued += self.cache.prefetch(layer, experts[: budget - issued])
         return issued
+
+
+def compiled_segment() -> Segment:
+    """`before_experts` under torch.compile for decode rows: one graph per decoder-layer type, the weights and the
+    layer's state as inputs (so every layer of a type shares it), the KV length dynamic after its first change."""
+    return torch.compile(before_experts, dynamic=None)
 
 
 @contextmanager

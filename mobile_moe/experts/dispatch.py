@@ -1,44 +1,11 @@
-"""A decode row's routed experts as one custom op, when every expert is resident: no host read in Python.
-
-The op receives the device-side slot ids of the row's experts (looked up in the cache's expert-to-slot table, on
-the device) and the slot pool's packed fields, and reads the slot ids inside, where compute needs them (on CPU
-that costs nothing; nothing waits on a device). To torch.compile the op is one opaque node with a known output
-shape, so a decoder layer compiles with `fullgraph=True` around it. Results equal the executor's per-expert loop
-bit for bit: the same per-expert matmuls and the same fixed-order combine.
-"""
+"""One expert's gated MLP from its packed fields, and the fixed-order combine of a row's expert outputs."""
 
 from __future__ import annotations
 
 import torch
 
 from mobile_moe.experts.formats import ExpertFormat
-from mobile_moe.experts.kernels import layout_format
-from mobile_moe.layers.mlp import ACTIVATIONS, Activation, ClampedSwiGLU, gated
-
-CLAMPED_SWIGLU = "clamped_swiglu"
-
-
-@torch.library.custom_op("mobile_moe::resident_experts", mutates_args=())
-def resident_experts(
-    x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, gate_up: list[torch.Tensor], down: list[torch.Tensor],
-    layout: str, group_size: int, activation: str, alpha: float, limit: float, bias: bool,
-) -> torch.Tensor:
-    """x: [1, H], slots: [n] int64, weights: [1, n]; gate_up / down: the pool's packed fields [S, ...] (a bias field last
-    when `bias`) -> sum_j weights[0, j] * expert_{slots[j]}(x)  [1, H]."""
-    fmt = layout_format(layout, group_size, x.dtype)
-    act: Activation = ClampedSwiGLU(alpha, limit) if activation == CLAMPED_SWIGLU else ACTIVATIONS[activation]
-    outs = []
-    for slot in slots.tolist():
-        gu, gu_bias = split_bias([f[slot] for f in gate_up], bias)
-        dn, dn_bias = split_bias([f[slot] for f in down], bias)
-        outs.append(expert_output(fmt, act, x, gu, dn, gu_bias, dn_bias))  # [1, H]
-    return combine(outs, weights, x.dtype)
-
-
-@resident_experts.register_fake
-def _(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, gate_up: list[torch.Tensor], down: list[torch.Tensor],
-      layout: str, group_size: int, activation: str, alpha: float, limit: float, bias: bool) -> torch.Tensor:
-    return torch.empty_like(x)
+from mobile_moe.layers.mlp import Activation, gated
 
 
 def expert_output(
@@ -63,10 +30,3 @@ def split_bias(fields: list[torch.Tensor], bias: bool) -> tuple[list[torch.Tenso
 def _biased(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y [P, out] plus a packed bias [out] in y's dtype (None: y itself)."""
     return y if bias is None else y + bias.to(y.dtype)
-
-
-def activation_args(act: Activation) -> tuple[str, float, float]:
-    """(name, alpha, limit) naming an activation for the op."""
-    if isinstance(act, ClampedSwiGLU):
-        return CLAMPED_SWIGLU, act.alpha, act.limit
-    return next(name for name, f in ACTIVATIONS.items() if f is act), 0.0, 0.0

@@ -16,11 +16,12 @@ from itertools import accumulate
 import torch
 
 from mobile_moe.experts.cache import ExpertCache
-from mobile_moe.experts.dispatch import activation_args, combine, expert_output, split_bias
+from mobile_moe.experts.dispatch import combine, expert_output, split_bias
 from mobile_moe.experts.formats import FloatFormat
 from mobile_moe.experts.store import MATRICES, ExpertShape, ExpertStore
 from mobile_moe.experts.transfer import TransferEngine
 from mobile_moe.layers.mlp import Activation, gated
+from mobile_moe.layers.moe import ExpertMode, Routing, RouterSpec, select
 PROBE_HIDDEN, PROBE_INTERMEDIATE = 256, 128  # the grouped-matmul probe's expert: tiny, but aligned like real ones
 
 
@@ -59,14 +60,11 @@ class ExpertExecutor:
         self.grouped = (self.in_place and grouped_mm_works(cache, act, dtype)) if grouped is None else grouped
         # per slot: (gate_up fields, down fields, gate_up bias, down bias) as views, made once (indexing the pool per call
         # costs a dispatch each); a matrix's bias, when experts have one, is its last packed field
-        self.act_args = activation_args(act)  # the activation named for the resident-experts op
         self.slot_fields = [self._split(tuple([f[slot] for f in cache.fields[m]] for m in MATRICES)) for slot in range(cache.num_slots)]
 
     def run(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [T, H], indices/weights: [T, n] -> sum_j weights[:, j] * expert_{indices[:, j]}(x)  [T, H]."""
         T, n = indices.shape
-        if T == 1 and self.cache.trace is None and self.cache.device.type == "cpu" and self.cache.all_resident:
-            return self._run_resident(layer, x, indices, weights)
         flat = self.cache.transfer.to_host(indices.flatten())  # the layer's one host sync: which experts to bring
         if T == 1 and not self.grouped:
             return self._run_one_token(layer, x, flat, weights)
@@ -114,16 +112,6 @@ class ExpertExecutor:
         (gate_up, gate_up_b), (down, down_b) = split_bias(fields[0], self.bias), split_bias(fields[1], self.bias)
         return gate_up, down, gate_up_b, down_b
 
-    def _run_resident(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Decode on CPU with every expert resident: slots looked up in the device-side table, experts run by one op that
-        reads them inside. x: [1, H], indices/weights: [1, n] -> [1, H]."""
-        cache = self.cache
-        slots = cache.slot_table[cache.rows[layer]][indices[0]]  # [n] int64, on the device
-        cache.stats.hits += indices.shape[1]
-        fields, fmt = cache.fields, cache.store.format
-        return torch.ops.mobile_moe.resident_experts(
-            x, slots, weights, fields["gate_up"], fields["down"], fmt.layout_id, getattr(fmt, "group_size", 0), *self.act_args, self.bias)
-
     def _compute_grouped(self, xs: torch.Tensor, slots: list[int], counts: list[int]) -> torch.Tensor:
         """Two grouped matmuls over the whole slot pool: group s holds the rows routed to slot s (most are empty)."""
         order = sorted(range(len(slots)), key=slots.__getitem__)  # grouped_mm wants rows in slot order
@@ -144,6 +132,33 @@ class ExpertExecutor:
         if self.bias:
             y = y + self.cache.fields["down"][-1][row_slot].to(y.dtype)
         return torch.empty_like(y).index_copy_(0, row_index, y)  # back to the caller's row order
+
+
+class ResidentLayerExperts:
+    """One MoE layer's experts for a decode row on CPU when every expert is resident (a `LayerExperts`): the slots come
+    from the cache's expert-to-slot table by tensor indexing, the routing goes into static buffers, and the experts run
+    straight from their slots. The slot ids are read where compute needs them (on CPU nothing waits for that read), so
+    the host makes no decision and the cache's bookkeeping is not touched: results equal the executor's bit for bit."""
+
+    def __init__(self, slot_row: torch.Tensor, executor: ExpertExecutor, routing_out: torch.Tensor, weights_out: torch.Tensor) -> None:
+        self.slot_row = slot_row  # [E] int64: this layer's row of the cache's slot table
+        self.executor = executor
+        self.routing_out, self.weights_out = routing_out, weights_out  # [k] int64, [k] float32: the last token's top-k
+        self.mode, self.little_weights = ExpertMode.BIG, "native"  # set by the engine before each pass
+
+    def choose(self, routing: Routing, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pass's selection (big or little) of the row's routed experts."""
+        return select(routing, spec, self.mode, self.little_weights)
+
+    def note(self, x: torch.Tensor, routing: Routing) -> None:
+        """Record the row's full top-k and raw gate values (what a fallback prefetches and importance reads)."""
+        self.routing_out.copy_(routing.indices[-1])
+        self.weights_out.copy_(routing.raw_weights[-1])
+
+    def run(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x: [1, H], indices/weights: [1, n] -> [1, H]."""
+        outs = [self.executor._expert(x, slot) for slot in self.slot_row[indices[0]].tolist()]  # rank order
+        return combine(outs, weights, x.dtype)
 
 
 def grouped_mm_works(cache: ExpertCache, act: Activation, dtype: torch.dtype) -> bool:

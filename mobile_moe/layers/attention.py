@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mobile_moe.layers.fused import FusedLinear, fuse_linears
-from mobile_moe.layers.kv_cache import KVCache
+from mobile_moe.layers.kv_cache import LayerKV
 from mobile_moe.layers.norm import RMSNorm
 from mobile_moe.layers.rotary import RopeLayout, apply_rotary
 
@@ -22,7 +22,6 @@ class AttentionInput:
     cos: torch.Tensor  # [T, rot/2]
     sin: torch.Tensor  # [T, rot/2]
     mask: torch.Tensor | None  # [T, S] bool (True = attend), None when T == 1
-    kv: KVCache
 
 
 def causal_mask(start: int, length: int, device: torch.device) -> torch.Tensor | None:
@@ -57,10 +56,9 @@ def attend_with_sinks(
     (Hq, T, _), S = q.shape, k.shape[1]
     k = torch.cat((k, k.new_zeros(k.shape[0], 1, k.shape[2])), dim=1)  # [Hkv, S+1, D]
     v = torch.cat((v, v.new_zeros(v.shape[0], 1, v.shape[2])), dim=1)
-    bias = q.new_zeros(Hq, T, S + 1)  # additive logits: 0 (attend), -inf (masked), sinks[h] for the extra key
-    if mask is not None:
-        bias[:, :, :S].masked_fill_(~mask, float("-inf"))
-    bias[:, :, S] = sinks.to(q.dtype)[:, None]
+    keys = q.new_zeros(Hq, T, S) if mask is None else q.new_zeros(T, S).masked_fill(~mask, float("-inf")).expand(Hq, T, S)
+    sink = sinks.to(q.dtype)[:, None, None].expand(Hq, T, 1)
+    bias = torch.cat((keys, sink), dim=-1)  # [Hq, T, S+1] additive logits: 0 (attend), -inf (masked), sinks[h] for the extra key
     return attend(q, k, v, bias, scale)
 
 
@@ -117,8 +115,8 @@ class GQAAttention(nn.Module):
         """(heads, dim) of the cached keys and values."""
         return (self.kv_heads, self.head_dim), (self.kv_heads, self.head_dim)
 
-    def forward(self, x: torch.Tensor, inp: AttentionInput) -> torch.Tensor:
-        """x: [T, hidden] -> [T, hidden]; writes this step's keys/values into the cache."""
+    def forward(self, x: torch.Tensor, inp: AttentionInput, kv: LayerKV) -> torch.Tensor:
+        """x: [T, hidden] -> [T, hidden]; writes this step's keys/values into the layer's cache."""
         T = x.shape[0]
         q, k, v = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))  # [T, H*D]
         if self.output_gate:
@@ -135,10 +133,10 @@ class GQAAttention(nn.Module):
         qk = self._rotate(torch.cat((q, k), dim=1).transpose(0, 1), inp)  # [H + Hkv, T, D], one rotation
         q, k = qk[: self.heads], qk[self.heads :]
         v = v.view(T, self.kv_heads, self.head_dim).transpose(0, 1)
-        k_all, v_all = inp.kv.write(self.layer, k, v)
+        k_all, v_all = kv.write(k, v)
         mask = inp.mask
         if self.sliding_window is not None:
-            mask = window_mask(k_all.shape[1] - T, T, self.sliding_window, x.device)  # [T, S]
+            mask = window_mask(kv.start, T, self.sliding_window, x.device)  # [T, S]
         if self.sinks is not None:
             out = attend_with_sinks(q, k_all, v_all, mask, self.head_dim**-0.5, self.sinks)  # [T, H*D]
         else:
@@ -205,8 +203,8 @@ class MLAttention(nn.Module):
         d, R, nv = self.d, self.d.kv_lora_rank, self.d.qk_nope_dim + self.d.v_dim
         return T * R * nv + T * S * (2 * R + d.qk_rope_dim) < S * R * nv + T * S * (nv + d.qk_rope_dim)
 
-    def forward(self, x: torch.Tensor, inp: AttentionInput) -> torch.Tensor:
-        """x: [T, hidden] -> [T, hidden]."""
+    def forward(self, x: torch.Tensor, inp: AttentionInput, kv: LayerKV) -> torch.Tensor:
+        """x: [T, hidden] -> [T, hidden]; writes this step's latents and rotary keys into the layer's cache."""
         d, T = self.d, x.shape[0]
         q = self.q_proj(x) if d.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(T, d.heads, d.qk_nope_dim + d.qk_rope_dim).transpose(0, 1)  # [H, T, qk]
@@ -215,7 +213,7 @@ class MLAttention(nn.Module):
         latent = self.kv_a_layernorm(latent)[None]  # [1, T, R]
         q_rope = apply_rotary(q_rope, inp.cos, inp.sin, self.rope_layout)
         k_rope = apply_rotary(k_rope[None], inp.cos, inp.sin, self.rope_layout)  # [1, T, rope]
-        latent_all, k_rope_all = inp.kv.write(self.layer, latent, k_rope)  # [1, S, R], [1, S, rope]
+        latent_all, k_rope_all = kv.write(latent, k_rope)  # [1, S, R], [1, S, rope]
         S = latent_all.shape[1]
         if self.absorbs(T, S):
             return self.o_proj(self._absorbed(q_nope, q_rope, latent_all, k_rope_all, inp.mask))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mobile_moe.layers.attention import AttentionInput
-from mobile_moe.layers.kv_cache import RecurrentState
+from mobile_moe.layers.kv_cache import LayerKV, RecurrentState
 from mobile_moe.layers.mlp import activation
 
 
@@ -120,10 +120,11 @@ class GatedDeltaNet(nn.Module):
             "recurrent": torch.zeros(d.value_heads, d.key_dim, d.value_dim, device=device, dtype=torch.float32),
         })
 
-    def forward(self, x: torch.Tensor, inp: AttentionInput) -> torch.Tensor:
-        """x: [T, hidden] -> [T, hidden]; advances this layer's recurrent state in inp.kv by T positions."""
+    def forward(self, x: torch.Tensor, inp: AttentionInput, kv: LayerKV) -> torch.Tensor:
+        """x: [T, hidden] -> [T, hidden]; advances this layer's recurrent state (kv.recurrent) by T positions."""
         d, T = self.d, x.shape[0]
-        state = inp.kv.recurrent[self.layer].tensors
+        assert kv.recurrent is not None
+        state = kv.recurrent.tensors
         mixed = self.in_proj_qkv(x).T  # [C, T]
         window = torch.cat((state["conv"], mixed), dim=-1)  # [C, K-1+T]
         state["conv"].copy_(window[:, window.shape[1] - (d.conv_kernel - 1) :])

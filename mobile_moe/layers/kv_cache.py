@@ -28,6 +28,24 @@ class RecurrentState:
 
 
 @dataclass(frozen=True)
+class LayerKV:
+    """One layer's view of a sequence for one pass: its key/value buffers [H, max_len, D] filled up to `start`, or its
+    recurrent state. Passed to the layer as an argument, so a compiled layer serves every layer of its type."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    start: int  # positions already filled
+    recurrent: RecurrentState | None = None
+
+    def write(self, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store [H, T, D] entries at `start`; return the keys/values up to start + T (bounds checked by `KVCache.layer`)."""
+        end = self.start + k_new.shape[1]
+        self.k[:, self.start : end] = k_new
+        self.v[:, self.start : end] = v_new
+        return self.k[:, :end], self.v[:, :end]
+
+
+@dataclass(frozen=True)
 class SequenceSnapshot:
     """What `KVCache.restore` needs to return to an earlier point: the KV length and copies of recurrent states."""
 
@@ -53,14 +71,14 @@ class KVCache:
         self.recurrent = recurrent or {}  # layer -> state of its recurrent token mixer
         self.length = 0
 
-    def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store [H, T, D] entries at the current length; return the layer's keys/values up to length + T."""
-        end = self.length + k_new.shape[1]
-        if end > self.max_len:
-            raise IndexError(f"KV cache holds {self.max_len} positions, step needs {end}")
-        self.k[layer][:, self.length : end] = k_new
-        self.v[layer][:, self.length : end] = v_new
-        return self.k[layer][:, :end], self.v[layer][:, :end]
+    def check_room(self, n: int) -> None:
+        """Raise unless n more positions fit."""
+        if self.length + n > self.max_len:
+            raise IndexError(f"KV cache holds {self.max_len} positions, step needs {self.length + n}")
+
+    def layer(self, index: int) -> LayerKV:
+        """Layer `index`'s buffers at the current length."""
+        return LayerKV(self.k[index], self.v[index], self.length, self.recurrent.get(index))
 
     def advance(self, n: int) -> None:
         """Commit n positions written by the last forward pass."""

@@ -97,19 +97,30 @@ def select(routing: Routing, spec: RouterSpec, mode: ExpertMode, little_weights:
     return routing.indices[:, :n], little
 
 
-class ExpertRunner(Protocol):
-    """What an MoE block needs from the engine: choose and run routed experts, and note routing for prefetch."""
+class LayerExperts(Protocol):
+    """What one MoE layer needs from the engine in a pass: choose and run routed experts, and note routing for prefetch.
 
-    def choose(self, layer: int, routing: Routing, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    Bound to its layer by the engine (`ExpertRunner.at`), so the block itself never passes a layer number: a compiled
+    block then serves every layer of its type."""
+
+    def choose(self, routing: Routing, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices [T, n], weights [T, n]) the current pass uses at this layer (see `select`)."""
         ...
 
-    def run_experts(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [T, H], indices/weights: [T, n] -> weighted sum of expert outputs [T, H]."""
         ...
 
-    def note_routing(self, layer: int, x: torch.Tensor, routing: Routing) -> None:
-        """Called with every MoE layer's input [T, H] and full top-k choice, before its experts run."""
+    def note(self, x: torch.Tensor, routing: Routing) -> None:
+        """Called with the layer's input [T, H] and full top-k choice, before its experts run."""
+        ...
+
+
+class ExpertRunner(Protocol):
+    """The engine side of a forward pass: each layer's bound experts."""
+
+    def at(self, layer: int) -> LayerExperts:
+        """The experts handle of decoder layer `layer` for the current pass."""
         ...
 
 
@@ -135,6 +146,20 @@ class Router(nn.Module):
         return route(logits, self.spec, self.e_score_correction_bias)
 
 
+class RoutedExperts(nn.Module):
+    """The routed part of an MoE layer (no parameters here: the engine holds and runs the experts)."""
+
+    def __init__(self, spec: RouterSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def forward(self, x: torch.Tensor, routing: Routing, experts: LayerExperts) -> torch.Tensor:
+        """x: [T, H] and its routing -> the routed experts' weighted sum [T, H]."""
+        experts.note(x, routing)
+        indices, weights = experts.choose(routing, self.spec)
+        return experts.run(x, indices, weights)
+
+
 class MoEBlock(nn.Module):
     """Routed experts (run by the engine) plus optional shared experts, optionally sigmoid-gated."""
 
@@ -142,18 +167,21 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.layer, self.spec = layer, spec
         self.gate = Router(hidden, spec)
+        self.routed_experts = RoutedExperts(spec)
         self.shared_expert = shared
         self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if shared_gate else None
 
-    def forward(self, x: torch.Tensor, runner: ExpertRunner) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, experts: LayerExperts) -> torch.Tensor:
         """x: [T, H] -> [T, H]."""
-        routing = self.gate(x)
-        runner.note_routing(self.layer, x, routing)
-        indices, weights = runner.choose(self.layer, routing, self.spec)
-        out = runner.run_experts(self.layer, x, indices, weights)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(x)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-            out = out + shared
-        return out
+        out = self.routed_experts(x, self.gate(x), experts)
+        shared = self.shared_output(x)
+        return out if shared is None else out + shared
+
+    def shared_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x: [T, H] -> the shared experts' (gated) output [T, H], or None without shared experts."""
+        if self.shared_expert is None:
+            return None
+        shared = self.shared_expert(x)
+        if self.shared_expert_gate is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+        return shared

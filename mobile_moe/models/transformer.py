@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from mobile_moe.layers.attention import AttentionInput, causal_mask
-from mobile_moe.layers.kv_cache import KVCache
+from mobile_moe.layers.kv_cache import KVCache, LayerKV
 from mobile_moe.layers.mlp import ClampedSwiGLU
-from mobile_moe.layers.moe import ExpertRunner, MoEBlock
+from mobile_moe.layers.moe import ExpertRunner, LayerExperts, MoEBlock, Routing
 from mobile_moe.layers.norm import RMSNorm
 from mobile_moe.layers.rotary import RotaryEmbedding
 
@@ -25,11 +26,35 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden, eps)
         self.mlp = mlp
 
-    def forward(self, x: torch.Tensor, inp: AttentionInput, runner: ExpertRunner) -> torch.Tensor:
-        """x: [T, H] -> [T, H]."""
-        x = x + self.self_attn(self.input_layernorm(x), inp)
-        h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, runner) if isinstance(self.mlp, MoEBlock) else self.mlp(h))
+    def forward(self, x: torch.Tensor, inp: AttentionInput, kv: LayerKV, experts: LayerExperts) -> torch.Tensor:
+        """x: [T, H] -> [T, H]; the layer's state comes in as arguments (nothing indexed by a layer number inside)."""
+        return self.after_experts(before_experts(self, x, inp, kv), experts)
+
+    def after_experts(self, part: "LayerPart", experts: LayerExperts) -> torch.Tensor:
+        """Finish the layer from what `before_experts` computed: add the routed experts' output (MoE layers) -> [T, H]."""
+        x, h, indices, raw_weights, shared = part
+        if h is None:  # a dense layer: already complete
+            return x
+        assert isinstance(self.mlp, MoEBlock) and indices is not None and raw_weights is not None
+        out = self.mlp.routed_experts(h, Routing(indices, raw_weights), experts)
+        return x + (out if shared is None else out + shared)
+
+
+# (x [T, H], MLP input h [T, H] or None for a finished dense layer, top-k indices [T, k], raw gate values [T, k], shared output)
+LayerPart = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+Segment = Callable[[DecoderLayer, torch.Tensor, AttentionInput, LayerKV], LayerPart]  # eager or compiled `before_experts`
+
+
+def before_experts(layer: DecoderLayer, x: torch.Tensor, inp: AttentionInput, kv: LayerKV) -> LayerPart:
+    """A decoder layer up to its routed experts: attention with its residual, the MLP's norm, the router and the shared
+    experts (a dense layer runs whole). Pure tensor code with the layer's state as arguments: compiled with
+    `fullgraph=True` it serves every layer of its type, with the engine's expert dispatch between segments."""
+    x = x + layer.self_attn(layer.input_layernorm(x), inp, kv)
+    h = layer.post_attention_layernorm(x)
+    if not isinstance(layer.mlp, MoEBlock):
+        return x + layer.mlp(h), None, None, None, None
+    routing = layer.mlp.gate(h)
+    return x, h, routing.indices, routing.raw_weights, layer.mlp.shared_output(h)
 
 
 class Backbone(nn.Module):
@@ -80,15 +105,21 @@ class CausalLM(nn.Module):
         shapes = [layer.self_attn.kv_shapes() for layer in self.model.layers]
         return [k for k, _ in shapes], [v for _, v in shapes]
 
-    def forward(self, ids: torch.Tensor, kv: KVCache, runner: ExpertRunner, all_logits: bool = False) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, kv: KVCache, runner: ExpertRunner, all_logits: bool = False, segment: Segment = before_experts,
+    ) -> torch.Tensor:
         """ids: [T] at positions kv.length.. -> logits [V] of the last position ([T, V] if all_logits); writes the KV cache."""
         T, start = ids.shape[0], kv.length
+        kv.check_room(T)
         positions = torch.arange(start, start + T, device=ids.device)
         cos, sin = self.rotary(positions)
-        inp = AttentionInput(cos=cos, sin=sin, mask=causal_mask(start, T, ids.device), kv=kv)
+        inp = AttentionInput(cos=cos, sin=sin, mask=causal_mask(start, T, ids.device))
         x = self.model.embed_tokens(ids)  # [T, H]
-        for layer in self.model.layers:
-            x = layer(x, inp, runner)
+        for index, layer in enumerate(self.model.layers):
+            if segment is before_experts:  # eager: the module call (its hooks fire)
+                x = layer(x, inp, kv.layer(index), runner.at(index))
+            else:
+                x = layer.after_experts(segment(layer, x, inp, kv.layer(index)), runner.at(index))
         kv.advance(T)
         x = self.model.norm(x if all_logits else x[-1:])
         logits = self.lm_head(x)
