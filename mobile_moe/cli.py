@@ -192,6 +192,8 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--variants", type=parse_variants, help="comma-separated little-pass knob settings to compare, each swept like the criteria: "
                     "plain, layer-adaptive=SHARE, cache-prior=FACTOR, kv-repair=N, or knobs joined by '+' (default: the knob flags)")
     ev.add_argument("--no-reference", action="store_true", help="with quantized experts, skip comparing big with the float-expert big (which loads the model twice)")
+    ev.add_argument("--reference-dtype", choices=["float32", "bfloat16", "float16"],
+                    help="compare big with big computed in this dtype with float experts (e.g. bfloat16 against float32; loads the model twice)")
     cal = sub.add_parser("calibrate", help="pick tau on the validation split and store it next to the model")
     cal.add_argument("--target-agreement", type=float, default=0.98, help="greedy agreement with big that mobile must reach (default: 0.98)")
     cal.add_argument("--data", type=Path, nargs="+", help="text files or directories (default: the demo corpus's validation split)")
@@ -405,7 +407,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"experts {report['expert_format']} ({report['expert_bytes'] / 2**10:.1f} KiB each); perplexity on {ppl['tokens']} tokens from {ppl['files']} of {ppl['files_total']} files: big {ppl['big']:.3f}, little {ppl['little']:.3f}")
     if report["big_vs_float_big"]:
         v = report["big_vs_float_big"]
-        print(f"big vs big with {v['expert_format']} experts: greedy agreement {v['agreement']:.1%} (positions {v['agreement_overall']:.1%}, whole continuations {v['exact_match']:.1%})")
+        print(f"big vs big in {v['dtype']} with {v['expert_format']} experts: greedy agreement {v['agreement']:.1%} (positions {v['agreement_overall']:.1%}, whole continuations {v['exact_match']:.1%})")
     print(runs_table(report["runs"]))
     if args.plot:
         print(f"plot written to {args.plot}")
@@ -425,10 +427,14 @@ def eval_sweeps(args: argparse.Namespace, llm: LLM, policy: PolicyConfig) -> lis
 
 
 def float_reference(llm: LLM, args: argparse.Namespace) -> LLM | None:
-    """For quantized experts: the same checkpoint with float experts (the compute dtype), unless --no-reference or none exists."""
+    """The same checkpoint with float experts in --reference-dtype; without it, for quantized experts only, in the compute
+    dtype (unless --no-reference or the checkpoint holds no float experts)."""
+    config = dataclasses.replace(engine_config_from(args), expert_dtype="auto", group_size=None)
+    if args.reference_dtype is not None:
+        return LLM(llm.path, dataclasses.replace(config, dtype=args.reference_dtype))
     if not llm.loaded.store.format.quantized or args.no_reference or stored_format(llm.loaded.config) is not None:
         return None
-    return LLM(llm.path, dataclasses.replace(engine_config_from(args), expert_dtype="auto", group_size=None))
+    return LLM(llm.path, config)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:

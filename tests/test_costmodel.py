@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mobile_moe import LLM, engine_config
-from mobile_moe.bench.costinputs import count_decode_ops, model_cost, swiglu_expert_launches
+from mobile_moe.bench.costinputs import LaunchCounter, count_decode_ops, model_cost, swiglu_expert_launches
 from mobile_moe.bench.costmodel import Link, ModelCost, predict
 from mobile_moe.bench.profiles import PROFILES, HardwareProfile
 from mobile_moe.bench.synthetic import build_synthetic, full_size_cost, synthetic_config
@@ -125,6 +125,16 @@ def test_launch_cost_is_the_calibrated_expert_time_over_its_kernels():
     h200 = PROFILES["h200"]
     olmoe_expert = launches * h200.launch_us + 12582912 / (h200.mem_gbps * 1e9) * 1e6
     assert olmoe_expert == pytest.approx(77.4, rel=0.05)  # expert_ffn_us["olmoe"]
+
+
+def test_launch_counter_counts_casts_but_not_views_or_no_op_casts():
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    with torch.inference_mode(), LaunchCounter() as counter:
+        y = x.float()  # a cast: a kernel
+        x.to(torch.bfloat16)  # already bf16: returns x itself, no kernel
+        y.view(8, 4).transpose(0, 1)  # views: no kernel
+        torch.nn.functional.rms_norm(y, (8,)).to(x.dtype)  # the norm and its cast back
+    assert counter.counts["pass"] == 3
 
 
 def test_count_decode_ops_and_model_cost_on_a_small_model():

@@ -28,6 +28,16 @@ from mobile_moe.models.transformer import CausalLM
 NO_KERNEL = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"})
 
 
+def launches_kernel(func: torch._ops.OpOverload, args: tuple, out: object) -> bool:
+    """Whether a dispatched op ran a kernel: views and allocations do not; a cast (`aten.to`, tagged a view because it
+    may alias) does when it returned a new tensor."""
+    if func.overloadpacket.__name__ == "to":
+        return out is not args[0]
+    tags = func.tags
+    return not (func.is_view or torch.Tag.inplace_view in tags or torch.Tag.data_dependent_output in tags
+                or func.overloadpacket.__name__ in NO_KERNEL)
+
+
 @dataclass(frozen=True)
 class OpCounts:
     """Kernel launches of one batch-1 decode pass."""
@@ -47,11 +57,10 @@ class LaunchCounter(TorchDispatchMode):
         self.counts: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
-        tags = func.tags
-        if not (func.is_view or torch.Tag.inplace_view in tags or torch.Tag.data_dependent_output in tags
-                or func.overloadpacket.__name__ in NO_KERNEL):
+        out = func(*args, **(kwargs or {}))
+        if launches_kernel(func, args, out):
             self.counts[self.region] += 1
-        return func(*args, **(kwargs or {}))
+        return out
 
     def mark(self, module: nn.Module, region: str, before: bool) -> RemovableHandle:
         """Switch to `region` when `module` starts (before) or ends its forward."""

@@ -72,7 +72,7 @@ def evaluate(
         "expert_format": str(llm.loaded.store.format),
         "expert_bytes": llm.loaded.store.expert_bytes,
         "cache_slots": llm.runner.cache.num_slots, "total_experts": llm.loaded.store.total_experts,
-        "big_vs_float_big": None if versus is None else {"expert_format": str(reference.loaded.store.format), **asdict(versus)},
+        "big_vs_float_big": None if versus is None else {"expert_format": str(reference.loaded.store.format), "dtype": str(reference.loaded.dtype).removeprefix("torch."), **asdict(versus)},
         "perplexity": {
             "big": perplexity(scores.big), "little": perplexity(scores.little), "tokens": int(scores.big.numel()),
             "files": scores.files, "files_total": scores.files_total,

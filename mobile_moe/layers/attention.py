@@ -19,9 +19,24 @@ from mobile_moe.layers.rotary import RopeLayout, apply_rotary
 class AttentionInput:
     """What every attention layer of one forward pass shares."""
 
-    cos: torch.Tensor  # [T, rot/2]
+    cos: torch.Tensor  # [T, rot/2] in the compute dtype (cast once per pass, not per layer)
     sin: torch.Tensor  # [T, rot/2]
     mask: torch.Tensor | None  # [T, S] bool (True = attend), None when T == 1
+    cos_fp32: torch.Tensor | None = None  # [T, rot/2] float32, for layers that rotate in float32 (None: cos is float32)
+    sin_fp32: torch.Tensor | None = None
+
+    @staticmethod
+    def of(cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> "AttentionInput":
+        """From float32 rotary tables: cast once to the compute dtype, keeping the float32 tables where they differ."""
+        if dtype == cos.dtype:
+            return AttentionInput(cos, sin, mask)
+        return AttentionInput(cos.to(dtype), sin.to(dtype), mask, cos, sin)
+
+    def tables(self, fp32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) in float32 (fp32) or the compute dtype."""
+        if fp32 and self.cos_fp32 is not None and self.sin_fp32 is not None:
+            return self.cos_fp32, self.sin_fp32
+        return self.cos, self.sin
 
 
 def causal_mask(start: int, length: int, device: torch.device) -> torch.Tensor | None:
@@ -148,7 +163,7 @@ class GQAAttention(nn.Module):
     def _rotate(self, x: torch.Tensor, inp: AttentionInput) -> torch.Tensor:
         """x: [H, T, D] -> [H, T, D] with the first rotary_dim channels rotated (cos/sin: [T, rotary_dim / 2])."""
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]  # [H, T, R], [H, T, D - R]
-        rotated = apply_rotary(rot.float() if self.rope_fp32 else rot, inp.cos, inp.sin, self.rope_layout).to(x.dtype)
+        rotated = apply_rotary(rot.float() if self.rope_fp32 else rot, *inp.tables(self.rope_fp32), self.rope_layout).to(x.dtype)
         return rotated if self.rotary_dim == self.head_dim else torch.cat((rotated, rest), dim=-1)
 
 

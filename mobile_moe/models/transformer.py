@@ -113,7 +113,7 @@ class CausalLM(nn.Module):
         kv.check_room(T)
         positions = torch.arange(start, start + T, device=ids.device)
         cos, sin = self.rotary(positions)
-        inp = AttentionInput(cos=cos, sin=sin, mask=causal_mask(start, T, ids.device))
+        inp = AttentionInput.of(cos, sin, causal_mask(start, T, ids.device), self.lm_head.weight.dtype)
         x = self.model.embed_tokens(ids)  # [T, H]
         for index, layer in enumerate(self.model.layers):
             if segment is before_experts:  # eager: the module call (its hooks fire)
