@@ -62,6 +62,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--expert-cache", type=int, metavar="N", help="device expert cache size, in experts")
     size.add_argument("--gpu-memory", type=float, metavar="GB", help="device memory budget for dense weights + KV cache + expert slots")
+    p.add_argument("--offload-dir", metavar="DIR",
+                   help="keep routed experts in an on-disk store in DIR (built there on first use, reused after) and read them on demand")
+    p.add_argument("--host-memory", type=float, metavar="GB", help="with --offload-dir: RAM for cached experts (on CPU, the compute cache)")
+    p.add_argument("--buffered-io", action="store_true", help="with --offload-dir: read through the page cache instead of O_DIRECT")
     p.add_argument("--eviction", default="lru", choices=["lru", "lfu"], help="expert cache eviction policy (default: lru)")
     p.add_argument("--max-context", type=int, default=4096, metavar="N",
                    help="longest prompt + generation; a --gpu-memory budget reserves this many tokens of KV cache (default: 4096)")
@@ -294,7 +298,7 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
     """EngineConfig from the shared engine flags."""
     return engine_config(
         args.device, args.dtype, args.expert_cache, args.gpu_memory, args.eviction, not args.quiet, args.max_context, args.expert_dtype, args.group_size,
-        not args.reference_kernels, args.compile,
+        not args.reference_kernels, args.compile, args.offload_dir, args.host_memory, not args.buffered_io,
     )
 
 

@@ -133,12 +133,15 @@ class CacheConfig:
     slots: int | None = None
     gpu_memory_gb: float | None = None
     eviction: Literal["lru", "lfu"] = "lru"
+    host_memory_gb: float | None = None  # with an on-disk store: host RAM for experts (on CPU, the compute cache)
 
     def __post_init__(self) -> None:
         if self.slots is not None and self.gpu_memory_gb is not None:
             raise InvalidParameter("give either an expert cache size or a GPU memory budget, not both")
         if self.gpu_memory_gb is not None and not (self.gpu_memory_gb > 0 and math.isfinite(self.gpu_memory_gb)):
             raise InvalidParameter(f"gpu memory budget must be > 0 GB, got {self.gpu_memory_gb}")
+        if self.host_memory_gb is not None and not (self.host_memory_gb > 0 and math.isfinite(self.host_memory_gb)):
+            raise InvalidParameter(f"host memory budget must be > 0 GB, got {self.host_memory_gb}")
         if self.eviction not in ("lru", "lfu"):
             raise InvalidParameter(f"eviction must be lru or lfu, got {self.eviction!r}")
 
@@ -156,6 +159,8 @@ class EngineConfig:
     group_size: int | None = None  # int4 only: weights per (scale, zero) group along the input dim
     fused_kernels: bool = True  # quantized experts through fused weight-only kernels where the device has them (experts/kernels.py)
     compile: bool = False  # decode through torch.compile'd layer segments (CPU; the first generate pays the warm-up)
+    offload_dir: str | None = None  # an on-disk expert store (built there on first use): experts are read from it on demand
+    direct_io: bool = True  # read the store with O_DIRECT where the file system allows it (False: buffered + fadvise)
 
     def __post_init__(self) -> None:
         if self.max_context < 2:
@@ -166,5 +171,9 @@ class EngineConfig:
             raise InvalidParameter(f"expert dtype must be one of {', '.join(EXPERT_DTYPES)}, got {self.expert_dtype!r}")
         if self.group_size is not None and self.expert_dtype != "int4":
             raise InvalidParameter(f"--group-size applies to int4 experts only, not {self.expert_dtype}")
+        if self.cache.host_memory_gb is not None and self.offload_dir is None:
+            raise InvalidParameter("--host-memory bounds the experts held in RAM when they live on disk: give --offload-dir too")
+        if self.offload_dir is not None and self.device.split(":")[0] != "cpu":
+            raise InvalidParameter("--offload-dir runs on the CPU for now (the CUDA disk -> pinned host -> device tier is not built yet)")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise InvalidParameter(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")

@@ -90,6 +90,9 @@ def plan_slots(
     if cfg.slots is not None:
         plan = SlotPlan(min(cfg.slots, total_experts), total_experts, expert_bytes)
         reason = f"--expert-cache {cfg.slots}"
+    elif cfg.host_memory_gb is not None and device.type == "cpu":  # the host cache is the compute cache
+        plan = SlotPlan(min(int(cfg.host_memory_gb * GIB) // expert_bytes, total_experts), total_experts, expert_bytes)
+        reason = f"--host-memory {cfg.host_memory_gb:g} GB ({expert_bytes / 2**20:.2f} MiB per expert record)"
     else:
         budget = _budget_bytes(cfg, model, device)
         if budget is None:

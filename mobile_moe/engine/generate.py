@@ -162,6 +162,8 @@ def _fill_counters(stats: GenerationStats, runner: Runner, before: CacheStats, a
     stats.decode_expert_hits = now.hits - after_prefill.hits
     stats.decode_expert_misses = now.misses - after_prefill.misses
     stats.decode_h2d_bytes = now.h2d_bytes - after_prefill.h2d_bytes
+    stats.disk_bytes = now.disk_bytes - before.disk_bytes
+    stats.decode_disk_bytes = now.disk_bytes - after_prefill.disk_bytes
     stats.decode_transfer_wait_s = decode_wait_s
     stats.cache_slots = runner.cache.num_slots
     stats.total_experts = runner.cache.store.total_experts

@@ -16,6 +16,8 @@ from mobile_moe.engine.loader import LoadedModel, load
 from mobile_moe.engine.runner import Runner
 from mobile_moe.errors import CheckpointError, InvalidParameter, PromptTooLong
 from mobile_moe.experts.cache import ExpertCache
+from mobile_moe.experts.disk import DiskStore
+from mobile_moe.experts.reader import ReadPool
 from mobile_moe.experts.trace import Trace
 from mobile_moe.experts.transfer import TransferEngine
 from mobile_moe.layers.moe import ExpertMode
@@ -48,14 +50,17 @@ class LLM:
         if isinstance(model, LoadedModel):
             self.loaded = model
         else:
+            offload = None if self.config.offload_dir is None else Path(self.config.offload_dir)
             self.loaded = load(model, self.device, self.config.dtype, self.config.progress, self.config.expert_dtype, self.config.group_size,
-                               self.config.fused_kernels)
+                               self.config.fused_kernels, offload, self.config.direct_io)
         self.path = self.loaded.path
         self.info = self.loaded.model.info
         self.max_context = min(self.info.max_context, self.config.max_context)
         store = self.loaded.store
+        self.reader = ReadPool(store) if isinstance(store, DiskStore) else None  # the disk tier's readers, shared by every cache
+        slot_bytes = store.record_bytes if isinstance(store, DiskStore) else store.expert_bytes
         self.plan = plan_slots(
-            self.config.cache, self.loaded.model, store.expert_bytes, store.total_experts, self.device, self.loaded.dtype, self.config.max_context,
+            self.config.cache, self.loaded.model, slot_bytes, store.total_experts, self.device, self.loaded.dtype, self.config.max_context,
             dequant_scratch_bytes(store.layout, self.loaded.dtype),
         )
         self.planned_slots = self.plan.slots
@@ -78,7 +83,8 @@ class LLM:
         """Start over with an empty expert cache of `slots` slots (benchmarks compare systems from the same state)."""
         with self._lock:
             self.cache = self.runner = None  # release the old slot pool first
-            self.cache = ExpertCache(self.loaded.store, slots, self.device, TransferEngine(self.device), self.config.cache.eviction, trace=trace)
+            self.cache = ExpertCache(self.loaded.store, slots, self.device, TransferEngine(self.device), self.config.cache.eviction, trace=trace,
+                                     reader=self.reader)
             self.runner = Runner(self.loaded.model, self.cache, compile_layers=self.compiles)
 
     @property
@@ -171,10 +177,11 @@ def _load_tokenizer(path: Path):  # -> PreTrainedTokenizerBase | None
 def engine_config(
     device: str = "cpu", dtype: str = "auto", expert_cache: int | None = None, gpu_memory: float | None = None,
     eviction: str = "lru", progress: bool = True, max_context: int = 4096, expert_dtype: str = "auto", group_size: int | None = None,
-    fused_kernels: bool = True, compile: bool = False,
+    fused_kernels: bool = True, compile: bool = False, offload_dir: str | None = None, host_memory: float | None = None, direct_io: bool = True,
 ) -> EngineConfig:
     """EngineConfig from flat keyword arguments (what the CLI and API users pass)."""
     return EngineConfig(
-        device=device, dtype=dtype, cache=CacheConfig(expert_cache, gpu_memory, eviction), progress=progress, max_context=max_context,
-        expert_dtype=expert_dtype, group_size=group_size, fused_kernels=fused_kernels, compile=compile,
+        device=device, dtype=dtype, cache=CacheConfig(expert_cache, gpu_memory, eviction, host_memory), progress=progress, max_context=max_context,
+        expert_dtype=expert_dtype, group_size=group_size, fused_kernels=fused_kernels, compile=compile, offload_dir=offload_dir,
+        direct_io=direct_io,
     )

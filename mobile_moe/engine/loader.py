@@ -26,8 +26,9 @@ from mobile_moe.engine.checkpoint import (
 )
 from mobile_moe.errors import CheckpointError, InvalidParameter
 from mobile_moe.experts.formats import ExpertFormat, format_from_config, make_format
-from mobile_moe.experts.kernels import use_fused_kernels
-from mobile_moe.experts.store import ExpertShape, ExpertStore
+from mobile_moe.experts.disk import DiskStore, Manifest, StoreWriter, checkpoint_fingerprint, expected_manifest, read_manifest
+from mobile_moe.experts.kernels import compute_format, layout_format, use_fused_kernels
+from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertShape, ExpertStore
 from mobile_moe.layers.moe import Router
 from mobile_moe.models.registry import build_model
 from mobile_moe.models.transformer import CausalLM
@@ -40,7 +41,7 @@ class LoadedModel:
     """A model ready to run: dense part on the device, experts in host memory."""
 
     model: CausalLM
-    store: ExpertStore
+    store: ExpertStore | DiskStore  # a DiskStore when the experts live in an on-disk store (`--offload-dir`)
     config: PretrainedConfig
     path: Path
     dtype: torch.dtype
@@ -115,8 +116,12 @@ def resolve_format(cfg: PretrainedConfig, expert_dtype: str, group_size: int | N
 def load(
     path: str | Path, device: torch.device, dtype_name: str = "auto", progress: bool = True,
     expert_dtype: str = "auto", group_size: int | None = None, fused_kernels: bool = True,
+    offload_dir: Path | None = None, direct_io: bool = True,
 ) -> LoadedModel:
-    """Read config and weights, packing experts into the host store as they stream by; never materialise all experts on the device."""
+    """Read config and weights, packing experts into the host store as they stream by; never materialise all experts on the device.
+
+    With `offload_dir` the experts live in an on-disk store there: reused when its manifest matches this checkpoint,
+    layout and dtype (then no expert tensor is read from the checkpoint), else built first from a full load."""
     path = Path(path)
     cfg = read_config(path)
     files = shard_files(path)
@@ -125,36 +130,100 @@ def load(
     dtype, why = resolve_dtype(dtype_name, cfg, device, model)
     fmt = resolve_format(cfg, expert_dtype, group_size, dtype)
     info = model.info
-    store = ExpertStore(list(info.moe_layers), info.num_experts, ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias), fmt, pin=device.type == "cuda")
+    shape = ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias)
+    disk: DiskStore | None = None
+    if offload_dir is not None:
+        wanted = _store_manifest(path, shape, fmt, dtype, device, fused_kernels, list(info.moe_layers), info.num_experts)
+        found = _matching_manifest(offload_dir, wanted)
+        if found is not None:
+            disk = DiskStore(offload_dir, found, layout_format(found.layout_id, found.format.get("group_size") or 0, dtype), direct_io)
+    store = None if disk is not None else ExpertStore(list(info.moe_layers), info.num_experts, shape, fmt, pin=device.type == "cuda")
+    writer = None if disk is not None or offload_dir is None else LayerFlusher(store, StoreWriter(offload_dir, wanted, progress), wanted, dtype)
     dense: dict[str, torch.Tensor] = {}
     bar = tqdm(total=count_tensors(files), desc="loading weights", unit="tensor", disable=(not progress) or None, leave=False)
     fp32 = fp32_names(model)
     for key, tensor in iter_tensors(files):
         bar.update()
-        _place(key, tensor, cfg, store, dense, device, dtype, fp32, info.interleaved_experts)
+        layer = _place(key, tensor, cfg, store, dense, device, dtype, fp32, info.interleaved_experts)
+        if writer is not None and layer is not None:
+            writer.flush(layer)
     bar.close()
     _finish(model, dense, store, cfg, device)
-    if fused_kernels:
+    if writer is not None:
+        disk = writer.finish(direct_io)
+        store = None  # the experts live on disk only
+    elif store is not None and fused_kernels:
         use_fused_kernels(store, dtype, device, progress)
     model.fuse_projections()
     model.eval()
-    return LoadedModel(model=model, store=store, config=cfg, path=path, dtype=dtype, dtype_reason=why)
+    return LoadedModel(model=model, store=disk if disk is not None else store, config=cfg, path=path, dtype=dtype, dtype_reason=why)
+
+
+class LayerFlusher:
+    """Streams a store to disk while a checkpoint loads: each MoE layer, once complete, is written (in the compute
+    layout) and its RAM given back, so peak memory stays near the layers being filled, not all experts."""
+
+    def __init__(self, store: ExpertStore, writer: StoreWriter, manifest: Manifest, dtype: torch.dtype) -> None:
+        self.store, self.writer, self.manifest = store, writer, manifest
+        self.kernel = None if manifest.layout_id == store.format.layout_id else layout_format(manifest.layout_id, manifest.format.get("group_size") or 0, dtype)
+        self.layout = None if self.kernel is None else ExpertLayout(store.shape, self.kernel, nbytes=store.expert_bytes)
+
+    def flush(self, layer: int) -> None:
+        """Write and release `layer` if it is complete and not written yet."""
+        if self.writer.written(layer) or not self.store.layer_complete(layer):
+            return
+        kernel, layout = self.kernel, self.layout
+        convert = None if kernel is None or layout is None else (lambda buffer: self.store.converted(buffer, kernel, layout))
+        self.writer.write_layer(layer, self.store.layers[layer], convert)
+        self.store.release_layer(layer)
+
+    def finish(self, direct_io: bool) -> DiskStore:
+        """Write what is left (layers completed last), then the manifest; the finished store, opened for reading."""
+        for layer in self.manifest.moe_layers:
+            self.flush(layer)
+        done = self.writer.finish()
+        return DiskStore(self.writer.directory, done, self.kernel or self.store.format, direct_io)
+
+
+def _store_manifest(path: Path, shape: ExpertShape, fmt: ExpertFormat, dtype: torch.dtype, device: torch.device, fused: bool,
+                    moe_layers: list[int], num_experts: int) -> Manifest:
+    """The manifest an on-disk store of this checkpoint must have: records in the layout compute will read."""
+    portable = ExpertLayout(shape, fmt)
+    kernel = compute_format(fmt, dtype, device, [shape.matrix_shape(m) for m in MATRICES]) if fused else None
+    layout = portable if kernel is None else ExpertLayout(shape, kernel, nbytes=portable.nbytes)
+    return expected_manifest(checkpoint_fingerprint(path), layout, dtype, moe_layers, num_experts)
+
+
+def _matching_manifest(directory: Path, wanted: Manifest) -> Manifest | None:
+    """The store's manifest when it matches (reuse), None when there is no finished store (build); another store: an error."""
+    found = read_manifest(directory)
+    if found is None:
+        return None
+    if found.key() != wanted.key():
+        differs = sorted(k for k, v in wanted.key().items() if found.key().get(k) != v)
+        raise InvalidParameter(f"{directory} holds an expert store of another checkpoint or format (differs in {', '.join(differs)}): "
+                               "give another --offload-dir or delete that one")
+    return found
 
 
 def _place(
-    key: str, tensor: torch.Tensor, cfg: PretrainedConfig, store: ExpertStore, dense: dict[str, torch.Tensor],
+    key: str, tensor: torch.Tensor, cfg: PretrainedConfig, store: ExpertStore | None, dense: dict[str, torch.Tensor],
     device: torch.device, dtype: torch.dtype, fp32: frozenset[str], interleaved: bool = False,
 ) -> None:
-    """Route one checkpoint tensor to the expert store (packed there) or the dense state dict (`fp32` names stay float32)."""
+    """Route one checkpoint tensor to the expert store (packed there; skipped when None: the experts are on disk already) or the
+    dense state dict (`fp32` names stay float32). Returns the MoE layer of an expert tensor, else None."""
     key = canonical_key(key)
     if unused(key, cfg.get_text_config().num_hidden_layers):
-        return
+        return None
     kind = classify(key)
     if kind is not None:
-        place_expert(key, kind, tensor, store, interleaved)
-    elif not key.endswith("rotary_emb.inv_freq"):
+        if store is not None:
+            place_expert(key, kind, tensor, store, interleaved)
+        return kind.layer
+    if not key.endswith("rotary_emb.inv_freq"):
         name = dense_name(key)
         dense[name] = dense_tensor(name, tensor).to(device=device, dtype=torch.float32 if name in fp32 else dtype)
+    return None
 
 
 def place_expert(
@@ -191,7 +260,7 @@ def _gate_rows_first(t: torch.Tensor, part: str) -> torch.Tensor:
     return torch.cat((t[:, 0::2], t[:, 1::2]), dim=1) if part == "gate_up" else t
 
 
-def _finish(model: CausalLM, dense: dict[str, torch.Tensor], store: ExpertStore, cfg: PretrainedConfig, device: torch.device) -> None:
+def _finish(model: CausalLM, dense: dict[str, torch.Tensor], store: ExpertStore | None, cfg: PretrainedConfig, device: torch.device) -> None:
     """Assign dense weights, tie the LM head if asked, and check nothing is missing."""
     if "lm_head.weight" not in dense and getattr(cfg, "tie_word_embeddings", False) and "model.embed_tokens.weight" in dense:
         dense["lm_head.weight"] = dense["model.embed_tokens.weight"]
@@ -202,7 +271,7 @@ def _finish(model: CausalLM, dense: dict[str, torch.Tensor], store: ExpertStore,
         raise CheckpointError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[0]}")
     if unexpected:
         raise CheckpointError(f"checkpoint has {len(unexpected)} weights the config does not describe, e.g. {unexpected[0]}")
-    lacking = store.missing()
+    lacking = [] if store is None else store.missing()
     if lacking:
         raise CheckpointError(f"checkpoint lacks {len(lacking)} expert weights, e.g. {lacking[0]}")
     try:

@@ -28,6 +28,8 @@ class GenerationStats:
     host_pinned_bytes: int = 0
     host_syncs: int = 0  # device->host reads that drain the launch queue, whole request
     decode_host_syncs: int = 0
+    disk_bytes: int = 0  # read from the on-disk expert store (--offload-dir), whole request
+    decode_disk_bytes: int = 0
 
     @property
     def decode_tok_s(self) -> float:

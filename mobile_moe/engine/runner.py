@@ -10,6 +10,7 @@ import torch
 
 from mobile_moe.experts.cache import ExpertCache
 from mobile_moe.experts.executor import ExpertExecutor, ResidentLayerExperts
+from mobile_moe.experts.reader import Priority
 from mobile_moe.layers.kv_cache import KVCache
 from mobile_moe.layers.mlp import activation
 from mobile_moe.layers.moe import ExpertMode, LayerExperts, RouterSpec, Routing, select
@@ -122,7 +123,7 @@ class Runner:
         if self.lookahead and nxt is not None and x.shape[0] == 1:
             block = self.model.model.layers[nxt].mlp
             indices, _ = select(block.gate(x), block.spec, self.mode, self.little_weights)
-            self.cache.prefetch(nxt, self.cache.transfer.to_host(indices[0]))
+            self.cache.prefetch(nxt, self.cache.transfer.to_host(indices[0]), Priority.LOOKAHEAD)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, kv: KVCache, mode: ExpertMode, record: bool = False, all_logits: bool = False, step: int = 0) -> torch.Tensor:

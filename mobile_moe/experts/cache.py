@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 import torch
 
 from mobile_moe.errors import CacheTooSmall
+from mobile_moe.experts.disk import DiskStore, aligned_empty
 from mobile_moe.experts.eviction import make_eviction
+from mobile_moe.experts.reader import Priority, ReadPool
 from mobile_moe.experts.store import ExpertStore
 from mobile_moe.experts.trace import Trace
 from mobile_moe.experts.transfer import Fence, Ticket, TransferEngine
@@ -24,6 +26,8 @@ class CacheStats:
     prefetched: int = 0
     evictions: int = 0
     h2d_bytes: int = 0
+    disk_reads: int = 0  # experts read from the on-disk store (misses of the host tier)
+    disk_bytes: int = 0
 
     def snapshot(self) -> "CacheStats":
         """A copy, for measuring deltas."""
@@ -42,16 +46,21 @@ class _Slot:
 class ExpertCache:
     """`num_slots` resident experts on `device`; an expert in use (pinned) is never evicted."""
 
-    store: ExpertStore
+    store: ExpertStore | DiskStore
     num_slots: int
     device: torch.device
     transfer: TransferEngine
     eviction_name: str = "lru"
     stats: CacheStats = field(default_factory=CacheStats)
     trace: Trace | None = None
+    reader: ReadPool | None = None  # the disk tier: slots are filled by reads of `store` (a DiskStore), on CPU
 
     def __post_init__(self) -> None:
-        self.pool = torch.empty(self.num_slots, self.store.expert_bytes, dtype=torch.uint8, device=self.device)  # packed, as in the store
+        if self.reader is not None:  # records read straight into slots: page-aligned, one record apart
+            assert isinstance(self.store, DiskStore) and self.device.type == "cpu"
+            self.pool = aligned_empty(self.num_slots * self.store.record_bytes).view(self.num_slots, self.store.record_bytes)
+        else:
+            self.pool = torch.empty(self.num_slots, self.store.expert_bytes, dtype=torch.uint8, device=self.device)  # packed, as in the store
         self.fields = self.store.layout.views(self.pool)  # matrix -> each packed field as a typed view [S, ...]
         self.slots = [_Slot() for _ in range(self.num_slots)]
         self.free = list(range(self.num_slots - 1, -1, -1))  # stack: slot 0 is handed out first
@@ -68,9 +77,12 @@ class ExpertCache:
             return False
         if not self._settled:  # once: the last copies may still be in flight
             self.transfer.synchronize()
-            for slot in self.slots:
-                slot.ticket = None
-            self._settled = True
+            for slot in range(self.num_slots):
+                if self.reader is not None:
+                    self._ready(slot)  # disk reads: wait for each (a failed one raises here and leaves its slot empty)
+                self.slots[slot].ticket = None
+            self._settled = len(self.where) == self.store.total_experts
+        return self._settled
         return True
 
     def acquire(self, layer: int, experts: list[int]) -> list[int]:
@@ -81,11 +93,16 @@ class ExpertCache:
         try:
             for expert in experts:
                 slots.append(self._pin(layer, expert))
-        except BaseException:  # too small, or a copy that failed: the cache stays as usable as before
+            for slot in slots:
+                self._ready(slot)
+        except BaseException:  # too small, or a copy or read that failed: the cache stays as usable as before
+            for slot in slots:  # settle the group's other reads; a failed one empties its slot
+                try:
+                    self._ready(slot)
+                except BaseException:  # noqa: BLE001 (the first failure is the one raised)
+                    pass
             self._unpin(slots)
             raise
-        for slot in slots:
-            self._ready(slot)
         return slots
 
     def release(self, slots: list[int]) -> None:
@@ -95,7 +112,7 @@ class ExpertCache:
             self.slots[slot].read_fence = fence
         self._unpin(slots)
 
-    def prefetch(self, layer: int, experts: list[int]) -> int:
+    def prefetch(self, layer: int, experts: list[int], priority: Priority = Priority.FALLBACK) -> int:
         """Start loading experts that are not resident, without pinning; returns how many loads were issued."""
         issued = 0
         for expert in experts:
@@ -103,7 +120,7 @@ class ExpertCache:
             if key in self.where:
                 continue
             try:
-                self._load(key, prefetch=True)
+                self._load(key, prefetch=True, priority=priority)
             except CacheTooSmall:  # every slot is pinned: nothing may make room for a prefetch
                 break
             self.stats.prefetched += 1
@@ -119,11 +136,16 @@ class ExpertCache:
         for layer in self.store.layers:
             self.prefetch(layer, list(range(self.store.num_experts)))
         self.transfer.synchronize()
+        for slot in range(self.num_slots):
+            self._ready(slot)
 
     def _pin(self, layer: int, expert: int) -> int:
         """Count a hit or start a demand load, then pin the expert's slot."""
         key = (layer, expert)
         slot = self.where.get(key)
+        if slot is not None and self._failed(slot):  # an earlier read (a prefetch) failed: read it again
+            self._forget(slot)
+            slot = None
         hit = slot is not None
         if slot is not None:
             self.stats.hits += 1
@@ -141,12 +163,15 @@ class ExpertCache:
         for slot in slots:
             self.slots[slot].pins -= 1
 
-    def _load(self, key: Key, prefetch: bool) -> int:
+    def _load(self, key: Key, prefetch: bool, priority: Priority = Priority.FALLBACK) -> int:
         """Take a slot (free or evicted) and start copying the expert into it after the slot's last reader and writer."""
         slot = self._take_slot()
         old = self.slots[slot]
         try:
-            ticket = self.transfer.load(self.pool[slot], self.store.buffer(*key), prefetch, after=(old.read_fence, old.ticket))
+            if self.reader is not None:
+                ticket = self._read(key, slot, old.ticket, Priority.DEMAND if not prefetch else priority)
+            else:
+                ticket = self.transfer.load(self.pool[slot], self.store.buffer(*key), prefetch, after=(old.read_fence, old.ticket))
         except BaseException:
             self.slots[slot] = _Slot(ticket=old.ticket, read_fence=old.read_fence)  # the slot is empty now, not lost
             self.free.append(slot)
@@ -155,8 +180,20 @@ class ExpertCache:
         self.where[key] = slot
         self.slot_table[self.rows[key[0]], key[1]] = slot
         self.eviction.inserted(key)
-        self.stats.h2d_bytes += ticket.nbytes
+        if self.reader is not None:
+            self.stats.disk_reads += 1
+            self.stats.disk_bytes += ticket.nbytes
+        else:
+            self.stats.h2d_bytes += ticket.nbytes
         return slot
+
+    def _read(self, key: Key, slot: int, previous: Ticket | None, priority: Priority) -> Ticket:
+        """Queue a disk read of the expert into the slot, once any read still writing the slot has finished."""
+        assert self.reader is not None and isinstance(self.store, DiskStore)
+        if previous is not None:
+            self.transfer.wait(previous)
+        future = self.reader.submit(key, self.pool[slot], priority)
+        return Ticket(event=None, nbytes=self.store.record_bytes, future=future)
 
     def _take_slot(self) -> int:
         """A free slot, else the eviction policy's victim among unpinned slots."""
@@ -175,6 +212,28 @@ class ExpertCache:
     def _ready(self, slot: int) -> None:
         """Order compute after the slot's copy if it is still in flight."""
         ticket = self.slots[slot].ticket
-        if ticket is not None:
+        if ticket is None:
+            return
+        try:
             self.transfer.wait(ticket)
-            self.slots[slot].ticket = None
+        except BaseException:  # a failed disk read: the slot holds nothing usable, forget its expert
+            self._forget(slot)
+            raise
+        self.slots[slot].ticket = None
+
+    def _failed(self, slot: int) -> bool:
+        """Whether the slot's fill was a disk read that has failed."""
+        ticket = self.slots[slot].ticket
+        future = None if ticket is None else ticket.future
+        return future is not None and future.done() and future.exception() is not None
+
+    def _forget(self, slot: int) -> None:
+        """Empty a slot whose fill failed, so the expert is read again next time it is needed."""
+        key = self.slots[slot].key
+        if key is not None and self.where.get(key) == slot:
+            del self.where[key]
+            self.slot_table[self.rows[key[0]], key[1]] = -1
+            self.eviction.removed(key)
+        self.slots[slot] = _Slot(pins=self.slots[slot].pins)  # a failing acquire drops its pins right after
+        self.free.append(slot)
+        self._settled = False

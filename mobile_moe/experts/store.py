@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from mobile_moe.experts.formats import ExpertFormat, Field, FloatFormat
-from mobile_moe.experts.host_memory import Pinner, allocate_host, cuda_pinner
+from mobile_moe.experts.host_memory import Pinner, allocate_host, cuda_pinner, release_pages
 
 if TYPE_CHECKING:
     from mobile_moe.experts.kernels import FusedFormat
@@ -99,6 +99,7 @@ class ExpertStore:
         }  # layer -> uint8 [E, expert_bytes], views of one allocation
         self.fields = {layer: self.layout.views(block) for layer, block in self.layers.items()}
         self.filled: set[tuple[int, int, Part, str]] = set()
+        self.filled_count: dict[int, int] = {}  # layer -> pieces of `filled` in it
 
     @property
     def pinned_bytes(self) -> int:
@@ -165,7 +166,9 @@ class ExpertStore:
         """Record which (expert, projection, field) pieces have been written."""
         parts = parts or MATRIX_PARTS[matrix]
         fields = fields or tuple(f.name for f, _ in self.layout.fields[matrix] if f.name != "bias")  # biases come as their own tensors
+        before = len(self.filled)
         self.filled.update(product((layer,), experts, parts, fields))
+        self.filled_count[layer] = self.filled_count.get(layer, 0) + len(self.filled) - before
 
     def repack(self, fmt: "FusedFormat", progress: bool = False) -> None:
         """Rewrite every expert in place into a kernel's layout of the same buffer size, one expert at a time (once, at load)."""
@@ -173,19 +176,33 @@ class ExpertStore:
         bar = tqdm(total=self.total_experts, desc=f"repacking experts for {fmt.kernel}", unit="expert", disable=(not progress) or None, leave=False)
         for block in self.layers.values():
             for expert in range(self.num_experts):
-                old = self.layout.views(block[expert : expert + 1].clone())  # the portable fields, read before being overwritten
-                new = layout.views(block[expert : expert + 1])
-                for matrix in MATRICES:
-                    parts = [view[0] for view in old[matrix]]
-                    weights, bias = (parts[:-1], parts[-1:]) if self.shape.bias else (parts, [])
-                    converted = fmt.from_portable(weights, *self.shape.matrix_shape(matrix)) + bias
-                    for view, value in zip(new[matrix], converted):
-                        view[0].copy_(value)
+                block[expert].copy_(self.converted(block[expert], fmt, layout))
                 bar.update()
         bar.close()
         self.format, self.layout = fmt, layout
         self.fields = {layer: layout.views(block) for layer, block in self.layers.items()}
 
+    def converted(self, buffer: torch.Tensor, fmt: "FusedFormat", layout: ExpertLayout) -> torch.Tensor:
+        """One expert's portable buffer uint8 [expert_bytes] -> the same expert in `layout` (a kernel's), as a new buffer."""
+        old = self.layout.views(buffer[None])
+        out = torch.zeros(1, self.expert_bytes, dtype=torch.uint8)
+        new = layout.views(out)
+        for matrix in MATRICES:
+            parts = [view[0] for view in old[matrix]]
+            weights, bias = (parts[:-1], parts[-1:]) if self.shape.bias else (parts, [])
+            converted = fmt.from_portable(weights, *self.shape.matrix_shape(matrix)) + bias
+            for view, value in zip(new[matrix], converted):
+                view[0].copy_(value)
+        return out[0]
+
+    def layer_complete(self, layer: int) -> bool:
+        """Whether every piece of every expert of a layer has been filled."""
+        want = self.num_experts * sum(len(self.layout.fields[self.shape.part_rows(part)[0]]) for part in PARTS)  # what `missing` checks
+        return self.filled_count.get(layer, 0) >= want
+
+    def release_layer(self, layer: int) -> None:
+        """Give a layer's pages back to the OS (its bytes read as zeros after): once written to disk, RAM need not hold it."""
+        release_pages(self.layers[layer])
     def missing(self) -> list[str]:
         """Names of expert pieces never filled (the field is named only when a format has several)."""
         names = []

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
 
 import torch
@@ -20,10 +22,11 @@ PREFETCH_PRIORITY = 0
 
 @dataclass
 class Ticket:
-    """A copy in flight; `event` is None when the copy already finished (CPU)."""
+    """A copy in flight; `event` is None when the copy already finished (CPU). A read from the disk tier has a `future`."""
 
     event: torch.cuda.Event | None
     nbytes: int
+    future: Future | None = None
 
 
 Fence = torch.cuda.Event  # marks a point on a stream; a copy may be ordered after it
@@ -42,6 +45,7 @@ class TransferEngine:
         self.host_syncs = 0
         self.stalls = 0  # waits on copies that had not finished when compute needed them
         self.resolved_wait_s = 0.0  # CPU: synchronous copy time; CUDA: stalls already measured
+        self.read_wait_s = 0.0  # time compute waited for disk reads
         self._stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     def load(self, dst: torch.Tensor, src: torch.Tensor, prefetch: bool, after: Sequence[Fence | Ticket | None] = ()) -> Ticket:
@@ -67,7 +71,16 @@ class TransferEngine:
         return Ticket(event=event, nbytes=nbytes)
 
     def wait(self, ticket: Ticket) -> None:
-        """Order compute after the ticket's copy, on the device (no host sync); stalls are timed with event pairs."""
+        """Order compute after the ticket's copy, on the device (no host sync); stalls are timed with event pairs.
+        A disk read is waited for on the host (its error, e.g. a failed checksum, is raised here)."""
+        if ticket.future is not None:
+            future, ticket.future = ticket.future, None
+            if not future.done():
+                self.stalls += 1
+                start = time.perf_counter()
+                wait_for([future])
+                self.read_wait_s += time.perf_counter() - start
+            future.result()  # raises the read's error
         if ticket.event is None:
             return
         compute = torch.cuda.current_stream(self.device)
@@ -103,12 +116,12 @@ class TransferEngine:
         return staged.to(self.device, non_blocking=True)
 
     def wait_s(self) -> float:
-        """Seconds compute has waited for copies so far (CPU: synchronous copy time; CUDA: device-side stalls)."""
+        """Seconds compute has waited for copies so far (CPU: synchronous copy time; CUDA: device-side stalls), disk reads included."""
         if self._stall_events:
             self._stall_events[-1][1].synchronize()
             self.resolved_wait_s += sum(b.elapsed_time(e) for b, e in self._stall_events) / 1e3
             self._stall_events.clear()
-        return self.resolved_wait_s
+        return self.resolved_wait_s + self.read_wait_s
 
     def synchronize(self) -> None:
         """Wait for every copy issued so far."""

@@ -1,0 +1,118 @@
+"""A small pool of reader threads for the disk tier, with priorities: demand > fallback prefetch > lookahead.
+
+Reads are queued by (priority, arrival); a demand for a record already queued as a prefetch promotes it, so a
+demand read never waits behind prefetches. Threads run the store's `read` (a preadv plus a crc32, both outside
+the GIL), several in flight so the disk's queue stays full.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from concurrent.futures import Future
+from enum import IntEnum
+from typing import Callable, Protocol
+
+import torch
+
+DEFAULT_READERS = 4
+
+
+class Priority(IntEnum):
+    """Lower is served first."""
+
+    DEMAND = 0  # a layer is waiting for it
+    FALLBACK = 1  # MoBiLE's other half, before a big pass
+    LOOKAHEAD = 2  # a guess from the next layer's router
+
+
+class RecordSource(Protocol):
+    """What the pool reads from (a `DiskStore`)."""
+
+    def read(self, layer: int, expert: int, dst: torch.Tensor) -> int:
+        """Fill dst with one expert's record; returns the bytes read."""
+        ...
+
+
+class _Job:
+    def __init__(self, key: tuple[int, int], dst: torch.Tensor, priority: Priority) -> None:
+        self.key, self.dst, self.priority = key, dst, priority
+        self.future: Future[int] = Future()
+        self.started = False
+
+
+class ReadPool:
+    """Reader threads over one record source; `submit` returns a future of the bytes read."""
+
+    def __init__(self, source: RecordSource, readers: int = DEFAULT_READERS, on_read: Callable[[tuple[int, int]], None] | None = None) -> None:
+        self.source = source
+        self.on_read = on_read  # called in the reader thread before each read (tests observe the order)
+        self._heap: list[tuple[int, int, _Job]] = []
+        self._queued: dict[tuple[int, int], _Job] = {}
+        self._seq = itertools.count()
+        self._cv = threading.Condition()
+        self._closed = False
+        self.busy_s = 0.0  # summed over readers: time spent reading
+        self.bytes_read = 0
+        self.reads = 0
+        self._threads = [threading.Thread(target=self._work, name=f"expert-reader-{i}", daemon=True) for i in range(readers)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, key: tuple[int, int], dst: torch.Tensor, priority: Priority) -> Future[int]:
+        """Queue a read of expert `key` = (layer, expert) into dst; a queued read of the same key is promoted instead."""
+        with self._cv:
+            job = self._queued.get(key)
+            if job is not None:
+                if priority < job.priority and not job.started:
+                    job.priority = priority
+                    heapq.heappush(self._heap, (int(priority), next(self._seq), job))  # the old entry is skipped when popped
+                return job.future
+            job = _Job(key, dst, priority)
+            self._queued[key] = job
+            heapq.heappush(self._heap, (int(priority), next(self._seq), job))
+            self._cv.notify()
+            return job.future
+
+    def _next(self) -> _Job | None:
+        """The most urgent queued job (None once closed)."""
+        with self._cv:
+            while True:
+                while self._heap:
+                    priority, _, job = heapq.heappop(self._heap)
+                    if job.started or priority != job.priority:  # served already, or superseded by a promotion
+                        continue
+                    job.started = True
+                    return job
+                if self._closed:
+                    return None
+                self._cv.wait()
+
+    def _work(self) -> None:
+        while (job := self._next()) is not None:
+            start = time.perf_counter()
+            try:
+                if self.on_read is not None:
+                    self.on_read(job.key)
+                got = self.source.read(*job.key, job.dst)
+            except BaseException as e:  # noqa: BLE001 (handed to whoever waits for this read)
+                with self._cv:
+                    self._queued.pop(job.key, None)
+                job.future.set_exception(e)
+                continue
+            with self._cv:
+                self._queued.pop(job.key, None)
+                self.busy_s += time.perf_counter() - start
+                self.bytes_read += got
+                self.reads += 1
+            job.future.set_result(got)
+
+    def close(self) -> None:
+        """Stop the readers once the queue is empty."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join()

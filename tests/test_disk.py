@@ -1,0 +1,129 @@
+"""The disk tier: an on-disk expert store read on demand gives exactly the in-RAM tokens, and is never trusted blindly."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import small_cache
+from test_datapath import Records
+
+from mobile_moe import LLM, engine_config
+from mobile_moe.config import PolicyConfig, SamplingParams
+from mobile_moe.errors import CheckpointError, InvalidParameter
+from mobile_moe.experts.disk import MANIFEST, RECORDS, StoreCorrupt
+from mobile_moe.experts.reader import Priority, ReadPool
+
+STEPS = SamplingParams(max_new_tokens=6, temperature=0.0, stop_at_eos=False)
+MOBILE = PolicyConfig("mobile", tau=0.9, criterion="max_prob")
+
+
+def _llm(path: Path, store: Path | None, expert_dtype: str = "auto", dtype: str = "float32", **kw) -> LLM:
+    return LLM(path, engine_config(progress=False, dtype=dtype, expert_dtype=expert_dtype, offload_dir=None if store is None else str(store), **kw))
+
+
+@pytest.mark.parametrize(("arch", "expert_dtype", "dtype"), [
+    ("qwen3_moe", "auto", "float32"), ("qwen3_moe", "int8", "float32"), ("deepseek_v2", "auto", "float32"), ("deepseek_v2", "int8", "float32"),
+    ("qwen3_moe", "int8", "bfloat16"), ("qwen3_moe", "int4", "bfloat16"),  # int8: records streamed in the fused kernel layout
+    ("gpt_oss", "auto", "float32"),  # expert biases: a layer is complete only with them
+])
+def test_disk_tier_decodes_exactly_like_ram(checkpoints, tmp_path: Path, arch: str, expert_dtype: str, dtype: str):
+    slots = small_cache(arch)
+    kw = dict(expert_cache=slots, group_size=16 if expert_dtype == "int4" else None)
+    ram = _llm(checkpoints[arch], None, expert_dtype, dtype, **kw)
+    disk = _llm(checkpoints[arch], tmp_path / "store", expert_dtype, dtype, **kw)
+    assert disk.cache.reader is not None and disk.loaded.store.total_experts > slots
+    assert disk.loaded.store.format.layout_id == ram.loaded.store.format.layout_id  # the kernel layout where RAM has one
+    for policy in (PolicyConfig("big"), PolicyConfig("little"), MOBILE):
+        want, got = ram.generate([5, 6, 7, 8], STEPS, policy), disk.generate([5, 6, 7, 8], STEPS, policy)
+        assert got.token_ids == want.token_ids
+        assert got.stats.fallback_tokens == want.stats.fallback_tokens
+        assert got.stats.disk_bytes > 0 and want.stats.disk_bytes == 0
+    again = _llm(checkpoints[arch], tmp_path / "store", expert_dtype, dtype, **kw)  # reused: no expert read from the checkpoint
+    assert again.generate([5, 6, 7, 8], STEPS).token_ids == ram.generate([5, 6, 7, 8], STEPS).token_ids
+
+
+def test_a_store_without_its_manifest_is_rebuilt_never_used(checkpoints, tmp_path: Path):
+    path, store = checkpoints["olmoe"], tmp_path / "store"
+    want = _llm(path, store).generate([3, 4, 5], STEPS).token_ids
+    (store / MANIFEST).unlink()  # a build killed before its last step
+    with open(store / RECORDS, "r+b") as f:  # ... and whose records are garbage
+        f.write(b"\xff" * 8192)
+    assert _llm(path, store).generate([3, 4, 5], STEPS).token_ids == want  # rebuilt
+    assert (store / MANIFEST).exists()
+
+
+def test_a_damaged_record_is_named_and_the_engine_stays_usable(checkpoints, tmp_path: Path):
+    path, store = checkpoints["olmoe"], tmp_path / "store"
+    llm = _llm(path, store, expert_cache=small_cache("olmoe"))
+    want = llm.generate([3, 4, 5], STEPS).token_ids
+    llm.reset_cache(llm.planned_slots)
+    manifest = json.loads((store / MANIFEST).read_text())
+    raw = (store / RECORDS).read_bytes()
+    damaged = bytearray(raw)
+    for i in range(len(manifest["crc32"])):  # one byte of every record
+        damaged[i * manifest["record_bytes"]] ^= 0xFF
+    (store / RECORDS).write_bytes(bytes(damaged))
+    with pytest.raises(StoreCorrupt, match=r"layer \d+ expert \d+ .* fails its checksum"):
+        llm.generate([3, 4, 5], STEPS)
+    (store / RECORDS).write_bytes(raw)  # repaired: the same engine serves the next request
+    assert llm.generate([3, 4, 5], STEPS).token_ids == want
+
+
+def test_a_truncated_or_foreign_store_is_refused_in_one_line(checkpoints, tmp_path: Path):
+    store = tmp_path / "store"
+    _llm(checkpoints["olmoe"], store)
+    with pytest.raises(InvalidParameter, match="another checkpoint or format"):
+        _llm(checkpoints["qwen3_moe"], store)
+    with open(store / RECORDS, "r+b") as f:
+        f.truncate(4096)
+    with pytest.raises(CheckpointError, match="truncated"):
+        _llm(checkpoints["olmoe"], store)
+
+
+def test_buffered_reads_when_direct_io_is_off(checkpoints, tmp_path: Path):
+    records = Records()  # on the mobile_moe logger itself: it does not propagate once the CLI has set it up
+    logging.getLogger("mobile_moe").addHandler(records)
+    try:
+        llm = _llm(checkpoints["olmoe"], tmp_path / "store", expert_cache=small_cache("olmoe"), direct_io=False)
+    finally:
+        logging.getLogger("mobile_moe").removeHandler(records)
+    assert not llm.loaded.store.direct
+    assert any("page cache" in r.getMessage() for r in records.records)
+    assert llm.generate([3, 4, 5], STEPS).token_ids == _llm(checkpoints["olmoe"], None).generate([3, 4, 5], STEPS).token_ids
+
+
+class _SlowSource:
+    """A record source whose first read blocks until released; records the order reads start in."""
+
+    def __init__(self) -> None:
+        self.order: list[tuple[int, int]] = []
+        self.release = threading.Event()
+
+    def read(self, layer: int, expert: int, dst: torch.Tensor) -> int:
+        self.order.append((layer, expert))
+        if len(self.order) == 1:
+            self.release.wait(10)
+        return dst.numel()
+
+
+def test_demand_reads_overtake_queued_prefetches():
+    source = _SlowSource()
+    pool = ReadPool(source, readers=1)
+    dst = torch.empty(8, dtype=torch.uint8)
+    first = pool.submit((0, 0), dst, Priority.DEMAND)  # occupies the only reader
+    while not source.order:
+        threading.Event().wait(0.01)
+    futures = [pool.submit((0, 1), dst, Priority.LOOKAHEAD), pool.submit((0, 2), dst, Priority.FALLBACK),
+               pool.submit((0, 3), dst, Priority.LOOKAHEAD), pool.submit((0, 4), dst, Priority.DEMAND)]
+    promoted = pool.submit((0, 3), dst, Priority.DEMAND)  # a queued lookahead the engine now needs
+    assert promoted is futures[2]
+    source.release.set()
+    for f in [first, *futures]:
+        f.result(10)
+    pool.close()
+    assert source.order == [(0, 0), (0, 4), (0, 3), (0, 2), (0, 1)]  # demands (the promotion came last), fallback, lookahead
