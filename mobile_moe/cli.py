@@ -26,8 +26,9 @@ from mobile_moe.engine.calibration import (
     write_calibration,
 )
 from mobile_moe.engine.checkpoint import read_config
+from mobile_moe.experts.disk import filesystem_type
 from mobile_moe.engine.llm import LLM, engine_config, resolve_device
-from mobile_moe.engine.loader import stored_format
+from mobile_moe.engine.loader import load, stored_format
 from mobile_moe.engine.quantize import quantize_checkpoint
 from mobile_moe.errors import CheckpointError, InvalidParameter, MobileMoeError
 from mobile_moe.experts.formats import DEFAULT_GROUP_SIZE, ExpertFormat, make_format
@@ -172,13 +173,23 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--model", type=Path, help="source checkpoint directory (default: the bundled demo model)")
     q.add_argument("--to", required=True, choices=["int8", "int4", "mxfp4"], help="expert format")
     q.add_argument("--group-size", type=int, metavar="G", help=f"int4: weights per scale/zero group along the input dim (default {DEFAULT_GROUP_SIZE})")
-    q.add_argument("--out", type=Path, required=True, help="new directory to write (must not exist)")
+    dest = q.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--out", type=Path, help="new checkpoint directory to write (must not exist)")
+    dest.add_argument("--offload-dir", type=Path, metavar="DIR",
+                      help="build the on-disk expert store that `--offload-dir DIR` reads, in this format (records in the layout --dtype computes with)")
+    q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="with --offload-dir: the compute dtype the store is laid out for (default auto, as generate picks it)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(handler=cmd_quantize)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     """`mobile-moe quantize`."""
+    if args.offload_dir is not None:
+        loaded = load(model_dir(args.model), torch.device("cpu"), args.dtype, not args.quiet, args.to, args.group_size, offload_dir=args.offload_dir)
+        store = loaded.store
+        print(f"expert store for {loaded.path}: {store.total_experts} experts ({store.format}, {loaded.dtype_reason}) in {args.offload_dir}")
+        return 0
     r = quantize_checkpoint(model_dir(args.model), args.out, args.to, args.group_size, progress=not args.quiet)
     detail = ", ".join(f"{k} {v}" for k, v in r.expert_format.items() if k not in ("quant_method", "modules"))
     print(f"packed {r.experts} experts ({detail}): {r.source_expert_bytes / 2**20:.1f} MiB -> {r.packed_expert_bytes / 2**20:.1f} MiB; written to {r.out}")
@@ -513,18 +524,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     config = engine_config_from(args)
     model_cfg = synthetic_config(args.synthetic, args.shrink) if args.synthetic else read_config(model_dir(args.model))
     plan = plan_for_config(model_cfg, config)
-    if args.synthetic and args.device == "cpu" and not args.plan_only:
+    if args.offload_dir is not None and filesystem_type(Path(args.offload_dir).parent if not Path(args.offload_dir).exists() else Path(args.offload_dir)) in ("tmpfs", "ramfs"):
+        raise InvalidParameter(f"--offload-dir {args.offload_dir} is in memory ({filesystem_type(Path(args.offload_dir))}): bench reports a disk tier only on a disk")
+    if args.synthetic and args.device == "cpu" and not args.plan_only and args.offload_dir is None:
         check_synthetic_fits(args, plan, synthetic_expert_numel(model_cfg))
     print(f"{args.synthetic or model_dir(args.model)} on {args.device}: {plan.describe()}", file=sys.stderr if not args.plan_only else sys.stdout, flush=True)
     if args.plan_only:
         return 0
     if args.synthetic:
         loaded = build_synthetic(args.synthetic, resolve_device(args.device), args.dtype, args.shrink, expert_dtype=args.expert_dtype,
-                                 group_size=args.group_size, fused_kernels=not args.reference_kernels)
+                                 group_size=args.group_size, fused_kernels=not args.reference_kernels,
+                                 offload_dir=None if args.offload_dir is None else Path(args.offload_dir), direct_io=not args.buffered_io)
         llm = LLM(loaded, config)
     else:
         llm = open_llm(args)
-    if args.expert_cache is None and args.gpu_memory is None and llm.device.type == "cpu":
+    if args.expert_cache is None and args.gpu_memory is None and args.host_memory is None and llm.device.type == "cpu":
         llm.planned_slots = max(llm.info.top_k, llm.loaded.store.total_experts // 4)  # CPU: offload three quarters
         print(f"bench on cpu without a budget: {llm.planned_slots} of {llm.loaded.store.total_experts} expert slots (three quarters offloaded)", file=sys.stderr)
     rate = args.fallback_rate

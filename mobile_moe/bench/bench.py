@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import resource
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from statistics import median
@@ -19,6 +21,8 @@ from mobile_moe.engine.budget import dense_bytes
 from mobile_moe.engine.llm import LLM
 from mobile_moe.eval.data import read_texts
 from mobile_moe.eval.prompts import cut_prompts
+from mobile_moe.experts.disk import DiskStore, aligned_empty, filesystem_type
+from mobile_moe.experts.reader import DEFAULT_READERS, Priority, ReadPool
 from mobile_moe.experts.trace import Access, Trace
 
 
@@ -57,6 +61,8 @@ class SystemResult:
     roofline: float = float("nan")  # tok/s x bytes/token / the memory probe's GB/s: the share of the memory-bound speed reached
     ratio_to_big: float = 0.0
     same_tokens_as_big: float | None = None  # share of prompts whose generated ids equal big's (greedy runs)
+    disk_bytes_per_token: float = float("nan")  # read from the on-disk store per decode step (disk tier only)
+    disk_read_gb_s: float = float("nan")  # bytes the readers read / wall time at least one read was in flight
     note: str = ""
 
 
@@ -69,8 +75,10 @@ def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettin
         llm.cache.load_all()
     sampling = SamplingParams(max_new_tokens=settings.new_tokens, temperature=settings.temperature, seed=0, stop_at_eos=False)
     decode_s = ttft = wait = context = 0.0
-    steps = fallbacks = hits = misses = moved = syncs = 0
+    steps = fallbacks = hits = misses = moved = syncs = disk = 0
     outputs = []
+    reader = llm.reader
+    read0 = (reader.bytes_read, reader.busy_wall_s) if reader is not None else None
     for ids in settings.prompts:
         result = llm.generate(ids, sampling, policy)
         s = result.stats
@@ -79,11 +87,17 @@ def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettin
         steps, fallbacks = steps + s.tokens - 1, fallbacks + s.fallback_tokens
         hits, misses, moved = hits + s.decode_expert_hits, misses + s.decode_expert_misses, moved + s.decode_h2d_bytes
         syncs += s.decode_host_syncs
+        disk += s.decode_disk_bytes
         context += (s.tokens - 1) * (len(ids) + s.tokens / 2)  # positions attended, summed over decode steps
     if settings.trace_dir is not None:
         settings.trace_dir.mkdir(parents=True, exist_ok=True)
         trace.save(settings.trace_dir / f"{name}.jsonl")
+    disk_fields = {}
+    if reader is not None and read0 is not None:
+        busy = reader.busy_wall_s - read0[1]
+        disk_fields = dict(disk_bytes_per_token=disk / max(steps, 1), disk_read_gb_s=(reader.bytes_read - read0[0]) / 1e9 / busy if busy else 0.0)
     return SystemResult(
+        **disk_fields,
         name=name, decode_tok_s=steps / decode_s if decode_s else 0.0, ttft_s=ttft / len(settings.prompts),
         h2d_gb_per_token=moved / 1e9 / max(steps, 1), hit_rate=hits / max(hits + misses, 1),
         fallback_rate=fallbacks / max(steps, 1), transfer_wait_share=wait / decode_s if decode_s else 0.0,
@@ -133,7 +147,7 @@ def run_bench(llm: LLM, settings: BenchSettings, profiles: dict[str, HardwarePro
     total = llm.loaded.store.total_experts
     engines = [("big", PolicyConfig("big"), slots, False), ("mobile", settings.mobile, slots, False),
                ("little", PolicyConfig("little", little_weights=settings.mobile.little_weights), slots, False)]
-    if _fits_on_device(llm):
+    if _fits_on_device(llm) and (llm.reader is None or slots >= total):  # disk tier: only when the host budget holds every expert
         engines.append(("resident", PolicyConfig("big"), total, True))
     whole = None
     if settings.run_transformers and _fits_on_device(llm, dense_bytes(llm.loaded.model) + llm.loaded.store.nbytes):  # its own copy
@@ -162,9 +176,11 @@ def run_bench(llm: LLM, settings: BenchSettings, profiles: dict[str, HardwarePro
         base = run_baseline(llm.loaded, llm.device, settings.gpu_memory_gb, settings.prompts[:2], min(settings.new_tokens, 8), settings.progress)
         systems.append(SystemResult("accelerate", base.decode_tok_s, base.ttft_s, float("nan"), float("nan"), 0.0, float("nan"), note=base.placement))
     big = systems[0].decode_tok_s
-    probe = memory_probe_gb_s(device=llm.device)
     for s in systems:
         s.ratio_to_big = s.decode_tok_s / big if big else 0.0
+    disk = disk_report(llm, systems) if llm.reader is not None else None  # before the memory probe's 1 GiB enters the peak RSS
+    probe = memory_probe_gb_s(device=llm.device)
+    for s in systems:
         s.roofline = s.decode_tok_s * s.bytes_per_token / 1e9 / probe
     store = llm.loaded.store
     cost = with_counts(settings.cost, ops) if settings.cost else model_cost(llm.loaded.model, store.expert_bytes, ops, dequant_bytes=dequant_traffic(store.layout, llm.loaded.dtype))
@@ -173,6 +189,7 @@ def run_bench(llm: LLM, settings: BenchSettings, profiles: dict[str, HardwarePro
         for hw in profiles.values()
     }
     return {
+        "disk": disk,
         "device": torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "rounds": settings.rounds, "memory_probe_gb_s": probe, "dtype": str(llm.loaded.dtype).removeprefix("torch."), "dtype_reason": llm.loaded.dtype_reason,
         "model": str(llm.path), "gpu_memory_gb": settings.gpu_memory_gb, "cache_slots": slots,
@@ -185,6 +202,46 @@ def run_bench(llm: LLM, settings: BenchSettings, profiles: dict[str, HardwarePro
         "systems": [_json_safe(asdict(s)) for s in systems],
         "predicted": predicted,
     }
+
+
+def disk_report(llm: LLM, systems: list[SystemResult]) -> dict:
+    """The disk tier's top-level figures: the disk's O_DIRECT probe at the record size, peak RSS, mobile's bytes ceiling."""
+    store = llm.loaded.store
+    assert isinstance(store, DiskStore)
+    mobile = next(s for s in systems if s.name == "mobile")
+    f = mobile.fallback_rate
+    return {"offload_dir": str(store.directory), "filesystem": filesystem_type(store.directory), "direct_io": store.direct,
+            "record_bytes": store.record_bytes, "host_slots": llm.planned_slots, "host_cache_gb": llm.planned_slots * store.record_bytes / 1e9,
+            "disk_probe_gb_s": disk_probe_gb_s(store), "peak_rss_bytes": peak_rss_bytes(),
+            "mobile_bytes_ceiling": 2 / (1 + f), "mobile_over_big": mobile.ratio_to_big,
+            "mobile_share_of_ceiling": mobile.ratio_to_big / (2 / (1 + f))}
+
+
+def disk_probe_gb_s(store: DiskStore, readers: int = DEFAULT_READERS, records: int = 256) -> float:
+    """Read throughput of the store's disk at its record size: random records through a reader pool like the engine's."""
+    count = min(records, store.total_experts)
+    order = torch.randperm(store.total_experts, generator=torch.Generator().manual_seed(1))[:count].tolist()
+    buffers = aligned_empty(2 * readers * store.record_bytes).view(2 * readers, store.record_bytes)
+    pool = ReadPool(store, readers)
+    try:
+        start = time.perf_counter()
+        futures = []
+        for i, index in enumerate(order):
+            key = (store.manifest.moe_layers[index // store.num_experts], index % store.num_experts)
+            if len(futures) >= 2 * readers:
+                futures.pop(0).result()
+            futures.append(pool.submit(key, buffers[i % (2 * readers)], Priority.DEMAND))
+        for f in futures:
+            f.result()
+        elapsed = time.perf_counter() - start
+    finally:
+        pool.close()
+    return count * store.record_bytes / 1e9 / elapsed
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _json_safe(d: dict) -> dict:
@@ -200,6 +257,17 @@ def _mobile_line(mobile: dict, system: dict) -> str:
         how = f"where little's {mobile['criterion']} confidence < tau {mobile['tau']:g}"
     look = "; lookahead prefetch on" if mobile["lookahead"] else ""
     return f"mobile fell back on {system['fallback_rate']:.1%} of decode steps: {how}{look}"
+
+
+def _disk_lines(report: dict) -> str:
+    """The disk tier's per-system reads and the top-level figures."""
+    d = report["disk"]
+    per = "; ".join(f"{s['name']} {s['disk_bytes_per_token'] / 1e6:.1f} MB/token at {s['disk_read_gb_s']:.2f} GB/s"
+                    for s in report["systems"] if s.get("disk_bytes_per_token") is not None)
+    return (f"disk tier ({d['filesystem']}, {'O_DIRECT' if d['direct_io'] else 'buffered + fadvise'}, {d['record_bytes'] / 2**20:.2f} MiB records, "
+            f"host cache {d['host_slots']} experts = {d['host_cache_gb']:.2f} GB): probe {d['disk_probe_gb_s']:.2f} GB/s; {per}\n"
+            f"mobile / big = {d['mobile_over_big']:.2f}x against its bytes ceiling 2 / (1 + f) = {d['mobile_bytes_ceiling']:.2f}x "
+            f"({d['mobile_share_of_ceiling']:.0%} of it); peak RSS {d['peak_rss_bytes'] / 2**30:.2f} GiB")
 
 
 def table(report: dict) -> str:
@@ -221,6 +289,8 @@ def table(report: dict) -> str:
             f"{fmt(None if s['bytes_per_token'] is None else s['bytes_per_token'] / 1e6, '.0f'):>9} {fmt(s['roofline'], '.0%'):>5}  {note}"
         )
     rows.append(_mobile_line(report["mobile"], next(s for s in report["systems"] if s["name"] == "mobile")))
+    if report.get("disk"):
+        rows.append(_disk_lines(report))
     rows.append("predicted tok/s (cost model on this run's traces): " + "; ".join(
         f"{hw}: big {p['big']:.1f}, mobile {p['mobile']:.1f} ({p['mobile'] / p['big']:.2f}x), little {p['little']:.1f}"
         for hw, p in report["predicted"].items() if p["big"]))

@@ -12,9 +12,10 @@ import transformers as T
 
 from mobile_moe.bench.costinputs import dequant_traffic, model_cost
 from mobile_moe.bench.costmodel import ModelCost
-from mobile_moe.engine.loader import LoadedModel, resolve_dtype
+from mobile_moe.engine.loader import LayerFlusher, LoadedModel, matching_manifest, open_store, resolve_dtype, store_manifest
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.experts.formats import ExpertFormat, FloatFormat, make_format
+from mobile_moe.experts.disk import StoreWriter
 from mobile_moe.experts.kernels import use_fused_kernels
 from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertShape, ExpertStore
 from mobile_moe.models.registry import build_model
@@ -107,13 +108,14 @@ def full_size_cost(name: str, fmt: ExpertFormat | None = None) -> ModelCost:
 
 def build_synthetic(
     name: str, device: torch.device, dtype_name: str = "auto", shrink: int = 1, seed: int = 0, expert_dtype: str = "auto", group_size: int | None = None,
-    fused_kernels: bool = True,
+    fused_kernels: bool = True, offload_dir: Path | None = None, direct_io: bool = True,
 ) -> LoadedModel:
     """Random dense weights made on the device, random experts made there (already packed: random codes and scales) and copied into (pinned) host memory.
 
     Embeddings have unit variance so that, as in a trained model with load-balanced routers, each token is
     routed by its own identity; with small random embeddings the shared part of the residual stream
     would send every token to the same few experts and make caching look far better than it is.
+    With `offload_dir` the experts go to an on-disk store instead, one layer at a time (reused when it matches).
     """
     cfg = synthetic_config(name, shrink)
     with torch.device("meta"):
@@ -138,14 +140,29 @@ def build_synthetic(
     model.rotary.inv_freq = inv_freq.to(device)  # rotary frequencies stay float32
     info = model.info
     fmt = make_format(expert_dtype, dtype, group_size)
-    store = ExpertStore(list(info.moe_layers), info.num_experts, ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias), fmt, pin=device.type == "cuda")
+    shape = ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias)
+    model.fuse_projections()
+    model.eval()
+    loaded = LoadedModel(model=model, store=None, config=cfg, path=Path(f"synthetic:{name}"), dtype=dtype, dtype_reason=why)  # type: ignore[arg-type]
+    if offload_dir is not None:
+        wanted = store_manifest(f"synthetic:{name}:shrink={shrink}:seed={seed}", shape, fmt, dtype, device, fused_kernels, list(info.moe_layers), info.num_experts)
+        found = matching_manifest(offload_dir, wanted)
+        if found is not None:
+            loaded.store = open_store(offload_dir, found, dtype, direct_io)
+            return loaded
+    store = ExpertStore(list(info.moe_layers), info.num_experts, shape, fmt, pin=device.type == "cuda")
+    flusher = None if offload_dir is None else LayerFlusher(store, StoreWriter(offload_dir, wanted, True), wanted, dtype)
     for layer in store.layers:
         for matrix in MATRICES:
             for (field, _), view in zip(store.layout.fields[matrix], store.fields[layer][matrix]):
                 view.copy_(_random_field(field.name, view, gen, device))
             store.mark_filled(layer, matrix)
+        if flusher is not None:
+            flusher.flush(layer)  # written and released: RAM holds one layer of experts at a time
+    if flusher is not None:
+        loaded.store = flusher.finish(direct_io)
+        return loaded
     if fused_kernels:
         use_fused_kernels(store, dtype, device, progress=True)
-    model.fuse_projections()
-    model.eval()
-    return LoadedModel(model=model, store=store, config=cfg, path=Path(f"synthetic:{name}"), dtype=dtype, dtype_reason=why)
+    loaded.store = store
+    return loaded

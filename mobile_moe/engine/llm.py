@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from pathlib import Path
@@ -82,7 +83,8 @@ class LLM:
     def reset_cache(self, slots: int, trace: Trace | None = None) -> None:
         """Start over with an empty expert cache of `slots` slots (benchmarks compare systems from the same state)."""
         with self._lock:
-            self.cache = self.runner = None  # release the old slot pool first
+            self.cache = self.runner = None  # release the old slot pool first (the runner's layer handles refer back to it:
+            gc.collect()  # a cycle, so collect now rather than hold two pools)
             self.cache = ExpertCache(self.loaded.store, slots, self.device, TransferEngine(self.device), self.config.cache.eviction, trace=trace,
                                      reader=self.reader)
             self.runner = Runner(self.loaded.model, self.cache, compile_layers=self.compiles)

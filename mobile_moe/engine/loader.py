@@ -133,10 +133,10 @@ def load(
     shape = ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias)
     disk: DiskStore | None = None
     if offload_dir is not None:
-        wanted = _store_manifest(path, shape, fmt, dtype, device, fused_kernels, list(info.moe_layers), info.num_experts)
-        found = _matching_manifest(offload_dir, wanted)
+        wanted = store_manifest(checkpoint_fingerprint(path), shape, fmt, dtype, device, fused_kernels, list(info.moe_layers), info.num_experts)
+        found = matching_manifest(offload_dir, wanted)
         if found is not None:
-            disk = DiskStore(offload_dir, found, layout_format(found.layout_id, found.format.get("group_size") or 0, dtype), direct_io)
+            disk = open_store(offload_dir, found, dtype, direct_io)
     store = None if disk is not None else ExpertStore(list(info.moe_layers), info.num_experts, shape, fmt, pin=device.type == "cuda")
     writer = None if disk is not None or offload_dir is None else LayerFlusher(store, StoreWriter(offload_dir, wanted, progress), wanted, dtype)
     dense: dict[str, torch.Tensor] = {}
@@ -157,6 +157,11 @@ def load(
     model.fuse_projections()
     model.eval()
     return LoadedModel(model=model, store=disk if disk is not None else store, config=cfg, path=path, dtype=dtype, dtype_reason=why)
+
+
+def open_store(directory: Path, manifest: Manifest, dtype: torch.dtype, direct_io: bool) -> DiskStore:
+    """A finished store, opened for reading in the layout its manifest names."""
+    return DiskStore(directory, manifest, layout_format(manifest.layout_id, manifest.format.get("group_size") or 0, dtype), direct_io)
 
 
 class LayerFlusher:
@@ -185,16 +190,16 @@ class LayerFlusher:
         return DiskStore(self.writer.directory, done, self.kernel or self.store.format, direct_io)
 
 
-def _store_manifest(path: Path, shape: ExpertShape, fmt: ExpertFormat, dtype: torch.dtype, device: torch.device, fused: bool,
+def store_manifest(fingerprint: str, shape: ExpertShape, fmt: ExpertFormat, dtype: torch.dtype, device: torch.device, fused: bool,
                     moe_layers: list[int], num_experts: int) -> Manifest:
     """The manifest an on-disk store of this checkpoint must have: records in the layout compute will read."""
     portable = ExpertLayout(shape, fmt)
     kernel = compute_format(fmt, dtype, device, [shape.matrix_shape(m) for m in MATRICES]) if fused else None
     layout = portable if kernel is None else ExpertLayout(shape, kernel, nbytes=portable.nbytes)
-    return expected_manifest(checkpoint_fingerprint(path), layout, dtype, moe_layers, num_experts)
+    return expected_manifest(fingerprint, layout, dtype, moe_layers, num_experts)
 
 
-def _matching_manifest(directory: Path, wanted: Manifest) -> Manifest | None:
+def matching_manifest(directory: Path, wanted: Manifest) -> Manifest | None:
     """The store's manifest when it matches (reuse), None when there is no finished store (build); another store: an error."""
     found = read_manifest(directory)
     if found is None:

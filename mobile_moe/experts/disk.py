@@ -251,3 +251,17 @@ def aligned_empty(nbytes: int) -> torch.Tensor:
     """uint8 [nbytes] starting on a page boundary (what O_DIRECT reads need), in anonymous memory."""
     area = mmap.mmap(-1, max(nbytes, 1))
     return torch.frombuffer(area, dtype=torch.uint8, count=nbytes) if nbytes else torch.empty(0, dtype=torch.uint8)
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the file system holding `path` (from /proc/self/mounts; "unknown" where that cannot be read)."""
+    target, best, kind = str(Path(path).resolve()), "", "unknown"
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 3 and (target == fields[1] or target.startswith(fields[1].rstrip("/") + "/")) and len(fields[1]) > len(best):
+                    best, kind = fields[1], fields[2]
+    except OSError:
+        pass
+    return kind

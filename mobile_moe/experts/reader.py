@@ -55,6 +55,8 @@ class ReadPool:
         self._cv = threading.Condition()
         self._closed = False
         self.busy_s = 0.0  # summed over readers: time spent reading
+        self.busy_wall_s = 0.0  # wall time with at least one read in flight
+        self._active, self._busy_since = 0, 0.0
         self.bytes_read = 0
         self.reads = 0
         self._threads = [threading.Thread(target=self._work, name=f"expert-reader-{i}", daemon=True) for i in range(readers)]
@@ -93,21 +95,32 @@ class ReadPool:
     def _work(self) -> None:
         while (job := self._next()) is not None:
             start = time.perf_counter()
+            with self._cv:
+                if self._active == 0:
+                    self._busy_since = start
+                self._active += 1
             try:
                 if self.on_read is not None:
                     self.on_read(job.key)
                 got = self.source.read(*job.key, job.dst)
             except BaseException as e:  # noqa: BLE001 (handed to whoever waits for this read)
-                with self._cv:
-                    self._queued.pop(job.key, None)
+                self._done(job, start, 0)
                 job.future.set_exception(e)
                 continue
-            with self._cv:
-                self._queued.pop(job.key, None)
-                self.busy_s += time.perf_counter() - start
-                self.bytes_read += got
-                self.reads += 1
+            self._done(job, start, got)
             job.future.set_result(got)
+
+    def _done(self, job: _Job, start: float, got: int) -> None:
+        """Bookkeeping after a read (failed ones count no bytes)."""
+        now = time.perf_counter()
+        with self._cv:
+            self._queued.pop(job.key, None)
+            self.busy_s += now - start
+            self._active -= 1
+            if self._active == 0:
+                self.busy_wall_s += now - self._busy_since
+            self.bytes_read += got
+            self.reads += got > 0
 
     def close(self) -> None:
         """Stop the readers once the queue is empty."""
