@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from mobile_moe.errors import CheckpointError, InvalidParameter
 from mobile_moe.experts.formats import ExpertFormat
-from mobile_moe.experts.store import ExpertLayout, ExpertShape, ExpertStore
+from mobile_moe.experts.store import ExpertLayout, ExpertShape, ExpertSizes, ExpertStore
 
 RECORD_ALIGN = 4096  # bytes: O_DIRECT needs offsets, sizes and buffers aligned to the device's logical block
 RECORDS, MANIFEST = "experts.bin", "manifest.json"
@@ -171,7 +171,7 @@ def read_manifest(directory: Path) -> Manifest | None:
         raise CheckpointError(f"{path} is not a valid expert store manifest ({e}); delete the directory to rebuild it") from None
 
 
-class DiskStore:
+class DiskStore(ExpertSizes):
     """Read side of a store: the same description as an `ExpertStore` (format, shape, layers), records read on demand."""
 
     def __init__(self, directory: Path, manifest: Manifest, fmt: ExpertFormat, direct: bool = True) -> None:
@@ -202,21 +202,6 @@ class DiskStore:
         log.warning("%s: O_DIRECT %s; reading through the page cache and dropping each record's pages after the read",
                     self.path, "not asked for" if not direct else "refused by this file system")
         return os.open(self.path, os.O_RDONLY)
-
-    @property
-    def expert_bytes(self) -> int:
-        """Bytes of one expert's packed buffer (what compute reads)."""
-        return self.layout.nbytes
-
-    @property
-    def total_experts(self) -> int:
-        """Routed experts across all MoE layers."""
-        return self.num_experts * len(self.layers)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of all packed experts."""
-        return self.expert_bytes * self.total_experts
 
     pinned_bytes = 0  # nothing of the store is held in host memory
 

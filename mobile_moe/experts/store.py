@@ -84,7 +84,30 @@ class ExpertLayout:
         }
 
 
-class ExpertStore:
+class ExpertSizes:
+    """Sizes every expert store reports, from its `layout`, `num_experts` and `layers`."""
+
+    layout: ExpertLayout
+    num_experts: int
+    layers: dict
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of one expert's packed buffer: what one copy or read moves, and what compute reads."""
+        return self.layout.nbytes
+
+    @property
+    def total_experts(self) -> int:
+        """Number of routed experts across all MoE layers."""
+        return self.num_experts * len(self.layers)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all packed experts."""
+        return self.expert_bytes * self.total_experts
+
+
+class ExpertStore(ExpertSizes):
     """Routed experts of every MoE layer in one exact-size host allocation (page-locked when the device is CUDA)."""
 
     def __init__(self, moe_layers: list[int], num_experts: int, shape: ExpertShape, fmt: ExpertFormat | torch.dtype, pin: bool, pinner: Pinner = cuda_pinner) -> None:
@@ -105,21 +128,6 @@ class ExpertStore:
     def pinned_bytes(self) -> int:
         """Bytes of host memory page-locked for the experts (0 when pageable)."""
         return self.host.pinned_bytes
-
-    @property
-    def expert_bytes(self) -> int:
-        """Bytes moved to bring one expert to the device: its packed buffer."""
-        return self.layout.nbytes
-
-    @property
-    def total_experts(self) -> int:
-        """Number of routed experts across all MoE layers."""
-        return self.num_experts * len(self.layers)
-
-    @property
-    def nbytes(self) -> int:
-        """Host bytes of all experts."""
-        return self.expert_bytes * self.total_experts
 
     def buffer(self, layer: int, expert: int) -> torch.Tensor:
         """The packed uint8 [expert_bytes] host buffer of one expert."""
