@@ -509,6 +509,13 @@ def available_memory_bytes() -> int | None:
     return None
 
 
+def check_on_disk(directory: Path) -> None:
+    """Bench measures a disk tier only where the store really is on a disk."""
+    kind = filesystem_type(directory)
+    if kind in ("tmpfs", "ramfs"):
+        raise InvalidParameter(f"--offload-dir {directory} is in memory ({kind}): bench reports a disk tier only on a disk")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """`mobile-moe bench`."""
     if args.prompts < 1 or args.new_tokens < 2 or args.rounds < 1:
@@ -524,8 +531,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     config = engine_config_from(args)
     model_cfg = synthetic_config(args.synthetic, args.shrink) if args.synthetic else read_config(model_dir(args.model))
     plan = plan_for_config(model_cfg, config)
-    if args.offload_dir is not None and filesystem_type(Path(args.offload_dir).parent if not Path(args.offload_dir).exists() else Path(args.offload_dir)) in ("tmpfs", "ramfs"):
-        raise InvalidParameter(f"--offload-dir {args.offload_dir} is in memory ({filesystem_type(Path(args.offload_dir))}): bench reports a disk tier only on a disk")
+    if args.offload_dir is not None:
+        check_on_disk(Path(args.offload_dir))
     if args.synthetic and args.device == "cpu" and not args.plan_only and args.offload_dir is None:
         check_synthetic_fits(args, plan, synthetic_expert_numel(model_cfg))
     print(f"{args.synthetic or model_dir(args.model)} on {args.device}: {plan.describe()}", file=sys.stderr if not args.plan_only else sys.stdout, flush=True)

@@ -127,3 +127,24 @@ def test_demand_reads_overtake_queued_prefetches():
         f.result(10)
     pool.close()
     assert source.order == [(0, 0), (0, 4), (0, 3), (0, 2), (0, 1)]  # demands (the promotion came last), fallback, lookahead
+
+
+def test_bench_on_the_disk_tier_reports_reads_and_mobiles_ceiling(tmp_path: Path, capsys, monkeypatch):
+    from mobile_moe import cli
+    from mobile_moe.cli import main
+
+    out = tmp_path / "bench.json"
+    args = ["bench", "--synthetic", "olmoe-1b-7b", "--shrink", "16", "--prompts", "1", "--new-tokens", "4", "--rounds", "1", "--fallback-rate", "0.5",
+            "--skip-transformers", "--quiet", "--host-memory", "0.004", "--json", str(out)]
+    assert main(args + ["--offload-dir", str(tmp_path / "store")]) == 0
+    report = json.loads(out.read_text())
+    disk, systems = report["disk"], {s["name"]: s for s in report["systems"]}
+    assert set(systems) == {"big", "mobile", "little"}  # resident needs a host budget holding every expert
+    assert disk["direct_io"] and disk["disk_probe_gb_s"] > 0 and disk["peak_rss_bytes"] > 0
+    assert disk["mobile_bytes_ceiling"] == pytest.approx(2 / (1 + systems["mobile"]["fallback_rate"]))
+    assert all(s["disk_bytes_per_token"] > 0 and s["disk_read_gb_s"] > 0 for s in systems.values())
+    assert set(report["predicted"]) == {"this-disk", "nvme-pcie4", "sata-ssd"}
+    assert "disk tier (" in capsys.readouterr().out
+    monkeypatch.setattr(cli, "filesystem_type", lambda path: "tmpfs")  # a directory in memory: no disk tier to report
+    assert main(args + ["--offload-dir", str(tmp_path / "in-memory")]) == 2
+    assert "bench reports a disk tier only on a disk" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import torch
 from mobile_moe.bench.costinputs import count_decode_ops, dequant_traffic, model_cost, with_counts
 from mobile_moe.bench.costmodel import ModelCost, predict
 from mobile_moe.bench.hf_baseline import HFBaseline, run_baseline
-from mobile_moe.bench.profiles import PROFILES, HardwareProfile
+from mobile_moe.bench.profiles import PROFILES, HardwareProfile, disk_profiles
 from mobile_moe.bench.roofline import bytes_per_token, memory_probe_gb_s
 from mobile_moe.config import PolicyConfig, SamplingParams
 from mobile_moe.engine.budget import dense_bytes
@@ -184,6 +184,8 @@ def run_bench(llm: LLM, settings: BenchSettings, profiles: dict[str, HardwarePro
         s.roofline = s.decode_tok_s * s.bytes_per_token / 1e9 / probe
     store = llm.loaded.store
     cost = with_counts(settings.cost, ops) if settings.cost else model_cost(llm.loaded.model, store.expert_bytes, ops, dequant_bytes=dequant_traffic(store.layout, llm.loaded.dtype))
+    if disk is not None:  # the link that matters is the disk: predict for it, and for other SSDs on this CPU
+        profiles = disk_profiles(disk["disk_probe_gb_s"], probe)
     predicted = {
         hw.name: {name: predict(traces[name], cost, hw, slots).tok_s for name in ("big", "mobile", "little")}
         for hw in profiles.values()

@@ -45,3 +45,21 @@ PROFILES: Mapping[str, HardwareProfile] = MappingProxyType({
         "link and per-copy latency: fit to shared/hardware/h200-calibration.json pinned copies (PCIe Gen5 x16, "
         "54.3-55.4 GB/s measured for 9-336 MiB); launch cost from its expert_ffn_us; HBM3e 4.8 TB/s public spec")),
 })
+
+
+# The disk tier on a CPU: the "link" is the SSD (experts read into the host cache, which compute reads in place).
+# Per-op cost on this project's CPU: one small F.linear dispatches in 6-8 us (README, Performance); a host "sync"
+# costs nothing there. Disk profiles' link rates: this machine's O_DIRECT probe at the record size, and public specs.
+CPU_OP_US = 6.0
+DISK_LINKS_GBPS: Mapping[str, float] = MappingProxyType({"nvme-pcie4": 7.0, "sata-ssd": 0.5})
+
+
+def disk_profiles(disk_probe_gbps: float, memory_probe_gbps: float) -> dict[str, HardwareProfile]:
+    """Cost-model profiles of the CPU disk tier: this machine as measured, and the same CPU with other SSDs."""
+    def cpu(name: str, link: float, source: str) -> HardwareProfile:
+        return HardwareProfile(name, link_gbps=link, mem_gbps=memory_probe_gbps, launch_us=CPU_OP_US, sync_us=0.0, copy_latency_us=0.0, source=source)
+
+    profiles = {"this-disk": cpu("this-disk", disk_probe_gbps, "this machine: bench's O_DIRECT probe and memory probe")}
+    for name, link in DISK_LINKS_GBPS.items():
+        profiles[name] = cpu(name, link, f"public spec ~{link:g} GB/s sequential reads; this machine's CPU and memory probe")
+    return profiles
