@@ -97,3 +97,14 @@ def test_prefetch_stops_when_every_slot_is_pinned():
     assert cache.prefetch(1, [2, 3]) == 0
     assert set(cache.where) == {(0, 0), (0, 1)}
     cache.release(held)
+
+
+def test_lookahead_precision_counts_guesses_the_layer_then_used():
+    from mobile_moe.experts.reader import Priority
+
+    cache = make_cache(4)
+    assert cache.prefetch(0, [1, 2], Priority.LOOKAHEAD) == 2
+    cache.prefetch(0, [3])  # a fallback prefetch is not a guess
+    cache.release(cache.acquire(0, [1, 3]))
+    cache.release(cache.acquire(0, [1]))  # asked twice: counted once
+    assert (cache.stats.lookahead_issued, cache.stats.lookahead_used) == (2, 1)

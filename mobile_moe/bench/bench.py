@@ -63,6 +63,7 @@ class SystemResult:
     same_tokens_as_big: float | None = None  # share of prompts whose generated ids equal big's (greedy runs)
     disk_bytes_per_token: float = float("nan")  # read from the on-disk store per decode step (disk tier only)
     disk_read_gb_s: float = float("nan")  # bytes the readers read / wall time at least one read was in flight
+    lookahead_precision: float = float("nan")  # lookahead loads the next layer then used / lookahead loads (with --lookahead)
     note: str = ""
 
 
@@ -73,6 +74,7 @@ def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettin
     llm.reset_cache(slots, None if preload else trace)
     if preload:
         llm.cache.load_all()
+    cache = llm.cache
     sampling = SamplingParams(max_new_tokens=settings.new_tokens, temperature=settings.temperature, seed=0, stop_at_eos=False)
     decode_s = ttft = wait = context = 0.0
     steps = fallbacks = hits = misses = moved = syncs = disk = 0
@@ -92,7 +94,9 @@ def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettin
     if settings.trace_dir is not None:
         settings.trace_dir.mkdir(parents=True, exist_ok=True)
         trace.save(settings.trace_dir / f"{name}.jsonl")
-    disk_fields = {}
+    disk_fields: dict[str, float] = {}
+    if cache.stats.lookahead_issued:
+        disk_fields["lookahead_precision"] = cache.stats.lookahead_used / cache.stats.lookahead_issued
     if reader is not None and read0 is not None:
         busy = reader.busy_wall_s - read0[1]
         disk_fields = dict(disk_bytes_per_token=disk / max(steps, 1), disk_read_gb_s=(reader.bytes_read - read0[0]) / 1e9 / busy if busy else 0.0)
@@ -257,7 +261,8 @@ def _mobile_line(mobile: dict, system: dict) -> str:
         how = f"forced at rate {mobile['forced_fallback_rate']:g}, evenly spaced (random weights give meaningless confidences)"
     else:
         how = f"where little's {mobile['criterion']} confidence < tau {mobile['tau']:g}"
-    look = "; lookahead prefetch on" if mobile["lookahead"] else ""
+    precision = system.get("lookahead_precision")
+    look = "; lookahead prefetch on" + ("" if precision is None else f" (precision {precision:.0%}: guessed loads the next layer used)") if mobile["lookahead"] else ""
     return f"mobile fell back on {system['fallback_rate']:.1%} of decode steps: {how}{look}"
 
 

@@ -28,6 +28,8 @@ class CacheStats:
     h2d_bytes: int = 0
     disk_reads: int = 0  # experts read from the on-disk store (misses of the host tier)
     disk_bytes: int = 0
+    lookahead_issued: int = 0  # loads started on a lookahead guess
+    lookahead_used: int = 0  # of those, experts the layer then asked for while still cached (precision = used / issued)
 
     def snapshot(self) -> "CacheStats":
         """A copy, for measuring deltas."""
@@ -69,6 +71,7 @@ class ExpertCache:
         self.rows = {layer: row for row, layer in enumerate(self.store.layers)}  # MoE layer -> its row of slot_table
         self.slot_table = torch.full((len(self.rows), self.store.num_experts), -1, dtype=torch.int64, device=self.device)  # [L, E], -1: absent
         self._settled = False  # every expert resident and every copy into the pool finished
+        self._guessed: set[Key] = set()  # loaded on a lookahead guess, not asked for yet
 
     @property
     def all_resident(self) -> bool:
@@ -124,6 +127,9 @@ class ExpertCache:
             except CacheTooSmall:  # every slot is pinned: nothing may make room for a prefetch
                 break
             self.stats.prefetched += 1
+            if priority is Priority.LOOKAHEAD:
+                self.stats.lookahead_issued += 1
+                self._guessed.add(key)
             if self.trace is not None:
                 self.trace.record(layer, expert, False, "prefetch")
             issued += 1
@@ -147,6 +153,9 @@ class ExpertCache:
             self._forget(slot)
             slot = None
         hit = slot is not None
+        if key in self._guessed:
+            self._guessed.discard(key)
+            self.stats.lookahead_used += hit
         if slot is not None:
             self.stats.hits += 1
             self.eviction.touched(key)
@@ -203,6 +212,7 @@ class ExpertCache:
         if victim is None:
             raise CacheTooSmall(f"all {self.num_slots} expert cache slots are in use")
         slot = self.where.pop(victim)
+        self._guessed.discard(victim)  # a guess evicted before use: not used
         self.slot_table[self.rows[victim[0]], victim[1]] = -1
         self._settled = False
         self.eviction.removed(victim)
@@ -232,6 +242,7 @@ class ExpertCache:
         key = self.slots[slot].key
         if key is not None and self.where.get(key) == slot:
             del self.where[key]
+            self._guessed.discard(key)
             self.slot_table[self.rows[key[0]], key[1]] = -1
             self.eviction.removed(key)
         self.slots[slot] = _Slot(pins=self.slots[slot].pins)  # a failing acquire drops its pins right after
