@@ -135,7 +135,7 @@ def test_bench_on_the_disk_tier_reports_reads_and_mobiles_ceiling(tmp_path: Path
 
     out = tmp_path / "bench.json"
     args = ["bench", "--synthetic", "olmoe-1b-7b", "--shrink", "16", "--prompts", "1", "--new-tokens", "4", "--rounds", "1", "--fallback-rate", "0.5",
-            "--skip-transformers", "--quiet", "--host-memory", "0.004", "--json", str(out)]
+            "--skip-transformers", "--quiet", "--host-memory", "0.004", "--lookahead", "--json", str(out)]
     assert main(args + ["--offload-dir", str(tmp_path / "store")]) == 0
     report = json.loads(out.read_text())
     disk, systems = report["disk"], {s["name"]: s for s in report["systems"]}
@@ -143,8 +143,23 @@ def test_bench_on_the_disk_tier_reports_reads_and_mobiles_ceiling(tmp_path: Path
     assert disk["direct_io"] and disk["disk_probe_gb_s"] > 0 and disk["peak_rss_bytes"] > 0
     assert disk["mobile_bytes_ceiling"] == pytest.approx(2 / (1 + systems["mobile"]["fallback_rate"]))
     assert all(s["disk_bytes_per_token"] > 0 and s["disk_read_gb_s"] > 0 for s in systems.values())
+    assert 0 <= systems["mobile"]["lookahead_precision"] <= 1 and systems["big"]["lookahead_precision"] is None  # lookahead: mobile only
     assert set(report["predicted"]) == {"this-disk", "nvme-pcie4", "sata-ssd"}
     assert "disk tier (" in capsys.readouterr().out
     monkeypatch.setattr(cli, "filesystem_type", lambda path: "tmpfs")  # a directory in memory: no disk tier to report
     assert main(args + ["--offload-dir", str(tmp_path / "in-memory")]) == 2
     assert "bench reports a disk tier only on a disk" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--offload-dir", "/proc/no-such-dir/store"], "cannot write the expert store in /proc/no-such-dir/store"),
+    (["--host-memory", "1"], "give --offload-dir too"),
+    (["--offload-dir", "STORE", "--device", "cuda"], "runs on the CPU for now"),
+])
+def test_disk_tier_flags_fail_in_one_line(tmp_path: Path, capsys, flags: list[str], message: str):
+    from mobile_moe.cli import main
+
+    flags = [str(tmp_path / "store") if f == "STORE" else f for f in flags]
+    assert main(["generate", "--prompt-ids", "1,2", "--max-new-tokens", "2", "--quiet", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

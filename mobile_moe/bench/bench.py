@@ -99,7 +99,7 @@ def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettin
         disk_fields["lookahead_precision"] = cache.stats.lookahead_used / cache.stats.lookahead_issued
     if reader is not None and read0 is not None:
         busy = reader.busy_wall_s - read0[1]
-        disk_fields = dict(disk_bytes_per_token=disk / max(steps, 1), disk_read_gb_s=(reader.bytes_read - read0[0]) / 1e9 / busy if busy else 0.0)
+        disk_fields.update(disk_bytes_per_token=disk / max(steps, 1), disk_read_gb_s=(reader.bytes_read - read0[0]) / 1e9 / busy if busy else 0.0)
     return SystemResult(
         **disk_fields,
         name=name, decode_tok_s=steps / decode_s if decode_s else 0.0, ttft_s=ttft / len(settings.prompts),
