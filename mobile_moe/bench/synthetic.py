@@ -15,10 +15,11 @@ from mobile_moe.bench.costmodel import ModelCost
 from mobile_moe.engine.loader import LayerFlusher, LoadedModel, matching_manifest, open_store, resolve_dtype, store_manifest
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.experts.formats import ExpertFormat, FloatFormat, make_format
-from mobile_moe.experts.disk import StoreWriter
+from mobile_moe.experts.disk import DiskStore, StoreWriter
 from mobile_moe.experts.kernels import use_fused_kernels
 from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertShape, ExpertStore
 from mobile_moe.models.registry import build_model
+from mobile_moe.models.transformer import ModelInfo
 
 INIT_STD = 0.02
 
@@ -140,16 +141,41 @@ def build_synthetic(
     model.rotary.inv_freq = inv_freq.to(device)  # rotary frequencies stay float32
     info = model.info
     fmt = make_format(expert_dtype, dtype, group_size)
-    shape = ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias)
     model.fuse_projections()
     model.eval()
-    loaded = LoadedModel(model=model, store=None, config=cfg, path=Path(f"synthetic:{name}"), dtype=dtype, dtype_reason=why)  # type: ignore[arg-type]
+    fingerprint = f"synthetic:{name}:shrink={shrink}:seed={seed}"
+    store = _random_experts(info, fmt, dtype, device, gen, fused_kernels, offload_dir, direct_io, fingerprint)
+    return LoadedModel(model=model, store=store, config=cfg, path=Path(f"synthetic:{name}"), dtype=dtype, dtype_reason=why)
+
+
+def _random_experts(
+    info: ModelInfo, fmt: ExpertFormat, dtype: torch.dtype, device: torch.device, gen: torch.Generator, fused_kernels: bool,
+    offload_dir: Path | None, direct_io: bool, fingerprint: str,
+) -> ExpertStore | DiskStore:
+    """Random packed experts in host memory, or, with `offload_dir`, in an on-disk store written one layer at a time
+    (an existing store of the same model and layout is reused as is)."""
+    shape = ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias)
+    flusher = None
     if offload_dir is not None:
-        wanted = store_manifest(f"synthetic:{name}:shrink={shrink}:seed={seed}", shape, fmt, dtype, device, fused_kernels, list(info.moe_layers), info.num_experts)
+        wanted = store_manifest(fingerprint, shape, fmt, dtype, device, fused_kernels, list(info.moe_layers), info.num_experts)
         found = matching_manifest(offload_dir, wanted)
         if found is not None:
-            loaded.store = open_store(offload_dir, found, dtype, direct_io)
-            return loaded
+            return open_store(offload_dir, found, dtype, direct_io)
+    store = ExpertStore(list(info.moe_layers), info.num_experts, shape, fmt, pin=device.type == "cuda")
+    if offload_dir is not None:
+        flusher = LayerFlusher(store, StoreWriter(offload_dir, wanted, True), wanted, dtype)
+    for layer in store.layers:
+        for matrix in MATRICES:
+            for (field, _), view in zip(store.layout.fields[matrix], store.fields[layer][matrix]):
+                view.copy_(_random_field(field.name, view, gen, device))
+            store.mark_filled(layer, matrix)
+        if flusher is not None:
+            flusher.flush(layer)  # written and released: RAM holds one layer of experts at a time
+    if flusher is not None:
+        return flusher.finish(direct_io)
+    if fused_kernels:
+        use_fused_kernels(store, dtype, device, progress=True)
+    return store
     store = ExpertStore(list(info.moe_layers), info.num_experts, shape, fmt, pin=device.type == "cuda")
     flusher = None if offload_dir is None else LayerFlusher(store, StoreWriter(offload_dir, wanted, True), wanted, dtype)
     for layer in store.layers:
