@@ -176,19 +176,3 @@ def _random_experts(
     if fused_kernels:
         use_fused_kernels(store, dtype, device, progress=True)
     return store
-    store = ExpertStore(list(info.moe_layers), info.num_experts, shape, fmt, pin=device.type == "cuda")
-    flusher = None if offload_dir is None else LayerFlusher(store, StoreWriter(offload_dir, wanted, True), wanted, dtype)
-    for layer in store.layers:
-        for matrix in MATRICES:
-            for (field, _), view in zip(store.layout.fields[matrix], store.fields[layer][matrix]):
-                view.copy_(_random_field(field.name, view, gen, device))
-            store.mark_filled(layer, matrix)
-        if flusher is not None:
-            flusher.flush(layer)  # written and released: RAM holds one layer of experts at a time
-    if flusher is not None:
-        loaded.store = flusher.finish(direct_io)
-        return loaded
-    if fused_kernels:
-        use_fused_kernels(store, dtype, device, progress=True)
-    loaded.store = store
-    return loaded
