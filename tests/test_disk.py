@@ -122,11 +122,13 @@ def test_demand_reads_overtake_queued_prefetches():
                pool.submit((0, 3), dst, Priority.LOOKAHEAD), pool.submit((0, 4), dst, Priority.DEMAND)]
     promoted = pool.submit((0, 3), dst, Priority.DEMAND)  # a queued lookahead the engine now needs
     assert promoted is futures[2]
+    elsewhere = pool.submit((0, 3), torch.empty(8, dtype=torch.uint8), Priority.DEMAND)  # e.g. a newer cache's slot: its own read
+    assert elsewhere is not promoted
     source.release.set()
-    for f in [first, *futures]:
+    for f in [first, *futures, elsewhere]:
         f.result(10)
     pool.close()
-    assert source.order == [(0, 0), (0, 4), (0, 3), (0, 2), (0, 1)]  # demands (the promotion came last), fallback, lookahead
+    assert source.order == [(0, 0), (0, 4), (0, 3), (0, 3), (0, 2), (0, 1)]  # demands in arrival order, fallback, lookahead
 
 
 def test_bench_on_the_disk_tier_reports_reads_and_mobiles_ceiling(tmp_path: Path, capsys, monkeypatch):

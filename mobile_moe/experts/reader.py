@@ -36,6 +36,11 @@ class RecordSource(Protocol):
         ...
 
 
+def _job_key(key: tuple[int, int], dst: torch.Tensor) -> tuple[int, int, int]:
+    """What makes two reads the same read: the expert and where it goes."""
+    return (*key, dst.data_ptr())
+
+
 class _Job:
     def __init__(self, key: tuple[int, int], dst: torch.Tensor, priority: Priority) -> None:
         self.key, self.dst, self.priority = key, dst, priority
@@ -50,7 +55,7 @@ class ReadPool:
         self.source = source
         self.on_read = on_read  # called in the reader thread before each read (tests observe the order)
         self._heap: list[tuple[int, int, _Job]] = []
-        self._queued: dict[tuple[int, int], _Job] = {}
+        self._queued: dict[tuple[int, int, int], _Job] = {}  # (layer, expert, destination address) -> its job
         self._seq = itertools.count()
         self._cv = threading.Condition()
         self._closed = False
@@ -64,16 +69,17 @@ class ReadPool:
             t.start()
 
     def submit(self, key: tuple[int, int], dst: torch.Tensor, priority: Priority) -> Future[int]:
-        """Queue a read of expert `key` = (layer, expert) into dst; a queued read of the same key is promoted instead."""
+        """Queue a read of expert `key` = (layer, expert) into dst; a queued read of the same expert into the same buffer
+        is promoted instead (a read into another buffer, e.g. an older cache's slot, is never shared)."""
         with self._cv:
-            job = self._queued.get(key)
+            job = self._queued.get(_job_key(key, dst))
             if job is not None:
                 if priority < job.priority and not job.started:
                     job.priority = priority
                     heapq.heappush(self._heap, (int(priority), next(self._seq), job))  # the old entry is skipped when popped
                 return job.future
             job = _Job(key, dst, priority)
-            self._queued[key] = job
+            self._queued[_job_key(key, dst)] = job
             heapq.heappush(self._heap, (int(priority), next(self._seq), job))
             self._cv.notify()
             return job.future
@@ -114,7 +120,7 @@ class ReadPool:
         """Bookkeeping after a read (failed ones count no bytes)."""
         now = time.perf_counter()
         with self._cv:
-            self._queued.pop(job.key, None)
+            self._queued.pop(_job_key(job.key, job.dst), None)
             self.busy_s += now - start
             self._active -= 1
             if self._active == 0:
