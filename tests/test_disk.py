@@ -7,13 +7,18 @@ import logging
 import threading
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from conftest import small_cache
 from test_datapath import Records
+from test_serve import PROMPT, serving
 
 from mobile_moe import LLM, engine_config
+from mobile_moe import cli as cli_module
+from mobile_moe.cli import main
 from mobile_moe.config import PolicyConfig, SamplingParams
+from mobile_moe.engine.calibration import DEMO_MODEL
 from mobile_moe.errors import CheckpointError, InvalidParameter
 from mobile_moe.experts.disk import MANIFEST, RECORDS, StoreCorrupt
 from mobile_moe.experts.reader import Priority, ReadPool
@@ -62,12 +67,8 @@ def test_a_damaged_record_is_named_and_the_engine_stays_usable(checkpoints, tmp_
     llm = _llm(path, store, expert_cache=small_cache("olmoe"))
     want = llm.generate([3, 4, 5], STEPS).token_ids
     llm.reset_cache(llm.planned_slots)
-    manifest = json.loads((store / MANIFEST).read_text())
     raw = (store / RECORDS).read_bytes()
-    damaged = bytearray(raw)
-    for i in range(len(manifest["crc32"])):  # one byte of every record
-        damaged[i * manifest["record_bytes"]] ^= 0xFF
-    (store / RECORDS).write_bytes(bytes(damaged))
+    (store / RECORDS).write_bytes(bytes(_damage_every_record(raw, store)))
     with pytest.raises(StoreCorrupt, match=r"layer \d+ expert \d+ .* fails its checksum"):
         llm.generate([3, 4, 5], STEPS)
     (store / RECORDS).write_bytes(raw)  # repaired: the same engine serves the next request
@@ -132,8 +133,6 @@ def test_demand_reads_overtake_queued_prefetches():
 
 
 def test_bench_on_the_disk_tier_reports_reads_and_mobiles_ceiling(tmp_path: Path, capsys, monkeypatch):
-    from mobile_moe import cli
-    from mobile_moe.cli import main
 
     out = tmp_path / "bench.json"
     args = ["bench", "--synthetic", "olmoe-1b-7b", "--shrink", "16", "--prompts", "1", "--new-tokens", "4", "--rounds", "1", "--fallback-rate", "0.5",
@@ -148,7 +147,7 @@ def test_bench_on_the_disk_tier_reports_reads_and_mobiles_ceiling(tmp_path: Path
     assert 0 <= systems["mobile"]["lookahead_precision"] <= 1 and systems["big"]["lookahead_precision"] is None  # lookahead: mobile only
     assert set(report["predicted"]) == {"this-disk", "nvme-pcie4", "sata-ssd"}
     assert "disk tier (" in capsys.readouterr().out
-    monkeypatch.setattr(cli, "filesystem_type", lambda path: "tmpfs")  # a directory in memory: no disk tier to report
+    monkeypatch.setattr(cli_module, "filesystem_type", lambda path: "tmpfs")  # a directory in memory: no disk tier to report
     assert main(args + ["--offload-dir", str(tmp_path / "in-memory")]) == 2
     assert "bench reports a disk tier only on a disk" in capsys.readouterr().err
 
@@ -159,9 +158,30 @@ def test_bench_on_the_disk_tier_reports_reads_and_mobiles_ceiling(tmp_path: Path
     (["--offload-dir", "STORE", "--device", "cuda"], "runs on the CPU for now"),
 ])
 def test_disk_tier_flags_fail_in_one_line(tmp_path: Path, capsys, flags: list[str], message: str):
-    from mobile_moe.cli import main
-
     flags = [str(tmp_path / "store") if f == "STORE" else f for f in flags]
     assert main(["generate", "--prompt-ids", "1,2", "--max-new-tokens", "2", "--quiet", *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_server_answers_a_damaged_record_with_500_and_keeps_serving(tmp_path: Path):
+    store = tmp_path / "store"
+    llm = LLM(DEMO_MODEL, engine_config(progress=False, offload_dir=str(store), host_memory=0.004))
+    raw = (store / RECORDS).read_bytes()
+    (store / RECORDS).write_bytes(bytes(_damage_every_record(raw, store)))
+    body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+    with serving(llm) as (url, _):
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 500 and "fails its checksum" in r.json()["error"]["message"]
+        (store / RECORDS).write_bytes(raw)
+        ok = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["text"]
+
+
+def _damage_every_record(raw: bytes, store: Path) -> bytearray:
+    """The records with the first byte of each flipped."""
+    manifest = json.loads((store / MANIFEST).read_text())
+    damaged = bytearray(raw)
+    for i in range(len(manifest["crc32"])):
+        damaged[i * manifest["record_bytes"]] ^= 0xFF
+    return damaged
