@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -148,17 +149,36 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(handler=cmd_serve)
 
 
+def check_bindable(host: str, port: int) -> None:
+    """Raise InvalidParameter unless a server could listen on host:port now."""
+    if not 0 < port < 65536:
+        raise InvalidParameter(f"--port must be between 1 and 65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise InvalidParameter(f"--host {host}: {e.strerror or e}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port in TIME_WAIT is free
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise InvalidParameter(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """`mobile-moe serve`: runs until interrupted."""
     if args.max_queue < 1 or args.max_tokens_cap < 1:
         raise InvalidParameter("--max-queue and --max-tokens-cap must be >= 1")
     try:
+        import prometheus_client  # noqa: F401 (the server's /metrics)
         import uvicorn
 
         from mobile_moe.serve.app import create_app
         from mobile_moe.serve.worker import EngineWorker
     except ImportError as e:
         raise InvalidParameter(f"serving needs the [serve] extra: pip install 'mobile-moe[serve]' ({e.name} is missing)") from None
+    check_bindable(args.host, args.port)  # a bad or busy port fails in one line, before the model loads
     llm = open_llm(args)
     defaults = policy_flags(args)
     app = create_app(llm, EngineWorker(llm, args.max_queue), llm.path.name, args.api_key, args.max_tokens_cap, defaults)

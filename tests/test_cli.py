@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -238,3 +239,18 @@ def test_bench_table_says_how_mobile_fell_back(capsys):
                        "--rounds", "1", "--expert-cache", "16", "--fallback-rate", "0.5", "--skip-transformers", "--quiet")
     assert code == 0
     assert "mobile fell back on 50.0% of decode steps: forced at rate 0.5, evenly spaced" in out
+
+
+def test_unwritable_outputs_and_bad_or_busy_ports_fail_in_one_line(capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        for argv, needle in (
+            (["quantize", "--to", "int4", "--out", "/proc/q"], "cannot write /proc/q"),
+            (["serve", "--port", "99999"], "--port must be between 1 and 65535"),
+            (["serve", "--port", port], f"cannot listen on 127.0.0.1:{port}"),
+        ):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert needle in err and len(err.strip().splitlines()) == 1

@@ -122,6 +122,8 @@ def test_a_full_queue_answers_429_and_a_fault_answers_500(demo):
 
 
 @pytest.mark.parametrize("method, path, body, status, needle", [
+    ("POST", "/v1/completions", {"model": "gpt-4", "prompt": PROMPT}, 404, "The model `gpt-4` does not exist; this server serves `demo`"),
+    ("POST", "/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
     ("POST", "/v1/completions", b"{not json", 400, "JSON"),
     ("POST", "/v1/completions", {"max_tokens": 4}, 400, "prompt"),
     ("POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": "many"}, 400, "max_tokens"),
@@ -173,7 +175,8 @@ def test_a_client_that_leaves_mid_stream_frees_the_worker(demo):
             assert ok.status_code == 200
             assert results[0].finish_reason == "cancelled" and len(results[0].token_ids) < 60
             metrics = httpx.get(f"{url}/metrics").text
-            assert "mobile_moe_requests_total 2" in metrics and "mobile_moe_queue_depth 0" in metrics
+            assert "mobile_moe_requests_total 2.0" in metrics and "mobile_moe_queue_depth 0.0" in metrics
+            assert "# TYPE mobile_moe_requests_total counter" in metrics and "# HELP mobile_moe_fallback_rate" in metrics  # exposition format
     finally:
         demo.generate = real
 

@@ -40,12 +40,23 @@ class QuantizeReport:
     packed_expert_bytes: int
 
 
+def _check_writable(out: Path) -> None:
+    """Raise InvalidParameter unless a directory can be created beside `out`."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent):
+            pass
+    except OSError as e:
+        raise InvalidParameter(f"cannot write {out}: {e.strerror or e}") from None
+
+
 def quantize_checkpoint(src: Path, out: Path, to: str, group_size: int | None = None, progress: bool = True) -> QuantizeReport:
     """Write `src` with its routed experts packed as `to` (int8 | int4 | mxfp4) into the new directory `out`."""
     if to not in ("int8", "int4", "mxfp4"):
         raise InvalidParameter(f"--to must be int8, int4 or mxfp4, got {to!r}")
     if out.exists():
         raise InvalidParameter(f"output directory {out} already exists; choose a new --out")
+    _check_writable(out)  # before the long read, not after
     cfg = read_config(src)
     if stored_format(cfg) is not None:
         raise InvalidParameter(f"{src} is already quantized ({cfg.quantization_config}); quantize the original checkpoint")

@@ -13,7 +13,8 @@ from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -104,42 +105,58 @@ class Generation:
         self.loop.call_soon_threadsafe(self.events.put_nowait, ("done", result, err))
 
 
-class Metrics:
-    """Counters for /metrics (Prometheus text), updated by the event loop when a request ends."""
+COUNTERS = {  # name -> help; each exported as mobile_moe_<name>_total
+    "requests": "Generations that finished", "failed_requests": "Generations that failed", "prompt_tokens": "Prompt tokens",
+    "completion_tokens": "Generated tokens", "fallback_tokens": "Decode steps recomputed with big", "expert_hits": "Routed experts found cached",
+    "expert_misses": "Routed experts loaded on demand", "h2d_bytes": "Expert bytes copied host to device", "disk_bytes": "Expert bytes read from the disk store",
+}
 
-    def __init__(self) -> None:
-        self.counts = dict.fromkeys(("requests", "failed_requests", "prompt_tokens", "completion_tokens", "fallback_tokens",
-                                     "expert_hits", "expert_misses", "h2d_bytes"), 0)
+
+class Metrics:
+    """/metrics through prometheus_client, in a registry of this app's own (no process-wide state)."""
+
+    def __init__(self, queue_depth: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        self.counters = {name: Counter(f"mobile_moe_{name}", text, registry=self.registry) for name, text in COUNTERS.items()}
+        self.totals = dict.fromkeys(COUNTERS, 0.0)  # the same sums, for the derived gauges
         self.decode_s = 0.0
+        Gauge("mobile_moe_queue_depth", "Requests waiting or running", registry=self.registry).set_function(queue_depth)
+        Gauge("mobile_moe_decode_tokens_per_second", "Generated tokens per second of decoding, all requests",
+              registry=self.registry).set_function(self._tok_s)
+        Gauge("mobile_moe_fallback_rate", "Share of generated tokens recomputed with big", registry=self.registry).set_function(self._fallback_rate)
 
     def record(self, result: GenerationResult | None, prompt_tokens: int) -> None:
         """Add one finished generation (None: one that failed)."""
         if result is None:
-            self.counts["failed_requests"] += 1
+            self._add("failed_requests", 1)
             return
-        s, c = result.stats, self.counts
-        c["requests"] += 1
-        c["prompt_tokens"] += prompt_tokens
-        c["completion_tokens"] += len(result.token_ids)
-        c["fallback_tokens"] += s.fallback_tokens
-        c["expert_hits"] += s.expert_hits
-        c["expert_misses"] += s.expert_misses
-        c["h2d_bytes"] += s.h2d_bytes
+        s = result.stats
+        self._add("requests", 1)
+        self._add("prompt_tokens", prompt_tokens)
+        self._add("completion_tokens", len(result.token_ids))
+        for name in ("fallback_tokens", "expert_hits", "expert_misses", "h2d_bytes", "disk_bytes"):
+            self._add(name, getattr(s, name))
         self.decode_s += s.decode_s
 
-    def text(self, queue_depth: int) -> str:
-        """Prometheus exposition format."""
-        lines = [f"mobile_moe_{name}_total {value}" for name, value in self.counts.items()]
-        tok_s = self.counts["completion_tokens"] / self.decode_s if self.decode_s else 0.0
-        rate = self.counts["fallback_tokens"] / max(self.counts["completion_tokens"], 1)
-        lines += [f"mobile_moe_decode_tokens_per_second {tok_s:.3f}", f"mobile_moe_fallback_rate {rate:.4f}", f"mobile_moe_queue_depth {queue_depth}"]
-        return "\n".join(lines) + "\n"
+    def _add(self, name: str, amount: float) -> None:
+        self.counters[name].inc(amount)
+        self.totals[name] += amount
+
+    def _tok_s(self) -> float:
+        return self.totals["completion_tokens"] / self.decode_s if self.decode_s else 0.0
+
+    def _fallback_rate(self) -> float:
+        return self.totals["fallback_tokens"] / max(self.totals["completion_tokens"], 1.0)
+
+    def text(self) -> bytes:
+        """The Prometheus exposition format (with # HELP and # TYPE lines)."""
+        return generate_latest(self.registry)
 
 
 def create_app(llm: LLM, worker: EngineWorker, model_name: str, api_key: str | None, max_tokens_cap: int, defaults: PolicyConfig) -> FastAPI:
     """The FastAPI application."""
     app = FastAPI(title="mobile-moe", docs_url=None, redoc_url=None)
-    metrics = Metrics()
+    metrics = Metrics(worker.depth)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -164,14 +181,16 @@ def create_app(llm: LLM, worker: EngineWorker, model_name: str, api_key: str | N
         return {"status": "ok"}
 
     @app.get("/metrics")
-    async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.text(worker.depth()))
+    async def prometheus() -> Response:
+        return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "mobile-moe"}]}
 
     async def run(body: Common, prompt: list[int], chat: bool):
+        if body.model is not None and body.model != model_name:  # as OpenAI and vLLM answer an unknown model
+            return error(404, f"The model `{body.model}` does not exist; this server serves `{model_name}`", "invalid_request_error")
         if body.max_tokens > max_tokens_cap:
             return error(400, f"max_tokens {body.max_tokens} is above this server's cap {max_tokens_cap}")
         if body.tau is not None and not math.isfinite(body.tau):
