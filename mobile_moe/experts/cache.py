@@ -199,8 +199,11 @@ class ExpertCache:
     def _read(self, key: Key, slot: int, previous: Ticket | None, priority: Priority) -> Ticket:
         """Queue a disk read of the expert into the slot, once any read still writing the slot has finished."""
         assert self.reader is not None and isinstance(self.store, DiskStore)
-        if previous is not None:
-            self.transfer.wait(previous)
+        if previous is not None:  # a read still writing this slot for its previous occupant
+            try:
+                self.transfer.wait(previous)
+            except Exception:  # noqa: BLE001 (that occupant is gone; its failed read is no error of this load)
+                pass
         future = self.reader.submit(key, self.pool[slot], priority)
         return Ticket(event=None, nbytes=self.store.record_bytes, future=future)
 

@@ -188,7 +188,6 @@ class DiskStore(ExpertSizes):
             raise CheckpointError(f"{self.path} holds {max(size, 0)} bytes, its manifest says {expected}: the store is truncated; delete {directory} to rebuild it")
         self.direct = False
         self.fd = self._open(direct)
-        self.bytes_read = 0
 
     def _open(self, direct: bool) -> int:
         """Open the records with O_DIRECT where the file system allows it, else buffered (each read then drops its pages)."""
@@ -224,7 +223,6 @@ class DiskStore(ExpertSizes):
             raise StoreCorrupt(f"layer {layer} expert {expert}: short read of {self.path} ({got} of {self.record_bytes} bytes)")
         if zlib.crc32(view) != self.manifest.crc32[index]:
             raise StoreCorrupt(f"layer {layer} expert {expert} in {self.path} fails its checksum: the store is damaged; delete {self.directory} to rebuild it")
-        self.bytes_read += got
         return got
 
     def close(self) -> None:
