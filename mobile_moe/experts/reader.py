@@ -13,7 +13,7 @@ import threading
 import time
 from concurrent.futures import Future
 from enum import IntEnum
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -51,9 +51,8 @@ class _Job:
 class ReadPool:
     """Reader threads over one record source; `submit` returns a future of the bytes read."""
 
-    def __init__(self, source: RecordSource, readers: int = DEFAULT_READERS, on_read: Callable[[tuple[int, int]], None] | None = None) -> None:
+    def __init__(self, source: RecordSource, readers: int = DEFAULT_READERS) -> None:
         self.source = source
-        self.on_read = on_read  # called in the reader thread before each read (tests observe the order)
         self._heap: list[tuple[int, int, _Job]] = []
         self._queued: dict[tuple[int, int, int], _Job] = {}  # (layer, expert, destination address) -> its job
         self._seq = itertools.count()
@@ -106,8 +105,6 @@ class ReadPool:
                     self._busy_since = start
                 self._active += 1
             try:
-                if self.on_read is not None:
-                    self.on_read(job.key)
                 got = self.source.read(*job.key, job.dst)
             except BaseException as e:  # noqa: BLE001 (handed to whoever waits for this read)
                 self._done(job, start, 0)
