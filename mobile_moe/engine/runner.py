@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import torch
 
 from mobile_moe.experts.cache import ExpertCache
-from mobile_moe.experts.executor import ExpertExecutor, ResidentLayerExperts
+from mobile_moe.experts.executor import ExpertExecutor
 from mobile_moe.experts.reader import Priority
 from mobile_moe.layers.kv_cache import KVCache
 from mobile_moe.layers.mlp import activation
@@ -56,22 +56,13 @@ class Runner:
         self.routing_buf = torch.zeros(len(moe), k, dtype=torch.int64, device=device)  # [L, k] the last token's top-k per MoE layer
         self.weight_buf = torch.zeros(len(moe), k, dtype=torch.float32, device=device)  # [L, k] its raw gate values
         self.recorded = False  # whether the last pass filled the buffers
+        self.resident_pass = False  # whether this pass takes the all-resident decode path (`resident_decode`)
         self.bound = [BoundLayer(self, layer) for layer in range(len(model.model.layers))]
-        self.resident = self._resident_handles()
-        self.active: list[LayerExperts] = list(self.bound)
         self.compiled: Segment | None = compiled_segment() if compile_layers else None
 
-    def _resident_handles(self) -> list[LayerExperts]:
-        """Per layer, the all-resident decode handle for MoE layers (the bound one for dense layers)."""
-        cache = self.cache
-        handles: list[LayerExperts] = list(self.bound)
-        for layer, row in self.moe_row.items():
-            handles[layer] = ResidentLayerExperts(cache.slot_table[cache.rows[layer]], self.executor, self.routing_buf[row], self.weight_buf[row])
-        return handles
-
     def at(self, layer: int) -> LayerExperts:
-        """The experts handle of decoder layer `layer` for the current pass."""
-        return self.active[layer]
+        """The experts handle of decoder layer `layer`."""
+        return self.bound[layer]
 
     def resident_decode(self, tokens: int) -> bool:
         """Whether this pass may take the all-resident decode path: one CPU row, every expert resident, no tracing,
@@ -110,7 +101,9 @@ class Runner:
         return select(Routing(routing.indices[:, position], routing.raw_weights[:, position]), spec, ExpertMode.BIG)  # weights over the chosen
 
     def run_experts(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Delegate to the batched executor."""
+        """Delegate to the executor: without any host planning when every expert is resident."""
+        if self.resident_pass:
+            return self.executor.run_resident(layer, x, indices, weights)
         return self.executor.run(layer, x, indices, weights)
 
     def note_routing(self, layer: int, x: torch.Tensor, routing: Routing) -> None:
@@ -132,24 +125,10 @@ class Runner:
         if self.cache.trace is not None:
             trace = self.cache.trace
             trace.step, trace.pass_id, trace.mode = step, trace.pass_id + 1, mode.value
-        resident = self.resident_decode(ids.shape[0])
-        self.recorded = record or resident  # the resident path always writes the buffers (one graph, not two)
-        self.active = self.resident if resident else self.bound
-        if resident:
-            self._arm_resident(mode)
+        self.recorded, self.resident_pass = record, self.resident_decode(ids.shape[0])
         segment = self.compiled if self.compiled is not None and ids.shape[0] == 1 else before_experts  # prompts run eager
         with native_cpu_gemv(ids.shape[0] == 1 and ids.device.type == "cpu" and self.executor.dtype in (torch.bfloat16, torch.float16)):
-            logits = self.model(ids, kv, self, all_logits=all_logits, segment=segment)
-        self.recorded = record
-        return logits
-
-    def _arm_resident(self, mode: ExpertMode) -> None:
-        """Set the resident handles' selection for this pass and count its hits (every routed expert is one)."""
-        for layer in self.moe_row:
-            handle = self.resident[layer]
-            assert isinstance(handle, ResidentLayerExperts)
-            handle.mode, handle.little_weights = mode, self.little_weights
-        self.cache.stats.hits += len(self.moe_row) * (self.little_k if mode is ExpertMode.LITTLE else self.model.info.top_k)
+            return self.model(ids, kv, self, all_logits=all_logits, segment=segment)
 
     @property
     def routing_log(self) -> dict[int, torch.Tensor] | None:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from mobile_moe.errors import CheckpointError, InvalidParameter
 from mobile_moe.experts.formats import ExpertFormat
-from mobile_moe.experts.store import ExpertLayout, ExpertShape, ExpertSizes, ExpertStore
+from mobile_moe.experts.store import ExpertLayout, ExpertShape, ExpertSizes
 
 RECORD_ALIGN = 4096  # bytes: O_DIRECT needs offsets, sizes and buffers aligned to the device's logical block
 RECORDS, MANIFEST = "experts.bin", "manifest.json"
@@ -148,14 +148,6 @@ class StoreWriter:
             os.close(self.fd)
         except OSError:
             pass
-
-
-def write_store(store: ExpertStore, directory: Path, manifest: Manifest, progress: bool = True) -> Manifest:
-    """Write every expert of a filled host store (records in its current layout), then the manifest."""
-    writer = StoreWriter(directory, manifest, progress)
-    for layer in manifest.moe_layers:
-        writer.write_layer(layer, store.layers[layer])
-    return writer.finish()
 
 
 def read_manifest(directory: Path) -> Manifest | None:

@@ -21,7 +21,6 @@ from mobile_moe.experts.formats import FloatFormat
 from mobile_moe.experts.store import MATRICES, ExpertShape, ExpertStore
 from mobile_moe.experts.transfer import TransferEngine
 from mobile_moe.layers.mlp import Activation, gated
-from mobile_moe.layers.moe import ExpertMode, Routing, RouterSpec, select
 PROBE_HIDDEN, PROBE_INTERMEDIATE = 256, 128  # the grouped-matmul probe's expert: tiny, but aligned like real ones
 
 
@@ -80,6 +79,15 @@ class ExpertExecutor:
                 self.cache.release(slots)
         return pairs.view(T, n, -1).sum(1)  # fixed-order combine: deterministic on every device
 
+    def run_resident(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Decode on CPU with every expert resident: the slots come from the cache's device-side expert-to-slot table by
+        tensor indexing and are read where compute needs them (on CPU nothing waits for that read), so the host plans
+        nothing and the cache's bookkeeping is not touched; results equal `run`'s bit for bit. x: [1, H], indices/weights: [1, n]."""
+        cache = self.cache
+        slots = cache.slot_table[cache.rows[layer]][indices[0]].tolist()  # rank order
+        cache.stats.hits += len(slots)
+        return combine([self._expert(x, slot) for slot in slots], weights, x.dtype)
+
     def _run_one_token(self, layer: int, x: torch.Tensor, experts: list[int], weights: torch.Tensor) -> torch.Tensor:
         """Decode: x [1, H], `experts` distinct, in rank order -> [1, H], the same fixed-order combine without index plumbing."""
         outs: list[torch.Tensor] = [x] * len(experts)
@@ -132,33 +140,6 @@ class ExpertExecutor:
         if self.bias:
             y = y + self.cache.fields["down"][-1][row_slot].to(y.dtype)
         return torch.empty_like(y).index_copy_(0, row_index, y)  # back to the caller's row order
-
-
-class ResidentLayerExperts:
-    """One MoE layer's experts for a decode row on CPU when every expert is resident (a `LayerExperts`): the slots come
-    from the cache's expert-to-slot table by tensor indexing, the routing goes into static buffers, and the experts run
-    straight from their slots. The slot ids are read where compute needs them (on CPU nothing waits for that read), so
-    the host makes no decision and the cache's bookkeeping is not touched: results equal the executor's bit for bit."""
-
-    def __init__(self, slot_row: torch.Tensor, executor: ExpertExecutor, routing_out: torch.Tensor, weights_out: torch.Tensor) -> None:
-        self.slot_row = slot_row  # [E] int64: this layer's row of the cache's slot table
-        self.executor = executor
-        self.routing_out, self.weights_out = routing_out, weights_out  # [k] int64, [k] float32: the last token's top-k
-        self.mode, self.little_weights = ExpertMode.BIG, "native"  # set by the engine before each pass
-
-    def choose(self, routing: Routing, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pass's selection (big or little) of the row's routed experts."""
-        return select(routing, spec, self.mode, self.little_weights)
-
-    def note(self, x: torch.Tensor, routing: Routing) -> None:
-        """Record the row's full top-k and raw gate values (what a fallback prefetches and importance reads)."""
-        self.routing_out.copy_(routing.indices[-1])
-        self.weights_out.copy_(routing.raw_weights[-1])
-
-    def run(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x: [1, H], indices/weights: [1, n] -> [1, H]."""
-        outs = [self.executor._expert(x, slot) for slot in self.slot_row[indices[0]].tolist()]  # rank order
-        return combine(outs, weights, x.dtype)
 
 
 def grouped_mm_works(cache: ExpertCache, act: Activation, dtype: torch.dtype) -> bool:

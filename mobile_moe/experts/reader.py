@@ -58,11 +58,9 @@ class ReadPool:
         self._seq = itertools.count()
         self._cv = threading.Condition()
         self._closed = False
-        self.busy_s = 0.0  # summed over readers: time spent reading
         self.busy_wall_s = 0.0  # wall time with at least one read in flight
         self._active, self._busy_since = 0, 0.0
         self.bytes_read = 0
-        self.reads = 0
         self._threads = [threading.Thread(target=self._work, name=f"expert-reader-{i}", daemon=True) for i in range(readers)]
         for t in self._threads:
             t.start()
@@ -107,23 +105,21 @@ class ReadPool:
             try:
                 got = self.source.read(*job.key, job.dst)
             except BaseException as e:  # noqa: BLE001 (handed to whoever waits for this read)
-                self._done(job, start, 0)
+                self._done(job, 0)
                 job.future.set_exception(e)
                 continue
-            self._done(job, start, got)
+            self._done(job, got)
             job.future.set_result(got)
 
-    def _done(self, job: _Job, start: float, got: int) -> None:
+    def _done(self, job: _Job, got: int) -> None:
         """Bookkeeping after a read (failed ones count no bytes)."""
         now = time.perf_counter()
         with self._cv:
             self._queued.pop(_job_key(job.key, job.dst), None)
-            self.busy_s += now - start
             self._active -= 1
             if self._active == 0:
                 self.busy_wall_s += now - self._busy_since
             self.bytes_read += got
-            self.reads += got > 0
 
     def close(self) -> None:
         """Stop the readers once the queue is empty."""
