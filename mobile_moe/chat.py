@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import TextIO
@@ -11,6 +12,8 @@ from mobile_moe.engine.generate import GenerationResult
 from mobile_moe.engine.llm import LLM
 
 HELP = "type a message; /reset forgets the conversation, /stats shows the last reply's numbers, Ctrl-C stops a reply, Ctrl-D exits"
+COMMANDS = ("/reset", "/stats")
+COMMAND = re.compile(r"/[A-Za-z][\w-]*")  # `/foo` is a command; `/usr/bin/env python` or `/ 2` is text for the model
 
 
 @dataclass
@@ -51,6 +54,17 @@ def stats_line(result: GenerationResult | None) -> str:
             f"expert hit rate {s.hit_rate:.0%}")
 
 
+def command_of(message: str) -> str | None:
+    """The `/command` a message starts with, or None for text meant for the model."""
+    words = message.split()
+    return words[0] if words and COMMAND.fullmatch(words[0]) else None
+
+
+def unknown_command_note(command: str) -> str:
+    """One line for a `/command` chat does not know (it is not sent to the model)."""
+    return f"(unknown command {command}; the commands are {', '.join(COMMANDS)}; nothing was sent to the model)"
+
+
 def chat(llm: LLM, sampling: SamplingParams, policy: PolicyConfig, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
     """Read messages until end of input; stream each reply."""
     history: list[dict[str, str]] = []
@@ -68,11 +82,14 @@ def chat(llm: LLM, sampling: SamplingParams, policy: PolicyConfig, stdin: TextIO
             out.write("\n")
             return 0
         message = line.rstrip("\n")
-        if message.strip() == "/reset":
+        command = command_of(message)
+        if command == "/reset":
             history.clear()
             out.write("(conversation cleared)\n")
-        elif message.strip() == "/stats":
+        elif command == "/stats":
             out.write(stats_line(last) + "\n")
+        elif command is not None:
+            out.write(unknown_command_note(command) + "\n")
         elif message.strip():
             history.append({"role": "user", "content": message})
             ids = fit_history(llm, history, sampling.max_new_tokens)

@@ -36,5 +36,18 @@ def test_history_drops_the_oldest_turns_to_fit_the_context():
     assert fit_history(llm, [{"role": "user", "content": "d " * 100}], 16) is None
 
 
+def test_unknown_commands_get_a_note_and_are_not_sent_to_the_model():
+    llm = LLM(DEMO_MODEL, engine_config(progress=False))
+    prompts = []
+    real = llm.generate
+    llm.generate = lambda ids, *a, **k: prompts.append(ids) or real(ids, *a, **k)
+    out = io.StringIO()
+    assert chat(llm, GREEDY, PolicyConfig("big"), io.StringIO("/foo\n/help me\n/usr/bin/env python\n"), out) == 0
+    lines = out.getvalue().split("> ")
+    note = "(unknown command {}; the commands are /reset, /stats; nothing was sent to the model)\n"
+    assert lines[1] == note.format("/foo") and lines[2] == note.format("/help")
+    assert prompts == [llm.chat_prompt([{"role": "user", "content": "/usr/bin/env python"}])]  # a path is text; the unknown commands left no history
+
+
 def test_chat_without_a_chat_template_is_a_one_line_error(capsys, checkpoints):
     assert_one_line_error(*run(capsys, "chat", "--model", str(checkpoints["olmoe"]), "--quiet")[::2], "no chat template")

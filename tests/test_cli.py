@@ -51,6 +51,14 @@ def test_missing_directory(capsys, tmp_path):
     assert_one_line_error(code, err, "model directory not found")
 
 
+def test_model_that_is_a_file_says_so(capsys, checkpoints):
+    weights = checkpoints["olmoe"] / "model.safetensors"
+    for argv in (gen(weights), ["quantize", "--model", str(weights), "--to", "int8", "--out", "unused", "--quiet"]):
+        code, _, err = run(capsys, *argv)
+        assert_one_line_error(code, err, f"--model {weights} is a file, not a checkpoint directory")
+        assert "not found" not in err
+
+
 def test_unsupported_architecture_names_supported_ones(capsys, checkpoints, tmp_path):
     dst = tmp_path / "llama"
     shutil.copytree(checkpoints["mixtral"], dst)
@@ -122,7 +130,14 @@ def test_invalid_parameters(capsys, checkpoints, flags, needle):
 def test_prompt_longer_than_context(capsys, checkpoints):
     ids = ",".join(["5"] * 300)  # tiny models have 256 positions
     code, _, err = run(capsys, "generate", "--model", str(checkpoints["olmoe"]), "--prompt-ids", ids, "--quiet")
-    assert_one_line_error(code, err, "300 tokens", "256")
+    assert_one_line_error(code, err, "prompt has 300 tokens; it must be shorter than the model's context of 256 tokens")
+    assert "--max-context" not in err  # the default 4096 is not what limits
+
+
+def test_prompt_longer_than_max_context_names_the_flag(capsys, checkpoints):
+    ids = ",".join(["5"] * 100)
+    code, _, err = run(capsys, "generate", "--model", str(checkpoints["olmoe"]), "--prompt-ids", ids, "--max-context", "64", "--quiet")
+    assert_one_line_error(code, err, "prompt has 100 tokens; it must be shorter than --max-context 64 (the model's own context is 256 tokens)")
 
 
 def test_malformed_prompt_ids_and_text_without_tokenizer(capsys, checkpoints):
@@ -140,13 +155,17 @@ def test_outputs_that_cannot_be_written_fail_before_the_run(capsys, tmp_path):
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     for argv, needle in (
-        (["eval", "--plot", str(a_file / "x.png"), "--quiet"], "cannot write --plot"),
-        (["bench", "--json", str(a_file / "x.json"), "--quiet"], "cannot write --json"),
+        (["eval", "--plot", str(a_file / "x.png"), "--quiet"], f"cannot write --plot {a_file / 'x.png'}: {a_file} is not a directory"),
+        (["bench", "--json", str(a_file / "x.json"), "--quiet"], f"cannot write --json {a_file / 'x.json'}: {a_file} is not a directory"),
+        (["calibrate", "--output", str(a_file / "x.json"), "--quiet"], f"cannot write --output {a_file / 'x.json'}: {a_file} is not a directory"),
+        (["calibrate", "--output", str(a_file / "sub" / "x.json"), "--quiet"], f"{a_file} is not a directory"),
+        (["bench", "--trace-dir", str(a_file / "traces"), "--quiet"], f"cannot write --trace-dir {a_file / 'traces'}: {a_file} is not a directory"),
         (["bench", "--json", str(tmp_path), "--quiet"], "is a directory"),
         (["bench", "--trace-dir", str(a_file), "--quiet"], "exists and is not a directory"),
     ):
         code, out, err = run(capsys, *argv)
         assert_one_line_error(code, err, needle)
+        assert "File exists" not in err
         assert out == ""  # nothing ran
 
 
@@ -239,6 +258,28 @@ def test_bench_table_says_how_mobile_fell_back(capsys):
                        "--rounds", "1", "--expert-cache", "16", "--fallback-rate", "0.5", "--skip-transformers", "--quiet")
     assert code == 0
     assert "mobile fell back on 50.0% of decode steps: forced at rate 0.5, evenly spaced" in out
+
+
+def test_bench_prints_one_slot_plan_line_and_runs_with_it(capsys, checkpoints):
+    model = str(checkpoints["olmoe"])  # 3 MoE layers x 16 experts, top-4: bench on cpu without a budget gives a quarter
+    code, out, err = run(capsys, "bench", "--model", model, "--plan-only", "--quiet")
+    assert code == 0 and err == ""
+    assert out.splitlines() == [f"{model} on cpu: 12 of 48 expert slots (0.0 MiB each) (bench's default on cpu without a budget: three quarters offloaded)"]
+    code, out, err = run(capsys, "bench", "--model", model, "--prompts", "1", "--new-tokens", "2", "--rounds", "1", "--skip-transformers", "--quiet")
+    assert code == 0
+    assert [line for line in err.splitlines() if "slots" in line] == [f"{model} on cpu: 12 of 48 expert slots (0.0 MiB each) (bench's default on cpu without a budget: three quarters offloaded)"]
+    assert ", 12 of 48 slots;" in out.splitlines()[0]  # the table header: the plan it ran with
+    code, out, _ = run(capsys, "bench", "--model", model, "--plan-only", "--expert-cache", "8", "--quiet")
+    assert out.splitlines() == [f"{model} on cpu: 8 of 48 expert slots (0.0 MiB each)"]  # a flag that sets the slots: no bench default
+
+
+def test_serve_help_says_its_default_temperature_differs_from_the_cli(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the description
+    assert exit_.value.code == 0
+    assert "A request without `temperature` samples at temperature 1.0, as OpenAI's API does" in text
+    assert "generate and chat, which default to greedy decoding (--temperature 0)" in text
 
 
 def test_unwritable_outputs_and_bad_or_busy_ports_fail_in_one_line(capsys):
