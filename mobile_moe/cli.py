@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
+from transformers import PretrainedConfig
 
 from mobile_moe.bench.bench import BenchSettings, default_prompts, run_bench, table
 from mobile_moe.bench.synthetic import SHAPES, build_synthetic, full_size_cost, synthetic_config, synthetic_expert_numel
@@ -38,6 +39,7 @@ from mobile_moe.eval.evaluate import EvalSettings, calibrate, evaluate
 from mobile_moe.eval.calibrate import RULES, TAU_GRIDS
 from mobile_moe.eval.report import learned_table, plot_quality, runs_table
 from mobile_moe.jsonio import write_json_atomic
+from mobile_moe.models.registry import build_model
 
 
 class Parser(argparse.ArgumentParser):
@@ -136,14 +138,24 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return chat(llm, sampling, policy_from(args, llm))
 
 
+DEFAULT_MAX_BATCH = 16  # the server's rows: 16 concurrent demo streams decode at 4x one stream's rate on 2 CPU cores
+
+
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     """`serve`."""
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions and chat, streaming) over one engine worker")
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions and chat, streaming) over one engine worker",
+                       description="OpenAI-compatible HTTP server (completions and chat, streaming) over one engine worker. "
+                       "A request without `temperature` samples at temperature 1.0, as OpenAI's API does, unlike generate and chat, "
+                       "which default to greedy decoding (--temperature 0): send \"temperature\": 0 for greedy replies.")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback only)")
     s.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     s.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route but /health")
     s.add_argument("--max-queue", type=int, default=64, help="requests running or waiting at most; more get HTTP 429 (default: 64)")
     s.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask (default: 1024)")
+    s.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="N",
+                   help=f"requests decoded together (continuous batching; the memory plan reserves KV for N rows) (default: {DEFAULT_MAX_BATCH})")
+    s.add_argument("--batch-little", choices=["auto", "always"], default="auto",
+                   help="at batch >= 2, mobile requests decode little first only where measured cheaper than big (auto), or always (default: auto)")
     add_engine_args(s)
     add_policy_args(s)
     s.set_defaults(handler=cmd_serve)
@@ -168,8 +180,8 @@ def check_bindable(host: str, port: int) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """`mobile-moe serve`: runs until interrupted."""
-    if args.max_queue < 1 or args.max_tokens_cap < 1:
-        raise InvalidParameter("--max-queue and --max-tokens-cap must be >= 1")
+    if args.max_queue < 1 or args.max_tokens_cap < 1 or args.max_batch < 1:
+        raise InvalidParameter("--max-queue, --max-tokens-cap and --max-batch must be >= 1")
     try:
         import prometheus_client  # noqa: F401 (the server's /metrics)
         import uvicorn
@@ -181,7 +193,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_bindable(args.host, args.port)  # a bad or busy port fails in one line, before the model loads
     llm = open_llm(args)
     defaults = policy_flags(args)
-    app = create_app(llm, EngineWorker(llm, args.max_queue), llm.path.name, args.api_key, args.max_tokens_cap, defaults)
+    app = create_app(llm, EngineWorker(llm, args.max_queue, args.max_batch), llm.path.name, args.api_key, args.max_tokens_cap, defaults)
     print(f"serving {llm.path} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
@@ -314,6 +326,8 @@ def parse_taus(text: str) -> tuple[float, ...]:
 def model_dir(arg: Path | None) -> Path:
     """The --model directory, or the bundled demo model."""
     if arg is not None:
+        if arg.exists() and not arg.is_dir():
+            raise CheckpointError(f"--model {arg} is a file, not a checkpoint directory (give the directory holding config.json)")
         return arg
     if not (DEMO_MODEL / "config.json").is_file():
         raise CheckpointError("no --model given and the bundled demo model is not installed")
@@ -330,6 +344,7 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
     return engine_config(
         args.device, args.dtype, args.expert_cache, args.gpu_memory, args.eviction, not args.quiet, args.max_context, args.expert_dtype, args.group_size,
         not args.reference_kernels, args.compile, args.offload_dir, args.host_memory, not args.buffered_io,
+        getattr(args, "max_batch", 1), getattr(args, "batch_little", "auto"),
     )
 
 
@@ -412,12 +427,23 @@ def check_writable_dir(path: Path | None, what: str) -> None:
 
 def _check_writable_dir(directory: Path, what: str) -> None:
     """Create the directory if needed and write a probe file in it."""
+    blocker = _non_directory_ancestor(directory)
+    if blocker is not None:
+        raise InvalidParameter(f"cannot write {what}: {blocker} is not a directory")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as e:
         raise InvalidParameter(f"cannot write {what}: {e.strerror or e}") from None
+
+
+def _non_directory_ancestor(directory: Path) -> Path | None:
+    """The nearest existing path among `directory` and its parents when it is not a directory (mkdir would fail on it)."""
+    for path in (directory, *directory.parents):
+        if path.exists():
+            return None if path.is_dir() else path
+    return None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -536,6 +562,16 @@ def check_on_disk(directory: Path) -> None:
         raise InvalidParameter(f"--offload-dir {directory} is in memory ({kind}): bench reports a disk tier only on a disk")
 
 
+def bench_plan(args: argparse.Namespace, model_cfg: PretrainedConfig, plan: SlotPlan) -> tuple[SlotPlan, str]:
+    """The slot plan bench runs with and a note on why it is not the engine's: on the CPU without a budget, three quarters offloaded."""
+    if args.expert_cache is not None or args.gpu_memory is not None or args.host_memory is not None or torch.device(args.device).type != "cpu":
+        return plan, ""
+    with torch.device("meta"):
+        top_k = build_model(model_cfg).info.top_k
+    slots = min(max(top_k, plan.total_experts // 4), plan.total_experts)
+    return dataclasses.replace(plan, slots=slots), " (bench's default on cpu without a budget: three quarters offloaded)"
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """`mobile-moe bench`."""
     if args.prompts < 1 or args.new_tokens < 2 or args.rounds < 1:
@@ -550,12 +586,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise InvalidParameter("give --model or --synthetic, not both")
     config = engine_config_from(args)
     model_cfg = synthetic_config(args.synthetic, args.shrink) if args.synthetic else read_config(model_dir(args.model))
-    plan = plan_for_config(model_cfg, config)
+    plan, why = bench_plan(args, model_cfg, plan_for_config(model_cfg, config))
     if args.offload_dir is not None:
         check_on_disk(Path(args.offload_dir))
     if args.synthetic and args.device == "cpu" and not args.plan_only and args.offload_dir is None:
         check_synthetic_fits(args, plan, synthetic_expert_numel(model_cfg))
-    print(f"{args.synthetic or model_dir(args.model)} on {args.device}: {plan.describe()}", file=sys.stderr if not args.plan_only else sys.stdout, flush=True)
+    print(f"{args.synthetic or model_dir(args.model)} on {args.device}: {plan.describe()}{why}", file=sys.stderr if not args.plan_only else sys.stdout, flush=True)
     if args.plan_only:
         return 0
     if args.synthetic:
@@ -565,9 +601,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         llm = LLM(loaded, config)
     else:
         llm = open_llm(args)
-    if args.expert_cache is None and args.gpu_memory is None and args.host_memory is None and llm.device.type == "cpu":
-        llm.planned_slots = max(llm.info.top_k, llm.loaded.store.total_experts // 4)  # CPU: offload three quarters
-        print(f"bench on cpu without a budget: {llm.planned_slots} of {llm.loaded.store.total_experts} expert slots (three quarters offloaded)", file=sys.stderr)
+    if why:
+        llm.planned_slots = plan.slots  # the line printed above, not the engine's every-expert CPU default
     rate = args.fallback_rate
     if rate is None and args.synthetic:
         rate = demo_fallback_rate()

@@ -161,6 +161,8 @@ class EngineConfig:
     compile: bool = False  # decode through torch.compile'd layer segments (CPU; the first generate pays the warm-up)
     offload_dir: str | None = None  # an on-disk expert store (built there on first use): experts are read from it on demand
     direct_io: bool = True  # read the store with O_DIRECT where the file system allows it (False: buffered + fadvise)
+    max_batch: int = 1  # sequences decoded together (LLM.generate with many prompts, the server); the memory plan reserves their KV
+    batch_little: Literal["auto", "always"] = "auto"  # at batch >= 2, mobile rows decode little first only where measured cheaper (auto)
 
     def __post_init__(self) -> None:
         if self.max_context < 2:
@@ -175,5 +177,9 @@ class EngineConfig:
             raise InvalidParameter("--host-memory bounds the experts held in RAM when they live on disk: give --offload-dir too")
         if self.offload_dir is not None and self.device.split(":")[0] != "cpu":
             raise InvalidParameter("--offload-dir runs on the CPU for now (the CUDA disk -> pinned host -> device tier is not built yet)")
+        if self.max_batch < 1:
+            raise InvalidParameter(f"max batch must be >= 1, got {self.max_batch}")
+        if self.batch_little not in ("auto", "always"):
+            raise InvalidParameter(f"batch little must be auto or always, got {self.batch_little!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise InvalidParameter(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")

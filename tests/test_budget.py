@@ -60,7 +60,7 @@ def test_bench_plan_only_prints_the_plan_and_loads_nothing(capsys):
 
 def test_max_context_bounds_prompts(checkpoints):
     llm = open_llm(checkpoints["olmoe"], max_context=16)
-    with pytest.raises(PromptTooLong, match="context is 16 tokens"):
+    with pytest.raises(PromptTooLong, match="shorter than --max-context 16"):
         llm.generate(list(range(3, 20)))
     assert len(llm.generate(list(range(3, 10)), SamplingParams(max_new_tokens=50, stop_at_eos=False)).token_ids) == 16 - 7
 

@@ -110,12 +110,8 @@ def test_a_full_queue_answers_429_and_a_fault_answers_500(demo):
         assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
         release.set()
         time.sleep(0.5)
-        real = demo.generate
-        demo.generate = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("injected fault"))
-        try:
-            r = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "temperature": 0})
-        finally:
-            demo.generate = real
+        worker.batch.step = lambda: (_ for _ in ()).throw(RuntimeError("injected fault"))  # the worker starts a fresh batch after it
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "temperature": 0})
         assert r.status_code == 500 and "injected fault" in r.json()["error"]["message"]
         ok = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0})
         assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == solo(demo, demo.encode(PROMPT), 4)
@@ -124,7 +120,8 @@ def test_a_full_queue_answers_429_and_a_fault_answers_500(demo):
 @pytest.mark.parametrize("method, path, body, status, needle", [
     ("POST", "/v1/completions", {"model": "gpt-4", "prompt": PROMPT}, 404, "The model `gpt-4` does not exist; this server serves `demo`"),
     ("POST", "/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
-    ("POST", "/v1/completions", b"{not json", 400, "JSON"),
+    ("POST", "/v1/completions", b"{not json", 400, "request body is not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
+    ("POST", "/v1/completions", b'{"prompt": "x",\n "max_tokens": }', 400, "request body is not valid JSON: Expecting value: line 2 column 16 (char 31)"),
     ("POST", "/v1/completions", {"max_tokens": 4}, 400, "prompt"),
     ("POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": "many"}, 400, "max_tokens"),
     ("POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens"),
@@ -134,7 +131,11 @@ def test_a_full_queue_answers_429_and_a_fault_answers_500(demo):
     ("POST", "/v1/completions", {"prompt": PROMPT, "temperature": 3}, 400, "temperature"),
     ("POST", "/v1/completions", {"prompt": PROMPT, "top_p": 0}, 400, "top_p"),
     ("POST", "/v1/completions", {"prompt": PROMPT, "policy": "huge"}, 400, "policy"),
-    ("POST", "/v1/completions", b'{"prompt": "x", "tau": NaN}', 400, "tau"),
+    ("POST", "/v1/completions", b'{"prompt": "x", "tau": NaN}', 400, "tau: Input should be a finite number"),
+    ("POST", "/v1/completions", b'{"prompt": "x", "temperature": NaN}', 400, "temperature: Input should be a finite number"),
+    ("POST", "/v1/completions", b'{"prompt": "x", "temperature": Infinity}', 400, "temperature: Input should be a finite number"),
+    ("POST", "/v1/completions", b'{"prompt": "x", "top_p": NaN}', 400, "top_p: Input should be a finite number"),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_p": -Infinity}', 400, "top_p: Input should be a finite number"),
     ("POST", "/v1/chat/completions", {"max_tokens": 4}, 400, "messages"),
     ("POST", "/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
@@ -149,6 +150,16 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server, 
     assert httpx.get(f"{server}/health").json() == {"status": "ok"}
 
 
+@pytest.mark.parametrize("body, message", [
+    (b'{"prompt": "x", "temperature": NaN}', "temperature: Input should be a finite number"),
+    (b'{"prompt": "x", "max_tokens": 4,}', "request body is not valid JSON: Expecting property name enclosed in double quotes: line 1 column 33 (char 32)"),
+])
+def test_nan_and_malformed_json_are_openai_format_errors(server, body, message):
+    r = httpx.post(f"{server}/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert r.json() == {"error": {"message": message, "type": "invalid_request_error", "code": 400}}
+
+
 def test_api_key_guards_every_route_but_health(demo):
     with serving(demo, api_key="sekrit") as (url, _):
         assert httpx.get(f"{url}/health").status_code == 200
@@ -159,26 +170,19 @@ def test_api_key_guards_every_route_but_health(demo):
 
 
 def test_a_client_that_leaves_mid_stream_frees_the_worker(demo):
-    results = []
-    real = demo.generate
-
-    def recording(*args, **kwargs):
-        results.append(real(*args, **kwargs))
-        return results[-1]
-
-    demo.generate = recording
-    try:
-        with serving(demo) as (url, worker):
-            with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 60, "temperature": 0, "stream": True}) as r:
-                next(line for line in r.iter_lines() if line.startswith("data: "))  # one chunk, then hang up
-            ok = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "temperature": 0}, timeout=60)
-            assert ok.status_code == 200
-            assert results[0].finish_reason == "cancelled" and len(results[0].token_ids) < 60
-            metrics = httpx.get(f"{url}/metrics").text
-            assert "mobile_moe_requests_total 2.0" in metrics and "mobile_moe_queue_depth 0.0" in metrics
-            assert "# TYPE mobile_moe_requests_total counter" in metrics and "# HELP mobile_moe_fallback_rate" in metrics  # exposition format
-    finally:
-        demo.generate = real
+    with serving(demo) as (url, worker):
+        results = []
+        reported = worker._done
+        worker._done = lambda job, result, err: (results.append(result), reported(job, result, err))
+        with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 60, "temperature": 0, "stream": True}) as r:
+            next(line for line in r.iter_lines() if line.startswith("data: "))  # one chunk, then hang up
+        ok = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "temperature": 0}, timeout=60)
+        assert ok.status_code == 200
+        assert results[0].finish_reason == "cancelled" and len(results[0].token_ids) < 60
+        metrics = httpx.get(f"{url}/metrics").text
+        assert "mobile_moe_requests_total 2.0" in metrics and "mobile_moe_queue_depth 0.0" in metrics
+        assert "# TYPE mobile_moe_requests_total counter" in metrics and "# HELP mobile_moe_fallback_rate" in metrics  # exposition format
+        assert "mobile_moe_batch_occupancy 0.0" in metrics and "mobile_moe_queue_seconds_count 2.0" in metrics
 
 
 def test_stop_strings_cut_the_text_and_end_generation(demo, server):

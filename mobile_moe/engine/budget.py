@@ -66,6 +66,7 @@ class SlotPlan:
     kv_bytes: int = 0
     scratch_bytes: int = 0
     context: int = 0
+    rows: int = 1  # sequences whose KV cache the plan holds
 
     def describe(self) -> str:
         """One line: budget split and resulting slots."""
@@ -73,18 +74,24 @@ class SlotPlan:
             return f"{self.slots} of {self.total_experts} expert slots ({self.expert_bytes / 2**20:.1f} MiB each)"
         return (
             f"a {self.budget_bytes / GIB:.2f} GiB budget = {self.dense_bytes / GIB:.2f} GiB dense weights + "
-            f"{self.kv_bytes / GIB:.2f} GiB KV cache ({self.context} tokens) + {self.scratch_bytes / GIB:.2f} GiB activations + "
+            f"{self.kv_bytes / GIB:.2f} GiB KV cache ({self._kv_shape()}) + {self.scratch_bytes / GIB:.2f} GiB activations + "
             f"{self.slots} of {self.total_experts} expert slots ({self.expert_bytes / 2**20:.1f} MiB each)"
         )
 
 
+    def _kv_shape(self) -> str:
+        """'C tokens' or 'R rows x C tokens'."""
+        return f"{self.context} tokens" if self.rows == 1 else f"{self.rows} rows x {self.context} tokens"
+
+
 def plan_slots(
     cfg: CacheConfig, model: CausalLM, expert_bytes: int, total_experts: int, device: torch.device, dtype: torch.dtype, max_context: int,
-    dequant_bytes: int = 0,
+    dequant_bytes: int = 0, rows: int = 1,
 ) -> SlotPlan:
     """The slot plan; raises CacheTooSmall when one layer's top-k would not fit. `model` may live on the meta device.
 
-    `dequant_bytes`: transient memory for dequantizing one packed expert matrix, counted with the activations.
+    `dequant_bytes`: transient memory for dequantizing one packed expert matrix, counted with the activations;
+    `rows`: sequences decoded together, each with its own KV cache of the full context.
     """
     top_k = model.info.top_k
     if cfg.slots is not None:
@@ -99,9 +106,10 @@ def plan_slots(
             return SlotPlan(total_experts, total_experts, expert_bytes)  # CPU without a budget: every expert gets a slot
         context = min(model.info.max_context, max_context)
         dense = dense_bytes(model, dtype)
-        kv, scratch = context * kv_bytes_per_token(model, dtype) + recurrent_bytes(model, dtype), scratch_bytes(model, dtype, context) + dequant_bytes
+        kv = rows * (context * kv_bytes_per_token(model, dtype) + recurrent_bytes(model, dtype))
+        scratch = scratch_bytes(model, dtype, context) + dequant_bytes
         slots = max(0, (budget - dense - kv - scratch) // expert_bytes)
-        plan = SlotPlan(min(slots, total_experts), total_experts, expert_bytes, budget, dense, kv, scratch, context)
+        plan = SlotPlan(min(slots, total_experts), total_experts, expert_bytes, budget, dense, kv, scratch, context, rows)
         reason = plan.describe()
     if plan.slots < top_k:
         raise CacheTooSmall(f"{reason}: too small for one layer's top-{top_k} experts (need >= {top_k} slots)")
@@ -129,7 +137,8 @@ def plan_for_config(model_cfg: PretrainedConfig, config: EngineConfig) -> SlotPl
     info = model.info
     layout = ExpertLayout(ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias), resolve_format(model_cfg, config.expert_dtype, config.group_size, dtype))
     total = info.num_experts * len(info.moe_layers)
-    return plan_slots(config.cache, model, layout.nbytes, total, device, dtype, config.max_context, dequant_scratch_bytes(layout, dtype))
+    return plan_slots(config.cache, model, layout.nbytes, total, device, dtype, config.max_context, dequant_scratch_bytes(layout, dtype),
+                      config.max_batch)
 
 
 def dequant_scratch_bytes(layout: ExpertLayout, dtype: torch.dtype) -> int:

@@ -19,6 +19,9 @@ from mobile_moe.layers.sampler import sample
 from mobile_moe.policy.policies import Policy
 
 
+TokenCallback = Callable[[int], bool]  # called with each emitted token; returning False stops generation after it
+
+
 @dataclass(frozen=True)
 class StepRecord:
     """One emitted token: the first pass's token, confidence and signals, and whether big replaced it."""
@@ -42,7 +45,7 @@ class GenerationResult:
 
 
 @dataclass
-class _Decoder:
+class Decoder:
     """State of one generation: runner, KV cache, sampling, policy, result so far."""
 
     runner: Runner
@@ -55,16 +58,34 @@ class _Decoder:
 
     def read(self, logits: torch.Tensor, with_confidence: bool) -> tuple[int, int, float | None, tuple[float, ...]]:
         """(sampled token, greedy token, confidence or None, signals) of one pass's logits [V], in one host sync."""
+        parts = self.read_parts(logits, with_confidence, self.runner.logged_weights)
+        return self.parse(self.runner.cache.transfer.to_host(torch.cat(parts)), with_confidence)
+
+    def read_parts(self, logits: torch.Tensor, with_confidence: bool, router_weights: Callable[[], torch.Tensor]) -> list[torch.Tensor]:
+        """What `read` brings to the host for logits [V], still on the device: token, greedy token[, confidence, signals]."""
         token = sample(logits, self.sampling.temperature, self.sampling.top_p, self.generator)
         greedy = token if self.sampling.temperature == 0.0 else logits.argmax()
         parts = [token.double()[None], greedy.double()[None]]
         if with_confidence:
-            conf, signals = self.policy.measure(logits, self.runner.logged_weights, self.runner.little_k)
+            conf, signals = self.policy.measure(logits, router_weights, self.runner.little_k)
             parts += [conf.double()[None]] + ([] if signals is None else [signals.double()])  # + [S]
-        values = self.runner.cache.transfer.to_host(torch.cat(parts))
+        return parts
+
+    def parse(self, values: list[float], with_confidence: bool) -> tuple[int, int, float | None, tuple[float, ...]]:
+        """`read`'s result from the host values of `read_parts`."""
         if not with_confidence:
             return int(values[0]), int(values[1]), None, ()
         return int(values[0]), int(values[1]), values[2], tuple(values[3:])
+
+    def accept(self, token: int, greedy: int, conf: float | None, signals: tuple[float, ...], fell_back: bool, little_pass: bool) -> None:
+        """Record a decode step's outcome (the first pass's token `greedy` and, after a fallback, big's `token`);
+        `little_pass`: whether the position kept in the KV cache was written by a little pass."""
+        if fell_back:
+            self.result.stats.fallback_tokens += 1
+            self.result.steps.append(StepRecord(greedy, conf, True, token, signals))
+        else:
+            self.result.steps.append(StepRecord(token, conf, False, token, signals))
+        self.little_positions = self.little_positions + 1 if little_pass and not fell_back else 0
 
     def step(self, token: int, step: int) -> int:
         """One MoBiLE step: first pass (big or little); if the policy says so, rewind and redo it with big."""
@@ -74,8 +95,7 @@ class _Decoder:
         logits = runner.forward(ids, self.kv, policy.decode_mode, record=policy.may_fall_back, step=step)
         nxt, greedy, conf, signals = self.read(logits, policy.needs_confidence)
         if not policy.falls_back(conf if conf is not None else 1.0, step):
-            self.result.steps.append(StepRecord(nxt, conf, False, nxt, signals))
-            self.little_positions += policy.decode_mode is ExpertMode.LITTLE
+            self.accept(nxt, nxt, conf, signals, fell_back=False, little_pass=policy.decode_mode is ExpertMode.LITTLE)
             return nxt
         routing_log = runner.routing_log or {}
         # earlier positions whose KV little wrote, redone by big; none with recurrent layers (their state goes back only to `before`)
@@ -87,10 +107,37 @@ class _Decoder:
         if repair:
             ids = runner.ids(self.result.token_ids[-(1 + repair):])  # the inputs of those positions and of this step
         nxt, _, _, _ = self.read(runner.forward(ids, self.kv, ExpertMode.BIG, step=step), with_confidence=False)
-        self.little_positions = 0
-        self.result.stats.fallback_tokens += 1
-        self.result.steps.append(StepRecord(greedy, conf, True, nxt, signals))
+        self.accept(nxt, greedy, conf, signals, fell_back=True, little_pass=False)
         return nxt
+
+
+def configure(runner: Runner, policy: Policy | None) -> None:
+    """Set the runner's single-sequence decode knobs from a policy (None: all off, as batched passes run)."""
+    config = None if policy is None else policy.config
+    runner.lookahead = False if config is None else config.lookahead
+    runner.layer_adaptive = None if config is None else config.layer_adaptive
+    runner.cache_prior = None if config is None else config.cache_prior
+    if config is not None:
+        runner.little_weights = config.little_weights
+
+
+def new_decoder(runner: Runner, kv: KVCache, prompt: list[int], sampling: SamplingParams, policy: Policy) -> Decoder:
+    """The state of one generation over a fresh KV cache (its own sampler seeded from `sampling.seed`)."""
+    device = runner.model.lm_head.weight.device
+    generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
+    return Decoder(runner, kv, sampling, policy, generator, GenerationResult(token_ids=[], stats=GenerationStats(prompt_tokens=len(prompt))))
+
+
+def emit(result: GenerationResult, token: int, sampling: SamplingParams, eos: tuple[int, ...], on_token: TokenCallback | None) -> bool:
+    """Append an emitted token; whether generation goes on (not EOS, not cancelled by `on_token`, under the token limit)."""
+    result.token_ids.append(token)
+    if sampling.stop_at_eos and token in eos:
+        result.finish_reason = "stop"
+        return False
+    if on_token is not None and not on_token(token):
+        result.finish_reason = "cancelled"
+        return False
+    return len(result.token_ids) < sampling.max_new_tokens
 
 
 def _synchronize(device: torch.device) -> None:
@@ -105,19 +152,14 @@ def _prefill(runner: Runner, prompt: list[int], kv: KVCache, mode: ExpertMode) -
     return logits
 
 
-TokenCallback = Callable[[int], bool]  # called with each emitted token; returning False stops generation after it
-
 
 def generate(
     runner: Runner, prompt: list[int], sampling: SamplingParams, policy: Policy, eos: tuple[int, ...], on_token: TokenCallback | None = None,
 ) -> GenerationResult:
     """Prefill the prompt, then decode token by token under the policy; stops at EOS, the token limit, or when `on_token` says so."""
     device = runner.model.lm_head.weight.device
-    generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
-    runner.lookahead = policy.config.lookahead
-    runner.layer_adaptive, runner.cache_prior = policy.config.layer_adaptive, policy.config.cache_prior
-    dec = _Decoder(runner, runner.new_kv(len(prompt) + sampling.max_new_tokens), sampling, policy, generator,
-                   GenerationResult(token_ids=[], stats=GenerationStats(prompt_tokens=len(prompt))))
+    configure(runner, policy)
+    dec = new_decoder(runner, runner.new_kv(len(prompt) + sampling.max_new_tokens), prompt, sampling, policy)
     stats, cache, transfer = dec.result.stats, runner.cache, runner.cache.transfer
     before, wait_before, syncs_before = cache.stats.snapshot(), transfer.wait_s(), transfer.host_syncs
 
@@ -130,28 +172,19 @@ def generate(
 
     start = time.perf_counter()
     step = 0
-    while True:
-        dec.result.token_ids.append(token)
-        if sampling.stop_at_eos and token in eos:
-            dec.result.finish_reason = "stop"
-            break
-        if on_token is not None and not on_token(token):
-            dec.result.finish_reason = "cancelled"
-            break
-        if len(dec.result.token_ids) >= sampling.max_new_tokens:
-            break
+    while emit(dec.result, token, sampling, eos, on_token):
         step += 1
         token = dec.step(token, step)
     _synchronize(device)
     stats.decode_s = time.perf_counter() - start
     stats.tokens = len(dec.result.token_ids)
     wait_now = transfer.wait_s()
-    _fill_counters(stats, runner, before, after_prefill, wait_now - wait_before, wait_now - wait_prefill)
+    fill_counters(stats, runner, before, after_prefill, wait_now - wait_before, wait_now - wait_prefill)
     stats.host_syncs, stats.decode_host_syncs = transfer.host_syncs - syncs_before, transfer.host_syncs - syncs_prefill
     return dec.result
 
 
-def _fill_counters(stats: GenerationStats, runner: Runner, before: CacheStats, after_prefill: CacheStats, wait_s: float, decode_wait_s: float) -> None:
+def fill_counters(stats: GenerationStats, runner: Runner, before: CacheStats, after_prefill: CacheStats, wait_s: float, decode_wait_s: float) -> None:
     """Cache counters accumulated during this request, and during its decode phase alone."""
     now = runner.cache.stats
     stats.expert_hits = now.hits - before.hits

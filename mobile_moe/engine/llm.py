@@ -5,11 +5,15 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar, overload
 
 import torch
 
 from mobile_moe.config import CacheConfig, EngineConfig, PolicyConfig, SamplingParams
+from mobile_moe.engine.batch import BatchDecoder
 from mobile_moe.engine.budget import dequant_scratch_bytes, plan_slots
 from mobile_moe.engine.calibration import CALIBRATION_FILE, read_calibration, resolve_policy
 from mobile_moe.engine.generate import GenerationResult, TokenCallback, generate
@@ -22,10 +26,23 @@ from mobile_moe.experts.reader import ReadPool
 from mobile_moe.experts.trace import Trace
 from mobile_moe.experts.transfer import TransferEngine
 from mobile_moe.layers.moe import ExpertMode
+from mobile_moe.policy.governor import LittleGovernor
 from mobile_moe.policy.policies import Policy
 
 log = logging.getLogger("mobile_moe")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+T = TypeVar("T")
+Many = T | list[T] | None  # one value for every prompt, one per prompt, or the default
+RowCallback = Callable[[int, int], bool]  # (prompt index, token) -> go on
+
+
+def _each(value: "Many[T]", n: int, what: str) -> list:
+    """One value per prompt from a single value, a list of n, or None."""
+    if isinstance(value, list):
+        if len(value) != n:
+            raise InvalidParameter(f"{len(value)} {what} values for {n} prompts")
+        return value
+    return [value] * n
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,7 +79,7 @@ class LLM:
         slot_bytes = store.record_bytes if isinstance(store, DiskStore) else store.expert_bytes
         self.plan = plan_slots(
             self.config.cache, self.loaded.model, slot_bytes, store.total_experts, self.device, self.loaded.dtype, self.config.max_context,
-            dequant_scratch_bytes(store.layout, self.loaded.dtype),
+            dequant_scratch_bytes(store.layout, self.loaded.dtype), self.config.max_batch,
         )
         self.planned_slots = self.plan.slots
         if self.config.compile and self.device.type != "cpu":
@@ -107,28 +124,82 @@ class LLM:
         """Text of token ids, or None without a tokenizer."""
         return None if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def generate(
-        self, prompt: str | list[int], sampling: SamplingParams | None = None, policy: PolicyConfig | None = None,
-        on_token: TokenCallback | None = None,
-    ) -> GenerationResult:
-        """Generate a continuation of a text or of token ids under a policy (big / little / mobile).
+    @overload
+    def generate(self, prompt: str | list[int], sampling: SamplingParams | None = None, policy: PolicyConfig | None = None,
+                 on_token: TokenCallback | None = None) -> GenerationResult: ...
+
+    @overload
+    def generate(self, prompt: list[str] | list[list[int]], sampling: Many[SamplingParams] = None, policy: Many[PolicyConfig] = None,
+                 on_token: RowCallback | None = None) -> list[GenerationResult]: ...
+
+    def generate(self, prompt, sampling=None, policy=None, on_token=None):
+        """Generate a continuation of a text or of token ids under a policy (big / little / mobile); given a list of
+        prompts (texts or id lists), decode them together (see `generate_many`) and return one result per prompt.
 
         `on_token` sees each token as it is emitted (EOS excluded); returning False stops after that token
         (finish_reason "cancelled"): how a streaming client that went away frees the engine.
         """
-        sampling, policy = sampling or SamplingParams(), self.resolve_policy(policy or PolicyConfig())
-        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._check_prompt(ids)
-        room = self.max_context - len(ids)
-        if sampling.max_new_tokens > room:
-            logging.getLogger("mobile_moe").warning(
-                f"{len(ids)} prompt tokens leave room for {room} of the {sampling.max_new_tokens} new tokens asked (context {self.max_context})")
-            sampling = SamplingParams(room, sampling.temperature, sampling.top_p, sampling.seed, sampling.stop_at_eos)
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            return self.generate_many(prompt, sampling, policy, on_token)
+        ids, sampling, policy = self.prepare(prompt, sampling, policy)
         with self._lock:
             self.runner.little_weights = policy.little_weights
             result = generate(self.runner, ids, sampling, Policy(policy), self.eos_token_ids, on_token)
         result.text = self.decode(result.token_ids)
         return result
+
+    def generate_many(
+        self, prompts: list[str] | list[list[int]], sampling: Many[SamplingParams] = None, policy: Many[PolicyConfig] = None,
+        on_token: RowCallback | None = None,
+    ) -> list[GenerationResult]:
+        """Decode many prompts together, up to `EngineConfig.max_batch` at a time (the rest join as rows finish); each
+        prompt has its own sampling parameters, policy and stop conditions (a single value applies to all).
+        `on_token(i, token)` sees prompt i's tokens; returning False stops that prompt alone."""
+        n = len(prompts)
+        samplings, policies = _each(sampling, n, "sampling"), _each(policy, n, "policy")
+        prepared = [self.prepare(p, s, pol) for p, s, pol in zip(prompts, samplings, policies)]
+        if len({pol.little_weights for _, _, pol in prepared if pol.name != "big"}) > 1:
+            raise InvalidParameter("prompts decoded together must share little_weights")
+        rows = min(n, self.config.max_batch)
+        if rows < n:
+            log.info("decoding %d prompts %d at a time (EngineConfig.max_batch)", n, rows)
+        results: list[GenerationResult | None] = [None] * n
+        with self._lock:
+            batch = BatchDecoder(self.runner, rows, max(len(ids) + s.max_new_tokens for ids, s, _ in prepared), self.eos_token_ids,
+                                 LittleGovernor(self.config.batch_little == "auto"))
+            waiting = list(range(n))
+            while waiting or batch.rows:
+                while waiting and batch.room:
+                    i = waiting.pop(0)
+                    ids, s, pol = prepared[i]
+                    batch.add(ids, s, Policy(pol), None if on_token is None else (lambda t, i=i: on_token(i, t)), tag=i)
+                for row in batch.step():
+                    results[row.tag] = row.result
+        for result in results:
+            assert result is not None
+            result.text = self.decode(result.token_ids)
+        return results  # type: ignore[return-value]
+
+    def prepare(self, prompt: str | list[int], sampling: SamplingParams | None, policy: PolicyConfig | None) -> tuple[list[int], SamplingParams, PolicyConfig]:
+        """(checked prompt ids, sampling with max_new_tokens cut to the context's room, resolved policy) of one request."""
+        sampling, policy = sampling or SamplingParams(), self.resolve_policy(policy or PolicyConfig())
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_prompt(ids)
+        room = self.max_context - len(ids)
+        if sampling.max_new_tokens > room:
+            log.warning(f"{len(ids)} prompt tokens leave room for {room} of the {sampling.max_new_tokens} new tokens asked (context {self.max_context})")
+            sampling = replace(sampling, max_new_tokens=room)
+        return ids, sampling, policy
+
+    def batch_decoder(self, max_rows: int) -> BatchDecoder:
+        """A long-lived batch of up to max_rows sequences of up to the context length (the server's engine worker);
+        step it while holding `lock`."""
+        return BatchDecoder(self.runner, max_rows, self.max_context, self.eos_token_ids, LittleGovernor(self.config.batch_little == "auto"))
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The lock every model-running call holds."""
+        return self._lock
 
     def resolve_policy(self, policy: PolicyConfig) -> PolicyConfig:
         """Unset criterion and tau from this model's calibration (mobile_moe.json, read once at load), else max_prob and 0.9."""
@@ -161,7 +232,9 @@ class LLM:
         if bad:
             raise InvalidParameter(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
         if len(ids) >= self.max_context:
-            raise PromptTooLong(f"prompt has {len(ids)} tokens; the context is {self.max_context} tokens (model {self.info.max_context}, --max-context {self.config.max_context})")
+            limit = (f"the model's context of {self.info.max_context} tokens" if self.info.max_context <= self.config.max_context
+                     else f"--max-context {self.config.max_context} (the model's own context is {self.info.max_context} tokens)")
+            raise PromptTooLong(f"prompt has {len(ids)} tokens; it must be shorter than {limit}")
 
 
 def _load_tokenizer(path: Path):  # -> PreTrainedTokenizerBase | None
@@ -180,10 +253,11 @@ def engine_config(
     device: str = "cpu", dtype: str = "auto", expert_cache: int | None = None, gpu_memory: float | None = None,
     eviction: str = "lru", progress: bool = True, max_context: int = 4096, expert_dtype: str = "auto", group_size: int | None = None,
     fused_kernels: bool = True, compile: bool = False, offload_dir: str | None = None, host_memory: float | None = None, direct_io: bool = True,
+    max_batch: int = 1, batch_little: str = "auto",
 ) -> EngineConfig:
     """EngineConfig from flat keyword arguments (what the CLI and API users pass)."""
     return EngineConfig(
         device=device, dtype=dtype, cache=CacheConfig(expert_cache, gpu_memory, eviction, host_memory), progress=progress, max_context=max_context,
         expert_dtype=expert_dtype, group_size=group_size, fused_kernels=fused_kernels, compile=compile, offload_dir=offload_dir,
-        direct_io=direct_io,
+        direct_io=direct_io, max_batch=max_batch, batch_little=batch_little,  # type: ignore[arg-type]
     )

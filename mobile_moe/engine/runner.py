@@ -11,7 +11,7 @@ import torch
 from mobile_moe.experts.cache import ExpertCache
 from mobile_moe.experts.executor import ExpertExecutor
 from mobile_moe.experts.reader import Priority
-from mobile_moe.layers.kv_cache import KVCache
+from mobile_moe.layers.kv_cache import BatchKV, KVCache, KVPool
 from mobile_moe.layers.mlp import activation
 from mobile_moe.layers.moe import ExpertMode, LayerExperts, RouterSpec, Routing, select
 from mobile_moe.policy.little import prefer_resident, runs_big_here
@@ -56,7 +56,10 @@ class Runner:
         self.routing_buf = torch.zeros(len(moe), k, dtype=torch.int64, device=device)  # [L, k] the last token's top-k per MoE layer
         self.weight_buf = torch.zeros(len(moe), k, dtype=torch.float32, device=device)  # [L, k] its raw gate values
         self.recorded = False  # whether the last pass filled the buffers
+        self.row_little: torch.Tensor | None = None  # [B] bool: a batched pass whose rows mix big and little (True = little)
+        self.row_routing: dict[int, Routing] = {}  # a recording batched pass: MoE layer -> every row's routing [B, k]
         self.resident_pass = False  # whether this pass takes the all-resident decode path (`resident_decode`)
+        self.batch_rows = False  # whether the current pass is a batched decode pass (`forward_rows`)
         self.bound = [BoundLayer(self, layer) for layer in range(len(model.model.layers))]
         self.compiled: Segment | None = compiled_segment() if compile_layers else None
 
@@ -80,12 +83,24 @@ class Runner:
         recurrent = {m.layer: m.new_state(device, dtype) for m in self.model.modules() if hasattr(m, "new_state")}  # recurrent token mixers
         return KVCache(k_shapes, v_shapes, max_len, device, dtype, recurrent)
 
+    def new_pool(self, rows: int, max_len: int) -> KVPool:
+        """KV buffers for `rows` sequences of up to max_len positions, decoded together."""
+        k_shapes, v_shapes = self.model.kv_shapes()
+        return KVPool(k_shapes, v_shapes, rows, max_len, self.model.lm_head.weight.device, self.model.lm_head.weight.dtype)
+
+    def new_recurrent(self) -> dict:
+        """Fresh recurrent states of one sequence (empty for attention-only models)."""
+        device, dtype = self.model.lm_head.weight.device, self.model.lm_head.weight.dtype
+        return {m.layer: m.new_state(device, dtype) for m in self.model.modules() if hasattr(m, "new_state")}
+
     def ids(self, tokens: list[int]) -> torch.Tensor:
         """Token ids [T] on the device, without a host sync."""
         return self.cache.transfer.to_device(tokens)
 
     def choose(self, layer: int, routing: Routing, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """The pass's experts at this layer: big or little, with the little decode knobs applied to a single token."""
+        if self.row_little is not None:
+            return mixed_select(routing, spec, self.row_little, self.little_weights)
         knobs = self.layer_adaptive is not None or self.cache_prior is not None
         if self.mode is ExpertMode.BIG or not knobs or routing.indices.shape[0] != 1:
             return select(routing, spec, self.mode, self.little_weights)
@@ -108,7 +123,9 @@ class Runner:
 
     def note_routing(self, layer: int, x: torch.Tensor, routing: Routing) -> None:
         """Keep each layer's top-k of the last token while recording; with lookahead, start the next layer's loads."""
-        if self.recorded:
+        if self.recorded and self.batch_rows:
+            self.row_routing[layer] = routing  # this pass's own tensors: no copy needed
+        elif self.recorded:
             row = self.moe_row[layer]
             self.routing_buf[row].copy_(routing.indices[-1])
             self.weight_buf[row].copy_(routing.raw_weights[-1])
@@ -129,6 +146,29 @@ class Runner:
         segment = self.compiled if self.compiled is not None and ids.shape[0] == 1 else before_experts  # prompts run eager
         with native_cpu_gemv(ids.shape[0] == 1 and ids.device.type == "cpu" and self.executor.dtype in (torch.bfloat16, torch.float16)):
             return self.model(ids, kv, self, all_logits=all_logits, segment=segment)
+
+    @torch.inference_mode()
+    def forward_rows(self, ids: torch.Tensor, batch: BatchKV, little: list[bool], record: bool = False) -> torch.Tensor:
+        """ids: [B], one next token per row -> logits [B, V]; row b uses little experts where little[b]. With record,
+        `row_log(b)` / `row_weights(b)` hold row b's top-k of every MoE layer."""
+        self.mode = ExpertMode.LITTLE if all(little) else ExpertMode.BIG
+        mixed = any(little) and not all(little)
+        self.row_little = torch.tensor(little, device=ids.device) if mixed else None
+        self.recorded, self.resident_pass, self.batch_rows = record, False, True
+        self.row_routing = {}
+        try:
+            with native_cpu_gemv(len(batch) == 1 and ids.device.type == "cpu" and self.executor.dtype in (torch.bfloat16, torch.float16)):
+                return self.model.forward_rows(ids, batch, self)
+        finally:
+            self.row_little, self.batch_rows = None, False
+
+    def row_log(self, b: int) -> dict[int, torch.Tensor]:
+        """MoE layer -> row b's top-k [k] in the last recording batched pass."""
+        return {layer: routing.indices[b] for layer, routing in self.row_routing.items()}
+
+    def row_weights(self, b: int) -> torch.Tensor:
+        """Row b's raw gate values of every MoE layer [L, k] in the last recording batched pass."""
+        return torch.stack([self.row_routing[layer].raw_weights[b] for layer in sorted(self.row_routing)])
 
     @property
     def routing_log(self) -> dict[int, torch.Tensor] | None:
@@ -162,6 +202,17 @@ class Runner:
                 break
             issued += self.cache.prefetch(layer, experts[: budget - issued])
         return issued
+
+
+def mixed_select(routing: Routing, spec: RouterSpec, little: torch.Tensor, little_weights: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices [B, k], weights [B, k]) of a batch whose rows mix modes: little rows (little [B] True) keep their
+    ceil(k/2) best experts and mark the rest -1 (not run), big rows keep all k."""
+    big_idx, big_w = select(routing, spec, ExpertMode.BIG)
+    _, little_w = select(routing, spec, ExpertMode.LITTLE, little_weights)  # [B, n]
+    n, k = spec.little_k, spec.top_k
+    dropped = little[:, None] & (torch.arange(k, device=little.device) >= n)[None, :]  # [B, k]
+    padded = torch.cat((little_w, little_w.new_zeros(little_w.shape[0], k - n)), dim=1)  # [B, k]
+    return big_idx.masked_fill(dropped, -1), torch.where(little[:, None], padded, big_w)
 
 
 def compiled_segment() -> Segment:

@@ -34,13 +34,14 @@ class ExpertGroup:
 
 
 def plan_groups(flat: list[int], group_size: int) -> list[ExpertGroup]:
-    """flat: expert id of each pair [T * n] -> groups of at most `group_size` distinct experts."""
-    if len(flat) <= group_size and len(set(flat)) == len(flat):  # one token's distinct experts (decode): one group
+    """flat: expert id of each pair [T * n] (-1: skip the pair) -> groups of at most `group_size` distinct experts."""
+    if len(flat) <= group_size and len(set(flat)) == len(flat) and min(flat) >= 0:  # one token's distinct experts (decode): one group
         order = sorted(range(len(flat)), key=flat.__getitem__)
         return [ExpertGroup([flat[p] for p in order], [1] * len(flat), order)]
     by_expert: dict[int, list[int]] = {}
     for position, expert in enumerate(flat):
-        by_expert.setdefault(expert, []).append(position)
+        if expert >= 0:  # -1: a pair not run
+            by_expert.setdefault(expert, []).append(position)
     experts = sorted(by_expert)
     groups = []
     for start in range(0, len(experts), group_size):
@@ -67,7 +68,8 @@ class ExpertExecutor:
         flat = self.cache.transfer.to_host(indices.flatten())  # the layer's one host sync: which experts to bring
         if T == 1 and not self.grouped:
             return self._run_one_token(layer, x, flat, weights)
-        pairs = x.new_empty(T * n, x.shape[1])  # [P, H] each pair's weighted output
+        unused = -1 in flat  # pairs marked -1 (little rows of a mixed batch) are not run and add nothing
+        pairs = (x.new_zeros if unused else x.new_empty)(T * n, x.shape[1])  # [P, H] each pair's weighted output
         w = weights.flatten().to(x.dtype)  # [P]
         for group in plan_groups(flat, self.cache.num_slots):
             slots = self.cache.acquire(layer, group.experts)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mobile_moe.layers.fused import FusedLinear, fuse_linears
-from mobile_moe.layers.kv_cache import LayerKV
+from mobile_moe.layers.kv_cache import LayerBatchKV, LayerKV
 from mobile_moe.layers.norm import RMSNorm
 from mobile_moe.layers.rotary import RopeLayout, apply_rotary
 
@@ -31,6 +31,11 @@ class AttentionInput:
         if dtype == cos.dtype:
             return AttentionInput(cos, sin, mask)
         return AttentionInput(cos.to(dtype), sin.to(dtype), mask, cos, sin)
+
+    def row(self, i: int) -> "AttentionInput":
+        """Token i's input alone (a batched decode pass: one token per row)."""
+        pick = lambda t: None if t is None else t[i : i + 1]  # noqa: E731
+        return AttentionInput(self.cos[i : i + 1], self.sin[i : i + 1], None, pick(self.cos_fp32), pick(self.sin_fp32))
 
     def tables(self, fp32: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) in float32 (fp32) or the compute dtype."""
@@ -83,6 +88,8 @@ QKNorm = Literal["none", "head", "full"]
 class GQAAttention(nn.Module):
     """Rotary grouped-query attention with optional q/k RMSNorm (per head or over the full width), clipping and partial rotary."""
 
+    batches_rows = True  # attends a batch of decode rows (`LayerBatchKV`) in one call
+
     def __init__(
         self,
         layer: int,
@@ -130,8 +137,10 @@ class GQAAttention(nn.Module):
         """(heads, dim) of the cached keys and values."""
         return (self.kv_heads, self.head_dim), (self.kv_heads, self.head_dim)
 
-    def forward(self, x: torch.Tensor, inp: AttentionInput, kv: LayerKV) -> torch.Tensor:
-        """x: [T, hidden] -> [T, hidden]; writes this step's keys/values into the layer's cache."""
+    def forward(self, x: torch.Tensor, inp: AttentionInput, kv: LayerKV | LayerBatchKV) -> torch.Tensor:
+        """x: [T, hidden] -> [T, hidden]; writes this step's keys/values into the layer's cache.
+
+        With a `LayerBatchKV`, the T tokens are T sequences' next tokens (one each, at their own positions)."""
         T = x.shape[0]
         q, k, v = self.qkv(x) if self.qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))  # [T, H*D]
         if self.output_gate:
@@ -148,6 +157,11 @@ class GQAAttention(nn.Module):
         qk = self._rotate(torch.cat((q, k), dim=1).transpose(0, 1), inp)  # [H + Hkv, T, D], one rotation
         q, k = qk[: self.heads], qk[self.heads :]
         v = v.view(T, self.kv_heads, self.head_dim).transpose(0, 1)
+        if isinstance(kv, LayerBatchKV):
+            out = self._attend_rows(q, k, v, kv)  # [B, H*D]
+            if self.output_gate:
+                out = out * torch.sigmoid(gate.reshape(T, -1))
+            return self.o_proj(out)
         k_all, v_all = kv.write(k, v)
         mask = inp.mask
         if self.sliding_window is not None:
@@ -159,6 +173,20 @@ class GQAAttention(nn.Module):
         if self.output_gate:
             out = out * torch.sigmoid(gate.reshape(T, -1))
         return self.o_proj(out)
+
+    def _attend_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: LayerBatchKV) -> torch.Tensor:
+        """q: [Hq, B, D], k/v: [Hkv, B, D], row b's new token -> [B, Hq * D]: every row against its own keys in one call."""
+        keys, values = kv.write(k.transpose(0, 1), v.transpose(0, 1))  # [B, Hkv, S, D]
+        mask = kv.batch.mask(self.sliding_window)  # [B, 1, 1, S]
+        query = q.transpose(0, 1)[:, :, None]  # [B, Hq, 1, D]
+        if self.sinks is not None:  # one extra zero key/value whose logit is sinks[h]
+            B, Hq, S = query.shape[0], self.heads, keys.shape[2]
+            keys = torch.cat((keys, keys.new_zeros(B, keys.shape[1], 1, keys.shape[3])), dim=2)
+            values = torch.cat((values, values.new_zeros(B, values.shape[1], 1, values.shape[3])), dim=2)
+            logits = query.new_zeros(B, 1, 1, S).masked_fill(~mask, float("-inf")).expand(B, Hq, 1, S)
+            mask = torch.cat((logits, self.sinks.to(q.dtype)[None, :, None, None].expand(B, Hq, 1, 1)), dim=-1)  # [B, Hq, 1, S+1]
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=self.kv_heads != self.heads)
+        return out.reshape(query.shape[0], -1)  # [B, Hq * D]
 
     def _rotate(self, x: torch.Tensor, inp: AttentionInput) -> torch.Tensor:
         """x: [H, T, D] -> [H, T, D] with the first rotary_dim channels rotated (cos/sin: [T, rotary_dim / 2])."""

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mobile_moe.layers.attention import AttentionInput, causal_mask
-from mobile_moe.layers.kv_cache import KVCache, LayerKV
+from mobile_moe.layers.kv_cache import BatchKV, KVCache, LayerBatchKV, LayerKV
 from mobile_moe.layers.mlp import ClampedSwiGLU
 from mobile_moe.layers.moe import ExpertRunner, LayerExperts, MoEBlock, Routing
 from mobile_moe.layers.norm import RMSNorm
@@ -49,12 +49,20 @@ def before_experts(layer: DecoderLayer, x: torch.Tensor, inp: AttentionInput, kv
     """A decoder layer up to its routed experts: attention with its residual, the MLP's norm, the router and the shared
     experts (a dense layer runs whole). Pure tensor code with the layer's state as arguments: compiled with
     `fullgraph=True` it serves every layer of its type, with the engine's expert dispatch between segments."""
-    x = x + layer.self_attn(layer.input_layernorm(x), inp, kv)
+    x = x + mix_tokens(layer.self_attn, layer.input_layernorm(x), inp, kv)
     h = layer.post_attention_layernorm(x)
     if not isinstance(layer.mlp, MoEBlock):
         return x + layer.mlp(h), None, None, None, None
     routing = layer.mlp.gate(h)
     return x, h, routing.indices, routing.raw_weights, layer.mlp.shared_output(h)
+
+
+def mix_tokens(mixer: nn.Module, h: torch.Tensor, inp: AttentionInput, kv: LayerKV | LayerBatchKV) -> torch.Tensor:
+    """The layer's token mixer (attention, or a recurrent one) on h [T, H]: a batch of decode rows goes in one call
+    where the mixer attends rows together, else row by row against each row's own state."""
+    if isinstance(kv, LayerBatchKV) and not getattr(mixer, "batches_rows", False):
+        return torch.cat([mixer(h[i : i + 1], inp.row(i), row) for i, row in enumerate(kv.rows)])
+    return mixer(h, inp, kv)
 
 
 class Backbone(nn.Module):
@@ -124,3 +132,14 @@ class CausalLM(nn.Module):
         x = self.model.norm(x if all_logits else x[-1:])
         logits = self.lm_head(x)
         return logits if all_logits else logits[0]
+
+    def forward_rows(self, ids: torch.Tensor, batch: BatchKV, runner: ExpertRunner) -> torch.Tensor:
+        """ids: [B], row b's next token at position batch.starts[b] -> logits [B, V]; writes one position of every row."""
+        batch.check_room()
+        cos, sin = self.rotary(batch.start_index)  # [B, rot/2]: each row at its own position
+        inp = AttentionInput.of(cos, sin, None, self.lm_head.weight.dtype)
+        x = self.model.embed_tokens(ids)  # [B, H]
+        for index, layer in enumerate(self.model.layers):
+            x = layer(x, inp, batch.layer(index), runner.at(index))
+        batch.advance()
+        return self.lm_head(self.model.norm(x))

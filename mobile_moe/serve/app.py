@@ -7,15 +7,16 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
-from pydantic import BaseModel, Field
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mobile_moe.config import PolicyConfig, SamplingParams
@@ -34,6 +35,8 @@ class Message(BaseModel):
 
 class Common(BaseModel):
     """Fields both endpoints take; policy/tau/criterion are this server's MoBiLE extensions."""
+
+    model_config = ConfigDict(allow_inf_nan=False)  # JSON's NaN/Infinity literals: "should be a finite number", not a range error
 
     model: str | None = None
     max_tokens: int = Field(16, ge=1)
@@ -59,6 +62,19 @@ class ChatRequest(Common):
 def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
     """An OpenAI-style JSON error."""
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+def invalid_json_message(err: dict, body: object) -> str:
+    """FastAPI's json_invalid error as json's own message: what is wrong, at which line, column and character."""
+    loc = err.get("loc", ())
+    pos = loc[-1] if loc and isinstance(loc[-1], int) else None
+    what = (err.get("ctx") or {}).get("error", "JSON decode error")
+    if pos is None:
+        return f"request body is not valid JSON: {what}"
+    doc = body.decode("utf-8", "replace") if isinstance(body, bytes) else body if isinstance(body, str) else ""
+    line = doc.count("\n", 0, pos) + 1
+    column = pos - doc.rfind("\n", 0, pos)  # 1-based, as json.JSONDecodeError counts
+    return f"request body is not valid JSON: {what}: line {line} column {column} (char {pos})"
 
 
 class Generation:
@@ -107,20 +123,42 @@ class Generation:
 
 COUNTERS = {  # name -> help; each exported as mobile_moe_<name>_total
     "requests": "Generations that finished", "failed_requests": "Generations that failed", "prompt_tokens": "Prompt tokens",
-    "completion_tokens": "Generated tokens", "fallback_tokens": "Decode steps recomputed with big", "expert_hits": "Routed experts found cached",
-    "expert_misses": "Routed experts loaded on demand", "h2d_bytes": "Expert bytes copied host to device", "disk_bytes": "Expert bytes read from the disk store",
+    "completion_tokens": "Generated tokens", "fallback_tokens": "Decode steps recomputed with big",
 }
+ENGINE_COUNTERS = {  # the expert cache's own counters (rows decoded together share every expert load): name -> (CacheStats field, help)
+    "expert_hits": ("hits", "Routed experts found cached"), "expert_misses": ("misses", "Routed experts loaded on demand"),
+    "h2d_bytes": ("h2d_bytes", "Expert bytes copied host to device"), "disk_bytes": ("disk_bytes", "Expert bytes read from the disk store"),
+}
+
+
+class EngineCounters:
+    """A prometheus collector reading the engine's expert-cache counters when scraped."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.llm = llm
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        """One counter per ENGINE_COUNTERS entry."""
+        stats = self.llm.cache.stats
+        for name, (field, text) in ENGINE_COUNTERS.items():
+            yield CounterMetricFamily(f"mobile_moe_{name}", text, value=getattr(stats, field))
 
 
 class Metrics:
     """/metrics through prometheus_client, in a registry of this app's own (no process-wide state)."""
 
-    def __init__(self, queue_depth: Callable[[], int]) -> None:
+    def __init__(self, worker: EngineWorker) -> None:
         self.registry = CollectorRegistry()
         self.counters = {name: Counter(f"mobile_moe_{name}", text, registry=self.registry) for name, text in COUNTERS.items()}
         self.totals = dict.fromkeys(COUNTERS, 0.0)  # the same sums, for the derived gauges
         self.decode_s = 0.0
-        Gauge("mobile_moe_queue_depth", "Requests waiting or running", registry=self.registry).set_function(queue_depth)
+        Gauge("mobile_moe_queue_depth", "Requests waiting or running", registry=self.registry).set_function(worker.depth)
+        Gauge("mobile_moe_batch_occupancy", "Rows of the decode batch in use", registry=self.registry).set_function(worker.occupancy)
+        Gauge("mobile_moe_batch_rows", "Rows the decode batch holds (--max-batch)", registry=self.registry).set(worker.max_batch)
+        self.queue_seconds = Histogram("mobile_moe_queue_seconds", "Seconds a request waited before joining the batch", registry=self.registry,
+                                       buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
+        worker.on_admit = self.queue_seconds.observe
+        self.registry.register(EngineCounters(worker.llm))
         Gauge("mobile_moe_decode_tokens_per_second", "Generated tokens per second of decoding, all requests",
               registry=self.registry).set_function(self._tok_s)
         Gauge("mobile_moe_fallback_rate", "Share of generated tokens recomputed with big", registry=self.registry).set_function(self._fallback_rate)
@@ -134,8 +172,7 @@ class Metrics:
         self._add("requests", 1)
         self._add("prompt_tokens", prompt_tokens)
         self._add("completion_tokens", len(result.token_ids))
-        for name in ("fallback_tokens", "expert_hits", "expert_misses", "h2d_bytes", "disk_bytes"):
-            self._add(name, getattr(s, name))
+        self._add("fallback_tokens", s.fallback_tokens)
         self.decode_s += s.decode_s
 
     def _add(self, name: str, amount: float) -> None:
@@ -156,7 +193,7 @@ class Metrics:
 def create_app(llm: LLM, worker: EngineWorker, model_name: str, api_key: str | None, max_tokens_cap: int, defaults: PolicyConfig) -> FastAPI:
     """The FastAPI application."""
     app = FastAPI(title="mobile-moe", docs_url=None, redoc_url=None)
-    metrics = Metrics(worker.depth)
+    metrics = Metrics(worker)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -169,6 +206,8 @@ def create_app(llm: LLM, worker: EngineWorker, model_name: str, api_key: str | N
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return error(400, invalid_json_message(first, exc.body))
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return error(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}")
 
