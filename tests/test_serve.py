@@ -29,9 +29,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(llm: LLM, max_queue: int = 64, api_key: str | None = None, cap: int = 64):
+def serving(llm: LLM, max_queue: int = 64, api_key: str | None = None, cap: int = 64, max_batch: int = 1):
     """A live server in a thread; yields (base url, worker)."""
-    worker = EngineWorker(llm, max_queue)
+    worker = EngineWorker(llm, max_queue, max_batch)
     app = create_app(llm, worker, "demo", api_key, cap, PolicyConfig("big"))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -97,34 +97,38 @@ class BatchDecoder:
             self._finish(row)
 
     def step(self) -> list[Row]:
-        """One prompt chunk of the oldest joining row, then one token of every decoding row; the rows that finished."""
+        """Up to PREFILL_CHUNK prompt tokens of joining rows (oldest first), then one token of every decoding row; the
+        rows that finished. A long prompt thus joins over several steps while the other rows go on decoding."""
         before = [r for r in self.rows if not r.done]
-        joining = next((r for r in before if not r.decoding), None)
         decoding = [r for r in before if r.decoding]
-        if joining is not None:
-            self._prefill_chunk(joining)
+        budget = PREFILL_CHUNK
+        for row in (r for r in before if not r.decoding):
+            if budget <= 0:
+                break
+            budget -= self._prefill_chunk(row, budget)
         if decoding:
             self._decode(decoding)
         finished = [r for r in before if r.done]
         self.rows = [r for r in self.rows if not r.done]
         return finished
 
-    def _prefill_chunk(self, row: Row) -> None:
-        """Up to PREFILL_CHUNK prompt tokens of a joining row; at the prompt's end, its first token."""
+    def _prefill_chunk(self, row: Row, budget: int) -> int:
+        """Up to `budget` prompt tokens of a joining row (at the prompt's end, its first token); the tokens it took."""
         configure(self.runner, row.policy)
         start = time.perf_counter()
-        chunk = row.prompt[row.prefilled : row.prefilled + PREFILL_CHUNK]
+        chunk = row.prompt[row.prefilled : row.prefilled + budget]
         logits = self.runner.forward(self.runner.ids(chunk), row.dec.kv, row.policy.prefill_mode)
         row.prefilled += len(chunk)
         if row.prefilled < len(row.prompt):
             row.result.stats.prefill_s += time.perf_counter() - start
-            return
+            return len(chunk)
         token, _, _, _ = row.dec.read(logits, with_confidence=False)
         row.result.stats.prefill_s += time.perf_counter() - start
         row.result.steps.append(StepRecord(token, None, False, token))
         row.counters += (self._counters(),)
         row.decode_start = time.perf_counter()
         self._emit(row, token)
+        return len(chunk)
 
     def _decode(self, rows: list[Row]) -> None:
         """One token of each decoding row: the single-sequence step for a lone row, else a batched step."""
