@@ -200,13 +200,23 @@ class BatchDecoder:
         return [tokens[i] for i in range(len(rows))]
 
     def _read(self, rows: list[Row], logits: torch.Tensor, confidence: list[bool]) -> list[tuple[int, int, float | None, tuple[float, ...]]]:
-        """Each row's (token, greedy token, confidence, signals) from logits [B, V], in one host sync for the batch."""
-        parts = [r.dec.read_parts(logits[b], conf, lambda b=b: self.runner.row_weights(b)) for b, (r, conf) in enumerate(zip(rows, confidence))]
-        sizes = [sum(p.numel() for p in row_parts) for row_parts in parts]
-        values = self.runner.cache.transfer.to_host(torch.cat([p for row_parts in parts for p in row_parts]))
-        out, start = [], 0
-        for r, conf, size in zip(rows, confidence, sizes):
-            out.append(r.dec.parse(values[start : start + size], conf))
+        """Each row's (token, greedy token, confidence, signals) from logits [B, V], in one host sync for the batch
+        (greedy rows that need no confidence share one argmax)."""
+        greedy = [b for b, (r, conf) in enumerate(zip(rows, confidence)) if not conf and r.dec.sampling.temperature == 0.0]
+        others = [b for b in range(len(rows)) if b not in set(greedy)]
+        parts = [] if not greedy else [(logits if len(greedy) == len(rows) else logits[greedy]).argmax(-1).double()]  # [G]
+        sizes = []
+        for b in others:
+            row_parts = rows[b].dec.read_parts(logits[b], confidence[b], lambda b=b: self.runner.row_weights(b))
+            parts += row_parts
+            sizes.append(sum(p.numel() for p in row_parts))
+        values = self.runner.cache.transfer.to_host(torch.cat(parts))
+        out: list = [None] * len(rows)
+        for b, value in zip(greedy, values):
+            out[b] = (int(value), int(value), None, ())
+        start = len(greedy)
+        for b, size in zip(others, sizes):
+            out[b] = rows[b].dec.parse(values[start : start + size], confidence[b])
             start += size
         return out
 
