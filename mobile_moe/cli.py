@@ -282,6 +282,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice; reported either way)")
     b.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
     b.add_argument("--trace-dir", type=Path, help="write each system's expert-access trace (JSONL) here")
+    b.add_argument("--batch", type=parse_sizes, metavar="SIZES", help="instead: aggregate tok/s and expert bytes per generated token of big "
+                   "and mobile at each batch size, e.g. 1,2,4,8,16 (prompts decoded together)")
+    b.add_argument("--batch-little", choices=["auto", "always"], default="auto", help="with --batch: mobile rows decode little first only "
+                   "where measured cheaper (auto), or always (default: auto)")
+    b.add_argument("--plot", type=Path, metavar="FILE", help="with --batch: a PNG of speed and expert traffic against batch size")
     b.add_argument("--plan-only", action="store_true", help="print how the budget splits into dense weights, KV cache and expert slots, then exit without loading")
     add_engine_args(b)
     add_policy_args(b)
@@ -289,6 +294,17 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 
 
 DEFAULT_CALIBRATION_CRITERIA = ("margin", "learned")  # margin beat max_prob and entropy at every fallback rate measured
+
+
+def parse_sizes(text: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4], each >= 1."""
+    try:
+        sizes = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch sizes must be comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return sizes
 
 
 def parse_criteria(text: str) -> tuple[str, ...]:
@@ -583,7 +599,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.prompts < 1 or args.new_tokens < 2 or args.rounds < 1:
         raise InvalidParameter("--prompts and --rounds must be >= 1 and --new-tokens >= 2")
     check_writable_file(args.json, "--json")
+    check_writable_file(args.plot, "--plot")
     check_writable_dir(args.trace_dir, "--trace-dir")
+    if args.plot is not None and args.batch is None:
+        raise InvalidParameter("bench --plot draws the --batch sweep; give --batch too")
+    args.max_batch = max(args.batch) if args.batch else 1  # the memory plan holds the KV of the largest batch
     if args.threads is not None:
         if args.threads < 1:
             raise InvalidParameter(f"--threads must be >= 1, got {args.threads}")
@@ -613,6 +633,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if rate is None and args.synthetic:
         rate = demo_fallback_rate()
     policy = dataclasses.replace(policy_from(args, llm), name="mobile", forced_fallback_rate=rate, lookahead=args.lookahead)
+    if args.batch:
+        return bench_batches(args, llm, policy)
     cost = full_size_cost(args.synthetic, full_size_format(args)) if args.synthetic and args.shrink > 1 else None  # predict the real widths
     settings = BenchSettings(
         default_prompts(llm, args.prompts), args.new_tokens, policy, args.gpu_memory, not args.skip_accelerate, args.trace_dir, cost,
@@ -624,6 +646,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(table(report))
     if args.json:
         write_json_atomic(args.json, report)
+    return 0
+
+
+def bench_batches(args: argparse.Namespace, llm: LLM, mobile: PolicyConfig) -> int:
+    """`bench --batch`: the batch-size sweep, as a table (and JSON, PNG)."""
+    from mobile_moe.bench.batching import batch_table, plot_batches, run_batch_bench
+
+    report = run_batch_bench(llm, default_prompts(llm, max(args.batch)), args.batch, args.new_tokens, mobile, llm.planned_slots,
+                             1.0 if args.synthetic else 0.0, args.rounds)
+    report["threads"] = torch.get_num_threads()
+    if mobile.forced_fallback_rate is not None:
+        report["mobile_note"] = f"fallbacks driven at rate {mobile.forced_fallback_rate:g}, evenly spaced (random weights give meaningless confidences)"
+    print(batch_table(report))
+    if args.json:
+        write_json_atomic(args.json, report)
+    if args.plot:
+        plot_batches(report, args.plot)
     return 0
 
 

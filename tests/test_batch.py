@@ -143,3 +143,20 @@ def test_sixteen_concurrent_streams_each_equal_their_solo_output():
         with ThreadPoolExecutor(max_workers=16) as pool:
             assert list(pool.map(ask, prompts)) == alone
         assert worker.batch.batched_steps > 0  # the streams did share steps
+
+
+def test_sliding_window_layers_keep_a_bounded_ring_past_the_window(checkpoints):
+    llm = batched_llm(checkpoints["gpt_oss"], max_context=64, expert_cache=12)  # window 4 in its sliding layers
+    sampling, prompts = SamplingParams(max_new_tokens=40, stop_at_eos=False), PROMPTS[:3]
+    policies = [PolicyConfig("big"), PolicyConfig("mobile", forced_fallback_rate=0.4), PolicyConfig("mobile", forced_fallback_rate=0.3, kv_repair=2)]
+    whole = [llm.generate(p, sampling, pol) for p, pol in zip(prompts, policies)]  # every position kept (window + slack >= context)
+    llm.runner.kv_slack = 8  # now a ring of 4 + 8 slots in the sliding layers
+    kv = llm.runner.new_kv(64)
+    windows = llm.loaded.model.kv_windows()
+    assert [t.shape[1] for t in kv.k] == [12 if w else 64 for w in windows] and None in windows
+    ring = [llm.generate(p, sampling, pol) for p, pol in zip(prompts, policies)]
+    together = llm.generate(prompts, sampling, policies)
+    for a, b, c in zip(whole, ring, together):
+        assert a.token_ids == b.token_ids == c.token_ids
+        assert a.stats.fallback_tokens == b.stats.fallback_tokens == c.stats.fallback_tokens
+    assert sum(r.stats.fallback_tokens for r in ring) > 0

@@ -40,6 +40,14 @@ def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
     return sum(h * d for h, d in k_shapes + v_shapes) * dtype.itemsize
 
 
+def kv_bytes(model: CausalLM, dtype: torch.dtype, context: int) -> int:
+    """KV-cache bytes of one sequence of `context` positions: a sliding-window layer holds at most its window plus one
+    prompt chunk (its ring, see `Runner.rings`)."""
+    k_shapes, v_shapes = model.kv_shapes()
+    held = [context if w is None else min(context, w + PREFILL_CHUNK) for w in model.kv_windows()]
+    return sum((hk * dk + hv * dv) * n for (hk, dk), (hv, dv), n in zip(k_shapes, v_shapes, held)) * dtype.itemsize
+
+
 def recurrent_bytes(model: CausalLM, dtype: torch.dtype) -> int:
     """Bytes of the recurrent layers' per-sequence states (conv windows, DeltaNet states), twice: the state and a fallback snapshot."""
     states = [m.new_state(torch.device("meta"), dtype) for m in model.modules() if hasattr(m, "new_state")]
@@ -106,7 +114,7 @@ def plan_slots(
             return SlotPlan(total_experts, total_experts, expert_bytes)  # CPU without a budget: every expert gets a slot
         context = min(model.info.max_context, max_context)
         dense = dense_bytes(model, dtype)
-        kv = rows * (context * kv_bytes_per_token(model, dtype) + recurrent_bytes(model, dtype))
+        kv = rows * (kv_bytes(model, dtype, context) + recurrent_bytes(model, dtype))
         scratch = scratch_bytes(model, dtype, context) + dequant_bytes
         slots = max(0, (budget - dense - kv - scratch) // expert_bytes)
         plan = SlotPlan(min(slots, total_experts), total_experts, expert_bytes, budget, dense, kv, scratch, context, rows)

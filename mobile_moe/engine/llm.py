@@ -84,6 +84,7 @@ class LLM:
         self.planned_slots = self.plan.slots
         if self.config.compile and self.device.type != "cpu":
             log.warning("--compile is measured and tested on CPU only; decoding on %s runs eagerly", self.device)
+        self.governor = LittleGovernor(self.config.batch_little == "auto")  # its step costs persist across batches
         self.reset_cache(self.planned_slots)
         self.tokenizer = _load_tokenizer(self.path) if self.path.is_dir() else None
         self.calibration = read_calibration(self.path)  # not re-read per request
@@ -165,8 +166,7 @@ class LLM:
             log.info("decoding %d prompts %d at a time (EngineConfig.max_batch)", n, rows)
         results: list[GenerationResult | None] = [None] * n
         with self._lock:
-            batch = BatchDecoder(self.runner, rows, max(len(ids) + s.max_new_tokens for ids, s, _ in prepared), self.eos_token_ids,
-                                 LittleGovernor(self.config.batch_little == "auto"))
+            batch = BatchDecoder(self.runner, rows, max(len(ids) + s.max_new_tokens for ids, s, _ in prepared), self.eos_token_ids, self.governor)
             waiting = list(range(n))
             while waiting or batch.rows:
                 while waiting and batch.room:
@@ -194,7 +194,7 @@ class LLM:
     def batch_decoder(self, max_rows: int) -> BatchDecoder:
         """A long-lived batch of up to max_rows sequences of up to the context length (the server's engine worker);
         step it while holding `lock`."""
-        return BatchDecoder(self.runner, max_rows, self.max_context, self.eos_token_ids, LittleGovernor(self.config.batch_little == "auto"))
+        return BatchDecoder(self.runner, max_rows, self.max_context, self.eos_token_ids, self.governor)
 
     @property
     def lock(self) -> threading.RLock:

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 import torch
 
+from mobile_moe.engine.budget import PREFILL_CHUNK
 from mobile_moe.experts.cache import ExpertCache
 from mobile_moe.experts.executor import ExpertExecutor
 from mobile_moe.experts.reader import Priority
@@ -61,6 +62,8 @@ class Runner:
         self.resident_pass = False  # whether this pass takes the all-resident decode path (`resident_decode`)
         self.batch_rows = False  # whether the current pass is a batched decode pass (`forward_rows`)
         self.bound = [BoundLayer(self, layer) for layer in range(len(model.model.layers))]
+        self.kv_slack = PREFILL_CHUNK  # a sliding-window ring holds this many positions past the window: the longest write (a prompt
+        # chunk) or rewind (a fallback, --kv-repair) must fit, so that no key a query still sees is overwritten
         self.compiled: Segment | None = compiled_segment() if compile_layers else None
 
     def at(self, layer: int) -> LayerExperts:
@@ -80,13 +83,16 @@ class Runner:
         """An empty KV cache for one sequence of up to max_len positions."""
         k_shapes, v_shapes = self.model.kv_shapes()
         device, dtype = self.model.lm_head.weight.device, self.model.lm_head.weight.dtype
-        recurrent = {m.layer: m.new_state(device, dtype) for m in self.model.modules() if hasattr(m, "new_state")}  # recurrent token mixers
-        return KVCache(k_shapes, v_shapes, max_len, device, dtype, recurrent)
+        return KVCache(k_shapes, v_shapes, max_len, device, dtype, self.new_recurrent(), rings=self.rings(max_len))
 
     def new_pool(self, rows: int, max_len: int) -> KVPool:
         """KV buffers for `rows` sequences of up to max_len positions, decoded together."""
         k_shapes, v_shapes = self.model.kv_shapes()
-        return KVPool(k_shapes, v_shapes, rows, max_len, self.model.lm_head.weight.device, self.model.lm_head.weight.dtype)
+        return KVPool(k_shapes, v_shapes, rows, max_len, self.model.lm_head.weight.device, self.model.lm_head.weight.dtype, self.rings(max_len))
+
+    def rings(self, max_len: int) -> list[int | None]:
+        """Per layer, the ring slots of a sliding-window layer (window + kv_slack, when under max_len), else None."""
+        return [None if w is None or w + self.kv_slack >= max_len else w + self.kv_slack for w in self.model.kv_windows()]
 
     def new_recurrent(self) -> dict:
         """Fresh recurrent states of one sequence (empty for attention-only models)."""

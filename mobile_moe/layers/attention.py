@@ -61,13 +61,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return out[0].transpose(0, 1).reshape(q.shape[1], -1)
 
 
-def window_mask(start: int, length: int, window: int, device: torch.device) -> torch.Tensor:
-    """[T, start+T] boolean mask letting query i (position start+i) see the `window` latest keys up to itself."""
-    q_pos = torch.arange(start, start + length, device=device)[:, None]
-    k_pos = torch.arange(start + length, device=device)[None, :]
-    return (k_pos <= q_pos) & (k_pos > q_pos - window)
-
-
 def attend_with_sinks(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, sinks: torch.Tensor
 ) -> torch.Tensor:
@@ -165,7 +158,7 @@ class GQAAttention(nn.Module):
         k_all, v_all = kv.write(k, v)
         mask = inp.mask
         if self.sliding_window is not None:
-            mask = window_mask(kv.start, T, self.sliding_window, x.device)  # [T, S]
+            mask = kv.window_mask(T, self.sliding_window)  # [T, S]
         if self.sinks is not None:
             out = attend_with_sinks(q, k_all, v_all, mask, self.head_dim**-0.5, self.sinks)  # [T, H*D]
         else:
@@ -177,7 +170,7 @@ class GQAAttention(nn.Module):
     def _attend_rows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: LayerBatchKV) -> torch.Tensor:
         """q: [Hq, B, D], k/v: [Hkv, B, D], row b's new token -> [B, Hq * D]: every row against its own keys in one call."""
         keys, values = kv.write(k.transpose(0, 1), v.transpose(0, 1))  # [B, Hkv, S, D]
-        mask = kv.batch.mask(self.sliding_window)  # [B, 1, 1, S]
+        mask = kv.batch.mask(self.sliding_window, kv.ring)  # [B, 1, 1, S]
         query = q.transpose(0, 1)[:, :, None]  # [B, Hq, 1, D]
         if self.sinks is not None:  # one extra zero key/value whose logit is sinks[h]
             B, Hq, S = query.shape[0], self.heads, keys.shape[2]

@@ -27,22 +27,55 @@ class RecurrentState:
             self.tensors[name].copy_(t)
 
 
+def ring_mask(ends: torch.Tensor, queries: torch.Tensor, capacity: int, width: int, window: int) -> torch.Tensor:
+    """Which ring slots each query sees: slot j of a ring of `capacity` filled up to position end-1 holds position
+    p = end-1 - ((end-1 - j) mod capacity); query q sees it iff 0 <= p <= q and p > q - window.
+    ends: [B, 1], queries: [B, T] positions -> [B, T, width] bool over the first `width` slots."""
+    j = torch.arange(width, device=queries.device)[None, None, :]  # [1, 1, W]
+    last = (ends - 1)[:, :, None]  # [B, 1, 1]
+    p = last - torch.remainder(last - j, capacity)  # [B, 1, W]
+    q = queries[:, :, None]  # [B, T, 1]
+    return (p >= 0) & (p <= q) & (p > q - window)
+
+
 @dataclass(frozen=True)
 class LayerKV:
     """One layer's view of a sequence for one pass: its key/value buffers [H, max_len, D] filled up to `start`, or its
-    recurrent state. Passed to the layer as an argument, so a compiled layer serves every layer of its type."""
+    recurrent state. Passed to the layer as an argument, so a compiled layer serves every layer of its type.
+
+    A sliding-window layer may keep a ring of `ring` slots instead (position p in slot p mod ring, ring >= window + the
+    longest write or rewind), so its memory is bounded by the window, not the context."""
 
     k: torch.Tensor
     v: torch.Tensor
     start: int  # positions already filled
     recurrent: RecurrentState | None = None
+    ring: int | None = None  # slots of a ring buffer (None: position p lives at index p)
 
     def write(self, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store [H, T, D] entries at `start`; return the keys/values up to start + T (bounds checked by `KVCache.layer`)."""
+        """Store [H, T, D] entries at `start`; return the keys/values up to start + T (bounds checked by `KVCache.layer`);
+        for a ring, its filled slots in slot order (see `window_mask`)."""
         end = self.start + k_new.shape[1]
-        self.k[:, self.start : end] = k_new
-        self.v[:, self.start : end] = v_new
-        return self.k[:, :end], self.v[:, :end]
+        if self.ring is None:
+            self.k[:, self.start : end] = k_new
+            self.v[:, self.start : end] = v_new
+            return self.k[:, :end], self.v[:, :end]
+        slots = torch.arange(self.start, end, device=k_new.device) % self.ring  # [T]
+        self.k.index_copy_(1, slots, k_new)
+        self.v.index_copy_(1, slots, v_new)
+        width = min(end, self.ring)
+        return self.k[:, :width], self.v[:, :width]
+
+    def window_mask(self, length: int, window: int) -> torch.Tensor:
+        """[T, S] bool for the T queries just written (positions start..start+T-1) over what `write` returned: each sees
+        the `window` latest keys up to itself."""
+        device = self.k.device
+        end = self.start + length
+        queries = torch.arange(self.start, end, device=device)[None, :]  # [1, T]
+        if self.ring is None:
+            k_pos = torch.arange(end, device=device)[None, :]
+            return (k_pos <= queries[0, :, None]) & (k_pos > queries[0, :, None] - window)
+        return ring_mask(torch.tensor([[end]], device=device), queries, self.ring, min(end, self.ring), window)[0]
 
 
 @dataclass(frozen=True)
@@ -65,12 +98,15 @@ class KVCache:
         dtype: torch.dtype,
         recurrent: dict[int, RecurrentState] | None = None,
         buffers: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+        rings: list[int | None] | None = None,
     ) -> None:
         self.max_len = max_len
+        self.rings = rings or [None] * len(k_shapes or (buffers or ([], []))[0])  # per layer: ring slots, or None (max_len positions)
         if buffers is None:
-            buffers = ([torch.zeros(h, max_len, d, device=device, dtype=dtype) for h, d in k_shapes],
-                       [torch.zeros(h, max_len, d, device=device, dtype=dtype) for h, d in v_shapes])
-        self.k, self.v = buffers  # per layer [H, max_len, D]: own tensors, or one row of a `KVPool`
+            sizes = [max_len if r is None else r for r in self.rings]
+            buffers = ([torch.zeros(h, n, d, device=device, dtype=dtype) for (h, d), n in zip(k_shapes, sizes)],
+                       [torch.zeros(h, n, d, device=device, dtype=dtype) for (h, d), n in zip(v_shapes, sizes)])
+        self.k, self.v = buffers  # per layer [H, max_len or ring, D]: own tensors, or one row of a `KVPool`
         self.recurrent = recurrent or {}  # layer -> state of its recurrent token mixer
         self.length = 0
 
@@ -81,7 +117,7 @@ class KVCache:
 
     def layer(self, index: int) -> LayerKV:
         """Layer `index`'s buffers at the current length."""
-        return LayerKV(self.k[index], self.v[index], self.length, self.recurrent.get(index))
+        return LayerKV(self.k[index], self.v[index], self.length, self.recurrent.get(index), self.rings[index])
 
     def advance(self, n: int) -> None:
         """Commit n positions written by the last forward pass."""
@@ -117,15 +153,17 @@ class KVPool:
     """
 
     def __init__(self, k_shapes: list[tuple[int, int]], v_shapes: list[tuple[int, int]], rows: int, max_len: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, rings: list[int | None] | None = None) -> None:
         self.rows, self.max_len = rows, max_len
-        self.k = [torch.zeros(rows, h, max_len, d, device=device, dtype=dtype) for h, d in k_shapes]
-        self.v = [torch.zeros(rows, h, max_len, d, device=device, dtype=dtype) for h, d in v_shapes]
+        self.rings = rings or [None] * len(k_shapes)  # per layer: ring slots (sliding windows), or None
+        sizes = [max_len if r is None else r for r in self.rings]
+        self.k = [torch.zeros(rows, h, n, d, device=device, dtype=dtype) for (h, d), n in zip(k_shapes, sizes)]
+        self.v = [torch.zeros(rows, h, n, d, device=device, dtype=dtype) for (h, d), n in zip(v_shapes, sizes)]
 
     def row(self, slot: int, recurrent: dict[int, RecurrentState]) -> KVCache:
         """An empty sequence over row `slot` (its old contents are masked by the length, then overwritten)."""
         return KVCache([], [], self.max_len, torch.device("meta"), torch.float32, recurrent,
-                       buffers=([k[slot] for k in self.k], [v[slot] for v in self.v]))
+                       buffers=([k[slot] for k in self.k], [v[slot] for v in self.v]), rings=self.rings)
 
     @property
     def nbytes(self) -> int:
@@ -148,12 +186,19 @@ class LayerBatchKV:
         """Each row's single-sequence view of this layer."""
         return [kv.layer(self.index) for kv in self.batch.caches]
 
+    @property
+    def ring(self) -> int | None:
+        """Ring slots of this layer (sliding window), or None."""
+        return self.batch.pool.rings[self.index]
+
     def write(self, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store each row's new entry k_new/v_new [B, H, D] at its length; return keys/values [B, H, S, D], S = longest row + 1."""
-        b = self.batch
-        self.k[b.slot_index, :, b.start_index] = k_new
-        self.v[b.slot_index, :, b.start_index] = v_new
-        S = b.span
+        """Store each row's new entry k_new/v_new [B, H, D] at its length; return keys/values [B, H, S, D], S = longest row + 1
+        (a ring: its first min(ring, S) slots, in slot order; `BatchKV.mask` knows which hold what)."""
+        b, ring = self.batch, self.ring
+        at = b.start_index if ring is None else b.start_index % ring
+        self.k[b.slot_index, :, at] = k_new
+        self.v[b.slot_index, :, at] = v_new
+        S = b.span if ring is None else min(b.span, ring)
         if b.adjacent is not None:
             lo, hi = b.adjacent
             return self.k[lo:hi, :, :S], self.v[lo:hi, :, :S]
@@ -172,7 +217,7 @@ class BatchKV:
         self.span = max(self.starts) + 1
         lo = min(slots)
         self.adjacent = (lo, lo + len(slots)) if slots == list(range(lo, lo + len(slots))) else None
-        self._masks: dict[int | None, torch.Tensor] = {}
+        self._masks: dict[tuple[int | None, int | None], torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.caches)
@@ -186,16 +231,21 @@ class BatchKV:
         """Layer `index` of every row."""
         return LayerBatchKV(self.pool.k[index], self.pool.v[index], self, index)
 
-    def mask(self, window: int | None = None) -> torch.Tensor:
-        """[B, 1, 1, S] bool: row b's new token (position starts[b]) sees keys 0..starts[b], or only the `window` latest."""
-        if window not in self._masks:
-            k_pos = torch.arange(self.span, device=self.start_index.device)[None, :]  # [1, S]
+    def mask(self, window: int | None = None, ring: int | None = None) -> torch.Tensor:
+        """[B, 1, 1, S] bool: row b's new token (position starts[b]) sees keys 0..starts[b], or only the `window` latest
+        (over a ring of `ring` slots: S = min(ring, span), by what each slot holds)."""
+        key = (window, ring)
+        if key not in self._masks:
             q_pos = self.start_index[:, None]  # [B, 1]
-            keep = k_pos <= q_pos
-            if window is not None:
-                keep = keep & (k_pos > q_pos - window)
-            self._masks[window] = keep[:, None, None, :]
-        return self._masks[window]
+            if ring is not None:
+                keep = ring_mask(q_pos + 1, q_pos, ring, min(ring, self.span), window or ring)[:, 0]  # [B, S]
+            else:
+                k_pos = torch.arange(self.span, device=self.start_index.device)[None, :]  # [1, S]
+                keep = k_pos <= q_pos
+                if window is not None:
+                    keep = keep & (k_pos > q_pos - window)
+            self._masks[key] = keep[:, None, None, :]
+        return self._masks[key]
 
     def advance(self) -> None:
         """Commit the position each row's pass wrote."""

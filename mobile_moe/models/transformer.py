@@ -113,6 +113,10 @@ class CausalLM(nn.Module):
         shapes = [layer.self_attn.kv_shapes() for layer in self.model.layers]
         return [k for k, _ in shapes], [v for _, v in shapes]
 
+    def kv_windows(self) -> list[int | None]:
+        """Per layer, the sliding window its attention keeps (None: the whole context)."""
+        return [getattr(layer.self_attn, "sliding_window", None) for layer in self.model.layers]
+
     def forward(
         self, ids: torch.Tensor, kv: KVCache, runner: ExpertRunner, all_logits: bool = False, segment: Segment = before_experts,
     ) -> torch.Tensor:
