@@ -152,3 +152,17 @@ def test_synthetic_shapes_build_packed_experts_directly(expert_dtype):
     llm = LLM(loaded, engine_config(expert_cache=16, progress=False))
     out = llm.generate([3, 4, 5], SamplingParams(max_new_tokens=3, stop_at_eos=False, temperature=1.0, seed=0))
     assert out.stats.h2d_bytes == out.stats.expert_misses * store.expert_bytes
+
+
+def test_bench_batch_sweep_reports_each_size_and_system(tmp_path, capsys):
+    out, plot = tmp_path / "batch.json", tmp_path / "batch.png"
+    code = main(["bench", "--synthetic", "olmoe-1b-7b", "--shrink", "16", "--expert-cache", "64", "--batch", "1,3", "--new-tokens", "6",
+                 "--rounds", "1", "--quiet", "--json", str(out), "--plot", str(plot)])
+    assert code == 0 and plot.stat().st_size > 0
+    report = json.loads(out.read_text())
+    assert [(r["batch"], r["system"]) for r in report["rows"]] == [(1, "big"), (1, "mobile"), (3, "big"), (3, "mobile")]
+    for r in report["rows"]:
+        assert r["aggregate_tok_s"] > 0 and r["steps"] >= 1 and r["expert_loads_per_token"] <= r["experts_computed_per_token"]
+        assert r["little_steps"] + r["big_steps"] == (r["steps"] if r["batch"] > 1 and r["system"] == "mobile" else 0)
+    assert "fallbacks driven at rate" in report["mobile_note"] and "agg tok/s" in capsys.readouterr().out
+    assert main(["bench", "--plot", str(plot)]) == 2  # --plot draws the batch sweep only

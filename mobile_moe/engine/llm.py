@@ -191,10 +191,10 @@ class LLM:
             sampling = replace(sampling, max_new_tokens=room)
         return ids, sampling, policy
 
-    def batch_decoder(self, max_rows: int) -> BatchDecoder:
-        """A long-lived batch of up to max_rows sequences of up to the context length (the server's engine worker);
-        step it while holding `lock`."""
-        return BatchDecoder(self.runner, max_rows, self.max_context, self.eos_token_ids, self.governor)
+    def batch_decoder(self, max_rows: int, max_len: int | None = None) -> BatchDecoder:
+        """A long-lived batch of up to max_rows sequences of up to max_len positions (default: the context; the server's
+        engine worker); step it while holding `lock`."""
+        return BatchDecoder(self.runner, max_rows, max_len or self.max_context, self.eos_token_ids, self.governor)
 
     @property
     def lock(self) -> threading.RLock:

@@ -157,6 +157,11 @@ class Metrics:
         Gauge("mobile_moe_batch_rows", "Rows the decode batch holds (--max-batch)", registry=self.registry).set(worker.max_batch)
         self.queue_seconds = Histogram("mobile_moe_queue_seconds", "Seconds a request waited before joining the batch", registry=self.registry,
                                        buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
+        governor = worker.llm.governor
+        Gauge("mobile_moe_batch_little_first_steps", "Batched steps whose mobile rows decoded little first (measured cheaper)",
+              registry=self.registry).set_function(lambda: governor.little_steps)
+        Gauge("mobile_moe_batch_big_instead_steps", "Batched steps whose mobile rows ran big (little measured dearer at that batch size)",
+              registry=self.registry).set_function(lambda: governor.big_steps)
         worker.on_admit = self.queue_seconds.observe
         self.registry.register(EngineCounters(worker.llm))
         Gauge("mobile_moe_decode_tokens_per_second", "Generated tokens per second of decoding, all requests",
