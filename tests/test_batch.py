@@ -133,15 +133,18 @@ def test_sixteen_concurrent_streams_each_equal_their_solo_output():
     llm = LLM(DEMO_MODEL, engine_config(progress=False, dtype="float32", max_batch=8))
     prompts = [f"def f{i}(x):" for i in range(16)]
     alone = [llm.decode(llm.generate(llm.encode(p), SamplingParams(max_new_tokens=6), PolicyConfig("big")).token_ids) for p in prompts]
+    stop = alone[3].strip()[1:3]  # request 3 stops at a piece of its own continuation, mid-batch
     with serving(llm, max_batch=8) as (url, worker):
-        def ask(prompt: str) -> str:
-            body = {"prompt": prompt, "max_tokens": 6, "temperature": 0, "stream": True}
+        def ask(i: int) -> str:
+            body = {"prompt": prompts[i], "max_tokens": 6, "temperature": 0, "stream": True} | ({"stop": [stop]} if i == 3 else {})
             with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
                 return "".join(json.loads(line[6:])["choices"][0]["text"] for line in r.iter_lines()
                                if line.startswith("data: ") and line != "data: [DONE]")
 
         with ThreadPoolExecutor(max_workers=16) as pool:
-            assert list(pool.map(ask, prompts)) == alone
+            got = list(pool.map(ask, range(16)))
+        assert got[3] == alone[3][: alone[3].index(stop)]
+        assert got[:3] + got[4:] == alone[:3] + alone[4:]
         assert worker.batch.batched_steps > 0  # the streams did share steps
 
 
