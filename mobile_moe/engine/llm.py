@@ -17,6 +17,7 @@ from mobile_moe.engine.batch import BatchDecoder
 from mobile_moe.engine.budget import dequant_scratch_bytes, plan_slots
 from mobile_moe.engine.calibration import CALIBRATION_FILE, read_calibration, resolve_policy
 from mobile_moe.engine.generate import GenerationResult, TokenCallback, generate
+from mobile_moe.engine.hub import resolve_model
 from mobile_moe.engine.loader import LoadedModel, load
 from mobile_moe.engine.runner import Runner
 from mobile_moe.errors import CheckpointError, InvalidParameter, PromptTooLong
@@ -69,6 +70,7 @@ class LLM:
             self.loaded = model
         else:
             offload = None if self.config.offload_dir is None else Path(self.config.offload_dir)
+            model = resolve_model(model, self.config.progress)  # a local directory, or "ORG/NAME[@REVISION]" from the hub cache
             self.loaded = load(model, self.device, self.config.dtype, self.config.progress, self.config.expert_dtype, self.config.group_size,
                                self.config.fused_kernels, offload, self.config.direct_io)
         self.path = self.loaded.path
