@@ -29,6 +29,7 @@ from mobile_moe.engine.calibration import (
     write_calibration,
 )
 from mobile_moe.engine.checkpoint import read_config
+from mobile_moe.engine.hub import parse_hub_id, resolve_model
 from mobile_moe.experts.disk import filesystem_type
 from mobile_moe.engine.llm import LLM, engine_config, resolve_device
 from mobile_moe.engine.loader import load, stored_format
@@ -36,8 +37,9 @@ from mobile_moe.engine.quantize import quantize_checkpoint
 from mobile_moe.errors import CheckpointError, InvalidParameter, MobileMoeError
 from mobile_moe.experts.formats import DEFAULT_GROUP_SIZE, ExpertFormat, make_format
 from mobile_moe.eval.data import DEFAULT_GLOB, read_texts
-from mobile_moe.eval.evaluate import EvalSettings, calibrate, evaluate
-from mobile_moe.eval.calibrate import RULES, TAU_GRIDS
+from mobile_moe.eval.evaluate import EvalSettings, calibrate, calibrate_sources, evaluate
+from mobile_moe.eval.sources import sources_table
+from mobile_moe.eval.calibrate import RULES, TAU_GRIDS, Calibration
 from mobile_moe.eval.report import learned_table, plot_quality, runs_table
 from mobile_moe.jsonio import write_json_atomic
 from mobile_moe.models.registry import build_model
@@ -53,7 +55,7 @@ class Parser(argparse.ArgumentParser):
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Model, device and cache flags every command shares."""
-    p.add_argument("--model", type=Path, help="checkpoint directory (default: the bundled demo model)")
+    p.add_argument("--model", help="checkpoint directory, or ORG/NAME[@REVISION] on the Hugging Face hub (default: the bundled demo model)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype (default auto: on cpu bf16 for models over 200M parameters where the CPU has native bf16, else float32; "
                         "on cuda the checkpoint's)")
@@ -199,7 +201,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads or max(1, len(os.sched_getaffinity(0)) - 1))
     llm = open_llm(args)
     defaults = policy_flags(args)
-    app = create_app(llm, EngineWorker(llm, args.max_queue, args.max_batch), llm.path.name, args.api_key, args.max_tokens_cap, defaults)
+    hub = parse_hub_id(str(args.model)) if args.model and not Path(args.model).exists() else None
+    name = hub[0] if hub else llm.path.name  # a hub model is served under its repo id, a directory under its name
+    app = create_app(llm, EngineWorker(llm, args.max_queue, args.max_batch), str(name), args.api_key, args.max_tokens_cap, defaults)
     print(f"serving {llm.path} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
@@ -208,7 +212,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     """`quantize`."""
     q = sub.add_parser("quantize", help="write a copy of a checkpoint with its routed experts packed as int8 or int4")
-    q.add_argument("--model", type=Path, help="source checkpoint directory (default: the bundled demo model)")
+    q.add_argument("--model", help="source checkpoint directory, or ORG/NAME[@REVISION] on the Hugging Face hub (default: the bundled demo model)")
     q.add_argument("--to", required=True, choices=["int8", "int4", "mxfp4"], help="expert format")
     q.add_argument("--group-size", type=int, metavar="G", help=f"int4: weights per scale/zero group along the input dim (default {DEFAULT_GROUP_SIZE})")
     dest = q.add_mutually_exclusive_group(required=True)
@@ -224,11 +228,11 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_quantize(args: argparse.Namespace) -> int:
     """`mobile-moe quantize`."""
     if args.offload_dir is not None:
-        loaded = load(model_dir(args.model), torch.device("cpu"), args.dtype, not args.quiet, args.to, args.group_size, offload_dir=args.offload_dir)
+        loaded = load(model_dir(args.model, args.quiet), torch.device("cpu"), args.dtype, not args.quiet, args.to, args.group_size, offload_dir=args.offload_dir)
         store = loaded.store
         print(f"expert store for {loaded.path}: {store.total_experts} experts ({store.format}, {loaded.dtype_reason}) in {args.offload_dir}")
         return 0
-    r = quantize_checkpoint(model_dir(args.model), args.out, args.to, args.group_size, progress=not args.quiet)
+    r = quantize_checkpoint(model_dir(args.model, args.quiet), args.out, args.to, args.group_size, progress=not args.quiet)
     detail = ", ".join(f"{k} {v}" for k, v in r.expert_format.items() if k not in ("quant_method", "modules"))
     print(f"packed {r.experts} experts ({detail}): {r.source_expert_bytes / 2**20:.1f} MiB -> {r.packed_expert_bytes / 2**20:.1f} MiB; written to {r.out}")
     return 0
@@ -257,6 +261,9 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
                      help=f"comma-separated criteria to try, among {', '.join(CRITERIA)} (default: {','.join(DEFAULT_CALIBRATION_CRITERIA)})")
     cal.add_argument("--rule", choices=RULES, default=RULES[0], help="lower-bound: the 95%% interval's lower end must meet the target "
                      "(default); point: the point estimate must")
+    cal.add_argument("--source", type=Path, action="append", metavar="PATH", help="calibrate across sources: a file or directory per "
+                     "source (repeat, at least 2; 'stdlib' is the demo corpus's validation split); tau is the strictest of the "
+                     "per-source ones, with leave-one-source-out estimates; --max-prompts applies per source")
     for p, handler, prompts in ((ev, cmd_eval, 120), (cal, cmd_calibrate, 400)):
         p.add_argument("--glob", default=DEFAULT_GLOB, help=f"files read from --data directories (default: {DEFAULT_GLOB})")
         p.add_argument("--max-prompts", type=int, default=prompts, help=f"prompts cut from the data (default: {prompts})")
@@ -345,12 +352,13 @@ def parse_taus(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"taus must be comma-separated numbers, got {text!r}") from None
 
 
-def model_dir(arg: Path | None) -> Path:
-    """The --model directory, or the bundled demo model."""
+def model_dir(arg: str | Path | None, quiet: bool = False) -> Path:
+    """The --model directory: a local checkpoint directory (an existing path always wins), ORG/NAME[@REVISION]
+    resolved to its snapshot in the Hugging Face cache (downloaded there first unless cached), or the bundled demo model."""
     if arg is not None:
-        if arg.exists() and not arg.is_dir():
+        if Path(arg).exists() and not Path(arg).is_dir():
             raise CheckpointError(f"--model {arg} is a file, not a checkpoint directory (give the directory holding config.json)")
-        return arg
+        return resolve_model(str(arg), progress=not quiet)
     if not (DEMO_MODEL / "config.json").is_file():
         raise CheckpointError("no --model given and the bundled demo model is not installed")
     return DEMO_MODEL
@@ -358,7 +366,7 @@ def model_dir(arg: Path | None) -> Path:
 
 def open_llm(args: argparse.Namespace) -> LLM:
     """Load the model the flags name."""
-    return LLM(model_dir(args.model), engine_config_from(args))
+    return LLM(model_dir(args.model, args.quiet), engine_config_from(args))
 
 
 def engine_config_from(args: argparse.Namespace) -> EngineConfig:
@@ -524,6 +532,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     """`mobile-moe calibrate`: exit 0 and write the tau, or exit 1 when no tau meets the target."""
     check_writable_file(args.output, "--output")
     settings = EvalSettings(tuple(args.taus or (0.5,)), args.max_prompts, args.new_tokens, args.ppl_tokens, progress=not args.quiet)
+    if args.source:
+        return calibrate_by_source(args, settings)
     texts, data = read_texts(args.data, "validation", args.glob)
     llm = open_llm(args)
     base = policy_from(args, llm)
@@ -544,6 +554,35 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     lo, hi = c.agreement_ci
     print(f"calibrated {c.criterion} tau {c.tau:g}: agreement {c.agreement:.2%} (95% CI {lo:.2%}-{hi:.2%}; target {args.target_agreement:.1%}, rule {args.rule}), "
           f"fallback rate {c.fallback_rate:.1%}; written to {file}")
+    return 0
+
+
+def calibrate_by_source(args: argparse.Namespace, settings: EvalSettings) -> int:
+    """`calibrate --source A --source B ...`: per-source taus, the strictest of them, leave-one-source-out estimates."""
+    if args.data:
+        raise InvalidParameter("give --data or --source, not both")
+    sources: dict[str, list[str]] = {}
+    for path in args.source:
+        name = "stdlib" if str(path) == "stdlib" else path.name or str(path)
+        name = name if name not in sources else f"{name}-{len(sources)}"
+        sources[name] = read_texts(None if str(path) == "stdlib" else [path], "validation", args.glob)[0]
+    llm = open_llm(args)
+    base = policy_from(args, llm)
+    bases = [dataclasses.replace(base, criterion=c) for c in args.criteria]
+    calibrations, chosen, learned = calibrate_sources(llm, sources, settings, bases, args.target_agreement, grid=args.taus is None, rule=args.rule)
+    print(sources_table(calibrations, args.target_agreement))
+    if chosen is None or chosen.pooled is None:
+        print(f"no candidate tau meets the target agreement {args.target_agreement:.1%} on every source under rule {args.rule}; nothing written")
+        return 1
+    result = Calibration(args.target_agreement, chosen.pooled, [c.pooled for c in calibrations if c.pooled is not None], args.rule, learned)
+    data = "sources: " + ", ".join(sources)
+    record = result.record(sum(r.prompts for r in chosen.rows), data, str(llm.loaded.dtype).removeprefix("torch."))
+    record["sources"] = [c.to_dict() for c in calibrations]
+    file = write_calibration(llm.path, record, args.output)
+    worst = min((r.held_out for r in chosen.rows if r.held_out is not None), key=lambda r: r.agreement, default=None)
+    held = "" if worst is None else f"; worst held-out source {worst.agreement:.2%} at fallback rate {worst.fallback_rate:.1%}"
+    print(f"calibrated {chosen.criterion} tau {chosen.final_tau:g} across {len(sources)} sources: agreement {chosen.pooled.agreement:.2%}, "
+          f"fallback rate {chosen.pooled.fallback_rate:.1%}{held}; written to {file}")
     return 0
 
 
@@ -611,7 +650,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.synthetic and args.model:
         raise InvalidParameter("give --model or --synthetic, not both")
     config = engine_config_from(args)
-    model_cfg = synthetic_config(args.synthetic, args.shrink) if args.synthetic else read_config(model_dir(args.model))
+    model_cfg = synthetic_config(args.synthetic, args.shrink) if args.synthetic else read_config(model_dir(args.model, args.quiet))
     plan, why = bench_plan(args, model_cfg, plan_for_config(model_cfg, config))
     if args.offload_dir is not None:
         check_on_disk(Path(args.offload_dir))

@@ -32,6 +32,14 @@ class Agreement:
     prefill_agreement: float = 1.0
     judged_tokens: int = 0  # decode tokens scored by `agreement` (matches + divergences)
     divergences: int = 0
+    per_prompt: tuple[tuple[int, int], ...] = ()  # (matches, divergences) of each judged prompt: pooling runs keeps the bootstrap exact
+
+
+def pooled_agreement(per_prompt: list[tuple[int, int]]) -> tuple[float, tuple[float, float]]:
+    """(agreement, 95% bootstrap CI) of prompts pooled from several runs."""
+    matches, divergences = [m for m, _ in per_prompt], [d for _, d in per_prompt]
+    judged = sum(matches) + sum(divergences)
+    return (sum(matches) / judged if judged else 1.0), bootstrap_ci(matches, divergences)
 
 
 BOOTSTRAP_ROUNDS = 2000
@@ -84,4 +92,5 @@ def compare(reference: list[list[int]], candidate: list[list[int]]) -> Agreement
         prefill_agreement=prefill_same / len(reference) if reference else 1.0,
         judged_tokens=judged,
         divergences=divergences,
+        per_prompt=tuple(zip(per_matches, per_divergences)),
     )

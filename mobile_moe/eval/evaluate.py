@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, replace
 
-from mobile_moe.config import PolicyConfig
+from mobile_moe.config import LearnedImportance, PolicyConfig
 from mobile_moe.engine.llm import LLM
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.eval.calibrate import LEARNED_FALLBACK_RATES, TAU_GRIDS, Calibration, choose
-from mobile_moe.eval.learned import collect, feature_report, fit, taus_for_rates
+from mobile_moe.eval.learned import collect, feature_report, fit, merge, taus_for_rates
 from mobile_moe.eval.prompts import cut_prompts
+from mobile_moe.eval.sources import SourceCalibration, calibrate_across
 from mobile_moe.policy.importance import LOGIT_CRITERIA
 from mobile_moe.eval.quality import (
     mobile_perplexity,
@@ -108,3 +109,41 @@ def calibrate(
         mobiles += mobile_sweep(base, taus)
     runs, _ = policy_runs(llm, prompts, mobiles, settings.new_tokens, settings.progress)
     return replace(choose(runs, target, rule), learned=learned, learned_report=report), len(prompts)
+
+
+def calibrate_sources(
+    llm: LLM, sources: dict[str, list[str]], settings: EvalSettings, bases: list[PolicyConfig], target: float, grid: bool, rule: str = "lower-bound",
+) -> tuple[list[SourceCalibration], SourceCalibration | None, LearnedImportance | None]:
+    """Every criterion's taus on each source apart, then `calibrate_across` (eval/sources.py); the chosen criterion is the
+    one whose final tau gives the lowest fallback rate over all sources. A `learned` criterion is fitted on every
+    source's steps (the one deployed) and, for each fold, on the other sources' steps alone."""
+    if not 0 < target <= 1:
+        raise InvalidParameter(f"--target-agreement must be in (0, 1], got {target}")
+    if len(sources) < 2:
+        raise InvalidParameter("calibrating across sources needs at least two --source (three or more recommended)")
+    prompts = {name: _prompts(llm, texts, settings)[0] for name, texts in sources.items()}
+    mobiles: list[tuple[str, str | None, PolicyConfig]] = []  # (criterion, fold or None for the deployed one, policy)
+    learned = None
+    for base in bases:
+        if base.criterion != "learned":
+            taus = TAU_GRIDS[base.criterion] if grid else settings.taus
+            mobiles += [(base.criterion, None, p) for p in mobile_sweep(base, taus)]
+            continue
+        steps = {name: collect(llm, [llm.encode(p.text) for p in ps], settings.new_tokens, base, settings.progress) for name, ps in prompts.items()}
+        for fold in (None, *sources):
+            data = merge([d for name, d in steps.items() if name != fold])
+            model = fit(data)
+            learned = model if fold is None else learned
+            taus = taus_for_rates(data, model, LEARNED_FALLBACK_RATES) if grid else settings.taus
+            mobiles += [("learned", fold, p) for p in mobile_sweep(replace(base, learned=model), taus)]
+    runs = {name: policy_runs(llm, ps, [m for _, _, m in mobiles], settings.new_tokens, settings.progress)[0][-len(mobiles):]
+            for name, ps in prompts.items()}
+    counts = {name: len(ps) for name, ps in prompts.items()}
+    calibrations = []
+    for base in bases:
+        pick_runs = lambda fold: {name: [r for (c, f, _), r in zip(mobiles, runs[name]) if c == base.criterion and f == fold] for name in sources}  # noqa: E731
+        folds = {name: pick_runs(name) for name in sources} if base.criterion == "learned" else None
+        calibrations.append(calibrate_across(pick_runs(None), folds, counts, target, rule))
+    ready = [c for c in calibrations if c.pooled is not None]
+    chosen = min(ready, key=lambda c: c.pooled.fallback_rate) if ready else None  # type: ignore[union-attr]
+    return calibrations, chosen, learned if chosen is not None and chosen.criterion == "learned" else None

@@ -35,13 +35,18 @@ def collect(llm: LLM, prompts: list[list[int]], new_tokens: int, base: PolicyCon
         for step in llm.generate(ids, sampling, policy).steps[1:]:  # steps[0] is the prefill token
             rows.append(step.signals)
             labels.append(step.first_token != step.token)
-    if not rows or not any(labels) or all(labels):
-        raise InvalidParameter("too little data to fit the learned criterion: little must both agree and differ with big (use more prompts)")
-    return StepData(torch.tensor(rows, dtype=torch.float64), torch.tensor(labels))
+    return StepData(torch.tensor(rows, dtype=torch.float64).view(len(rows), len(SIGNALS)), torch.tensor(labels, dtype=torch.bool))
+
+
+def merge(parts: list[StepData]) -> StepData:
+    """The steps of several collections as one."""
+    return StepData(torch.cat([p.signals for p in parts]), torch.cat([p.differs for p in parts]))
 
 
 def fit(data: StepData, features: tuple[str, ...] = SIGNALS, steps: int = 200) -> LearnedImportance:
     """Ridge-penalised logistic regression on standardised signals (L-BFGS, deterministic)."""
+    if not len(data.differs) or not bool(data.differs.any()) or bool(data.differs.all()):
+        raise InvalidParameter("too little data to fit the learned criterion: little must both agree and differ with big (use more prompts)")
     x = data.signals[:, [SIGNALS.index(f) for f in features]]  # [N, F]
     y = data.differs.double()  # [N]
     mean, scale = x.mean(0), x.std(0).clamp_min(1e-6)

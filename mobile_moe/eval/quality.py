@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from tqdm import tqdm
@@ -37,10 +37,14 @@ class Run:
     loads_per_token: float = 0.0  # experts copied to the device cache per decode step (on a miss or by prefetch)
     loads_vs_big: float = 1.0  # loads_per_token relative to big's on the same prompts and cache
     variant: str = ""  # little-pass knobs in use ("" for none)
+    decode_steps: int = 0
+    per_prompt: tuple[tuple[int, int], ...] = field(default=(), repr=False)  # (matches, divergences) per judged prompt, for pooling
 
     def to_dict(self) -> dict:
-        """JSON-ready."""
-        return asdict(self)
+        """JSON-ready (without the per-prompt counts)."""
+        out = asdict(self)
+        del out["per_prompt"]
+        return out
 
 
 @dataclass
@@ -83,7 +87,7 @@ def score(policy: PolicyConfig, cont: Continuations, big: Continuations, prompts
         fallback_rate=_per_step(cont.fallbacks, cont.decode_steps),
         tokens=sum(len(i) for i in cont.ids), agreement_ci=agree.agreement_ci, prefill_agreement=agree.prefill_agreement,
         judged_tokens=agree.judged_tokens, loads_per_token=loads, loads_vs_big=loads / big_loads if big_loads else 1.0,
-        variant=variant_name(policy),
+        variant=variant_name(policy), decode_steps=cont.decode_steps, per_prompt=agree.per_prompt,
     )
 
 
