@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The H200 benchmark in one prepared run (under 6 minutes): OLMoE-1B-7B and Qwen1.5-MoE-A2.7B shapes (random
-# weights made on the device) at budgets that leave each a real expert cache, int4 experts once, mobile at fallback rate 0.2, and
+# weights made on the device) at budgets that leave each a real expert cache, int4 experts once, a batch sweep (1, 4, 16 rows)
+# once, mobile at fallback rate 0.2, and
 # the transformers + accelerate offload baseline once (OLMoE, 4 GiB). JSON reports and logs go to $OUT.
 # Every run's slot plan is printed first; one failed or overlong run does not stop the others.
 # Usage, from the repository root:  bash scripts/gpu_bench.sh [--plan-only]   (--plan-only: plans on any machine, no GPU)
@@ -13,6 +14,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 RUNS=(  # name, seconds allowed, bench flags (runs late in the list are skipped when the deadline comes)
   "olmoe_4g       150 --synthetic olmoe-1b-7b --gpu-memory 4"
   "olmoe_4g_int4   50 --synthetic olmoe-1b-7b --gpu-memory 4 --skip-accelerate --expert-dtype int4"
+  "olmoe_4g_batch  50 --synthetic olmoe-1b-7b --gpu-memory 4 --skip-accelerate --expert-dtype int4 --batch 1,4,16 --new-tokens 16 --max-context 256"
   "olmoe_8g        50 --synthetic olmoe-1b-7b --gpu-memory 8 --skip-accelerate"
   "qwen15_6g       50 --synthetic qwen1.5-moe-a2.7b --gpu-memory 6 --skip-accelerate"
   "olmoe_4g_look   50 --synthetic olmoe-1b-7b --gpu-memory 4 --skip-accelerate --lookahead"
@@ -23,11 +25,19 @@ bench() { python3 -m mobile_moe.cli bench --device cuda --quiet --prompts 3 --ne
 
 failed=0
 echo "== slot plans"
-for run in "${RUNS[@]}"; do
-  read -r name _ args <<<"$run"
+plans=$(mktemp -d)
+for i in "${!RUNS[@]}"; do  # in parallel (each is a Python start-up), printed in order
+  read -r name _ args <<<"${RUNS[$i]}"
   # shellcheck disable=SC2086
-  bench $args --plan-only 2>&1 | sed "s/^/$name: /" || failed=$((failed + 1))
+  (bench $args --plan-only >"$plans/$i" 2>&1; echo $? >"$plans/$i.rc") &
 done
+wait
+for i in "${!RUNS[@]}"; do
+  read -r name _ _ <<<"${RUNS[$i]}"
+  sed "s/^/$name: /" "$plans/$i"
+  [[ "$(cat "$plans/$i.rc")" == 0 ]] || failed=$((failed + 1))
+done
+rm -rf "$plans"
 if [[ "$PLAN_ONLY" == "--plan-only" ]]; then
   exit $failed
 fi
