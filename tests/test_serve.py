@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 
 from mobile_moe import LLM, PolicyConfig, SamplingParams, engine_config
@@ -191,3 +192,36 @@ def test_stop_strings_cut_the_text_and_end_generation(demo, server):
     cut = httpx.post(f"{server}/v1/completions", json={"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "stop": [stop]}).json()
     assert cut["choices"][0]["text"] == full[: full.index(stop)] and cut["choices"][0]["finish_reason"] == "stop"
     assert cut["usage"]["completion_tokens"] < 12
+
+
+def test_echo_and_logprobs_score_the_prompt_as_lm_eval_asks(demo, server):
+    ids = demo.encode(PROMPT)
+    body = {"prompt": PROMPT, "max_tokens": 0, "echo": True, "logprobs": 2, "temperature": 0}
+    choice = httpx.post(f"{server}/v1/completions", json=body).json()["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"] == demo.decode(ids) and len(lp["token_logprobs"]) == len(ids) == len(lp["tokens"]) and lp["token_logprobs"][0] is None
+    want = demo.logits(ids[:-1], "big").float().log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(lp["token_logprobs"][1:]), want, atol=1e-4)
+    assert all(len(top) == 2 and max(top.values()) >= got - 1e-6 for top, got in zip(lp["top_logprobs"][1:], lp["token_logprobs"][1:]))
+    one = httpx.post(f"{server}/v1/completions", json=body | {"max_tokens": 1}).json()["choices"][0]["logprobs"]  # lm-eval's loglikelihood call
+    assert len(one["token_logprobs"]) == len(ids) + 1 and one["token_logprobs"][-1] == pytest.approx(max(one["top_logprobs"][-1].values()), abs=1e-5)
+    little = httpx.post(f"{server}/v1/completions", json=body | {"policy": "little"}).json()["choices"][0]["logprobs"]["token_logprobs"]
+    assert little[1:] != lp["token_logprobs"][1:]  # little scores with little experts, not one big prefill
+    mobile = httpx.post(f"{server}/v1/completions", json=body | {"policy": "mobile", "criterion": "margin", "tau": 0.3}).json()
+    picks = [m == pytest.approx(b, abs=1e-5) or m == pytest.approx(s, abs=1e-5)
+             for m, b, s in zip(mobile["choices"][0]["logprobs"]["token_logprobs"][1:], lp["token_logprobs"][1:], little[1:])]
+    assert all(picks)  # each position scored by the pass mobile would have emitted it from
+
+
+def test_several_prompts_in_one_request_are_generated_together(demo, server):
+    prompts = [PROMPT, "import os\n"]
+    got = httpx.post(f"{server}/v1/completions", json={"prompt": prompts, "max_tokens": 4, "temperature": 0}).json()
+    assert [c["index"] for c in got["choices"]] == [0, 1]
+    assert [c["text"] for c in got["choices"]] == [solo(demo, demo.encode(p), 4) for p in prompts]
+    ids = httpx.post(f"{server}/v1/completions", json={"prompt": [demo.encode(p) for p in prompts], "max_tokens": 4, "temperature": 0}).json()
+    assert [c["text"] for c in ids["choices"]] == [c["text"] for c in got["choices"]] and ids["usage"]["completion_tokens"] == 8
+    assert httpx.post(f"{server}/v1/completions", json={"prompt": PROMPT, "max_tokens": 0}).status_code == 400  # scoring needs echo
+    assert httpx.post(f"{server}/v1/completions", json={"prompt": prompts, "stream": True}).status_code == 400
+    bad = httpx.post(f"{server}/v1/completions", json={"prompt": PROMPT, "max_tokens": 0, "echo": True, "logprobs": 1, "policy": "mobile",
+                                                      "criterion": "learned"})
+    assert bad.status_code == 400 and "logits criterion" in bad.json()["error"]["message"]

@@ -23,6 +23,7 @@ from mobile_moe.config import PolicyConfig, SamplingParams
 from mobile_moe.engine.generate import GenerationResult
 from mobile_moe.engine.llm import LLM
 from mobile_moe.errors import MobileMoeError
+from mobile_moe.serve.scoring import scored_choice
 from mobile_moe.serve.worker import EngineWorker, Job, QueueFull
 
 MAX_BODY_BYTES = 1 << 20
@@ -52,7 +53,10 @@ class Common(BaseModel):
 
 
 class CompletionRequest(Common):
-    prompt: str | list[int]
+    prompt: str | list[int] | list[str] | list[list[int]]  # one prompt (text or ids) or several
+    max_tokens: int = Field(16, ge=0)  # 0: score the prompt only (with echo)
+    echo: bool = False  # the prompt's text (and, with logprobs, its tokens' scores) before the completion
+    logprobs: int | None = Field(None, ge=0, le=20)  # per token: its log-probability and this many top alternatives
 
 
 class ChatRequest(Common):
@@ -232,20 +236,22 @@ def create_app(llm: LLM, worker: EngineWorker, model_name: str, api_key: str | N
     async def models() -> dict:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "mobile-moe"}]}
 
-    async def run(body: Common, prompt: list[int], chat: bool):
+    def validate(body: Common, prompt: list[int]) -> tuple[PolicyConfig, SamplingParams | None] | JSONResponse:
+        """The request's policy and sampling (None for max_tokens 0), or the error to answer."""
         if body.model is not None and body.model != model_name:  # as OpenAI and vLLM answer an unknown model
             return error(404, f"The model `{body.model}` does not exist; this server serves `{model_name}`", "invalid_request_error")
         if body.max_tokens > max_tokens_cap:
             return error(400, f"max_tokens {body.max_tokens} is above this server's cap {max_tokens_cap}")
-        if body.tau is not None and not math.isfinite(body.tau):
-            return error(400, "tau must be a finite number")
         policy = replace(defaults, **{k: v for k, v in (("name", body.policy), ("tau", body.tau), ("criterion", body.criterion)) if v is not None})
         try:
             policy = llm.resolve_policy(policy)
             llm.check_prompt(prompt)
-            sampling = SamplingParams(body.max_tokens, body.temperature, body.top_p, body.seed)
+            return policy, (SamplingParams(body.max_tokens, body.temperature, body.top_p, body.seed) if body.max_tokens else None)
         except MobileMoeError as e:
             return error(400, str(e))
+
+    def start(body: Common, prompt: list[int], policy: PolicyConfig, sampling: SamplingParams) -> tuple[Generation, Job] | JSONResponse:
+        """Queue the generation; (its token stream, the job), or a 429."""
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         gen = Generation(llm, asyncio.get_running_loop(), stops, lambda result: metrics.record(result, len(prompt)))
         job = Job(prompt, sampling, policy, gen.on_token, gen.on_done)
@@ -253,15 +259,61 @@ def create_app(llm: LLM, worker: EngineWorker, model_name: str, api_key: str | N
             worker.submit(job)
         except QueueFull as e:
             return error(429, str(e), "rate_limit_error")
-        meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_name}
+        return gen, job
+
+    def meta(chat: bool) -> dict:
+        return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_name}
+
+    async def run(body: Common, prompt: list[int], chat: bool):
+        checked = validate(body, prompt)
+        if isinstance(checked, JSONResponse):
+            return checked
+        policy, sampling = checked
+        assert sampling is not None
+        started = start(body, prompt, policy, sampling)
+        if isinstance(started, JSONResponse):
+            return started
+        gen, job = started
         if body.stream:
-            return StreamingResponse(stream(gen, job, meta, chat, policy), media_type="text/event-stream")
-        return await complete(gen, job, meta, chat, policy, len(prompt))
+            return StreamingResponse(stream(gen, job, meta(chat), chat, policy), media_type="text/event-stream")
+        return await complete(gen, job, meta(chat), chat, policy, len(prompt))
+
+    async def score(body: CompletionRequest, prompts: list[list[int]]):
+        """Several prompts, echo or logprobs: every prompt generated together (the worker batches them), then scored."""
+        if body.stream:
+            return error(400, "stream is not supported with echo, logprobs, max_tokens 0 or several prompts")
+        if body.max_tokens == 0 and not body.echo:
+            return error(400, "max_tokens 0 scores the prompt: it needs echo")
+        checks = [validate(body, p) for p in prompts]
+        bad = next((c for c in checks if isinstance(c, JSONResponse)), None)
+        if bad is not None:
+            return bad
+        started = []
+        for prompt, (policy, sampling) in zip(prompts, checks):  # type: ignore[misc]
+            job = None if sampling is None else start(body, prompt, policy, sampling)
+            if isinstance(job, JSONResponse):
+                return job
+            started.append(job)
+        try:
+            outs = [(("", None) if job is None else await collect(job[0])) for job in started]
+            choices = [await asyncio.to_thread(scored_choice, llm, i, prompt, text, result, body.echo, body.logprobs, policy)
+                       for i, (prompt, (text, result), (policy, _)) in enumerate(zip(prompts, outs, checks))]  # type: ignore[misc]
+        except GenerationFailed as e:
+            return error(500, f"generation failed: {e}", "server_error")
+        except MobileMoeError as e:
+            return error(400, str(e))
+        completion = sum(0 if r is None else len(r.token_ids) for _, r in outs)
+        usage = {"prompt_tokens": sum(map(len, prompts)), "completion_tokens": completion, "total_tokens": sum(map(len, prompts)) + completion}
+        return JSONResponse({**meta(False), "object": "text_completion", "choices": choices, "usage": usage})
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        prompt = llm.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
-        return await run(body, prompt, chat=False)
+        many = isinstance(body.prompt, list) and bool(body.prompt) and not isinstance(body.prompt[0], int)
+        items = body.prompt if many else [body.prompt]
+        prompts = [llm.encode(p) if isinstance(p, str) else list(p) for p in items]  # type: ignore[union-attr]
+        if many or body.echo or body.logprobs is not None or body.max_tokens == 0:
+            return await score(body, prompts)
+        return await run(body, prompts[0], chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
@@ -284,8 +336,12 @@ def _extension(policy: PolicyConfig, result) -> dict:
     return {"policy": policy.name, "tau": policy.tau, "criterion": policy.criterion, "fallback_tokens": result.stats.fallback_tokens}
 
 
-async def complete(gen: Generation, job: Job, meta: dict, chat: bool, policy: PolicyConfig, prompt_tokens: int) -> JSONResponse:
-    """Wait for the whole generation and answer in one JSON object."""
+class GenerationFailed(Exception):
+    """The engine failed a request (its message says why)."""
+
+
+async def collect(gen: Generation) -> tuple[str, GenerationResult]:
+    """Wait for the whole generation: (its text, cut at a stop string; the result)."""
     text = ""
     while True:
         event = await gen.events.get()
@@ -294,8 +350,18 @@ async def complete(gen: Generation, job: Job, meta: dict, chat: bool, policy: Po
             continue
         _, result, err = event
         if err is not None:
-            return error(500, f"generation failed: {' '.join(str(err).split()) or type(err).__name__}", "server_error")
-        break
+            raise GenerationFailed(' '.join(str(err).split()) or type(err).__name__)
+        if result is None:
+            raise GenerationFailed("the request was cancelled")
+        return text, result
+
+
+async def complete(gen: Generation, job: Job, meta: dict, chat: bool, policy: PolicyConfig, prompt_tokens: int) -> JSONResponse:
+    """Wait for the whole generation and answer in one JSON object."""
+    try:
+        text, result = await collect(gen)
+    except GenerationFailed as e:
+        return error(500, f"generation failed: {e}", "server_error")
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(result.token_ids), "total_tokens": prompt_tokens + len(result.token_ids)}
     choice = {"index": 0, "finish_reason": _finish(result, gen)}
     choice |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
