@@ -16,7 +16,7 @@ import torch
 
 from mobile_moe.config import SamplingParams
 from mobile_moe.engine.budget import PREFILL_CHUNK
-from mobile_moe.engine.generate import Decoder, GenerationResult, StepRecord, TokenCallback, configure, emit, fill_counters, new_decoder
+from mobile_moe.engine.generate import Counters, Decoder, GenerationResult, StepRecord, TokenCallback, configure, emit, fill_counters, new_decoder
 from mobile_moe.engine.runner import Runner
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.layers.kv_cache import BatchKV, SequenceSnapshot
@@ -40,7 +40,8 @@ class Row:
     done: bool = False
     joined_at: float = field(default_factory=time.perf_counter)
     decode_start: float = 0.0
-    counters: tuple = ()  # (cache stats, wait s, host syncs) at joining and after prefill
+    joined: Counters | None = None  # the engine's counters when the row joined
+    prefilled_at: Counters | None = None  # and when its prompt was through
 
     @property
     def policy(self) -> Policy:
@@ -86,7 +87,7 @@ class BatchDecoder:
         slot = self.free.pop(0)
         kv = self.pool.row(slot, self.runner.new_recurrent())
         row = Row(slot, list(prompt), new_decoder(self.runner, kv, prompt, sampling, policy), on_token, tag)
-        row.counters = (self._counters(),)
+        row.joined = Counters.now(self.runner)
         self.rows.append(row)
         return row
 
@@ -125,7 +126,7 @@ class BatchDecoder:
         token, _, _, _ = row.dec.read(logits, with_confidence=False)
         row.result.stats.prefill_s += time.perf_counter() - start
         row.result.steps.append(StepRecord(token, None, False, token))
-        row.counters += (self._counters(),)
+        row.prefilled_at = Counters.now(self.runner)
         row.decode_start = time.perf_counter()
         self._emit(row, token)
         return len(chunk)
@@ -203,7 +204,8 @@ class BatchDecoder:
         """Each row's (token, greedy token, confidence, signals) from logits [B, V], in one host sync for the batch
         (greedy rows that need no confidence share one argmax)."""
         greedy = [b for b, (r, conf) in enumerate(zip(rows, confidence)) if not conf and r.dec.sampling.temperature == 0.0]
-        others = [b for b in range(len(rows)) if b not in set(greedy)]
+        plain = set(greedy)
+        others = [b for b in range(len(rows)) if b not in plain]
         parts = [] if not greedy else [(logits if len(greedy) == len(rows) else logits[greedy]).argmax(-1).double()]  # [G]
         sizes = []
         for b in others:
@@ -237,15 +239,7 @@ class BatchDecoder:
         stats.tokens = len(row.result.token_ids)
         if row.decode_start:
             stats.decode_s = time.perf_counter() - row.decode_start
-        joined = row.counters[0]
-        after_prefill = row.counters[1] if len(row.counters) > 1 else joined
-        now = self._counters()
-        fill_counters(stats, self.runner, joined[0], after_prefill[0], now[1] - joined[1], now[1] - after_prefill[1])
-        stats.host_syncs, stats.decode_host_syncs = now[2] - joined[2], now[2] - after_prefill[2]
+        assert row.joined is not None
+        fill_counters(stats, self.runner, row.joined, row.prefilled_at or row.joined)
         self.free.append(row.slot)
         self.free.sort()  # the lowest free slots first: rows stay adjacent in the pool, so a batch reads them as a view
-
-    def _counters(self) -> tuple:
-        """(cache stats, transfer wait seconds, host syncs) now."""
-        transfer = self.runner.cache.transfer
-        return self.runner.cache.stats.snapshot(), transfer.wait_s(), transfer.host_syncs

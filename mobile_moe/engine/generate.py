@@ -160,15 +160,14 @@ def generate(
     device = runner.model.lm_head.weight.device
     configure(runner, policy)
     dec = new_decoder(runner, runner.new_kv(len(prompt) + sampling.max_new_tokens), prompt, sampling, policy)
-    stats, cache, transfer = dec.result.stats, runner.cache, runner.cache.transfer
-    before, wait_before, syncs_before = cache.stats.snapshot(), transfer.wait_s(), transfer.host_syncs
+    stats, before = dec.result.stats, Counters.now(runner)
 
     start = time.perf_counter()
     token, _, _, _ = dec.read(_prefill(runner, prompt, dec.kv, policy.prefill_mode), with_confidence=False)
     _synchronize(device)
     stats.prefill_s = time.perf_counter() - start
     dec.result.steps.append(StepRecord(token, None, False, token))
-    after_prefill, wait_prefill, syncs_prefill = cache.stats.snapshot(), transfer.wait_s(), transfer.host_syncs
+    after_prefill = Counters.now(runner)
 
     start = time.perf_counter()
     step = 0
@@ -178,26 +177,36 @@ def generate(
     _synchronize(device)
     stats.decode_s = time.perf_counter() - start
     stats.tokens = len(dec.result.token_ids)
-    wait_now = transfer.wait_s()
-    fill_counters(stats, runner, before, after_prefill, wait_now - wait_before, wait_now - wait_prefill)
-    stats.host_syncs, stats.decode_host_syncs = transfer.host_syncs - syncs_before, transfer.host_syncs - syncs_prefill
+    fill_counters(stats, runner, before, after_prefill)
     return dec.result
 
 
-def fill_counters(stats: GenerationStats, runner: Runner, before: CacheStats, after_prefill: CacheStats, wait_s: float, decode_wait_s: float) -> None:
-    """Cache counters accumulated during this request, and during its decode phase alone."""
-    now = runner.cache.stats
-    stats.expert_hits = now.hits - before.hits
-    stats.expert_misses = now.misses - before.misses
+@dataclass(frozen=True)
+class Counters:
+    """The engine's running counters at one moment: a request's counters are differences of two of these."""
+
+    cache: CacheStats
+    wait_s: float
+    host_syncs: int
+
+    @staticmethod
+    def now(runner: Runner) -> "Counters":
+        """The counters of the runner's cache and transfer engine now."""
+        transfer = runner.cache.transfer
+        return Counters(runner.cache.stats.snapshot(), transfer.wait_s(), transfer.host_syncs)
+
+
+def fill_counters(stats: GenerationStats, runner: Runner, start: Counters, after_prefill: Counters) -> None:
+    """Counters accumulated since `start` (the request), and since `after_prefill` (its decode phase alone)."""
+    end = Counters.now(runner)
+    now, before, decoded = end.cache, start.cache, after_prefill.cache
+    stats.host_syncs, stats.decode_host_syncs = end.host_syncs - start.host_syncs, end.host_syncs - after_prefill.host_syncs
+    stats.transfer_wait_s, stats.decode_transfer_wait_s = end.wait_s - start.wait_s, end.wait_s - after_prefill.wait_s
+    stats.expert_hits, stats.decode_expert_hits = now.hits - before.hits, now.hits - decoded.hits
+    stats.expert_misses, stats.decode_expert_misses = now.misses - before.misses, now.misses - decoded.misses
+    stats.h2d_bytes, stats.decode_h2d_bytes = now.h2d_bytes - before.h2d_bytes, now.h2d_bytes - decoded.h2d_bytes
+    stats.disk_bytes, stats.decode_disk_bytes = now.disk_bytes - before.disk_bytes, now.disk_bytes - decoded.disk_bytes
     stats.prefetched = now.prefetched - before.prefetched
-    stats.h2d_bytes = now.h2d_bytes - before.h2d_bytes
-    stats.transfer_wait_s = wait_s
-    stats.decode_expert_hits = now.hits - after_prefill.hits
-    stats.decode_expert_misses = now.misses - after_prefill.misses
-    stats.decode_h2d_bytes = now.h2d_bytes - after_prefill.h2d_bytes
-    stats.disk_bytes = now.disk_bytes - before.disk_bytes
-    stats.decode_disk_bytes = now.disk_bytes - after_prefill.disk_bytes
-    stats.decode_transfer_wait_s = decode_wait_s
     stats.cache_slots = runner.cache.num_slots
     stats.total_experts = runner.cache.store.total_experts
     stats.host_pinned_bytes = runner.cache.store.pinned_bytes

@@ -22,16 +22,16 @@ def scored_choice(llm: LLM, index: int, prompt: list[int], text: str, result: Ge
         return choice
     ids = prompt + generated
     scores = score_tokens(llm, ids, policy, top)
-    pieces = [llm.decode([t]) or "" for t in ids]
+    pieces = [piece(llm, t) for t in ids]
     offsets = [0, *accumulate(len(p) for p in pieces)][:-1]
     first = 0 if echo else len(prompt)
-    alternatives = [None if i == 0 else {pieces_of(llm, t): lp for t, lp in alts} for i, alts in enumerate(scores.top)]
+    alternatives = [None if i == 0 else {piece(llm, t): lp for t, lp in alts} for i, alts in enumerate(scores.top)]
     choice["logprobs"] = {"tokens": pieces[first:], "token_logprobs": scores.token_logprobs[first:], "top_logprobs": alternatives[first:],
                           "text_offset": offsets[first:] if echo else [o - offsets[first] for o in offsets[first:]]}
     return choice
 
 
-def pieces_of(llm: LLM, token: int) -> str:
+def piece(llm: LLM, token: int) -> str:
     """A token's text (its id when the model has no tokenizer)."""
     text = llm.decode([token])
     return str(token) if text is None else text
