@@ -101,7 +101,7 @@ class KVCache:
         rings: list[int | None] | None = None,
     ) -> None:
         self.max_len = max_len
-        self.rings = rings or [None] * len(k_shapes or (buffers or ([], []))[0])  # per layer: ring slots, or None (max_len positions)
+        self.rings = rings or [None] * len(buffers[0] if buffers else k_shapes)  # per layer: ring slots, or None (max_len positions)
         if buffers is None:
             sizes = [max_len if r is None else r for r in self.rings]
             buffers = ([torch.zeros(h, n, d, device=device, dtype=dtype) for (h, d), n in zip(k_shapes, sizes)],
