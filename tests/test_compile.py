@@ -8,6 +8,7 @@ from conftest import open_llm, small_cache
 
 from mobile_moe import LLM, engine_config
 from mobile_moe.config import PolicyConfig, SamplingParams
+from mobile_moe.experts.dispatch import combine, pool_experts
 from mobile_moe.models.transformer import before_experts
 
 STEPS = SamplingParams(max_new_tokens=3, temperature=0.0, stop_at_eos=False)  # two decode passes: the KV length changes once
@@ -40,3 +41,37 @@ def test_compiled_resident_decode_equals_eager_and_reads_the_host_once_per_token
     want, got = eager.generate([3, 4, 5], sampling), compiled.generate([3, 4, 5], sampling)
     assert got.token_ids == want.token_ids
     assert got.stats.decode_host_syncs == len(got.token_ids) - 1  # the token, nothing per layer
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])  # SiLU experts; clamped SwiGLU experts with biases
+def test_compiled_expert_call_decodes_like_the_eager_loop(checkpoints, arch: str):
+    """With --compile a decode token's experts run as one fused call over the slot pool (offloaded and resident)."""
+    torch._dynamo.reset()
+    eager = open_llm(checkpoints[arch], expert_cache=small_cache(arch))
+    compiled = LLM(checkpoints[arch], engine_config(progress=False, expert_cache=small_cache(arch), compile=True))
+    assert compiled.runner.executor.pooled is not None and eager.runner.executor.pooled is None
+    sampling = SamplingParams(max_new_tokens=6, temperature=0.0, stop_at_eos=False)
+    mobile = PolicyConfig("mobile", tau=0.9, criterion="max_prob")
+    for policy in (PolicyConfig("big"), mobile):
+        want, got = eager.generate([5, 6, 7, 8], sampling, policy), compiled.generate([5, 6, 7, 8], sampling, policy)
+        assert got.token_ids == want.token_ids
+        assert [s.fell_back for s in got.steps] == [s.fell_back for s in want.steps]
+    for llm in (eager, compiled):
+        llm.reset_cache(llm.loaded.store.total_experts)
+        llm.cache.load_all()
+    assert compiled.generate([5, 6, 7, 8], sampling).token_ids == eager.generate([5, 6, 7, 8], sampling).token_ids
+
+
+def test_compiled_expert_call_matches_each_expert_computed_alone(checkpoints):
+    """The fused call (the gather folded into each matvec) equals the per-expert loop within float32 rounding."""
+    llm = open_llm(checkpoints["gpt_oss"], expert_cache=16)
+    executor = llm.runner.executor
+    torch._dynamo.reset()
+    executor.pooled = torch.compile(pool_experts, fullgraph=True, dynamic=False)
+    x = torch.randn(1, llm.info.hidden)
+    slots, weights = [3, 0, 11, 7], torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+    for slot in range(16):
+        executor.cache.fields["gate_up"][0][slot].normal_(0.0, 0.05)
+        executor.cache.fields["down"][0][slot].normal_(0.0, 0.05)
+    want = combine([executor._expert(x, s) for s in slots], weights, x.dtype)
+    torch.testing.assert_close(executor._pooled(x, torch.tensor(slots), weights), want, rtol=1e-5, atol=1e-6)

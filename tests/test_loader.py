@@ -11,6 +11,7 @@ from checkpoints import reference_model
 from conftest import open_llm
 from safetensors.torch import load_file, save_file
 
+from mobile_moe import LLM, engine_config
 from mobile_moe.engine.checkpoint import classify
 
 PROMPT = [4, 9, 16, 25, 36, 49]
@@ -87,6 +88,23 @@ def test_fused_projections_view_the_loaded_weights(checkpoints):
     x = torch.randn(3, attn.q_proj.in_features)
     for fused, separate in zip(attn.qkv(x), (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))):
         torch.testing.assert_close(fused, separate)
+
+
+def test_float32_cpu_weights_are_stored_column_major_with_the_checkpoints_values(checkpoints):
+    path = checkpoints["qwen3_5_moe"]  # GQA layers and Gated DeltaNet layers
+    llm = open_llm(path, expert_cache=4)
+    model, want = llm.loaded.model, load_file(str(path / "model.safetensors"))
+    assert model.lm_head.weight.stride() == (1, model.lm_head.weight.shape[0])  # single-row matmuls read it faster
+    attn = next(layer.self_attn for layer in model.model.layers if hasattr(layer.self_attn, "qkv"))
+    assert attn.qkv.weight.stride()[0] == 1 and attn.q_proj.weight.stride()[0] == 1  # the fused weight and its views
+    deltanet = next(layer.self_attn for layer in model.model.layers if getattr(layer.self_attn, "row_major_weights", False))
+    assert deltanet.in_proj_qkv.weight.is_contiguous()  # kept row-major: its l2 norms amplify rounding
+    named = dict(model.named_parameters())
+    for key in ("lm_head.weight", "model.layers.1.self_attn.q_proj.weight"):
+        hub = key if key in want else "model.language_model." + key.removeprefix("model.")
+        assert torch.equal(named[key], want[hub].float())
+    bf16 = LLM(path, engine_config(progress=False, expert_cache=4, dtype="bfloat16"))
+    assert bf16.loaded.model.lm_head.weight.is_contiguous()  # half-precision gemv is far slower column-major
 
 
 def test_multi_token_prediction_weights_are_skipped(checkpoints, tmp_path):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -78,15 +79,29 @@ def swiglu_expert_launches(hidden: int = 64, intermediate: int = 32) -> int:
 
 
 def count_decode_ops(llm: LLM, prompt: Sequence[int] = (1, 2, 3)) -> OpCounts:
-    """Launches of one big decode pass of `llm`, by region; the per-expert part from expert calls with k and k/2 experts."""
+    """Launches of one big eager decode pass of `llm` (the cost model predicts eager devices; compiled CPU segments are
+    set aside while counting), by region; the per-expert part from expert calls with k and k/2 experts."""
     info, layers, moe = llm.info, len(llm.loaded.model.model.layers), len(llm.info.moe_layers)
-    counts = _count_pass(llm, prompt)
-    half = math.ceil(info.top_k / 2)
-    per_expert = 0.0
-    if moe and info.top_k > half:
-        per_expert = (_count_expert_call(llm, info.top_k) - _count_expert_call(llm, half)) / (info.top_k - half)
+    with _eager(llm):
+        counts = _count_pass(llm, prompt)
+        half = math.ceil(info.top_k / 2)
+        per_expert = 0.0
+        if moe and info.top_k > half:
+            per_expert = (_count_expert_call(llm, info.top_k) - _count_expert_call(llm, half)) / (info.top_k - half)
     per_moe_layer = counts["experts"] / moe - per_expert * info.top_k if moe else 0.0
     return OpCounts(counts["layer"] / layers, per_moe_layer, per_expert, counts["pass"])
+
+
+@contextmanager
+def _eager(llm: LLM) -> Iterator[None]:
+    """Run `llm`'s passes eagerly for a while: its compiled segments and compiled expert call set aside."""
+    runner = llm.runner
+    saved = runner.compiled, runner.executor.pooled
+    runner.compiled = runner.executor.pooled = None
+    try:
+        yield
+    finally:
+        runner.compiled, runner.executor.pooled = saved
 
 
 def _count_pass(llm: LLM, prompt: Sequence[int]) -> Counter[str]:

@@ -141,7 +141,7 @@ def build_synthetic(
     model.rotary.inv_freq = inv_freq.to(device)  # rotary frequencies stay float32
     info = model.info
     fmt = make_format(expert_dtype, dtype, group_size)
-    model.fuse_projections()
+    model.prepare_weights()
     model.eval()
     fingerprint = f"synthetic:{name}:shrink={shrink}:seed={seed}"
     store = _random_experts(info, fmt, dtype, device, gen, fused_kernels, offload_dir, direct_io, fingerprint)

@@ -154,7 +154,7 @@ def load(
         store = None  # the experts live on disk only
     elif store is not None and fused_kernels:
         use_fused_kernels(store, dtype, device, progress)
-    model.fuse_projections()
+    model.prepare_weights()
     model.eval()
     return LoadedModel(model=model, store=disk if disk is not None else store, config=cfg, path=path, dtype=dtype, dtype_reason=why)
 

@@ -44,7 +44,7 @@ class Runner:
     def __init__(self, model: CausalLM, cache: ExpertCache, little_weights: str = "native", compile_layers: bool = False) -> None:
         self.model = model
         self.cache = cache
-        self.executor = ExpertExecutor(cache, activation(model.info.hidden_act), model.lm_head.weight.dtype)
+        self.executor = ExpertExecutor(cache, activation(model.info.hidden_act), model.lm_head.weight.dtype, compiled=compile_layers)
         self.mode = ExpertMode.BIG
         self.little_weights = little_weights
         self.lookahead = False

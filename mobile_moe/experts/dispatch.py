@@ -17,6 +17,23 @@ def expert_output(
     return _biased(fmt.linear(gated(act, gate, up), down, x.dtype), down_bias)
 
 
+def pool_experts(
+    act: Activation, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+    gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """One token's experts read straight from the slot pool, for torch.compile: x [1, H], slots [n] (rank order),
+    weights [1, n], gate_up [S, 2I, H], down [S, H, I], biases [S, 2I] / [S, H] or None -> the weighted sum [1, H].
+    Written as indexed products and sums so the compiler fuses the gather into each matvec (eager would copy the weights)."""
+    h = (gate_up[slots] * x).sum(-1)  # [n, 2I]
+    if gate_up_bias is not None:
+        h = h + gate_up_bias[slots].to(h.dtype)
+    gate, up = h.chunk(2, dim=-1)
+    y = (down[slots] * gated(act, gate, up)[:, None, :]).sum(-1)  # [n, H]
+    if down_bias is not None:
+        y = y + down_bias[slots].to(y.dtype)
+    return (y * weights.view(-1, 1).to(x.dtype)).sum(0, keepdim=True)
+
+
 def combine(outs: list[torch.Tensor], weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """One row's expert outputs (each [1, H], rank order) and weights [1, n] -> their weighted sum [1, H], in a fixed order."""
     return (torch.cat(outs) * weights.view(-1, 1).to(dtype)).sum(0, keepdim=True)

@@ -16,7 +16,7 @@ from itertools import accumulate
 import torch
 
 from mobile_moe.experts.cache import ExpertCache
-from mobile_moe.experts.dispatch import combine, expert_output, split_bias
+from mobile_moe.experts.dispatch import combine, expert_output, pool_experts, split_bias
 from mobile_moe.experts.formats import FloatFormat
 from mobile_moe.experts.store import MATRICES, ExpertShape, ExpertStore
 from mobile_moe.experts.transfer import TransferEngine
@@ -53,11 +53,13 @@ def plan_groups(flat: list[int], group_size: int) -> list[ExpertGroup]:
 class ExpertExecutor:
     """Runs a layer's chosen experts: makes them resident (via the cache), then computes them in place."""
 
-    def __init__(self, cache: ExpertCache, act: Activation, dtype: torch.dtype, grouped: bool | None = None) -> None:
+    def __init__(self, cache: ExpertCache, act: Activation, dtype: torch.dtype, grouped: bool | None = None, compiled: bool = False) -> None:
         self.cache, self.act, self.dtype = cache, act, dtype
         self.in_place = cache.store.format.reads_in_place(dtype)
         self.bias = cache.store.shape.bias  # each matrix's last packed field is its bias [out] (gpt-oss)
         self.grouped = (self.in_place and grouped_mm_works(cache, act, dtype)) if grouped is None else grouped
+        # compiled decode with experts read in place (a float pool): one fused call per token and layer instead of a loop
+        self.pooled = torch.compile(pool_experts, fullgraph=True, dynamic=False) if compiled and self.in_place and not self.grouped else None
         # per slot: (gate_up fields, down fields, gate_up bias, down bias) as views, made once (indexing the pool per call
         # costs a dispatch each); a matrix's bias, when experts have one, is its last packed field
         self.slot_fields = [self._split(tuple([f[slot] for f in cache.fields[m]] for m in MATRICES)) for slot in range(cache.num_slots)]
@@ -86,12 +88,20 @@ class ExpertExecutor:
         tensor indexing and are read where compute needs them (on CPU nothing waits for that read), so the host plans
         nothing and the cache's bookkeeping is not touched; results equal `run`'s bit for bit. x: [1, H], indices/weights: [1, n]."""
         cache = self.cache
+        cache.stats.hits += indices.shape[1]
+        if self.pooled is not None:  # compiled: the slot ids stay on the device
+            return self._pooled(x, cache.slot_table[cache.rows[layer]][indices[0]], weights)
         slots = cache.slot_table[cache.rows[layer]][indices[0]].tolist()  # rank order
-        cache.stats.hits += len(slots)
         return combine([self._expert(x, slot) for slot in slots], weights, x.dtype)
 
     def _run_one_token(self, layer: int, x: torch.Tensor, experts: list[int], weights: torch.Tensor) -> torch.Tensor:
         """Decode: x [1, H], `experts` distinct, in rank order -> [1, H], the same fixed-order combine without index plumbing."""
+        if self.pooled is not None and len(experts) <= self.cache.num_slots:  # compiled, one group: a fused call over the pool
+            slots = self.cache.acquire(layer, experts)
+            try:
+                return self._pooled(x, self.cache.transfer.to_device(slots), weights)
+            finally:
+                self.cache.release(slots)
         outs: list[torch.Tensor] = [x] * len(experts)
         for group in plan_groups(experts, self.cache.num_slots):
             slots = self.cache.acquire(layer, group.experts)
@@ -101,6 +111,12 @@ class ExpertExecutor:
             finally:
                 self.cache.release(slots)
         return combine(outs, weights, x.dtype)  # [n, H] -> [1, H], rank order
+
+    def _pooled(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x: [1, H], slots [n] on the device (rank order), weights [1, n] -> [1, H], through the compiled `pool_experts`."""
+        assert self.pooled is not None
+        (gate_up, *gate_up_b), (down, *down_b) = self.cache.fields["gate_up"], self.cache.fields["down"]  # float: weight [+ bias]
+        return self.pooled(self.act, x, slots, weights, gate_up, down, gate_up_b[-1] if self.bias else None, down_b[-1] if self.bias else None)
 
     def _compute(self, xs: torch.Tensor, slots: list[int], counts: list[int]) -> torch.Tensor:
         """xs: [Pg, H], rows grouped by expert (slot order as given) -> expert outputs [Pg, H]."""

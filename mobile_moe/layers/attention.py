@@ -122,9 +122,9 @@ class GQAAttention(nn.Module):
         self.sliding_window = sliding_window  # attend to this many latest positions (gpt-oss sliding layers)
         self.qkv: FusedLinear | None = None
 
-    def fuse_projections(self) -> None:
+    def fuse_projections(self, column_major: bool = False) -> None:
         """Compute q, k and v with one matmul from now on (weights must be final: loaded and placed)."""
-        self.qkv = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        self.qkv = fuse_linears([self.q_proj, self.k_proj, self.v_proj], column_major)
 
     def kv_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """(heads, dim) of the cached keys and values."""

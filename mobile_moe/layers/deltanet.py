@@ -92,6 +92,10 @@ def chunked_gated_delta_rule(
 class GatedDeltaNet(nn.Module):
     """Linear-attention token mixer with a recurrent state; parameter names follow the hub checkpoints (`linear_attn.*`)."""
 
+    # its projections keep the row-major layout: q and k are l2-normalised per head, which amplifies a change of
+    # summation order (column-major float32 moved the tiny test model's logits 1.6e-4 from transformers', against 1e-5)
+    row_major_weights = True
+
     def __init__(self, layer: int, d: DeltaNetDims, *, eps: float, act: str) -> None:
         super().__init__()
         self.layer, self.d = layer, d

@@ -22,10 +22,17 @@ class FusedLinear:
         return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
-def fuse_linears(linears: list[nn.Linear]) -> FusedLinear:
-    """Concatenate the linears' weights (and biases) and rebind each linear to its rows: no extra memory stays allocated."""
+def to_column_major(weight: torch.Tensor) -> torch.Tensor:
+    """The same [out, in] matrix stored column-major (strides (1, out))."""
+    return weight.t().contiguous().t()
+
+
+def fuse_linears(linears: list[nn.Linear], column_major: bool = False) -> FusedLinear:
+    """Concatenate the linears' weights (and biases), optionally stored column-major, and rebind each linear to its
+    rows: no extra memory stays allocated."""
     sizes = tuple(lin.out_features for lin in linears)
     weight = torch.cat([lin.weight.detach() for lin in linears])
+    weight = to_column_major(weight) if column_major else weight
     has_bias = [lin.bias is not None for lin in linears]
     if any(has_bias) and not all(has_bias):
         raise ValueError("cannot fuse linears of which only some have a bias")

@@ -63,9 +63,9 @@ class GatedMLP(nn.Module):
         self.act = activation(act)
         self.gate_up: FusedLinear | None = None
 
-    def fuse_projections(self) -> None:
+    def fuse_projections(self, column_major: bool = False) -> None:
         """Compute gate and up with one matmul from now on (weights must be final: loaded and placed)."""
-        self.gate_up = fuse_linears([self.gate_proj, self.up_proj])
+        self.gate_up = fuse_linears([self.gate_proj, self.up_proj], column_major)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden]."""

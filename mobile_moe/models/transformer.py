@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mobile_moe.layers.attention import AttentionInput, causal_mask
+from mobile_moe.layers.fused import to_column_major
 from mobile_moe.layers.kv_cache import BatchKV, KVCache, LayerBatchKV, LayerKV
 from mobile_moe.layers.mlp import ClampedSwiGLU
 from mobile_moe.layers.moe import ExpertRunner, LayerExperts, MoEBlock, Routing
@@ -102,11 +103,22 @@ class CausalLM(nn.Module):
         self.rotary = rotary
         self.info = info
 
-    def fuse_projections(self) -> None:
-        """Fuse linears that share an input (q/k/v, gate/up) in every layer; call once the weights are final."""
+    def prepare_weights(self) -> None:
+        """Call once the weights are final (loaded and placed): fuse linears that share an input (q/k/v, gate/up) in
+        every layer and, for float32 on CPU, store every linear's weight column-major (its [out, in] values unchanged):
+        there single-row matmuls read it up to 2x faster (a 6144 x 256 head, 1 thread: 0.46 vs 0.96 ms) and many-row
+        ones are no slower; half-precision gemv is far slower that way, so those stay row-major (as do modules that
+        declare `row_major_weights`)."""
+        column_major = self.lm_head.weight.device.type == "cpu" and self.lm_head.weight.dtype == torch.float32
         for module in self.modules():
             if module is not self and hasattr(module, "fuse_projections"):
-                module.fuse_projections()
+                module.fuse_projections(column_major)
+        if not column_major:
+            return
+        keep = {id(m) for owner in self.modules() if getattr(owner, "row_major_weights", False) for m in owner.modules()}
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.weight.is_contiguous() and id(module) not in keep:  # fused rows already are
+                module.weight.data = to_column_major(module.weight.data)
 
     def kv_shapes(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """Per-layer (heads, dim) of cached keys and values."""
