@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from checkpoints import ARCHITECTURES, build_checkpoint, configs  # noqa: E402
 
 from mobile_moe import LLM, engine_config  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist the workers share the cores: each runs torch on its share (oversubscribed threads run slower)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(scope="session")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
+from conftest import open_llm
 
+from mobile_moe.config import PolicyConfig, SamplingParams
 from mobile_moe.errors import CacheTooSmall
 from mobile_moe.experts.cache import ExpertCache
 from mobile_moe.experts.store import ExpertShape, ExpertStore
@@ -108,3 +113,19 @@ def test_lookahead_precision_counts_guesses_the_layer_then_used():
     cache.release(cache.acquire(0, [1, 3]))
     cache.release(cache.acquire(0, [1]))  # asked twice: counted once
     assert (cache.stats.lookahead_issued, cache.stats.lookahead_used) == (2, 1)
+
+
+def test_reset_cache_frees_the_old_slot_pool_at_once(checkpoints):
+    """A new cache never waits for the garbage collector to drop the old pool (two pools may not fit)."""
+    llm = open_llm(checkpoints["qwen3_moe"], expert_cache=4)
+    llm.generate([3, 4, 5], SamplingParams(max_new_tokens=3), PolicyConfig("mobile", tau=0.9, criterion="max_prob"))
+    old, passes = weakref.ref(llm.cache.pool), []
+    collecting = lambda phase, info: passes.append(phase)  # noqa: E731
+    gc.disable()
+    gc.callbacks.append(collecting)
+    try:
+        llm.reset_cache(6)
+    finally:
+        gc.callbacks.remove(collecting)
+        gc.enable()
+    assert old() is None and passes == [] and llm.cache.num_slots == 6  # freed by reference counting alone

@@ -43,7 +43,7 @@ def test_compiled_resident_decode_equals_eager_and_reads_the_host_once_per_token
     assert got.stats.decode_host_syncs == len(got.token_ids) - 1  # the token, nothing per layer
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])  # SiLU experts; clamped SwiGLU experts with biases
+@pytest.mark.parametrize("arch", ["gpt_oss"])  # clamped SwiGLU experts with biases (SiLU: the resident test above)
 def test_compiled_expert_call_decodes_like_the_eager_loop(checkpoints, arch: str):
     """With --compile a decode token's experts run as one fused call over the slot pool (offloaded and resident)."""
     torch._dynamo.reset()

@@ -71,7 +71,8 @@ class Backbone(nn.Module):
 
     def __init__(self, vocab: int, hidden: int, layers: list[DecoderLayer], eps: float) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(vocab, hidden)
+        self.embed_tokens = nn.Embedding(vocab, hidden, _weight=torch.empty(vocab, hidden))  # loaded later: no random init
+        # (under the loader's meta device, nn.init would import torch's compiler stack: 1.5 s per process)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(hidden, eps)
 
