@@ -15,7 +15,7 @@ from mobile_moe.engine.calibration import CALIBRATION_FILE, read_calibration, re
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.eval.learned import StepData, auc, feature_report, fit
 from mobile_moe.eval.quality import sample_windows
-from mobile_moe.policy.importance import SIGNALS, differs_probability, signal_confidence
+from mobile_moe.policy.importance import SIGNALS, differs_probability, signal_confidence, step_signals
 from mobile_moe.policy.little import prefer_resident, runs_big_here
 
 PROMPT = [7, 3, 44, 19, 28, 90, 11]
@@ -43,6 +43,28 @@ def test_fitted_predictor_ranks_by_the_informative_signal_and_round_trips_throug
     assert policy.criterion == "learned" and policy.tau == 0.8 and policy.learned == learned
     confidence = signal_confidence(data.signals.float(), "learned", policy.learned)
     assert torch.allclose(confidence, 1 - differs_probability(data.signals.float(), learned))
+
+
+def test_step_signals_read_the_logits_and_each_layers_kept_and_dropped_weights():
+    logits = torch.tensor([4.0, 1.5, 0.5, -1.0])
+    raw = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.7, 0.1, 0.1, 0.1]])  # [L, k], little keeps 2 of 4
+    got = dict(zip(SIGNALS, step_signals(logits, raw, 2).tolist()))
+    probs = logits.softmax(-1)
+    assert got["logit_gap"] == pytest.approx(2.5, abs=1e-5) and got["log_max_prob"] == pytest.approx(float(probs[0].log()), abs=1e-6)
+    assert got["margin"] == pytest.approx(float(probs[0] - probs[1]), abs=1e-6)
+    assert got["dropped_max"] == pytest.approx(0.3) and got["dropped_min"] == pytest.approx(0.2) and got["dropped_last"] == pytest.approx(0.2)
+    assert got["router_top1_mean"] == pytest.approx((0.4 + 0.7) / 2)
+    assert got["cut_gap_min"] == pytest.approx(0.0, abs=1e-7) and got["cut_gap_mean"] == pytest.approx((0.1 + 0.0) / 2)
+
+
+def test_a_calibration_fitted_on_fewer_signals_still_decides_by_its_own(tmp_path):
+    """A record naming only the first eight signals (fitted before more were added) gives the same confidence."""
+    data = synthetic_steps()
+    old = fit(data, SIGNALS[:8])
+    columns = [SIGNALS.index(f) for f in old.features]
+    z = (data.signals[:, columns] - torch.tensor(old.mean, dtype=torch.float64)) / torch.tensor(old.scale, dtype=torch.float64)
+    want = 1 - torch.sigmoid(z @ torch.tensor(old.weights, dtype=torch.float64) + old.bias)
+    assert torch.allclose(signal_confidence(data.signals.float(), "learned", old).double(), want, atol=1e-5)
 
 
 def test_a_version_one_calibration_still_loads(tmp_path):

@@ -22,6 +22,11 @@ SIGNALS: tuple[str, ...] = (
     "dropped_mean",  # the mean of that share over MoE layers
     "cut_gap_min",  # over MoE layers, the smallest router score gap between the last kept and first dropped expert
     "cut_gap_mean",  # the mean of that gap over MoE layers
+    "logit_gap",  # top-1 minus top-2 logit of little's output (unbounded where the margin saturates)
+    "log_max_prob",  # log of little's top-1 probability
+    "dropped_min",  # over MoE layers, the smallest dropped share
+    "dropped_last",  # the dropped share at the last MoE layer (nearest the output)
+    "router_top1_mean",  # over MoE layers, the mean share of the top-k weight on the best expert
 )
 LOGIT_CRITERIA = ("max_prob", "entropy", "margin")
 
@@ -45,27 +50,32 @@ def _entropy(probs: torch.Tensor) -> torch.Tensor:
 
 
 def output_signals(logits: torch.Tensor) -> torch.Tensor:
-    """logits: [V] -> [3]: max probability, 1 - normalised entropy, top-1/top-2 margin."""
-    probs = logits.float().softmax(-1)  # [V]
+    """logits: [V] -> [5]: max probability, 1 - normalised entropy, top-1/top-2 margin, top-1/top-2 logit gap, log max probability."""
+    logits = logits.float()
+    probs = logits.softmax(-1)  # [V]
     top2 = probs.topk(2).values
-    return torch.stack([top2[0], 1.0 - _entropy(probs) / math.log(probs.numel()), top2[0] - top2[1]])
+    gap = (top2[0] / top2[1].clamp_min(1e-30)).log()  # = the logit gap, read off the probabilities
+    return torch.stack([top2[0], 1.0 - _entropy(probs) / math.log(probs.numel()), top2[0] - top2[1], gap, top2[0].clamp_min(1e-30).log()])
 
 
 def router_signals(raw_weights: torch.Tensor, little_k: int) -> torch.Tensor:
-    """raw_weights: [L, k] each MoE layer's top-k gate values, best first -> [4]: dropped share max/mean, cut gap min/mean."""
+    """raw_weights: [L, k] each MoE layer's top-k gate values, best first -> [7]: dropped share max/mean, cut gap
+    min/mean, dropped share min/at the last layer, mean top-1 share."""
     if raw_weights.numel() == 0 or little_k >= raw_weights.shape[1]:
-        return raw_weights.new_zeros(4)
+        return raw_weights.new_zeros(7)
     w = raw_weights.float()
-    dropped = w[:, little_k:].sum(1) / w.sum(1).clamp_min(1e-30)  # [L]
+    total = w.sum(1).clamp_min(1e-30)  # [L]
+    dropped = w[:, little_k:].sum(1) / total  # [L]
     gap = w[:, little_k - 1] - w[:, little_k]  # [L]
-    return torch.stack([dropped.max(), dropped.mean(), gap.min(), gap.mean()])
+    return torch.stack([dropped.max(), dropped.mean(), gap.min(), gap.mean(), dropped.min(), dropped[-1], (w[:, 0] / total).mean()])
 
 
 def step_signals(logits: torch.Tensor, raw_weights: torch.Tensor, little_k: int) -> torch.Tensor:
     """logits [V], raw_weights [L, k] -> the SIGNALS of one little step [len(SIGNALS)], on the device."""
-    max_prob, entropy, margin = output_signals(logits)
+    max_prob, entropy, margin, logit_gap, log_max_prob = output_signals(logits)
     router = router_signals(raw_weights, little_k)
-    return torch.cat([torch.stack([margin, (margin + 1e-4).log(), max_prob, entropy]), router])
+    return torch.cat([torch.stack([margin, (margin + 1e-4).log(), max_prob, entropy]), router[:4],
+                      torch.stack([logit_gap, log_max_prob]), router[4:]])
 
 
 def signal_confidence(signals: torch.Tensor, criterion: str, learned: LearnedImportance | None) -> torch.Tensor:
