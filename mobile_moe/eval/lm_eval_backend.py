@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lm_eval.models  # noqa: F401 (lm-eval registers its own models only into an empty registry: keep local-completions etc.)
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
