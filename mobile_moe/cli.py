@@ -40,7 +40,7 @@ from mobile_moe.eval.data import DEFAULT_GLOB, read_texts
 from mobile_moe.eval.evaluate import EvalSettings, calibrate, calibrate_sources, evaluate
 from mobile_moe.eval.sources import sources_table
 from mobile_moe.eval.calibrate import RULES, TAU_GRIDS, Calibration
-from mobile_moe.eval.report import learned_table, plot_quality, runs_table
+from mobile_moe.eval.report import learned_table, plot_quality, plot_sources, runs_table
 from mobile_moe.jsonio import write_json_atomic
 from mobile_moe.models.registry import build_model
 
@@ -242,6 +242,8 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     """`eval` and `calibrate`."""
     ev = sub.add_parser("eval", help="quality of big / little / mobile: perplexity, agreement with big, fallback rate")
     ev.add_argument("--data", type=Path, nargs="+", help="text files or directories (default: the demo corpus's test split)")
+    ev.add_argument("--source", type=Path, action="append", metavar="PATH", help="evaluate each source apart: a file or directory "
+                    "per source (repeat; 'stdlib' is the demo corpus's test split); tables, JSON and --plot come per source")
     ev.add_argument("--taus", type=parse_taus, help="comma-separated taus for mobile (default: the calibrated tau and its neighbours in the criterion's grid)")
     ev.add_argument("--plot", type=Path, metavar="FILE.png", help="plot agreement, perplexity and fallback rate against tau")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -479,18 +481,44 @@ def _non_directory_ancestor(directory: Path) -> Path | None:
 def cmd_eval(args: argparse.Namespace) -> int:
     """`mobile-moe eval`."""
     check_writable_file(args.plot, "--plot")
-    texts, data = read_texts(args.data, "test", args.glob)
+    if args.source and args.data:
+        raise InvalidParameter("give --data or --source, not both")
+    if args.source:
+        sources = source_texts(args.source, "test", args.glob)
+    else:
+        texts, data = read_texts(args.data, "test", args.glob)
+        sources = {data: texts}  # one report, described by what was read
     llm = open_llm(args)
     policy = policy_from(args, llm)
     sweeps = eval_sweeps(args, llm, policy)
     settings = EvalSettings(sweeps[0][1], args.max_prompts, args.new_tokens, args.ppl_tokens, progress=not args.quiet)
     calibrated = calibrated_tau(llm.calibration, sweeps[0][0].criterion) if args.tau is None else args.tau
-    report = evaluate(llm, texts, data, settings, sweeps, calibrated, float_reference(llm, args))
+    reference = float_reference(llm, args)
+    reports = [evaluate(llm, texts, data, settings, sweeps, calibrated, reference) for data, texts in sources.items()]
     if args.plot:
-        plot_quality(report, args.plot)
+        plot_sources(reports, args.plot) if args.source else plot_quality(reports[0], args.plot)
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps({"sources": reports} if args.source else reports[0]))
         return 0
+    for report in reports:
+        print_eval(report)
+    if args.plot:
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def source_texts(paths: list[Path], split: str, glob: str) -> dict[str, list[str]]:
+    """Source name -> its texts, for --source PATH ... ('stdlib': the demo corpus's split); repeated names get a suffix."""
+    sources: dict[str, list[str]] = {}
+    for path in paths:
+        name = "stdlib" if str(path) == "stdlib" else path.name or str(path)
+        name = name if name not in sources else f"{name}-{len(sources)}"
+        sources[name] = read_texts(None if str(path) == "stdlib" else [path], split, glob)[0]
+    return sources
+
+
+def print_eval(report: dict) -> None:
+    """The tables of one evaluated source."""
     ppl = report["perplexity"]
     print(f"model {report['model']}, data {report['data']}: {report['prompts']} prompts x {report['new_tokens']} tokens, criterion {report['criterion']}, "
           f"expert cache {report['cache_slots']} of {report['total_experts']}")
@@ -500,9 +528,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         v = report["big_vs_float_big"]
         print(f"big vs big in {v['dtype']} with {v['expert_format']} experts: greedy agreement {v['agreement']:.1%} (positions {v['agreement_overall']:.1%}, whole continuations {v['exact_match']:.1%})")
     print(runs_table(report["runs"]))
-    if args.plot:
-        print(f"plot written to {args.plot}")
-    return 0
 
 
 def eval_sweeps(args: argparse.Namespace, llm: LLM, policy: PolicyConfig) -> list[tuple[PolicyConfig, tuple[float, ...]]]:
@@ -561,11 +586,7 @@ def calibrate_by_source(args: argparse.Namespace, settings: EvalSettings) -> int
     """`calibrate --source A --source B ...`: per-source taus, the strictest of them, leave-one-source-out estimates."""
     if args.data:
         raise InvalidParameter("give --data or --source, not both")
-    sources: dict[str, list[str]] = {}
-    for path in args.source:
-        name = "stdlib" if str(path) == "stdlib" else path.name or str(path)
-        name = name if name not in sources else f"{name}-{len(sources)}"
-        sources[name] = read_texts(None if str(path) == "stdlib" else [path], "validation", args.glob)[0]
+    sources = source_texts(args.source, "validation", args.glob)
     llm = open_llm(args)
     base = policy_from(args, llm)
     bases = [dataclasses.replace(base, criterion=c) for c in args.criteria]

@@ -78,6 +78,27 @@ def test_eval_reports_every_metric_for_every_policy(slice_dir, tmp_path, capsys)
     assert plot.stat().st_size > 1000
 
 
+
+def test_eval_per_source_reports_and_plots_each_source_apart(slice_dir, tmp_path, capsys):
+    """`eval --source A --source B`: one report per source (its own prompts), one frontier panel each."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "mod.py").write_text(corpus.load_split("test")[5])
+    plot = tmp_path / "sources.png"
+    capsys.readouterr()
+    code = main(["eval", "--source", str(slice_dir), "--source", str(other), "--max-prompts", "2", "--new-tokens", "4", "--ppl-tokens", "64",
+                 "--expert-cache", "64", "--taus", "0.5,0.9", "--json", "--quiet", "--plot", str(plot)])
+    assert code == 0
+    reports = json.loads(capsys.readouterr().out)["sources"]
+    assert [r["data"] for r in reports] == [slice_dir.name, "other"]
+    assert reports[0]["perplexity"]["files_total"] == 3 and reports[1]["perplexity"]["files_total"] == 1
+    for report in reports:
+        mobile = [r for r in report["runs"] if r["policy"] == "mobile"]
+        assert {r["tau"] for r in mobile} >= {0.5, 0.9} and all(r["agreement_ci"][0] <= r["agreement"] <= r["agreement_ci"][1] for r in mobile)
+    assert plot.stat().st_size > 1000
+    assert main(["eval", "--source", str(other), "--data", str(other)]) == 2
+
+
 def test_calibrate_meets_the_target_and_generate_uses_it(demo_copy, slice_dir, capsys):
     capsys.readouterr()
     code = main(["calibrate", "--model", str(demo_copy), "--data", str(slice_dir), "--max-prompts", "12", "--new-tokens", "12",

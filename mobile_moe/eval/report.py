@@ -35,13 +35,7 @@ def learned_table(report: dict) -> str:
 def plot_quality(report: dict, path: Path) -> None:
     """PNG of mobile's agreement and fallback rate against tau, the agreement-vs-expert-loads frontier of every
     criterion and knob, and perplexity against tau, with big and little for reference."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise InvalidParameter("--plot needs matplotlib: pip install 'mobile-moe[plot]'") from None
+    plt = _pyplot()
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.3))
     _plot_tau_panel(ax1, report)
     _plot_frontier(ax2, report)
@@ -51,6 +45,33 @@ def plot_quality(report: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_sources(reports: list[dict], path: Path) -> None:
+    """PNG with one panel per source: agreement (95% CI bars) against expert loads per token relative to big for big,
+    little and mobile at each tau, the calibrated tau's point ringed."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(reports), figsize=(5.2 * len(reports), 4.3), squeeze=False)
+    for ax, report in zip(axes[0], reports):
+        _plot_frontier(ax, report)
+        ax.set_title(f"{report['data']}: {report['prompts']} prompts x {report['new_tokens']} tokens", fontsize=8)
+    fig.suptitle(f"{Path(reports[0]['model']).name}: agreement with big against expert loads, per source", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pyplot():
+    """matplotlib's pyplot on a file backend, or a one-line error naming the extra."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InvalidParameter("--plot needs matplotlib: pip install 'mobile-moe[plot]'") from None
+    return plt
 
 
 def _series(report: dict) -> dict[tuple[str, str], list[dict]]:
@@ -78,8 +99,15 @@ def _plot_tau_panel(ax, report: dict) -> None:
 def _plot_frontier(ax, report: dict) -> None:
     """Agreement against expert loads per token relative to big, one line per criterion and knob setting."""
     slots, total = report.get("cache_slots"), report.get("total_experts")
+    calibrated = report.get("calibrated_tau")
     for (criterion, variant), runs in _series(report).items():
-        ax.plot([r["loads_vs_big"] for r in runs], [r["agreement"] for r in runs], "o-", ms=3, label=f"mobile {criterion} {variant}".strip())
+        x, y = [r["loads_vs_big"] for r in runs], [r["agreement"] for r in runs]
+        errors = [[r["agreement"] - r["agreement_ci"][0] for r in runs], [r["agreement_ci"][1] - r["agreement"] for r in runs]]
+        ax.errorbar(x, y, yerr=errors, fmt="o-", ms=3, capsize=2, label=f"mobile {criterion} {variant}".strip())
+        for r in runs:
+            ax.annotate(f"{r['tau']:g}", (r["loads_vs_big"], r["agreement"]), fontsize=6, xytext=(3, -8), textcoords="offset points")
+            if criterion == report["criterion"] and calibrated is not None and r["tau"] == calibrated:
+                ax.plot(r["loads_vs_big"], r["agreement"], "o", ms=11, mfc="none", mec="green", mew=1.5, label=f"calibrated tau {calibrated:g}")
     for r in report["runs"]:
         if r["policy"] == "little":
             ax.plot(r["loads_vs_big"], r["agreement"], "v", ms=7, label=f"little {r.get('variant', '')}".strip())
