@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
-import weakref
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -104,22 +102,10 @@ class LLM:
     def reset_cache(self, slots: int, trace: Trace | None = None) -> None:
         """Start over with an empty expert cache of `slots` slots (benchmarks compare systems from the same state)."""
         with self._lock:
-            self._release_cache()
+            self.cache = self.runner = None  # free the old slot pool before the new one is made, rather than hold two
             self.cache = ExpertCache(self.loaded.store, slots, self.device, TransferEngine(self.device), self.config.cache.eviction, trace=trace,
                                      reader=self.reader)
             self.runner = Runner(self.loaded.model, self.cache, compile_layers=self.compiles)
-
-    def _release_cache(self) -> None:
-        """Free the current slot pool before a new one is made, rather than hold two: the runner's layer handles refer
-        back to it, a cycle that reference counting alone would not free (a full gc pass costs up to a second here)."""
-        runner, cache = getattr(self, "runner", None), getattr(self, "cache", None)  # none yet while __init__ runs
-        if runner is not None:
-            runner.bound.clear()
-        pool = None if cache is None else weakref.ref(cache.pool)
-        self.cache = self.runner = None
-        del runner, cache
-        if pool is not None and pool() is not None:  # still held through another cycle
-            gc.collect()
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -23,7 +24,7 @@ class BoundLayer:
     """The general `LayerExperts`: one layer's calls forwarded to the runner (host-planned loads, knobs, lookahead)."""
 
     def __init__(self, runner: "Runner", layer: int) -> None:
-        self.runner, self.layer = runner, layer
+        self.runner, self.layer = weakref.proxy(runner), layer  # no cycle: a dropped runner (and its slot pool) is freed at once
 
     def choose(self, routing: Routing, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """See `Runner.choose`."""

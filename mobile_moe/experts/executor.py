@@ -60,6 +60,7 @@ class ExpertExecutor:
         self.grouped = (self.in_place and grouped_mm_works(cache, act, dtype)) if grouped is None else grouped
         # compiled decode with experts read in place (a float pool): one fused call per token and layer instead of a loop
         self.pooled = torch.compile(pool_experts, fullgraph=True, dynamic=False) if compiled and self.in_place and not self.grouped else None
+        self.pool_fields = self._pool_fields() if self.in_place else ()  # what the compiled call reads, made once
         # per slot: (gate_up fields, down fields, gate_up bias, down bias) as views, made once (indexing the pool per call
         # costs a dispatch each); a matrix's bias, when experts have one, is its last packed field
         self.slot_fields = [self._split(tuple([f[slot] for f in cache.fields[m]] for m in MATRICES)) for slot in range(cache.num_slots)]
@@ -115,8 +116,12 @@ class ExpertExecutor:
     def _pooled(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [1, H], slots [n] on the device (rank order), weights [1, n] -> [1, H], through the compiled `pool_experts`."""
         assert self.pooled is not None
-        (gate_up, *gate_up_b), (down, *down_b) = self.cache.fields["gate_up"], self.cache.fields["down"]  # float: weight [+ bias]
-        return self.pooled(self.act, x, slots, weights, gate_up, down, gate_up_b[-1] if self.bias else None, down_b[-1] if self.bias else None)
+        return self.pooled(self.act, x, slots, weights, *self.pool_fields)
+
+    def _pool_fields(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """A float pool's (gate_up [S, 2I, H], down [S, H, I], their biases or None) as typed views of every slot."""
+        (gate_up, *gate_up_b), (down, *down_b) = self.cache.fields["gate_up"], self.cache.fields["down"]  # weight [+ bias]
+        return gate_up, down, gate_up_b[-1] if self.bias else None, down_b[-1] if self.bias else None
 
     def _compute(self, xs: torch.Tensor, slots: list[int], counts: list[int]) -> torch.Tensor:
         """xs: [Pg, H], rows grouped by expert (slot order as given) -> expert outputs [Pg, H]."""
