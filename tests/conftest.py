@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -24,11 +26,31 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+def shared_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A directory every xdist worker of this run sees (the run's base temp dir), or this process's own without xdist."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return tmp_path_factory.mktemp(name)
+    root = tmp_path_factory.getbasetemp().parent / name  # basetemp is per worker; its parent is the run's
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def build_once(arch: str, root: Path) -> Path:
+    """root/arch built by whichever worker comes first (under a file lock, renamed into place), reused by the others."""
+    path = root / arch
+    with FileLock(str(root / f"{arch}.lock")):
+        if not path.is_dir():
+            partial = root / f".{arch}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            os.replace(build_checkpoint(arch, partial), path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """arch -> directory of a tiny random checkpoint in hub format."""
-    root = tmp_path_factory.mktemp("ckpt")
-    return {arch: build_checkpoint(arch, root / arch) for arch in ARCHITECTURES}
+    """arch -> directory of a tiny random checkpoint in hub format, built once per run and shared by its workers."""
+    root = shared_dir(tmp_path_factory, "ckpt")
+    return {arch: build_once(arch, root) for arch in ARCHITECTURES}
 
 
 def small_cache(arch: str) -> int:

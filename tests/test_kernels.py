@@ -11,12 +11,12 @@ from mobile_moe import LLM, engine_config
 from mobile_moe.bench.synthetic import build_synthetic
 from mobile_moe.config import PolicyConfig, SamplingParams
 from mobile_moe.experts.formats import Int4Format, Int8Format, Mxfp4Format
-from mobile_moe.experts.kernels import FusedInt4, FusedInt8, compute_format, layout_format, unpack_kernel_int4
+from mobile_moe.experts.kernels import FusedInt4, FusedInt8, compute_format, int4_block_rows, layout_format, unpack_kernel_int4
 
 CPU = torch.device("cpu")
 # bf16 rounds every (scale, zero) and activation once: 1e-2 of the output's norm; fp16 keeps 10 mantissa bits
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
-SHAPES = [(96, 64), (32, 128), (160, 64), (128, 256)]  # row tails under, at and over the kernel's 64-row blocks
+SHAPES = [(96, 64), (32, 128), (160, 64), (128, 256)]  # row tails under, at and over the kernel's 32- or 64-row blocks
 GREEDY = SamplingParams(max_new_tokens=6, stop_at_eos=False)
 
 
@@ -25,7 +25,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _fused(fmt_name: str, dtype: torch.dtype, group: int):
-    return FusedInt8(dtype) if fmt_name == "int8" else FusedInt4(Int4Format(group), dtype)
+    return FusedInt8(dtype) if fmt_name == "int8" else FusedInt4(Int4Format(group), dtype, int4_block_rows(64, 64))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -46,10 +46,13 @@ def test_fused_kernel_matches_the_portable_reference(fmt_name: str, group: int, 
 
 
 def test_int4_kernel_layout_unpacks_exactly():
-    for out in (64, 96, 128, 32):
+    block = int4_block_rows(64, 64)
+    assert block in (32, 64)  # the running torch packs in one of the known layouts (a new one would leave int4 unfused)
+    for out in (64, 96, 128, 32, 80):
         codes = torch.randint(0, 16, (out, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(out))
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
-        assert torch.equal(unpack_kernel_int4(packed, out, 64).int(), codes)
+        assert torch.equal(unpack_kernel_int4(packed, out, 64, block).int(), codes)
+        assert int4_block_rows(out, 64) == block
 
 
 def test_kernel_layouts_only_where_a_kernel_runs():
@@ -64,9 +67,12 @@ def test_kernel_layouts_only_where_a_kernel_runs():
 
 
 def test_layout_ids_rebuild_their_formats():
-    for fmt in (FusedInt8(torch.bfloat16), FusedInt4(Int4Format(64), torch.bfloat16), Int4Format(32), Int8Format(), Mxfp4Format()):
+    for fmt in (FusedInt8(torch.bfloat16), FusedInt4(Int4Format(64), torch.bfloat16), FusedInt4(Int4Format(32), torch.bfloat16, 32),
+                Int4Format(32), Int8Format(), Mxfp4Format()):
         again = layout_format(fmt.layout_id, getattr(fmt, "group_size", 0), torch.bfloat16)
         assert type(again) is type(fmt) and getattr(again, "group_size", None) == getattr(fmt, "group_size", None)
+        assert getattr(again, "block", None) == getattr(fmt, "block", None) and again.layout_id == fmt.layout_id
+    assert FusedInt4(Int4Format(64), torch.bfloat16, 32).layout_id != FusedInt4(Int4Format(64), torch.bfloat16, 64).layout_id
 
 
 def _synthetic(fused: bool, expert_dtype: str) -> LLM:

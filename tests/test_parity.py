@@ -98,7 +98,8 @@ def test_rescaled_little_weights_sum_to_the_big_weights():
 @pytest.mark.parametrize("arch", ["qwen3_5_moe", "qwen3_5_moe_text"])
 def test_hybrid_long_prompt_in_pieces_matches_transformers(checkpoints, arch):
     """150 tokens (several 64-token delta-rule chunks), fed as 70 then 80 through the recurrent states and the KV cache, as
-    transformers is fed (its own split and whole runs differ by up to 2e-4 on these random weights, from float32 rounding)."""
+    transformers is fed. Tolerance 5e-4: float32 rounding of the chunked delta rule, as large as transformers' own split vs
+    whole runs differ on these random weights (up to 2e-4 with torch 2.13, 5e-4 with 2.14; ours is 1.7e-4 from its split)."""
     prompt = [(7 * i + 3) % 90 + 5 for i in range(150)]
     ref = reference_model(checkpoints[arch])
     with torch.no_grad():
@@ -109,4 +110,4 @@ def test_hybrid_long_prompt_in_pieces_matches_transformers(checkpoints, arch):
     kv = llm.runner.new_kv(len(prompt))
     first = llm.runner.forward(torch.tensor(prompt[:70]), kv, ExpertMode.BIG, all_logits=True)
     rest = llm.runner.forward(torch.tensor(prompt[70:]), kv, ExpertMode.BIG, all_logits=True)
-    torch.testing.assert_close(torch.cat((first, rest)), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(torch.cat((first, rest)), expected, atol=5e-4, rtol=0)

@@ -6,8 +6,9 @@ layout (`compute_format` + `ExpertStore.repack`); every expert keeps one contigu
 the cache and the copies are unchanged. On CPU with bf16 / fp16 activations:
 
 - int8 -> torch's `_weight_int8pack_mm` (codes as stored, scales in the compute dtype);
-- int4 -> torch's `_weight_int4pack_mm_for_cpu` (codes in the kernel's blocked layout, (scale, zero) pairs
-  [in / group, out, 2] in the compute dtype, w = (q - 8) * scale + zero).
+- int4 -> torch's `_weight_int4pack_mm_for_cpu` (codes in the kernel's blocked layout, whose block of rows changed
+  between torch releases and is probed; (scale, zero) pairs [in / group, out, 2] in the compute dtype,
+  w = (q - 8) * scale + zero).
 
 Both kernels are matrix-vector kernels: their time grows with the rows, so a call with more than the format's
 `max_rows` (a long prompt's rows of one expert) dequantizes once and runs a dense matmul instead. The crossovers
@@ -27,7 +28,7 @@ from mobile_moe.experts.store import MATRICES, ExpertStore
 
 FUSED_DTYPES = (torch.bfloat16, torch.float16)
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes _weight_int4pack_mm_for_cpu accepts
-INT4_BLOCK_N = 64  # the CPU kernel's packing interleaves output rows in blocks of this many
+INT4_BLOCKS = (64, 32)  # the CPU kernel's packing interleaves output rows in blocks of this many: 64 in torch 2.13, 32 in 2.14
 INT4_OFFSET = 8  # the kernel's codes are centred: w = (q - 8) * scale + zero
 
 
@@ -109,8 +110,13 @@ class FusedInt4(FusedFormat):
     kernel = "_weight_int4pack_mm_for_cpu"
     max_rows = 64
 
-    def __init__(self, portable: Int4Format, dtype: torch.dtype) -> None:
+    def __init__(self, portable: Int4Format, dtype: torch.dtype, block: int = INT4_BLOCKS[0]) -> None:
         self.portable, self.dtype, self.group_size = portable, dtype, portable.group_size
+        self.block = block  # rows per interleaved block of the running torch's packing (`int4_block_rows`)
+
+    @property
+    def layout_id(self) -> str:
+        return f"int4:{self.kernel}" + ("" if self.block == INT4_BLOCKS[0] else f":b{self.block}")
 
     def fields(self, out: int, inp: int) -> list[Field]:
         return [Field("packed", torch.uint8, (out, inp // 2)), Field("scale_zeros", self.dtype, (inp // self.group_size, out, 2))]
@@ -125,7 +131,7 @@ class FusedInt4(FusedFormat):
     def dequantize(self, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         packed, sz = parts  # [out, in/2], [G, out, 2]
         out, inp = packed.shape[0], 2 * packed.shape[1]
-        codes = unpack_kernel_int4(packed, out, inp).view(out, -1, self.group_size).to(dtype)  # [out, G, g]
+        codes = unpack_kernel_int4(packed, out, inp, self.block).view(out, -1, self.group_size).to(dtype)  # [out, G, g]
         scale, zero = sz.transpose(0, 1).to(dtype).unbind(-1)  # [out, G] each
         return ((codes - INT4_OFFSET) * scale[..., None] + zero[..., None]).view(out, inp)
 
@@ -134,16 +140,16 @@ class FusedInt4(FusedFormat):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, self.group_size, sz)
 
 
-def unpack_kernel_int4(packed: torch.Tensor, out: int, inp: int) -> torch.Tensor:
+def unpack_kernel_int4(packed: torch.Tensor, out: int, inp: int, block: int) -> torch.Tensor:
     """The CPU kernel's packed codes [out, in / 2] -> codes uint8 [out, in].
 
-    Full blocks of 64 rows: byte (block, k, j) holds row j (low nibble) and row 32 + j (high) of column k. The
-    remaining rows: byte (k, r) holds rows 2r (low) and 2r + 1 (high). `int4_layout_matches` checks this on the
+    Full blocks of `block` rows: byte (b, k, j) holds row j (low nibble) and row block / 2 + j (high) of column k. The
+    remaining rows: byte (k, r) holds rows 2r (low) and 2r + 1 (high). `int4_block_rows` finds the block size of the
     running torch before any store is repacked.
     """
-    full = out // INT4_BLOCK_N * INT4_BLOCK_N
+    full = out // block * block
     flat = packed.reshape(-1)
-    blocks = flat[: full * inp // 2].view(-1, inp, INT4_BLOCK_N // 2)  # [B, in, 32]
+    blocks = flat[: full * inp // 2].view(-1, inp, block // 2)  # [B, in, block / 2]
     head = torch.cat((blocks & 15, blocks >> 4), -1).transpose(1, 2).reshape(full, inp)  # [full, in]
     if full == out:
         return head
@@ -152,15 +158,19 @@ def unpack_kernel_int4(packed: torch.Tensor, out: int, inp: int) -> torch.Tensor
     return torch.cat((head, rest))
 
 
-def int4_layout_matches(out: int, inp: int) -> bool:
-    """Probe: torch's packing of random codes for a matrix with `out`'s row tail unpacks to the same codes."""
-    rows = INT4_BLOCK_N + out % INT4_BLOCK_N
-    codes = torch.randint(0, 16, (rows, inp), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-    try:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
-        return bool(torch.equal(unpack_kernel_int4(packed, rows, inp).int(), codes))
-    except (RuntimeError, ValueError):
-        return False
+def int4_block_rows(out: int, inp: int) -> int | None:
+    """Probe: the block size whose unpacking of torch's packing of random codes (a full block and `out`'s row tail) gives
+    the same codes back, or None when no known layout does (then int4 keeps the reference path)."""
+    for block in INT4_BLOCKS:
+        rows = max(INT4_BLOCKS) + out % block
+        codes = torch.randint(0, 16, (rows, inp), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        try:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+            if torch.equal(unpack_kernel_int4(packed, rows, inp, block).int(), codes):
+                return block
+        except (RuntimeError, ValueError):
+            return None
+    return None
 
 
 def compute_format(fmt: ExpertFormat, dtype: torch.dtype, device: torch.device, shapes: list[tuple[int, int]]) -> FusedFormat | None:
@@ -172,8 +182,11 @@ def compute_format(fmt: ExpertFormat, dtype: torch.dtype, device: torch.device, 
     if type(fmt) is Int8Format:
         return FusedInt8(dtype)
     if type(fmt) is Int4Format and fmt.group_size in INT4_KERNEL_GROUPS:
-        if all(inp % fmt.group_size == 0 and out % 2 == 0 and int4_layout_matches(out, inp) for out, inp in shapes):
-            return FusedInt4(fmt, dtype)
+        if not all(inp % fmt.group_size == 0 and out % 2 == 0 for out, inp in shapes):
+            return None
+        blocks = {int4_block_rows(out, inp) for out, inp in shapes}
+        if len(blocks) == 1 and None not in blocks:
+            return FusedInt4(fmt, dtype, blocks.pop())
     return None
 
 
@@ -181,8 +194,9 @@ def layout_format(layout_id: str, group_size: int, dtype: torch.dtype) -> Expert
     """The format whose `layout_id` this is (group_size: int4 only; dtype: the compute dtype a kernel layout was packed for)."""
     if layout_id == f"int8:{FusedInt8.kernel}":
         return FusedInt8(dtype)
-    if layout_id == f"int4:{FusedInt4.kernel}":
-        return FusedInt4(Int4Format(group_size), dtype)
+    if layout_id.startswith(f"int4:{FusedInt4.kernel}"):
+        block = layout_id.removeprefix(f"int4:{FusedInt4.kernel}").removeprefix(":b") or INT4_BLOCKS[0]
+        return FusedInt4(Int4Format(group_size), dtype, int(block))
     return make_format(layout_id, dtype, group_size if layout_id == "int4" else None)
 
 
