@@ -8,6 +8,7 @@ from conftest import open_llm, small_cache
 
 from mobile_moe import LLM, engine_config
 from mobile_moe.config import PolicyConfig, SamplingParams
+from mobile_moe.engine.runner import pooled_layer
 from mobile_moe.experts.dispatch import combine, pool_experts
 from mobile_moe.models.transformer import before_experts
 
@@ -41,6 +42,28 @@ def test_compiled_resident_decode_equals_eager_and_reads_the_host_once_per_token
     want, got = eager.generate([3, 4, 5], sampling), compiled.generate([3, 4, 5], sampling)
     assert got.token_ids == want.token_ids
     assert got.stats.decode_host_syncs == len(got.token_ids) - 1  # the token, nothing per layer
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "gpt_oss"])  # MLA, shared experts and a dense layer; sinks, sliding window, biases
+def test_resident_layers_compile_whole_experts_included_and_decode_like_eager(checkpoints, arch: str):
+    """Every expert resident: each MoE layer (attention, router, the mode's choice, slot lookup, experts) compiles with
+    fullgraph=True into one call, for big and for mobile's little and fallback passes, and decodes as eager does."""
+    eager = LLM(checkpoints[arch], engine_config(progress=False, dtype="float32"))
+    compiled = LLM(checkpoints[arch], engine_config(progress=False, dtype="float32", compile=True))
+    for llm in (eager, compiled):
+        llm.reset_cache(llm.loaded.store.total_experts)
+        llm.cache.load_all()
+    torch._dynamo.reset()
+    compiled.runner.resident_layer = torch.compile(pooled_layer, fullgraph=True)
+    calls = []
+    step = compiled.runner.resident_step
+    compiled.runner.resident_step = lambda *a: calls.append(a[0]) or step(*a)
+    sampling = SamplingParams(max_new_tokens=5, temperature=0.0, stop_at_eos=False)
+    for policy in (PolicyConfig("big"), PolicyConfig("mobile", tau=0.9, criterion="max_prob")):
+        want, got = eager.generate([5, 6, 7, 8], sampling, policy), compiled.generate([5, 6, 7, 8], sampling, policy)
+        assert got.token_ids == want.token_ids
+        assert [s.fell_back for s in got.steps] == [s.fell_back for s in want.steps]
+    assert calls  # decode passes took the whole-layer path
 
 
 @pytest.mark.parametrize("arch", ["gpt_oss"])  # clamped SwiGLU experts with biases (SiLU: the resident test above)

@@ -13,11 +13,13 @@ from mobile_moe.engine.budget import PREFILL_CHUNK
 from mobile_moe.experts.cache import ExpertCache
 from mobile_moe.experts.executor import ExpertExecutor
 from mobile_moe.experts.reader import Priority
-from mobile_moe.layers.kv_cache import BatchKV, KVCache, KVPool
-from mobile_moe.layers.mlp import activation
-from mobile_moe.layers.moe import ExpertMode, LayerExperts, RouterSpec, Routing, select
+from mobile_moe.experts.dispatch import pool_experts
+from mobile_moe.layers.attention import AttentionInput
+from mobile_moe.layers.kv_cache import BatchKV, KVCache, KVPool, LayerKV
+from mobile_moe.layers.mlp import Activation, activation
+from mobile_moe.layers.moe import ExpertMode, LayerExperts, MoEBlock, RouterSpec, Routing, select
 from mobile_moe.policy.little import prefer_resident, runs_big_here
-from mobile_moe.models.transformer import CausalLM, Segment, before_experts
+from mobile_moe.models.transformer import CausalLM, DecoderLayer, LayerStep, Segment, before_experts
 
 
 class BoundLayer:
@@ -66,6 +68,12 @@ class Runner:
         self.kv_slack = PREFILL_CHUNK  # a sliding-window ring holds this many positions past the window: the longest write (a prompt
         # chunk) or rewind (a fallback, --kv-repair) must fit, so that no key a query still sees is overwritten
         self.compiled: Segment | None = compiled_segment() if compile_layers else None
+        # compiled, experts read in place from a float pool: an offloaded MoE layer is two compiled calls around the host's
+        # one read of its choice (`offloaded_step`); with every expert resident, one call (`resident_step`)
+        pooled = self.executor.pooled is not None
+        self.routed_segment = torch.compile(routed_segment, dynamic=None) if pooled else None
+        self.pooled_finish = torch.compile(pooled_finish, dynamic=False) if pooled else None
+        self.resident_layer = torch.compile(pooled_layer, dynamic=None) if pooled else None
 
     def at(self, layer: int) -> LayerExperts:
         """The experts handle of decoder layer `layer`."""
@@ -130,17 +138,21 @@ class Runner:
 
     def note_routing(self, layer: int, x: torch.Tensor, routing: Routing) -> None:
         """Keep each layer's top-k of the last token while recording; with lookahead, start the next layer's loads."""
+        self.record_routing(layer, routing)
+        nxt = self.next_moe_layer.get(layer)
+        if self.lookahead and nxt is not None and x.shape[0] == 1:
+            block = self.model.model.layers[nxt].mlp
+            indices, _ = select(block.gate(x), block.spec, self.mode, self.little_weights)
+            self.cache.prefetch(nxt, self.cache.transfer.to_host(indices[0]), Priority.LOOKAHEAD)
+
+    def record_routing(self, layer: int, routing: Routing) -> None:
+        """While recording: keep the layer's top-k of the last token (of every row, in a batched pass)."""
         if self.recorded and self.batch_rows:
             self.row_routing[layer] = routing  # this pass's own tensors: no copy needed
         elif self.recorded:
             row = self.moe_row[layer]
             self.routing_buf[row].copy_(routing.indices[-1])
             self.weight_buf[row].copy_(routing.raw_weights[-1])
-        nxt = self.next_moe_layer.get(layer)
-        if self.lookahead and nxt is not None and x.shape[0] == 1:
-            block = self.model.model.layers[nxt].mlp
-            indices, _ = select(block.gate(x), block.spec, self.mode, self.little_weights)
-            self.cache.prefetch(nxt, self.cache.transfer.to_host(indices[0]), Priority.LOOKAHEAD)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, kv: KVCache, mode: ExpertMode, record: bool = False, all_logits: bool = False, step: int = 0) -> torch.Tensor:
@@ -151,8 +163,47 @@ class Runner:
             trace.step, trace.pass_id, trace.mode = step, trace.pass_id + 1, mode.value
         self.recorded, self.resident_pass = record, self.resident_decode(ids.shape[0])
         segment = self.compiled if self.compiled is not None and ids.shape[0] == 1 else before_experts  # prompts run eager
+        step = self.layer_step(ids.shape[0])
         with native_cpu_gemv(ids.shape[0] == 1 and ids.device.type == "cpu" and self.executor.dtype in (torch.bfloat16, torch.float16)):
-            return self.model(ids, kv, self, all_logits=all_logits, segment=segment)
+            return self.model(ids, kv, self, all_logits=all_logits, segment=segment, layer_step=step)
+
+    def layer_step(self, tokens: int) -> LayerStep | None:
+        """The whole-layer compiled path this pass takes, if any: one decode row, experts read in place from the pool,
+        no host-side knob, a layer's top-k fitting the cache."""
+        if self.resident_layer is None or tokens != 1:
+            return None
+        if self.resident_pass:
+            return self.resident_step
+        knobs = self.layer_adaptive is not None or self.cache_prior is not None
+        return None if knobs or self.model.info.top_k > self.cache.num_slots else self.offloaded_step
+
+    def offloaded_step(self, index: int, layer: DecoderLayer, x: torch.Tensor, inp: AttentionInput, kv: LayerKV) -> torch.Tensor:
+        """One decode layer with offloaded experts, compiled: the segment and choice, the layer's one host read and its
+        loads, then the experts from the pool. x: [1, H] -> [1, H]."""
+        assert self.routed_segment is not None and self.pooled_finish is not None
+        x, h, indices, raw_weights, shared, chosen, weights = self.routed_segment(layer, x, inp, kv, self.mode, self.little_weights)
+        if h is None:
+            return x  # a dense layer
+        self.note_routing(index, h, Routing(indices, raw_weights))
+        cache, executor = self.cache, self.executor
+        slots = cache.acquire(index, cache.transfer.to_host(chosen[0]))
+        try:
+            return self.pooled_finish(executor.act, x, h, shared, cache.transfer.to_device(slots), weights, *executor.pool_fields)
+        finally:
+            cache.release(slots)
+
+    def resident_step(self, index: int, layer: DecoderLayer, x: torch.Tensor, inp: AttentionInput, kv: LayerKV) -> torch.Tensor:
+        """One decode layer, every expert resident, compiled: a `LayerStep` with no host read (the slots come from the
+        cache's device-side expert-to-slot table). x: [1, H] -> [1, H]."""
+        assert self.compiled is not None and self.resident_layer is not None
+        if not isinstance(layer.mlp, MoEBlock):
+            return self.compiled(layer, x, inp, kv)[0]  # a dense layer: the segment runs it whole
+        cache, executor = self.cache, self.executor
+        x, indices, raw_weights = self.resident_layer(layer, x, inp, kv, cache.slot_rows[index], self.mode, self.little_weights,
+                                                      executor.act, *executor.pool_fields)
+        cache.stats.hits += layer.mlp.spec.top_k if self.mode is ExpertMode.BIG else layer.mlp.spec.little_k
+        self.record_routing(index, Routing(indices, raw_weights))
+        return x
 
     @torch.inference_mode()
     def forward_rows(self, ids: torch.Tensor, batch: BatchKV, little: list[bool], record: bool = False) -> torch.Tensor:
@@ -220,6 +271,41 @@ def mixed_select(routing: Routing, spec: RouterSpec, little: torch.Tensor, littl
     dropped = little[:, None] & (torch.arange(k, device=little.device) >= n)[None, :]  # [B, k]
     padded = torch.cat((little_w, little_w.new_zeros(little_w.shape[0], k - n)), dim=1)  # [B, k]
     return big_idx.masked_fill(dropped, -1), torch.where(little[:, None], padded, big_w)
+
+
+def routed_segment(
+    layer: DecoderLayer, x: torch.Tensor, inp: AttentionInput, kv: LayerKV, mode: ExpertMode, little_weights: str,
+) -> tuple[torch.Tensor | None, ...]:
+    """`before_experts` and the mode's choice of experts (`select`), for torch.compile. x [1, H] -> (x [1, H], the MLP
+    input h [1, H] or None for a finished dense layer, top-k indices and raw gate values [1, k], the shared experts'
+    output or None, the chosen experts and their weights [1, n])."""
+    x, h, indices, raw_weights, shared = before_experts(layer, x, inp, kv)
+    if h is None or indices is None or raw_weights is None:
+        return x, None, None, None, None, None, None
+    chosen, weights = select(Routing(indices, raw_weights), layer.mlp.spec, mode, little_weights)
+    return x, h, indices, raw_weights, shared, chosen, weights
+
+
+def pooled_finish(
+    act: Activation, x: torch.Tensor, h: torch.Tensor, shared: torch.Tensor | None, slots: torch.Tensor, weights: torch.Tensor,
+    gate_up: torch.Tensor, down: torch.Tensor, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """The rest of an MoE layer, for torch.compile: the chosen experts read from the slot pool (slots [n], weights [1, n])
+    on h [1, H], plus the shared experts and the residual x [1, H] -> [1, H]."""
+    out = pool_experts(act, h, slots, weights, gate_up, down, gate_up_bias, down_bias)
+    return x + (out if shared is None else out + shared)
+
+
+def pooled_layer(
+    layer: DecoderLayer, x: torch.Tensor, inp: AttentionInput, kv: LayerKV, slot_of: torch.Tensor, mode: ExpertMode,
+    little_weights: str, act: Activation, *pool: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A whole MoE decoder layer for one token with every expert resident, for torch.compile: `routed_segment`, the slots
+    from the layer's expert-to-slot row slot_of [E] and `pooled_finish`, all on the device; pool: `pooled_finish`'s
+    pool fields. x [1, H] -> (x after the layer [1, H], top-k indices [1, k], raw gate values [1, k])."""
+    x, h, indices, raw_weights, shared, chosen, weights = routed_segment(layer, x, inp, kv, mode, little_weights)
+    assert h is not None and chosen is not None and weights is not None  # an MoE layer
+    return pooled_finish(act, x, h, shared, slot_of[chosen[0]], weights, *pool), indices, raw_weights
 
 
 def compiled_segment() -> Segment:

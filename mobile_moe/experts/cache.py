@@ -70,6 +70,8 @@ class ExpertCache:
         self.eviction = make_eviction(self.eviction_name)
         self.rows = {layer: row for row, layer in enumerate(self.store.layers)}  # MoE layer -> its row of slot_table
         self.slot_table = torch.full((len(self.rows), self.store.num_experts), -1, dtype=torch.int64, device=self.device)  # [L, E], -1: absent
+        self.slot_rows = {layer: self.slot_table[row] for layer, row in self.rows.items()}  # MoE layer -> its row [E], a view made once
+        self._table_on_host = self.slot_table.numpy() if self.device.type == "cpu" else None  # the same memory: a write costs no dispatch
         self._settled = False  # every expert resident and every copy into the pool finished
         self._guessed: set[Key] = set()  # loaded on a lookahead guess, not asked for yet
 
@@ -187,7 +189,7 @@ class ExpertCache:
             raise
         self.slots[slot] = _Slot(key=key, ticket=ticket)
         self.where[key] = slot
-        self.slot_table[self.rows[key[0]], key[1]] = slot
+        self._set_slot(key, slot)
         self.eviction.inserted(key)
         if self.reader is not None:
             self.stats.disk_reads += 1
@@ -216,11 +218,19 @@ class ExpertCache:
             raise CacheTooSmall(f"all {self.num_slots} expert cache slots are in use")
         slot = self.where.pop(victim)
         self._guessed.discard(victim)  # a guess evicted before use: not used
-        self.slot_table[self.rows[victim[0]], victim[1]] = -1
+        self._set_slot(victim, -1)
         self._settled = False
         self.eviction.removed(victim)
         self.stats.evictions += 1
         return slot
+
+    def _set_slot(self, key: Key, slot: int) -> None:
+        """Record in the expert-to-slot table where the expert lives (-1: absent)."""
+        row = self.rows[key[0]]
+        if self._table_on_host is not None:
+            self._table_on_host[row, key[1]] = slot
+        else:
+            self.slot_table[row, key[1]] = slot
 
     def _ready(self, slot: int) -> None:
         """Order compute after the slot's copy if it is still in flight."""
@@ -246,7 +256,7 @@ class ExpertCache:
         if key is not None and self.where.get(key) == slot:
             del self.where[key]
             self._guessed.discard(key)
-            self.slot_table[self.rows[key[0]], key[1]] = -1
+            self._set_slot(key, -1)
             self.eviction.removed(key)
         self.slots[slot] = _Slot(pins=self.slots[slot].pins)  # a failing acquire drops its pins right after
         self.free.append(slot)

@@ -91,8 +91,8 @@ class ExpertExecutor:
         cache = self.cache
         cache.stats.hits += indices.shape[1]
         if self.pooled is not None:  # compiled: the slot ids stay on the device
-            return self._pooled(x, cache.slot_table[cache.rows[layer]][indices[0]], weights)
-        slots = cache.slot_table[cache.rows[layer]][indices[0]].tolist()  # rank order
+            return self._pooled(x, cache.slot_rows[layer][indices[0]], weights)
+        slots = cache.slot_rows[layer][indices[0]].tolist()  # rank order
         return combine([self._expert(x, slot) for slot in slots], weights, x.dtype)
 
     def _run_one_token(self, layer: int, x: torch.Tensor, experts: list[int], weights: torch.Tensor) -> torch.Tensor:

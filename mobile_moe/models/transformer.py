@@ -44,6 +44,7 @@ class DecoderLayer(nn.Module):
 # (x [T, H], MLP input h [T, H] or None for a finished dense layer, top-k indices [T, k], raw gate values [T, k], shared output)
 LayerPart = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 Segment = Callable[[DecoderLayer, torch.Tensor, AttentionInput, LayerKV], LayerPart]  # eager or compiled `before_experts`
+LayerStep = Callable[[int, DecoderLayer, torch.Tensor, AttentionInput, LayerKV], torch.Tensor]  # (index, layer, x, inp, kv) -> x: a whole layer
 
 
 def before_experts(layer: DecoderLayer, x: torch.Tensor, inp: AttentionInput, kv: LayerKV) -> LayerPart:
@@ -132,8 +133,10 @@ class CausalLM(nn.Module):
 
     def forward(
         self, ids: torch.Tensor, kv: KVCache, runner: ExpertRunner, all_logits: bool = False, segment: Segment = before_experts,
+        layer_step: LayerStep | None = None,
     ) -> torch.Tensor:
-        """ids: [T] at positions kv.length.. -> logits [V] of the last position ([T, V] if all_logits); writes the KV cache."""
+        """ids: [T] at positions kv.length.. -> logits [V] of the last position ([T, V] if all_logits); writes the KV cache.
+        With `layer_step` each whole layer (experts included) is that one call instead of segment + expert dispatch."""
         T, start = ids.shape[0], kv.length
         kv.check_room(T)
         positions = torch.arange(start, start + T, device=ids.device)
@@ -141,7 +144,9 @@ class CausalLM(nn.Module):
         inp = AttentionInput.of(cos, sin, causal_mask(start, T, ids.device), self.lm_head.weight.dtype)
         x = self.model.embed_tokens(ids)  # [T, H]
         for index, layer in enumerate(self.model.layers):
-            if segment is before_experts:  # eager: the module call (its hooks fire)
+            if layer_step is not None:
+                x = layer_step(index, layer, x, inp, kv.layer(index))
+            elif segment is before_experts:  # eager: the module call (its hooks fire)
                 x = layer(x, inp, kv.layer(index), runner.at(index))
             else:
                 x = layer.after_experts(segment(layer, x, inp, kv.layer(index)), runner.at(index))
