@@ -524,6 +524,9 @@ def print_eval(report: dict) -> None:
           f"expert cache {report['cache_slots']} of {report['total_experts']}")
     print("agreement is scored from the first decode step (the prefill token is big's for mobile and not counted); CI: 95% bootstrap over prompts")
     print(f"experts {report['expert_format']} ({report['expert_bytes'] / 2**10:.1f} KiB each); perplexity on {ppl['tokens']} tokens from {ppl['files']} of {ppl['files_total']} files: big {ppl['big']:.3f}, little {ppl['little']:.3f}")
+    if ppl["mobile"]:
+        mobile = ", ".join(f"tau {tau} {value:.3f} ({value / ppl['big'] - 1:+.2%})" for tau, value in ppl["mobile"].items())
+        print(f"mobile perplexity (teacher-forced: each position from the pass mobile would emit it from) vs big: {mobile}")
     if report["big_vs_float_big"]:
         v = report["big_vs_float_big"]
         print(f"big vs big in {v['dtype']} with {v['expert_format']} experts: greedy agreement {v['agreement']:.1%} (positions {v['agreement_overall']:.1%}, whole continuations {v['exact_match']:.1%})")

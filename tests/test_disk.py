@@ -86,6 +86,18 @@ def test_a_truncated_or_foreign_store_is_refused_in_one_line(checkpoints, tmp_pa
         _llm(checkpoints["olmoe"], store)
 
 
+def test_a_store_packed_in_another_kernel_layout_is_refused(checkpoints, tmp_path: Path):
+    """A store whose records are in another layout (e.g. packed under a torch whose int4 kernel blocks rows differently)
+    is refused, naming the layout, rather than read as this one."""
+    store = tmp_path / "store"
+    _llm(checkpoints["qwen3_moe"], store, "int8", "bfloat16")
+    manifest = json.loads((store / MANIFEST).read_text())
+    assert manifest["layout_id"] == "int8:_weight_int8pack_mm"  # records in the fused kernel's layout
+    (store / MANIFEST).write_text(json.dumps({**manifest, "layout_id": "int8"}))  # as if written where no kernel ran
+    with pytest.raises(InvalidParameter, match="differs in layout_id"):
+        _llm(checkpoints["qwen3_moe"], store, "int8", "bfloat16")
+
+
 def test_buffered_reads_when_direct_io_is_off(checkpoints, tmp_path: Path):
     records = Records()  # on the mobile_moe logger itself: it does not propagate once the CLI has set it up
     logging.getLogger("mobile_moe").addHandler(records)

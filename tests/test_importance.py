@@ -14,7 +14,8 @@ from mobile_moe.config import LearnedImportance
 from mobile_moe.engine.calibration import CALIBRATION_FILE, read_calibration, resolve_policy
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.eval.learned import StepData, auc, feature_report, fit
-from mobile_moe.eval.quality import sample_windows
+from mobile_moe.eval.quality import learned_confidence, sample_windows
+from mobile_moe.layers.moe import ExpertMode
 from mobile_moe.policy.importance import SIGNALS, differs_probability, signal_confidence, step_signals
 from mobile_moe.policy.little import prefer_resident, runs_big_here
 
@@ -154,3 +155,19 @@ def test_eval_variants_parse_and_reject_unknown_knobs(capsys):
         main(["eval", "--variants", "plain,turbo=3"])
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and "variants are plain or knobs" in err and len(err.splitlines()) == 1
+
+
+def test_teacher_forced_learned_confidence_equals_each_decode_steps_own(checkpoints):
+    """The perplexity estimate's learned confidence at position t (one little pass over the window, every position's gate
+    values logged) is what a little decode step from the prefix up to t computes from its recorded routing."""
+    llm = open_llm(checkpoints["deepseek_v2"], expert_cache=16)  # a dense first layer: only MoE layers are logged
+    learned = LearnedImportance(SIGNALS, tuple(0.1 * i for i in range(len(SIGNALS))), (1.0,) * len(SIGNALS),
+                                tuple((-1) ** i * 0.3 for i in range(len(SIGNALS))), 0.2)
+    logits, gates = llm.routed_logits(PROMPT, "little")  # [T, V], [T, L, k]
+    assert gates.shape == (len(PROMPT), len(llm.info.moe_layers), llm.info.top_k)
+    got = learned_confidence(logits, gates, llm.runner.little_k, learned)
+    for t in (0, 3, len(PROMPT) - 1):
+        kv = llm.runner.new_kv(t + 1)
+        step = llm.runner.forward(torch.tensor(PROMPT[: t + 1]), kv, ExpertMode.LITTLE, record=True)  # [V]
+        want = signal_confidence(step_signals(step, llm.runner.logged_weights(), llm.runner.little_k), "learned", learned)
+        torch.testing.assert_close(got[t], want, rtol=1e-4, atol=1e-5)

@@ -212,6 +212,14 @@ class LLM:
             kv = self.runner.new_kv(len(ids))
             return self.runner.forward(torch.tensor(ids, device=self.device), kv, ExpertMode(mode), all_logits=True)
 
+    def routed_logits(self, ids: list[int], mode: str = "little") -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced logits [T, V] and each position's raw gate values of every MoE layer [T, L, k] (the router
+        signals a decode step of that position would see)."""
+        self._check_prompt(ids)
+        with self._lock:
+            kv = self.runner.new_kv(len(ids))
+            return self.runner.routed_logits(torch.tensor(ids, device=self.device), kv, ExpertMode(mode))
+
     def check_prompt(self, ids: list[int]) -> None:
         """Raise a one-line error for an empty, out-of-vocabulary or over-long prompt."""
         self._check_prompt(ids)

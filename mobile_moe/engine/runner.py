@@ -60,6 +60,7 @@ class Runner:
         self.routing_buf = torch.zeros(len(moe), k, dtype=torch.int64, device=device)  # [L, k] the last token's top-k per MoE layer
         self.weight_buf = torch.zeros(len(moe), k, dtype=torch.float32, device=device)  # [L, k] its raw gate values
         self.recorded = False  # whether the last pass filled the buffers
+        self.position_log: list[torch.Tensor] | None = None  # a pass logging every position: each MoE layer's raw gate values [T, k]
         self.row_little: torch.Tensor | None = None  # [B] bool: a batched pass whose rows mix big and little (True = little)
         self.row_routing: dict[int, Routing] = {}  # a recording batched pass: MoE layer -> every row's routing [B, k]
         self.resident_pass = False  # whether this pass takes the all-resident decode path (`resident_decode`)
@@ -146,13 +147,26 @@ class Runner:
             self.cache.prefetch(nxt, self.cache.transfer.to_host(indices[0]), Priority.LOOKAHEAD)
 
     def record_routing(self, layer: int, routing: Routing) -> None:
-        """While recording: keep the layer's top-k of the last token (of every row, in a batched pass)."""
+        """While recording: keep the layer's top-k of the last token (of every row, in a batched pass); while logging
+        positions, every position's gate values."""
+        if self.position_log is not None:
+            self.position_log.append(routing.raw_weights)
         if self.recorded and self.batch_rows:
             self.row_routing[layer] = routing  # this pass's own tensors: no copy needed
         elif self.recorded:
             row = self.moe_row[layer]
             self.routing_buf[row].copy_(routing.indices[-1])
             self.weight_buf[row].copy_(routing.raw_weights[-1])
+
+    @torch.inference_mode()
+    def routed_logits(self, ids: torch.Tensor, kv: KVCache, mode: ExpertMode) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids: [T] -> (logits [T, V], every position's raw gate values of each MoE layer [T, L, k])."""
+        self.position_log = []
+        try:
+            logits = self.forward(ids, kv, mode, all_logits=True)
+            return logits, torch.stack(self.position_log, dim=1)
+        finally:
+            self.position_log = None
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, kv: KVCache, mode: ExpertMode, record: bool = False, all_logits: bool = False, step: int = 0) -> torch.Tensor:

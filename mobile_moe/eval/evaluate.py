@@ -63,8 +63,8 @@ def evaluate(
     """
     prompts, skipped = _prompts(llm, texts, settings)
     base, taus = sweeps[0]
-    logit_criterion = base.criterion in LOGIT_CRITERIA  # the teacher-forced mobile estimate needs no router signals
-    scores = token_scores(llm, texts, settings.ppl_tokens, base.criterion if logit_criterion else None, settings.progress)
+    scored = base.criterion in LOGIT_CRITERIA or (base.criterion == "learned" and base.learned is not None)  # teacher-forced mobile
+    scores = token_scores(llm, texts, settings.ppl_tokens, base.criterion if scored else None, settings.progress, learned=base.learned)
     mobiles = [policy for sweep_base, sweep_taus in sweeps for policy in mobile_sweep(sweep_base, sweep_taus)]
     runs, versus = policy_runs(llm, prompts, mobiles, settings.new_tokens, settings.progress, reference)
     return {
@@ -77,7 +77,7 @@ def evaluate(
         "perplexity": {
             "big": perplexity(scores.big), "little": perplexity(scores.little), "tokens": int(scores.big.numel()),
             "files": scores.files, "files_total": scores.files_total,
-            "mobile": {f"{t:g}": mobile_perplexity(scores, t) for t in taus} if logit_criterion else {},
+            "mobile": {f"{t:g}": mobile_perplexity(scores, t) for t in taus} if scored else {},
         },
         "calibrated_tau": calibrated,
         "runs": [r.to_dict() for r in runs],

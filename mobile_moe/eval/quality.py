@@ -9,11 +9,12 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from tqdm import tqdm
 
-from mobile_moe.config import PolicyConfig, SamplingParams
+from mobile_moe.config import LearnedImportance, PolicyConfig, SamplingParams
 from mobile_moe.engine.llm import LLM
 from mobile_moe.eval.agreement import Agreement, compare
 from mobile_moe.eval.prompts import Prompt, predicted_next_line
-from mobile_moe.policy.importance import confidence
+from mobile_moe.errors import InvalidParameter
+from mobile_moe.policy.importance import confidence, signal_confidence, step_signals
 
 PPL_WINDOW = 256
 
@@ -154,10 +155,14 @@ def sample_windows(token_lists: list[list[int]], window: int, max_tokens: int, s
     return [(file, ids) for _, file, ids in sorted(picked)]
 
 
-def token_scores(llm: LLM, texts: list[str], max_tokens: int, criterion: str | None, progress: bool = True, seed: int = 0) -> TokenScores:
+def token_scores(
+    llm: LLM, texts: list[str], max_tokens: int, criterion: str | None, progress: bool = True, seed: int = 0,
+    learned: LearnedImportance | None = None,
+) -> TokenScores:
     """Teacher-forced scores on up to max_tokens tokens in windows of PPL_WINDOW tokens sampled (seeded) across all texts.
 
-    little_conf is measured for a criterion of the logits alone (None: left empty).
+    little_conf is measured for the criterion (None: left empty): one of the logits alone, or `learned` (with its fitted
+    predictor) from each position's logits and router signals in the little pass.
     """
     eos = list(llm.eos_token_ids[:1])
     windows = sample_windows([llm.encode(text) + eos for text in texts], min(PPL_WINDOW, llm.max_context - 1), max_tokens, seed)
@@ -165,11 +170,24 @@ def token_scores(llm: LLM, texts: list[str], max_tokens: int, criterion: str | N
     for _, ids in tqdm(windows, desc="perplexity", unit="window", disable=(not progress) or None, leave=False):
         target = torch.tensor(ids[1:])
         for mode, sink in (("big", big), ("little", little)):
-            logp = llm.logits(ids[:-1], mode).float().log_softmax(-1)  # [T, V]
+            if mode == "little" and criterion == "learned":
+                logits, gates = llm.routed_logits(ids[:-1], mode)  # [T, V], [T, L, k]
+                conf.append(learned_confidence(logits, gates, llm.runner.little_k, learned).cpu())
+            else:
+                logits = llm.logits(ids[:-1], mode)
+            logp = logits.float().log_softmax(-1)  # [T, V]
             sink.append(logp.gather(1, target[:, None].to(logp.device))[:, 0].cpu())
-            if mode == "little" and criterion is not None:
+            if mode == "little" and criterion is not None and criterion != "learned":
                 conf.append(torch.tensor([confidence(row, criterion) for row in logp]))
     return TokenScores(torch.cat(big), torch.cat(little), torch.cat(conf) if conf else torch.zeros(0), files=len({f for f, _ in windows}), files_total=len(texts))
+
+
+def learned_confidence(logits: torch.Tensor, gates: torch.Tensor, little_k: int, learned: LearnedImportance | None) -> torch.Tensor:
+    """logits [T, V] and gate values [T, L, k] of a little pass -> the learned criterion's confidence at each position [T]."""
+    if learned is None:
+        raise InvalidParameter("the learned criterion needs a fitted predictor (calibrate, or the model's mobile_moe.json)")
+    signals = torch.stack([step_signals(row, gate, little_k) for row, gate in zip(logits, gates)])  # [T, len(SIGNALS)]
+    return signal_confidence(signals, "learned", learned)
 
 
 def perplexity(logprobs: torch.Tensor) -> float:
