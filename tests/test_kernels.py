@@ -59,7 +59,7 @@ def test_kernel_layouts_only_where_a_kernel_runs():
     shapes = [(64, 64), (64, 32)]
     assert isinstance(compute_format(Int8Format(), torch.bfloat16, CPU, shapes), FusedInt8)
     assert isinstance(compute_format(Int4Format(32), torch.bfloat16, CPU, shapes), FusedInt4)
-    assert compute_format(Int8Format(), torch.float32, CPU, shapes) is None  # slower than dequantize-then-matmul there
+    assert compute_format(Int8Format(), torch.float32, CPU, shapes).dtype == torch.bfloat16  # float32 compute: bf16 activations
     assert compute_format(Int4Format(16), torch.bfloat16, CPU, shapes) is None  # the kernel takes groups of 32..256
     assert compute_format(Int4Format(64), torch.bfloat16, CPU, shapes) is None  # 64 does not divide down's input 32
     assert compute_format(Mxfp4Format(), torch.bfloat16, CPU, shapes) is None
@@ -75,16 +75,17 @@ def test_layout_ids_rebuild_their_formats():
     assert FusedInt4(Int4Format(64), torch.bfloat16, 32).layout_id != FusedInt4(Int4Format(64), torch.bfloat16, 64).layout_id
 
 
-def _synthetic(fused: bool, expert_dtype: str) -> LLM:
-    """A small OLMoE-shaped model (widths / 16: hidden 128, experts 64 wide) in bf16; every width suits both kernels."""
-    loaded = build_synthetic("olmoe-1b-7b", CPU, "bfloat16", shrink=16, expert_dtype=expert_dtype, group_size=32 if expert_dtype == "int4" else None,
+def _synthetic(fused: bool, expert_dtype: str, dtype: str = "bfloat16") -> LLM:
+    """A small OLMoE-shaped model (widths / 16: hidden 128, experts 64 wide); every width suits both kernels."""
+    loaded = build_synthetic("olmoe-1b-7b", CPU, dtype, shrink=16, expert_dtype=expert_dtype, group_size=32 if expert_dtype == "int4" else None,
                              fused_kernels=fused)
     return LLM(loaded, engine_config(progress=False, expert_cache=16))
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])  # float32 compute: the kernels on bf16 activations
 @pytest.mark.parametrize("expert_dtype", ["int8", "int4"])
-def test_repacked_store_runs_the_fused_kernels_and_matches_the_reference_model(expert_dtype: str):
-    fused, reference = _synthetic(True, expert_dtype), _synthetic(False, expert_dtype)
+def test_repacked_store_runs_the_fused_kernels_and_matches_the_reference_model(expert_dtype: str, dtype: str):
+    fused, reference = _synthetic(True, expert_dtype, dtype), _synthetic(False, expert_dtype, dtype)
     assert "fused" in repr(fused.loaded.store.format) and "fused" not in repr(reference.loaded.store.format)
     assert fused.loaded.store.expert_bytes == reference.loaded.store.expert_bytes  # the same bytes cross the link
     ids = list(range(3, 40))
