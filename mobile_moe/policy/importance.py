@@ -50,12 +50,14 @@ def _entropy(probs: torch.Tensor) -> torch.Tensor:
 
 
 def output_signals(logits: torch.Tensor) -> torch.Tensor:
-    """logits: [V] -> [5]: max probability, 1 - normalised entropy, top-1/top-2 margin, top-1/top-2 logit gap, log max probability."""
+    """logits: [V] -> [5]: max probability, 1 - normalised entropy, top-1/top-2 margin, top-1/top-2 logit gap, log max
+    probability. Read off log-probabilities in a few whole-vector ops (each small op costs ~10 us of dispatch on a CPU)."""
     logits = logits.float()
-    probs = logits.softmax(-1)  # [V]
-    top2 = probs.topk(2).values
-    gap = (top2[0] / top2[1].clamp_min(1e-30)).log()  # = the logit gap, read off the probabilities
-    return torch.stack([top2[0], 1.0 - _entropy(probs) / math.log(probs.numel()), top2[0] - top2[1], gap, top2[0].clamp_min(1e-30).log()])
+    logp = logits - torch.logsumexp(logits, -1)  # [V]
+    entropy = -(logp.exp() * logp).sum()
+    top = logp.topk(2).values  # [2] log-probabilities of the best two
+    p = top.exp()
+    return torch.stack([p[0], 1.0 - entropy / math.log(logits.numel()), p[0] - p[1], top[0] - top[1], top[0]])
 
 
 def router_signals(raw_weights: torch.Tensor, little_k: int) -> torch.Tensor:
@@ -64,18 +66,17 @@ def router_signals(raw_weights: torch.Tensor, little_k: int) -> torch.Tensor:
     if raw_weights.numel() == 0 or little_k >= raw_weights.shape[1]:
         return raw_weights.new_zeros(7)
     w = raw_weights.float()
-    total = w.sum(1).clamp_min(1e-30)  # [L]
-    dropped = w[:, little_k:].sum(1) / total  # [L]
-    gap = w[:, little_k - 1] - w[:, little_k]  # [L]
-    return torch.stack([dropped.max(), dropped.mean(), gap.min(), gap.mean(), dropped.min(), dropped[-1], (w[:, 0] / total).mean()])
+    share = w / w.sum(1, keepdim=True).clamp_min(1e-30)  # [L, k]
+    per_layer = torch.stack([share[:, little_k:].sum(1), w[:, little_k - 1] - w[:, little_k], share[:, 0]], 1)  # [L, 3]: dropped, gap, top-1
+    lo, mean = per_layer.amin(0), per_layer.mean(0)  # [3] each
+    return torch.stack([per_layer[:, 0].amax(), mean[0], lo[1], mean[1], lo[0], per_layer[-1, 0], mean[2]])
 
 
 def step_signals(logits: torch.Tensor, raw_weights: torch.Tensor, little_k: int) -> torch.Tensor:
     """logits [V], raw_weights [L, k] -> the SIGNALS of one little step [len(SIGNALS)], on the device."""
-    max_prob, entropy, margin, logit_gap, log_max_prob = output_signals(logits)
+    out = output_signals(logits)  # max_prob, entropy, margin, logit_gap, log_max_prob
     router = router_signals(raw_weights, little_k)
-    return torch.cat([torch.stack([margin, (margin + 1e-4).log(), max_prob, entropy]), router[:4],
-                      torch.stack([logit_gap, log_max_prob]), router[4:]])
+    return torch.cat([out[2:3], (out[2:3] + 1e-4).log(), out[0:2], router[:4], out[3:5], router[4:]])
 
 
 def signal_confidence(signals: torch.Tensor, criterion: str, learned: LearnedImportance | None) -> torch.Tensor:
@@ -88,10 +89,20 @@ def signal_confidence(signals: torch.Tensor, criterion: str, learned: LearnedImp
 
 
 def differs_probability(signals: torch.Tensor, learned: LearnedImportance) -> torch.Tensor:
-    """signals: [..., len(SIGNALS)] -> the fitted P(little's token differs from big's) [...]."""
-    columns = signals[..., [SIGNALS.index(f) for f in learned.features]].float()  # [..., F]
-    mean, scale, weights = (signals.new_tensor(v, dtype=torch.float32) for v in (learned.mean, learned.scale, learned.weights))
-    return torch.sigmoid(((columns - mean) / scale) @ weights + learned.bias)
+    """signals: [..., len(SIGNALS)] -> the fitted P(little's token differs from big's) [...]: the standardisation folded
+    into one coefficient per signal (zero for signals the fit did not use), so a step costs one dot product."""
+    coef, offset = dense_coefficients(learned)
+    return torch.sigmoid(signals.float() @ signals.new_tensor(coef, dtype=torch.float32) + offset)
+
+
+def dense_coefficients(learned: LearnedImportance) -> tuple[list[float], float]:
+    """(a coefficient per entry of SIGNALS, offset) with sum_i weights[i] * (s_i - mean[i]) / scale[i] + bias = coef . s + offset."""
+    coef = [0.0] * len(SIGNALS)
+    offset = learned.bias
+    for feature, mean, scale, weight in zip(learned.features, learned.mean, learned.scale, learned.weights):
+        coef[SIGNALS.index(feature)] += weight / scale
+        offset -= mean * weight / scale
+    return coef, offset
 
 
 def confidence(logits: torch.Tensor, criterion: str) -> float:
