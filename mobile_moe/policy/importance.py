@@ -53,7 +53,7 @@ def output_signals(logits: torch.Tensor) -> torch.Tensor:
     """logits: [V] -> [5]: max probability, 1 - normalised entropy, top-1/top-2 margin, top-1/top-2 logit gap, log max
     probability. Read off log-probabilities in a few whole-vector ops (each small op costs ~10 us of dispatch on a CPU)."""
     logits = logits.float()
-    logp = logits - torch.logsumexp(logits, -1)  # [V]
+    logp = logits.log_softmax(-1)  # [V]
     entropy = -(logp.exp() * logp).sum()
     top = logp.topk(2).values  # [2] log-probabilities of the best two
     p = top.exp()
