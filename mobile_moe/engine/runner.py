@@ -209,9 +209,9 @@ class Runner:
     def resident_step(self, index: int, layer: DecoderLayer, x: torch.Tensor, inp: AttentionInput, kv: LayerKV) -> torch.Tensor:
         """One decode layer, every expert resident, compiled: a `LayerStep` with no host read (the slots come from the
         cache's device-side expert-to-slot table). x: [1, H] -> [1, H]."""
-        assert self.compiled is not None and self.resident_layer is not None
+        assert self.routed_segment is not None and self.resident_layer is not None
         if not isinstance(layer.mlp, MoEBlock):
-            return self.compiled(layer, x, inp, kv)[0]  # a dense layer: the segment runs it whole
+            return self.routed_segment(layer, x, inp, kv, self.mode, self.little_weights)[0]  # a dense layer, whole: the graph `offloaded_step` uses
         cache, executor = self.cache, self.executor
         x, indices, raw_weights = self.resident_layer(layer, x, inp, kv, cache.slot_rows[index], self.mode, self.little_weights,
                                                       executor.act, *executor.pool_fields)
