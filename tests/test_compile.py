@@ -8,8 +8,9 @@ from conftest import open_llm, small_cache
 
 from mobile_moe import LLM, engine_config
 from mobile_moe.config import PolicyConfig, SamplingParams
-from mobile_moe.engine.runner import pooled_layer
+from mobile_moe.engine.runner import pooled_layer, routed_segment
 from mobile_moe.experts.dispatch import combine, pool_experts
+from mobile_moe.layers.moe import ExpertMode
 from mobile_moe.models.transformer import before_experts
 
 STEPS = SamplingParams(max_new_tokens=3, temperature=0.0, stop_at_eos=False)  # two decode passes: the KV length changes once
@@ -98,3 +99,29 @@ def test_compiled_expert_call_matches_each_expert_computed_alone(checkpoints):
         executor.cache.fields["down"][0][slot].normal_(0.0, 0.05)
     want = combine([executor._expert(x, s) for s in slots], weights, x.dtype)
     torch.testing.assert_close(executor._pooled(x, torch.tensor(slots), weights), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "gpt_oss"])  # plain GQA; sinks, a sliding-window ring, biases
+def test_fixed_span_decode_reuses_one_compiled_graph_per_bucket_and_decodes_like_eager(checkpoints, arch: str):
+    """With the device-held position and a fixed key span, a compiled resident step depends on no host value that changes
+    from step to step: after the first step of a bucket nothing recompiles (what a captured CUDA graph needs)."""
+    eager = LLM(checkpoints[arch], engine_config(progress=False, dtype="float32"))
+    compiled = LLM(checkpoints[arch], engine_config(progress=False, dtype="float32", compile=True))
+    for llm in (eager, compiled):
+        llm.reset_cache(llm.loaded.store.total_experts)
+        llm.cache.load_all()
+    torch._dynamo.reset()
+    runner = compiled.runner
+    runner.resident_layer = torch.compile(pooled_layer, fullgraph=True, dynamic=False)
+    runner.routed_segment = torch.compile(routed_segment, fullgraph=True, dynamic=False)
+    runner.span_bucket = 16
+    prompt = [3, 4, 5, 6, 7]
+    want = eager.generate(prompt, SamplingParams(max_new_tokens=10, temperature=0.0, stop_at_eos=False))
+    kv = runner.new_kv(32)
+    runner.forward(runner.ids(prompt), kv, ExpertMode.BIG)  # the prompt (eager)
+    token = runner.ids([want.token_ids[0]])
+    got = [int(runner.forward(token, kv, ExpertMode.BIG).argmax())]  # the first decode step compiles the bucket's graphs
+    with torch.compiler.set_stance("fail_on_recompile"):  # positions 6..14: the same 16-key bucket
+        for t in want.token_ids[1:-1]:
+            got.append(int(runner.forward(runner.ids([t]), kv, ExpertMode.BIG).argmax()))
+    assert got == want.token_ids[1:]

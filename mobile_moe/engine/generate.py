@@ -55,11 +55,28 @@ class Decoder:
     generator: torch.Generator | None
     result: GenerationResult
     little_positions: int = 0  # trailing KV positions written by little passes (since the last big pass)
+    sampled: torch.Tensor | None = None  # [2, 1] int64 on the device: the last `read`'s token in one row, alternating, so a
+    # pass's input (the other row) stays intact for a fallback that reruns it
+    next_token: int | None = None  # the last `read`'s token on the host
+    next_row: int = 0  # the row of `sampled` holding it
 
     def read(self, logits: torch.Tensor, with_confidence: bool) -> tuple[int, int, float | None, tuple[float, ...]]:
-        """(sampled token, greedy token, confidence or None, signals) of one pass's logits [V], in one host sync."""
+        """(sampled token, greedy token, confidence or None, signals) of one pass's logits [V], in one host sync; the
+        sampled token also stays on the device (`next_ids`), so the next decode pass uploads nothing."""
         parts = self.read_parts(logits, with_confidence, self.runner.logged_weights)
-        return self.parse(self.runner.cache.transfer.to_host(torch.cat(parts)), with_confidence)
+        if self.sampled is None:
+            self.sampled = torch.zeros(2, 1, dtype=torch.int64, device=logits.device)
+        self.next_row = 1 - self.next_row
+        self.sampled[self.next_row].copy_(parts[0])  # a float64 holds every vocabulary id exactly
+        values = self.parse(self.runner.cache.transfer.to_host(torch.cat(parts)), with_confidence)
+        self.next_token = values[0]
+        return values
+
+    def input_ids(self, token: int) -> torch.Tensor:
+        """The decode pass's input [1] for `token`: the device copy `read` left when it holds that token, else uploaded."""
+        if self.sampled is not None and self.next_token == token:
+            return self.sampled[self.next_row]
+        return self.runner.ids([token])
 
     def read_parts(self, logits: torch.Tensor, with_confidence: bool, router_weights: Callable[[], torch.Tensor]) -> list[torch.Tensor]:
         """What `read` brings to the host for logits [V], still on the device: token, greedy token[, confidence, signals]."""
@@ -90,7 +107,7 @@ class Decoder:
     def step(self, token: int, step: int) -> int:
         """One MoBiLE step: first pass (big or little); if the policy says so, rewind and redo it with big."""
         runner, policy = self.runner, self.policy
-        ids = runner.ids([token])
+        ids = self.input_ids(token)
         before = self.kv.snapshot() if policy.may_fall_back else None  # what a fallback returns to (copies recurrent states)
         logits = runner.forward(ids, self.kv, policy.decode_mode, record=policy.may_fall_back, step=step)
         nxt, greedy, conf, signals = self.read(logits, policy.needs_confidence)

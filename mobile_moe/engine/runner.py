@@ -66,6 +66,7 @@ class Runner:
         self.resident_pass = False  # whether this pass takes the all-resident decode path (`resident_decode`)
         self.batch_rows = False  # whether the current pass is a batched decode pass (`forward_rows`)
         self.bound = [BoundLayer(self, layer) for layer in range(len(model.model.layers))]
+        self.span_bucket: int | None = None  # decode passes read a fixed span of keys, rounded up to this many (None: the exact length)
         self.kv_slack = PREFILL_CHUNK  # a sliding-window ring holds this many positions past the window: the longest write (a prompt
         # chunk) or rewind (a fallback, --kv-repair) must fit, so that no key a query still sees is overwritten
         self.compiled: Segment | None = compiled_segment() if compile_layers else None
@@ -177,9 +178,16 @@ class Runner:
             trace.step, trace.pass_id, trace.mode = step, trace.pass_id + 1, mode.value
         self.recorded, self.resident_pass = record, self.resident_decode(ids.shape[0])
         segment = self.compiled if self.compiled is not None and ids.shape[0] == 1 else before_experts  # prompts run eager
-        step = self.layer_step(ids.shape[0])
+        step, span = self.layer_step(ids.shape[0]), self.decode_span(ids.shape[0], kv)
         with native_cpu_gemv(ids.shape[0] == 1 and ids.device.type == "cpu" and self.executor.dtype in (torch.bfloat16, torch.float16)):
-            return self.model(ids, kv, self, all_logits=all_logits, segment=segment, layer_step=step)
+            return self.model(ids, kv, self, all_logits=all_logits, segment=segment, layer_step=step, span=span)
+
+    def decode_span(self, tokens: int, kv: KVCache) -> int | None:
+        """Keys a decode pass reads with `span_bucket` set: the length + 1 rounded up to the bucket (at most max_len), so
+        every step in a bucket has the same shapes (one compiled graph, or one captured CUDA graph, serves them all)."""
+        if self.span_bucket is None or tokens != 1:
+            return None
+        return min(kv.max_len, -(-(kv.length + 1) // self.span_bucket) * self.span_bucket)
 
     def layer_step(self, tokens: int) -> LayerStep | None:
         """The whole-layer compiled path this pass takes, if any: one decode row, experts read in place from the pool,

@@ -44,17 +44,29 @@ class LayerKV:
     recurrent state. Passed to the layer as an argument, so a compiled layer serves every layer of its type.
 
     A sliding-window layer may keep a ring of `ring` slots instead (position p in slot p mod ring, ring >= window + the
-    longest write or rewind), so its memory is bounded by the window, not the context."""
+    longest write or rewind), so its memory is bounded by the window, not the context.
+
+    A decode pass (one new position) also carries `position`, the device-held copy of `start` [1]: the new key is written
+    with an index there, so the step's tensor code depends on no host value but the length it reads. With `span` set
+    (a fixed key count >= start + 1, for a captured graph) it reads that many keys, the unfilled ones masked."""
 
     k: torch.Tensor
     v: torch.Tensor
     start: int  # positions already filled
     recurrent: RecurrentState | None = None
     ring: int | None = None  # slots of a ring buffer (None: position p lives at index p)
+    position: torch.Tensor | None = None  # [1] int64 on the device: start, for a one-position write
+    span: int | None = None  # keys a decode pass reads (None: exactly start + 1)
 
     def write(self, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store [H, T, D] entries at `start`; return the keys/values up to start + T (bounds checked by `KVCache.layer`);
         for a ring, its filled slots in slot order (see `window_mask`)."""
+        if self.position is not None and k_new.shape[1] == 1:  # a decode write at the device-held position
+            at = self.position if self.ring is None else torch.remainder(self.position, self.ring)  # [1]
+            self.k.index_copy_(1, at, k_new)
+            self.v.index_copy_(1, at, v_new)
+            width = self.decode_width()
+            return self.k[:, :width], self.v[:, :width]
         end = self.start + k_new.shape[1]
         if self.ring is None:
             self.k[:, self.start : end] = k_new
@@ -70,12 +82,20 @@ class LayerKV:
         """[T, S] bool for the T queries just written (positions start..start+T-1) over what `write` returned: each sees
         the `window` latest keys up to itself."""
         device = self.k.device
-        end = self.start + length
-        queries = torch.arange(self.start, end, device=device)[None, :]  # [1, T]
+        if self.position is not None and length == 1:  # a decode pass: the query's position is on the device
+            queries, width = self.position[None, :], self.decode_width()  # [1, 1]
+        else:
+            queries = torch.arange(self.start, self.start + length, device=device)[None, :]  # [1, T]
+            width = self.start + length if self.ring is None else min(self.start + length, self.ring)
         if self.ring is None:
-            k_pos = torch.arange(end, device=device)[None, :]
+            k_pos = torch.arange(width, device=device)[None, :]
             return (k_pos <= queries[0, :, None]) & (k_pos > queries[0, :, None] - window)
-        return ring_mask(torch.tensor([[end]], device=device), queries, self.ring, min(end, self.ring), window)[0]
+        return ring_mask(queries[:, -1:] + 1, queries, self.ring, width, window)[0]
+
+    def decode_width(self) -> int:
+        """Keys (ring slots) a decode pass reads: `span` when fixed, else the filled length start + 1; at most the ring."""
+        width = self.span if self.span is not None else self.start + 1
+        return width if self.ring is None else min(width, self.ring)
 
 
 @dataclass(frozen=True)
@@ -109,19 +129,22 @@ class KVCache:
         self.k, self.v = buffers  # per layer [H, max_len or ring, D]: own tensors, or one row of a `KVPool`
         self.recurrent = recurrent or {}  # layer -> state of its recurrent token mixer
         self.length = 0
+        device = self.k[0].device if self.k else device
+        self.position = torch.zeros(1, dtype=torch.int64, device=device)  # [1] the length, held on the device for decode passes
 
     def check_room(self, n: int) -> None:
         """Raise unless n more positions fit."""
         if self.length + n > self.max_len:
             raise IndexError(f"KV cache holds {self.max_len} positions, step needs {self.length + n}")
 
-    def layer(self, index: int) -> LayerKV:
-        """Layer `index`'s buffers at the current length."""
-        return LayerKV(self.k[index], self.v[index], self.length, self.recurrent.get(index), self.rings[index])
+    def layer(self, index: int, span: int | None = None) -> LayerKV:
+        """Layer `index`'s buffers at the current length (a decode pass reading `span` keys, when given)."""
+        return LayerKV(self.k[index], self.v[index], self.length, self.recurrent.get(index), self.rings[index], self.position, span)
 
     def advance(self, n: int) -> None:
-        """Commit n positions written by the last forward pass."""
+        """Commit n positions written by the last forward pass (the device copy moves by a device add: no sync)."""
         self.length += n
+        self.position.add_(n)
 
     def rewind(self, n: int) -> None:
         """Forget the last n positions; the next pass overwrites them (recurrent states cannot: use snapshot/restore)."""
@@ -130,6 +153,7 @@ class KVCache:
         if n and self.recurrent:
             raise ValueError("recurrent layers cannot rewind positions; restore a snapshot instead")
         self.length -= n
+        self.position.sub_(n)
 
     def snapshot(self) -> SequenceSnapshot:
         """The current point of the sequence: the KV length (no copy) and copies of the recurrent states."""
@@ -139,6 +163,7 @@ class KVCache:
         """Return to a snapshot taken earlier in this sequence: truncate the KV cache, copy the recurrent states back."""
         if snapshot.length > self.length:
             raise ValueError(f"cannot restore length {snapshot.length} from length {self.length}")
+        self.position.sub_(self.length - snapshot.length)
         self.length = snapshot.length
         for layer, tensors in snapshot.recurrent.items():
             self.recurrent[layer].restore(tensors)

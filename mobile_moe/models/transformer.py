@@ -133,27 +133,41 @@ class CausalLM(nn.Module):
 
     def forward(
         self, ids: torch.Tensor, kv: KVCache, runner: ExpertRunner, all_logits: bool = False, segment: Segment = before_experts,
-        layer_step: LayerStep | None = None,
+        layer_step: LayerStep | None = None, span: int | None = None,
     ) -> torch.Tensor:
         """ids: [T] at positions kv.length.. -> logits [V] of the last position ([T, V] if all_logits); writes the KV cache.
-        With `layer_step` each whole layer (experts included) is that one call instead of segment + expert dispatch."""
-        T, start = ids.shape[0], kv.length
+        With `layer_step` each whole layer (experts included) is that one call instead of segment + expert dispatch.
+        A decode pass (T == 1) takes its position from the device (`kv.position`); with `span` its attention reads that
+        many keys (>= length + 1), the unfilled ones masked, so its shapes do not change from step to step."""
+        T = ids.shape[0]
         kv.check_room(T)
-        positions = torch.arange(start, start + T, device=ids.device)
-        cos, sin = self.rotary(positions)
-        inp = AttentionInput.of(cos, sin, causal_mask(start, T, ids.device), self.lm_head.weight.dtype)
+        inp = self.attention_input(ids, kv, span)
         x = self.model.embed_tokens(ids)  # [T, H]
         for index, layer in enumerate(self.model.layers):
+            layer_kv = kv.layer(index, span)
             if layer_step is not None:
-                x = layer_step(index, layer, x, inp, kv.layer(index))
+                x = layer_step(index, layer, x, inp, layer_kv)
             elif segment is before_experts:  # eager: the module call (its hooks fire)
-                x = layer(x, inp, kv.layer(index), runner.at(index))
+                x = layer(x, inp, layer_kv, runner.at(index))
             else:
-                x = layer.after_experts(segment(layer, x, inp, kv.layer(index)), runner.at(index))
+                x = layer.after_experts(segment(layer, x, inp, layer_kv), runner.at(index))
         kv.advance(T)
         x = self.model.norm(x if all_logits else x[-1:])
         logits = self.lm_head(x)
         return logits if all_logits else logits[0]
+
+    def attention_input(self, ids: torch.Tensor, kv: KVCache, span: int | None) -> AttentionInput:
+        """The pass's rotary tables and mask: a decode pass from the device-held position (a [1, span] mask of the filled
+        keys when reading a fixed span), a prompt chunk from host positions with a causal mask."""
+        T, start = ids.shape[0], kv.length
+        if T == 1:
+            if span is not None and span < start + 1:
+                raise ValueError(f"a decode span of {span} keys cannot hold position {start}")
+            mask = None if span is None else (torch.arange(span, device=ids.device) <= kv.position)[None]  # [1, S]
+            cos, sin = self.rotary(kv.position)
+            return AttentionInput.of(cos, sin, mask, self.lm_head.weight.dtype)
+        cos, sin = self.rotary(torch.arange(start, start + T, device=ids.device))
+        return AttentionInput.of(cos, sin, causal_mask(start, T, ids.device), self.lm_head.weight.dtype)
 
     def forward_rows(self, ids: torch.Tensor, batch: BatchKV, runner: ExpertRunner) -> torch.Tensor:
         """ids: [B], row b's next token at position batch.starts[b] -> logits [B, V]; writes one position of every row."""
