@@ -75,6 +75,29 @@ def test_a_damaged_record_is_named_and_the_engine_stays_usable(checkpoints, tmp_
     assert llm.generate([3, 4, 5], STEPS).token_ids == want
 
 
+def test_a_read_failing_while_a_decode_computes_the_resident_experts_leaves_no_pin(checkpoints, tmp_path: Path):
+    """Decode on the disk tier computes cached experts while the missing ones are read; a missing one that fails its
+    checksum raises, its slot is emptied, no slot stays pinned, and the next request (store repaired) decodes exactly."""
+    path, store = checkpoints["olmoe"], tmp_path / "store"
+    llm = _llm(path, store, expert_cache=small_cache("olmoe"))
+    want = llm.generate([3, 4, 5], STEPS).token_ids
+    cache = llm.cache
+    layer = max(llm.loaded.model.info.moe_layers, key=lambda m: sum(l == m for l, _ in cache.where))  # the most cached layer
+    resident = sorted(e for (l, e) in cache.where if l == layer)[:2]
+    missing = [e for e in range(cache.store.num_experts) if (layer, e) not in cache.where][:2]
+    assert len(resident) == len(missing) == 2
+    raw = (store / RECORDS).read_bytes()
+    (store / RECORDS).write_bytes(bytes(_damage_every_record(raw, store)))
+    x = torch.randn(1, llm.loaded.model.info.hidden)
+    weights = torch.full((1, 4), 0.25)
+    with pytest.raises(StoreCorrupt, match=r"fails its checksum"):
+        llm.runner.executor.run(layer, x, torch.tensor([resident + missing]), weights)
+    assert all(slot.pins == 0 for slot in cache.slots)
+    assert all((layer, e) not in cache.where for e in missing) and all((layer, e) in cache.where for e in resident)
+    (store / RECORDS).write_bytes(raw)
+    assert llm.generate([3, 4, 5], STEPS).token_ids == want
+
+
 def test_a_truncated_or_foreign_store_is_refused_in_one_line(checkpoints, tmp_path: Path):
     store = tmp_path / "store"
     _llm(checkpoints["olmoe"], store)

@@ -90,25 +90,43 @@ class ExpertCache:
         return self._settled
         return True
 
-    def acquire(self, layer: int, experts: list[int]) -> list[int]:
-        """Make the experts resident (demand loads), pin them, and return their slots; compute may read them once this returns."""
+    def acquire(self, layer: int, experts: list[int], wait: bool = True) -> list[int]:
+        """Make the experts resident (demand loads), pin them, and return their slots; compute may read them once this
+        returns, or, with wait=False, once `ready` has been called on each (reads still in flight meanwhile)."""
         if len(experts) > self.num_slots:
             raise CacheTooSmall(f"expert cache has {self.num_slots} slots but one step needs {len(experts)} experts of layer {layer}")
         slots: list[int] = []
         try:
             for expert in experts:
                 slots.append(self._pin(layer, expert))
-            for slot in slots:
+            for slot in slots if wait else ():
                 self._ready(slot)
         except BaseException:  # too small, or a copy or read that failed: the cache stays as usable as before
-            for slot in slots:  # settle the group's other reads; a failed one empties its slot
-                try:
-                    self._ready(slot)
-                except BaseException:  # noqa: BLE001 (the first failure is the one raised)
-                    pass
-            self._unpin(slots)
+            self.abandon(slots)
             raise
         return slots
+
+    def ready(self, slot: int) -> None:
+        """Wait until an acquired slot's fill is usable (raises a failed read's error, emptying the slot)."""
+        self._ready(slot)
+
+    def ready_first(self, slots: list[int]) -> list[int]:
+        """Positions in `slots`, those whose fill has already finished first (then in issue order): the order to compute
+        acquired experts in while the rest are still being read."""
+        def done(slot: int) -> bool:
+            ticket = self.slots[slot].ticket
+            return ticket is None or (ticket.future.done() if ticket.future is not None else ticket.event is None or ticket.event.query())
+        finished = [i for i, slot in enumerate(slots) if done(slot)]
+        return finished + [i for i in range(len(slots)) if i not in set(finished)]
+
+    def abandon(self, slots: list[int]) -> None:
+        """After a failure with `slots` acquired: settle their other fills (a failed one empties its slot), then unpin."""
+        for slot in slots:
+            try:
+                self._ready(slot)
+            except BaseException:  # noqa: BLE001 (the first failure is the one raised)
+                pass
+        self._unpin(slots)
 
     def release(self, slots: list[int]) -> None:
         """Unpin slots returned by `acquire`; a later copy into them waits only for the compute queued so far."""

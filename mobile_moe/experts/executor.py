@@ -103,6 +103,8 @@ class ExpertExecutor:
                 return self._pooled(x, self.cache.transfer.to_device(slots), weights)
             finally:
                 self.cache.release(slots)
+        if self.cache.reader is not None and len(experts) <= self.cache.num_slots:
+            return self._run_as_read(layer, x, experts, weights)
         outs: list[torch.Tensor] = [x] * len(experts)
         for group in plan_groups(experts, self.cache.num_slots):
             slots = self.cache.acquire(layer, group.experts)
@@ -112,6 +114,22 @@ class ExpertExecutor:
             finally:
                 self.cache.release(slots)
         return combine(outs, weights, x.dtype)  # [n, H] -> [1, H], rank order
+
+    def _run_as_read(self, layer: int, x: torch.Tensor, experts: list[int], weights: torch.Tensor) -> torch.Tensor:
+        """Decode on the disk tier: the experts already in the host cache are computed while the missing ones are still
+        being read, each missing one as soon as it has arrived. x: [1, H], `experts` distinct, in rank order -> [1, H]."""
+        cache = self.cache
+        slots = cache.acquire(layer, experts, wait=False)
+        outs: list[torch.Tensor] = [x] * len(experts)
+        try:
+            for rank in cache.ready_first(slots):
+                cache.ready(slots[rank])
+                outs[rank] = self._expert(x, slots[rank])  # [1, H]
+        except BaseException:
+            cache.abandon(slots)
+            raise
+        cache.release(slots)
+        return combine(outs, weights, x.dtype)  # the same fixed-order combine: bit-equal to computing after every read
 
     def _pooled(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [1, H], slots [n] on the device (rank order), weights [1, n] -> [1, H], through the compiled `pool_experts`."""
