@@ -94,14 +94,14 @@ def count_decode_ops(llm: LLM, prompt: Sequence[int] = (1, 2, 3)) -> OpCounts:
 
 @contextmanager
 def _eager(llm: LLM) -> Iterator[None]:
-    """Run `llm`'s passes eagerly for a while: its compiled segments and compiled expert call set aside."""
+    """Run `llm`'s passes eagerly for a while: its compiled segments, whole-layer calls and expert call set aside."""
     runner = llm.runner
-    saved = runner.compiled, runner.executor.pooled
-    runner.compiled = runner.executor.pooled = None
+    saved = runner.compiled, runner.executor.pooled, runner.resident_layer
+    runner.compiled = runner.executor.pooled = runner.resident_layer = None  # no resident_layer: no whole-layer step
     try:
         yield
     finally:
-        runner.compiled, runner.executor.pooled = saved
+        runner.compiled, runner.executor.pooled, runner.resident_layer = saved
 
 
 def _count_pass(llm: LLM, prompt: Sequence[int]) -> Counter[str]:
