@@ -16,7 +16,8 @@ from mobile_moe.engine.loader import AUTO_BF16_MIN_PARAMS, auto_cpu_dtype, load
 
 def test_a_cpu_without_native_bf16_falls_back_to_float32_with_a_note():
     dtype, why = auto_cpu_dtype(7_000_000_000, native_bf16=False)
-    assert dtype == torch.float32 and "no native bf16" in why
+    assert dtype == torch.float32 and "no native bf16" in why and "--dtype bfloat16" in why  # large: the measured alternative named
+    assert "--dtype" not in auto_cpu_dtype(AUTO_BF16_MIN_PARAMS - 1, native_bf16=False)[1]
 
 
 def test_a_large_model_on_a_bf16_cpu_computes_in_bf16():

@@ -68,7 +68,8 @@ def cpu_has_native_bf16() -> bool:
 def auto_cpu_dtype(params: int, native_bf16: bool) -> tuple[torch.dtype, str]:
     """`--dtype auto` on CPU and why: bf16 for a model big enough to be bound by memory, on a CPU with native bf16."""
     if not native_bf16:
-        return torch.float32, "float32: this CPU has no native bf16 (AVX512-BF16 or AMX)"
+        hint = "; a model this large may decode faster with --dtype bfloat16 (slower prompts)" if params >= AUTO_BF16_MIN_PARAMS else ""
+        return torch.float32, f"float32: this CPU has no native bf16 (AVX512-BF16 or AMX){hint}"
     if params < AUTO_BF16_MIN_PARAMS:
         return torch.float32, f"float32: {params / 1e6:.0f}M parameters run faster in float32 than in bf16 on CPU"
     return torch.bfloat16, "bfloat16: this CPU has native bf16"
