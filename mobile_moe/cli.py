@@ -99,8 +99,8 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
                    "carries more than this share of the routing weight (default: off)")
     p.add_argument("--cache-prior", type=float, metavar="FACTOR", help="little decode: swap a kept expert that is not cached for a cached "
                    "dropped one scoring within this factor of it (default: off)")
-    p.add_argument("--kv-repair", type=int, default=0, metavar="N", help="mobile: on a fallback, big also recomputes up to N earlier "
-                   "positions whose KV entries little wrote (default: 0)")
+    p.add_argument("--kv-repair", type=int, metavar="N", help="mobile: on a fallback, big also recomputes up to N earlier "
+                   "positions whose KV entries little wrote (default: what the model's calibration was made with, else 0)")
 
 
 def build_parser() -> Parser:
@@ -564,7 +564,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return calibrate_by_source(args, settings)
     texts, data = read_texts(args.data, "validation", args.glob)
     llm = open_llm(args)
-    base = policy_from(args, llm)
+    base = dataclasses.replace(policy_from(args, llm), kv_repair=args.kv_repair or 0)  # this run's repair, not the old record's
     bases = [dataclasses.replace(base, criterion=c) for c in args.criteria]
     result, prompts = calibrate(llm, texts, settings, bases, args.target_agreement, grid=args.taus is None, rule=args.rule)
     if result.learned_report:
@@ -577,7 +577,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             f"(best: {best.criterion} tau {best.tau:g} with {best.agreement:.1%} at fallback rate {best.fallback_rate:.1%}); nothing written"
         )
         return 1
-    file = write_calibration(llm.path, result.record(prompts, data, str(llm.loaded.dtype).removeprefix("torch.")), args.output)
+    file = write_calibration(llm.path, result.record(prompts, data, str(llm.loaded.dtype).removeprefix("torch."), base.kv_repair or 0), args.output)
     c = result.chosen
     lo, hi = c.agreement_ci
     print(f"calibrated {c.criterion} tau {c.tau:g}: agreement {c.agreement:.2%} (95% CI {lo:.2%}-{hi:.2%}; target {args.target_agreement:.1%}, rule {args.rule}), "
@@ -591,7 +591,7 @@ def calibrate_by_source(args: argparse.Namespace, settings: EvalSettings) -> int
         raise InvalidParameter("give --data or --source, not both")
     sources = source_texts(args.source, "validation", args.glob)
     llm = open_llm(args)
-    base = policy_from(args, llm)
+    base = dataclasses.replace(policy_from(args, llm), kv_repair=args.kv_repair or 0)  # this run's repair, not the old record's
     bases = [dataclasses.replace(base, criterion=c) for c in args.criteria]
     calibrations, chosen, learned = calibrate_sources(llm, sources, settings, bases, args.target_agreement, grid=args.taus is None, rule=args.rule)
     print(sources_table(calibrations, args.target_agreement))
@@ -600,7 +600,7 @@ def calibrate_by_source(args: argparse.Namespace, settings: EvalSettings) -> int
         return 1
     result = Calibration(args.target_agreement, chosen.pooled, [c.pooled for c in calibrations if c.pooled is not None], args.rule, learned)
     data = "sources: " + ", ".join(sources)
-    record = result.record(sum(r.prompts for r in chosen.rows), data, str(llm.loaded.dtype).removeprefix("torch."))
+    record = result.record(sum(r.prompts for r in chosen.rows), data, str(llm.loaded.dtype).removeprefix("torch."), base.kv_repair or 0)
     record["sources"] = [c.to_dict() for c in calibrations]
     file = write_calibration(llm.path, record, args.output)
     worst = min((r.held_out for r in chosen.rows if r.held_out is not None), key=lambda r: r.agreement, default=None)

@@ -95,7 +95,8 @@ class PolicyConfig:
     learned: LearnedImportance | None = None  # criterion `learned`: the fitted predictor (from the calibration)
     layer_adaptive: float | None = None  # little decode: a layer runs all top-k when the dropped half carries more than this share of the weight
     cache_prior: float | None = None  # little decode: a resident dropped expert replaces a kept non-resident one scoring at most this factor more
-    kv_repair: int = 0  # on a fallback, big also recomputes up to this many earlier positions whose KV entries little wrote
+    kv_repair: int | None = None  # on a fallback, big also recomputes up to this many earlier positions whose KV entries little
+    # wrote (None: what the model's calibration was made with, else 0)
     record_signals: bool = False  # measure every importance signal at each step (calibration data), whatever the criterion
 
     def __post_init__(self) -> None:
@@ -113,7 +114,7 @@ class PolicyConfig:
             raise InvalidParameter(f"layer-adaptive threshold must be in [0, 1], got {self.layer_adaptive}")
         if self.cache_prior is not None and not (math.isfinite(self.cache_prior) and self.cache_prior >= 1.0):
             raise InvalidParameter(f"cache-prior factor must be a finite number >= 1, got {self.cache_prior}")
-        if not isinstance(self.kv_repair, int) or self.kv_repair < 0:
+        if self.kv_repair is not None and (not isinstance(self.kv_repair, int) or self.kv_repair < 0):
             raise InvalidParameter(f"kv repair must be an integer >= 0, got {self.kv_repair!r}")
         if self.prefill not in (None, "big", "little"):
             raise InvalidParameter(f"prefill must be big or little, got {self.prefill!r}")

@@ -108,6 +108,7 @@ def test_calibrate_meets_the_target_and_generate_uses_it(demo_copy, slice_dir, c
     assert "learned criterion fitted on" in out and "AUC alone" in out  # which signals matter
     record = json.loads((demo_copy / "mobile_moe.json").read_text())
     assert record["version"] == 2 and record["rule"] == "point" and record["criterion"] in ("margin", "learned")
+    assert record["kv_repair"] == 0  # calibrated without repair: a policy resolved from it repairs nothing
     assert record["agreement"] >= 0.9 and record["tau"] in (0.3, 0.6, 0.9, 0.99)
     lo, hi = record["agreement_ci"]
     assert lo <= record["agreement"] <= hi

@@ -76,8 +76,17 @@ def test_a_version_one_calibration_still_loads(tmp_path):
         resolve_policy(PolicyConfig("mobile", criterion="learned"), read_calibration(tmp_path))
 
 
+def test_a_policy_takes_the_kv_repair_its_tau_was_calibrated_with(tmp_path):
+    (tmp_path / CALIBRATION_FILE).write_text(json.dumps({"tau": 0.04, "criterion": "margin", "kv_repair": 4}))
+    record = read_calibration(tmp_path)
+    assert resolve_policy(PolicyConfig("mobile"), record).kv_repair == 4
+    assert resolve_policy(PolicyConfig("mobile", kv_repair=0), record).kv_repair == 0  # an explicit value wins
+    assert resolve_policy(PolicyConfig("mobile"), {}).kv_repair == 0  # no record (or one from before): no repair
+
+
 @pytest.mark.parametrize("record, message", [
     ({"tau": 0.5, "criterion": "telepathy"}, "unknown criterion 'telepathy'"),
+    ({"tau": 0.5, "criterion": "margin", "kv_repair": -1}, "kv_repair must be an integer >= 0"),
     ({"tau": 0.5, "criterion": "learned", "learned": {"features": ["margin"], "mean": [0.1], "scale": [1.0], "weights": [1.0, 2.0], "bias": 0}},
      "one mean, scale and weight per feature"),
     ({"tau": 0.5, "criterion": "learned", "learned": {"features": ["margin"], "mean": [0.1], "scale": [1.0], "weights": [1.0]}}, "malformed"),

@@ -182,7 +182,7 @@ class BatchDecoder:
         for row, before, log in zip(rows, befores, logs):
             assert before is not None
             row.dec.kv.restore(before)
-            repairs.append(0 if row.dec.kv.recurrent else min(row.policy.config.kv_repair, row.dec.little_positions))
+            repairs.append(0 if row.dec.kv.recurrent else min(row.policy.config.kv_repair or 0, row.dec.little_positions))
             if row.policy.config.prefetch_on_fallback:
                 runner.prefetch_other_half(log)
         tokens: dict[int, int] = {}

@@ -62,6 +62,9 @@ def check_record(record: dict, path: Path) -> dict:
     criterion = record.get("criterion")
     if criterion is not None and criterion not in CRITERIA:
         raise InvalidParameter(f"{path}: unknown criterion {criterion!r} (expected one of {', '.join(CRITERIA)}); run mobile-moe calibrate again")
+    repair = record.get("kv_repair", 0)
+    if isinstance(repair, bool) or not isinstance(repair, int) or repair < 0:
+        raise InvalidParameter(f"{path}: kv_repair must be an integer >= 0, got {repair!r}; run mobile-moe calibrate again")
     if "learned" in record or criterion == "learned":
         try:
             learned_from(record)
@@ -82,16 +85,24 @@ def learned_from(record: dict) -> LearnedImportance:
 
 
 def resolve_policy(policy: PolicyConfig, record: dict) -> PolicyConfig:
-    """The policy with an unset criterion and tau taken from a calibration record, else the defaults (one rule for CLI, API and server).
+    """The policy with an unset criterion, tau and KV repair taken from a calibration record, else the defaults (one rule
+    for CLI, API and server).
 
-    Criterion `learned` also takes the record's fitted predictor unless the policy brings its own.
+    Criterion `learned` also takes the record's fitted predictor unless the policy brings its own; an unset KV repair
+    is the one the record's tau was calibrated with (a tau chosen with repair is only right with it).
     """
     criterion = policy.criterion or _criterion(record) or DEFAULT_CRITERION
     tau = policy.tau if policy.tau is not None else _tau(record, criterion)
     learned = policy.learned
     if criterion == "learned" and learned is None:
         learned = learned_from(record)
-    return dataclasses.replace(policy, criterion=criterion, tau=DEFAULT_TAU if tau is None else tau, learned=learned)
+    repair = policy.kv_repair if policy.kv_repair is not None else _kv_repair(record)
+    return dataclasses.replace(policy, criterion=criterion, tau=DEFAULT_TAU if tau is None else tau, learned=learned, kv_repair=repair)
+
+
+def _kv_repair(record: dict) -> int:
+    """The KV repair a record was calibrated with (0 for records before it was stored; checked by `check_record`)."""
+    return int(record.get("kv_repair", 0))
 
 
 def calibrated_tau(record: dict, criterion: str) -> float | None:

@@ -116,7 +116,7 @@ class Decoder:
             return nxt
         routing_log = runner.routing_log or {}
         # earlier positions whose KV little wrote, redone by big; none with recurrent layers (their state goes back only to `before`)
-        repair = 0 if self.kv.recurrent else min(policy.config.kv_repair, self.little_positions)
+        repair = 0 if self.kv.recurrent else min(policy.config.kv_repair or 0, self.little_positions)
         self.kv.restore(before)  # forget this step: KV length back, recurrent states copied back
         self.kv.rewind(repair)
         if policy.config.prefetch_on_fallback:
