@@ -68,6 +68,17 @@ CRITERIA: dict[str, Callable[[StepData], Scorer]] = {
 }
 
 
+def demo_llm() -> LLM:
+    """The bundled demo model in float32 on one thread, as both criterion scripts measure it."""
+    torch.set_num_threads(1)
+    return LLM(Path(mobile_moe.__file__).parent / "demo_model", engine_config(progress=False, dtype="float32"))
+
+
+def named_texts(source: str) -> tuple[str, list[str]]:
+    """(short name, texts) of a source argument: 'stdlib' (the demo corpus's validation split) or a file/directory."""
+    return Path(source).name, read_texts(None if source == "stdlib" else [Path(source)], "validation")[0]
+
+
 def main() -> None:
     """Collect each source's steps, then print each criterion's held-out AUC and needed fallbacks per source."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -75,15 +86,14 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=100)
     parser.add_argument("--new-tokens", type=int, default=24)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    llm = LLM(Path(mobile_moe.__file__).parent / "demo_model", engine_config(progress=False, dtype="float32"))
+    llm = demo_llm()
     data = {}
     for source in args.sources:
-        texts = read_texts(None if source == "stdlib" else [Path(source)], "validation")[0]
+        name, texts = named_texts(source)
         prompts = [llm.encode(p.text) for p in cut_prompts(texts, args.prompts)]
-        data[Path(source).name] = collect(llm, [p for p in prompts if len(p) < llm.max_context - args.new_tokens], args.new_tokens,
-                                          PolicyConfig("mobile"), progress=False)
-        print(f"{Path(source).name}: {len(data[Path(source).name].differs)} steps, {float(data[Path(source).name].differs.double().mean()):.1%} differ")
+        data[name] = collect(llm, [p for p in prompts if len(p) < llm.max_context - args.new_tokens], args.new_tokens,
+                             PolicyConfig("mobile"), progress=False)
+        print(f"{name}: {len(data[name].differs)} steps, {float(data[name].differs.double().mean()):.1%} differ")
     print(f"held out: AUC / fallbacks needed for <= {MISSED:.0%} missed steps")
     for name, train in CRITERIA.items():
         cells = []

@@ -13,13 +13,10 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
-from pathlib import Path
-
 import torch
+from compare_criteria import demo_llm, named_texts  # this directory's sibling script
 
-import mobile_moe
-from mobile_moe import LLM, engine_config
-from mobile_moe.eval.data import read_texts
+from mobile_moe import LLM
 from mobile_moe.eval.learned import StepData, fit
 from mobile_moe.eval.quality import PPL_WINDOW, sample_windows
 from mobile_moe.policy.importance import SIGNALS, differs_probability, step_signals
@@ -92,13 +89,12 @@ def main() -> None:
     parser.add_argument("sources", nargs="+", help="'stdlib' (the demo corpus's validation split) or a file/directory of .py files")
     parser.add_argument("--tokens", type=int, default=4096, help="teacher-forced positions per source")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    llm = LLM(Path(mobile_moe.__file__).parent / "demo_model", engine_config(progress=False, dtype="float32"))
+    llm = demo_llm()
     data = {}
     for source in args.sources:
-        texts = read_texts(None if source == "stdlib" else [Path(source)], "validation")[0]
-        data[Path(source).name] = p = score_source(llm, texts, args.tokens)
-        print(f"{Path(source).name}: {len(p['big'])} positions, little's greedy token differs at {float(p['differs'].double().mean()):.1%}, "
+        name, texts = named_texts(source)
+        data[name] = p = score_source(llm, texts, args.tokens)
+        print(f"{name}: {len(p['big'])} positions, little's greedy token differs at {float(p['differs'].double().mean()):.1%}, "
               f"ppl big {math.exp(-float(p['big'].mean())):.3f} little {math.exp(-float(p['little'].mean())):.3f}")
     print(f"held out: ppl excess over big / greedy match at 20%, 25%, 30% fallbacks | fallbacks for <= {EXCESS:.0%} excess")
     for name, train in RANKERS.items():

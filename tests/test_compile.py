@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import open_llm, small_cache
@@ -22,6 +24,15 @@ def _fullgraph(llm: LLM) -> None:
     llm.runner.compiled = torch.compile(before_experts, fullgraph=True)
 
 
+def _all_resident(path: Path) -> tuple[LLM, LLM]:
+    """The checkpoint opened eager and compiled (float32), every expert loaded into the cache of each."""
+    pair = LLM(path, engine_config(progress=False, dtype="float32")), LLM(path, engine_config(progress=False, dtype="float32", compile=True))
+    for llm in pair:
+        llm.reset_cache(llm.loaded.store.total_experts)
+        llm.cache.load_all()
+    return pair
+
+
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2", "gpt_oss", "qwen3_5_moe"])  # GQA; MLA + dense layer; sinks + sliding; DeltaNet
 def test_every_layer_type_compiles_whole_and_decodes_like_eager(checkpoints, arch: str):
     llm = open_llm(checkpoints[arch], expert_cache=small_cache(arch))  # offloaded: the expert dispatch runs between segments
@@ -33,11 +44,7 @@ def test_every_layer_type_compiles_whole_and_decodes_like_eager(checkpoints, arc
 
 
 def test_compiled_resident_decode_equals_eager_and_reads_the_host_once_per_token(checkpoints):
-    eager = LLM(checkpoints["olmoe"], engine_config(progress=False, dtype="float32"))
-    compiled = LLM(checkpoints["olmoe"], engine_config(progress=False, dtype="float32", compile=True))
-    for llm in (eager, compiled):
-        llm.reset_cache(llm.loaded.store.total_experts)
-        llm.cache.load_all()
+    eager, compiled = _all_resident(checkpoints["olmoe"])
     assert compiled.runner.compiled is not None and eager.runner.compiled is None
     sampling = SamplingParams(max_new_tokens=8, temperature=0.0, stop_at_eos=False)
     want, got = eager.generate([3, 4, 5], sampling), compiled.generate([3, 4, 5], sampling)
@@ -49,11 +56,7 @@ def test_compiled_resident_decode_equals_eager_and_reads_the_host_once_per_token
 def test_resident_layers_compile_whole_experts_included_and_decode_like_eager(checkpoints, arch: str):
     """Every expert resident: each MoE layer (attention, router, the mode's choice, slot lookup, experts) compiles with
     fullgraph=True into one call, for big and for mobile's little and fallback passes, and decodes as eager does."""
-    eager = LLM(checkpoints[arch], engine_config(progress=False, dtype="float32"))
-    compiled = LLM(checkpoints[arch], engine_config(progress=False, dtype="float32", compile=True))
-    for llm in (eager, compiled):
-        llm.reset_cache(llm.loaded.store.total_experts)
-        llm.cache.load_all()
+    eager, compiled = _all_resident(checkpoints[arch])
     torch._dynamo.reset()
     compiled.runner.resident_layer = torch.compile(pooled_layer, fullgraph=True)
     calls = []
@@ -105,11 +108,7 @@ def test_compiled_expert_call_matches_each_expert_computed_alone(checkpoints):
 def test_fixed_span_decode_reuses_one_compiled_graph_per_bucket_and_decodes_like_eager(checkpoints, arch: str):
     """With the device-held position and a fixed key span, a compiled resident step depends on no host value that changes
     from step to step: after the first step of a bucket nothing recompiles (what a captured CUDA graph needs)."""
-    eager = LLM(checkpoints[arch], engine_config(progress=False, dtype="float32"))
-    compiled = LLM(checkpoints[arch], engine_config(progress=False, dtype="float32", compile=True))
-    for llm in (eager, compiled):
-        llm.reset_cache(llm.loaded.store.total_experts)
-        llm.cache.load_all()
+    eager, compiled = _all_resident(checkpoints[arch])
     torch._dynamo.reset()
     runner = compiled.runner
     runner.resident_layer = torch.compile(pooled_layer, fullgraph=True, dynamic=False)
