@@ -95,16 +95,16 @@ class ExpertCache:
         returns, or, with wait=False, once `ready` has been called on each (reads still in flight meanwhile)."""
         if len(experts) > self.num_slots:
             raise CacheTooSmall(f"expert cache has {self.num_slots} slots but one step needs {len(experts)} experts of layer {layer}")
-        slots: list[int] = []
+        pinned: dict[int, int] = {}  # position in `experts` -> its slot
         try:
-            for expert in experts:
-                slots.append(self._pin(layer, expert))
-            for slot in slots if wait else ():
+            for i in sorted(range(len(experts)), key=lambda i: (layer, experts[i]) not in self.where):  # hits first: a miss's
+                pinned[i] = self._pin(layer, experts[i])  # load then never evicts an expert this call needs
+            for slot in pinned.values() if wait else ():
                 self._ready(slot)
         except BaseException:  # too small, or a copy or read that failed: the cache stays as usable as before
-            self.abandon(slots)
+            self.abandon(list(pinned.values()))
             raise
-        return slots
+        return [pinned[i] for i in range(len(experts))]
 
     def ready(self, slot: int) -> None:
         """Wait until an acquired slot's fill is usable (raises a failed read's error, emptying the slot)."""
@@ -113,11 +113,12 @@ class ExpertCache:
     def ready_first(self, slots: list[int]) -> list[int]:
         """Positions in `slots`, those whose fill has already finished first (then in issue order): the order to compute
         acquired experts in while the rest are still being read."""
-        def done(slot: int) -> bool:
-            ticket = self.slots[slot].ticket
-            return ticket is None or (ticket.future.done() if ticket.future is not None else ticket.event is None or ticket.event.query())
-        finished = [i for i, slot in enumerate(slots) if done(slot)]
-        return finished + [i for i in range(len(slots)) if i not in set(finished)]
+        def pending(i: int) -> bool:
+            ticket = self.slots[slots[i]].ticket
+            if ticket is None:
+                return False
+            return not ticket.future.done() if ticket.future is not None else ticket.event is not None and not ticket.event.query()
+        return sorted(range(len(slots)), key=pending)  # stable: issue order within each kind
 
     def abandon(self, slots: list[int]) -> None:
         """After a failure with `slots` acquired: settle their other fills (a failed one empties its slot), then unpin."""
