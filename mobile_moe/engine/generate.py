@@ -62,7 +62,7 @@ class Decoder:
 
     def read(self, logits: torch.Tensor, with_confidence: bool) -> tuple[int, int, float | None, tuple[float, ...]]:
         """(sampled token, greedy token, confidence or None, signals) of one pass's logits [V], in one host sync; the
-        sampled token also stays on the device (`next_ids`), so the next decode pass uploads nothing."""
+        sampled token also stays on the device (`sampled`), so the next decode pass uploads nothing."""
         parts = self.read_parts(logits, with_confidence, self.runner.logged_weights)
         if self.sampled is None:
             self.sampled = torch.zeros(2, 1, dtype=torch.int64, device=logits.device)

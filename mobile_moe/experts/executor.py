@@ -103,33 +103,19 @@ class ExpertExecutor:
                 return self._pooled(x, self.cache.transfer.to_device(slots), weights)
             finally:
                 self.cache.release(slots)
-        if self.cache.reader is not None and len(experts) <= self.cache.num_slots:
-            return self._run_as_read(layer, x, experts, weights)
-        outs: list[torch.Tensor] = [x] * len(experts)
-        for group in plan_groups(experts, self.cache.num_slots):
-            slots = self.cache.acquire(layer, group.experts)
-            try:
-                for slot, rank in zip(slots, group.positions):
-                    outs[rank] = self._expert(x, slot)  # [1, H]
-            finally:
-                self.cache.release(slots)
-        return combine(outs, weights, x.dtype)  # [n, H] -> [1, H], rank order
-
-    def _run_as_read(self, layer: int, x: torch.Tensor, experts: list[int], weights: torch.Tensor) -> torch.Tensor:
-        """Decode on the disk tier: the experts already in the host cache are computed while the missing ones are still
-        being read, each missing one as soon as it has arrived. x: [1, H], `experts` distinct, in rank order -> [1, H]."""
         cache = self.cache
-        slots = cache.acquire(layer, experts, wait=False)
         outs: list[torch.Tensor] = [x] * len(experts)
-        try:
-            for rank in cache.ready_first(slots):
-                cache.ready(slots[rank])
-                outs[rank] = self._expert(x, slots[rank])  # [1, H]
-        except BaseException:
-            cache.abandon(slots)
-            raise
-        cache.release(slots)
-        return combine(outs, weights, x.dtype)  # the same fixed-order combine: bit-equal to computing after every read
+        for group in plan_groups(experts, cache.num_slots):
+            slots = cache.acquire(layer, group.experts, wait=False)  # loads in flight: cached experts are computed meanwhile
+            try:
+                for i in cache.ready_first(slots):
+                    cache.ready(slots[i])
+                    outs[group.positions[i]] = self._expert(x, slots[i])  # [1, H]
+            except BaseException:
+                cache.abandon(slots)
+                raise
+            cache.release(slots)
+        return combine(outs, weights, x.dtype)  # [n, H] -> [1, H], rank order: the same sum whatever order they were computed in
 
     def _pooled(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [1, H], slots [n] on the device (rank order), weights [1, n] -> [1, H], through the compiled `pool_experts`."""

@@ -152,8 +152,9 @@ class KVCache:
             raise ValueError(f"cannot rewind {n} positions from length {self.length}")
         if n and self.recurrent:
             raise ValueError("recurrent layers cannot rewind positions; restore a snapshot instead")
-        self.length -= n
-        self.position.sub_(n)
+        if n:
+            self.length -= n
+            self.position.sub_(n)
 
     def snapshot(self) -> SequenceSnapshot:
         """The current point of the sequence: the KV length (no copy) and copies of the recurrent states."""
