@@ -176,8 +176,6 @@ class EngineConfig:
             raise InvalidParameter(f"--group-size applies to int4 experts only, not {self.expert_dtype}")
         if self.cache.host_memory_gb is not None and self.offload_dir is None:
             raise InvalidParameter("--host-memory bounds the experts held in RAM when they live on disk: give --offload-dir too")
-        if self.offload_dir is not None and self.device.split(":")[0] != "cpu":
-            raise InvalidParameter("--offload-dir runs on the CPU for now (the CUDA disk -> pinned host -> device tier is not built yet)")
         if self.max_batch < 1:
             raise InvalidParameter(f"max batch must be >= 1, got {self.max_batch}")
         if self.batch_little not in ("auto", "always"):

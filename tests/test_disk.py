@@ -19,9 +19,12 @@ from mobile_moe import cli as cli_module
 from mobile_moe.cli import main
 from mobile_moe.config import PolicyConfig, SamplingParams
 from mobile_moe.engine.calibration import DEMO_MODEL
-from mobile_moe.errors import CheckpointError, InvalidParameter
+from mobile_moe.engine.budget import GIB
+from mobile_moe.errors import CacheTooSmall, CheckpointError, InvalidParameter
+from mobile_moe.experts.cache import ExpertCache
 from mobile_moe.experts.disk import MANIFEST, RECORDS, StoreCorrupt
 from mobile_moe.experts.reader import Priority, ReadPool
+from mobile_moe.experts.transfer import TransferEngine
 
 STEPS = SamplingParams(max_new_tokens=6, temperature=0.0, stop_at_eos=False)
 MOBILE = PolicyConfig("mobile", tau=0.9, criterion="max_prob")
@@ -50,6 +53,56 @@ def test_disk_tier_decodes_exactly_like_ram(checkpoints, tmp_path: Path, arch: s
         assert got.stats.disk_bytes > 0 and want.stats.disk_bytes == 0
     again = _llm(checkpoints[arch], tmp_path / "store", expert_dtype, dtype, **kw)  # reused: no expert read from the checkpoint
     assert again.generate([5, 6, 7, 8], STEPS).token_ids == ram.generate([5, 6, 7, 8], STEPS).token_ids
+
+
+def _three_tiers(path: Path, store: Path, host_records: int, expert_dtype: str = "auto", dtype: str = "float32", **kw) -> LLM:
+    """Disk -> host tier of `host_records` records -> a compute cache of `expert_cache` slots: the CUDA data path, on the CPU."""
+    record = _llm(path, store, expert_dtype, dtype, **kw).loaded.store.record_bytes  # builds the store
+    return _llm(path, store, expert_dtype, dtype, host_memory=host_records * record / GIB, **kw)
+
+
+def _no_pins(llm: LLM) -> bool:
+    caches = [llm.cache] + ([llm.cache.host] if llm.cache.host is not None else [])
+    return all(slot.pins == 0 for cache in caches for slot in cache.slots)
+
+
+@pytest.mark.parametrize(("arch", "expert_dtype", "dtype"), [("olmoe", "auto", "float32"), ("qwen3_moe", "int4", "bfloat16")])
+def test_three_tiers_decode_exactly_like_ram_and_count_each_tier(checkpoints, tmp_path: Path, arch: str, expert_dtype: str, dtype: str):
+    slots = small_cache(arch)
+    kw = dict(expert_cache=slots, group_size=16 if expert_dtype == "int4" else None)
+    ram = _llm(checkpoints[arch], None, expert_dtype, dtype, **kw)
+    three = _three_tiers(checkpoints[arch], tmp_path / "store", slots + 4, expert_dtype, dtype, **kw)
+    assert three.cache.host is not None and three.cache.reader is None
+    assert three.cache.host.num_slots == slots + 4 < three.loaded.store.total_experts
+    host_hits = 0
+    for policy in (PolicyConfig("big"), PolicyConfig("little"), MOBILE):
+        want, got = ram.generate([5, 6, 7, 8], STEPS, policy), three.generate([5, 6, 7, 8], STEPS, policy)
+        assert got.token_ids == want.token_ids and got.stats.fallback_tokens == want.stats.fallback_tokens
+        assert got.stats.disk_bytes > 0 and got.stats.h2d_bytes >= got.stats.expert_misses * three.loaded.store.expert_bytes
+        assert got.stats.host_tier_hits <= got.stats.expert_misses + got.stats.prefetched
+        host_hits += got.stats.host_tier_hits
+        assert _no_pins(three)
+    assert host_hits > 0  # some compute-cache misses were served from RAM, not the disk
+
+
+def test_three_tiers_name_a_damaged_record_and_stay_usable(checkpoints, tmp_path: Path):
+    path, store = checkpoints["olmoe"], tmp_path / "store"
+    llm = _three_tiers(path, store, small_cache("olmoe") + 2, expert_cache=small_cache("olmoe"))
+    want = llm.generate([3, 4, 5], STEPS).token_ids
+    llm.reset_cache(llm.planned_slots)
+    raw = (store / RECORDS).read_bytes()
+    (store / RECORDS).write_bytes(bytes(_damage_every_record(raw, store)))
+    with pytest.raises(StoreCorrupt, match=r"layer \d+ expert \d+ .* fails its checksum"):
+        llm.generate([3, 4, 5], STEPS)
+    assert _no_pins(llm)
+    (store / RECORDS).write_bytes(raw)
+    assert llm.generate([3, 4, 5], STEPS).token_ids == want
+
+
+def test_a_host_tier_smaller_than_one_layers_top_k_is_refused(checkpoints, tmp_path: Path):
+    path, slots = checkpoints["olmoe"], small_cache("olmoe")
+    with pytest.raises(CacheTooSmall, match=r"--host-memory .* too small for one layer's top-\d+ experts"):
+        _three_tiers(path, tmp_path / "store", slots - 1, expert_cache=slots)
 
 
 def test_a_store_without_its_manifest_is_rebuilt_never_used(checkpoints, tmp_path: Path):
@@ -167,6 +220,27 @@ def test_demand_reads_overtake_queued_prefetches():
     assert source.order == [(0, 0), (0, 4), (0, 3), (0, 3), (0, 2), (0, 1)]  # demands in arrival order, fallback, lookahead
 
 
+@pytest.mark.parametrize("tiers", [2, 3])
+def test_a_demand_for_an_expert_still_queued_as_a_prefetch_moves_its_read_ahead(checkpoints, tmp_path: Path, tiers: int):
+    disk = _llm(checkpoints["olmoe"], tmp_path / "store").loaded.store
+    source = _SlowSource()
+    pool, cpu = ReadPool(source, readers=1), torch.device("cpu")
+    cache = ExpertCache(disk, 8, cpu, TransferEngine(cpu), reader=pool)
+    if tiers == 3:
+        cache = ExpertCache(disk, 4, cpu, TransferEngine(cpu), host=cache)
+    layer = disk.manifest.moe_layers[0]
+    cache.prefetch(layer, [0])  # occupies the only reader
+    while not source.order:
+        threading.Event().wait(0.01)
+    cache.prefetch(layer, [1, 2, 3], Priority.LOOKAHEAD)
+    slots = cache.acquire(layer, [3], wait=False)  # the layer needs expert 3 now
+    source.release.set()
+    cache.ready(slots[0])
+    cache.release(slots)
+    pool.close()
+    assert source.order == [(layer, 0), (layer, 3), (layer, 1), (layer, 2)]
+
+
 def test_bench_on_the_disk_tier_reports_reads_and_mobiles_ceiling(tmp_path: Path, capsys, monkeypatch):
 
     out = tmp_path / "bench.json"
@@ -190,7 +264,6 @@ def test_bench_on_the_disk_tier_reports_reads_and_mobiles_ceiling(tmp_path: Path
 @pytest.mark.parametrize(("flags", "message"), [
     (["--offload-dir", "/proc/no-such-dir/store"], "cannot write the expert store in /proc/no-such-dir/store"),
     (["--host-memory", "1"], "give --offload-dir too"),
-    (["--offload-dir", "STORE", "--device", "cuda"], "runs on the CPU for now"),
 ])
 def test_disk_tier_flags_fail_in_one_line(tmp_path: Path, capsys, flags: list[str], message: str):
     flags = [str(tmp_path / "store") if f == "STORE" else f for f in flags]

@@ -64,6 +64,7 @@ class SystemResult:
     disk_bytes_per_token: float = float("nan")  # read from the on-disk store per decode step (disk tier only)
     disk_read_gb_s: float = float("nan")  # bytes the readers read / wall time at least one read was in flight
     lookahead_precision: float = float("nan")  # lookahead loads the next layer then used / lookahead loads (with --lookahead)
+    host_tier_hit_rate: float = float("nan")  # three tiers: loads of the compute cache the host tier served without a disk read
     note: str = ""
 
 
@@ -77,7 +78,7 @@ def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettin
     cache = llm.cache
     sampling = SamplingParams(max_new_tokens=settings.new_tokens, temperature=settings.temperature, seed=0, stop_at_eos=False)
     decode_s = ttft = wait = context = 0.0
-    steps = fallbacks = hits = misses = moved = syncs = disk = 0
+    steps = fallbacks = hits = misses = moved = syncs = disk = host_hits = disk_all = 0
     outputs = []
     reader = llm.reader
     read0 = (reader.bytes_read, reader.busy_wall_s) if reader is not None else None
@@ -90,6 +91,7 @@ def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettin
         hits, misses, moved = hits + s.decode_expert_hits, misses + s.decode_expert_misses, moved + s.decode_h2d_bytes
         syncs += s.decode_host_syncs
         disk += s.decode_disk_bytes
+        host_hits, disk_all = host_hits + s.host_tier_hits, disk_all + s.disk_bytes
         context += (s.tokens - 1) * (len(ids) + s.tokens / 2)  # positions attended, summed over decode steps
     if settings.trace_dir is not None:
         settings.trace_dir.mkdir(parents=True, exist_ok=True)
@@ -100,6 +102,9 @@ def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettin
     if reader is not None and read0 is not None:
         busy = reader.busy_wall_s - read0[1]
         disk_fields.update(disk_bytes_per_token=disk / max(steps, 1), disk_read_gb_s=(reader.bytes_read - read0[0]) / 1e9 / busy if busy else 0.0)
+        if llm.host_slots is not None:
+            reads = disk_all // llm.loaded.store.record_bytes
+            disk_fields["host_tier_hit_rate"] = host_hits / max(host_hits + reads, 1)
     return SystemResult(
         **disk_fields,
         name=name, decode_tok_s=steps / decode_s if decode_s else 0.0, ttft_s=ttft / len(settings.prompts),
@@ -216,8 +221,10 @@ def disk_report(llm: LLM, systems: list[SystemResult]) -> dict:
     assert isinstance(store, DiskStore)
     mobile = next(s for s in systems if s.name == "mobile")
     f = mobile.fallback_rate
+    host = llm.planned_slots if llm.host_slots is None else llm.host_slots  # two tiers: the compute cache is the host cache
     return {"offload_dir": str(store.directory), "filesystem": filesystem_type(store.directory), "direct_io": store.direct,
-            "record_bytes": store.record_bytes, "host_slots": llm.planned_slots, "host_cache_gb": llm.planned_slots * store.record_bytes / 1e9,
+            "record_bytes": store.record_bytes, "host_slots": host, "host_cache_gb": host * store.record_bytes / 1e9,
+            "tiers": 2 if llm.host_slots is None else 3,
             "disk_probe_gb_s": disk_probe_gb_s(store), "peak_rss_bytes": peak_rss_bytes(),
             "mobile_bytes_ceiling": 2 / (1 + f), "mobile_over_big": mobile.ratio_to_big,
             "mobile_share_of_ceiling": mobile.ratio_to_big / (2 / (1 + f))}
@@ -270,9 +277,11 @@ def _disk_lines(report: dict) -> str:
     """The disk tier's per-system reads and the top-level figures."""
     d = report["disk"]
     per = "; ".join(f"{s['name']} {s['disk_bytes_per_token'] / 1e6:.1f} MB/token at {s['disk_read_gb_s']:.2f} GB/s"
+                    + (f" (host tier served {s['host_tier_hit_rate']:.0%} of loads)" if s.get("host_tier_hit_rate") is not None else "")
                     for s in report["systems"] if s.get("disk_bytes_per_token") is not None)
+    host = "host cache" if d["tiers"] == 2 else "host tier"
     return (f"disk tier ({d['filesystem']}, {'O_DIRECT' if d['direct_io'] else 'buffered + fadvise'}, {d['record_bytes'] / 2**20:.2f} MiB records, "
-            f"host cache {d['host_slots']} experts = {d['host_cache_gb']:.2f} GB): probe {d['disk_probe_gb_s']:.2f} GB/s; {per}\n"
+            f"{host} {d['host_slots']} experts = {d['host_cache_gb']:.2f} GB): probe {d['disk_probe_gb_s']:.2f} GB/s; {per}\n"
             f"mobile / big = {d['mobile_over_big']:.2f}x against its bytes ceiling 2 / (1 + f) = {d['mobile_bytes_ceiling']:.2f}x "
             f"({d['mobile_share_of_ceiling']:.0%} of it); peak RSS {d['peak_rss_bytes'] / 2**30:.2f} GiB")
 

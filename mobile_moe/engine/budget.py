@@ -11,6 +11,7 @@ from transformers import PretrainedConfig
 from mobile_moe.config import CacheConfig, EngineConfig
 from mobile_moe.engine.loader import fp32_names, resolve_dtype, resolve_format
 from mobile_moe.errors import CacheTooSmall, InvalidParameter
+from mobile_moe.experts.disk import DiskStore
 from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertShape
 from mobile_moe.models.registry import build_model
 from mobile_moe.models.transformer import CausalLM
@@ -122,6 +123,19 @@ def plan_slots(
     if plan.slots < top_k:
         raise CacheTooSmall(f"{reason}: too small for one layer's top-{top_k} experts (need >= {top_k} slots)")
     return plan
+
+
+def host_tier_slots(cfg: CacheConfig, store: DiskStore, top_k: int) -> int:
+    """Records the host tier holds between the disk and a separate compute cache: `--host-memory GB` of records, else every
+    expert; raises CacheTooSmall when that is under one layer's top-k (each copy to the device pins its host record)."""
+    total = store.total_experts
+    if cfg.host_memory_gb is None:
+        return total
+    slots = min(int(cfg.host_memory_gb * GIB) // store.record_bytes, total)
+    if slots < top_k:
+        raise CacheTooSmall(f"--host-memory {cfg.host_memory_gb:g} GB holds {slots} expert records of {store.record_bytes / 2**20:.2f} MiB: "
+                            f"too small for one layer's top-{top_k} experts (need >= {top_k})")
+    return slots
 
 
 def _budget_bytes(cfg: CacheConfig, model: CausalLM, device: torch.device) -> int | None:

@@ -223,6 +223,7 @@ def fill_counters(stats: GenerationStats, runner: Runner, start: Counters, after
     stats.expert_misses, stats.decode_expert_misses = now.misses - before.misses, now.misses - decoded.misses
     stats.h2d_bytes, stats.decode_h2d_bytes = now.h2d_bytes - before.h2d_bytes, now.h2d_bytes - decoded.h2d_bytes
     stats.disk_bytes, stats.decode_disk_bytes = now.disk_bytes - before.disk_bytes, now.disk_bytes - decoded.disk_bytes
+    stats.host_tier_hits = now.host_hits - before.host_hits
     stats.prefetched = now.prefetched - before.prefetched
     stats.cache_slots = runner.cache.num_slots
     stats.total_experts = runner.cache.store.total_experts

@@ -13,7 +13,7 @@ import torch
 
 from mobile_moe.config import CacheConfig, EngineConfig, PolicyConfig, SamplingParams
 from mobile_moe.engine.batch import BatchDecoder
-from mobile_moe.engine.budget import dequant_scratch_bytes, plan_slots
+from mobile_moe.engine.budget import dequant_scratch_bytes, host_tier_slots, plan_slots
 from mobile_moe.engine.calibration import CALIBRATION_FILE, read_calibration, resolve_policy
 from mobile_moe.engine.generate import GenerationResult, TokenCallback, generate
 from mobile_moe.engine.hub import resolve_model
@@ -77,7 +77,11 @@ class LLM:
         self.max_context = min(self.info.max_context, self.config.max_context)
         store = self.loaded.store
         self.reader = ReadPool(store) if isinstance(store, DiskStore) else None  # the disk tier's readers, shared by every cache
-        slot_bytes = store.record_bytes if isinstance(store, DiskStore) else store.expert_bytes
+        cfg = self.config.cache
+        # three tiers (disk -> host -> compute cache) on CUDA, and on CPU when both caches are sized (the CUDA data path, testable here)
+        self.host_slots = host_tier_slots(cfg, store, self.info.top_k) if self.reader is not None and (
+            self.device.type == "cuda" or (cfg.slots is not None and cfg.host_memory_gb is not None)) else None
+        slot_bytes = store.record_bytes if self.reader is not None and self.host_slots is None else store.expert_bytes
         self.plan = plan_slots(
             self.config.cache, self.loaded.model, slot_bytes, store.total_experts, self.device, self.loaded.dtype, self.config.max_context,
             dequant_scratch_bytes(store.layout, self.loaded.dtype), self.config.max_batch,
@@ -103,8 +107,12 @@ class LLM:
         """Start over with an empty expert cache of `slots` slots (benchmarks compare systems from the same state)."""
         with self._lock:
             self.cache = self.runner = None  # free the old slot pool before the new one is made, rather than hold two
-            self.cache = ExpertCache(self.loaded.store, slots, self.device, TransferEngine(self.device), self.config.cache.eviction, trace=trace,
-                                     reader=self.reader)
+            eviction, store, host = self.config.cache.eviction, self.loaded.store, None
+            if self.host_slots is not None:  # the pinned host tier, filled by the readers
+                host = ExpertCache(store, self.host_slots, torch.device("cpu"), TransferEngine(torch.device("cpu")), eviction,
+                                   reader=self.reader, pin_pool=self.device.type == "cuda")
+            self.cache = ExpertCache(store, slots, self.device, TransferEngine(self.device), eviction, trace=trace,
+                                     reader=self.reader if host is None else None, host=host)
             self.runner = Runner(self.loaded.model, self.cache, compile_layers=self.compiles)
 
     @property

@@ -30,6 +30,7 @@ class GenerationStats:
     decode_host_syncs: int = 0
     disk_bytes: int = 0  # read from the on-disk expert store (--offload-dir), whole request
     decode_disk_bytes: int = 0
+    host_tier_hits: int = 0  # three tiers: misses of the compute cache served by the host tier without a disk read
     big_instead_tokens: int = 0  # mobile decode steps run big because, at that batch size, little did not pay (policy/governor.py)
 
     @property

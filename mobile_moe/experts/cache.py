@@ -1,4 +1,11 @@
-"""Device-side expert cache: a fixed pool of slots, pluggable eviction, pin counts, hit/miss/bytes counters."""
+"""Device-side expert cache: a fixed pool of slots, pluggable eviction, pin counts, hit/miss/bytes counters.
+
+Three tiers (disk -> host -> device): a device cache given a `host` cache (itself filled from the disk store by the
+reader pool) fills a missing slot in two steps: the record is made resident in the host cache (a hit there, or a read
+from disk at the load's priority), then copied to the device once that read has finished. Until the copy is issued the
+slot is *staged*; the host slot stays pinned until the copy has finished, so no read overwrites a record the link is
+still moving.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ import torch
 
 from mobile_moe.errors import CacheTooSmall
 from mobile_moe.experts.disk import DiskStore, aligned_empty
+from mobile_moe.experts.host_memory import allocate_host
 from mobile_moe.experts.eviction import make_eviction
 from mobile_moe.experts.reader import Priority, ReadPool
 from mobile_moe.experts.store import ExpertStore
@@ -30,6 +38,7 @@ class CacheStats:
     disk_bytes: int = 0
     lookahead_issued: int = 0  # loads started on a lookahead guess
     lookahead_used: int = 0  # of those, experts the layer then asked for while still cached (precision = used / issued)
+    host_hits: int = 0  # three tiers: loads of this cache served by the host tier without a disk read
 
     def snapshot(self) -> "CacheStats":
         """A copy, for measuring deltas."""
@@ -45,6 +54,15 @@ class _Slot:
 
 
 @dataclass
+class _Staged:
+    """A device slot waiting for its record's disk read into the host tier; the copy here is issued once it is done."""
+
+    host_slot: int
+    prefetch: bool
+    after: tuple[Fence | Ticket | None, ...]  # the slot's previous reader and writer
+
+
+@dataclass
 class ExpertCache:
     """`num_slots` resident experts on `device`; an expert in use (pinned) is never evicted."""
 
@@ -56,11 +74,16 @@ class ExpertCache:
     stats: CacheStats = field(default_factory=CacheStats)
     trace: Trace | None = None
     reader: ReadPool | None = None  # the disk tier: slots are filled by reads of `store` (a DiskStore), on CPU
+    host: "ExpertCache | None" = None  # three tiers: slots are filled from this host cache of the disk store
+    pin_pool: bool = False  # with `reader`: page-lock the slot pool (a host tier feeding a CUDA cache copies from it)
 
     def __post_init__(self) -> None:
         if self.reader is not None:  # records read straight into slots: page-aligned, one record apart
             assert isinstance(self.store, DiskStore) and self.device.type == "cpu"
-            self.pool = aligned_empty(self.num_slots * self.store.record_bytes).view(self.num_slots, self.store.record_bytes)
+            nbytes = self.num_slots * self.store.record_bytes
+            self._host_buffer = allocate_host(nbytes, pin=True) if self.pin_pool else None
+            flat = aligned_empty(nbytes) if self._host_buffer is None else self._host_buffer.data
+            self.pool = flat.view(self.num_slots, self.store.record_bytes)
         else:
             self.pool = torch.empty(self.num_slots, self.store.expert_bytes, dtype=torch.uint8, device=self.device)  # packed, as in the store
         self.fields = self.store.layout.views(self.pool)  # matrix -> each packed field as a typed view [S, ...]
@@ -74,6 +97,8 @@ class ExpertCache:
         self._table_on_host = self.slot_table.numpy() if self.device.type == "cpu" else None  # the same memory: a write costs no dispatch
         self._settled = False  # every expert resident and every copy into the pool finished
         self._guessed: set[Key] = set()  # loaded on a lookahead guess, not asked for yet
+        self._staged: dict[int, _Staged] = {}  # three tiers: slot -> its fill waiting for a disk read
+        self._holds: list[tuple[Fence, int]] = []  # three tiers: (copy's end, host slot) pinned until that copy is done
 
     @property
     def all_resident(self) -> bool:
@@ -83,22 +108,23 @@ class ExpertCache:
         if not self._settled:  # once: the last copies may still be in flight
             self.transfer.synchronize()
             for slot in range(self.num_slots):
-                if self.reader is not None:
+                if self.reader is not None or self.host is not None:
                     self._ready(slot)  # disk reads: wait for each (a failed one raises here and leaves its slot empty)
                 self.slots[slot].ticket = None
             self._settled = len(self.where) == self.store.total_experts
         return self._settled
-        return True
 
-    def acquire(self, layer: int, experts: list[int], wait: bool = True) -> list[int]:
+    def acquire(self, layer: int, experts: list[int], wait: bool = True, priority: Priority = Priority.DEMAND) -> list[int]:
         """Make the experts resident (demand loads), pin them, and return their slots; compute may read them once this
-        returns, or, with wait=False, once `ready` has been called on each (reads still in flight meanwhile)."""
+        returns, or, with wait=False, once `ready` has been called on each (reads still in flight meanwhile). `priority`:
+        of the disk reads this starts (a host tier filling a device cache's prefetch reads below demand)."""
         if len(experts) > self.num_slots:
             raise CacheTooSmall(f"expert cache has {self.num_slots} slots but one step needs {len(experts)} experts of layer {layer}")
+        self._advance()
         pinned: dict[int, int] = {}  # position in `experts` -> its slot
         try:
             for i in sorted(range(len(experts)), key=lambda i: (layer, experts[i]) not in self.where):  # hits first: a miss's
-                pinned[i] = self._pin(layer, experts[i])  # load then never evicts an expert this call needs
+                pinned[i] = self._pin(layer, experts[i], priority)  # load then never evicts an expert this call needs
             for slot in pinned.values() if wait else ():
                 self._ready(slot)
         except BaseException:  # too small, or a copy or read that failed: the cache stays as usable as before
@@ -138,6 +164,7 @@ class ExpertCache:
 
     def prefetch(self, layer: int, experts: list[int], priority: Priority = Priority.FALLBACK) -> int:
         """Start loading experts that are not resident, without pinning; returns how many loads were issued."""
+        self._advance()
         issued = 0
         for expert in experts:
             key = (layer, expert)
@@ -156,18 +183,37 @@ class ExpertCache:
             issued += 1
         return issued
 
+    def promote(self, key: Key) -> None:
+        """A demand for an expert whose fill is still queued as a prefetch read: move that read ahead of the prefetches."""
+        slot = self.where.get(key)
+        if slot is None:
+            return
+        if self.reader is not None:
+            ticket = self.slots[slot].ticket
+            if ticket is not None and ticket.future is not None and not ticket.future.done():
+                self.reader.submit(key, self.pool[slot], Priority.DEMAND)
+        elif self.host is not None and slot in self._staged:
+            self.host.promote(key)
+
     def load_all(self) -> None:
         """Bring every expert in (all-resident reference); needs a slot per expert."""
         if self.num_slots < self.store.total_experts:
             raise CacheTooSmall(f"{self.num_slots} slots cannot hold all {self.store.total_experts} experts")
+        if self.host is not None:  # through a host tier that may be smaller: as many at a time as it holds
+            step = self.host.num_slots
+            for layer in self.store.layers:
+                for start in range(0, self.store.num_experts, step):
+                    self.release(self.acquire(layer, list(range(start, min(start + step, self.store.num_experts)))))
+            self.transfer.synchronize()
+            return
         for layer in self.store.layers:
             self.prefetch(layer, list(range(self.store.num_experts)))
         self.transfer.synchronize()
         for slot in range(self.num_slots):
             self._ready(slot)
 
-    def _pin(self, layer: int, expert: int) -> int:
-        """Count a hit or start a demand load, then pin the expert's slot."""
+    def _pin(self, layer: int, expert: int, priority: Priority = Priority.DEMAND) -> int:
+        """Count a hit or start a load (a demand one unless `priority` says otherwise), then pin the expert's slot."""
         key = (layer, expert)
         slot = self.where.get(key)
         if slot is not None and self._failed(slot):  # an earlier read (a prefetch) failed: read it again
@@ -180,9 +226,11 @@ class ExpertCache:
         if slot is not None:
             self.stats.hits += 1
             self.eviction.touched(key)
+            if priority is Priority.DEMAND:
+                self.promote(key)
         else:
             self.stats.misses += 1
-            slot = self._load(key, prefetch=False)
+            slot = self._load(key, prefetch=priority is not Priority.DEMAND, priority=priority)
         if self.trace is not None:
             self.trace.record(layer, expert, hit)
         self.slots[slot].pins += 1
@@ -200,6 +248,8 @@ class ExpertCache:
         try:
             if self.reader is not None:
                 ticket = self._read(key, slot, old.ticket, Priority.DEMAND if not prefetch else priority)
+            elif self.host is not None:
+                ticket = self._stage(key, slot, prefetch, Priority.DEMAND if not prefetch else priority, (old.read_fence, old.ticket))
             else:
                 ticket = self.transfer.load(self.pool[slot], self.store.buffer(*key), prefetch, after=(old.read_fence, old.ticket))
         except BaseException:
@@ -213,7 +263,7 @@ class ExpertCache:
         if self.reader is not None:
             self.stats.disk_reads += 1
             self.stats.disk_bytes += ticket.nbytes
-        else:
+        elif self.host is None:
             self.stats.h2d_bytes += ticket.nbytes
         return slot
 
@@ -228,6 +278,85 @@ class ExpertCache:
         future = self.reader.submit(key, self.pool[slot], priority)
         return Ticket(event=None, nbytes=self.store.record_bytes, future=future)
 
+    def _stage(self, key: Key, slot: int, prefetch: bool, priority: Priority, after: tuple) -> Ticket:
+        """Three tiers: pin the expert in the host tier (reading it from disk if it is not there), and copy it into the
+        slot now if it is there already, else once that read is done (the returned ticket then waits for the read)."""
+        assert self.host is not None
+        host = self.host
+        reads = host.stats.disk_reads
+        try:
+            host_slot = host.acquire(key[0], [key[1]], wait=False, priority=priority)[0]
+        except CacheTooSmall:  # every host slot is pinned by fills in flight: a demand finishes them and tries once more
+            if prefetch:
+                raise
+            self._drain()
+            host_slot = host.acquire(key[0], [key[1]], wait=False, priority=priority)[0]
+        if host.stats.disk_reads > reads:
+            self.stats.disk_reads += 1
+            self.stats.disk_bytes += host.store.record_bytes
+        else:
+            self.stats.host_hits += 1
+        self._staged[slot] = _Staged(host_slot, prefetch, after)
+        read = host.slots[host_slot].ticket
+        if read is None or read.future is None or read.future.done():
+            return self._copy_staged(slot)
+        return Ticket(event=None, nbytes=self.store.expert_bytes, future=read.future)
+
+    def _copy_staged(self, slot: int) -> Ticket:
+        """Issue a staged slot's copy from the host tier (its read has finished, or is waited for here: that read's error
+        is raised, the host slot given back)."""
+        assert self.host is not None
+        staged = self._staged.pop(slot)
+        try:
+            self.host.ready(staged.host_slot)
+        except BaseException:
+            self.host.abandon([staged.host_slot])
+            raise
+        source = self.host.pool[staged.host_slot, : self.store.expert_bytes]
+        ticket = self.transfer.load(self.pool[slot], source, staged.prefetch, after=staged.after)
+        self.stats.h2d_bytes += ticket.nbytes
+        self.slots[slot].ticket = ticket
+        if ticket.event is None:  # the copy is done (CPU)
+            self.host.release([staged.host_slot])
+        else:
+            self._holds.append((ticket.event, staged.host_slot))
+        return ticket
+
+    def _unstage(self, slot: int) -> None:
+        """Drop a staged fill that will not be needed (its slot is evicted or emptied): the host slot is unpinned."""
+        staged = self._staged.pop(slot, None)
+        if staged is not None:  # its read may go on: a later read into that host slot waits for it
+            self.host.release([staged.host_slot])
+
+    def _advance(self) -> None:
+        """Three tiers: give back host slots whose copies have finished, and issue the copies of staged slots whose
+        reads have finished (a failed read is left for `_ready` to raise)."""
+        if self.host is None:
+            return
+        if self._holds:
+            done = [hold[0].query() for hold in self._holds]
+            self.host.release([host_slot for (_, host_slot), finished in zip(self._holds, done) if finished])
+            self._holds = [hold for hold, finished in zip(self._holds, done) if not finished]
+        for slot in [s for s, staged in self._staged.items() if self._read_succeeded(staged.host_slot)]:
+            self._copy_staged(slot)
+
+    def _read_succeeded(self, host_slot: int) -> bool:
+        """Whether the host slot's fill is finished and did not fail."""
+        ticket = self.host.slots[host_slot].ticket
+        future = None if ticket is None else ticket.future
+        return future is None or (future.done() and future.exception() is None)
+
+    def _drain(self) -> None:
+        """Three tiers: wait for every staged read and every copy out of the host tier, and give back their host slots."""
+        for slot in list(self._staged):
+            try:
+                self._copy_staged(slot)
+            except BaseException:  # noqa: BLE001 (the slot keeps its failed read: raised when it is needed, or read again)
+                pass
+        self.transfer.synchronize()
+        self.host.release([host_slot for _, host_slot in self._holds])
+        self._holds.clear()
+
     def _take_slot(self) -> int:
         """A free slot, else the eviction policy's victim among unpinned slots."""
         if self.free:
@@ -236,6 +365,7 @@ class ExpertCache:
         if victim is None:
             raise CacheTooSmall(f"all {self.num_slots} expert cache slots are in use")
         slot = self.where.pop(victim)
+        self._unstage(slot)
         self._guessed.discard(victim)  # a guess evicted before use: not used
         self._set_slot(victim, -1)
         self._settled = False
@@ -257,7 +387,9 @@ class ExpertCache:
         if ticket is None:
             return
         try:
-            self.transfer.wait(ticket)
+            self.transfer.wait(ticket)  # three tiers, staged: the disk read into the host tier
+            if slot in self._staged:
+                self.transfer.wait(self._copy_staged(slot))
         except BaseException:  # a failed disk read: the slot holds nothing usable, forget its expert
             self._forget(slot)
             raise
@@ -272,6 +404,7 @@ class ExpertCache:
     def _forget(self, slot: int) -> None:
         """Empty a slot whose fill failed, so the expert is read again next time it is needed."""
         key = self.slots[slot].key
+        self._unstage(slot)
         if key is not None and self.where.get(key) == slot:
             del self.where[key]
             self._guessed.discard(key)
