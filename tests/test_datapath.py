@@ -14,7 +14,7 @@ from mobile_moe.experts.eviction import make_eviction
 from mobile_moe.experts.executor import ExpertExecutor, grouped_matches_loop, grouped_mm_works, plan_groups
 from mobile_moe.experts.host_memory import PAGE, allocate_host
 from mobile_moe.experts.store import ExpertShape, ExpertStore
-from mobile_moe.experts.transfer import Ticket, TransferEngine
+from mobile_moe.experts.transfer import IndexRing, Ticket, TransferEngine
 
 SHAPE = ExpertShape(hidden=8, intermediate=4)
 
@@ -252,3 +252,33 @@ def test_biased_experts_with_the_clamped_swiglu_match_the_gpt_oss_formula(groupe
             gate, up = gate.clamp(max=1.5), up.clamp(-1.5, 1.5)
             want[t] += weights[t, j] * (d_w[e] @ ((up + 1) * gate * torch.sigmoid(1.702 * gate)) + d_b[e])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class FakeFence:
+    """A copy's fence that has passed once `done` (waiting for it makes it so)."""
+
+    def __init__(self, done: bool) -> None:
+        self.done, self.waited = done, False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited, self.done = True, True
+
+
+def test_the_index_ring_rewrites_a_chunk_only_after_the_copy_that_read_it():
+    ring = IndexRing(10, pin=False)
+    first = ring.stage([1, 2, 3])
+    ring.fenced(slow := FakeFence(done=False))
+    second = ring.stage([4, 5, 6])
+    ring.fenced(FakeFence(done=True))
+    assert first.tolist() == [1, 2, 3] and second.tolist() == [4, 5, 6]  # consecutive chunks of one buffer
+    assert second.data_ptr() == first.data_ptr() + 3 * 8
+    ring.stage([7])
+    ring.fenced(FakeFence(done=True))
+    assert not slow.waited and ring.waits == 0
+    wrapped = ring.stage([8, 9, 10, 11])  # does not fit the 3 values left: back to the start, over the first chunk
+    assert wrapped.data_ptr() == first.data_ptr() and wrapped.tolist() == [8, 9, 10, 11]
+    assert slow.waited and ring.waits == 1  # the first chunk's copy had not finished: waited for, once
+    assert ring.stage(list(range(11))) is None  # larger than the ring: staged elsewhere

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 from conftest import small_cache
-from test_datapath import Records
+from test_datapath import FakeFence, Records
 from test_serve import PROMPT, serving
 
 from mobile_moe import LLM, engine_config
@@ -239,6 +239,50 @@ def test_a_demand_for_an_expert_still_queued_as_a_prefetch_moves_its_read_ahead(
     cache.release(slots)
     pool.close()
     assert source.order == [(layer, 0), (layer, 3), (layer, 1), (layer, 2)]
+
+
+class _CopiesInFlight(TransferEngine):
+    """Copies to the "device" that stay in flight until their fences are set done, as a CUDA copy looks from the host."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.device("cpu"))
+        self.fences: list[FakeFence] = []
+
+    def load(self, dst, src, prefetch, after=()):
+        ticket = super().load(dst, src, prefetch, after)
+        ticket.event = FakeFence(done=False)
+        self.fences.append(ticket.event)
+        return ticket
+
+    def wait(self, ticket):  # compute is ordered after the copy on the device: the host does not wait
+        ticket.event = None
+        super().wait(ticket)
+
+    def synchronize(self):
+        for fence in self.fences:
+            fence.done = True
+
+
+def test_a_host_record_stays_pinned_until_its_copy_to_the_device_has_finished(checkpoints, tmp_path: Path):
+    disk = _llm(checkpoints["olmoe"], tmp_path / "store").loaded.store
+    pool, cpu, transfer = ReadPool(disk), torch.device("cpu"), _CopiesInFlight()
+    host = ExpertCache(disk, 4, cpu, TransferEngine(cpu), reader=pool)
+    cache = ExpertCache(disk, 8, cpu, transfer, host=host)
+    layer = disk.manifest.moe_layers[0]
+    pins = lambda experts: [host.slots[host.where[(layer, e)]].pins for e in experts]  # noqa: E731
+    cache.release(cache.acquire(layer, [0, 1]))  # read into the host tier, copies issued, still in flight
+    assert pins([0, 1]) == [1, 1]
+    transfer.fences[0].done = True
+    cache.release(cache.acquire(layer, [0]))  # a hit here; the finished copy gives its host record back
+    assert pins([0, 1]) == [0, 1]
+    cache.release(cache.acquire(layer, [2, 3, 4]))  # the host tier's 4 records: one still pinned by its copy
+    cache.release(cache.acquire(layer, [5]))  # every host record pinned: the demand waits for the copies, then reads
+    assert all(f.done for f in transfer.fences[:-1]) and not transfer.fences[-1].done  # all but expert 5's own copy
+    assert pins([5]) == [1] and sum(slot.pins for slot in host.slots) == 1
+    record = torch.empty(disk.record_bytes, dtype=torch.uint8)
+    disk.read(layer, 5, record)
+    assert torch.equal(cache.pool[cache.where[(layer, 5)]], record[: disk.expert_bytes])
+    pool.close()
 
 
 def test_bench_on_the_disk_tier_reports_reads_and_mobiles_ceiling(tmp_path: Path, capsys, monkeypatch):

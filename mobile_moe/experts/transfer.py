@@ -9,6 +9,7 @@ goes through `to_host`, which counts it: host syncs stall the launch queue, so t
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_for
@@ -18,6 +19,7 @@ import torch
 
 DEMAND_PRIORITY = -1  # CUDA: lower is more urgent
 PREFETCH_PRIORITY = 0
+INDEX_RING_VALUES = 1 << 16  # int64 values staged for small index copies: hundreds of decode steps before a chunk is reused
 
 
 @dataclass
@@ -30,6 +32,44 @@ class Ticket:
 
 
 Fence = torch.cuda.Event  # marks a point on a stream; a copy may be ordered after it
+
+
+class IndexRing:
+    """One preallocated (page-locked on CUDA) int64 buffer staging small host-built index tensors for their copy to the
+    device: consecutive chunks, each rewritten only after the copy that read it has passed its fence."""
+
+    def __init__(self, values: int = INDEX_RING_VALUES, pin: bool = True) -> None:
+        self.buffer = torch.empty(values, dtype=torch.int64, pin_memory=pin)
+        self._array = self.buffer.numpy()
+        self.head, self.lap = 0, 0
+        self._fences: deque[tuple[int, int, object]] = deque()  # (lap, chunk start, fence with .synchronize()), oldest first
+        self.waits = 0  # fences that had to be waited for (a ring too small for the copies in flight)
+
+    def stage(self, values: list[int]) -> torch.Tensor | None:
+        """values -> int64 [n], a view of the next chunk (None when they do not fit the ring: stage them elsewhere)."""
+        n = len(values)
+        if not 0 < n <= len(self._array):
+            return None
+        if self.head + n > len(self._array):  # wrap: what is left of the lap before last is rewritten next
+            self.head, self.lap = 0, self.lap + 1
+            while self._fences and self._fences[0][0] < self.lap - 1:
+                self._pass(self._fences.popleft()[2])
+        while self._fences and self._fences[0][0] == self.lap - 1 and self._fences[0][1] < self.head + n:  # last lap's chunks here
+            self._pass(self._fences.popleft()[2])
+        chunk = self.buffer[self.head : self.head + n]
+        self._array[self.head : self.head + n] = values
+        self._start, self.head = self.head, self.head + n
+        return chunk
+
+    def fenced(self, fence: object) -> None:
+        """The copy reading the chunk last staged is queued; `fence` passes once it has finished."""
+        self._fences.append((self.lap, self._start, fence))
+
+    def _pass(self, fence) -> None:
+        """Wait for a fence (already passed in practice: the ring is far larger than the copies in flight)."""
+        if not fence.query():
+            self.waits += 1
+            fence.synchronize()
 
 
 class TransferEngine:
@@ -47,6 +87,7 @@ class TransferEngine:
         self.resolved_wait_s = 0.0  # CPU: synchronous copy time; CUDA: stalls already measured
         self.read_wait_s = 0.0  # time compute waited for disk reads
         self._stall_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.index_ring = IndexRing() if self.is_cuda else None
 
     def load(self, dst: torch.Tensor, src: torch.Tensor, prefetch: bool, after: Sequence[Fence | Ticket | None] = ()) -> Ticket:
         """Start copying host `src` into device `dst` once every fence in `after` has passed; returns a ticket to wait on."""
@@ -109,11 +150,17 @@ class TransferEngine:
         return tensor.tolist()
 
     def to_device(self, values: list[int]) -> torch.Tensor:
-        """A small int64 tensor of host values on the device, copied without a host sync (through pinned memory on CUDA)."""
-        if not self.is_cuda:
+        """A small int64 tensor of host values on the device, copied without a host sync (CUDA: staged in the pinned index ring)."""
+        if self.index_ring is None:
             return torch.tensor(values, dtype=torch.int64)
-        staged = torch.tensor(values, dtype=torch.int64, pin_memory=True)  # the caching host allocator keeps it until the copy ends
-        return staged.to(self.device, non_blocking=True)
+        staged = self.index_ring.stage(values)
+        if staged is None:  # larger than the ring: the caching host allocator keeps this one until its copy ends
+            return torch.tensor(values, dtype=torch.int64, pin_memory=True).to(self.device, non_blocking=True)
+        out = staged.to(self.device, non_blocking=True)
+        fence = torch.cuda.Event()
+        fence.record(torch.cuda.current_stream(self.device))
+        self.index_ring.fenced(fence)
+        return out
 
     def wait_s(self) -> float:
         """Seconds compute has waited for copies so far (CPU: synchronous copy time; CUDA: device-side stalls), disk reads included."""
