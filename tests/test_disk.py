@@ -22,7 +22,7 @@ from mobile_moe.engine.calibration import DEMO_MODEL
 from mobile_moe.engine.budget import GIB
 from mobile_moe.errors import CacheTooSmall, CheckpointError, InvalidParameter
 from mobile_moe.experts.cache import ExpertCache
-from mobile_moe.experts.disk import MANIFEST, RECORDS, StoreCorrupt
+from mobile_moe.experts.disk import MANIFEST, RECORDS, StoreCorrupt, aligned_empty
 from mobile_moe.experts.reader import Priority, ReadPool
 from mobile_moe.experts.transfer import TransferEngine
 
@@ -149,6 +149,17 @@ def test_a_read_failing_while_a_decode_computes_the_resident_experts_leaves_no_p
     assert all((layer, e) not in cache.where for e in missing) and all((layer, e) in cache.where for e in resident)
     (store / RECORDS).write_bytes(raw)
     assert llm.generate([3, 4, 5], STEPS).token_ids == want
+
+
+def test_a_store_of_an_older_version_for_this_checkpoint_is_rebuilt(checkpoints, tmp_path: Path):
+    path, store = checkpoints["olmoe"], tmp_path / "store"
+    want = _llm(path, store).generate([3, 4, 5], STEPS).token_ids
+    manifest = json.loads((store / MANIFEST).read_text())
+    old = {**manifest, "version": 1, "crc32": manifest.pop("checksums")}
+    del old["checksums"]
+    (store / MANIFEST).write_text(json.dumps(old))  # as written before records were hashed with xxh3
+    assert _llm(path, store).generate([3, 4, 5], STEPS).token_ids == want
+    assert json.loads((store / MANIFEST).read_text())["version"] == manifest["version"] == 2
 
 
 def test_a_truncated_or_foreign_store_is_refused_in_one_line(checkpoints, tmp_path: Path):
@@ -279,7 +290,7 @@ def test_a_host_record_stays_pinned_until_its_copy_to_the_device_has_finished(ch
     cache.release(cache.acquire(layer, [5]))  # every host record pinned: the demand waits for the copies, then reads
     assert all(f.done for f in transfer.fences[:-1]) and not transfer.fences[-1].done  # all but expert 5's own copy
     assert pins([5]) == [1] and sum(slot.pins for slot in host.slots) == 1
-    record = torch.empty(disk.record_bytes, dtype=torch.uint8)
+    record = aligned_empty(disk.record_bytes)  # O_DIRECT reads need a page-aligned buffer
     disk.read(layer, 5, record)
     assert torch.equal(cache.pool[cache.where[(layer, 5)]], record[: disk.expert_bytes])
     pool.close()
@@ -334,6 +345,6 @@ def _damage_every_record(raw: bytes, store: Path) -> bytearray:
     """The records with the first byte of each flipped."""
     manifest = json.loads((store / MANIFEST).read_text())
     damaged = bytearray(raw)
-    for i in range(len(manifest["crc32"])):
+    for i in range(len(manifest["checksums"])):
         damaged[i * manifest["record_bytes"]] ^= 0xFF
     return damaged

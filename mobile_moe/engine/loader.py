@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertShape, Expert
 from mobile_moe.layers.moe import Router
 from mobile_moe.models.registry import build_model
 from mobile_moe.models.transformer import CausalLM
+
+log = logging.getLogger("mobile_moe")
 
 FP32_BUFFERS = ("e_score_correction_bias",)
 
@@ -204,6 +207,9 @@ def matching_manifest(directory: Path, wanted: Manifest) -> Manifest | None:
     """The store's manifest when it matches (reuse), None when there is no finished store (build); another store: an error."""
     found = read_manifest(directory)
     if found is None:
+        return None
+    if found.version != wanted.version and found.fingerprint == wanted.fingerprint:  # this checkpoint's store, an older layout
+        log.warning("%s holds an expert store of version %d; rebuilding it as version %d", directory, found.version, wanted.version)
         return None
     if found.key() != wanted.key():
         differs = sorted(k for k, v in wanted.key().items() if found.key().get(k) != v)

@@ -1,7 +1,7 @@
 """A small pool of reader threads for the disk tier, with priorities: demand > fallback prefetch > lookahead.
 
 Reads are queued by (priority, arrival); a demand for a record already queued as a prefetch promotes it, so a
-demand read never waits behind prefetches. Threads run the store's `read` (a preadv plus a crc32, both outside
+demand read never waits behind prefetches. Threads run the store's `read` (a preadv plus an xxh3 hash, both outside
 the GIL), several in flight so the disk's queue stays full.
 """
 
