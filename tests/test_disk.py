@@ -307,7 +307,7 @@ def test_bench_on_the_disk_tier_reports_reads_and_mobiles_ceiling(tmp_path: Path
     assert set(systems) == {"big", "mobile", "little"}  # resident needs a host budget holding every expert
     assert disk["direct_io"] and disk["disk_probe_gb_s"] > 0 and disk["peak_rss_bytes"] > 0
     assert disk["mobile_bytes_ceiling"] == pytest.approx(2 / (1 + systems["mobile"]["fallback_rate"]))
-    assert all(s["disk_bytes_per_token"] > 0 and s["disk_read_gb_s"] > 0 for s in systems.values())
+    assert all(s["disk_bytes_per_token"] > 0 and s["disk_read_gb_s"] > 0 and s["disk_probe_gb_s"] > 0 for s in systems.values())
     assert 0 <= systems["mobile"]["lookahead_precision"] <= 1 and systems["big"]["lookahead_precision"] is None  # lookahead: mobile only
     assert set(report["predicted"]) == {"this-disk", "nvme-pcie4", "sata-ssd"}
     assert "disk tier (" in capsys.readouterr().out

@@ -25,6 +25,8 @@ from mobile_moe.experts.disk import DiskStore, aligned_empty, filesystem_type
 from mobile_moe.experts.reader import DEFAULT_READERS, Priority, ReadPool
 from mobile_moe.experts.trace import Access, Trace
 
+ROUND_PROBE_RECORDS = 64  # disk tier: records of the probe read right before each system's run (the disk's speed drifts)
+
 
 @dataclass(frozen=True)
 class BenchSettings:
@@ -63,6 +65,7 @@ class SystemResult:
     same_tokens_as_big: float | None = None  # share of prompts whose generated ids equal big's (greedy runs)
     disk_bytes_per_token: float = float("nan")  # read from the on-disk store per decode step (disk tier only)
     disk_read_gb_s: float = float("nan")  # bytes the readers read / wall time at least one read was in flight
+    disk_probe_gb_s: float = float("nan")  # the disk's probe right before this system's run (the disk's speed drifts)
     lookahead_precision: float = float("nan")  # lookahead loads the next layer then used / lookahead loads (with --lookahead)
     host_tier_hit_rate: float = float("nan")  # three tiers: loads of the compute cache the host tier served without a disk read
     note: str = ""
@@ -144,7 +147,8 @@ def _same_tokens(a: list[list[int]], b: list[list[int]]) -> float:
 def _median_of_rounds(rounds: list[SystemResult]) -> SystemResult:
     """The last round's counters with the median speed and TTFT over rounds."""
     return replace(rounds[-1], decode_tok_s=median(r.decode_tok_s for r in rounds), ttft_s=median(r.ttft_s for r in rounds),
-                   h2d_gbps=median(r.h2d_gbps for r in rounds))
+                   h2d_gbps=median(r.h2d_gbps for r in rounds), disk_read_gb_s=median(r.disk_read_gb_s for r in rounds),
+                   disk_probe_gb_s=median(r.disk_probe_gb_s for r in rounds))
 
 
 def run_bench(llm: LLM, settings: BenchSettings, profiles: dict[str, HardwareProfile] = PROFILES) -> dict:
@@ -165,7 +169,9 @@ def run_bench(llm: LLM, settings: BenchSettings, profiles: dict[str, HardwarePro
     traces, outputs = {}, {}
     for _ in range(settings.rounds):
         for name, policy, n, preload in engines:
+            probe = disk_probe_gb_s(llm.loaded.store, records=ROUND_PROBE_RECORDS) if llm.reader is not None else float("nan")
             result, traces[name], outputs[name] = _run_system(llm, name, policy, settings, n, preload)
+            result.disk_probe_gb_s = probe
             rounds.setdefault(name, []).append(result)
         if whole is not None:
             base = whole.run(settings.prompts, settings.new_tokens)
@@ -277,6 +283,7 @@ def _disk_lines(report: dict) -> str:
     """The disk tier's per-system reads and the top-level figures."""
     d = report["disk"]
     per = "; ".join(f"{s['name']} {s['disk_bytes_per_token'] / 1e6:.1f} MB/token at {s['disk_read_gb_s']:.2f} GB/s"
+                    + (f" ({s['disk_read_gb_s'] / s['disk_probe_gb_s']:.0%} of a probe beside it)" if s.get("disk_probe_gb_s") else "")
                     + (f" (host tier served {s['host_tier_hit_rate']:.0%} of loads)" if s.get("host_tier_hit_rate") is not None else "")
                     for s in report["systems"] if s.get("disk_bytes_per_token") is not None)
     host = "host cache" if d["tiers"] == 2 else "host tier"
