@@ -1,10 +1,7 @@
 """Device-side expert cache: a fixed pool of slots, pluggable eviction, pin counts, hit/miss/bytes counters.
 
 Three tiers (disk -> host -> device): a device cache given a `host` cache (itself filled from the disk store by the
-reader pool) fills a missing slot in two steps: the record is made resident in the host cache (a hit there, or a read
-from disk at the load's priority), then copied to the device once that read has finished. Until the copy is issued the
-slot is *staged*; the host slot stays pinned until the copy has finished, so no read overwrites a record the link is
-still moving.
+reader pool) fills its missing slots through a `HostFeed` (tiers.py).
 """
 
 from __future__ import annotations
@@ -19,6 +16,7 @@ from mobile_moe.experts.host_memory import allocate_host
 from mobile_moe.experts.eviction import make_eviction
 from mobile_moe.experts.reader import Priority, ReadPool
 from mobile_moe.experts.store import ExpertStore
+from mobile_moe.experts.tiers import HostFeed
 from mobile_moe.experts.trace import Trace
 from mobile_moe.experts.transfer import Fence, Ticket, TransferEngine
 
@@ -51,15 +49,6 @@ class _Slot:
     pins: int = 0
     ticket: Ticket | None = None  # the copy writing this slot, until compute has waited for it
     read_fence: Fence | None = None  # after the last compute that read this slot
-
-
-@dataclass
-class _Staged:
-    """A device slot waiting for its record's disk read into the host tier; the copy here is issued once it is done."""
-
-    host_slot: int
-    prefetch: bool
-    after: tuple[Fence | Ticket | None, ...]  # the slot's previous reader and writer
 
 
 @dataclass
@@ -97,8 +86,7 @@ class ExpertCache:
         self._table_on_host = self.slot_table.numpy() if self.device.type == "cpu" else None  # the same memory: a write costs no dispatch
         self._settled = False  # every expert resident and every copy into the pool finished
         self._guessed: set[Key] = set()  # loaded on a lookahead guess, not asked for yet
-        self._staged: dict[int, _Staged] = {}  # three tiers: slot -> its fill waiting for a disk read
-        self._holds: list[tuple[Fence, int]] = []  # three tiers: (copy's end, host slot) pinned until that copy is done
+        self.feed = HostFeed(self, self.host) if self.host is not None else None  # three tiers: fills slots from the host cache
 
     @property
     def all_resident(self) -> bool:
@@ -120,7 +108,8 @@ class ExpertCache:
         of the disk reads this starts (a host tier filling a device cache's prefetch reads below demand)."""
         if len(experts) > self.num_slots:
             raise CacheTooSmall(f"expert cache has {self.num_slots} slots but one step needs {len(experts)} experts of layer {layer}")
-        self._advance()
+        if self.feed is not None:
+            self.feed.advance()
         pinned: dict[int, int] = {}  # position in `experts` -> its slot
         try:
             for i in sorted(range(len(experts)), key=lambda i: (layer, experts[i]) not in self.where):  # hits first: a miss's
@@ -164,7 +153,8 @@ class ExpertCache:
 
     def prefetch(self, layer: int, experts: list[int], priority: Priority = Priority.FALLBACK) -> int:
         """Start loading experts that are not resident, without pinning; returns how many loads were issued."""
-        self._advance()
+        if self.feed is not None:
+            self.feed.advance()
         issued = 0
         for expert in experts:
             key = (layer, expert)
@@ -192,8 +182,8 @@ class ExpertCache:
             ticket = self.slots[slot].ticket
             if ticket is not None and ticket.future is not None and not ticket.future.done():
                 self.reader.submit(key, self.pool[slot], Priority.DEMAND)
-        elif self.host is not None and slot in self._staged:
-            self.host.promote(key)
+        elif self.feed is not None:
+            self.feed.promote(key, slot)
 
     def load_all(self) -> None:
         """Bring every expert in (all-resident reference); needs a slot per expert."""
@@ -248,8 +238,8 @@ class ExpertCache:
         try:
             if self.reader is not None:
                 ticket = self._read(key, slot, old.ticket, Priority.DEMAND if not prefetch else priority)
-            elif self.host is not None:
-                ticket = self._stage(key, slot, prefetch, Priority.DEMAND if not prefetch else priority, (old.read_fence, old.ticket))
+            elif self.feed is not None:
+                ticket = self.feed.stage(key, slot, prefetch, Priority.DEMAND if not prefetch else priority, (old.read_fence, old.ticket))
             else:
                 ticket = self.transfer.load(self.pool[slot], self.store.buffer(*key), prefetch, after=(old.read_fence, old.ticket))
         except BaseException:
@@ -278,85 +268,6 @@ class ExpertCache:
         future = self.reader.submit(key, self.pool[slot], priority)
         return Ticket(event=None, nbytes=self.store.record_bytes, future=future)
 
-    def _stage(self, key: Key, slot: int, prefetch: bool, priority: Priority, after: tuple) -> Ticket:
-        """Three tiers: pin the expert in the host tier (reading it from disk if it is not there), and copy it into the
-        slot now if it is there already, else once that read is done (the returned ticket then waits for the read)."""
-        assert self.host is not None
-        host = self.host
-        reads = host.stats.disk_reads
-        try:
-            host_slot = host.acquire(key[0], [key[1]], wait=False, priority=priority)[0]
-        except CacheTooSmall:  # every host slot is pinned by fills in flight: a demand finishes them and tries once more
-            if prefetch:
-                raise
-            self._drain()
-            host_slot = host.acquire(key[0], [key[1]], wait=False, priority=priority)[0]
-        if host.stats.disk_reads > reads:
-            self.stats.disk_reads += 1
-            self.stats.disk_bytes += host.store.record_bytes
-        else:
-            self.stats.host_hits += 1
-        self._staged[slot] = _Staged(host_slot, prefetch, after)
-        read = host.slots[host_slot].ticket
-        if read is None or read.future is None or read.future.done():
-            return self._copy_staged(slot)
-        return Ticket(event=None, nbytes=self.store.expert_bytes, future=read.future)
-
-    def _copy_staged(self, slot: int) -> Ticket:
-        """Issue a staged slot's copy from the host tier (its read has finished, or is waited for here: that read's error
-        is raised, the host slot given back)."""
-        assert self.host is not None
-        staged = self._staged.pop(slot)
-        try:
-            self.host.ready(staged.host_slot)
-        except BaseException:
-            self.host.abandon([staged.host_slot])
-            raise
-        source = self.host.pool[staged.host_slot, : self.store.expert_bytes]
-        ticket = self.transfer.load(self.pool[slot], source, staged.prefetch, after=staged.after)
-        self.stats.h2d_bytes += ticket.nbytes
-        self.slots[slot].ticket = ticket
-        if ticket.event is None:  # the copy is done (CPU)
-            self.host.release([staged.host_slot])
-        else:
-            self._holds.append((ticket.event, staged.host_slot))
-        return ticket
-
-    def _unstage(self, slot: int) -> None:
-        """Drop a staged fill that will not be needed (its slot is evicted or emptied): the host slot is unpinned."""
-        staged = self._staged.pop(slot, None)
-        if staged is not None:  # its read may go on: a later read into that host slot waits for it
-            self.host.release([staged.host_slot])
-
-    def _advance(self) -> None:
-        """Three tiers: give back host slots whose copies have finished, and issue the copies of staged slots whose
-        reads have finished (a failed read is left for `_ready` to raise)."""
-        if self.host is None:
-            return
-        if self._holds:
-            done = [hold[0].query() for hold in self._holds]
-            self.host.release([host_slot for (_, host_slot), finished in zip(self._holds, done) if finished])
-            self._holds = [hold for hold, finished in zip(self._holds, done) if not finished]
-        for slot in [s for s, staged in self._staged.items() if self._read_succeeded(staged.host_slot)]:
-            self._copy_staged(slot)
-
-    def _read_succeeded(self, host_slot: int) -> bool:
-        """Whether the host slot's fill is finished and did not fail."""
-        ticket = self.host.slots[host_slot].ticket
-        future = None if ticket is None else ticket.future
-        return future is None or (future.done() and future.exception() is None)
-
-    def _drain(self) -> None:
-        """Three tiers: wait for every staged read and every copy out of the host tier, and give back their host slots."""
-        for slot in list(self._staged):
-            try:
-                self._copy_staged(slot)
-            except BaseException:  # noqa: BLE001 (the slot keeps its failed read: raised when it is needed, or read again)
-                pass
-        self.transfer.synchronize()
-        self.host.release([host_slot for _, host_slot in self._holds])
-        self._holds.clear()
-
     def _take_slot(self) -> int:
         """A free slot, else the eviction policy's victim among unpinned slots."""
         if self.free:
@@ -365,7 +276,8 @@ class ExpertCache:
         if victim is None:
             raise CacheTooSmall(f"all {self.num_slots} expert cache slots are in use")
         slot = self.where.pop(victim)
-        self._unstage(slot)
+        if self.feed is not None:
+            self.feed.unstage(slot)
         self._guessed.discard(victim)  # a guess evicted before use: not used
         self._set_slot(victim, -1)
         self._settled = False
@@ -388,8 +300,8 @@ class ExpertCache:
             return
         try:
             self.transfer.wait(ticket)  # three tiers, staged: the disk read into the host tier
-            if slot in self._staged:
-                self.transfer.wait(self._copy_staged(slot))
+            if self.feed is not None and self.feed.is_staged(slot):
+                self.transfer.wait(self.feed.copy(slot))
         except BaseException:  # a failed disk read: the slot holds nothing usable, forget its expert
             self._forget(slot)
             raise
@@ -404,7 +316,8 @@ class ExpertCache:
     def _forget(self, slot: int) -> None:
         """Empty a slot whose fill failed, so the expert is read again next time it is needed."""
         key = self.slots[slot].key
-        self._unstage(slot)
+        if self.feed is not None:
+            self.feed.unstage(slot)
         if key is not None and self.where.get(key) == slot:
             del self.where[key]
             self._guessed.discard(key)
