@@ -85,20 +85,6 @@ def test_three_tiers_decode_exactly_like_ram_and_count_each_tier(checkpoints, tm
     assert host_hits > 0  # some compute-cache misses were served from RAM, not the disk
 
 
-def test_three_tiers_name_a_damaged_record_and_stay_usable(checkpoints, tmp_path: Path):
-    path, store = checkpoints["olmoe"], tmp_path / "store"
-    llm = _three_tiers(path, store, small_cache("olmoe") + 2, expert_cache=small_cache("olmoe"))
-    want = llm.generate([3, 4, 5], STEPS).token_ids
-    llm.reset_cache(llm.planned_slots)
-    raw = (store / RECORDS).read_bytes()
-    (store / RECORDS).write_bytes(bytes(_damage_every_record(raw, store)))
-    with pytest.raises(StoreCorrupt, match=r"layer \d+ expert \d+ .* fails its checksum"):
-        llm.generate([3, 4, 5], STEPS)
-    assert _no_pins(llm)
-    (store / RECORDS).write_bytes(raw)
-    assert llm.generate([3, 4, 5], STEPS).token_ids == want
-
-
 def test_a_host_tier_smaller_than_one_layers_top_k_is_refused(checkpoints, tmp_path: Path):
     path, slots = checkpoints["olmoe"], small_cache("olmoe")
     with pytest.raises(CacheTooSmall, match=r"--host-memory .* too small for one layer's top-\d+ experts"):
@@ -115,15 +101,17 @@ def test_a_store_without_its_manifest_is_rebuilt_never_used(checkpoints, tmp_pat
     assert (store / MANIFEST).exists()
 
 
-def test_a_damaged_record_is_named_and_the_engine_stays_usable(checkpoints, tmp_path: Path):
-    path, store = checkpoints["olmoe"], tmp_path / "store"
-    llm = _llm(path, store, expert_cache=small_cache("olmoe"))
+@pytest.mark.parametrize("tiers", [2, 3])
+def test_a_damaged_record_is_named_and_the_engine_stays_usable(checkpoints, tmp_path: Path, tiers: int):
+    path, store, slots = checkpoints["olmoe"], tmp_path / "store", small_cache("olmoe")
+    llm = _llm(path, store, expert_cache=slots) if tiers == 2 else _three_tiers(path, store, slots + 2, expert_cache=slots)
     want = llm.generate([3, 4, 5], STEPS).token_ids
     llm.reset_cache(llm.planned_slots)
     raw = (store / RECORDS).read_bytes()
     (store / RECORDS).write_bytes(bytes(_damage_every_record(raw, store)))
     with pytest.raises(StoreCorrupt, match=r"layer \d+ expert \d+ .* fails its checksum"):
         llm.generate([3, 4, 5], STEPS)
+    assert _no_pins(llm)
     (store / RECORDS).write_bytes(raw)  # repaired: the same engine serves the next request
     assert llm.generate([3, 4, 5], STEPS).token_ids == want
 
