@@ -176,8 +176,11 @@ class ExpertCache:
     def promote(self, key: Key) -> None:
         """A demand for an expert whose fill is still queued as a prefetch read: move that read ahead of the prefetches."""
         slot = self.where.get(key)
-        if slot is None:
-            return
+        if slot is not None:
+            self._promote(key, slot)
+
+    def _promote(self, key: Key, slot: int) -> None:
+        """`promote` for an expert known to be in `slot`."""
         if self.reader is not None:
             ticket = self.slots[slot].ticket
             if ticket is not None and ticket.future is not None and not ticket.future.done():
@@ -216,8 +219,8 @@ class ExpertCache:
         if slot is not None:
             self.stats.hits += 1
             self.eviction.touched(key)
-            if priority is Priority.DEMAND:
-                self.promote(key)
+            if priority is Priority.DEMAND and (self.reader is not None or self.feed is not None):  # disk tier only
+                self._promote(key, slot)
         else:
             self.stats.misses += 1
             slot = self._load(key, prefetch=priority is not Priority.DEMAND, priority=priority)

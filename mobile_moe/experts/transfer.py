@@ -41,7 +41,7 @@ class IndexRing:
     def __init__(self, values: int = INDEX_RING_VALUES, pin: bool = True) -> None:
         self.buffer = torch.empty(values, dtype=torch.int64, pin_memory=pin)
         self._array = self.buffer.numpy()
-        self.head, self.lap = 0, 0
+        self.head, self.lap, self._start = 0, 0, 0  # next free value, wraps so far, start of the chunk last staged
         self._fences: deque[tuple[int, int, object]] = deque()  # (lap, chunk start, fence with .synchronize()), oldest first
         self.waits = 0  # fences that had to be waited for (a ring too small for the copies in flight)
 
