@@ -61,6 +61,8 @@ class ExpertExecutor:
         # compiled decode with experts read in place (a float pool): one fused call per token and layer instead of a loop
         self.pooled = torch.compile(pool_experts, fullgraph=True, dynamic=False) if compiled and self.in_place and not self.grouped else None
         self.pool_fields = self._pool_fields() if self.in_place else ()  # what the compiled call reads, made once
+        # resident decode off the CPU: slots gathered on the device (a host read of them would stall the stream each layer)
+        self.device_indexed = cache.device.type != "cpu"
         # per slot: (gate_up fields, down fields, gate_up bias, down bias) as views, made once (indexing the pool per call
         # costs a dispatch each); a matrix's bias, when experts have one, is its last packed field
         self.slot_fields = [self._split(tuple([f[slot] for f in cache.fields[m]] for m in MATRICES)) for slot in range(cache.num_slots)]
@@ -85,15 +87,28 @@ class ExpertExecutor:
         return pairs.view(T, n, -1).sum(1)  # fixed-order combine: deterministic on every device
 
     def run_resident(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Decode on CPU with every expert resident: the slots come from the cache's device-side expert-to-slot table by
-        tensor indexing and are read where compute needs them (on CPU nothing waits for that read), so the host plans
-        nothing and the cache's bookkeeping is not touched; results equal `run`'s bit for bit. x: [1, H], indices/weights: [1, n]."""
+        """Decode with every expert resident: the slots come from the cache's device-side expert-to-slot table by tensor
+        indexing, so the host plans nothing and the cache's bookkeeping is not touched. On CPU they are read where compute
+        needs them (nothing waits for that read) and results equal `run`'s bit for bit; elsewhere the experts are gathered
+        on the device (`_gathered`). x: [1, H], indices/weights: [1, n]."""
         cache = self.cache
         cache.stats.hits += indices.shape[1]
         if self.pooled is not None:  # compiled: the slot ids stay on the device
             return self._pooled(x, cache.slot_rows[layer][indices[0]], weights)
+        if self.device_indexed:
+            return self._gathered(x, cache.slot_rows[layer][indices[0]], weights)
         slots = cache.slot_rows[layer][indices[0]].tolist()  # rank order
         return combine([self._expert(x, slot) for slot in slots], weights, x.dtype)
+
+    def _gathered(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x: [1, H], slots [n] on the device (rank order), weights [1, n] -> [1, H]: each field of the n experts gathered by
+        one indexed copy, then each expert through its format's matmul; no host read, so a CUDA graph can hold it."""
+        gathered = {m: [f.index_select(0, slots) for f in self.cache.fields[m]] for m in MATRICES}  # [n, ...] per field
+        outs = []
+        for i in range(slots.shape[0]):
+            gate_up, down, gate_up_b, down_b = self._split(tuple([f[i] for f in gathered[m]] for m in MATRICES))
+            outs.append(expert_output(self.cache.store.format, self.act, x, gate_up, down, gate_up_b, down_b))  # [1, H]
+        return combine(outs, weights, x.dtype)
 
     def _run_one_token(self, layer: int, x: torch.Tensor, experts: list[int], weights: torch.Tensor) -> torch.Tensor:
         """Decode: x [1, H], `experts` distinct, in rank order -> [1, H], the same fixed-order combine without index plumbing."""
