@@ -65,6 +65,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="quantized experts: dequantize then matmul (the tested reference path) instead of fused weight-only kernels")
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile'd layer segments (CPU): faster decoding after a warm-up of seconds on the first request")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="cuda, every expert resident: replay each decode pass from a captured CUDA graph (one launch instead of hundreds)")
     p.add_argument("--group-size", type=int, metavar="G", help=f"int4 experts: weights per scale/zero group along the input dim (default {DEFAULT_GROUP_SIZE})")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--expert-cache", type=int, metavar="N", help="device expert cache size, in experts")
@@ -376,7 +378,7 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
     return engine_config(
         args.device, args.dtype, args.expert_cache, args.gpu_memory, args.eviction, not args.quiet, args.max_context, args.expert_dtype, args.group_size,
         not args.reference_kernels, args.compile, args.offload_dir, args.host_memory, not args.buffered_io,
-        getattr(args, "max_batch", 1), getattr(args, "batch_little", "auto"),
+        getattr(args, "max_batch", 1), getattr(args, "batch_little", "auto"), args.cuda_graphs,
     )
 
 

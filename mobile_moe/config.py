@@ -160,6 +160,7 @@ class EngineConfig:
     group_size: int | None = None  # int4 only: weights per (scale, zero) group along the input dim
     fused_kernels: bool = True  # quantized experts through fused weight-only kernels where the device has them (experts/kernels.py)
     compile: bool = False  # decode through torch.compile'd layer segments (CPU; the first generate pays the warm-up)
+    cuda_graphs: bool = False  # CUDA: decode passes with every expert resident replayed from captured CUDA graphs (engine/graphs.py)
     offload_dir: str | None = None  # an on-disk expert store (built there on first use): experts are read from it on demand
     direct_io: bool = True  # read the store with O_DIRECT where the file system allows it (False: buffered + fadvise)
     max_batch: int = 1  # sequences decoded together (LLM.generate with many prompts, the server); the memory plan reserves their KV

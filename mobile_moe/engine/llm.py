@@ -16,6 +16,7 @@ from mobile_moe.engine.batch import BatchDecoder
 from mobile_moe.engine.budget import dequant_scratch_bytes, host_tier_slots, plan_slots
 from mobile_moe.engine.calibration import CALIBRATION_FILE, read_calibration, resolve_policy
 from mobile_moe.engine.generate import GenerationResult, TokenCallback, generate
+from mobile_moe.engine.graphs import DecodeGraphs, cuda_capture
 from mobile_moe.engine.hub import resolve_model
 from mobile_moe.engine.loader import LoadedModel, load
 from mobile_moe.engine.runner import Runner
@@ -89,6 +90,8 @@ class LLM:
         self.planned_slots = self.plan.slots
         if self.config.compile and self.device.type != "cpu":
             log.warning("--compile is measured and tested on CPU only; decoding on %s runs eagerly", self.device)
+        if self.config.cuda_graphs and self.device.type != "cuda":
+            log.warning("--cuda-graphs needs a CUDA device; decoding on %s runs without graphs", self.device)
         self.governor = LittleGovernor(self.config.batch_little == "auto")  # its step costs persist across batches
         self.reset_cache(self.planned_slots)
         self.tokenizer = _load_tokenizer(self.path) if self.path.is_dir() else None
@@ -113,7 +116,8 @@ class LLM:
                                    reader=self.reader, pin_pool=self.device.type == "cuda")
             self.cache = ExpertCache(store, slots, self.device, TransferEngine(self.device), eviction, trace=trace,
                                      reader=self.reader if host is None else None, host=host)
-            self.runner = Runner(self.loaded.model, self.cache, compile_layers=self.compiles)
+            graphs = DecodeGraphs(cuda_capture()) if self.config.cuda_graphs and self.device.type == "cuda" else None
+            self.runner = Runner(self.loaded.model, self.cache, compile_layers=self.compiles, graphs=graphs)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -269,11 +273,11 @@ def engine_config(
     device: str = "cpu", dtype: str = "auto", expert_cache: int | None = None, gpu_memory: float | None = None,
     eviction: str = "lru", progress: bool = True, max_context: int = 4096, expert_dtype: str = "auto", group_size: int | None = None,
     fused_kernels: bool = True, compile: bool = False, offload_dir: str | None = None, host_memory: float | None = None, direct_io: bool = True,
-    max_batch: int = 1, batch_little: str = "auto",
+    max_batch: int = 1, batch_little: str = "auto", cuda_graphs: bool = False,
 ) -> EngineConfig:
     """EngineConfig from flat keyword arguments (what the CLI and API users pass)."""
     return EngineConfig(
         device=device, dtype=dtype, cache=CacheConfig(expert_cache, gpu_memory, eviction, host_memory), progress=progress, max_context=max_context,
         expert_dtype=expert_dtype, group_size=group_size, fused_kernels=fused_kernels, compile=compile, offload_dir=offload_dir,
-        direct_io=direct_io, max_batch=max_batch, batch_little=batch_little,  # type: ignore[arg-type]
+        direct_io=direct_io, max_batch=max_batch, batch_little=batch_little, cuda_graphs=cuda_graphs,  # type: ignore[arg-type]
     )

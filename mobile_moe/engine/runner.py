@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import torch
 
 from mobile_moe.engine.budget import PREFILL_CHUNK
+from mobile_moe.engine.graphs import GRAPH_SPAN_BUCKET, DecodeGraphs
 from mobile_moe.experts.cache import ExpertCache
 from mobile_moe.experts.executor import ExpertExecutor
 from mobile_moe.experts.reader import Priority
@@ -44,7 +45,8 @@ class BoundLayer:
 class Runner:
     """Binds model, expert cache and executor; implements the ExpertRunner protocol MoE blocks call."""
 
-    def __init__(self, model: CausalLM, cache: ExpertCache, little_weights: str = "native", compile_layers: bool = False) -> None:
+    def __init__(self, model: CausalLM, cache: ExpertCache, little_weights: str = "native", compile_layers: bool = False,
+                 graphs: DecodeGraphs | None = None) -> None:
         self.model = model
         self.cache = cache
         self.executor = ExpertExecutor(cache, activation(model.info.hidden_act), model.lm_head.weight.dtype, compiled=compile_layers)
@@ -76,15 +78,18 @@ class Runner:
         self.routed_segment = torch.compile(routed_segment, dynamic=None) if pooled else None
         self.pooled_finish = torch.compile(pooled_finish, dynamic=False) if pooled else None
         self.resident_layer = torch.compile(pooled_layer, dynamic=None) if pooled else None
+        self.graphs = graphs  # resident decode passes replayed from captured graphs (`--cuda-graphs`)
+        if graphs is not None:
+            self.span_bucket = GRAPH_SPAN_BUCKET  # one capture per bucket of key spans
 
     def at(self, layer: int) -> LayerExperts:
         """The experts handle of decoder layer `layer`."""
         return self.bound[layer]
 
     def resident_decode(self, tokens: int) -> bool:
-        """Whether this pass may take the all-resident decode path: one CPU row, every expert resident, no tracing,
+        """Whether this pass may take the all-resident decode path: one row, every expert resident, no tracing,
         no host-side knob (layer-adaptive, cache prior, lookahead)."""
-        if tokens != 1 or self.cache.device.type != "cpu" or self.cache.trace is not None:
+        if tokens != 1 or self.cache.trace is not None:
             return False
         if self.lookahead or self.layer_adaptive is not None or self.cache_prior is not None:
             return False
@@ -179,8 +184,11 @@ class Runner:
         self.recorded, self.resident_pass = record, self.resident_decode(ids.shape[0])
         segment = self.compiled if self.compiled is not None and ids.shape[0] == 1 else before_experts  # prompts run eager
         step, span = self.layer_step(ids.shape[0]), self.decode_span(ids.shape[0], kv)
+        run = lambda x: self.model(x, kv, self, all_logits=all_logits, segment=segment, layer_step=step, span=span)  # noqa: E731
         with native_cpu_gemv(ids.shape[0] == 1 and ids.device.type == "cpu" and self.executor.dtype in (torch.bfloat16, torch.float16)):
-            return self.model(ids, kv, self, all_logits=all_logits, segment=segment, layer_step=step, span=span)
+            if self.graphs is not None and self.resident_pass and span is not None and not all_logits:
+                return self.graphs.run((mode, record, self.little_weights, span), ids, kv, self.cache.stats, run)
+            return run(ids)
 
     def decode_span(self, tokens: int, kv: KVCache) -> int | None:
         """Keys a decode pass reads with `span_bucket` set: the length + 1 rounded up to the bucket (at most max_len), so
