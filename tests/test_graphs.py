@@ -4,6 +4,7 @@ semantics (tests/graph_emulator.py): what a capture freezes is what a replay com
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from graph_emulator import HostReadInCapture, emulated_capture
 
 from mobile_moe import LLM, engine_config
+from mobile_moe.bench.bench import BenchSettings, run_bench
 from mobile_moe.config import PolicyConfig, SamplingParams
 from mobile_moe.engine.graphs import DecodeGraphs
 
@@ -99,3 +101,17 @@ def test_experts_gathered_on_the_device_give_the_host_planned_tokens(checkpoints
     gathered.runner.executor._gathered = lambda *a: calls.append(1) or gather(*a)
     assert gathered.generate([5, 6, 7, 8], SAMPLING).token_ids == planned.generate([5, 6, 7, 8], SAMPLING).token_ids
     assert len(calls) >= (SAMPLING.max_new_tokens - 1) * len(gathered.info.moe_layers)
+
+
+def test_bench_compares_resident_decoding_with_and_without_graphs(checkpoints):
+    """With a capture (`--cuda-graphs` on CUDA) bench adds a `resident+graphs` row, interleaved with eager `resident`."""
+    llm = LLM(checkpoints["olmoe"], engine_config(progress=False, dtype="float32", expert_cache=8))
+    llm.graph_capture = lambda: emulated_capture
+    settings = BenchSettings([[5, 6, 7, 8], [9, 10, 11]], 8, MOBILE, None, run_accelerate=False, progress=False, rounds=1,
+                             run_transformers=False)
+    systems = {s["name"]: s for s in run_bench(llm, settings)["systems"]}
+    assert list(systems) == ["big", "mobile", "little", "resident", "resident+graphs"]
+    assert systems["resident+graphs"]["same_tokens_as_big"] == systems["resident"]["same_tokens_as_big"] == 1.0
+    replayed = re.search(r"(\d+) of (\d+) decode passes replayed from CUDA graphs", systems["resident+graphs"]["note"])
+    assert replayed and 0 < int(replayed[1]) < int(replayed[2]) and "capture failed" not in systems["resident+graphs"]["note"]
+    assert "replayed" not in systems["resident"]["note"]

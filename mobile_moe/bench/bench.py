@@ -71,11 +71,15 @@ class SystemResult:
     note: str = ""
 
 
-def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettings, slots: int, preload: bool = False) -> tuple[SystemResult, list[Access], list[list[int]]]:
+def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettings, slots: int, preload: bool = False,
+                graphs: bool = False) -> tuple[SystemResult, list[Access], list[list[int]]]:
     """Fresh cache of `slots`, then every prompt under `policy`; sums decode-phase counters; also returns the generated ids.
-    The all-resident reference runs untraced: tracing reads each layer's choice on the host, which it otherwise never does."""
+    The all-resident reference runs untraced: tracing reads each layer's choice on the host, which it otherwise never does.
+    graphs: keep the CUDA graphs `--cuda-graphs` gave the runner (every other system runs eagerly, for the comparison)."""
     trace = Trace()
     llm.reset_cache(slots, None if preload else trace)
+    if not graphs:
+        llm.runner.graphs = None
     if preload:
         llm.cache.load_all()
     cache = llm.cache
@@ -108,8 +112,11 @@ def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettin
         if llm.host_slots is not None:
             reads = disk_all // llm.loaded.store.record_bytes
             disk_fields["host_tier_hit_rate"] = host_hits / max(host_hits + reads, 1)
+    captured = llm.runner.graphs
+    note = "" if captured is None else f"{captured.replays} of {steps} decode passes replayed from CUDA graphs" + (
+        f" (capture failed: {captured.failed})" if captured.failed else "")
     return SystemResult(
-        **disk_fields,
+        **disk_fields, note=note,
         name=name, decode_tok_s=steps / decode_s if decode_s else 0.0, ttft_s=ttft / len(settings.prompts),
         h2d_gb_per_token=moved / 1e9 / max(steps, 1), hit_rate=hits / max(hits + misses, 1),
         fallback_rate=fallbacks / max(steps, 1), transfer_wait_share=wait / decode_s if decode_s else 0.0,
@@ -158,19 +165,21 @@ def run_bench(llm: LLM, settings: BenchSettings, profiles: dict[str, HardwarePro
     llm.generate(settings.prompts[0], SamplingParams(max_new_tokens=4, stop_at_eos=False))  # warm-up: kernels, allocator
     ops = count_decode_ops(llm)  # kernel launches of one decode step, for the cost model
     total = llm.loaded.store.total_experts
-    engines = [("big", PolicyConfig("big"), slots, False), ("mobile", settings.mobile, slots, False),
-               ("little", PolicyConfig("little", little_weights=settings.mobile.little_weights), slots, False)]
+    engines = [("big", PolicyConfig("big"), slots, False, False), ("mobile", settings.mobile, slots, False, False),
+               ("little", PolicyConfig("little", little_weights=settings.mobile.little_weights), slots, False, False)]
     if _fits_on_device(llm) and (llm.reader is None or slots >= total):  # disk tier: only when the host budget holds every expert
-        engines.append(("resident", PolicyConfig("big"), total, True))
+        engines.append(("resident", PolicyConfig("big"), total, True, False))
+        if llm.runner.graphs is not None:  # --cuda-graphs on CUDA: the same passes replayed from captures, interleaved
+            engines.append(("resident+graphs", PolicyConfig("big"), total, True, True))
     whole = None
     if settings.run_transformers and _fits_on_device(llm, dense_bytes(llm.loaded.model) + llm.loaded.store.nbytes):  # its own copy
         whole = HFBaseline(llm.loaded, llm.device, None, offload=False, warmup_ids=settings.prompts[0], progress=settings.progress)
     rounds: dict[str, list[SystemResult]] = {}
     traces, outputs = {}, {}
     for _ in range(settings.rounds):
-        for name, policy, n, preload in engines:
+        for name, policy, n, preload, graphs in engines:
             probe = disk_probe_gb_s(llm.loaded.store, records=ROUND_PROBE_RECORDS) if llm.reader is not None else float("nan")
-            result, traces[name], outputs[name] = _run_system(llm, name, policy, settings, n, preload)
+            result, traces[name], outputs[name] = _run_system(llm, name, policy, settings, n, preload, graphs)
             result.disk_probe_gb_s = probe
             rounds.setdefault(name, []).append(result)
         if whole is not None:
@@ -181,10 +190,10 @@ def run_bench(llm: LLM, settings: BenchSettings, profiles: dict[str, HardwarePro
     del whole
     systems = [_median_of_rounds(r) for r in rounds.values()]
     for s in systems:
-        if s.name == "resident":
-            s.note = f"all {total} experts on the device"
+        if s.name.startswith("resident"):
+            s.note = f"all {total} experts on the device" + (f"; {s.note}" if s.note else "")
         if settings.temperature == 0.0:
-            s.same_tokens_as_big = _same_tokens(outputs[s.name], outputs["big"]) if s.name in ("resident", "transformers") else None
+            s.same_tokens_as_big = _same_tokens(outputs[s.name], outputs["big"]) if s.name.startswith("resident") or s.name == "transformers" else None
     llm.reset_cache(slots)
     if settings.run_accelerate and llm.device.type == "cuda":
         # two short runs after a warm-up: offloaded transformers runs well under 1 tok/s at real size

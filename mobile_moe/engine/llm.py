@@ -16,7 +16,7 @@ from mobile_moe.engine.batch import BatchDecoder
 from mobile_moe.engine.budget import dequant_scratch_bytes, host_tier_slots, plan_slots
 from mobile_moe.engine.calibration import CALIBRATION_FILE, read_calibration, resolve_policy
 from mobile_moe.engine.generate import GenerationResult, TokenCallback, generate
-from mobile_moe.engine.graphs import DecodeGraphs, cuda_capture
+from mobile_moe.engine.graphs import DecodeGraphs, GraphCapture, cuda_capture
 from mobile_moe.engine.hub import resolve_model
 from mobile_moe.engine.loader import LoadedModel, load
 from mobile_moe.engine.runner import Runner
@@ -92,6 +92,8 @@ class LLM:
             log.warning("--compile is measured and tested on CPU only; decoding on %s runs eagerly", self.device)
         if self.config.cuda_graphs and self.device.type != "cuda":
             log.warning("--cuda-graphs needs a CUDA device; decoding on %s runs without graphs", self.device)
+        # what records decode passes for `--cuda-graphs` (None: decoding stays eager); every cache reset makes fresh graphs
+        self.graph_capture: Callable[[], GraphCapture] | None = cuda_capture if self.config.cuda_graphs and self.device.type == "cuda" else None
         self.governor = LittleGovernor(self.config.batch_little == "auto")  # its step costs persist across batches
         self.reset_cache(self.planned_slots)
         self.tokenizer = _load_tokenizer(self.path) if self.path.is_dir() else None
@@ -116,7 +118,7 @@ class LLM:
                                    reader=self.reader, pin_pool=self.device.type == "cuda")
             self.cache = ExpertCache(store, slots, self.device, TransferEngine(self.device), eviction, trace=trace,
                                      reader=self.reader if host is None else None, host=host)
-            graphs = DecodeGraphs(cuda_capture()) if self.config.cuda_graphs and self.device.type == "cuda" else None
+            graphs = DecodeGraphs(self.graph_capture()) if self.graph_capture is not None else None
             self.runner = Runner(self.loaded.model, self.cache, compile_layers=self.compiles, graphs=graphs)
 
     @property

@@ -81,6 +81,7 @@ class Runner:
         self.graphs = graphs  # resident decode passes replayed from captured graphs (`--cuda-graphs`)
         if graphs is not None:
             self.span_bucket = GRAPH_SPAN_BUCKET  # one capture per bucket of key spans
+            self.executor.device_indexed = True  # a captured pass may not read its slots on the host
 
     def at(self, layer: int) -> LayerExperts:
         """The experts handle of decoder layer `layer`."""
