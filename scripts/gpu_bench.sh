@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The H200 benchmark in one prepared run (under 6 minutes): OLMoE-1B-7B and Qwen1.5-MoE-A2.7B shapes (random
-# weights made on the device) at budgets that leave each a real expert cache, int4 experts once, the three tiers once (disk ->
+# weights made on the device) at budgets that leave each a real expert cache, int4 experts through tinygemm and the reference path, the three tiers once (disk ->
 # pinned host tier of 1.7 GB -> 4 GiB of device; the store is built by that run, in $STORE_DIR), a batch sweep (1, 4, 16
 # rows) once, mobile at fallback rate 0.2, resident decoding eager and replayed from CUDA graphs (bf16 and int4), and
 # the transformers + accelerate offload baseline once (OLMoE, 4 GiB). JSON reports and logs go to $OUT.
@@ -16,6 +16,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 RUNS=(  # name, seconds allowed, bench flags (runs late in the list are skipped when the deadline comes)
   "olmoe_4g       150 --synthetic olmoe-1b-7b --gpu-memory 4"
   "olmoe_4g_int4   60 --synthetic olmoe-1b-7b --gpu-memory 4 --skip-accelerate --expert-dtype int4 --cuda-graphs"
+  "olmoe_4g_int4r  50 --synthetic olmoe-1b-7b --gpu-memory 4 --skip-accelerate --expert-dtype int4 --reference-kernels"
   "olmoe_disk      90 --synthetic olmoe-1b-7b --gpu-memory 4 --skip-accelerate --expert-dtype int4 --offload-dir $STORE_DIR --host-memory 1.7"
   "olmoe_4g_batch  50 --synthetic olmoe-1b-7b --gpu-memory 4 --skip-accelerate --expert-dtype int4 --batch 1,4,16 --new-tokens 16 --max-context 256"
   "olmoe_8g        60 --synthetic olmoe-1b-7b --gpu-memory 8 --skip-accelerate --cuda-graphs"

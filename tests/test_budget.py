@@ -48,7 +48,7 @@ def test_gpu_bench_script_plans_every_run_without_a_gpu():
     out = subprocess.run(["bash", "scripts/gpu_bench.sh", "--plan-only"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     plans = [line for line in out.stdout.splitlines() if "expert slots" in line]
-    assert len(plans) == 8 and all("error" not in line for line in plans)
+    assert len(plans) == 9 and all("error" not in line for line in plans)
     batch = next(line for line in plans if line.startswith("olmoe_4g_batch:"))
     assert "16 rows x" in batch  # the sweep's largest batch: its KV is planned for every row
     int4 = next(line for line in plans if line.startswith("olmoe_4g_int4:"))

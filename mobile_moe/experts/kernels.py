@@ -17,11 +17,22 @@ float32 compute uses the same kernels with bf16 activations (x is rounded to bf1
 back): the kernels take no float32 input worth using, and even where bf16 is emulated (an AVX2 CPU without
 AVX512-BF16) the int4 kernel took 0.38 ms against 14 ms for dequantize-then-matmul on a 2048 x 2048 matrix (2 threads),
 an error far below the 4-bit quantization's own.
-On CUDA nothing is repacked yet (pending a GPU run to choose among torch / torchao / gemlite kernels).
-MXFP4 has no fused CPU kernel in torch; it keeps the reference path.
+On CUDA with bf16 (or float32, through bf16) compute:
+
+- int4 -> torch's `_weight_int4pack_mm` (tinygemm; sm80+): the same (scale, zero) pairs and w = (q - 8) * scale + zero,
+  codes in the kernel's tiled int32 layout, which only `_convert_weight_to_int4pack` on the device writes, so the
+  store is repacked through the device once at load. Every load first checks the kernel against the reference path on
+  a random matrix of each expert shape (`cuda_int4_agrees`); where it disagrees or fails, int4 keeps the reference path.
+  Its speed against dequantize-then-matmul and the row crossover are pending a GPU run: until then every row count
+  goes through the kernel.
+- int8 has no CUDA weight-only kernel in torch (`_weight_int8pack_mm` is CPU / MPS); it keeps the reference path.
+
+MXFP4 has no fused kernel in torch on either device; it keeps the reference path.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +44,8 @@ FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # compute dtypes 
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes _weight_int4pack_mm_for_cpu accepts
 INT4_BLOCKS = (64, 32)  # the CPU kernel's packing interleaves output rows in blocks of this many: 64 in torch 2.13, 32 in 2.14
 INT4_OFFSET = 8  # the kernel's codes are centred: w = (q - 8) * scale + zero
+
+log = logging.getLogger("mobile_moe")
 
 
 def fused_kernels_available() -> bool:
@@ -178,6 +191,88 @@ def int4_block_rows(out: int, inp: int) -> int | None:
     return None
 
 
+class CudaInt4(FusedFormat):
+    """Group-wise int4 for CUDA's `_weight_int4pack_mm`: tiled codes stored as int32 [out, in / 8] (the kernel's
+    [out / 8, in / (16 t), 32, t / 2] tiles, t = inner k tiles) and (scale, zero) [in / g, out, 2] in bf16."""
+
+    name = "int4"
+    kernel = "_weight_int4pack_mm"
+    max_rows = 1 << 30  # every row count through the kernel until a GPU run measures the crossover
+
+    def __init__(self, portable: Int4Format, device: torch.device, inner_k_tiles: int) -> None:
+        self.portable, self.dtype, self.group_size = portable, torch.bfloat16, portable.group_size
+        self.device, self.inner_k_tiles = device, inner_k_tiles
+
+    @property
+    def layout_id(self) -> str:
+        return f"int4:{self.kernel}:t{self.inner_k_tiles}"
+
+    def fields(self, out: int, inp: int) -> list[Field]:
+        return [Field("tiles", torch.int32, (out, inp // 8)), Field("scale_zeros", self.dtype, (inp // self.group_size, out, 2))]
+
+    def from_portable(self, parts: list[torch.Tensor], out: int, inp: int) -> list[torch.Tensor]:
+        packed, scale, zero = parts  # [out, in/2] uint8 (even column low), [out, G] fp16 each: w = (q - zero) * scale
+        swapped = (packed >> 4) | (packed << 4)  # the kernel reads the even column from the high nibble
+        tiles = self.convert(swapped.to(self.device))
+        s = scale.float()
+        z = (INT4_OFFSET - zero.float()) * s
+        return [tiles.reshape(out, inp // 8).to(packed.device), torch.stack((s, z), -1).transpose(0, 1).to(self.dtype).contiguous()]
+
+    def fused(self, x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+        tiles, sz = parts  # [out, in/8] int32, [G, out, 2]
+        out, inp = tiles.shape[0], tiles.shape[1] * 8
+        t = self.inner_k_tiles
+        return self.matmul(x.contiguous(), tiles.reshape(out // 8, inp // (16 * t), 32, t // 2), sz)
+
+    def convert(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes uint8 [out, in / 2] (even column high) on the device -> the kernel's tiles."""
+        return torch.ops.aten._convert_weight_to_int4pack(codes, self.inner_k_tiles)
+
+    def matmul(self, x: torch.Tensor, tiles: torch.Tensor, scale_zeros: torch.Tensor) -> torch.Tensor:
+        """x [M, in] bf16 -> x @ w.T [M, out] bf16 through the kernel."""
+        return torch.ops.aten._weight_int4pack_mm(x, tiles, self.group_size, scale_zeros)
+
+    def dequantize(self, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The tiled layout has no unpacking op: the kernel times an identity gives w.T, rounded to bf16."""
+        inp = parts[0].shape[1] * 8
+        return self.fused(torch.eye(inp, dtype=self.dtype, device=parts[0].device), parts).t().to(dtype)  # [out, in]
+
+
+def inner_k_tiles(inputs: list[int]) -> int | None:
+    """The most inner k tiles (8, 4 or 2; 16 input columns each) whose tile divides every input dim, or None."""
+    return next((t for t in (8, 4, 2) if all(inp % (16 * t) == 0 for inp in inputs)), None)
+
+
+def cuda_int4(fmt: Int4Format, dtype: torch.dtype, device: torch.device, shapes: list[tuple[int, int]]) -> CudaInt4 | None:
+    """The CUDA int4 kernel layout for these expert shapes, when the kernel takes them and agrees with the reference."""
+    if dtype not in (torch.bfloat16, torch.float32) or fmt.group_size not in INT4_KERNEL_GROUPS or not hasattr(torch.ops.aten, "_weight_int4pack_mm"):
+        return None
+    tiles = inner_k_tiles([inp for _, inp in shapes])
+    if tiles is None or not all(out % 8 == 0 and inp % fmt.group_size == 0 for out, inp in shapes):
+        return None
+    kernel = CudaInt4(fmt, device, tiles)
+    return kernel if cuda_int4_agrees(kernel, shapes) else None
+
+
+def cuda_int4_agrees(kernel: CudaInt4, shapes: list[tuple[int, int]]) -> bool:
+    """Load-time check on the device: a random matrix of each shape through the kernel (4 rows) and through
+    dequantize-then-matmul agree within bf16 rounding; a kernel error or a layout mismatch says no."""
+    gen = torch.Generator().manual_seed(0)
+    try:
+        for out, inp in shapes:
+            parts = kernel.portable.quantize(torch.randn(out, inp, generator=gen))
+            x = torch.randn(4, inp, generator=gen).to(kernel.device, torch.bfloat16)
+            want = x.float() @ kernel.portable.dequantize([p.to(kernel.device) for p in parts], torch.float32).t()  # [4, out]
+            got = kernel.fused(x, [p.to(kernel.device) for p in kernel.from_portable(parts, out, inp)]).float()
+            if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().mean())):
+                log.warning("int4 experts: %s disagrees with the reference path on %d x %d; using the reference path", kernel.kernel, out, inp)
+                return False
+    except RuntimeError as exc:
+        log.warning("int4 experts: %s is unavailable (%s); using the reference path", kernel.kernel, str(exc).splitlines()[0])
+        return False
+    return True
+
+
 def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
     """The activation (and scale) dtype of the fused kernels for a compute dtype: float32 goes through bf16."""
     return torch.bfloat16 if dtype == torch.float32 else dtype
@@ -187,6 +282,8 @@ def compute_format(fmt: ExpertFormat, dtype: torch.dtype, device: torch.device, 
     """The fused layout to repack `fmt` experts into for compute in `dtype` on `device`, or None (keep the reference path).
 
     shapes: the [out, in] of every expert matrix; each must suit the kernel."""
+    if device.type == "cuda" and type(fmt) is Int4Format:
+        return cuda_int4(fmt, dtype, device, shapes)
     if device.type != "cpu" or dtype not in FUSED_DTYPES or not fused_kernels_available():
         return None
     if type(fmt) is Int8Format:
@@ -204,6 +301,8 @@ def layout_format(layout_id: str, group_size: int, dtype: torch.dtype) -> Expert
     """The format whose `layout_id` this is (group_size: int4 only; dtype: the compute dtype a kernel layout was packed for)."""
     if layout_id == f"int8:{FusedInt8.kernel}":
         return FusedInt8(kernel_dtype(dtype))
+    if layout_id.startswith(f"int4:{CudaInt4.kernel}:t"):
+        return CudaInt4(Int4Format(group_size), torch.device("cuda"), int(layout_id.removeprefix(f"int4:{CudaInt4.kernel}:t")))
     if layout_id.startswith(f"int4:{FusedInt4.kernel}"):
         block = layout_id.removeprefix(f"int4:{FusedInt4.kernel}").removeprefix(":b") or INT4_BLOCKS[0]
         return FusedInt4(Int4Format(group_size), kernel_dtype(dtype), int(block))
