@@ -103,6 +103,9 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
                    "dropped one scoring within this factor of it (default: off)")
     p.add_argument("--kv-repair", type=int, metavar="N", help="mobile: on a fallback, big also recomputes up to N earlier "
                    "positions whose KV entries little wrote (default: what the model's calibration was made with, else 0)")
+    p.add_argument("--rollback", action="store_true", default=None, help="mobile, greedy, with --kv-repair: big also checks little's "
+                   "tokens at the repaired positions and takes back those from the first it disagrees with (streamed tokens wait "
+                   "up to N positions; default: as the model's calibration was made)")
 
 
 def build_parser() -> Parser:
@@ -327,21 +330,26 @@ def parse_criteria(text: str) -> tuple[str, ...]:
     return names
 
 
-VARIANT_KNOBS = {"layer-adaptive": "layer_adaptive", "cache-prior": "cache_prior", "kv-repair": "kv_repair"}
+VARIANT_KNOBS = {"layer-adaptive": "layer_adaptive", "cache-prior": "cache_prior", "kv-repair": "kv_repair", "rollback": "rollback"}
 
 
 def parse_variants(text: str) -> tuple[dict[str, float | int | None], ...]:
     """'plain,layer-adaptive=0.3,cache-prior=2+kv-repair=1' -> PolicyConfig knob overrides per variant ('+' combines knobs), checked."""
     variants = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
-        variant: dict[str, float | int | None] = {"layer_adaptive": None, "cache_prior": None, "kv_repair": 0}
+        variant: dict[str, float | int | bool | None] = {"layer_adaptive": None, "cache_prior": None, "kv_repair": 0, "rollback": False}
         for knob in item.split("+") if item != "plain" else ():
             name, _, value = knob.partition("=")
             try:
+                if name == "rollback":  # a switch: no value
+                    if value:
+                        raise ValueError(value)
+                    variant["rollback"] = True
+                    continue
                 variant[VARIANT_KNOBS[name]] = int(value) if name == "kv-repair" else float(value)
             except (KeyError, ValueError):
                 raise argparse.ArgumentTypeError(f"variants are plain or knobs joined by '+': layer-adaptive=SHARE, cache-prior=FACTOR, "
-                                                 f"kv-repair=N; got {item!r}") from None
+                                                 f"kv-repair=N, rollback; got {item!r}") from None
         variants.append(variant)
     if not variants:
         raise argparse.ArgumentTypeError("--variants needs at least one variant")
@@ -385,7 +393,7 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
 def policy_flags(args: argparse.Namespace) -> PolicyConfig:
     """PolicyConfig from the policy flags alone (criterion and tau may stay unset)."""
     return PolicyConfig(args.policy, args.tau, args.criterion, args.little_weights, args.prefill, not args.no_prefetch,
-                        layer_adaptive=args.layer_adaptive, cache_prior=args.cache_prior, kv_repair=args.kv_repair)
+                        layer_adaptive=args.layer_adaptive, cache_prior=args.cache_prior, kv_repair=args.kv_repair, rollback=args.rollback)
 
 
 def policy_from(args: argparse.Namespace, llm: LLM) -> PolicyConfig:
@@ -566,7 +574,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return calibrate_by_source(args, settings)
     texts, data = read_texts(args.data, "validation", args.glob)
     llm = open_llm(args)
-    base = dataclasses.replace(policy_from(args, llm), kv_repair=args.kv_repair or 0)  # this run's repair, not the old record's
+    base = dataclasses.replace(policy_from(args, llm), kv_repair=args.kv_repair or 0, rollback=bool(args.rollback))  # this run's, not the old record's
     bases = [dataclasses.replace(base, criterion=c) for c in args.criteria]
     result, prompts = calibrate(llm, texts, settings, bases, args.target_agreement, grid=args.taus is None, rule=args.rule)
     if result.learned_report:
@@ -579,7 +587,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             f"(best: {best.criterion} tau {best.tau:g} with {best.agreement:.1%} at fallback rate {best.fallback_rate:.1%}); nothing written"
         )
         return 1
-    file = write_calibration(llm.path, result.record(prompts, data, str(llm.loaded.dtype).removeprefix("torch."), base.kv_repair or 0), args.output)
+    file = write_calibration(llm.path, result.record(prompts, data, str(llm.loaded.dtype).removeprefix("torch."), base.kv_repair or 0, bool(base.rollback)), args.output)
     c = result.chosen
     lo, hi = c.agreement_ci
     print(f"calibrated {c.criterion} tau {c.tau:g}: agreement {c.agreement:.2%} (95% CI {lo:.2%}-{hi:.2%}; target {args.target_agreement:.1%}, rule {args.rule}), "
@@ -593,7 +601,7 @@ def calibrate_by_source(args: argparse.Namespace, settings: EvalSettings) -> int
         raise InvalidParameter("give --data or --source, not both")
     sources = source_texts(args.source, "validation", args.glob)
     llm = open_llm(args)
-    base = dataclasses.replace(policy_from(args, llm), kv_repair=args.kv_repair or 0)  # this run's repair, not the old record's
+    base = dataclasses.replace(policy_from(args, llm), kv_repair=args.kv_repair or 0, rollback=bool(args.rollback))  # this run's, not the old record's
     bases = [dataclasses.replace(base, criterion=c) for c in args.criteria]
     calibrations, chosen, learned = calibrate_sources(llm, sources, settings, bases, args.target_agreement, grid=args.taus is None, rule=args.rule)
     print(sources_table(calibrations, args.target_agreement))
@@ -602,7 +610,8 @@ def calibrate_by_source(args: argparse.Namespace, settings: EvalSettings) -> int
         return 1
     result = Calibration(args.target_agreement, chosen.pooled, [c.pooled for c in calibrations if c.pooled is not None], args.rule, learned)
     data = "sources: " + ", ".join(sources)
-    record = result.record(sum(r.prompts for r in chosen.rows), data, str(llm.loaded.dtype).removeprefix("torch."), base.kv_repair or 0)
+    record = result.record(sum(r.prompts for r in chosen.rows), data, str(llm.loaded.dtype).removeprefix("torch."), base.kv_repair or 0,
+                           bool(base.rollback))
     record["sources"] = [c.to_dict() for c in calibrations]
     file = write_calibration(llm.path, record, args.output)
     worst = min((r.held_out for r in chosen.rows if r.held_out is not None), key=lambda r: r.agreement, default=None)

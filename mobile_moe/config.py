@@ -97,6 +97,8 @@ class PolicyConfig:
     cache_prior: float | None = None  # little decode: a resident dropped expert replaces a kept non-resident one scoring at most this factor more
     kv_repair: int | None = None  # on a fallback, big also recomputes up to this many earlier positions whose KV entries little
     # wrote (None: what the model's calibration was made with, else 0)
+    rollback: bool | None = None  # greedy, with kv_repair: a repairing fallback also checks little's tokens at the repaired
+    # positions and takes back those from the first big disagrees with (None: as the calibration was made, else off)
     record_signals: bool = False  # measure every importance signal at each step (calibration data), whatever the criterion
 
     def __post_init__(self) -> None:
@@ -116,6 +118,8 @@ class PolicyConfig:
             raise InvalidParameter(f"cache-prior factor must be a finite number >= 1, got {self.cache_prior}")
         if self.kv_repair is not None and (not isinstance(self.kv_repair, int) or self.kv_repair < 0):
             raise InvalidParameter(f"kv repair must be an integer >= 0, got {self.kv_repair!r}")
+        if self.rollback not in (None, True, False):
+            raise InvalidParameter(f"rollback must be true or false, got {self.rollback!r}")
         if self.prefill not in (None, "big", "little"):
             raise InvalidParameter(f"prefill must be big or little, got {self.prefill!r}")
 

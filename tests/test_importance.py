@@ -82,11 +82,16 @@ def test_a_policy_takes_the_kv_repair_its_tau_was_calibrated_with(tmp_path):
     assert resolve_policy(PolicyConfig("mobile"), record).kv_repair == 4
     assert resolve_policy(PolicyConfig("mobile", kv_repair=0), record).kv_repair == 0  # an explicit value wins
     assert resolve_policy(PolicyConfig("mobile"), {}).kv_repair == 0  # no record (or one from before): no repair
+    assert resolve_policy(PolicyConfig("mobile"), record).rollback is False  # a record without it: no rollback
+    (tmp_path / CALIBRATION_FILE).write_text(json.dumps({"tau": 0.04, "criterion": "margin", "kv_repair": 4, "rollback": True}))
+    assert resolve_policy(PolicyConfig("mobile"), read_calibration(tmp_path)).rollback is True
+    assert resolve_policy(PolicyConfig("mobile", rollback=False), read_calibration(tmp_path)).rollback is False
 
 
 @pytest.mark.parametrize("record, message", [
     ({"tau": 0.5, "criterion": "telepathy"}, "unknown criterion 'telepathy'"),
     ({"tau": 0.5, "criterion": "margin", "kv_repair": -1}, "kv_repair must be an integer >= 0"),
+    ({"tau": 0.5, "criterion": "margin", "kv_repair": 4, "rollback": "yes"}, "rollback must be true or false"),
     ({"tau": 0.5, "criterion": "learned", "learned": {"features": ["margin"], "mean": [0.1], "scale": [1.0], "weights": [1.0, 2.0], "bias": 0}},
      "one mean, scale and weight per feature"),
     ({"tau": 0.5, "criterion": "learned", "learned": {"features": ["margin"], "mean": [0.1], "scale": [1.0], "weights": [1.0]}}, "malformed"),
@@ -157,9 +162,9 @@ def test_perplexity_windows_are_seeded_and_spread_over_files():
 def test_eval_variants_parse_and_reject_unknown_knobs(capsys):
     from mobile_moe.cli import parse_variants
 
-    plain = {"layer_adaptive": None, "cache_prior": None, "kv_repair": 0}
-    assert parse_variants("plain,layer-adaptive=0.3,cache-prior=2+kv-repair=1") == (
-        plain, {**plain, "layer_adaptive": 0.3}, {**plain, "cache_prior": 2.0, "kv_repair": 1})
+    plain = {"layer_adaptive": None, "cache_prior": None, "kv_repair": 0, "rollback": False}
+    assert parse_variants("plain,layer-adaptive=0.3,cache-prior=2+kv-repair=1,kv-repair=8+rollback") == (
+        plain, {**plain, "layer_adaptive": 0.3}, {**plain, "cache_prior": 2.0, "kv_repair": 1}, {**plain, "kv_repair": 8, "rollback": True})
     with pytest.raises(SystemExit) as exit_:
         main(["eval", "--variants", "plain,turbo=3"])
     err = capsys.readouterr().err.strip()

@@ -166,3 +166,45 @@ def test_hybrid_middle_tau_replays_with_snapshots(checkpoints):
         assert tokens[i] == expected
     with pytest.raises(ValueError, match="restore a snapshot"):
         kv.rewind(1)
+
+
+
+def _quantile_tau(llm, prompt: list[int], q: float) -> float:
+    """The q-quantile of little's max-prob confidence over a decode of `prompt`: a tau falling back on about q of the steps."""
+    probe = llm.generate(prompt, SAMPLING, PolicyConfig("mobile", tau=0.0, criterion="max_prob"))
+    confs = sorted(s.confidence for s in probe.steps[1:])
+    return confs[int(q * len(confs))]
+
+
+# (arch, prompt, fallback share) where, on these fixtures, repair alone leaves one of little's slips in place
+SLIPS = [("qwen3_moe", [40, 41, 12, 60, 3], 0.5), ("olmoe", [5, 6, 7, 8], 0.25), ("deepseek_v3", [5, 6, 7, 8], 0.25)]
+
+
+@pytest.mark.parametrize("arch, prompt, share", SLIPS)
+def test_rollback_makes_every_token_up_to_the_last_fallback_bigs(checkpoints, arch: str, prompt: list[int], share: float):
+    """With repair over every little position, a fallback checks each little token since the last big pass against big;
+    from the first it disagrees with, little's tokens are taken back: everything up to the last fallback is big's."""
+    llm = open_llm(checkpoints[arch], expert_cache=6)
+    tau = _quantile_tau(llm, prompt, share)
+    big = llm.generate(prompt, SAMPLING, PolicyConfig("big")).token_ids
+    for rollback in (False, True):
+        result = llm.generate(prompt, SAMPLING, PolicyConfig("mobile", tau=tau, criterion="max_prob", kv_repair=64, rollback=rollback))
+        last = max(i for i, s in enumerate(result.steps) if s.fell_back)
+        assert len(result.token_ids) == len(result.steps) == SAMPLING.max_new_tokens
+        assert (result.token_ids[: last + 1] == big[: last + 1]) == rollback  # without rollback little's slip stays
+        assert (result.stats.rolled_back_tokens > 0) == rollback
+        assert result.stats.fallback_tokens == sum(s.fell_back for s in result.steps)
+
+
+def test_rollback_streams_only_tokens_no_rollback_can_take_back(checkpoints):
+    llm = open_llm(checkpoints["qwen3_moe"], expert_cache=6)
+    prompt = [40, 41, 12, 60, 3]
+    policy = PolicyConfig("mobile", tau=_quantile_tau(llm, prompt, 0.5), criterion="max_prob", kv_repair=4, rollback=True)
+    streamed: list[int] = []
+    result = llm.generate(prompt, SAMPLING, policy, on_token=lambda t: streamed.append(t) or True)
+    assert result.stats.rolled_back_tokens > 0 and streamed == result.token_ids
+    cut: list[int] = []
+    stopped = llm.generate(prompt, SAMPLING, policy, on_token=lambda t: cut.append(t) or len(cut) < 5)
+    assert stopped.finish_reason == "cancelled" and cut == stopped.token_ids == result.token_ids[:5] and len(stopped.steps) == 5
+    sampled = llm.generate(prompt, SamplingParams(max_new_tokens=16, temperature=0.8, seed=1, stop_at_eos=False), policy)
+    assert sampled.stats.rolled_back_tokens == 0  # a sampled token has no one right answer to check: repair only

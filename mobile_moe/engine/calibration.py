@@ -65,6 +65,8 @@ def check_record(record: dict, path: Path) -> dict:
     repair = record.get("kv_repair", 0)
     if isinstance(repair, bool) or not isinstance(repair, int) or repair < 0:
         raise InvalidParameter(f"{path}: kv_repair must be an integer >= 0, got {repair!r}; run mobile-moe calibrate again")
+    if not isinstance(record.get("rollback", False), bool):
+        raise InvalidParameter(f"{path}: rollback must be true or false, got {record['rollback']!r}; run mobile-moe calibrate again")
     if "learned" in record or criterion == "learned":
         try:
             learned_from(record)
@@ -89,7 +91,7 @@ def resolve_policy(policy: PolicyConfig, record: dict) -> PolicyConfig:
     for CLI, API and server).
 
     Criterion `learned` also takes the record's fitted predictor unless the policy brings its own; an unset KV repair
-    is the one the record's tau was calibrated with (a tau chosen with repair is only right with it).
+    is the one the record's tau was calibrated with (a tau chosen with repair is only right with it), and so is rollback.
     """
     criterion = policy.criterion or _criterion(record) or DEFAULT_CRITERION
     tau = policy.tau if policy.tau is not None else _tau(record, criterion)
@@ -97,7 +99,9 @@ def resolve_policy(policy: PolicyConfig, record: dict) -> PolicyConfig:
     if criterion == "learned" and learned is None:
         learned = learned_from(record)
     repair = policy.kv_repair if policy.kv_repair is not None else _kv_repair(record)
-    return dataclasses.replace(policy, criterion=criterion, tau=DEFAULT_TAU if tau is None else tau, learned=learned, kv_repair=repair)
+    rollback = policy.rollback if policy.rollback is not None else bool(record.get("rollback", False))
+    return dataclasses.replace(policy, criterion=criterion, tau=DEFAULT_TAU if tau is None else tau, learned=learned, kv_repair=repair,
+                               rollback=rollback)
 
 
 def _kv_repair(record: dict) -> int:

@@ -55,6 +55,7 @@ class Decoder:
     generator: torch.Generator | None
     result: GenerationResult
     little_positions: int = 0  # trailing KV positions written by little passes (since the last big pass)
+    rollback: bool = False  # a repairing fallback also checks little's tokens at the repaired positions (`check_repaired`)
     sampled: torch.Tensor | None = None  # [2, 1] int64 on the device: the last `read`'s token in one row, alternating, so a
     # pass's input (the other row) stays intact for a fallback that reruns it
     next_token: int | None = None  # the last `read`'s token on the host
@@ -64,13 +65,27 @@ class Decoder:
         """(sampled token, greedy token, confidence or None, signals) of one pass's logits [V], in one host sync; the
         sampled token also stays on the device (`sampled`), so the next decode pass uploads nothing."""
         parts = self.read_parts(logits, with_confidence, self.runner.logged_weights)
-        if self.sampled is None:
-            self.sampled = torch.zeros(2, 1, dtype=torch.int64, device=logits.device)
-        self.next_row = 1 - self.next_row
-        self.sampled[self.next_row].copy_(parts[0])  # a float64 holds every vocabulary id exactly
-        values = self.parse(self.runner.cache.transfer.to_host(torch.cat(parts)), with_confidence)
+        values = self.parse(self.to_host(parts), with_confidence)
         self.next_token = values[0]
         return values
+
+    def to_host(self, parts: list[torch.Tensor]) -> list[float]:
+        """`read_parts` (+ anything else) in one host sync; the sampled token (parts[0]) also stays on the device."""
+        if self.sampled is None:
+            self.sampled = torch.zeros(2, 1, dtype=torch.int64, device=parts[0].device)
+        self.next_row = 1 - self.next_row
+        self.sampled[self.next_row].copy_(parts[0])  # a float64 holds every vocabulary id exactly
+        return self.runner.cache.transfer.to_host(torch.cat(parts))
+
+    def read_checked(self, logits: torch.Tensor, little: list[int]) -> tuple[int, int | None, int]:
+        """Big's logits [r + 1, V] over r repaired positions and this step -> (this step's token, the first repaired row
+        whose greedy token is not the `little` token emitted there (None: all agree), big's token there), in one sync."""
+        parts = self.read_parts(logits[-1], False, self.runner.logged_weights)
+        values = self.to_host(parts + [logits[:-1].argmax(-1).double()])  # + [r] big's greedy tokens
+        self.next_token = int(values[0])
+        big = [int(v) for v in values[2:]]
+        wrong = next((i for i, (b, t) in enumerate(zip(big, little)) if b != t), None)
+        return self.next_token, wrong, big[wrong] if wrong is not None else -1
 
     def input_ids(self, token: int) -> torch.Tensor:
         """The decode pass's input [1] for `token`: the device copy `read` left when it holds that token, else uploaded."""
@@ -123,9 +138,30 @@ class Decoder:
             runner.prefetch_other_half(routing_log)
         if repair:
             ids = runner.ids(self.result.token_ids[-(1 + repair):])  # the inputs of those positions and of this step
+        if repair and self.rollback:
+            return self.check_repaired(runner.forward(ids, self.kv, ExpertMode.BIG, all_logits=True, step=step), repair, greedy, conf, signals)
         nxt, _, _, _ = self.read(runner.forward(ids, self.kv, ExpertMode.BIG, step=step), with_confidence=False)
         self.accept(nxt, greedy, conf, signals, fell_back=True, little_pass=False)
         return nxt
+
+    def check_repaired(self, logits: torch.Tensor, repair: int, greedy: int, conf: float | None, signals: tuple[float, ...]) -> int:
+        """After a repairing big pass (logits [repair + 1, V]): where big's greedy token differs from a little token
+        emitted at a repaired position, take back that token and every later one (their KV positions too) and put big's
+        in its place; else this step's big token, as a plain fallback. Returns the token emitted last."""
+        result = self.result
+        nxt, wrong, big = self.read_checked(logits, result.token_ids[-repair:])
+        if wrong is None:
+            self.accept(nxt, greedy, conf, signals, fell_back=True, little_pass=False)
+            return nxt
+        taken = repair - wrong  # tokens after the first wrong one's input, the wrong one included
+        self.kv.rewind(taken)  # their positions: the inputs after the wrong token's
+        first = result.steps[-taken]  # the little step that emitted the wrong token
+        del result.token_ids[-taken:], result.steps[-taken:]
+        result.stats.fallback_tokens += 1
+        result.stats.rolled_back_tokens += taken
+        result.steps.append(StepRecord(first.first_token, first.confidence, True, big, first.signals))
+        self.little_positions = 0
+        return big
 
 
 def configure(runner: Runner, policy: Policy | None) -> None:
@@ -143,6 +179,38 @@ def new_decoder(runner: Runner, kv: KVCache, prompt: list[int], sampling: Sampli
     device = runner.model.lm_head.weight.device
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
     return Decoder(runner, kv, sampling, policy, generator, GenerationResult(token_ids=[], stats=GenerationStats(prompt_tokens=len(prompt))))
+
+
+def rolls_back(policy: Policy, sampling: SamplingParams, kv: KVCache) -> bool:
+    """Whether repairing fallbacks also check little's tokens: asked for, greedy (a sampled token has no single right
+    answer to check), and with repair possible (no recurrent layers)."""
+    return policy.config.rollback and bool(policy.config.kv_repair) and sampling.temperature == 0.0 and not kv.recurrent
+
+
+@dataclass
+class Stream:
+    """Hands emitted tokens to the callback once final: `hold` tokens behind the newest while a rollback may still take
+    them back, all of them at the end."""
+
+    on_token: TokenCallback | None
+    hold: int
+    sent: int = 0
+
+    def send(self, result: GenerationResult, upto: int | None = None) -> bool:
+        """Pass the tokens no rollback can take back any more; False (and the result cut there) when the callback stops."""
+        end = len(result.token_ids) - self.hold if upto is None else upto
+        while self.on_token is not None and self.sent < end:
+            self.sent += 1
+            if not self.on_token(result.token_ids[self.sent - 1]):
+                del result.token_ids[self.sent :], result.steps[self.sent :]
+                result.finish_reason = "cancelled"
+                return False
+        return True
+
+    def finish(self, result: GenerationResult) -> None:
+        """The held tokens once decoding has stopped (an EOS that stopped it is not passed on, as without holding)."""
+        if result.finish_reason != "cancelled":
+            self.send(result, len(result.token_ids) - (result.finish_reason == "stop"))
 
 
 def emit(result: GenerationResult, token: int, sampling: SamplingParams, eos: tuple[int, ...], on_token: TokenCallback | None) -> bool:
@@ -177,6 +245,8 @@ def generate(
     device = runner.model.lm_head.weight.device
     configure(runner, policy)
     dec = new_decoder(runner, runner.new_kv(len(prompt) + sampling.max_new_tokens), prompt, sampling, policy)
+    dec.rollback = rolls_back(policy, sampling, dec.kv)
+    stream = Stream(on_token, policy.config.kv_repair or 0 if dec.rollback else 0)
     stats, before = dec.result.stats, Counters.now(runner)
 
     start = time.perf_counter()
@@ -188,9 +258,10 @@ def generate(
 
     start = time.perf_counter()
     step = 0
-    while emit(dec.result, token, sampling, eos, on_token):
+    while emit(dec.result, token, sampling, eos, None) and stream.send(dec.result):
         step += 1
         token = dec.step(token, step)
+    stream.finish(dec.result)
     _synchronize(device)
     stats.decode_s = time.perf_counter() - start
     stats.tokens = len(dec.result.token_ids)

@@ -31,6 +31,7 @@ class GenerationStats:
     disk_bytes: int = 0  # read from the on-disk expert store (--offload-dir), whole request
     decode_disk_bytes: int = 0
     host_tier_hits: int = 0  # three tiers: misses of the compute cache served by the host tier without a disk read
+    rolled_back_tokens: int = 0  # little tokens a rollback took back (`PolicyConfig.rollback`): decoded, then replaced
     big_instead_tokens: int = 0  # mobile decode steps run big because, at that batch size, little did not pay (policy/governor.py)
 
     @property
