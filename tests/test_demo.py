@@ -58,7 +58,7 @@ def test_eval_reports_every_metric_for_every_policy(slice_dir, tmp_path, capsys)
     plot = tmp_path / "taus.png"
     capsys.readouterr()
     code = main(["eval", "--data", str(slice_dir), "--max-prompts", "3", "--new-tokens", "8", "--ppl-tokens", "200", "--expert-cache", "64",
-                 "--taus", "0.5,0.9", "--variants", "plain,layer-adaptive=0.3", "--json", "--quiet", "--plot", str(plot)])
+                 "--taus", "0.5,0.9", "--variants", "plain,layer-adaptive=0.3,kv-repair=4+rollback", "--json", "--quiet", "--plot", str(plot)])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["perplexity"]["big"] > 1 and report["perplexity"]["little"] > 1
@@ -72,7 +72,9 @@ def test_eval_reports_every_metric_for_every_policy(slice_dir, tmp_path, capsys)
     big = next(r for r in report["runs"] if r["policy"] == "big")
     assert big["agreement"] == 1.0 and big["fallback_rate"] == 0.0
     assert 1 <= report["perplexity"]["files"] <= report["perplexity"]["files_total"] == 3  # how many files the windows came from
-    assert {(r["policy"], r["variant"]) for r in report["runs"]} >= {("little", ""), ("little", "layer-adaptive=0.3"), ("mobile", "layer-adaptive=0.3")}
+    assert {(r["policy"], r["variant"]) for r in report["runs"]} >= {("little", ""), ("little", "layer-adaptive=0.3"), ("mobile", "layer-adaptive=0.3"),
+                                                                     ("mobile", "kv-repair=4+rollback")}
+    assert all(r["rolled_back_rate"] == 0.0 for r in report["runs"] if "rollback" not in r["variant"])  # only rollback takes tokens back
     plain_little = next(r for r in report["runs"] if (r["policy"], r["variant"]) == ("little", ""))
     assert report["cache_slots"] == 64 and big["loads_per_token"] > plain_little["loads_per_token"] > 0  # the frontier's x axis
     assert plot.stat().st_size > 1000

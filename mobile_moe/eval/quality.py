@@ -39,6 +39,7 @@ class Run:
     loads_vs_big: float = 1.0  # loads_per_token relative to big's on the same prompts and cache
     variant: str = ""  # little-pass knobs in use ("" for none)
     decode_steps: int = 0
+    rolled_back_rate: float = 0.0  # little tokens a rollback took back, per emitted decode step (decoded, then replaced)
     per_prompt: tuple[tuple[int, int], ...] = field(default=(), repr=False)  # (matches, divergences) per judged prompt, for pooling
 
     def to_dict(self) -> dict:
@@ -57,6 +58,7 @@ class Continuations:
     fallbacks: int
     decode_steps: int
     loads: int = 0  # experts copied to the device cache during decode
+    rolled_back: int = 0  # little tokens rollbacks took back
 
 
 def continue_prompts(llm: LLM, prompts: list[list[int]], policy: PolicyConfig, new_tokens: int, bar: tqdm | None = None) -> Continuations:
@@ -69,6 +71,7 @@ def continue_prompts(llm: LLM, prompts: list[list[int]], policy: PolicyConfig, n
         out.texts.append(result.text or "")
         out.fallbacks += result.stats.fallback_tokens
         out.decode_steps += max(result.stats.tokens - 1, 0)
+        out.rolled_back += result.stats.rolled_back_tokens
         out.loads += result.stats.decode_h2d_bytes // llm.loaded.store.expert_bytes  # misses and prefetches alike
         if bar is not None:
             bar.update()
@@ -89,6 +92,7 @@ def score(policy: PolicyConfig, cont: Continuations, big: Continuations, prompts
         tokens=sum(len(i) for i in cont.ids), agreement_ci=agree.agreement_ci, prefill_agreement=agree.prefill_agreement,
         judged_tokens=agree.judged_tokens, loads_per_token=loads, loads_vs_big=loads / big_loads if big_loads else 1.0,
         variant=variant_name(policy), decode_steps=cont.decode_steps, per_prompt=agree.per_prompt,
+        rolled_back_rate=_per_step(cont.rolled_back, cont.decode_steps),
     )
 
 

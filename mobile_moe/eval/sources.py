@@ -26,8 +26,10 @@ def pool(runs: list[Run]) -> Run:
     agreement, ci = pooled_agreement(per_prompt)
     steps = sum(r.decode_steps for r in runs)
     fallbacks = sum(r.fallback_rate * r.decode_steps for r in runs)
+    rolled_back = sum(r.rolled_back_rate * r.decode_steps for r in runs)
     return replace(runs[0], agreement=agreement, agreement_ci=ci, fallback_rate=fallbacks / steps if steps else 0.0, decode_steps=steps,
-                   tokens=sum(r.tokens for r in runs), judged_tokens=sum(r.judged_tokens for r in runs), per_prompt=tuple(per_prompt))
+                   tokens=sum(r.tokens for r in runs), judged_tokens=sum(r.judged_tokens for r in runs), per_prompt=tuple(per_prompt),
+                   rolled_back_rate=rolled_back / steps if steps else 0.0)
 
 
 def pick(runs: list[Run], target: float, rule: str) -> Run | None:
