@@ -105,8 +105,7 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
                    "positions whose KV entries little wrote (default: what the model's calibration was made with, else 0)")
     p.add_argument("--rollback", action="store_true", default=None, help="mobile, greedy, with --kv-repair: big also checks little's "
                    "tokens at the repaired positions and takes back those from the first it disagrees with (streamed tokens wait "
-                   "up to N positions; one sequence at a time: batched decoding repairs without it; default: as the model's "
-                   "calibration was made)")
+                   "up to N positions; default: as the model's calibration was made)")
 
 
 def build_parser() -> Parser:

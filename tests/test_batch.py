@@ -163,3 +163,17 @@ def test_sliding_window_layers_keep_a_bounded_ring_past_the_window(checkpoints):
         assert a.token_ids == b.token_ids == c.token_ids
         assert a.stats.fallback_tokens == b.stats.fallback_tokens == c.stats.fallback_tokens
     assert sum(r.stats.fallback_tokens for r in ring) > 0
+
+
+def test_rows_roll_back_as_one_sequence_does_and_stream_only_final_tokens(checkpoints):
+    """Rollback in a batch: a repaired row checks little's tokens as `generate` does; its callback sees only final tokens."""
+    llm = batched_llm(checkpoints["qwen3_moe"], expert_cache=12)
+    sampling = SamplingParams(max_new_tokens=16, stop_at_eos=False)
+    policy = PolicyConfig("mobile", tau=middle_tau(llm, PROMPTS), criterion="max_prob", kv_repair=4, rollback=True)
+    alone = [llm.generate(p, sampling, policy) for p in PROMPTS]
+    streamed: dict[int, list[int]] = {}
+    together = llm.generate(PROMPTS, sampling, policy, on_token=lambda i, t: streamed.setdefault(i, []).append(t) or True)
+    assert sum(r.stats.rolled_back_tokens for r in together) > 0
+    for i, (a, b) in enumerate(zip(alone, together)):
+        assert a.token_ids == b.token_ids == streamed[i] and a.stats.rolled_back_tokens == b.stats.rolled_back_tokens
+        assert [s.fell_back for s in a.steps] == [s.fell_back for s in b.steps]

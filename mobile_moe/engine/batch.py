@@ -16,7 +16,9 @@ import torch
 
 from mobile_moe.config import SamplingParams
 from mobile_moe.engine.budget import PREFILL_CHUNK
-from mobile_moe.engine.generate import Counters, Decoder, GenerationResult, StepRecord, TokenCallback, configure, emit, fill_counters, new_decoder
+from mobile_moe.engine.generate import (
+    Counters, Decoder, GenerationResult, StepRecord, Stream, TokenCallback, configure, emit, fill_counters, new_decoder, rolls_back,
+)
 from mobile_moe.engine.runner import Runner
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.layers.kv_cache import BatchKV, SequenceSnapshot
@@ -32,7 +34,7 @@ class Row:
     slot: int
     prompt: list[int]
     dec: Decoder
-    on_token: TokenCallback | None
+    stream: Stream  # hands the row's tokens to its callback once no rollback can take them back
     tag: object = None  # the caller's handle (the server's job)
     prefilled: int = 0  # prompt tokens already through the model
     token: int = -1  # the last emitted token: the next step's input
@@ -86,7 +88,9 @@ class BatchDecoder:
             raise InvalidParameter(f"{len(prompt)} prompt + {sampling.max_new_tokens} new tokens exceed the {self.pool.max_len}-token rows")
         slot = self.free.pop(0)
         kv = self.pool.row(slot, self.runner.new_recurrent())
-        row = Row(slot, list(prompt), new_decoder(self.runner, kv, prompt, sampling, policy), on_token, tag)
+        dec = new_decoder(self.runner, kv, prompt, sampling, policy)
+        dec.rollback = rolls_back(policy, sampling, kv)
+        row = Row(slot, list(prompt), dec, Stream(on_token, policy.config.kv_repair or 0 if dec.rollback else 0), tag)
         row.joined = Counters.now(self.runner)
         self.rows.append(row)
         return row
@@ -170,13 +174,14 @@ class BatchDecoder:
                 r.dec.accept(read[0], read[0], read[2], read[3], fell_back=False, little_pass=little[i])
         if falls:
             logs = [runner.row_log(i) for i in falls]
-            for i, token in zip(falls, self._fall_back([rows[i] for i in falls], [befores[i] for i in falls], logs)):
-                rows[i].dec.accept(token, reads[i][1], reads[i][2], reads[i][3], fell_back=True, little_pass=False)
+            for i, token in zip(falls, self._fall_back([rows[i] for i in falls], [befores[i] for i in falls], logs, [reads[i] for i in falls])):
                 tokens[i] = token
         return tokens
 
-    def _fall_back(self, rows: list[Row], befores: list[SequenceSnapshot | None], logs: list[dict[int, torch.Tensor]]) -> list[int]:
-        """Redo this step with big for exactly these rows (KV and recurrent states back to before it) -> their tokens."""
+    def _fall_back(self, rows: list[Row], befores: list[SequenceSnapshot | None], logs: list[dict[int, torch.Tensor]],
+                   reads: list[tuple[int, int, float | None, tuple[float, ...]]]) -> list[int]:
+        """Redo this step with big for exactly these rows (KV and recurrent states back to before it); each row's step is
+        recorded (`reads`: its first pass's token, greedy token, confidence and signals) -> their tokens."""
         runner = self.runner
         repairs = []
         for row, before, log in zip(rows, befores, logs):
@@ -192,12 +197,20 @@ class BatchDecoder:
             logits = runner.forward_rows(runner.ids([r.token for r in sub]), self._batch(sub), [False] * len(sub))
             for i, read in zip(together, self._read(sub, logits, [False] * len(sub))):
                 tokens[i] = read[0]
+        checked = set()  # rows whose repair also checked little's tokens: that check records their step
         for i, n in enumerate(repairs):
             if n:  # earlier little positions redone too: that row alone, several tokens
-                row = rows[i]
+                row, (_, greedy, conf, signals) = rows[i], reads[i]
                 row.dec.kv.rewind(n)
                 ids = runner.ids(row.result.token_ids[-(1 + n):])
-                tokens[i] = row.dec.read(runner.forward(ids, row.dec.kv, ExpertMode.BIG), with_confidence=False)[0]
+                if row.dec.rollback:
+                    tokens[i] = row.dec.check_repaired(runner.forward(ids, row.dec.kv, ExpertMode.BIG, all_logits=True), n, greedy, conf, signals)
+                    checked.add(i)
+                else:
+                    tokens[i] = row.dec.read(runner.forward(ids, row.dec.kv, ExpertMode.BIG), with_confidence=False)[0]
+        for i, (_, greedy, conf, signals) in enumerate(reads):
+            if i not in checked:
+                rows[i].dec.accept(tokens[i], greedy, conf, signals, fell_back=True, little_pass=False)
         return [tokens[i] for i in range(len(rows))]
 
     def _read(self, rows: list[Row], logits: torch.Tensor, confidence: list[bool]) -> list[tuple[int, int, float | None, tuple[float, ...]]]:
@@ -229,12 +242,13 @@ class BatchDecoder:
     def _emit(self, row: Row, token: int) -> None:
         """Hand out a row's new token; the row finishes at EOS, its token limit, or when its callback says stop."""
         row.token = token
-        if not emit(row.result, token, row.dec.sampling, self.eos, row.on_token):
+        if not emit(row.result, token, row.dec.sampling, self.eos, None) or not row.stream.send(row.result):
             self._finish(row)
 
     def _finish(self, row: Row) -> None:
         """Fill the row's counters (cache counters are the batch's, shared with the rows beside it) and free its slot."""
         row.done = True
+        row.stream.finish(row.result)
         stats = row.result.stats
         stats.tokens = len(row.result.token_ids)
         if row.decode_start:
