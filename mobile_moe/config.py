@@ -120,6 +120,8 @@ class PolicyConfig:
             raise InvalidParameter(f"kv repair must be an integer >= 0, got {self.kv_repair!r}")
         if self.rollback not in (None, True, False):
             raise InvalidParameter(f"rollback must be true or false, got {self.rollback!r}")
+        if self.rollback and self.kv_repair == 0:
+            raise InvalidParameter("rollback checks the positions a fallback repairs: it needs kv repair >= 1 (--kv-repair N)")
         if self.prefill not in (None, "big", "little"):
             raise InvalidParameter(f"prefill must be big or little, got {self.prefill!r}")
 

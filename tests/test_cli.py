@@ -120,6 +120,7 @@ def test_missing_expert_weights(capsys, checkpoints, tmp_path):
         (["--policy", "little", "--layer-adaptive", "1.5"], "layer-adaptive threshold must be in [0, 1]"),
         (["--policy", "little", "--cache-prior", "0.5"], "cache-prior factor must be a finite number >= 1"),
         (["--policy", "mobile", "--kv-repair", "-1"], "kv repair must be an integer >= 0"),
+        (["--policy", "mobile", "--kv-repair", "0", "--rollback"], "rollback checks the positions a fallback repairs: it needs kv repair >= 1"),
     ],
 )
 def test_invalid_parameters(capsys, checkpoints, flags, needle):

@@ -86,6 +86,7 @@ def test_a_policy_takes_the_kv_repair_its_tau_was_calibrated_with(tmp_path):
     (tmp_path / CALIBRATION_FILE).write_text(json.dumps({"tau": 0.04, "criterion": "margin", "kv_repair": 4, "rollback": True}))
     assert resolve_policy(PolicyConfig("mobile"), read_calibration(tmp_path)).rollback is True
     assert resolve_policy(PolicyConfig("mobile", rollback=False), read_calibration(tmp_path)).rollback is False
+    assert resolve_policy(PolicyConfig("mobile", kv_repair=0), read_calibration(tmp_path)).rollback is False  # repair off: nothing to check
 
 
 @pytest.mark.parametrize("record, message", [

@@ -99,7 +99,7 @@ def resolve_policy(policy: PolicyConfig, record: dict) -> PolicyConfig:
     if criterion == "learned" and learned is None:
         learned = learned_from(record)
     repair = policy.kv_repair if policy.kv_repair is not None else _kv_repair(record)
-    rollback = policy.rollback if policy.rollback is not None else bool(record.get("rollback", False))
+    rollback = policy.rollback if policy.rollback is not None else bool(record.get("rollback", False)) and repair > 0  # --kv-repair 0: none
     return dataclasses.replace(policy, criterion=criterion, tau=DEFAULT_TAU if tau is None else tau, learned=learned, kv_repair=repair,
                                rollback=rollback)
 
