@@ -17,7 +17,7 @@ import torch
 from mobile_moe.config import SamplingParams
 from mobile_moe.engine.budget import PREFILL_CHUNK
 from mobile_moe.engine.generate import (
-    Counters, Decoder, GenerationResult, StepRecord, Stream, TokenCallback, configure, emit, fill_counters, new_decoder, rolls_back,
+    Counters, Decoder, GenerationResult, StepRecord, Stream, TokenCallback, configure, emit, fill_counters, new_decoder, rolls_back, stream_for,
 )
 from mobile_moe.engine.runner import Runner
 from mobile_moe.errors import InvalidParameter
@@ -90,7 +90,7 @@ class BatchDecoder:
         kv = self.pool.row(slot, self.runner.new_recurrent())
         dec = new_decoder(self.runner, kv, prompt, sampling, policy)
         dec.rollback = rolls_back(policy, sampling, kv)
-        row = Row(slot, list(prompt), dec, Stream(on_token, policy.config.kv_repair or 0 if dec.rollback else 0), tag)
+        row = Row(slot, list(prompt), dec, stream_for(dec, on_token), tag)
         row.joined = Counters.now(self.runner)
         self.rows.append(row)
         return row
@@ -242,7 +242,7 @@ class BatchDecoder:
     def _emit(self, row: Row, token: int) -> None:
         """Hand out a row's new token; the row finishes at EOS, its token limit, or when its callback says stop."""
         row.token = token
-        if not emit(row.result, token, row.dec.sampling, self.eos, None) or not row.stream.send(row.result):
+        if not emit(row.result, token, row.dec.sampling, self.eos) or not row.stream.send(row.result):
             self._finish(row)
 
     def _finish(self, row: Row) -> None:

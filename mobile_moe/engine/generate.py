@@ -184,7 +184,12 @@ def new_decoder(runner: Runner, kv: KVCache, prompt: list[int], sampling: Sampli
 def rolls_back(policy: Policy, sampling: SamplingParams, kv: KVCache) -> bool:
     """Whether repairing fallbacks also check little's tokens: asked for, greedy (a sampled token has no single right
     answer to check), and with repair possible (no recurrent layers)."""
-    return policy.config.rollback and bool(policy.config.kv_repair) and sampling.temperature == 0.0 and not kv.recurrent
+    return bool(policy.config.rollback and policy.config.kv_repair) and sampling.temperature == 0.0 and not kv.recurrent
+
+
+def stream_for(dec: Decoder, on_token: TokenCallback | None) -> "Stream":
+    """The decoder's token stream: held back by its repair window when it rolls back, else passing each token at once."""
+    return Stream(on_token, (dec.policy.config.kv_repair or 0) if dec.rollback else 0)
 
 
 @dataclass
@@ -213,14 +218,11 @@ class Stream:
             self.send(result, len(result.token_ids) - (result.finish_reason == "stop"))
 
 
-def emit(result: GenerationResult, token: int, sampling: SamplingParams, eos: tuple[int, ...], on_token: TokenCallback | None) -> bool:
-    """Append an emitted token; whether generation goes on (not EOS, not cancelled by `on_token`, under the token limit)."""
+def emit(result: GenerationResult, token: int, sampling: SamplingParams, eos: tuple[int, ...]) -> bool:
+    """Append an emitted token; whether generation goes on (not EOS, under the token limit; the callback is `Stream`'s)."""
     result.token_ids.append(token)
     if sampling.stop_at_eos and token in eos:
         result.finish_reason = "stop"
-        return False
-    if on_token is not None and not on_token(token):
-        result.finish_reason = "cancelled"
         return False
     return len(result.token_ids) < sampling.max_new_tokens
 
@@ -246,7 +248,7 @@ def generate(
     configure(runner, policy)
     dec = new_decoder(runner, runner.new_kv(len(prompt) + sampling.max_new_tokens), prompt, sampling, policy)
     dec.rollback = rolls_back(policy, sampling, dec.kv)
-    stream = Stream(on_token, policy.config.kv_repair or 0 if dec.rollback else 0)
+    stream = stream_for(dec, on_token)
     stats, before = dec.result.stats, Counters.now(runner)
 
     start = time.perf_counter()
@@ -258,7 +260,7 @@ def generate(
 
     start = time.perf_counter()
     step = 0
-    while emit(dec.result, token, sampling, eos, None) and stream.send(dec.result):
+    while emit(dec.result, token, sampling, eos) and stream.send(dec.result):
         step += 1
         token = dec.step(token, step)
     stream.finish(dec.result)
