@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 
 import pytest
@@ -208,3 +209,18 @@ def test_rollback_streams_only_tokens_no_rollback_can_take_back(checkpoints):
     assert stopped.finish_reason == "cancelled" and cut == stopped.token_ids == result.token_ids[:5] and len(stopped.steps) == 5
     sampled = llm.generate(prompt, SamplingParams(max_new_tokens=16, temperature=0.8, seed=1, stop_at_eos=False), policy)
     assert sampled.stats.rolled_back_tokens == 0  # a sampled token has no one right answer to check: repair only
+
+
+def test_teacher_forced_perplexity_counts_what_a_rollback_takes_back():
+    """A little position is scored by big when it falls back, or, with rollback N, when its greedy token is not big's and
+    a fallback follows within N positions of the same window."""
+    from mobile_moe.eval.quality import TokenScores, big_positions, mobile_perplexity
+
+    scores = TokenScores(
+        big=torch.full((6,), -1.0), little=torch.full((6,), -2.0), little_conf=torch.tensor([0.9, 0.9, 0.1, 0.9, 0.9, 0.1]),
+        differs=torch.tensor([True, True, False, True, True, False]), window=torch.tensor([0, 0, 0, 0, 1, 1]),
+    )
+    assert big_positions(scores, 0.5).tolist() == [False, False, True, False, False, True]
+    assert big_positions(scores, 0.5, rollback=1).tolist() == [False, True, True, False, True, True]
+    assert big_positions(scores, 0.5, rollback=2).tolist() == [True, True, True, False, True, True]  # 3: the fallback is in the next window
+    assert mobile_perplexity(scores, 0.5, rollback=2) == pytest.approx(math.exp((5 * 1.0 + 2.0) / 6))

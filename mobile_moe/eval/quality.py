@@ -142,6 +142,8 @@ class TokenScores:
     little_conf: torch.Tensor  # [N]
     files: int = 0  # files the scored windows came from
     files_total: int = 0  # files the windows were sampled from
+    differs: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))  # [N] little's greedy token is not big's
+    window: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [N] the window each position is in
 
 
 def sample_windows(token_lists: list[list[int]], window: int, max_tokens: int, seed: int = 0) -> list[tuple[int, list[int]]]:
@@ -171,7 +173,7 @@ def token_scores(
     """
     eos = list(llm.eos_token_ids[:1])
     windows = sample_windows([llm.encode(text) + eos for text in texts], min(PPL_WINDOW, llm.max_context - 1), max_tokens, seed)
-    big, little, conf = [], [], []
+    big, little, conf, tops = [], [], [], {"big": [], "little": []}
     for _, ids in tqdm(windows, desc="perplexity", unit="window", disable=(not progress) or None, leave=False):
         target = torch.tensor(ids[1:])
         for mode, sink in (("big", big), ("little", little)):
@@ -182,9 +184,12 @@ def token_scores(
                 logits = llm.logits(ids[:-1], mode)
             logp = logits.float().log_softmax(-1)  # [T, V]
             sink.append(logp.gather(1, target[:, None].to(logp.device))[:, 0].cpu())
+            tops[mode].append(logp.argmax(-1).cpu())
             if mode == "little" and criterion is not None and criterion != "learned":
                 conf.append(torch.tensor([confidence(row, criterion) for row in logp]))
-    return TokenScores(torch.cat(big), torch.cat(little), torch.cat(conf) if conf else torch.zeros(0), files=len({f for f, _ in windows}), files_total=len(texts))
+    window = torch.cat([torch.full((len(ids) - 1,), i) for i, (_, ids) in enumerate(windows)])
+    return TokenScores(torch.cat(big), torch.cat(little), torch.cat(conf) if conf else torch.zeros(0), files=len({f for f, _ in windows}),
+                       files_total=len(texts), differs=torch.cat(tops["big"]) != torch.cat(tops["little"]), window=window)
 
 
 def learned_confidence(logits: torch.Tensor, gates: torch.Tensor, little_k: int, learned: LearnedImportance | None) -> torch.Tensor:
@@ -200,10 +205,24 @@ def perplexity(logprobs: torch.Tensor) -> float:
     return math.exp(-float(logprobs.mean()))
 
 
-def mobile_perplexity(scores: TokenScores, tau: float) -> float:
-    """Teacher-forced MoBiLE perplexity: little's prediction where it is confident (>= tau), big's elsewhere.
+def mobile_perplexity(scores: TokenScores, tau: float, rollback: int = 0) -> float:
+    """Teacher-forced MoBiLE perplexity: little's prediction where it is confident (>= tau), big's elsewhere; with
+    `rollback` N (repair N + rollback), also big's where little's greedy token differs from big's and a fallback
+    follows within N positions of the same window (that fallback takes the little token back and emits big's).
 
     An estimate: each pass runs over the whole window with its own KV cache, while real MoBiLE decoding
     mixes the two passes' KV entries.
     """
-    return perplexity(torch.where(scores.little_conf >= tau, scores.little, scores.big))
+    return perplexity(torch.where(big_positions(scores, tau, rollback), scores.big, scores.little))
+
+
+def big_positions(scores: TokenScores, tau: float, rollback: int = 0) -> torch.Tensor:
+    """[N] bool: the positions mobile emits from big's pass (see `mobile_perplexity`)."""
+    falls = scores.little_conf < tau  # [N]
+    big = falls.clone()
+    n = falls.numel()
+    for ahead in range(1, rollback + 1):  # a fallback `ahead` positions later, in the same window, checks this one
+        later = torch.zeros(n, dtype=torch.bool)
+        later[: n - ahead] = falls[ahead:] & (scores.window[ahead:] == scores.window[: n - ahead])
+        big |= later & scores.differs
+    return big
