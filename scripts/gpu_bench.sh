@@ -3,7 +3,8 @@
 # weights made on the device) at budgets that leave each a real expert cache, int4 experts through tinygemm and the reference path, the three tiers once (disk ->
 # pinned host tier of 1.7 GB -> 4 GiB of device; the store is built by that run, in $STORE_DIR), a batch sweep (1, 4, 16
 # rows) once, mobile at fallback rate 0.2, resident decoding eager and replayed from CUDA graphs (bf16 and int4), and
-# the transformers + accelerate offload baseline once (OLMoE, 4 GiB). JSON reports and logs go to $OUT.
+# the transformers + accelerate offload baseline once (OLMoE, 4 GiB), after the int4 kernel timed against the reference by
+# rows (scripts/int4_rows.py). JSON reports and logs go to $OUT.
 # Every run's slot plan is printed first; one failed or overlong run does not stop the others.
 # Usage, from the repository root:  bash scripts/gpu_bench.sh [--plan-only]   (--plan-only: plans on any machine, no GPU)
 set -uo pipefail
@@ -50,6 +51,9 @@ python3 - <<'PY' 2>&1 | tee "$OUT/env.txt"
 import torch, transformers
 print("torch", torch.__version__, "transformers", transformers.__version__, "gpu", torch.cuda.get_device_name(0))
 PY
+echo "== int4 kernel vs reference by rows (OLMoE gate_up 2048 x 2048, down 2048 x 1024)"  # sets CudaInt4.max_rows
+timeout 60 python3 scripts/int4_rows.py --json "$OUT/int4_rows_gate_up.json" | tail -n 3
+timeout 60 python3 scripts/int4_rows.py --in 1024 --json "$OUT/int4_rows_down.json" | tail -n 3
 for run in "${RUNS[@]}"; do
   read -r name limit args <<<"$run"
   left=$((DEADLINE_S - SECONDS))
