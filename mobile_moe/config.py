@@ -126,6 +126,11 @@ class PolicyConfig:
             raise InvalidParameter(f"prefill must be big or little, got {self.prefill!r}")
 
     @property
+    def rollback_window(self) -> int:
+        """Positions a repairing fallback checks and may take back: the repair window when rollback is on, else 0."""
+        return (self.kv_repair or 0) if self.rollback else 0
+
+    @property
     def prefill_mode(self) -> PrefillMode:
         """Experts used for the prompt: explicit knob, else little only for the `little` policy."""
         if self.prefill is not None:

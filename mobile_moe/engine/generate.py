@@ -184,12 +184,12 @@ def new_decoder(runner: Runner, kv: KVCache, prompt: list[int], sampling: Sampli
 def rolls_back(policy: Policy, sampling: SamplingParams, kv: KVCache) -> bool:
     """Whether repairing fallbacks also check little's tokens: asked for, greedy (a sampled token has no single right
     answer to check), and with repair possible (no recurrent layers)."""
-    return bool(policy.config.rollback and policy.config.kv_repair) and sampling.temperature == 0.0 and not kv.recurrent
+    return policy.config.rollback_window > 0 and sampling.temperature == 0.0 and not kv.recurrent
 
 
 def stream_for(dec: Decoder, on_token: TokenCallback | None) -> "Stream":
     """The decoder's token stream: held back by its repair window when it rolls back, else passing each token at once."""
-    return Stream(on_token, (dec.policy.config.kv_repair or 0) if dec.rollback else 0)
+    return Stream(on_token, dec.policy.config.rollback_window if dec.rollback else 0)
 
 
 @dataclass

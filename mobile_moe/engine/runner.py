@@ -185,11 +185,11 @@ class Runner:
         self.recorded, self.resident_pass = record, self.resident_decode(ids.shape[0])
         segment = self.compiled if self.compiled is not None and ids.shape[0] == 1 else before_experts  # prompts run eager
         step, span = self.layer_step(ids.shape[0]), self.decode_span(ids.shape[0], kv)
-        run = lambda x: self.model(x, kv, self, all_logits=all_logits, segment=segment, layer_step=step, span=span)  # noqa: E731
         with native_cpu_gemv(ids.shape[0] == 1 and ids.device.type == "cpu" and self.executor.dtype in (torch.bfloat16, torch.float16)):
             if self.graphs is not None and self.resident_pass and span is not None and not all_logits:
+                run = lambda x: self.model(x, kv, self, segment=segment, layer_step=step, span=span)  # noqa: E731
                 return self.graphs.run((mode, record, self.little_weights, span), ids, kv, self.cache.stats, run)
-            return run(ids)
+            return self.model(ids, kv, self, all_logits=all_logits, segment=segment, layer_step=step, span=span)
 
     def decode_span(self, tokens: int, kv: KVCache) -> int | None:
         """Keys a decode pass reads with `span_bucket` set: the length + 1 rounded up to the bucket (at most max_len), so

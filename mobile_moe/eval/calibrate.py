@@ -54,7 +54,7 @@ class Calibration:
         assert self.chosen is not None
         return {
             "version": RECORD_VERSION, "dtype": dtype, "tau": self.chosen.tau, "criterion": self.chosen.criterion, "kv_repair": kv_repair,
-            "rollback": bool(rollback and kv_repair),
+            "rollback": rollback and kv_repair > 0,
             "target_agreement": self.target,
             "rule": self.rule, "agreement": self.chosen.agreement, "agreement_ci": list(self.chosen.agreement_ci),
             "fallback_rate": self.chosen.fallback_rate, "taus": self.best_taus(), "prompts": prompts, "data": data,

@@ -52,11 +52,6 @@ def _prompts(llm: LLM, texts: list[str], settings: EvalSettings) -> tuple[list, 
     return prompts, skipped
 
 
-def rollback_window(policy: PolicyConfig) -> int:
-    """The positions a fallback checks for `mobile_perplexity`: the repair window when the policy rolls back, else 0."""
-    return (policy.kv_repair or 0) if policy.rollback else 0
-
-
 def evaluate(
     llm: LLM, texts: list[str], data: str, settings: EvalSettings, sweeps: list[tuple[PolicyConfig, tuple[float, ...]]],
     calibrated: float | None, reference: LLM | None = None,
@@ -82,7 +77,7 @@ def evaluate(
         "perplexity": {
             "big": perplexity(scores.big), "little": perplexity(scores.little), "tokens": int(scores.big.numel()),
             "files": scores.files, "files_total": scores.files_total,
-            "mobile": {f"{t:g}": mobile_perplexity(scores, t, rollback_window(base)) for t in taus} if scored else {},
+            "mobile": {f"{t:g}": mobile_perplexity(scores, t, base.rollback_window) for t in taus} if scored else {},
         },
         "calibrated_tau": calibrated,
         "runs": [r.to_dict() for r in runs],

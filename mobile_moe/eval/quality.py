@@ -100,7 +100,7 @@ def variant_name(policy: PolicyConfig) -> str:
     """The little-pass knobs of a policy, as a short label ("" when none is on)."""
     knobs = [("layer-adaptive", policy.layer_adaptive), ("cache-prior", policy.cache_prior), ("kv-repair", policy.kv_repair or None)]
     label = "+".join(f"{name}={value:g}" for name, value in knobs if value is not None)
-    return label + "+rollback" if policy.rollback and policy.kv_repair else label
+    return label + "+rollback" if policy.rollback_window else label
 
 
 def _per_step(count: int, steps: int) -> float:

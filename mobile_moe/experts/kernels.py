@@ -142,9 +142,7 @@ class FusedInt4(FusedFormat):
     def from_portable(self, parts: list[torch.Tensor], out: int, inp: int) -> list[torch.Tensor]:
         packed, scale, zero = parts  # [out, in/2] uint8, [out, G] fp16, [out, G] fp16: w = (q - zero) * scale
         codes = unpack_int4(packed).to(torch.int32)  # [out, in]
-        s = scale.float()
-        z = (INT4_OFFSET - zero.float()) * s  # (q - zero) * s = (q - 8) * s + (8 - zero) * s
-        return [torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2), torch.stack((s, z), -1).transpose(0, 1).to(self.dtype).contiguous()]
+        return [torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2), centred_scale_zeros(scale, zero, self.dtype)]
 
     def dequantize(self, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         packed, sz = parts  # [out, in/2], [G, out, 2]
@@ -156,6 +154,13 @@ class FusedInt4(FusedFormat):
     def fused(self, x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
         packed, sz = parts
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, self.group_size, sz)
+
+
+def centred_scale_zeros(scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Portable (scale, zero) [out, G] each, w = (q - zero) * scale -> both int4 kernels' pairs [G, out, 2] in `dtype`,
+    w = (q - 8) * scale + zero': zero' = (8 - zero) * scale."""
+    s = scale.float()
+    return torch.stack((s, (INT4_OFFSET - zero.float()) * s), -1).transpose(0, 1).to(dtype).contiguous()
 
 
 def unpack_kernel_int4(packed: torch.Tensor, out: int, inp: int, block: int) -> torch.Tensor:
@@ -214,9 +219,7 @@ class CudaInt4(FusedFormat):
         packed, scale, zero = parts  # [out, in/2] uint8 (even column low), [out, G] fp16 each: w = (q - zero) * scale
         swapped = (packed >> 4) | (packed << 4)  # the kernel reads the even column from the high nibble
         tiles = self.convert(swapped.to(self.device))
-        s = scale.float()
-        z = (INT4_OFFSET - zero.float()) * s
-        return [tiles.reshape(out, inp // 8).to(packed.device), torch.stack((s, z), -1).transpose(0, 1).to(self.dtype).contiguous()]
+        return [tiles.reshape(out, inp // 8).to(packed.device), centred_scale_zeros(scale, zero, self.dtype)]
 
     def fused(self, x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
         tiles, sz = parts  # [out, in/8] int32, [G, out, 2]
