@@ -103,6 +103,9 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
                    "dropped one scoring within this factor of it (default: off)")
     p.add_argument("--kv-repair", type=int, metavar="N", help="mobile: on a fallback, big also recomputes up to N earlier "
                    "positions whose KV entries little wrote (default: what the model's calibration was made with, else 0)")
+    p.add_argument("--partial-fallback", type=float, metavar="SHARE", help="mobile: a fallback's big pass starts at the first "
+                   "MoE layer where little dropped more than this share of the routing weight (else where it dropped most); the "
+                   "layers before keep little's output (default: off, every layer)")
     p.add_argument("--rollback", action="store_true", default=None, help="mobile, greedy, with --kv-repair: big also checks little's "
                    "tokens at the repaired positions and takes back those from the first it disagrees with (streamed tokens wait "
                    "up to N positions; default: as the model's calibration was made)")
@@ -254,7 +257,7 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     ev.add_argument("--criteria", type=parse_criteria, help="comma-separated criteria to sweep, each around its calibrated tau (default: --criterion's)")
     ev.add_argument("--variants", type=parse_variants, help="comma-separated little-pass knob settings to compare, each swept like the criteria: "
-                    "plain, layer-adaptive=SHARE, cache-prior=FACTOR, kv-repair=N, or knobs joined by '+' (default: the knob flags)")
+                    "plain, layer-adaptive=SHARE, cache-prior=FACTOR, kv-repair=N, rollback, partial-fallback=SHARE, or knobs joined by '+' (default: the knob flags)")
     ev.add_argument("--no-reference", action="store_true", help="with quantized experts, skip comparing big with the float-expert big (which loads the model twice)")
     ev.add_argument("--reference-dtype", choices=["float32", "bfloat16", "float16"],
                     help="compare big with big computed in this dtype with float experts (e.g. bfloat16 against float32; loads the model twice)")
@@ -330,14 +333,16 @@ def parse_criteria(text: str) -> tuple[str, ...]:
     return names
 
 
-VARIANT_KNOBS = {"layer-adaptive": "layer_adaptive", "cache-prior": "cache_prior", "kv-repair": "kv_repair", "rollback": "rollback"}
+VARIANT_KNOBS = {"layer-adaptive": "layer_adaptive", "cache-prior": "cache_prior", "kv-repair": "kv_repair", "rollback": "rollback",
+                 "partial-fallback": "partial_fallback"}
 
 
 def parse_variants(text: str) -> tuple[dict[str, float | int | None], ...]:
     """'plain,layer-adaptive=0.3,cache-prior=2+kv-repair=1' -> PolicyConfig knob overrides per variant ('+' combines knobs), checked."""
     variants = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
-        variant: dict[str, float | int | bool | None] = {"layer_adaptive": None, "cache_prior": None, "kv_repair": 0, "rollback": False}
+        variant: dict[str, float | int | bool | None] = {"layer_adaptive": None, "cache_prior": None, "kv_repair": 0, "rollback": False,
+                                                         "partial_fallback": None}
         for knob in item.split("+") if item != "plain" else ():
             name, _, value = knob.partition("=")
             try:
@@ -349,7 +354,7 @@ def parse_variants(text: str) -> tuple[dict[str, float | int | None], ...]:
                 variant[VARIANT_KNOBS[name]] = int(value) if name == "kv-repair" else float(value)
             except (KeyError, ValueError):
                 raise argparse.ArgumentTypeError(f"variants are plain or knobs joined by '+': layer-adaptive=SHARE, cache-prior=FACTOR, "
-                                                 f"kv-repair=N, rollback; got {item!r}") from None
+                                                 f"kv-repair=N, rollback, partial-fallback=SHARE; got {item!r}") from None
         variants.append(variant)
     if not variants:
         raise argparse.ArgumentTypeError("--variants needs at least one variant")
@@ -393,7 +398,8 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
 def policy_flags(args: argparse.Namespace) -> PolicyConfig:
     """PolicyConfig from the policy flags alone (criterion and tau may stay unset)."""
     return PolicyConfig(args.policy, args.tau, args.criterion, args.little_weights, args.prefill, not args.no_prefetch,
-                        layer_adaptive=args.layer_adaptive, cache_prior=args.cache_prior, kv_repair=args.kv_repair, rollback=args.rollback)
+                        layer_adaptive=args.layer_adaptive, cache_prior=args.cache_prior, kv_repair=args.kv_repair, rollback=args.rollback,
+                        partial_fallback=args.partial_fallback)
 
 
 def policy_from(args: argparse.Namespace, llm: LLM) -> PolicyConfig:

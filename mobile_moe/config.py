@@ -99,6 +99,8 @@ class PolicyConfig:
     # wrote (None: what the model's calibration was made with, else 0)
     rollback: bool | None = None  # greedy, with kv_repair: a repairing fallback also checks little's tokens at the repaired
     # positions and takes back those from the first big disagrees with (None: as the calibration was made, else off)
+    partial_fallback: float | None = None  # on a fallback, big's pass starts at the first MoE layer where little dropped more
+    # than this share of the routing weight (else at the layer it dropped most in); the layers before keep little's output
     record_signals: bool = False  # measure every importance signal at each step (calibration data), whatever the criterion
 
     def __post_init__(self) -> None:
@@ -114,6 +116,8 @@ class PolicyConfig:
             raise InvalidParameter(f"little_weights must be native or rescale, got {self.little_weights!r}")
         if self.layer_adaptive is not None and not (0.0 <= self.layer_adaptive <= 1.0):
             raise InvalidParameter(f"layer-adaptive threshold must be in [0, 1], got {self.layer_adaptive}")
+        if self.partial_fallback is not None and not (0.0 <= self.partial_fallback <= 1.0):
+            raise InvalidParameter(f"partial-fallback share must be in [0, 1], got {self.partial_fallback}")
         if self.cache_prior is not None and not (math.isfinite(self.cache_prior) and self.cache_prior >= 1.0):
             raise InvalidParameter(f"cache-prior factor must be a finite number >= 1, got {self.cache_prior}")
         if self.kv_repair is not None and (not isinstance(self.kv_repair, int) or self.kv_repair < 0):

@@ -14,7 +14,7 @@ from mobile_moe.config import LearnedImportance
 from mobile_moe.engine.calibration import CALIBRATION_FILE, read_calibration, resolve_policy
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.eval.learned import StepData, auc, feature_report, fit
-from mobile_moe.eval.quality import learned_confidence, sample_windows
+from mobile_moe.eval.quality import learned_confidence, sample_windows, variant_name
 from mobile_moe.layers.moe import ExpertMode
 from mobile_moe.policy.importance import SIGNALS, differs_probability, signal_confidence, step_signals
 from mobile_moe.policy.little import prefer_resident, runs_big_here
@@ -163,9 +163,12 @@ def test_perplexity_windows_are_seeded_and_spread_over_files():
 def test_eval_variants_parse_and_reject_unknown_knobs(capsys):
     from mobile_moe.cli import parse_variants
 
-    plain = {"layer_adaptive": None, "cache_prior": None, "kv_repair": 0, "rollback": False}
-    assert parse_variants("plain,layer-adaptive=0.3,cache-prior=2+kv-repair=1,kv-repair=8+rollback") == (
-        plain, {**plain, "layer_adaptive": 0.3}, {**plain, "cache_prior": 2.0, "kv_repair": 1}, {**plain, "kv_repair": 8, "rollback": True})
+    plain = {"layer_adaptive": None, "cache_prior": None, "kv_repair": 0, "rollback": False, "partial_fallback": None}
+    assert parse_variants("plain,layer-adaptive=0.3,cache-prior=2+kv-repair=1,kv-repair=8+rollback,partial-fallback=0.3+kv-repair=2") == (
+        plain, {**plain, "layer_adaptive": 0.3}, {**plain, "cache_prior": 2.0, "kv_repair": 1}, {**plain, "kv_repair": 8, "rollback": True},
+        {**plain, "partial_fallback": 0.3, "kv_repair": 2})
+    labelled = PolicyConfig("mobile", kv_repair=4, rollback=True, partial_fallback=0.3)
+    assert variant_name(labelled) == "kv-repair=4+partial-fallback=0.3+rollback"
     with pytest.raises(SystemExit) as exit_:
         main(["eval", "--variants", "plain,turbo=3"])
     err = capsys.readouterr().err.strip()

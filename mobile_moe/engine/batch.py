@@ -17,7 +17,8 @@ import torch
 from mobile_moe.config import SamplingParams
 from mobile_moe.engine.budget import PREFILL_CHUNK
 from mobile_moe.engine.generate import (
-    Counters, Decoder, GenerationResult, StepRecord, Stream, TokenCallback, configure, emit, fill_counters, new_decoder, rolls_back, stream_for,
+    Counters, Decoder, GenerationResult, StepRecord, Stream, TokenCallback, configure, emit, enable_partial, fill_counters, new_decoder,
+    rolls_back, stream_for,
 )
 from mobile_moe.engine.runner import Runner
 from mobile_moe.errors import InvalidParameter
@@ -90,6 +91,7 @@ class BatchDecoder:
         kv = self.pool.row(slot, self.runner.new_recurrent())
         dec = new_decoder(self.runner, kv, prompt, sampling, policy)
         dec.rollback = rolls_back(policy, sampling, kv)
+        enable_partial(dec)  # its lone-row steps (`Decoder.step`); batched fallbacks run every layer
         row = Row(slot, list(prompt), dec, stream_for(dec, on_token), tag)
         row.joined = Counters.now(self.runner)
         self.rows.append(row)

@@ -16,6 +16,7 @@ from mobile_moe.experts.cache import CacheStats
 from mobile_moe.layers.kv_cache import KVCache
 from mobile_moe.layers.moe import ExpertMode
 from mobile_moe.layers.sampler import sample
+from mobile_moe.policy.little import first_dropping_layer
 from mobile_moe.policy.policies import Policy
 
 
@@ -60,6 +61,12 @@ class Decoder:
     # pass's input (the other row) stays intact for a fallback that reruns it
     next_token: int | None = None  # the last `read`'s token on the host
     next_row: int = 0  # the row of `sampled` holding it
+    partial: float | None = None  # partial fallbacks (PolicyConfig.partial_fallback; `enable_partial`): the dropped share
+    inputs: torch.Tensor | None = None  # [W, layers, H]: each little position's input to every layer, in row position % W
+    # (W = the repair window + 1), where a partial fallback resumes its positions
+    kept: bool = False  # whether the last first pass filled its row of `inputs`
+    start: int | None = None  # the decoder layer a partial fallback of the last little read starts at
+    starts: list[int | None] = field(default_factory=list)  # the same for each trailing little position (None: inputs not kept)
 
     def read(self, logits: torch.Tensor, with_confidence: bool) -> tuple[int, int, float | None, tuple[float, ...]]:
         """(sampled token, greedy token, confidence or None, signals) of one pass's logits [V], in one host sync; the
@@ -101,12 +108,17 @@ class Decoder:
         if with_confidence:
             conf, signals = self.policy.measure(logits, router_weights, self.runner.little_k)
             parts += [conf.double()[None]] + ([] if signals is None else [signals.double()])  # + [S]
+            if self.partial is not None:  # + the MoE layer a partial fallback would start at
+                parts.append(first_dropping_layer(router_weights(), self.runner.little_k, self.partial).double()[None])
         return parts
 
     def parse(self, values: list[float], with_confidence: bool) -> tuple[int, int, float | None, tuple[float, ...]]:
-        """`read`'s result from the host values of `read_parts`."""
+        """`read`'s result from the host values of `read_parts` (a partial fallback's start layer goes to `start`)."""
+        self.start = None
         if not with_confidence:
             return int(values[0]), int(values[1]), None, ()
+        if self.partial is not None:
+            self.start, values = self.runner.model.info.moe_layers[int(values[-1])], values[:-1]
         return int(values[0]), int(values[1]), values[2], tuple(values[3:])
 
     def accept(self, token: int, greedy: int, conf: float | None, signals: tuple[float, ...], fell_back: bool, little_pass: bool) -> None:
@@ -117,14 +129,20 @@ class Decoder:
             self.result.steps.append(StepRecord(greedy, conf, True, token, signals))
         else:
             self.result.steps.append(StepRecord(token, conf, False, token, signals))
-        self.little_positions = self.little_positions + 1 if little_pass and not fell_back else 0
+        kept = little_pass and not fell_back
+        self.little_positions = self.little_positions + 1 if kept else 0
+        if self.partial is not None:
+            self.starts = (self.starts + [self.start if self.kept else None])[-self.inputs.shape[0]:] if kept and self.inputs is not None else []
+        self.kept = False
 
     def step(self, token: int, step: int) -> int:
         """One MoBiLE step: first pass (big or little); if the policy says so, rewind and redo it with big."""
         runner, policy = self.runner, self.policy
         ids = self.input_ids(token)
         before = self.kv.snapshot() if policy.may_fall_back else None  # what a fallback returns to (copies recurrent states)
-        logits = runner.forward(ids, self.kv, policy.decode_mode, record=policy.may_fall_back, step=step)
+        keep = self.input_row() if policy.decode_mode is ExpertMode.LITTLE else None
+        logits = runner.forward(ids, self.kv, policy.decode_mode, record=policy.may_fall_back, step=step, keep=keep)
+        self.kept = keep is not None
         nxt, greedy, conf, signals = self.read(logits, policy.needs_confidence)
         if not policy.falls_back(conf if conf is not None else 1.0, step):
             self.accept(nxt, nxt, conf, signals, fell_back=False, little_pass=policy.decode_mode is ExpertMode.LITTLE)
@@ -132,17 +150,42 @@ class Decoder:
         routing_log = runner.routing_log or {}
         # earlier positions whose KV little wrote, redone by big; none with recurrent layers (their state goes back only to `before`)
         repair = 0 if self.kv.recurrent else min(policy.config.kv_repair or 0, self.little_positions)
+        first = self.resume_layer(repair)  # 0: a full big pass
         self.kv.restore(before)  # forget this step: KV length back, recurrent states copied back
         self.kv.rewind(repair)
         if policy.config.prefetch_on_fallback:
-            runner.prefetch_other_half(routing_log)
+            runner.prefetch_other_half(routing_log, first)
         if repair:
             ids = runner.ids(self.result.token_ids[-(1 + repair):])  # the inputs of those positions and of this step
+        resume = self.resumed_inputs(first, repair + 1)
         if repair and self.rollback:
-            return self.check_repaired(runner.forward(ids, self.kv, ExpertMode.BIG, all_logits=True, step=step), repair, greedy, conf, signals)
-        nxt, _, _, _ = self.read(runner.forward(ids, self.kv, ExpertMode.BIG, step=step), with_confidence=False)
+            logits = runner.forward(ids, self.kv, ExpertMode.BIG, all_logits=True, step=step, resume=resume)
+            return self.check_repaired(logits, repair, greedy, conf, signals)
+        nxt, _, _, _ = self.read(runner.forward(ids, self.kv, ExpertMode.BIG, step=step, resume=resume), with_confidence=False)
         self.accept(nxt, greedy, conf, signals, fell_back=True, little_pass=False)
         return nxt
+
+    def input_row(self) -> torch.Tensor | None:
+        """The row of `inputs` this step's little pass fills ([layers, H]), when partial fallbacks are on."""
+        if self.inputs is None:
+            return None
+        return self.inputs[self.kv.length % self.inputs.shape[0]]
+
+    def resume_layer(self, repair: int) -> int:
+        """The decoder layer this fallback's big pass starts at: with partial fallbacks, the earliest start of this step
+        and the `repair` positions it redoes, when all their inputs were kept; else 0 (every layer)."""
+        starts = [self.start if self.kept else None] + (self.starts[-repair:] if repair else [])
+        if self.partial is None or len(starts) < repair + 1 or None in starts:
+            return 0
+        return min(s for s in starts if s is not None)
+
+    def resumed_inputs(self, layer: int, positions: int) -> tuple[int, torch.Tensor] | None:
+        """`CausalLM.forward`'s resume for a big pass over the last `positions` positions (from kv.length) starting at
+        `layer`: their kept inputs there [positions, H]; None for a pass from the first layer."""
+        if layer == 0 or self.inputs is None:
+            return None
+        rows = self.inputs.shape[0]
+        return layer, torch.stack([self.inputs[p % rows, layer] for p in range(self.kv.length, self.kv.length + positions)])
 
     def check_repaired(self, logits: torch.Tensor, repair: int, greedy: int, conf: float | None, signals: tuple[float, ...]) -> int:
         """After a repairing big pass (logits [repair + 1, V]): where big's greedy token differs from a little token
@@ -160,7 +203,7 @@ class Decoder:
         result.stats.fallback_tokens += 1
         result.stats.rolled_back_tokens += taken
         result.steps.append(StepRecord(first.first_token, first.confidence, True, big, first.signals))
-        self.little_positions = 0
+        self.little_positions, self.starts = 0, []
         return big
 
 
@@ -185,6 +228,19 @@ def rolls_back(policy: Policy, sampling: SamplingParams, kv: KVCache) -> bool:
     """Whether repairing fallbacks also check little's tokens: asked for, greedy (a sampled token has no single right
     answer to check), and with repair possible (no recurrent layers)."""
     return policy.config.rollback_window > 0 and sampling.temperature == 0.0 and not kv.recurrent
+
+
+def enable_partial(dec: Decoder) -> None:
+    """Partial fallbacks for this decoder when its policy asks for them and its KV cache allows (no recurrent layers,
+    whose states go back only to before the step): the per-position layer inputs they resume from."""
+    share = dec.policy.config.partial_fallback
+    if share is None or dec.kv.recurrent or not dec.policy.may_fall_back:
+        return
+    model = dec.runner.model
+    weight = model.lm_head.weight
+    rows = (dec.policy.config.kv_repair or 0) + 1  # this step and the positions a fallback may repair
+    dec.partial = share
+    dec.inputs = torch.zeros(rows, len(model.model.layers), model.info.hidden, dtype=weight.dtype, device=weight.device)
 
 
 def stream_for(dec: Decoder, on_token: TokenCallback | None) -> "Stream":
@@ -248,6 +304,7 @@ def generate(
     configure(runner, policy)
     dec = new_decoder(runner, runner.new_kv(len(prompt) + sampling.max_new_tokens), prompt, sampling, policy)
     dec.rollback = rolls_back(policy, sampling, dec.kv)
+    enable_partial(dec)
     stream = stream_for(dec, on_token)
     stats, before = dec.result.stats, Counters.now(runner)
 

@@ -176,8 +176,10 @@ class Runner:
             self.position_log = None
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, kv: KVCache, mode: ExpertMode, record: bool = False, all_logits: bool = False, step: int = 0) -> torch.Tensor:
-        """ids: [T] -> logits of the last position [V] (or all [T, V]); with record, `routing_log` holds each MoE layer's top-k."""
+    def forward(self, ids: torch.Tensor, kv: KVCache, mode: ExpertMode, record: bool = False, all_logits: bool = False, step: int = 0,
+                keep: torch.Tensor | None = None, resume: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """ids: [T] -> logits of the last position [V] (or all [T, V]); with record, `routing_log` holds each MoE layer's top-k.
+        `keep` and `resume`: see `CausalLM.forward` (a partial fallback; such passes are not replayed from graphs)."""
         self.mode = mode
         if self.cache.trace is not None:
             trace = self.cache.trace
@@ -186,10 +188,10 @@ class Runner:
         segment = self.compiled if self.compiled is not None and ids.shape[0] == 1 else before_experts  # prompts run eager
         step, span = self.layer_step(ids.shape[0]), self.decode_span(ids.shape[0], kv)
         with native_cpu_gemv(ids.shape[0] == 1 and ids.device.type == "cpu" and self.executor.dtype in (torch.bfloat16, torch.float16)):
-            if self.graphs is not None and self.resident_pass and span is not None and not all_logits:
+            if self.graphs is not None and self.resident_pass and span is not None and not all_logits and keep is None and resume is None:
                 run = lambda x: self.model(x, kv, self, segment=segment, layer_step=step, span=span)  # noqa: E731
                 return self.graphs.run((mode, record, self.little_weights, span), ids, kv, self.cache.stats, run)
-            return self.model(ids, kv, self, all_logits=all_logits, segment=segment, layer_step=step, span=span)
+            return self.model(ids, kv, self, all_logits=all_logits, segment=segment, layer_step=step, span=span, keep=keep, resume=resume)
 
     def decode_span(self, tokens: int, kv: KVCache) -> int | None:
         """Keys a decode pass reads with `span_bucket` set: the length + 1 rounded up to the bucket (at most max_len), so
@@ -277,11 +279,12 @@ class Runner:
             return torch.zeros(0, self.model.info.top_k, device=self.model.lm_head.weight.device)
         return self.weight_buf
 
-    def prefetch_other_half(self, routing_log: dict[int, torch.Tensor]) -> int:
-        """Before a fallback pass: start loading, in layer order, the top-k experts the little pass did not use."""
+    def prefetch_other_half(self, routing_log: dict[int, torch.Tensor], first_layer: int = 0) -> int:
+        """Before a fallback pass (starting at decoder layer `first_layer`): start loading, in layer order, the top-k
+        experts the little pass did not use."""
         little_k = self.little_k
         budget = self.cache.num_slots - self.model.info.top_k  # leave room for the layer being computed
-        layers = sorted(routing_log)
+        layers = sorted(layer for layer in routing_log if layer >= first_layer)
         if not layers or budget <= 0 or self.cache.all_resident:  # nothing to load: no host read either
             return 0
         others = self.cache.transfer.to_host(torch.stack([routing_log[layer] for layer in layers])[:, little_k:])  # one sync, all layers

@@ -98,7 +98,8 @@ def score(policy: PolicyConfig, cont: Continuations, big: Continuations, prompts
 
 def variant_name(policy: PolicyConfig) -> str:
     """The little-pass knobs of a policy, as a short label ("" when none is on)."""
-    knobs = [("layer-adaptive", policy.layer_adaptive), ("cache-prior", policy.cache_prior), ("kv-repair", policy.kv_repair or None)]
+    knobs = [("layer-adaptive", policy.layer_adaptive), ("cache-prior", policy.cache_prior), ("kv-repair", policy.kv_repair or None),
+             ("partial-fallback", policy.partial_fallback)]
     label = "+".join(f"{name}={value:g}" for name, value in knobs if value is not None)
     return label + "+rollback" if policy.rollback_window else label
 

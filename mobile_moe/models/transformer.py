@@ -133,18 +133,23 @@ class CausalLM(nn.Module):
 
     def forward(
         self, ids: torch.Tensor, kv: KVCache, runner: ExpertRunner, all_logits: bool = False, segment: Segment = before_experts,
-        layer_step: LayerStep | None = None, span: int | None = None,
+        layer_step: LayerStep | None = None, span: int | None = None, keep: torch.Tensor | None = None,
+        resume: tuple[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """ids: [T] at positions kv.length.. -> logits [V] of the last position ([T, V] if all_logits); writes the KV cache.
         With `layer_step` each whole layer (experts included) is that one call instead of segment + expert dispatch.
         A decode pass (T == 1) takes its position from the device (`kv.position`); with `span` its attention reads that
-        many keys (>= length + 1), the unfilled ones masked, so its shapes do not change from step to step."""
+        many keys (>= length + 1), the unfilled ones masked, so its shapes do not change from step to step.
+        `keep` [layers, H]: filled with the last position's input to every layer. `resume` (layer, x [T, H]): the pass
+        starts at that layer from x, its input there; the layers before keep their KV entries at these positions."""
         T = ids.shape[0]
         kv.check_room(T)
         inp = self.attention_input(ids, kv, span)
-        x = self.model.embed_tokens(ids)  # [T, H]
-        for index, layer in enumerate(self.model.layers):
-            layer_kv = kv.layer(index, span)
+        first, x = (0, self.model.embed_tokens(ids)) if resume is None else resume  # x: [T, H]
+        for index in range(first, len(self.model.layers)):
+            layer, layer_kv = self.model.layers[index], kv.layer(index, span)
+            if keep is not None:
+                keep[index].copy_(x[-1])
             if layer_step is not None:
                 x = layer_step(index, layer, x, inp, layer_kv)
             elif segment is before_experts:  # eager: the module call (its hooks fire)

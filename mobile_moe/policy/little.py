@@ -1,8 +1,10 @@
-"""Knobs of the little pass at one MoE layer for one token: run big where it matters, prefer resident experts."""
+"""Knobs of the little pass at one MoE layer for one token (run big where it matters, prefer resident experts), and where a partial fallback starts."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+
+import torch
 
 
 def dropped_share(scores: list[float], little_k: int) -> float:
@@ -30,3 +32,13 @@ def prefer_resident(experts: list[int], scores: list[float], little_k: int, resi
         if scores[spare[0]] * factor >= scores[rank]:
             kept[rank] = spare.pop(0)
     return sorted(kept)
+
+
+def first_dropping_layer(raw_weights: torch.Tensor, little_k: int, share: float) -> torch.Tensor:
+    """raw_weights: [L, k] each MoE layer's top-k gate values of a little step, best first -> the MoE layer (row) a partial
+    fallback starts at, on the device []: the first whose dropped half carries more than `share` of the weight, else
+    the one dropping most."""
+    w = raw_weights.float()
+    dropped = w[:, little_k:].sum(1) / w.sum(1).clamp_min(1e-30)  # [L]
+    high = dropped > share
+    return torch.where(high.any(), high.int().argmax(), dropped.argmax())
