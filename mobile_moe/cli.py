@@ -95,6 +95,8 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", type=float, help=f"confidence threshold for mobile (default: calibrated, else {DEFAULT_TAU})")
     p.add_argument("--criterion", choices=CRITERIA, help="importance criterion for mobile (default: calibrated, else max_prob)")
     p.add_argument("--little-weights", default="native", choices=["native", "rescale"], help="little's expert weights: the architecture's own rule, or rescaled to big's sum (default: native)")
+    p.add_argument("--little-k", type=int, metavar="N", help="experts per token of the little model, 1 <= N < top-k (default: what "
+                   "the model's calibration was made with, else half of top-k, rounded up)")
     p.add_argument("--prefill", choices=["big", "little"], help="experts for the prompt (default: little for policy little, else big)")
     p.add_argument("--no-prefetch", action="store_true", help="do not prefetch the other-half experts before a fallback")
     p.add_argument("--layer-adaptive", type=float, metavar="SHARE", help="little decode: a layer uses all top-k experts when the dropped half "
@@ -257,7 +259,7 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     ev.add_argument("--criteria", type=parse_criteria, help="comma-separated criteria to sweep, each around its calibrated tau (default: --criterion's)")
     ev.add_argument("--variants", type=parse_variants, help="comma-separated little-pass knob settings to compare, each swept like the criteria: "
-                    "plain, layer-adaptive=SHARE, cache-prior=FACTOR, kv-repair=N, rollback, partial-fallback=SHARE, or knobs joined by '+' (default: the knob flags)")
+                    "plain, layer-adaptive=SHARE, cache-prior=FACTOR, kv-repair=N, rollback, partial-fallback=SHARE, little-k=N, or knobs joined by '+' (default: the knob flags)")
     ev.add_argument("--no-reference", action="store_true", help="with quantized experts, skip comparing big with the float-expert big (which loads the model twice)")
     ev.add_argument("--reference-dtype", choices=["float32", "bfloat16", "float16"],
                     help="compare big with big computed in this dtype with float experts (e.g. bfloat16 against float32; loads the model twice)")
@@ -334,11 +336,13 @@ def parse_criteria(text: str) -> tuple[str, ...]:
 
 
 VARIANT_KNOBS = {"layer-adaptive": "layer_adaptive", "cache-prior": "cache_prior", "kv-repair": "kv_repair", "rollback": "rollback",
-                 "partial-fallback": "partial_fallback"}
+                 "partial-fallback": "partial_fallback", "little-k": "little_k"}
+INTEGER_KNOBS = ("kv-repair", "little-k")
 
 
 def parse_variants(text: str) -> tuple[dict[str, float | int | None], ...]:
-    """'plain,layer-adaptive=0.3,cache-prior=2+kv-repair=1' -> PolicyConfig knob overrides per variant ('+' combines knobs), checked."""
+    """'plain,layer-adaptive=0.3,cache-prior=2+kv-repair=1' -> PolicyConfig knob overrides per variant ('+' combines knobs), checked.
+    A variant without little-k keeps the run's (--little-k, else the calibration's)."""
     variants = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
         variant: dict[str, float | int | bool | None] = {"layer_adaptive": None, "cache_prior": None, "kv_repair": 0, "rollback": False,
@@ -351,10 +355,10 @@ def parse_variants(text: str) -> tuple[dict[str, float | int | None], ...]:
                         raise ValueError(value)
                     variant["rollback"] = True
                     continue
-                variant[VARIANT_KNOBS[name]] = int(value) if name == "kv-repair" else float(value)
+                variant[VARIANT_KNOBS[name]] = int(value) if name in INTEGER_KNOBS else float(value)
             except (KeyError, ValueError):
                 raise argparse.ArgumentTypeError(f"variants are plain or knobs joined by '+': layer-adaptive=SHARE, cache-prior=FACTOR, "
-                                                 f"kv-repair=N, rollback, partial-fallback=SHARE; got {item!r}") from None
+                                                 f"kv-repair=N, rollback, partial-fallback=SHARE, little-k=N; got {item!r}") from None
         variants.append(variant)
     if not variants:
         raise argparse.ArgumentTypeError("--variants needs at least one variant")
@@ -397,7 +401,7 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
 
 def policy_flags(args: argparse.Namespace) -> PolicyConfig:
     """PolicyConfig from the policy flags alone (criterion and tau may stay unset)."""
-    return PolicyConfig(args.policy, args.tau, args.criterion, args.little_weights, args.prefill, not args.no_prefetch,
+    return PolicyConfig(args.policy, args.tau, args.criterion, args.little_weights, args.little_k, args.prefill, not args.no_prefetch,
                         layer_adaptive=args.layer_adaptive, cache_prior=args.cache_prior, kv_repair=args.kv_repair, rollback=args.rollback,
                         partial_fallback=args.partial_fallback)
 
@@ -580,7 +584,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return calibrate_by_source(args, settings)
     texts, data = read_texts(args.data, "validation", args.glob)
     llm = open_llm(args)
-    base = dataclasses.replace(policy_from(args, llm), kv_repair=args.kv_repair or 0, rollback=bool(args.rollback))  # this run's, not the old record's
+    base = dataclasses.replace(policy_from(args, llm), kv_repair=args.kv_repair or 0, rollback=bool(args.rollback), little_k=args.little_k)  # this run's, not the old record's
     bases = [dataclasses.replace(base, criterion=c) for c in args.criteria]
     result, prompts = calibrate(llm, texts, settings, bases, args.target_agreement, grid=args.taus is None, rule=args.rule)
     if result.learned_report:
@@ -593,7 +597,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             f"(best: {best.criterion} tau {best.tau:g} with {best.agreement:.1%} at fallback rate {best.fallback_rate:.1%}); nothing written"
         )
         return 1
-    file = write_calibration(llm.path, result.record(prompts, data, str(llm.loaded.dtype).removeprefix("torch."), base.kv_repair or 0, bool(base.rollback)), args.output)
+    file = write_calibration(llm.path, result.record(prompts, data, str(llm.loaded.dtype).removeprefix("torch."), base.kv_repair or 0, bool(base.rollback),
+                                                    base.little_k), args.output)
     c = result.chosen
     lo, hi = c.agreement_ci
     print(f"calibrated {c.criterion} tau {c.tau:g}: agreement {c.agreement:.2%} (95% CI {lo:.2%}-{hi:.2%}; target {args.target_agreement:.1%}, rule {args.rule}), "
@@ -607,7 +612,7 @@ def calibrate_by_source(args: argparse.Namespace, settings: EvalSettings) -> int
         raise InvalidParameter("give --data or --source, not both")
     sources = source_texts(args.source, "validation", args.glob)
     llm = open_llm(args)
-    base = dataclasses.replace(policy_from(args, llm), kv_repair=args.kv_repair or 0, rollback=bool(args.rollback))  # this run's, not the old record's
+    base = dataclasses.replace(policy_from(args, llm), kv_repair=args.kv_repair or 0, rollback=bool(args.rollback), little_k=args.little_k)  # this run's, not the old record's
     bases = [dataclasses.replace(base, criterion=c) for c in args.criteria]
     calibrations, chosen, learned = calibrate_sources(llm, sources, settings, bases, args.target_agreement, grid=args.taus is None, rule=args.rule)
     print(sources_table(calibrations, args.target_agreement))
@@ -617,7 +622,7 @@ def calibrate_by_source(args: argparse.Namespace, settings: EvalSettings) -> int
     result = Calibration(args.target_agreement, chosen.pooled, [c.pooled for c in calibrations if c.pooled is not None], args.rule, learned)
     data = "sources: " + ", ".join(sources)
     record = result.record(sum(r.prompts for r in chosen.rows), data, str(llm.loaded.dtype).removeprefix("torch."), base.kv_repair or 0,
-                           bool(base.rollback))
+                           bool(base.rollback), base.little_k)
     record["sources"] = [c.to_dict() for c in calibrations]
     file = write_calibration(llm.path, record, args.output)
     worst = min((r.held_out for r in chosen.rows if r.held_out is not None), key=lambda r: r.agreement, default=None)

@@ -88,6 +88,8 @@ class PolicyConfig:
     tau: float | None = None  # None: the model's calibrated tau, else 0.9 (resolved by the engine)
     criterion: Criterion | None = None  # None: the model's calibrated criterion, else max_prob
     little_weights: LittleWeights = "native"
+    little_k: int | None = None  # experts per token of the little model, 1 <= n < top-k (None: what the model's calibration
+    # was made with, else ceil(top-k / 2), the paper's half)
     prefill: PrefillMode | None = None  # None: little for `little`, big otherwise
     prefetch_on_fallback: bool = True
     lookahead: bool = False  # apply layer l+1's router to layer l's input to start its loads early
@@ -114,6 +116,8 @@ class PolicyConfig:
             raise InvalidParameter(f"criterion must be one of {', '.join(CRITERIA)}, got {self.criterion!r}")
         if self.little_weights not in ("native", "rescale"):
             raise InvalidParameter(f"little_weights must be native or rescale, got {self.little_weights!r}")
+        if self.little_k is not None and (isinstance(self.little_k, bool) or not isinstance(self.little_k, int) or self.little_k < 1):
+            raise InvalidParameter(f"little_k must be an integer >= 1, got {self.little_k!r}")
         if self.layer_adaptive is not None and not (0.0 <= self.layer_adaptive <= 1.0):
             raise InvalidParameter(f"layer-adaptive threshold must be in [0, 1], got {self.layer_adaptive}")
         if self.partial_fallback is not None and not (0.0 <= self.partial_fallback <= 1.0):

@@ -166,7 +166,7 @@ def run_bench(llm: LLM, settings: BenchSettings, profiles: dict[str, HardwarePro
     ops = count_decode_ops(llm)  # kernel launches of one decode step, for the cost model
     total = llm.loaded.store.total_experts
     engines = [("big", PolicyConfig("big"), slots, False, False), ("mobile", settings.mobile, slots, False, False),
-               ("little", PolicyConfig("little", little_weights=settings.mobile.little_weights), slots, False, False)]
+               ("little", PolicyConfig("little", little_weights=settings.mobile.little_weights, little_k=settings.mobile.little_k), slots, False, False)]
     if _fits_on_device(llm) and (llm.reader is None or slots >= total):  # disk tier: only when the host budget holds every expert
         engines.append(("resident", PolicyConfig("big"), total, True, False))
         if llm.runner.graphs is not None:  # --cuda-graphs on CUDA: the same passes replayed from captures, interleaved

@@ -65,6 +65,9 @@ def check_record(record: dict, path: Path) -> dict:
     repair = record.get("kv_repair", 0)
     if isinstance(repair, bool) or not isinstance(repair, int) or repair < 0:
         raise InvalidParameter(f"{path}: kv_repair must be an integer >= 0, got {repair!r}; run mobile-moe calibrate again")
+    little_k = record.get("little_k")
+    if little_k is not None and (isinstance(little_k, bool) or not isinstance(little_k, int) or little_k < 1):
+        raise InvalidParameter(f"{path}: little_k must be an integer >= 1, got {little_k!r}; run mobile-moe calibrate again")
     if not isinstance(record.get("rollback", False), bool):
         raise InvalidParameter(f"{path}: rollback must be true or false, got {record['rollback']!r}; run mobile-moe calibrate again")
     if "learned" in record or criterion == "learned":
@@ -87,11 +90,12 @@ def learned_from(record: dict) -> LearnedImportance:
 
 
 def resolve_policy(policy: PolicyConfig, record: dict) -> PolicyConfig:
-    """The policy with an unset criterion, tau and KV repair taken from a calibration record, else the defaults (one rule
-    for CLI, API and server).
+    """The policy with an unset criterion, tau, KV repair and little_k taken from a calibration record, else the defaults
+    (one rule for CLI, API and server).
 
     Criterion `learned` also takes the record's fitted predictor unless the policy brings its own; an unset KV repair
-    is the one the record's tau was calibrated with (a tau chosen with repair is only right with it), and so is rollback.
+    is the one the record's tau was calibrated with (a tau chosen with repair is only right with it), and so are
+    rollback and the little model's expert count (None when the record has none: the engine's half of top-k).
     """
     criterion = policy.criterion or _criterion(record) or DEFAULT_CRITERION
     tau = policy.tau if policy.tau is not None else _tau(record, criterion)
@@ -100,8 +104,9 @@ def resolve_policy(policy: PolicyConfig, record: dict) -> PolicyConfig:
         learned = learned_from(record)
     repair = policy.kv_repair if policy.kv_repair is not None else _kv_repair(record)
     rollback = policy.rollback if policy.rollback is not None else bool(record.get("rollback", False)) and repair > 0  # --kv-repair 0: none
+    little_k = policy.little_k if policy.little_k is not None else record.get("little_k")
     return dataclasses.replace(policy, criterion=criterion, tau=DEFAULT_TAU if tau is None else tau, learned=learned, kv_repair=repair,
-                               rollback=rollback)
+                               rollback=rollback, little_k=little_k)
 
 
 def _kv_repair(record: dict) -> int:

@@ -1,4 +1,4 @@
-"""CUDA graphs of decode passes with every expert resident: one capture per (mode, recording, key span), replayed per token.
+"""CUDA graphs of decode passes with every expert resident: one capture per (mode, recording, little model, key span), replayed per token.
 
 A resident decode pass reads nothing on the host (the position lives on the device, the slots come from the device-side
 expert-to-slot table, a fixed key span keeps the shapes): its ~500-3,000 kernel launches can be recorded once and
@@ -68,7 +68,7 @@ class DecodeGraphs:
         self.replays = 0
 
     def run(self, key: tuple, ids: torch.Tensor, kv: KVCache, stats: CacheStats, eager: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """ids [1] -> logits [V] of one decode pass `eager(ids)` on kv: replayed when `key` (the pass's mode, recording and
+        """ids [1] -> logits [V] of one decode pass `eager(ids)` on kv: replayed when `key` (the pass's mode, recording, little model and
         span) has a capture on this kv, captured on its second pass, eager before and when capturing failed."""
         if self.failed is not None:
             return eager(ids)

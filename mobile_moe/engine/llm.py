@@ -26,6 +26,7 @@ from mobile_moe.experts.disk import DiskStore
 from mobile_moe.experts.reader import ReadPool
 from mobile_moe.experts.trace import Trace
 from mobile_moe.experts.transfer import TransferEngine
+from mobile_moe.layers.kv_cache import KVCache
 from mobile_moe.layers.moe import ExpertMode
 from mobile_moe.policy.governor import LittleGovernor
 from mobile_moe.policy.policies import Policy
@@ -173,8 +174,8 @@ class LLM:
         n = len(prompts)
         samplings, policies = _each(sampling, n, "sampling"), _each(policy, n, "policy")
         prepared = [self.prepare(p, s, pol) for p, s, pol in zip(prompts, samplings, policies)]
-        if len({pol.little_weights for _, _, pol in prepared if pol.name != "big"}) > 1:
-            raise InvalidParameter("prompts decoded together must share little_weights")
+        if len({(pol.little_weights, pol.little_k) for _, _, pol in prepared if pol.name != "big"}) > 1:
+            raise InvalidParameter("prompts decoded together must share little_weights and little_k")
         rows = min(n, self.config.max_batch)
         if rows < n:
             log.info("decoding %d prompts %d at a time (EngineConfig.max_batch)", n, rows)
@@ -216,23 +217,41 @@ class LLM:
         return self._lock
 
     def resolve_policy(self, policy: PolicyConfig) -> PolicyConfig:
-        """Unset criterion and tau from this model's calibration (mobile_moe.json, read once at load), else max_prob and 0.9."""
-        return resolve_policy(policy, self.calibration)
+        """Unset criterion and tau from this model's calibration (mobile_moe.json, read once at load), else max_prob and 0.9;
+        a little_k this model cannot take is an InvalidParameter."""
+        resolved = resolve_policy(policy, self.calibration)
+        self._check_little_k(resolved.little_k)
+        fitted = self.calibration.get("little_k") or self.runner.default_little_k
+        if policy.little_k is not None and policy.little_k != fitted and policy.tau is None and resolved.name == "mobile":
+            log.warning("the calibration in %s was fitted with little_k %d; running with %d, its tau may give another fallback rate "
+                        "(recalibrate with `mobile-moe calibrate --little-k %d`)", CALIBRATION_FILE, fitted, policy.little_k, policy.little_k)
+        return resolved
 
-    def logits(self, ids: list[int], mode: str = "big") -> torch.Tensor:
-        """Teacher-forced logits [T, V] of a token sequence with big or little experts."""
+    def _check_little_k(self, little_k: int | None) -> None:
+        """A one-line InvalidParameter unless little_k is None or in [1, top-k): little runs fewer experts than big."""
+        if little_k is not None and not 1 <= little_k < self.info.top_k:
+            raise InvalidParameter(f"little_k must be in [1, {self.info.top_k - 1}] (below this model's top-k {self.info.top_k}), got {little_k}")
+
+    def logits(self, ids: list[int], mode: str = "big", little_k: int | None = None) -> torch.Tensor:
+        """Teacher-forced logits [T, V] of a token sequence with big or little experts (little_k of them; None: half of top-k)."""
         self._check_prompt(ids)
         with self._lock:
-            kv = self.runner.new_kv(len(ids))
+            kv = self._teacher_forced(len(ids), little_k)
             return self.runner.forward(torch.tensor(ids, device=self.device), kv, ExpertMode(mode), all_logits=True)
 
-    def routed_logits(self, ids: list[int], mode: str = "little") -> tuple[torch.Tensor, torch.Tensor]:
+    def routed_logits(self, ids: list[int], mode: str = "little", little_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced logits [T, V] and each position's raw gate values of every MoE layer [T, L, k] (the router
         signals a decode step of that position would see)."""
         self._check_prompt(ids)
         with self._lock:
-            kv = self.runner.new_kv(len(ids))
+            kv = self._teacher_forced(len(ids), little_k)
             return self.runner.routed_logits(torch.tensor(ids, device=self.device), kv, ExpertMode(mode))
+
+    def _teacher_forced(self, length: int, little_k: int | None) -> KVCache:
+        """Set the runner's little model to little_k experts (None: its default) and return a fresh KV cache of length."""
+        self._check_little_k(little_k)
+        self.runner.little_k = self.runner.default_little_k if little_k is None else little_k
+        return self.runner.new_kv(length)
 
     def check_prompt(self, ids: list[int]) -> None:
         """Raise a one-line error for an empty, out-of-vocabulary or over-long prompt."""

@@ -52,6 +52,7 @@ class Runner:
         self.executor = ExpertExecutor(cache, activation(model.info.hidden_act), model.lm_head.weight.dtype, compiled=compile_layers)
         self.mode = ExpertMode.BIG
         self.little_weights = little_weights
+        self.little_k = self.default_little_k  # experts per token of the little model (PolicyConfig.little_k)
         self.lookahead = False
         self.layer_adaptive: float | None = None  # little decode knobs (PolicyConfig)
         self.cache_prior: float | None = None
@@ -123,18 +124,18 @@ class Runner:
     def choose(self, layer: int, routing: Routing, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """The pass's experts at this layer: big or little, with the little decode knobs applied to a single token."""
         if self.row_little is not None:
-            return mixed_select(routing, spec, self.row_little, self.little_weights)
+            return mixed_select(routing, spec, self.row_little, self.little_weights, self.little_k)
         knobs = self.layer_adaptive is not None or self.cache_prior is not None
         if self.mode is ExpertMode.BIG or not knobs or routing.indices.shape[0] != 1:
-            return select(routing, spec, self.mode, self.little_weights)
+            return select(routing, spec, self.mode, self.little_weights, self.little_k)
         k = spec.top_k
         values = self.cache.transfer.to_host(torch.cat([routing.indices[0].double(), routing.raw_weights[0].double()]))  # one sync: [2k]
         experts, scores = [int(v) for v in values[:k]], values[k:]
-        if self.layer_adaptive is not None and runs_big_here(scores, spec.little_k, self.layer_adaptive):
+        if self.layer_adaptive is not None and runs_big_here(scores, self.little_k, self.layer_adaptive):
             return select(routing, spec, ExpertMode.BIG)
         if self.cache_prior is None:
-            return select(routing, spec, self.mode, self.little_weights)
-        ranks = prefer_resident(experts, scores, spec.little_k, lambda e: (layer, e) in self.cache.where, self.cache_prior)
+            return select(routing, spec, self.mode, self.little_weights, self.little_k)
+        ranks = prefer_resident(experts, scores, self.little_k, lambda e: (layer, e) in self.cache.where, self.cache_prior)
         position = self.cache.transfer.to_device(ranks)  # [n]
         return select(Routing(routing.indices[:, position], routing.raw_weights[:, position]), spec, ExpertMode.BIG)  # weights over the chosen
 
@@ -150,7 +151,7 @@ class Runner:
         nxt = self.next_moe_layer.get(layer)
         if self.lookahead and nxt is not None and x.shape[0] == 1:
             block = self.model.model.layers[nxt].mlp
-            indices, _ = select(block.gate(x), block.spec, self.mode, self.little_weights)
+            indices, _ = select(block.gate(x), block.spec, self.mode, self.little_weights, self.little_k)
             self.cache.prefetch(nxt, self.cache.transfer.to_host(indices[0]), Priority.LOOKAHEAD)
 
     def record_routing(self, layer: int, routing: Routing) -> None:
@@ -190,7 +191,7 @@ class Runner:
         with native_cpu_gemv(ids.shape[0] == 1 and ids.device.type == "cpu" and self.executor.dtype in (torch.bfloat16, torch.float16)):
             if self.graphs is not None and self.resident_pass and span is not None and not all_logits and keep is None and resume is None:
                 run = lambda x: self.model(x, kv, self, segment=segment, layer_step=step, span=span)  # noqa: E731
-                return self.graphs.run((mode, record, self.little_weights, span), ids, kv, self.cache.stats, run)
+                return self.graphs.run((mode, record, self.little_weights, self.little_k, span), ids, kv, self.cache.stats, run)
             return self.model(ids, kv, self, all_logits=all_logits, segment=segment, layer_step=step, span=span, keep=keep, resume=resume)
 
     def decode_span(self, tokens: int, kv: KVCache) -> int | None:
@@ -214,7 +215,7 @@ class Runner:
         """One decode layer with offloaded experts, compiled: the segment and choice, the layer's one host read and its
         loads, then the experts from the pool. x: [1, H] -> [1, H]."""
         assert self.routed_segment is not None and self.pooled_finish is not None
-        x, h, indices, raw_weights, shared, chosen, weights = self.routed_segment(layer, x, inp, kv, self.mode, self.little_weights)
+        x, h, indices, raw_weights, shared, chosen, weights = self.routed_segment(layer, x, inp, kv, self.mode, self.little_weights, self.little_k)
         if h is None:
             return x  # a dense layer
         self.note_routing(index, h, Routing(indices, raw_weights))
@@ -230,11 +231,11 @@ class Runner:
         cache's device-side expert-to-slot table). x: [1, H] -> [1, H]."""
         assert self.routed_segment is not None and self.resident_layer is not None
         if not isinstance(layer.mlp, MoEBlock):
-            return self.routed_segment(layer, x, inp, kv, self.mode, self.little_weights)[0]  # a dense layer, whole: the graph `offloaded_step` uses
+            return self.routed_segment(layer, x, inp, kv, self.mode, self.little_weights, self.little_k)[0]  # a dense layer, whole: the graph `offloaded_step` uses
         cache, executor = self.cache, self.executor
-        x, indices, raw_weights = self.resident_layer(layer, x, inp, kv, cache.slot_rows[index], self.mode, self.little_weights,
+        x, indices, raw_weights = self.resident_layer(layer, x, inp, kv, cache.slot_rows[index], self.mode, self.little_weights, self.little_k,
                                                       executor.act, *executor.pool_fields)
-        cache.stats.hits += layer.mlp.spec.top_k if self.mode is ExpertMode.BIG else layer.mlp.spec.little_k
+        cache.stats.hits += layer.mlp.spec.top_k if self.mode is ExpertMode.BIG else self.little_k
         self.record_routing(index, Routing(indices, raw_weights))
         return x
 
@@ -269,8 +270,8 @@ class Runner:
         return {layer: self.routing_buf[row] for layer, row in self.moe_row.items()}
 
     @property
-    def little_k(self) -> int:
-        """Experts per token of the little model."""
+    def default_little_k(self) -> int:
+        """Experts per token of the little model unless a policy sets it: half the top-k, rounded up."""
         return math.ceil(self.model.info.top_k / 2)
 
     def logged_weights(self) -> torch.Tensor:
@@ -296,19 +297,20 @@ class Runner:
         return issued
 
 
-def mixed_select(routing: Routing, spec: RouterSpec, little: torch.Tensor, little_weights: str) -> tuple[torch.Tensor, torch.Tensor]:
+def mixed_select(routing: Routing, spec: RouterSpec, little: torch.Tensor, little_weights: str, little_k: int,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices [B, k], weights [B, k]) of a batch whose rows mix modes: little rows (little [B] True) keep their
-    ceil(k/2) best experts and mark the rest -1 (not run), big rows keep all k."""
+    little_k best experts and mark the rest -1 (not run), big rows keep all k."""
     big_idx, big_w = select(routing, spec, ExpertMode.BIG)
-    _, little_w = select(routing, spec, ExpertMode.LITTLE, little_weights)  # [B, n]
-    n, k = spec.little_k, spec.top_k
+    _, little_w = select(routing, spec, ExpertMode.LITTLE, little_weights, little_k)  # [B, n]
+    n, k = little_k, spec.top_k
     dropped = little[:, None] & (torch.arange(k, device=little.device) >= n)[None, :]  # [B, k]
     padded = torch.cat((little_w, little_w.new_zeros(little_w.shape[0], k - n)), dim=1)  # [B, k]
     return big_idx.masked_fill(dropped, -1), torch.where(little[:, None], padded, big_w)
 
 
 def routed_segment(
-    layer: DecoderLayer, x: torch.Tensor, inp: AttentionInput, kv: LayerKV, mode: ExpertMode, little_weights: str,
+    layer: DecoderLayer, x: torch.Tensor, inp: AttentionInput, kv: LayerKV, mode: ExpertMode, little_weights: str, little_k: int,
 ) -> tuple[torch.Tensor | None, ...]:
     """`before_experts` and the mode's choice of experts (`select`), for torch.compile. x [1, H] -> (x [1, H], the MLP
     input h [1, H] or None for a finished dense layer, top-k indices and raw gate values [1, k], the shared experts'
@@ -316,7 +318,7 @@ def routed_segment(
     x, h, indices, raw_weights, shared = before_experts(layer, x, inp, kv)
     if h is None or indices is None or raw_weights is None:
         return x, None, None, None, None, None, None
-    chosen, weights = select(Routing(indices, raw_weights), layer.mlp.spec, mode, little_weights)
+    chosen, weights = select(Routing(indices, raw_weights), layer.mlp.spec, mode, little_weights, little_k)
     return x, h, indices, raw_weights, shared, chosen, weights
 
 
@@ -332,12 +334,12 @@ def pooled_finish(
 
 def pooled_layer(
     layer: DecoderLayer, x: torch.Tensor, inp: AttentionInput, kv: LayerKV, slot_of: torch.Tensor, mode: ExpertMode,
-    little_weights: str, act: Activation, *pool: torch.Tensor | None,
+    little_weights: str, little_k: int, act: Activation, *pool: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A whole MoE decoder layer for one token with every expert resident, for torch.compile: `routed_segment`, the slots
     from the layer's expert-to-slot row slot_of [E] and `pooled_finish`, all on the device; pool: `pooled_finish`'s
     pool fields. x [1, H] -> (x after the layer [1, H], top-k indices [1, k], raw gate values [1, k])."""
-    x, h, indices, raw_weights, shared, chosen, weights = routed_segment(layer, x, inp, kv, mode, little_weights)
+    x, h, indices, raw_weights, shared, chosen, weights = routed_segment(layer, x, inp, kv, mode, little_weights, little_k)
     assert h is not None and chosen is not None and weights is not None  # an MoE layer
     return pooled_finish(act, x, h, shared, slot_of[chosen[0]], weights, *pool), indices, raw_weights
 

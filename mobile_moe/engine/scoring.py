@@ -31,7 +31,7 @@ def policy_logprobs(llm: LLM, ids: list[int], policy: PolicyConfig) -> torch.Ten
     """Log-probabilities [T - 1, V] of each next token after positions 0..T-2, under the policy (see module doc)."""
     if policy.name == "big":
         return llm.logits(ids[:-1], "big").float().log_softmax(-1)
-    little = llm.logits(ids[:-1], "little").float().log_softmax(-1)
+    little = llm.logits(ids[:-1], "little", policy.little_k).float().log_softmax(-1)
     if policy.name == "little":
         return little
     if policy.criterion not in LOGIT_CRITERIA or policy.tau is None:

@@ -48,13 +48,13 @@ class Calibration:
                 best[run.criterion] = run
         return {criterion: run.tau for criterion, run in best.items()}
 
-    def record(self, prompts: int, data: str, dtype: str, kv_repair: int = 0, rollback: bool = False) -> dict:
+    def record(self, prompts: int, data: str, dtype: str, kv_repair: int = 0, rollback: bool = False, little_k: int | None = None) -> dict:
         """What gets written next to the model; `dtype`: the compute dtype the runs were made in; `kv_repair`, `rollback`:
-        the mobile recovery they ran with (the default of a policy that leaves it unset)."""
+        the mobile recovery they ran with, `little_k` the little model's experts (each the default of a policy that leaves it unset)."""
         assert self.chosen is not None
         return {
             "version": RECORD_VERSION, "dtype": dtype, "tau": self.chosen.tau, "criterion": self.chosen.criterion, "kv_repair": kv_repair,
-            "rollback": rollback and kv_repair > 0,
+            "rollback": rollback and kv_repair > 0, **({"little_k": little_k} if little_k is not None else {}),
             "target_agreement": self.target,
             "rule": self.rule, "agreement": self.chosen.agreement, "agreement_ci": list(self.chosen.agreement_ci),
             "fallback_rate": self.chosen.fallback_rate, "taus": self.best_taus(), "prompts": prompts, "data": data,

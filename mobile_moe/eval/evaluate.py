@@ -64,12 +64,13 @@ def evaluate(
     prompts, skipped = _prompts(llm, texts, settings)
     base, taus = sweeps[0]
     scored = base.criterion in LOGIT_CRITERIA or (base.criterion == "learned" and base.learned is not None)  # teacher-forced mobile
-    scores = token_scores(llm, texts, settings.ppl_tokens, base.criterion if scored else None, settings.progress, learned=base.learned)
+    scores = token_scores(llm, texts, settings.ppl_tokens, base.criterion if scored else None, settings.progress, learned=base.learned,
+                          little_k=base.little_k)
     mobiles = [policy for sweep_base, sweep_taus in sweeps for policy in mobile_sweep(sweep_base, sweep_taus)]
     runs, versus = policy_runs(llm, prompts, mobiles, settings.new_tokens, settings.progress, reference)
     return {
         "model": str(llm.path), "data": data, "prompts": len(prompts), "prompts_skipped_too_long": skipped, "new_tokens": settings.new_tokens,
-        "criterion": base.criterion, "little_weights": base.little_weights,
+        "criterion": base.criterion, "little_weights": base.little_weights, "little_k": base.little_k or llm.runner.default_little_k,
         "expert_format": str(llm.loaded.store.format),
         "expert_bytes": llm.loaded.store.expert_bytes,
         "cache_slots": llm.runner.cache.num_slots, "total_experts": llm.loaded.store.total_experts,

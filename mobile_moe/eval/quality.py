@@ -98,8 +98,8 @@ def score(policy: PolicyConfig, cont: Continuations, big: Continuations, prompts
 
 def variant_name(policy: PolicyConfig) -> str:
     """The little-pass knobs of a policy, as a short label ("" when none is on)."""
-    knobs = [("layer-adaptive", policy.layer_adaptive), ("cache-prior", policy.cache_prior), ("kv-repair", policy.kv_repair or None),
-             ("partial-fallback", policy.partial_fallback)]
+    knobs = [("little-k", policy.little_k), ("layer-adaptive", policy.layer_adaptive), ("cache-prior", policy.cache_prior),
+             ("kv-repair", policy.kv_repair or None), ("partial-fallback", policy.partial_fallback)]
     label = "+".join(f"{name}={value:g}" for name, value in knobs if value is not None)
     return label + "+rollback" if policy.rollback_window else label
 
@@ -122,8 +122,8 @@ def policy_runs(
     With a `reference` (the same model with float experts), also how often this big's greedy tokens agree with the reference's big.
     """
     ids = [llm.encode(p.text) for p in prompts]
-    knobs = dict.fromkeys((m.little_weights, m.layer_adaptive, m.cache_prior) for m in mobiles) or {("native", None, None): None}  # kv_repair: mobile only
-    littles = [PolicyConfig("little", little_weights=w, layer_adaptive=a, cache_prior=c) for w, a, c in knobs]
+    knobs = dict.fromkeys((m.little_weights, m.layer_adaptive, m.cache_prior, m.little_k) for m in mobiles) or {("native", None, None, None): None}
+    littles = [PolicyConfig("little", little_weights=w, layer_adaptive=a, cache_prior=c, little_k=n) for w, a, c, n in knobs]  # kv_repair: mobile only
     total = len(ids) * (1 + len(littles) + len(mobiles) + (reference is not None))
     with tqdm(total=total, desc="generating", unit="prompt", disable=(not progress) or None, leave=False) as bar:
         big_policy = PolicyConfig("big")
@@ -165,12 +165,12 @@ def sample_windows(token_lists: list[list[int]], window: int, max_tokens: int, s
 
 def token_scores(
     llm: LLM, texts: list[str], max_tokens: int, criterion: str | None, progress: bool = True, seed: int = 0,
-    learned: LearnedImportance | None = None,
+    learned: LearnedImportance | None = None, little_k: int | None = None,
 ) -> TokenScores:
     """Teacher-forced scores on up to max_tokens tokens in windows of PPL_WINDOW tokens sampled (seeded) across all texts.
 
     little_conf is measured for the criterion (None: left empty): one of the logits alone, or `learned` (with its fitted
-    predictor) from each position's logits and router signals in the little pass.
+    predictor) from each position's logits and router signals in the little pass; little runs little_k experts (None: half).
     """
     eos = list(llm.eos_token_ids[:1])
     windows = sample_windows([llm.encode(text) + eos for text in texts], min(PPL_WINDOW, llm.max_context - 1), max_tokens, seed)
@@ -179,10 +179,10 @@ def token_scores(
         target = torch.tensor(ids[1:])
         for mode, sink in (("big", big), ("little", little)):
             if mode == "little" and criterion == "learned":
-                logits, gates = llm.routed_logits(ids[:-1], mode)  # [T, V], [T, L, k]
+                logits, gates = llm.routed_logits(ids[:-1], mode, little_k)  # [T, V], [T, L, k]
                 conf.append(learned_confidence(logits, gates, llm.runner.little_k, learned).cpu())
             else:
-                logits = llm.logits(ids[:-1], mode)
+                logits = llm.logits(ids[:-1], mode, little_k)
             logp = logits.float().log_softmax(-1)  # [T, V]
             sink.append(logp.gather(1, target[:, None].to(logp.device))[:, 0].cpu())
             tops[mode].append(logp.argmax(-1).cpu())

@@ -16,7 +16,7 @@ class ExpertMode(Enum):
     """Which of the router's experts a pass uses."""
 
     BIG = "big"  # all top-k
-    LITTLE = "little"  # the ceil(k/2) highest-ranked of the top-k
+    LITTLE = "little"  # the little_k highest-ranked of the top-k (ceil(k/2) unless set)
 
 
 @dataclass(frozen=True)
@@ -85,12 +85,13 @@ def _finish(raw: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
     return raw * spec.scaling
 
 
-def select(routing: Routing, spec: RouterSpec, mode: ExpertMode, little_weights: str = "native") -> tuple[torch.Tensor, torch.Tensor]:
-    """(indices [T, n], weights [T, n]) for the big (n = k) or little (n = ceil(k/2)) model."""
+def select(routing: Routing, spec: RouterSpec, mode: ExpertMode, little_weights: str = "native", little_k: int | None = None,
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices [T, n], weights [T, n]) for the big (n = k) or little (n = little_k, default ceil(k/2)) model."""
     big = _finish(routing.raw_weights, spec)
     if mode is ExpertMode.BIG:
         return routing.indices, big
-    n = spec.little_k
+    n = spec.little_k if little_k is None else little_k
     little = _finish(routing.raw_weights[:, :n], spec)
     if little_weights == "rescale":
         little = little * (big.sum(-1, keepdim=True) / little.sum(-1, keepdim=True))
