@@ -435,7 +435,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "token_ids": result.token_ids,
             "text": result.text,
             "finish_reason": result.finish_reason,
-            "policy": {"name": policy.name, "tau": policy.tau if policy.name == "mobile" else None, "criterion": policy.criterion if policy.name == "mobile" else None},
+            "policy": {"name": policy.name, "tau": policy.tau if policy.name == "mobile" else None, "criterion": policy.criterion if policy.name == "mobile" else None,
+                       "little_k": None if policy.name == "big" else llm.little_k(policy)},
             "stats": result.stats.to_dict(),
         }
         print(json.dumps(out))

@@ -95,6 +95,13 @@ def test_a_calibration_carries_its_little_k_and_says_when_run_with_another(check
     assert [r for r in seen.records if "fitted with little_k 3; running with 2" in r.getMessage()]
 
 
+def test_generate_json_names_the_little_model_it_ran(checkpoints, capsys):
+    capsys.readouterr()
+    main(["generate", "--model", str(checkpoints["olmoe"]), "--prompt-ids", "1,2,3", "--policy", "little", "--little-k", "1", "--max-new-tokens", "2",
+          "--json", "--quiet"])
+    assert json.loads(capsys.readouterr().out)["policy"]["little_k"] == 1
+
+
 def test_a_bad_little_k_in_a_calibration_is_named(tmp_path):
     (tmp_path / CALIBRATION_FILE).write_text(json.dumps({"tau": 0.5, "criterion": "margin", "little_k": "half"}))
     with pytest.raises(InvalidParameter, match="little_k must be an integer >= 1, got 'half'"):

@@ -227,6 +227,10 @@ class LLM:
                         "(recalibrate with `mobile-moe calibrate --little-k %d`)", CALIBRATION_FILE, fitted, policy.little_k, policy.little_k)
         return resolved
 
+    def little_k(self, policy: PolicyConfig) -> int:
+        """Experts per token of the policy's little model on this model."""
+        return self.runner.default_little_k if policy.little_k is None else policy.little_k
+
     def _check_little_k(self, little_k: int | None) -> None:
         """A one-line InvalidParameter unless little_k is None or in [1, top-k): little runs fewer experts than big."""
         if little_k is not None and not 1 <= little_k < self.info.top_k:
