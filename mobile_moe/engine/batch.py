@@ -148,7 +148,7 @@ class BatchDecoder:
         configure(self.runner, None)
         little = next((r.policy.config for r in rows if r.policy.config.name != "big"), rows[0].policy.config)  # rows share it (`generate_many`)
         self.runner.little_weights = little.little_weights
-        self.runner.little_k = self.runner.default_little_k if little.little_k is None else little.little_k
+        self.runner.little_k = self.runner.little_k_of(little.little_k)
         mobile = any(r.policy.may_fall_back for r in rows)
         little_first = self.governor.little_pays(len(rows)) if mobile else True
         start = time.perf_counter()

@@ -213,7 +213,7 @@ def configure(runner: Runner, policy: Policy | None) -> None:
     runner.lookahead = False if config is None else config.lookahead
     runner.layer_adaptive = None if config is None else config.layer_adaptive
     runner.cache_prior = None if config is None else config.cache_prior
-    runner.little_k = runner.default_little_k if config is None or config.little_k is None else config.little_k
+    runner.little_k = runner.little_k_of(None if config is None else config.little_k)
     if config is not None:
         runner.little_weights = config.little_weights
 

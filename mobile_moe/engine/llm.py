@@ -221,7 +221,7 @@ class LLM:
         a little_k this model cannot take is an InvalidParameter."""
         resolved = resolve_policy(policy, self.calibration)
         self._check_little_k(resolved.little_k)
-        fitted = self.calibration.get("little_k") or self.runner.default_little_k
+        fitted = self.runner.little_k_of(self.calibration.get("little_k"))
         if policy.little_k is not None and policy.little_k != fitted and policy.tau is None and resolved.name == "mobile":
             log.warning("the calibration in %s was fitted with little_k %d; running with %d, its tau may give another fallback rate "
                         "(recalibrate with `mobile-moe calibrate --little-k %d`)", CALIBRATION_FILE, fitted, policy.little_k, policy.little_k)
@@ -229,7 +229,7 @@ class LLM:
 
     def little_k(self, policy: PolicyConfig) -> int:
         """Experts per token of the policy's little model on this model."""
-        return self.runner.default_little_k if policy.little_k is None else policy.little_k
+        return self.runner.little_k_of(policy.little_k)
 
     def _check_little_k(self, little_k: int | None) -> None:
         """A one-line InvalidParameter unless little_k is None or in [1, top-k): little runs fewer experts than big."""
@@ -254,7 +254,7 @@ class LLM:
     def _teacher_forced(self, length: int, little_k: int | None) -> KVCache:
         """Set the runner's little model to little_k experts (None: its default) and return a fresh KV cache of length."""
         self._check_little_k(little_k)
-        self.runner.little_k = self.runner.default_little_k if little_k is None else little_k
+        self.runner.little_k = self.runner.little_k_of(little_k)
         return self.runner.new_kv(length)
 
     def check_prompt(self, ids: list[int]) -> None:

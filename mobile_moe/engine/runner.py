@@ -274,6 +274,10 @@ class Runner:
         """Experts per token of the little model unless a policy sets it: half the top-k, rounded up."""
         return math.ceil(self.model.info.top_k / 2)
 
+    def little_k_of(self, little_k: int | None) -> int:
+        """A policy's little_k on this model: its own, or the default for None."""
+        return self.default_little_k if little_k is None else little_k
+
     def logged_weights(self) -> torch.Tensor:
         """The recorded pass's raw gate values of every MoE layer [L, k] (empty [0, k] when nothing was recorded)."""
         if not self.recorded:

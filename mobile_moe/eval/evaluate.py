@@ -70,7 +70,7 @@ def evaluate(
     runs, versus = policy_runs(llm, prompts, mobiles, settings.new_tokens, settings.progress, reference)
     return {
         "model": str(llm.path), "data": data, "prompts": len(prompts), "prompts_skipped_too_long": skipped, "new_tokens": settings.new_tokens,
-        "criterion": base.criterion, "little_weights": base.little_weights, "little_k": base.little_k or llm.runner.default_little_k,
+        "criterion": base.criterion, "little_weights": base.little_weights, "little_k": llm.little_k(base),
         "expert_format": str(llm.loaded.store.format),
         "expert_bytes": llm.loaded.store.expert_bytes,
         "cache_slots": llm.runner.cache.num_slots, "total_experts": llm.loaded.store.total_experts,
