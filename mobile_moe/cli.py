@@ -38,7 +38,7 @@ from mobile_moe.errors import CheckpointError, InvalidParameter, MobileMoeError
 from mobile_moe.experts.formats import DEFAULT_GROUP_SIZE, ExpertFormat, make_format
 from mobile_moe.eval.data import DEFAULT_GLOB, read_texts
 from mobile_moe.eval.evaluate import EvalSettings, calibrate, calibrate_sources, evaluate
-from mobile_moe.eval.sources import sources_table
+from mobile_moe.eval.sources import sources_table, split_source
 from mobile_moe.eval.calibrate import RULES, TAU_GRIDS, Calibration
 from mobile_moe.eval.report import learned_table, plot_quality, plot_sources, runs_table
 from mobile_moe.jsonio import write_json_atomic
@@ -274,7 +274,7 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
     cal.add_argument("--rule", choices=RULES, default=RULES[0], help="lower-bound: the 95%% interval's lower end must meet the target "
                      "(default); point: the point estimate must")
     cal.add_argument("--source", type=Path, action="append", metavar="PATH", help="calibrate across sources: a file or directory per "
-                     "source (repeat, at least 2; 'stdlib' is the demo corpus's validation split); tau is the strictest of the "
+                     "source (repeat, 3+ recommended; one alone is split at random by file into 3 parts; 'stdlib' is the demo corpus's validation split); tau is the strictest of the "
                      "per-source ones, with leave-one-source-out estimates; --max-prompts applies per source")
     for p, handler, prompts in ((ev, cmd_eval, 120), (cal, cmd_calibrate, 400)):
         p.add_argument("--glob", default=DEFAULT_GLOB, help=f"files read from --data directories (default: {DEFAULT_GLOB})")
@@ -612,6 +612,14 @@ def calibrate_by_source(args: argparse.Namespace, settings: EvalSettings) -> int
     if args.data:
         raise InvalidParameter("give --data or --source, not both")
     sources = source_texts(args.source, "validation", args.glob)
+    data = "sources: " + ", ".join(sources)
+    if len(sources) == 1:
+        (name, texts), = sources.items()
+        sources = split_source(name, texts)
+        data = f"one source ({name}) split at random by file into {len(sources)} parts"
+        logging.getLogger("mobile_moe").warning(
+            f"one source only ({name}): calibrating across a seeded random split of its {len(texts)} files into {len(sources)} parts, "
+            "so the held-out figures are for unseen files of this source, not unseen code (give three or more --source for that)")
     llm = open_llm(args)
     base = dataclasses.replace(policy_from(args, llm), kv_repair=args.kv_repair or 0, rollback=bool(args.rollback), little_k=args.little_k)  # this run's, not the old record's
     bases = [dataclasses.replace(base, criterion=c) for c in args.criteria]
@@ -621,7 +629,6 @@ def calibrate_by_source(args: argparse.Namespace, settings: EvalSettings) -> int
         print(f"no candidate tau meets the target agreement {args.target_agreement:.1%} on every source under rule {args.rule}; nothing written")
         return 1
     result = Calibration(args.target_agreement, chosen.pooled, [c.pooled for c in calibrations if c.pooled is not None], args.rule, learned)
-    data = "sources: " + ", ".join(sources)
     record = result.record(sum(r.prompts for r in chosen.rows), data, str(llm.loaded.dtype).removeprefix("torch."), base.kv_repair or 0,
                            bool(base.rollback), base.little_k)
     record["sources"] = [c.to_dict() for c in calibrations]

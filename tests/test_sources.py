@@ -10,7 +10,7 @@ from mobile_moe.engine.calibration import DEMO_MODEL
 from mobile_moe.eval.evaluate import EvalSettings, calibrate_sources
 from mobile_moe.config import PolicyConfig
 from mobile_moe.eval.quality import Run
-from mobile_moe.eval.sources import calibrate_across, pool
+from mobile_moe.eval.sources import calibrate_across, pool, split_source
 
 TAUS = (0.1, 0.2, 0.3, 0.4)
 
@@ -82,4 +82,20 @@ def test_calibrate_across_sources_end_to_end(tmp_path):
                  "--taus", "0,2", "--max-prompts", "3", "--new-tokens", "4", "--target-agreement", "0.99", "--rule", "point", "--output", str(out)])
     record = json.loads(out.read_text())
     assert code == 0 and record["criterion"] == "margin" and [s["source"] for s in record["sources"][0]["sources"]] == ["one", "two"]
-    assert main(["calibrate", "--source", str(sources["one"]), "--output", str(tmp_path / "x.json"), "--quiet"]) == 2  # one source is not enough
+    assert main(["calibrate", "--source", str(sources["one"]), "--output", str(tmp_path / "x.json"), "--quiet"]) == 2  # one file: no split
+
+
+def test_one_source_is_split_at_random_by_file_with_a_note(tmp_path, capsys):
+    folder = tmp_path / "only"
+    folder.mkdir()
+    for i in range(7):
+        (folder / f"m{i}.py").write_text(f"def f{i}(x):\n    y = x * {i}\n    return y + {i}\n")
+    parts = split_source("only", [f"text {i}" for i in range(7)])
+    assert list(parts) == ["only/1", "only/2", "only/3"] and sorted(t for p in parts.values() for t in p) == [f"text {i}" for i in range(7)]
+    assert parts == split_source("only", [f"text {i}" for i in range(7)]) and [len(p) for p in parts.values()] == [3, 2, 2]  # seeded
+    out = tmp_path / "cal.json"
+    code = main(["calibrate", "--quiet", "--source", str(folder), "--criteria", "margin", "--taus", "0,2", "--max-prompts", "2",
+                 "--new-tokens", "3", "--target-agreement", "0.99", "--rule", "point", "--output", str(out)])
+    record = json.loads(out.read_text())
+    assert code == 0 and "one source only (only)" in capsys.readouterr().err and "split at random" in record["data"]
+    assert [s["source"] for s in record["sources"][0]["sources"]] == ["only/1", "only/2", "only/3"]

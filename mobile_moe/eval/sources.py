@@ -8,6 +8,8 @@ every candidate tau on each source apart and reports:
 - leave-one-source-out: for each source s, the tau chosen on the other sources pooled (the learned criterion is
   refitted without s, its taus taken at fixed fallback rates of the other sources' steps) and what it gives on s:
   the honest estimate for a source the calibration never saw.
+Given one source only, `split_source` deals its files at random (seeded) into RANDOM_SPLIT_PARTS pseudo-sources, so the
+same machinery still holds files out; those estimates then speak for unseen files of that source, not for other code.
 """
 
 from __future__ import annotations
@@ -15,9 +17,24 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+import torch
+
+from mobile_moe.errors import InvalidParameter
 from mobile_moe.eval.agreement import pooled_agreement
 from mobile_moe.eval.calibrate import qualifies
 from mobile_moe.eval.quality import Run
+
+
+RANDOM_SPLIT_PARTS = 3
+
+
+def split_source(name: str, texts: list[str], parts: int = RANDOM_SPLIT_PARTS, seed: int = 0) -> dict[str, list[str]]:
+    """One source's files dealt in a seeded random order into `parts` pseudo-sources named NAME/1 ... NAME/parts."""
+    if len(texts) < parts:
+        raise InvalidParameter(f"one source ({name}) with {len(texts)} file(s) cannot be split into {parts} parts; "
+                               f"give at least two --source, or a directory of >= {parts} files")
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    return {f"{name}/{part + 1}": [texts[i] for i in order[part::parts]] for part in range(parts)}
 
 
 def pool(runs: list[Run]) -> Run:
