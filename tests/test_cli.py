@@ -246,9 +246,9 @@ def test_unknown_layer_type_is_a_one_line_error(capsys, checkpoints, tmp_path, a
 
 
 def test_a_synthetic_model_too_big_for_memory_is_refused_before_building(capsys, monkeypatch):
-    import mobile_moe.cli as cli
+    import mobile_moe.cli.bench as bench_command
 
-    monkeypatch.setattr(cli, "available_memory_bytes", lambda: 24 * 2**30)  # this project's CPU machines
+    monkeypatch.setattr(bench_command, "available_memory_bytes", lambda: 24 * 2**30)  # this project's CPU machines
     code, out, err = run(capsys, "bench", "--synthetic", "olmoe-1b-7b", "--dtype", "float32", "--quiet")  # auto may pick bf16
     assert_one_line_error(code, err, "needs about 72.0 GiB", "24.0 GiB available", "--shrink")
     assert out == ""

@@ -15,7 +15,7 @@ from test_datapath import FakeFence, Records
 from test_serve import PROMPT, serving
 
 from mobile_moe import LLM, engine_config
-from mobile_moe import cli as cli_module
+from mobile_moe.cli import bench as bench_command
 from mobile_moe.cli import main
 from mobile_moe.config import PolicyConfig, SamplingParams
 from mobile_moe.engine.calibration import DEMO_MODEL
@@ -299,7 +299,7 @@ def test_bench_on_the_disk_tier_reports_reads_and_mobiles_ceiling(tmp_path: Path
     assert 0 <= systems["mobile"]["lookahead_precision"] <= 1 and systems["big"]["lookahead_precision"] is None  # lookahead: mobile only
     assert set(report["predicted"]) == {"this-disk", "nvme-pcie4", "sata-ssd"}
     assert "disk tier (" in capsys.readouterr().out
-    monkeypatch.setattr(cli_module, "filesystem_type", lambda path: "tmpfs")  # a directory in memory: no disk tier to report
+    monkeypatch.setattr(bench_command, "filesystem_type", lambda path: "tmpfs")  # a directory in memory: no disk tier to report
     assert main(args + ["--offload-dir", str(tmp_path / "in-memory")]) == 2
     assert "bench reports a disk tier only on a disk" in capsys.readouterr().err
 

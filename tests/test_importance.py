@@ -161,7 +161,7 @@ def test_perplexity_windows_are_seeded_and_spread_over_files():
 
 
 def test_eval_variants_parse_and_reject_unknown_knobs(capsys):
-    from mobile_moe.cli import parse_variants
+    from mobile_moe.cli.common import parse_variants
 
     plain = {"layer_adaptive": None, "cache_prior": None, "kv_repair": 0, "rollback": False, "partial_fallback": None}
     assert parse_variants("plain,layer-adaptive=0.3,cache-prior=2+kv-repair=1,kv-repair=8+rollback,partial-fallback=0.3+kv-repair=2") == (

@@ -15,7 +15,8 @@ from test_datapath import Records
 from test_parity import ATOL, reference_model
 
 from mobile_moe import LLM, PolicyConfig, SamplingParams, engine_config
-from mobile_moe.cli import main, parse_variants
+from mobile_moe.cli import main
+from mobile_moe.cli.common import parse_variants
 from mobile_moe.engine.calibration import CALIBRATION_FILE, read_calibration, resolve_policy
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.eval.calibrate import Calibration

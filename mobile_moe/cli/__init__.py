@@ -1,0 +1,78 @@
+"""Command line: `mobile-moe generate | eval | calibrate | bench | quantize | serve | chat`. Entry point only: parse, call the API, print."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from mobile_moe.cli.bench import add_bench_parser
+from mobile_moe.cli.common import Parser
+from mobile_moe.cli.evaluate import add_eval_parsers
+from mobile_moe.cli.generate import add_chat_parser, add_generate_parser
+from mobile_moe.cli.quantize import add_quantize_parser
+from mobile_moe.cli.serve import add_serve_parser
+from mobile_moe.errors import MobileMoeError
+
+
+def build_parser() -> Parser:
+    """The full command-line interface."""
+    parser = Parser(prog="mobile-moe", description="Offloaded MoE inference with MoBiLE big/little decoding.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    add_generate_parser(sub)
+    add_eval_parsers(sub)
+    add_bench_parser(sub)
+    add_quantize_parser(sub)
+    add_serve_parser(sub)
+    add_chat_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors become one line on stderr and exit status 2."""
+    args = build_parser().parse_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
+    _log_warnings_in_one_line()
+    try:
+        return args.handler(args)
+    except MobileMoeError as e:
+        print(f"mobile-moe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mobile-moe: interrupted", file=sys.stderr)
+        return 130
+
+
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """`--prompt-ids -1,2` -> `--prompt-ids=-1,2`, so the ids are checked (and named) instead of read as a flag."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--prompt-ids" and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1][1:2].isdigit():
+            out.append(f"--prompt-ids={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """A handler writing to whatever sys.stderr is at the time of each record."""
+
+    @property
+    def stream(self):  # noqa: D401 - logging reads this attribute
+        """The current sys.stderr."""
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        """Ignored: the stream is always the current sys.stderr."""
+
+
+def _log_warnings_in_one_line() -> None:
+    """The engine's warnings (e.g. pageable fallback) as `mobile-moe: warning: ...` on stderr."""
+    log = logging.getLogger("mobile_moe")
+    if not any(isinstance(h, _CurrentStderr) for h in log.handlers):
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("mobile-moe: warning: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.WARNING)
+        log.propagate = False

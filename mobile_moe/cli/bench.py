@@ -1,0 +1,180 @@
+"""`mobile-moe bench`: decode speed of every system on the same prompts and budget, or a batch-size sweep."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+from transformers import PretrainedConfig
+
+from mobile_moe.bench.bench import BenchSettings, default_prompts, run_bench, table
+from mobile_moe.bench.synthetic import SHAPES, build_synthetic, full_size_cost, synthetic_config, synthetic_expert_numel
+from mobile_moe.cli.common import (
+    add_engine_args,
+    add_policy_args,
+    check_writable_dir,
+    check_writable_file,
+    engine_config_from,
+    model_dir,
+    open_llm,
+    parse_sizes,
+    policy_from,
+)
+from mobile_moe.config import PolicyConfig
+from mobile_moe.engine.budget import GIB, SlotPlan, plan_for_config
+from mobile_moe.engine.calibration import demo_fallback_rate
+from mobile_moe.engine.checkpoint import read_config
+from mobile_moe.engine.llm import LLM, resolve_device
+from mobile_moe.errors import InvalidParameter
+from mobile_moe.experts.disk import filesystem_type
+from mobile_moe.experts.formats import ExpertFormat, make_format
+from mobile_moe.jsonio import write_json_atomic
+from mobile_moe.models.registry import build_model
+
+
+def add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """`bench`."""
+    b = sub.add_parser("bench", help="decode speed of big / mobile / little / resident / transformers / transformers+accelerate, same prompts and budget")
+    b.add_argument("--synthetic", choices=list(SHAPES), help="random weights with the shapes of a public model (instead of --model)")
+    b.add_argument("--shrink", type=int, default=1, metavar="N", help="with --synthetic: divide every width (not layers, experts or top-k) by N to fit a small machine (default: 1)")
+    b.add_argument("--prompts", type=int, default=4, help="prompts per system and round (default: 4)")
+    b.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt (default: 32)")
+    b.add_argument("--fallback-rate", type=float, help="drive mobile's fallbacks at this rate (default for synthetic: the demo model's calibrated rate)")
+    b.add_argument("--lookahead", action="store_true", help="prefetch layer l+1's experts from layer l's hidden state")
+    b.add_argument("--skip-accelerate", action="store_true", help="do not run the transformers + accelerate offloaded baseline (cuda)")
+    b.add_argument("--skip-transformers", action="store_true", help="do not run transformers' generate on the whole model")
+    b.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every system; speeds are medians (default 3)")
+    b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice; reported either way)")
+    b.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
+    b.add_argument("--trace-dir", type=Path, help="write each system's expert-access trace (JSONL) here")
+    b.add_argument("--batch", type=parse_sizes, metavar="SIZES", help="instead: aggregate tok/s and expert bytes per generated token of big "
+                   "and mobile at each batch size, e.g. 1,2,4,8,16 (prompts decoded together)")
+    b.add_argument("--batch-little", choices=["auto", "always"], default="auto", help="with --batch: mobile rows decode little first only "
+                   "where measured cheaper (auto), or always (default: auto)")
+    b.add_argument("--plot", type=Path, metavar="FILE", help="with --batch: a PNG of speed and expert traffic against batch size")
+    b.add_argument("--plan-only", action="store_true", help="print how the budget splits into dense weights, KV cache and expert slots, then exit without loading")
+    add_engine_args(b)
+    add_policy_args(b)
+    b.set_defaults(handler=cmd_bench)
+
+
+def full_size_format(args: argparse.Namespace) -> ExpertFormat:
+    """The expert format the full-width prediction assumes: the benchmarked one, bf16 for `auto`."""
+    return make_format(args.expert_dtype, torch.bfloat16, args.group_size)
+
+
+def check_synthetic_fits(args: argparse.Namespace, plan: SlotPlan, expert_numel: int) -> None:
+    """On the CPU, refuse a synthetic model whose copies (store, resident cache, transformers' own) would not fit in memory."""
+    available = available_memory_bytes()
+    experts = plan.total_experts * plan.expert_bytes  # packed
+    float_size = 4 if args.dtype in ("auto", "float32") else 2
+    transformers_copy = 0 if args.skip_transformers else plan.dense_bytes + plan.total_experts * expert_numel * float_size
+    need = plan.dense_bytes + 2 * experts + transformers_copy  # the store, `resident`'s every-expert cache, transformers' model
+    if available is not None and need > 0.9 * available:
+        raise InvalidParameter(
+            f"synthetic {args.synthetic} at --shrink {args.shrink} needs about {need / GIB:.1f} GiB of memory on the cpu "
+            f"({available / GIB:.1f} GiB available): raise --shrink, use --expert-dtype int4, or add --skip-transformers")
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo, or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_on_disk(directory: Path) -> None:
+    """Bench measures a disk tier only where the store really is on a disk."""
+    kind = filesystem_type(directory)
+    if kind in ("tmpfs", "ramfs"):
+        raise InvalidParameter(f"--offload-dir {directory} is in memory ({kind}): bench reports a disk tier only on a disk")
+
+
+def bench_plan(args: argparse.Namespace, model_cfg: PretrainedConfig, plan: SlotPlan) -> tuple[SlotPlan, str]:
+    """The slot plan bench runs with and a note on why it is not the engine's: on the CPU without a budget, three quarters offloaded."""
+    if args.expert_cache is not None or args.gpu_memory is not None or args.host_memory is not None or torch.device(args.device).type != "cpu":
+        return plan, ""
+    with torch.device("meta"):
+        top_k = build_model(model_cfg).info.top_k
+    slots = min(max(top_k, plan.total_experts // 4), plan.total_experts)
+    return dataclasses.replace(plan, slots=slots), " (bench's default on cpu without a budget: three quarters offloaded)"
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """`mobile-moe bench`."""
+    if args.prompts < 1 or args.new_tokens < 2 or args.rounds < 1:
+        raise InvalidParameter("--prompts and --rounds must be >= 1 and --new-tokens >= 2")
+    check_writable_file(args.json, "--json")
+    check_writable_file(args.plot, "--plot")
+    check_writable_dir(args.trace_dir, "--trace-dir")
+    if args.plot is not None and args.batch is None:
+        raise InvalidParameter("bench --plot draws the --batch sweep; give --batch too")
+    args.max_batch = max(args.batch) if args.batch else 1  # the memory plan holds the KV of the largest batch
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InvalidParameter(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.synthetic and args.model:
+        raise InvalidParameter("give --model or --synthetic, not both")
+    config = engine_config_from(args)
+    model_cfg = synthetic_config(args.synthetic, args.shrink) if args.synthetic else read_config(model_dir(args.model, args.quiet))
+    plan, why = bench_plan(args, model_cfg, plan_for_config(model_cfg, config))
+    if args.offload_dir is not None:
+        check_on_disk(Path(args.offload_dir))
+    if args.synthetic and args.device == "cpu" and not args.plan_only and args.offload_dir is None:
+        check_synthetic_fits(args, plan, synthetic_expert_numel(model_cfg))
+    print(f"{args.synthetic or model_dir(args.model)} on {args.device}: {plan.describe()}{why}", file=sys.stderr if not args.plan_only else sys.stdout, flush=True)
+    if args.plan_only:
+        return 0
+    if args.synthetic:
+        loaded = build_synthetic(args.synthetic, resolve_device(args.device), args.dtype, args.shrink, expert_dtype=args.expert_dtype,
+                                 group_size=args.group_size, fused_kernels=not args.reference_kernels,
+                                 offload_dir=None if args.offload_dir is None else Path(args.offload_dir), direct_io=not args.buffered_io)
+        llm = LLM(loaded, config)
+    else:
+        llm = open_llm(args)
+    if why:
+        llm.planned_slots = plan.slots  # the line printed above, not the engine's every-expert CPU default
+    rate = args.fallback_rate
+    if rate is None and args.synthetic:
+        rate = demo_fallback_rate()
+    policy = dataclasses.replace(policy_from(args, llm), name="mobile", forced_fallback_rate=rate, lookahead=args.lookahead)
+    if args.batch:
+        return bench_batches(args, llm, policy)
+    cost = full_size_cost(args.synthetic, full_size_format(args)) if args.synthetic and args.shrink > 1 else None  # predict the real widths
+    settings = BenchSettings(
+        default_prompts(llm, args.prompts), args.new_tokens, policy, args.gpu_memory, not args.skip_accelerate, args.trace_dir, cost,
+        temperature=1.0 if args.synthetic else 0.0, progress=not args.quiet, rounds=args.rounds, run_transformers=not args.skip_transformers,
+    )
+    report = run_bench(llm, settings)
+    if rate is not None:
+        report["mobile"]["note"] = f"fallbacks driven at rate {rate:g}, evenly spaced (random weights give meaningless confidences)"
+    print(table(report))
+    if args.json:
+        write_json_atomic(args.json, report)
+    return 0
+
+
+def bench_batches(args: argparse.Namespace, llm: LLM, mobile: PolicyConfig) -> int:
+    """`bench --batch`: the batch-size sweep, as a table (and JSON, PNG)."""
+    from mobile_moe.bench.batching import batch_table, plot_batches, run_batch_bench
+
+    report = run_batch_bench(llm, default_prompts(llm, max(args.batch)), args.batch, args.new_tokens, mobile, llm.planned_slots,
+                             1.0 if args.synthetic else 0.0, args.rounds)
+    report["threads"] = torch.get_num_threads()
+    if mobile.forced_fallback_rate is not None:
+        report["mobile_note"] = f"fallbacks driven at rate {mobile.forced_fallback_rate:g}, evenly spaced (random weights give meaningless confidences)"
+    print(batch_table(report))
+    if args.json:
+        write_json_atomic(args.json, report)
+    if args.plot:
+        plot_batches(report, args.plot)
+    return 0

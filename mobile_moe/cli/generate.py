@@ -1,0 +1,74 @@
+"""`mobile-moe generate` and `mobile-moe chat`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mobile_moe.chat import chat
+from mobile_moe.cli.common import add_engine_args, add_policy_args, add_sampling_args, open_llm, parse_ids, policy_from
+from mobile_moe.config import SamplingParams
+from mobile_moe.errors import InvalidParameter
+
+
+def add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    """`generate`."""
+    gen = sub.add_parser("generate", help="generate a continuation of a prompt")
+    prompt = gen.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
+    prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    add_sampling_args(gen, max_new_tokens=64)
+    gen.add_argument("--json", action="store_true", help="print one JSON object with token ids, text and stats")
+    add_engine_args(gen)
+    add_policy_args(gen)
+    gen.set_defaults(handler=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """`mobile-moe generate`."""
+    if args.prompt is None and args.prompt_ids is None:
+        raise InvalidParameter("give --prompt TEXT or --prompt-ids 1,2,3")
+    if args.policy != "mobile" and (args.tau is not None or args.criterion is not None):
+        raise InvalidParameter(f"--tau and --criterion apply to --policy mobile only, not {args.policy}")
+    sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    llm = open_llm(args)
+    policy = policy_from(args, llm)
+    prompt = parse_ids(args.prompt_ids) if args.prompt_ids is not None else args.prompt
+    result = llm.generate(prompt, sampling, policy)
+    if args.json:
+        out = {
+            "token_ids": result.token_ids,
+            "text": result.text,
+            "finish_reason": result.finish_reason,
+            "policy": {"name": policy.name, "tau": policy.tau if policy.name == "mobile" else None, "criterion": policy.criterion if policy.name == "mobile" else None,
+                       "little_k": None if policy.name == "big" else llm.little_k(policy)},
+            "stats": result.stats.to_dict(),
+        }
+        print(json.dumps(out))
+    else:
+        print(result.text if result.text is not None else ",".join(map(str, result.token_ids)), flush=True)
+        s = result.stats
+        print(
+            f"[{policy.name}] {s.tokens} tokens, {s.decode_tok_s:.1f} tok/s decode, prefill {s.prefill_s:.2f}s, "
+            f"fallback {s.fallback_tokens}, cache {s.cache_slots}/{s.total_experts} experts, hit rate {s.hit_rate:.0%}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def add_chat_parser(sub: argparse._SubParsersAction) -> None:
+    """`chat`."""
+    c = sub.add_parser("chat", help="talk to the model in the terminal, replies streamed token by token")
+    add_sampling_args(c, max_new_tokens=256)
+    add_engine_args(c)
+    add_policy_args(c)
+    c.set_defaults(handler=cmd_chat)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """`mobile-moe chat`."""
+    sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed, stop_at_eos=True)
+    llm = open_llm(args)
+    llm.chat_prompt([{"role": "user", "content": "x"}])  # no chat template: a one-line error now, not after the first message
+    return chat(llm, sampling, policy_from(args, llm))
