@@ -9,7 +9,7 @@ from typing import TextIO
 
 from mobile_moe.config import PolicyConfig, SamplingParams
 from mobile_moe.engine.generate import GenerationResult
-from mobile_moe.engine.llm import LLM
+from mobile_moe.engine.llm import LLM, settled
 
 HELP = "type a message; /reset forgets the conversation, /stats shows the last reply's numbers, Ctrl-C stops a reply, Ctrl-D exits"
 COMMANDS = ("/reset", "/stats")
@@ -18,21 +18,29 @@ COMMAND = re.compile(r"/[A-Za-z][\w-]*")  # `/foo` is a command; `/usr/bin/env p
 
 @dataclass
 class StreamPrinter:
-    """Prints each token's new text as it is made (decoding the whole reply, so multi-byte characters come out whole)."""
+    """Prints each token's new text as it is made (decoding the whole reply; a character whose bytes span several tokens
+    is held back until it is whole)."""
 
     llm: LLM
     out: TextIO
     ids: list[int] = field(default_factory=list)
-    text: str = ""
+    text: str = ""  # what has been printed
 
     def __call__(self, token: int) -> bool:
         self.ids.append(token)
-        text = self.llm.decode(self.ids) or ""
-        if text.startswith(self.text):
+        self._print(settled(self.llm.decode(self.ids) or ""))
+        return True
+
+    def finish(self) -> str:
+        """Print what was held back (the reply ended inside a character) and return the whole reply."""
+        self._print(self.llm.decode(self.ids) or "")
+        return self.text
+
+    def _print(self, text: str) -> None:
+        if text.startswith(self.text) and len(text) > len(self.text):
             self.out.write(text[len(self.text):])
             self.out.flush()
             self.text = text
-        return True
 
 
 def fit_history(llm: LLM, history: list[dict[str, str]], new_tokens: int) -> list[int] | None:
@@ -101,5 +109,5 @@ def chat(llm: LLM, sampling: SamplingParams, policy: PolicyConfig, stdin: TextIO
                 last = llm.generate(ids, sampling, policy, on_token=printer)
             except KeyboardInterrupt:
                 out.write(" (stopped)")
-            history.append({"role": "assistant", "content": printer.text})
+            history.append({"role": "assistant", "content": printer.finish()})
             out.write("\n")

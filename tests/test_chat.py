@@ -7,7 +7,7 @@ import io
 from test_cli import assert_one_line_error, run
 
 from mobile_moe import LLM, PolicyConfig, SamplingParams, engine_config
-from mobile_moe.chat import chat, fit_history
+from mobile_moe.chat import StreamPrinter, chat, fit_history
 from mobile_moe.engine.calibration import DEMO_MODEL
 
 GREEDY = SamplingParams(max_new_tokens=6)
@@ -51,3 +51,21 @@ def test_unknown_commands_get_a_note_and_are_not_sent_to_the_model():
 
 def test_chat_without_a_chat_template_is_a_one_line_error(capsys, checkpoints):
     assert_one_line_error(*run(capsys, "chat", "--model", str(checkpoints["olmoe"]), "--quiet")[::2], "no chat template")
+
+
+def test_a_character_split_over_tokens_is_printed_whole_and_the_history_keeps_it():
+    llm = LLM(DEMO_MODEL, engine_config(progress=False))
+    text = "x = '日本語 é ü'"
+    ids = llm.encode(text)
+    assert any(llm.decode(ids[:i]).endswith("\ufffd") for i in range(len(ids)))  # this tokenizer splits those characters' bytes
+    out = io.StringIO()
+    printer = StreamPrinter(llm, out)
+    for token in ids:
+        printer(token)
+    assert printer.finish() == text and out.getvalue() == text
+    cut = next(i for i in range(1, len(ids)) if llm.decode(ids[:i]).endswith("\ufffd"))
+    out = io.StringIO()
+    printer = StreamPrinter(llm, out)
+    for token in ids[:cut]:
+        printer(token)
+    assert "\ufffd" not in out.getvalue() and printer.finish() == llm.decode(ids[:cut]) == out.getvalue()  # ended mid-character: shown at the end

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -18,6 +19,7 @@ import uvicorn
 from mobile_moe import LLM, PolicyConfig, SamplingParams, engine_config
 from mobile_moe.engine.calibration import DEMO_MODEL
 from mobile_moe.serve.app import create_app
+from mobile_moe.serve.streaming import Generation
 from mobile_moe.serve.worker import EngineWorker, Job
 
 PROMPT = "def add(a, b):"
@@ -225,3 +227,22 @@ def test_several_prompts_in_one_request_are_generated_together(demo, server):
     bad = httpx.post(f"{server}/v1/completions", json={"prompt": PROMPT, "max_tokens": 0, "echo": True, "logprobs": 1, "policy": "mobile",
                                                       "criterion": "learned"})
     assert bad.status_code == 400 and "logits criterion" in bad.json()["error"]["message"]
+
+
+def test_a_streamed_character_split_over_tokens_arrives_whole(demo):
+    text = "x = '日本語 é ü'"
+    ids = demo.encode(text)
+    loop = asyncio.new_event_loop()
+    try:
+        gen = Generation(demo, loop, [], lambda result: None)
+        for token in ids:
+            gen.on_token(token)
+        gen.on_done(None, None)
+        loop.run_until_complete(asyncio.sleep(0))  # run the queued hand-overs
+        deltas = []
+        while not gen.events.empty():
+            event = gen.events.get_nowait()
+            deltas += [event[1]] if event[0] == "text" else []
+    finally:
+        loop.close()
+    assert "".join(deltas) == text and not any("\ufffd" in d for d in deltas)

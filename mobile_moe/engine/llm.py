@@ -282,6 +282,14 @@ class LLM:
             raise PromptTooLong(f"prompt has {len(ids)} tokens; it must be shorter than {limit}")
 
 
+PARTIAL_CHARACTER = "\ufffd"  # what a byte-level tokenizer decodes a character to while some of its bytes are still to come
+
+
+def settled(text: str) -> str:
+    """A streamed reply's text without its trailing partial characters, which the next tokens may still turn into others."""
+    return text.rstrip(PARTIAL_CHARACTER)
+
+
 def _load_tokenizer(path: Path):  # -> PreTrainedTokenizerBase | None
     """The checkpoint's tokenizer when it ships one."""
     if not any((path / name).is_file() for name in TOKENIZER_FILES):

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from mobile_moe.config import PolicyConfig
 from mobile_moe.engine.generate import GenerationResult
-from mobile_moe.engine.llm import LLM
+from mobile_moe.engine.llm import LLM, settled
 from mobile_moe.serve.schemas import error
 from mobile_moe.serve.worker import Job
 
@@ -29,7 +29,8 @@ class Generation:
     def on_token(self, token: int) -> bool:
         """Worker thread: decode, cut at a stop string, hand the new text to the loop; False stops generation.
 
-        Text that could be the start of a stop string is held back until the next tokens decide.
+        Text that could be the start of a stop string, or a character whose bytes are still arriving, is held back until
+        the next tokens decide.
         """
         self.ids.append(token)
         self.text = self.llm.decode(self.ids) or ""
@@ -38,7 +39,8 @@ class Generation:
             self.text, self.stopped = self.text[:cut], True
             self._send(len(self.text))
         else:
-            self._send(len(self.text) - self._held_back(self.text))
+            whole = settled(self.text)  # a character still arriving byte by byte waits
+            self._send(len(whole) - self._held_back(whole))
         return not self.stopped
 
     def _held_back(self, text: str) -> int:
