@@ -69,3 +69,10 @@ def test_a_character_split_over_tokens_is_printed_whole_and_the_history_keeps_it
     for token in ids[:cut]:
         printer(token)
     assert "\ufffd" not in out.getvalue() and printer.finish() == llm.decode(ids[:cut]) == out.getvalue()  # ended mid-character: shown at the end
+
+
+def test_generate_streams_exactly_the_text_it_returns(capsys):
+    llm = LLM(DEMO_MODEL, engine_config(progress=False))
+    want = llm.generate("def add(a, b):", SamplingParams(max_new_tokens=12), PolicyConfig("big")).text
+    code, out, err = run(capsys, "generate", "--prompt", "def add(a, b):", "--max-new-tokens", "12", "--quiet")
+    assert code == 0 and out == want + "\n" and "tok/s decode" in err

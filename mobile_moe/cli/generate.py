@@ -6,9 +6,11 @@ import argparse
 import json
 import sys
 
-from mobile_moe.chat import chat
+from mobile_moe.chat import StreamPrinter, chat
 from mobile_moe.cli.common import add_engine_args, add_policy_args, add_sampling_args, open_llm, parse_ids, policy_from
-from mobile_moe.config import SamplingParams
+from mobile_moe.config import PolicyConfig, SamplingParams
+from mobile_moe.engine.generate import GenerationResult
+from mobile_moe.engine.llm import LLM
 from mobile_moe.errors import InvalidParameter
 
 
@@ -35,26 +37,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
     llm = open_llm(args)
     policy = policy_from(args, llm)
     prompt = parse_ids(args.prompt_ids) if args.prompt_ids is not None else args.prompt
-    result = llm.generate(prompt, sampling, policy)
+    printer = StreamPrinter(llm, sys.stdout) if not args.json and llm.tokenizer is not None else None  # text streams as it is made
+    result = llm.generate(prompt, sampling, policy, on_token=printer)
     if args.json:
-        out = {
-            "token_ids": result.token_ids,
-            "text": result.text,
-            "finish_reason": result.finish_reason,
-            "policy": {"name": policy.name, "tau": policy.tau if policy.name == "mobile" else None, "criterion": policy.criterion if policy.name == "mobile" else None,
-                       "little_k": None if policy.name == "big" else llm.little_k(policy)},
-            "stats": result.stats.to_dict(),
-        }
-        print(json.dumps(out))
+        print(json.dumps(generation_json(llm, policy, result)))
+        return 0
+    if printer is not None:
+        printer.finish()
+        print(flush=True)
     else:
-        print(result.text if result.text is not None else ",".join(map(str, result.token_ids)), flush=True)
-        s = result.stats
-        print(
-            f"[{policy.name}] {s.tokens} tokens, {s.decode_tok_s:.1f} tok/s decode, prefill {s.prefill_s:.2f}s, "
-            f"fallback {s.fallback_tokens}, cache {s.cache_slots}/{s.total_experts} experts, hit rate {s.hit_rate:.0%}",
-            file=sys.stderr,
-        )
+        print(",".join(map(str, result.token_ids)), flush=True)
+    s = result.stats
+    print(
+        f"[{policy.name}] {s.tokens} tokens, {s.decode_tok_s:.1f} tok/s decode, prefill {s.prefill_s:.2f}s, "
+        f"fallback {s.fallback_tokens}, cache {s.cache_slots}/{s.total_experts} experts, hit rate {s.hit_rate:.0%}",
+        file=sys.stderr,
+    )
     return 0
+
+
+def generation_json(llm: LLM, policy: PolicyConfig, result: GenerationResult) -> dict:
+    """`generate --json`: token ids, text, finish reason, the policy it ran with, and the run's stats."""
+    mobile = policy.name == "mobile"
+    return {
+        "token_ids": result.token_ids,
+        "text": result.text,
+        "finish_reason": result.finish_reason,
+        "policy": {"name": policy.name, "tau": policy.tau if mobile else None, "criterion": policy.criterion if mobile else None,
+                   "little_k": None if policy.name == "big" else llm.little_k(policy)},
+        "stats": result.stats.to_dict(),
+    }
 
 
 def add_chat_parser(sub: argparse._SubParsersAction) -> None:
