@@ -61,7 +61,7 @@ def small_cache(arch: str) -> int:
 
 
 def open_llm(path: Path, **cache) -> LLM:
-    """Load a checkpoint with a small default cache."""
+    """Load a checkpoint; without `expert_cache`, the CPU default: every expert, the cache being the store itself."""
     return LLM(path, engine_config(progress=False, **cache))
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import open_llm
 
+from mobile_moe import LLM, engine_config
 from mobile_moe.bench.synthetic import SHAPES, synthetic_config
 from mobile_moe.cli import main
 from mobile_moe.config import CacheConfig, EngineConfig, SamplingParams
@@ -76,13 +77,26 @@ def test_prefill_in_chunks_gives_the_same_tokens(checkpoints, monkeypatch):
 
 
 @pytest.mark.parametrize("policy", ["big", "little"])
-def test_host_syncs_per_token_are_one_per_moe_layer_plus_one(policy, capsys):
-    assert main(["generate", "--prompt-ids", "5,6,7,8", "--max-new-tokens", "6", "--policy", policy, "--json", "--quiet"]) == 0
+def test_host_syncs_per_token_are_one_per_moe_layer_plus_one_with_offloaded_experts(policy, capsys):
+    assert main(["generate", "--prompt-ids", "5,6,7,8", "--max-new-tokens", "6", "--policy", policy, "--expert-cache", "64", "--json", "--quiet"]) == 0
     stats = json.loads(capsys.readouterr().out)["stats"]
     moe_layers = json.loads((DEMO_MODEL / "config.json").read_text())["num_hidden_layers"]
     assert stats["host_syncs_per_token"] == moe_layers + 1  # the routing read per MoE layer, then token (+ confidence)
     assert stats["decode_host_syncs"] == 5 * (moe_layers + 1)
     assert stats["host_pinned_bytes"] == 0  # CPU: nothing to pin
+
+
+@pytest.mark.parametrize("policy", ["big", "little"])
+def test_every_expert_in_ram_is_the_store_itself_and_decodes_with_one_host_sync_per_token(policy, capsys):
+    llm = LLM(DEMO_MODEL, engine_config(progress=False))
+    store = llm.loaded.store
+    assert llm.cache.shares_store and llm.cache.pool.data_ptr() == store.host.data.data_ptr()  # the experts are held once
+    first_layer = next(iter(store.layers))
+    assert llm.cache.all_resident and llm.cache.fields["gate_up"][0].data_ptr() == store.fields[first_layer]["gate_up"][0].data_ptr()
+    assert main(["generate", "--prompt-ids", "5,6,7,8", "--max-new-tokens", "6", "--policy", policy, "--json", "--quiet"]) == 0
+    stats = json.loads(capsys.readouterr().out)["stats"]
+    assert stats["host_syncs_per_token"] == 1 and stats["decode_host_syncs"] == 5  # resident from the first request: no routing read
+    assert stats["expert_misses"] == 0 and stats["h2d_bytes"] == 0 and stats["hit_rate"] == 1.0
 
 
 def test_mobile_fallback_costs_one_more_pass_and_one_prefetch_read(checkpoints):

@@ -250,7 +250,7 @@ def test_a_synthetic_model_too_big_for_memory_is_refused_before_building(capsys,
 
     monkeypatch.setattr(bench_command, "available_memory_bytes", lambda: 24 * 2**30)  # this project's CPU machines
     code, out, err = run(capsys, "bench", "--synthetic", "olmoe-1b-7b", "--dtype", "float32", "--quiet")  # auto may pick bf16
-    assert_one_line_error(code, err, "needs about 72.0 GiB", "24.0 GiB available", "--shrink")
+    assert_one_line_error(code, err, "needs about 54.0 GiB", "24.0 GiB available", "--shrink")
     assert out == ""
 
 

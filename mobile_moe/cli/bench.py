@@ -67,12 +67,14 @@ def full_size_format(args: argparse.Namespace) -> ExpertFormat:
 
 
 def check_synthetic_fits(args: argparse.Namespace, plan: SlotPlan, expert_numel: int) -> None:
-    """On the CPU, refuse a synthetic model whose copies (store, resident cache, transformers' own) would not fit in memory."""
+    """On the CPU, refuse a synthetic model whose copies (store, a smaller cache's own slots, transformers' model) would not
+    fit in memory; a cache of every expert (`resident`) is the store itself."""
     available = available_memory_bytes()
     experts = plan.total_experts * plan.expert_bytes  # packed
     float_size = 4 if args.dtype in ("auto", "float32") else 2
     transformers_copy = 0 if args.skip_transformers else plan.dense_bytes + plan.total_experts * expert_numel * float_size
-    need = plan.dense_bytes + 2 * experts + transformers_copy  # the store, `resident`'s every-expert cache, transformers' model
+    slots = plan.slots * plan.expert_bytes if plan.slots < plan.total_experts else 0
+    need = plan.dense_bytes + experts + slots + transformers_copy
     if available is not None and need > 0.9 * available:
         raise InvalidParameter(
             f"synthetic {args.synthetic} at --shrink {args.shrink} needs about {need / GIB:.1f} GiB of memory on the cpu "

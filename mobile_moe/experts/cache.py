@@ -1,5 +1,8 @@
 """Device-side expert cache: a fixed pool of slots, pluggable eviction, pin counts, hit/miss/bytes counters.
 
+On the CPU, a cache with a slot for every expert of a store in RAM is that store's memory (`shares_store`): the
+experts are held once, not twice, and every lookup is a hit.
+
 Three tiers (disk -> host -> device): a device cache given a `host` cache (itself filled from the disk store by the
 reader pool) fills its missing slots through a `HostFeed` (tiers.py).
 """
@@ -73,6 +76,8 @@ class ExpertCache:
             self._host_buffer = allocate_host(nbytes, pin=True) if self.pin_pool else None
             flat = aligned_empty(nbytes) if self._host_buffer is None else self._host_buffer.data
             self.pool = flat.view(self.num_slots, self.store.record_bytes)
+        elif self.shares_store:  # every expert where the store keeps it: no second copy of the experts in RAM
+            self.pool = self.store.host.data.view(self.num_slots, self.store.expert_bytes)
         else:
             self.pool = torch.empty(self.num_slots, self.store.expert_bytes, dtype=torch.uint8, device=self.device)  # packed, as in the store
         self.fields = self.store.layout.views(self.pool)  # matrix -> each packed field as a typed view [S, ...]
@@ -87,6 +92,26 @@ class ExpertCache:
         self._settled = False  # every expert resident and every copy into the pool finished
         self._guessed: set[Key] = set()  # loaded on a lookahead guess, not asked for yet
         self.feed = HostFeed(self, self.host) if self.host is not None else None  # three tiers: fills slots from the host cache
+        if self.shares_store:
+            self._adopt_store()
+
+    @property
+    def shares_store(self) -> bool:
+        """Whether the slots are the host store's own memory: on the CPU, a slot for every expert of a store in RAM."""
+        return (self.device.type == "cpu" and isinstance(self.store, ExpertStore) and self.reader is None and self.host is None
+                and self.num_slots == self.store.total_experts)
+
+    def _adopt_store(self) -> None:
+        """Every expert resident in the slot the store's layout gives it (MoE layer row x experts + expert), nothing copied."""
+        for layer, row in self.rows.items():
+            for expert in range(self.store.num_experts):
+                slot = row * self.store.num_experts + expert
+                self.slots[slot] = _Slot(key=(layer, expert))
+                self.where[(layer, expert)] = slot
+                self._set_slot((layer, expert), slot)
+                self.eviction.inserted((layer, expert))
+        self.free.clear()
+        self._settled = True
 
     @property
     def all_resident(self) -> bool:
