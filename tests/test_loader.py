@@ -12,7 +12,9 @@ from conftest import open_llm
 from safetensors.torch import load_file, save_file
 
 from mobile_moe import LLM, engine_config
+from mobile_moe.engine.calibration import DEMO_MODEL
 from mobile_moe.engine.checkpoint import classify
+from mobile_moe.engine.loader import dense_bytes
 
 PROMPT = [4, 9, 16, 25, 36, 49]
 
@@ -118,3 +120,20 @@ def test_multi_token_prediction_weights_are_skipped(checkpoints, tmp_path):
     save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
     expected = open_llm(checkpoints["ernie4_5_moe"], expert_cache=4).logits(PROMPT)
     torch.testing.assert_close(open_llm(dst, expert_cache=4).logits(PROMPT), expected, atol=0, rtol=0)
+
+
+def test_a_model_too_big_for_the_ram_is_refused_in_one_line_before_allocating(monkeypatch, capsys):
+    from mobile_moe.cli import main
+    from mobile_moe.engine import loader
+
+    llm = LLM(DEMO_MODEL, engine_config(progress=False, dtype="float32"))
+    need = llm.loaded.store.nbytes + dense_bytes(llm.loaded.model)
+    monkeypatch.setattr(loader, "available_memory_bytes", lambda: int(need / 0.9) + 1)  # just enough: loads
+    LLM(DEMO_MODEL, engine_config(progress=False, dtype="float32"))
+    monkeypatch.setattr(loader, "available_memory_bytes", lambda: need // 2)
+    capsys.readouterr()
+    assert main(["generate", "--prompt-ids", "1,2", "--dtype", "float32", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "MiB of RAM" in err and "fp32 experts" in err and "--expert-dtype int4" in err and "--offload-dir" in err
+    monkeypatch.setattr(loader, "available_memory_bytes", lambda: None)  # /proc/meminfo unreadable: no check
+    LLM(DEMO_MODEL, engine_config(progress=False, dtype="float32"))

@@ -30,6 +30,7 @@ from mobile_moe.engine.checkpoint import read_config
 from mobile_moe.engine.llm import LLM, resolve_device
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.experts.disk import filesystem_type
+from mobile_moe.experts.host_memory import available_memory_bytes
 from mobile_moe.experts.formats import ExpertFormat, make_format
 from mobile_moe.jsonio import write_json_atomic
 from mobile_moe.models.registry import build_model
@@ -79,18 +80,6 @@ def check_synthetic_fits(args: argparse.Namespace, plan: SlotPlan, expert_numel:
         raise InvalidParameter(
             f"synthetic {args.synthetic} at --shrink {args.shrink} needs about {need / GIB:.1f} GiB of memory on the cpu "
             f"({available / GIB:.1f} GiB available): raise --shrink, use --expert-dtype int4, or add --skip-transformers")
-
-
-def available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo, or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def check_on_disk(directory: Path) -> None:

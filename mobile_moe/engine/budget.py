@@ -9,7 +9,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from mobile_moe.config import CacheConfig, EngineConfig
-from mobile_moe.engine.loader import fp32_names, resolve_dtype, resolve_format
+from mobile_moe.engine.loader import dense_bytes, resolve_dtype, resolve_format
 from mobile_moe.errors import CacheTooSmall, InvalidParameter
 from mobile_moe.experts.disk import DiskStore
 from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertShape
@@ -19,20 +19,6 @@ from mobile_moe.models.transformer import CausalLM
 GIB = 1024**3
 AUTO_FREE_FRACTION = 0.9  # share of free device memory an automatic budget takes
 PREFILL_CHUNK = 512  # prompt tokens per prefill pass: bounds the transient activations a budget must hold
-
-
-def dense_bytes(model: CausalLM, dtype: torch.dtype | None = None) -> int:
-    """Bytes of every weight on the device (routed experts are not parameters); `dtype`: as if stored in it (planning on meta)."""
-    total, fp32 = 0, fp32_names(model)
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.endswith("rotary.inv_freq"):
-            size = 4
-        elif dtype is None or name in fp32:
-            size = t.element_size()
-        else:
-            size = dtype.itemsize
-        total += t.numel() * size
-    return total
 
 
 def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:

@@ -28,6 +28,7 @@ from mobile_moe.engine.checkpoint import (
 from mobile_moe.errors import CheckpointError, InvalidParameter
 from mobile_moe.experts.formats import ExpertFormat, format_from_config, make_format
 from mobile_moe.experts.disk import DiskStore, Manifest, StoreWriter, checkpoint_fingerprint, expected_manifest, read_manifest
+from mobile_moe.experts.host_memory import available_memory_bytes
 from mobile_moe.experts.kernels import compute_format, layout_format, use_fused_kernels
 from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertShape, ExpertStore
 from mobile_moe.layers.moe import Router
@@ -57,6 +58,48 @@ def fp32_names(model: CausalLM) -> frozenset[str]:
     names = {name for name, _ in model.named_buffers() if name.endswith(FP32_BUFFERS)}
     names |= {f"{prefix}.weight" for prefix, m in model.named_modules() if isinstance(m, Router) and m.spec.logits_fp32}
     return frozenset(names)
+
+
+def dense_bytes(model: CausalLM, dtype: torch.dtype | None = None) -> int:
+    """Bytes of every weight on the device (routed experts are not parameters); `dtype`: as if stored in it (planning on meta)."""
+    total, fp32 = 0, fp32_names(model)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.endswith("rotary.inv_freq"):
+            size = 4
+        elif dtype is None or name in fp32:
+            size = t.element_size()
+        else:
+            size = dtype.itemsize
+        total += t.numel() * size
+    return total
+
+
+HOST_MEMORY_SHARE = 0.9  # of the RAM available, what a load may plan to fill (the rest: activations, the KV cache, Python)
+
+
+def check_host_memory(model: CausalLM, cfg: PretrainedConfig, shape: ExpertShape, fmt: ExpertFormat, dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse in one line, before allocating, a load whose experts (and on the CPU the dense weights) would not fit in RAM."""
+    available = available_memory_bytes()
+    experts = len(model.info.moe_layers) * model.info.num_experts
+    need_experts = ExpertLayout(shape, fmt).nbytes * experts
+    need_dense = dense_bytes(model, dtype) if device.type == "cpu" else 0
+    if available is None or need_experts + need_dense <= HOST_MEMORY_SHARE * available:
+        return
+    hint = "--offload-dir DIR (experts in an on-disk store, read on demand; --host-memory GB caps the RAM they take)"
+    if stored_format(cfg) is None and fmt.name != "int4":
+        try:
+            int4 = ExpertLayout(shape, make_format("int4", dtype, None)).nbytes * experts
+            hint = f"--expert-dtype int4 ({_size(int4)} of experts), or {hint}"
+        except (InvalidParameter, ValueError):  # widths int4 cannot group
+            pass
+    dense = f" + {_size(need_dense)} of dense weights" if need_dense else ""
+    raise InvalidParameter(f"the model needs about {_size(need_experts + need_dense)} of RAM ({_size(need_experts)} of {fmt.name} experts{dense}) "
+                           f"but {_size(available)} are available: use {hint}")
+
+
+def _size(nbytes: int) -> str:
+    """Bytes as GiB, or MiB below one GiB."""
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
 
 
 AUTO_BF16_MIN_PARAMS = 200_000_000  # smaller models run faster in float32 on CPU (dispatch-bound: demo model 180 vs 127 tok/s)
@@ -141,6 +184,8 @@ def load(
         found = matching_manifest(offload_dir, wanted)
         if found is not None:
             disk = open_store(offload_dir, found, dtype, direct_io)
+    if disk is None and offload_dir is None:  # building a store on disk holds only the layers being written
+        check_host_memory(model, cfg, shape, fmt, dtype, device)
     store = None if disk is not None else ExpertStore(list(info.moe_layers), info.num_experts, shape, fmt, pin=device.type == "cuda")
     writer = None if disk is not None or offload_dir is None else LayerFlusher(store, StoreWriter(offload_dir, wanted, progress), wanted, dtype)
     dense: dict[str, torch.Tensor] = {}

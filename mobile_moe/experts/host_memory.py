@@ -73,3 +73,15 @@ def release_pages(t: torch.Tensor) -> None:
         return
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (RAM a new allocation can take without swapping), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
