@@ -209,3 +209,17 @@ def test_call_time_environment(monkeypatch, tmp_path):
     assert not hub.hub_offline()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert hub.hub_offline()
+
+
+def test_a_model_too_big_for_the_ram_is_refused_before_its_weights_are_fetched(cache, monkeypatch, capsys):
+    from mobile_moe.engine import loader
+
+    def no_snapshot(*args, **kwargs):
+        raise AssertionError("weights fetched before the memory check")
+    monkeypatch.setattr(hub, "snapshot_download", no_snapshot)
+    monkeypatch.setattr(loader, "available_memory_bytes", lambda: 1024)
+    code, _, err = run(capsys, "generate", "--model", REPO, "--prompt-ids", "1,2", "--quiet")
+    line = one_line_error(code, err)
+    assert "of RAM" in line and "--offload-dir" in line, line
+    with pytest.raises(InvalidParameter, match="of RAM"):
+        LLM(REPO, engine_config(progress=False))

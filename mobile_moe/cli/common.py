@@ -9,8 +9,8 @@ from typing import NoReturn
 
 from mobile_moe.config import CRITERIA, EXPERT_DTYPES, POLICIES, EngineConfig, PolicyConfig
 from mobile_moe.engine.calibration import DEFAULT_TAU, DEMO_MODEL
-from mobile_moe.engine.hub import resolve_model
-from mobile_moe.engine.llm import LLM, engine_config
+from mobile_moe.engine.hub import ConfigCheck, resolve_model
+from mobile_moe.engine.llm import LLM, engine_config, ram_check
 from mobile_moe.errors import CheckpointError, InvalidParameter
 from mobile_moe.experts.formats import DEFAULT_GROUP_SIZE
 
@@ -143,21 +143,23 @@ def parse_taus(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"taus must be comma-separated numbers, got {text!r}") from None
 
 
-def model_dir(arg: str | Path | None, quiet: bool = False) -> Path:
+def model_dir(arg: str | Path | None, quiet: bool = False, check_config: ConfigCheck | None = None) -> Path:
     """The --model directory: a local checkpoint directory (an existing path always wins), ORG/NAME[@REVISION]
-    resolved to its snapshot in the Hugging Face cache (downloaded there first unless cached), or the bundled demo model."""
+    resolved to its snapshot in the Hugging Face cache (downloaded there first unless cached, once `check_config`
+    passes on its config.json), or the bundled demo model."""
     if arg is not None:
         if Path(arg).exists() and not Path(arg).is_dir():
             raise CheckpointError(f"--model {arg} is a file, not a checkpoint directory (give the directory holding config.json)")
-        return resolve_model(str(arg), progress=not quiet)
+        return resolve_model(str(arg), progress=not quiet, check_config=check_config)
     if not (DEMO_MODEL / "config.json").is_file():
         raise CheckpointError("no --model given and the bundled demo model is not installed")
     return DEMO_MODEL
 
 
 def open_llm(args: argparse.Namespace) -> LLM:
-    """Load the model the flags name."""
-    return LLM(model_dir(args.model, args.quiet), engine_config_from(args))
+    """Load the model the flags name (from the hub only once its config says it fits in RAM as these flags load it)."""
+    config = engine_config_from(args)
+    return LLM(model_dir(args.model, args.quiet, ram_check(config)), config)
 
 
 def engine_config_from(args: argparse.Namespace) -> EngineConfig:

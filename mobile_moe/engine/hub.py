@@ -13,7 +13,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -51,6 +51,7 @@ ALLOW_PATTERNS = (
 # is alphanumeric or '_', so '/...', './...' and '~/...' are always paths.
 HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9_][A-Za-z0-9_.-]*/[A-Za-z0-9_][A-Za-z0-9_.-]*)(?:@(?P<revision>[^@\s]+))?")
 COMMIT = re.compile(r"[0-9a-f]{40}")
+ConfigCheck = Callable[[Path], None]  # a snapshot directory holding config.json -> raises MobileMoeError to refuse it
 TRUE = {"1", "ON", "YES", "TRUE"}  # huggingface_hub's spelling of a true environment flag
 
 
@@ -82,17 +83,18 @@ def parse_hub_id(model: str) -> tuple[str, str | None] | None:
     return m["repo"], m["revision"]
 
 
-def resolve_model(model: str | Path, progress: bool = True) -> Path:
+def resolve_model(model: str | Path, progress: bool = True, check_config: ConfigCheck | None = None) -> Path:
     """The checkpoint directory `model` names: an existing local path as given; a str reading ORG/NAME[@REVISION]
     downloaded (or found in the HF cache) as a hub snapshot; anything else returned as a path for the loader to
-    report as missing. A Path object is always a path."""
+    report as missing. A Path object is always a path. `check_config` sees the snapshot directory holding only
+    config.json, before any weights are fetched (e.g. that the model will fit in RAM)."""
     path = Path(model)
     if isinstance(model, Path) or path.exists():
         return path
     parsed = parse_hub_id(model)
     if parsed is None:
         return path
-    return download(*parsed, progress=progress)
+    return download(*parsed, progress=progress, check_config=check_config)
 
 
 def hub_cache_dir() -> str:
@@ -109,9 +111,10 @@ def hub_offline() -> bool:
     return (flag or "").upper() in TRUE or bool(constants.HF_HUB_OFFLINE)
 
 
-def download(repo_id: str, revision: str | None = None, progress: bool = True) -> Path:
-    """The local snapshot of `repo_id` at `revision`: config.json first (refusing an unsupported architecture),
-    then the weights, tokenizer and chat template. Offline, only the cache is read, with no network call."""
+def download(repo_id: str, revision: str | None = None, progress: bool = True, check_config: ConfigCheck | None = None) -> Path:
+    """The local snapshot of `repo_id` at `revision`: config.json first (refusing an unsupported architecture, then
+    whatever `check_config` refuses), then the weights, tokenizer and chat template. Offline, only the cache is read,
+    with no network call."""
     spec = repo_id if revision is None else f"{repo_id}@{revision}"
     offline = hub_offline()
     common = dict(cache_dir=hub_cache_dir(), local_files_only=offline)
@@ -119,6 +122,8 @@ def download(repo_id: str, revision: str | None = None, progress: bool = True) -
         try:
             config_file = Path(hf_hub_download(repo_id, "config.json", revision=revision, **common))
             check_architecture(config_file, spec)
+            if check_config is not None:
+                check_config(config_file.parent)
             # the snapshot of the very commit config.json came from, even if the branch moves meanwhile
             commit = config_file.parent.name if COMMIT.fullmatch(config_file.parent.name) else revision
             snapshot = Path(snapshot_download(repo_id, revision=commit, allow_patterns=list(ALLOW_PATTERNS), **common))

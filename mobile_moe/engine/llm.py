@@ -17,8 +17,8 @@ from mobile_moe.engine.budget import dequant_scratch_bytes, host_tier_slots, pla
 from mobile_moe.engine.calibration import CALIBRATION_FILE, read_calibration, resolve_policy
 from mobile_moe.engine.generate import GenerationResult, TokenCallback, generate
 from mobile_moe.engine.graphs import DecodeGraphs, GraphCapture, cuda_capture
-from mobile_moe.engine.hub import resolve_model
-from mobile_moe.engine.loader import LoadedModel, load
+from mobile_moe.engine.hub import ConfigCheck, resolve_model
+from mobile_moe.engine.loader import LoadedModel, check_fits_in_ram, load
 from mobile_moe.engine.runner import Runner
 from mobile_moe.errors import CheckpointError, InvalidParameter, PromptTooLong
 from mobile_moe.experts.cache import ExpertCache
@@ -71,7 +71,7 @@ class LLM:
             self.loaded = model
         else:
             offload = None if self.config.offload_dir is None else Path(self.config.offload_dir)
-            model = resolve_model(model, self.config.progress)  # a local directory, or "ORG/NAME[@REVISION]" from the hub cache
+            model = resolve_model(model, self.config.progress, ram_check(self.config))  # a directory, or "ORG/NAME[@REVISION]" from the hub
             self.loaded = load(model, self.device, self.config.dtype, self.config.progress, self.config.expert_dtype, self.config.group_size,
                                self.config.fused_kernels, offload, self.config.direct_io)
         self.path = self.loaded.path
@@ -280,6 +280,15 @@ class LLM:
             limit = (f"the model's context of {self.info.max_context} tokens" if self.info.max_context <= self.config.max_context
                      else f"--max-context {self.config.max_context} (the model's own context is {self.info.max_context} tokens)")
             raise PromptTooLong(f"prompt has {len(ids)} tokens; it must be shorter than {limit}")
+
+
+def ram_check(config: EngineConfig) -> ConfigCheck | None:
+    """What a hub download checks from config.json before fetching weights: that the model, loaded under `config`, fits
+    in RAM (None with an on-disk expert store, which holds only what --host-memory allows)."""
+    if config.offload_dir is not None:
+        return None
+    device = resolve_device(config.device)
+    return lambda directory: check_fits_in_ram(directory, device, config.dtype, config.expert_dtype, config.group_size)
 
 
 PARTIAL_CHARACTER = "\ufffd"  # what a byte-level tokenizer decodes a character to while some of its bytes are still to come

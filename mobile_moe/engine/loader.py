@@ -97,6 +97,18 @@ def check_host_memory(model: CausalLM, cfg: PretrainedConfig, shape: ExpertShape
                            f"but {_size(available)} are available: use {hint}")
 
 
+def check_fits_in_ram(directory: Path, device: torch.device, dtype_name: str = "auto", expert_dtype: str = "auto",
+                      group_size: int | None = None) -> None:
+    """`check_host_memory` from a checkpoint's config.json alone (a hub download checks it before fetching the weights)."""
+    cfg = read_config(directory)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    dtype, _ = resolve_dtype(dtype_name, cfg, device, model)
+    info = model.info
+    check_host_memory(model, cfg, ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias),
+                      resolve_format(cfg, expert_dtype, group_size, dtype), dtype, device)
+
+
 def _size(nbytes: int) -> str:
     """Bytes as GiB, or MiB below one GiB."""
     return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
