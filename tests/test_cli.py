@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mobile_moe.cli import main
 
@@ -296,3 +297,16 @@ def test_unwritable_outputs_and_bad_or_busy_ports_fail_in_one_line(capsys):
             assert main(argv) == 2
             err = capsys.readouterr().err
             assert needle in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "calibrate"])
+def test_threads_sets_torchs_cpu_threads_and_rejects_zero(command, capsys):
+    before = torch.get_num_threads()
+    try:
+        code, _, err = run(capsys, command, "--threads", "0", *(["--prompt-ids", "1,2"] if command == "generate" else []), "--quiet")
+        assert_one_line_error(code, err, "--threads must be >= 1, got 0")
+        if command == "generate":
+            assert run(capsys, "generate", "--prompt-ids", "1,2", "--max-new-tokens", "2", "--threads", "1", "--quiet")[0] == 0
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

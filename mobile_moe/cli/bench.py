@@ -15,6 +15,7 @@ from mobile_moe.bench.synthetic import SHAPES, build_synthetic, full_size_cost, 
 from mobile_moe.cli.common import (
     add_engine_args,
     add_policy_args,
+    add_threads_arg,
     check_writable_dir,
     check_writable_file,
     engine_config_from,
@@ -22,6 +23,7 @@ from mobile_moe.cli.common import (
     open_llm,
     parse_sizes,
     policy_from,
+    set_threads,
 )
 from mobile_moe.config import PolicyConfig
 from mobile_moe.engine.budget import GIB, SlotPlan, plan_for_config
@@ -30,8 +32,8 @@ from mobile_moe.engine.checkpoint import read_config
 from mobile_moe.engine.llm import LLM, resolve_device
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.experts.disk import filesystem_type
-from mobile_moe.experts.host_memory import available_memory_bytes
 from mobile_moe.experts.formats import ExpertFormat, make_format
+from mobile_moe.experts.host_memory import available_memory_bytes
 from mobile_moe.jsonio import write_json_atomic
 from mobile_moe.models.registry import build_model
 
@@ -48,7 +50,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--skip-accelerate", action="store_true", help="do not run the transformers + accelerate offloaded baseline (cuda)")
     b.add_argument("--skip-transformers", action="store_true", help="do not run transformers' generate on the whole model")
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every system; speeds are medians (default 3)")
-    b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice; reported either way)")
+    add_threads_arg(b, "torch's own choice; reported either way")
     b.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
     b.add_argument("--trace-dir", type=Path, help="write each system's expert-access trace (JSONL) here")
     b.add_argument("--batch", type=parse_sizes, metavar="SIZES", help="instead: aggregate tok/s and expert bytes per generated token of big "
@@ -109,10 +111,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot is not None and args.batch is None:
         raise InvalidParameter("bench --plot draws the --batch sweep; give --batch too")
     args.max_batch = max(args.batch) if args.batch else 1  # the memory plan holds the KV of the largest batch
-    if args.threads is not None:
-        if args.threads < 1:
-            raise InvalidParameter(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.synthetic and args.model:
         raise InvalidParameter("give --model or --synthetic, not both")
     config = engine_config_from(args)

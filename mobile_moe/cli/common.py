@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 from typing import NoReturn
 
+import torch
+
 from mobile_moe.config import CRITERIA, EXPERT_DTYPES, POLICIES, EngineConfig, PolicyConfig
 from mobile_moe.engine.calibration import DEFAULT_TAU, DEMO_MODEL
 from mobile_moe.engine.hub import ConfigCheck, resolve_model
@@ -49,6 +51,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-context", type=int, default=4096, metavar="N",
                    help="longest prompt + generation; a --gpu-memory budget reserves this many tokens of KV cache (default: 4096)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_threads_arg(p: argparse.ArgumentParser, default: str = "torch's own choice, one per core") -> None:
+    """--threads: torch's CPU threads for the command."""
+    p.add_argument("--threads", type=int, metavar="N", help=f"torch CPU threads (default: {default}); on a busy machine fewer can be faster")
+
+
+def set_threads(threads: int | None, default: int | None = None) -> None:
+    """Apply --threads (or `default` when it is unset; None: leave torch's choice), checked."""
+    if threads is not None and threads < 1:
+        raise InvalidParameter(f"--threads must be >= 1, got {threads}")
+    if (threads or default) is not None:
+        torch.set_num_threads(threads or default)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -158,6 +173,7 @@ def model_dir(arg: str | Path | None, quiet: bool = False, check_config: ConfigC
 
 def open_llm(args: argparse.Namespace) -> LLM:
     """Load the model the flags name (from the hub only once its config says it fits in RAM as these flags load it)."""
+    set_threads(getattr(args, "threads", None))
     config = engine_config_from(args)
     return LLM(model_dir(args.model, args.quiet, ram_check(config)), config)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from mobile_moe.cli.common import (
     add_engine_args,
     add_policy_args,
+    add_threads_arg,
     check_writable_file,
     engine_config_from,
     open_llm,
@@ -30,7 +31,6 @@ from mobile_moe.eval.data import DEFAULT_GLOB, read_texts
 from mobile_moe.eval.evaluate import EvalSettings, calibrate, calibrate_sources, evaluate
 from mobile_moe.eval.report import learned_table, plot_quality, plot_sources, runs_table
 from mobile_moe.eval.sources import sources_table, split_source
-
 
 DEFAULT_CALIBRATION_CRITERIA = ("margin", "learned")  # margin beat max_prob and entropy at every fallback rate measured
 
@@ -68,6 +68,7 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--max-prompts", type=int, default=prompts, help=f"prompts cut from the data (default: {prompts})")
         p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated per prompt")
         p.add_argument("--ppl-tokens", type=int, default=8192, help="tokens scored for perplexity")
+        add_threads_arg(p)
         add_engine_args(p)
         add_policy_args(p)
         p.set_defaults(handler=handler)

@@ -7,7 +7,7 @@ import json
 import sys
 
 from mobile_moe.chat import StreamPrinter, chat
-from mobile_moe.cli.common import add_engine_args, add_policy_args, add_sampling_args, open_llm, parse_ids, policy_from
+from mobile_moe.cli.common import add_engine_args, add_policy_args, add_sampling_args, add_threads_arg, open_llm, parse_ids, policy_from
 from mobile_moe.config import PolicyConfig, SamplingParams
 from mobile_moe.engine.generate import GenerationResult
 from mobile_moe.engine.llm import LLM
@@ -21,6 +21,7 @@ def add_generate_parser(sub: argparse._SubParsersAction) -> None:
     prompt.add_argument("--prompt", help="prompt text (needs the checkpoint's tokenizer)")
     prompt.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
     add_sampling_args(gen, max_new_tokens=64)
+    add_threads_arg(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object with token ids, text and stats")
     add_engine_args(gen)
     add_policy_args(gen)
@@ -73,6 +74,7 @@ def add_chat_parser(sub: argparse._SubParsersAction) -> None:
     """`chat`."""
     c = sub.add_parser("chat", help="talk to the model in the terminal, replies streamed token by token")
     add_sampling_args(c, max_new_tokens=256)
+    add_threads_arg(c)
     add_engine_args(c)
     add_policy_args(c)
     c.set_defaults(handler=cmd_chat)

@@ -8,9 +8,7 @@ import socket
 import sys
 from pathlib import Path
 
-import torch
-
-from mobile_moe.cli.common import add_engine_args, add_policy_args, open_llm, policy_flags
+from mobile_moe.cli.common import add_engine_args, add_policy_args, open_llm, policy_flags, set_threads
 from mobile_moe.engine.hub import parse_hub_id
 from mobile_moe.errors import InvalidParameter
 
@@ -61,8 +59,9 @@ def check_bindable(host: str, port: int) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """`mobile-moe serve`: runs until interrupted."""
-    if args.max_queue < 1 or args.max_tokens_cap < 1 or args.max_batch < 1 or (args.threads is not None and args.threads < 1):
-        raise InvalidParameter("--max-queue, --max-tokens-cap, --max-batch and --threads must be >= 1")
+    if args.max_queue < 1 or args.max_tokens_cap < 1 or args.max_batch < 1:
+        raise InvalidParameter("--max-queue, --max-tokens-cap and --max-batch must be >= 1")
+    set_threads(args.threads, default=max(1, len(os.sched_getaffinity(0)) - 1))
     try:
         import prometheus_client  # noqa: F401 (the server's /metrics)
         import uvicorn
@@ -73,7 +72,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise InvalidParameter(f"serving needs the [serve] extra: pip install 'mobile-moe[serve]' ({e.name} is missing)") from None
     check_bindable(args.host, args.port)  # a bad or busy port fails in one line, before the model loads
     sys.setswitchinterval(SERVE_SWITCH_INTERVAL_S)
-    torch.set_num_threads(args.threads or max(1, len(os.sched_getaffinity(0)) - 1))
     llm = open_llm(args)
     defaults = policy_flags(args)
     hub = parse_hub_id(str(args.model)) if args.model and not Path(args.model).exists() else None
