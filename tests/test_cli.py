@@ -310,3 +310,11 @@ def test_threads_sets_torchs_cpu_threads_and_rejects_zero(command, capsys):
             assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_version_names_the_package_and_torch(capsys):
+    import mobile_moe
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"mobile-moe {mobile_moe.__version__} (torch {torch.__version__})"

@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import sys
 
+import torch
+
+from mobile_moe import __version__
 from mobile_moe.cli.bench import add_bench_parser
 from mobile_moe.cli.common import Parser
 from mobile_moe.cli.evaluate import add_eval_parsers
@@ -17,6 +20,7 @@ from mobile_moe.errors import MobileMoeError
 def build_parser() -> Parser:
     """The full command-line interface."""
     parser = Parser(prog="mobile-moe", description="Offloaded MoE inference with MoBiLE big/little decoding.")
+    parser.add_argument("--version", action="version", version=f"mobile-moe {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_generate_parser(sub)
     add_eval_parsers(sub)
