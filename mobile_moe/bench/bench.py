@@ -158,42 +158,22 @@ def _median_of_rounds(rounds: list[SystemResult]) -> SystemResult:
                    disk_probe_gb_s=median(r.disk_probe_gb_s for r in rounds))
 
 
+Engine = tuple[str, PolicyConfig, int, bool, bool]  # (system name, policy, cache slots, preload every expert, CUDA graphs)
+
+
 def run_bench(llm: LLM, settings: BenchSettings, profiles: dict[str, HardwareProfile] = PROFILES) -> dict:
     """All systems on the same prompts in interleaved rounds; ratios to big; cost-model predictions from this run's traces."""
     slots = llm.planned_slots
     llm.reset_cache(slots)
     llm.generate(settings.prompts[0], SamplingParams(max_new_tokens=4, stop_at_eos=False))  # warm-up: kernels, allocator
     ops = count_decode_ops(llm)  # kernel launches of one decode step, for the cost model
-    total = llm.loaded.store.total_experts
-    engines = [("big", PolicyConfig("big"), slots, False, False), ("mobile", settings.mobile, slots, False, False),
-               ("little", PolicyConfig("little", little_weights=settings.mobile.little_weights, little_k=settings.mobile.little_k), slots, False, False)]
-    if _fits_on_device(llm) and (llm.reader is None or slots >= total):  # disk tier: only when the host budget holds every expert
-        engines.append(("resident", PolicyConfig("big"), total, True, False))
-        if llm.runner.graphs is not None:  # --cuda-graphs on CUDA: the same passes replayed from captures, interleaved
-            engines.append(("resident+graphs", PolicyConfig("big"), total, True, True))
     whole = None
     if settings.run_transformers and _fits_on_device(llm, dense_bytes(llm.loaded.model) + llm.loaded.store.nbytes):  # its own copy
         whole = HFBaseline(llm.loaded, llm.device, None, offload=False, warmup_ids=settings.prompts[0], progress=settings.progress)
-    rounds: dict[str, list[SystemResult]] = {}
-    traces, outputs = {}, {}
-    for _ in range(settings.rounds):
-        for name, policy, n, preload, graphs in engines:
-            probe = disk_probe_gb_s(llm.loaded.store, records=ROUND_PROBE_RECORDS) if llm.reader is not None else float("nan")
-            result, traces[name], outputs[name] = _run_system(llm, name, policy, settings, n, preload, graphs)
-            result.disk_probe_gb_s = probe
-            rounds.setdefault(name, []).append(result)
-        if whole is not None:
-            base = whole.run(settings.prompts, settings.new_tokens)
-            outputs["transformers"] = base.token_ids
-            rounds.setdefault("transformers", []).append(SystemResult(
-                "transformers", base.decode_tok_s, base.ttft_s, float("nan"), float("nan"), 0.0, float("nan"), note=base.placement))
+    rounds, traces, outputs = _interleaved_rounds(llm, _engines(llm, settings, slots), whole, settings)
     del whole
     systems = [_median_of_rounds(r) for r in rounds.values()]
-    for s in systems:
-        if s.name.startswith("resident"):
-            s.note = f"all {total} experts on the device" + (f"; {s.note}" if s.note else "")
-        if settings.temperature == 0.0:
-            s.same_tokens_as_big = _same_tokens(outputs[s.name], outputs["big"]) if s.name.startswith("resident") or s.name == "transformers" else None
+    _mark_systems(systems, outputs, llm.loaded.store.total_experts, settings.temperature)
     llm.reset_cache(slots)
     if settings.run_accelerate and llm.device.type == "cuda":
         # two short runs after a warm-up: offloaded transformers runs well under 1 tok/s at real size
@@ -214,6 +194,55 @@ def run_bench(llm: LLM, settings: BenchSettings, profiles: dict[str, HardwarePro
         hw.name: {name: predict(traces[name], cost, hw, slots).tok_s for name in ("big", "mobile", "little")}
         for hw in profiles.values()
     }
+    return _report(llm, settings, systems, disk, probe, cost, predicted, slots)
+
+
+def _engines(llm: LLM, settings: BenchSettings, slots: int) -> list[Engine]:
+    """big, mobile and little at the planned slots; resident (and resident+graphs) where every expert fits."""
+    total = llm.loaded.store.total_experts
+    little = PolicyConfig("little", little_weights=settings.mobile.little_weights, little_k=settings.mobile.little_k)
+    engines = [("big", PolicyConfig("big"), slots, False, False), ("mobile", settings.mobile, slots, False, False),
+               ("little", little, slots, False, False)]
+    if _fits_on_device(llm) and (llm.reader is None or slots >= total):  # disk tier: only when the host budget holds every expert
+        engines.append(("resident", PolicyConfig("big"), total, True, False))
+        if llm.runner.graphs is not None:  # --cuda-graphs on CUDA: the same passes replayed from captures, interleaved
+            engines.append(("resident+graphs", PolicyConfig("big"), total, True, True))
+    return engines
+
+
+def _interleaved_rounds(
+    llm: LLM, engines: list[Engine], whole: HFBaseline | None, settings: BenchSettings,
+) -> tuple[dict[str, list[SystemResult]], dict, dict]:
+    """Every system once per round, round after round: (system -> its results per round, its last trace, its last tokens)."""
+    rounds: dict[str, list[SystemResult]] = {}
+    traces, outputs = {}, {}
+    for _ in range(settings.rounds):
+        for name, policy, n, preload, graphs in engines:
+            probe = disk_probe_gb_s(llm.loaded.store, records=ROUND_PROBE_RECORDS) if llm.reader is not None else float("nan")
+            result, traces[name], outputs[name] = _run_system(llm, name, policy, settings, n, preload, graphs)
+            result.disk_probe_gb_s = probe
+            rounds.setdefault(name, []).append(result)
+        if whole is not None:
+            base = whole.run(settings.prompts, settings.new_tokens)
+            outputs["transformers"] = base.token_ids
+            rounds.setdefault("transformers", []).append(SystemResult(
+                "transformers", base.decode_tok_s, base.ttft_s, float("nan"), float("nan"), 0.0, float("nan"), note=base.placement))
+    return rounds, traces, outputs
+
+
+def _mark_systems(systems: list[SystemResult], outputs: dict, total: int, temperature: float) -> None:
+    """Note the resident systems' cache, and (greedy) whether resident and transformers gave big's tokens."""
+    for s in systems:
+        if s.name.startswith("resident"):
+            s.note = f"all {total} experts on the device" + (f"; {s.note}" if s.note else "")
+        if temperature == 0.0:
+            s.same_tokens_as_big = _same_tokens(outputs[s.name], outputs["big"]) if s.name.startswith("resident") or s.name == "transformers" else None
+
+
+def _report(llm: LLM, settings: BenchSettings, systems: list[SystemResult], disk: dict | None, probe: float, cost: ModelCost, predicted: dict,
+            slots: int) -> dict:
+    """The JSON-ready report."""
+    store = llm.loaded.store
     return {
         "disk": disk,
         "device": torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu",
