@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -318,3 +319,22 @@ def test_version_names_the_package_and_torch(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"mobile-moe {mobile_moe.__version__} (torch {torch.__version__})"
+
+
+def test_a_reader_that_leaves_mid_stream_ends_generate_quietly(monkeypatch, capsys, tmp_path):
+    class ClosedPipe(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self) -> int:
+            return sink.fileno()
+
+    with open(tmp_path / "sink", "w") as sink:
+        saved = os.dup(sink.fileno())
+        monkeypatch.setattr(sys, "stdout", ClosedPipe())
+        try:
+            code = main(["generate", "--prompt", "def f(x):", "--max-new-tokens", "8", "--quiet"])
+        finally:
+            os.dup2(saved, sink.fileno())
+            os.close(saved)
+    assert code == 141 and "Traceback" not in capsys.readouterr().err

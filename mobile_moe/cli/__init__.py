@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import torch
@@ -15,6 +16,8 @@ from mobile_moe.cli.generate import add_chat_parser, add_generate_parser
 from mobile_moe.cli.quantize import add_quantize_parser
 from mobile_moe.cli.serve import add_serve_parser
 from mobile_moe.errors import MobileMoeError
+
+BROKEN_PIPE_STATUS = 128 + 13  # what a shell reports for a command killed by SIGPIPE
 
 
 def build_parser() -> Parser:
@@ -43,6 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mobile-moe: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output left (`| head`): stop quietly, as a SIGPIPE'd command does
+        _silence_stdout()
+        return BROKEN_PIPE_STATUS
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not fail on the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _attach_negative_values(argv: list[str]) -> list[str]:
