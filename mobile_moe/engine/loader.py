@@ -77,36 +77,52 @@ def dense_bytes(model: CausalLM, dtype: torch.dtype | None = None) -> int:
 HOST_MEMORY_SHARE = 0.9  # of the RAM available, what a load may plan to fill (the rest: activations, the KV cache, Python)
 
 
-def check_host_memory(model: CausalLM, cfg: PretrainedConfig, shape: ExpertShape, fmt: ExpertFormat, dtype: torch.dtype, device: torch.device) -> None:
+@dataclass(frozen=True)
+class LoadPlan:
+    """What a checkpoint's config and the flags decide before any weight is read."""
+
+    cfg: PretrainedConfig
+    model: CausalLM  # on the meta device
+    dtype: torch.dtype
+    dtype_reason: str
+    fmt: ExpertFormat
+    shape: ExpertShape
+
+
+def plan_load(cfg: PretrainedConfig, device: torch.device, dtype_name: str, expert_dtype: str, group_size: int | None) -> LoadPlan:
+    """The model built on meta, its compute dtype (and why) and its experts' format and shape."""
+    with torch.device("meta"):
+        model = build_model(cfg)
+    dtype, why = resolve_dtype(dtype_name, cfg, device, model)
+    info = model.info
+    return LoadPlan(cfg, model, dtype, why, resolve_format(cfg, expert_dtype, group_size, dtype),
+                    ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias))
+
+
+def check_host_memory(plan: LoadPlan, device: torch.device) -> None:
     """Refuse in one line, before allocating, a load whose experts (and on the CPU the dense weights) would not fit in RAM."""
     available = available_memory_bytes()
-    experts = len(model.info.moe_layers) * model.info.num_experts
-    need_experts = ExpertLayout(shape, fmt).nbytes * experts
-    need_dense = dense_bytes(model, dtype) if device.type == "cpu" else 0
+    experts = len(plan.model.info.moe_layers) * plan.model.info.num_experts
+    need_experts = ExpertLayout(plan.shape, plan.fmt).nbytes * experts
+    need_dense = dense_bytes(plan.model, plan.dtype) if device.type == "cpu" else 0
     if available is None or need_experts + need_dense <= HOST_MEMORY_SHARE * available:
         return
     hint = "--offload-dir DIR (experts in an on-disk store, read on demand; --host-memory GB caps the RAM they take)"
-    if stored_format(cfg) is None and fmt.name != "int4":
+    if stored_format(plan.cfg) is None and plan.fmt.name != "int4":
         try:
-            int4 = ExpertLayout(shape, make_format("int4", dtype, None)).nbytes * experts
+            int4 = ExpertLayout(plan.shape, make_format("int4", plan.dtype, None)).nbytes * experts
             hint = f"--expert-dtype int4 ({_size(int4)} of experts), or {hint}"
         except (InvalidParameter, ValueError):  # widths int4 cannot group
             pass
     dense = f" + {_size(need_dense)} of dense weights" if need_dense else ""
-    raise InvalidParameter(f"the model needs about {_size(need_experts + need_dense)} of RAM ({_size(need_experts)} of {fmt.name} experts{dense}) "
+    raise InvalidParameter(f"the model needs about {_size(need_experts + need_dense)} of RAM ({_size(need_experts)} of {plan.fmt.name} experts{dense}) "
                            f"but {_size(available)} are available: use {hint}")
 
 
 def check_fits_in_ram(directory: Path, device: torch.device, dtype_name: str = "auto", expert_dtype: str = "auto",
                       group_size: int | None = None) -> None:
     """`check_host_memory` from a checkpoint's config.json alone (a hub download checks it before fetching the weights)."""
-    cfg = read_config(directory)
-    with torch.device("meta"):
-        model = build_model(cfg)
-    dtype, _ = resolve_dtype(dtype_name, cfg, device, model)
-    info = model.info
-    check_host_memory(model, cfg, ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias),
-                      resolve_format(cfg, expert_dtype, group_size, dtype), dtype, device)
+    check_host_memory(plan_load(read_config(directory), device, dtype_name, expert_dtype, group_size), device)
 
 
 def _size(nbytes: int) -> str:
@@ -184,12 +200,8 @@ def load(
     path = Path(path)
     cfg = read_config(path)
     files = shard_files(path)
-    with torch.device("meta"):
-        model = build_model(cfg)
-    dtype, why = resolve_dtype(dtype_name, cfg, device, model)
-    fmt = resolve_format(cfg, expert_dtype, group_size, dtype)
-    info = model.info
-    shape = ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias)
+    plan = plan_load(cfg, device, dtype_name, expert_dtype, group_size)
+    model, dtype, why, fmt, shape, info = plan.model, plan.dtype, plan.dtype_reason, plan.fmt, plan.shape, plan.model.info
     disk: DiskStore | None = None
     if offload_dir is not None:
         wanted = store_manifest(checkpoint_fingerprint(path), shape, fmt, dtype, device, fused_kernels, list(info.moe_layers), info.num_experts)
@@ -197,7 +209,7 @@ def load(
         if found is not None:
             disk = open_store(offload_dir, found, dtype, direct_io)
     if disk is None and offload_dir is None:  # building a store on disk holds only the layers being written
-        check_host_memory(model, cfg, shape, fmt, dtype, device)
+        check_host_memory(plan, device)
     store = None if disk is not None else ExpertStore(list(info.moe_layers), info.num_experts, shape, fmt, pin=device.type == "cuda")
     writer = None if disk is not None or offload_dir is None else LayerFlusher(store, StoreWriter(offload_dir, wanted, progress), wanted, dtype)
     dense: dict[str, torch.Tensor] = {}

@@ -103,13 +103,13 @@ class ExpertCache:
 
     def _adopt_store(self) -> None:
         """Every expert resident in the slot the store's layout gives it (MoE layer row x experts + expert), nothing copied."""
+        self.slot_table.copy_(torch.arange(self.num_slots).view_as(self.slot_table))  # [L, E]: slot = row * E + expert
         for layer, row in self.rows.items():
             for expert in range(self.store.num_experts):
-                slot = row * self.store.num_experts + expert
-                self.slots[slot] = _Slot(key=(layer, expert))
-                self.where[(layer, expert)] = slot
-                self._set_slot((layer, expert), slot)
-                self.eviction.inserted((layer, expert))
+                key, slot = (layer, expert), row * self.store.num_experts + expert
+                self.slots[slot] = _Slot(key=key)
+                self.where[key] = slot
+                self.eviction.inserted(key)
         self.free.clear()
         self._settled = True
 
