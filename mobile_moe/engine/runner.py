@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +17,7 @@ from mobile_moe.experts.dispatch import pool_experts
 from mobile_moe.layers.attention import AttentionInput
 from mobile_moe.layers.kv_cache import BatchKV, KVCache, KVPool, LayerKV
 from mobile_moe.layers.mlp import Activation, activation
-from mobile_moe.layers.moe import ExpertMode, LayerExperts, MoEBlock, RouterSpec, Routing, select
+from mobile_moe.layers.moe import ExpertMode, LayerExperts, MoEBlock, RouterSpec, Routing, half_of, select
 from mobile_moe.policy.little import prefer_resident, runs_big_here
 from mobile_moe.models.transformer import CausalLM, DecoderLayer, LayerStep, Segment, before_experts
 
@@ -272,7 +271,7 @@ class Runner:
     @property
     def default_little_k(self) -> int:
         """Experts per token of the little model unless a policy sets it: half the top-k, rounded up."""
-        return math.ceil(self.model.info.top_k / 2)
+        return half_of(self.model.info.top_k)
 
     def little_k_of(self, little_k: int | None) -> int:
         """A policy's little_k on this model: its own, or the default for None."""

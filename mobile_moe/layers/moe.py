@@ -39,8 +39,13 @@ class RouterSpec:
 
     @property
     def little_k(self) -> int:
-        """Experts per token of the little model."""
-        return math.ceil(self.top_k / 2)
+        """Experts per token of the little model unless a policy sets it."""
+        return half_of(self.top_k)
+
+
+def half_of(top_k: int) -> int:
+    """The paper's little model: half the router's top-k experts, rounded up."""
+    return math.ceil(top_k / 2)
 
 
 @dataclass(frozen=True)
