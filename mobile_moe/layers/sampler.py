@@ -12,7 +12,14 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     probs = (logits.float() / temperature).softmax(-1)
     if top_p < 1.0:
         probs = _nucleus(probs, top_p)
-    return torch.multinomial(probs, 1, generator=generator)[0]
+    return exponential_race(probs, generator)
+
+
+def exponential_race(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """probs: [V] -> 0-d int64 token drawn from them, argmax(p / Exp(1)): the draw `torch.multinomial(probs, 1)` makes
+    (same generator use, so the same token for the same generator state) without its checks that read to the host."""
+    race = torch.empty_like(probs).exponential_(1, generator=generator)  # [V]
+    return (probs / race).argmax()
 
 
 def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
