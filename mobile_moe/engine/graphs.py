@@ -12,6 +12,7 @@ decoding goes on eagerly.
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,19 +32,6 @@ class GraphCapture(Protocol):
     """Records `fn`'s kernels without leaving its effects; returns (replay, fn's outputs as the replays refresh them)."""
 
     def __call__(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]: ...
-
-
-def cuda_capture(pool: tuple[int, int] | None = None) -> GraphCapture:
-    """Capture into `torch.cuda.CUDAGraph`s sharing one memory pool (their intermediates never live at once)."""
-    pool = torch.cuda.graph_pool_handle() if pool is None else pool
-
-    def capture(fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):  # records kernels; none runs, so no state changes on the device
-            out = fn()
-        return graph.replay, out
-
-    return capture
 
 
 @dataclass
@@ -66,6 +54,8 @@ class DecodeGraphs:
         self.kv: weakref.ref[KVCache] | None = None
         self.failed: str | None = None  # why capturing was turned off
         self.replays = 0
+        self.captures = 0  # passes captured (a failed capture is not counted)
+        self.capture_s = 0.0  # seconds spent capturing, failed captures included
 
     def run(self, key: tuple, ids: torch.Tensor, kv: KVCache, stats: CacheStats, eager: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """ids [1] -> logits [V] of one decode pass `eager(ids)` on kv: replayed when `key` (the pass's mode, recording, little model and
@@ -93,9 +83,10 @@ class DecodeGraphs:
     def _capture(self, ids: torch.Tensor, kv: KVCache, stats: CacheStats, eager: Callable[[torch.Tensor], torch.Tensor]) -> CapturedPass | None:
         """Record one pass; undo its host-side effects (length, hits), which each replay redoes."""
         static = ids.clone()
-        length, hits = kv.length, stats.hits
+        length, hits, start = kv.length, stats.hits, time.perf_counter()
         try:
             replay, logits = self.capture(lambda: eager(static))
+            self.captures += 1
         except Exception as exc:  # noqa: BLE001 - any capture failure leaves eager decoding, which is always correct
             self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0]
             log.warning("CUDA graph capture failed (%s); decoding runs eagerly", self.failed)
@@ -103,4 +94,5 @@ class DecodeGraphs:
         finally:
             added = stats.hits - hits
             kv.length, stats.hits = length, hits
+            self.capture_s += time.perf_counter() - start
         return CapturedPass(static, replay, logits, added)

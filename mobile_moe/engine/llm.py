@@ -16,7 +16,7 @@ from mobile_moe.engine.batch import BatchDecoder
 from mobile_moe.engine.budget import dequant_scratch_bytes, host_tier_slots, plan_slots
 from mobile_moe.engine.calibration import CALIBRATION_FILE, read_calibration, resolve_policy
 from mobile_moe.engine.generate import GenerationResult, TokenCallback, generate
-from mobile_moe.engine.graphs import DecodeGraphs, GraphCapture, cuda_capture
+from mobile_moe.engine.graphs import DecodeGraphs, GraphCapture
 from mobile_moe.engine.hub import ConfigCheck, resolve_model
 from mobile_moe.engine.loader import LoadedModel, check_fits_in_ram, load
 from mobile_moe.engine.runner import Runner
@@ -25,7 +25,7 @@ from mobile_moe.experts.cache import ExpertCache
 from mobile_moe.experts.disk import DiskStore
 from mobile_moe.experts.reader import ReadPool
 from mobile_moe.experts.trace import Trace
-from mobile_moe.experts.transfer import TransferEngine
+from mobile_moe.experts.transfer import TransferEngine, cuda_capture
 from mobile_moe.layers.kv_cache import KVCache
 from mobile_moe.layers.moe import ExpertMode
 from mobile_moe.policy.governor import LittleGovernor
@@ -94,7 +94,7 @@ class LLM:
         if self.config.cuda_graphs and self.device.type != "cuda":
             log.warning("--cuda-graphs needs a CUDA device; decoding on %s runs without graphs", self.device)
         # what records decode passes for `--cuda-graphs` (None: decoding stays eager); every cache reset makes fresh graphs
-        self.graph_capture: Callable[[], GraphCapture] | None = cuda_capture if self.config.cuda_graphs and self.device.type == "cuda" else None
+        self.graph_capture: Callable[[], GraphCapture] | None = (lambda: cuda_capture(self.device)) if self.config.cuda_graphs and self.device.type == "cuda" else None
         self.governor = LittleGovernor(self.config.batch_little == "auto")  # its step costs persist across batches
         self.reset_cache(self.planned_slots)
         self.tokenizer = _load_tokenizer(self.path) if self.path.is_dir() else None

@@ -1,4 +1,5 @@
-"""Host<->device traffic: the only module that owns CUDA streams and events. On CPU the same calls run synchronously.
+"""Host<->device traffic: the only module that owns CUDA streams and events (copies, and the side stream CUDA graphs are
+captured on). On CPU the same calls run synchronously.
 
 Two copy streams: demand loads (a layer is waiting for them) on a high-priority stream, prefetches on their own,
 so a demand miss never queues behind prefetches. A copy into a slot waits only for the fences of that slot
@@ -10,10 +11,11 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -175,3 +177,52 @@ class TransferEngine:
         for stream in (self.demand_stream, self.prefetch_stream):
             if stream is not None:
                 stream.synchronize()
+
+
+class CaptureFailed(RuntimeError):
+    """A CUDA graph capture failed; the message names the first error (the operation that broke the capture)."""
+
+
+def cuda_capture(device: torch.device, cuda: Any = torch.cuda, end_allocate: Callable[[int, Any], None] | None = None,
+                 ) -> Callable[[Callable[[], torch.Tensor]], tuple[Callable[[], None], torch.Tensor]]:
+    """A graph capture on `device` (not whichever device is current): each call records `fn`'s kernels into a new
+    `CUDAGraph` on a side stream, all sharing one memory pool (their intermediates never live at once), and returns
+    (replay, fn's outputs as the replays refresh them). Begun and ended by hand: whatever fails, the stream is restored and
+    the allocator is told the capture ended, and the error raised is the first one (torch's `graph` context raises the
+    end-of-capture error instead, from a process left on the capture stream). `cuda` and `end_allocate` stand in for
+    torch.cuda and the allocator's end-of-capture call in tests."""
+    index = device.index if device.index is not None else cuda.current_device()
+    end_allocate = end_allocate if end_allocate is not None else getattr(torch._C, "_cuda_endAllocateToPool", None)
+    with cuda.device(index):
+        pool, stream = cuda.graph_pool_handle(), cuda.Stream(index)
+
+    def capture(fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+        graph, errors = cuda.CUDAGraph(), []
+        with cuda.device(index):
+            cuda.synchronize(index)
+            with cuda.stream(stream):  # restored however the capture ends
+                graph.capture_begin(pool, capture_error_mode="thread_local")
+                try:
+                    out = fn()
+                except Exception as exc:  # noqa: BLE001 - kept, the capture is ended first
+                    errors.append(exc)
+                try:
+                    graph.capture_end()
+                except Exception as exc:  # noqa: BLE001 - it raises before telling the allocator; tell it here
+                    errors.append(exc)
+                    _end_allocation(end_allocate, index, pool)
+        if errors:
+            raise CaptureFailed(f"{type(errors[0]).__name__}: {errors[0]}".splitlines()[0]) from errors[0]
+        return graph.replay, out
+
+    return capture
+
+
+def _end_allocation(end_allocate: Callable[[int, Any], None] | None, index: int, pool: Any) -> None:
+    """Tell the caching allocator a failed capture's pool is no longer captured into (a no-op when it already knows)."""
+    if end_allocate is None:
+        return
+    try:
+        end_allocate(index, pool)
+    except RuntimeError:  # capture_end got as far as telling it
+        pass
