@@ -24,6 +24,7 @@ from mobile_moe.errors import CacheTooSmall, CheckpointError, InvalidParameter
 from mobile_moe.experts.cache import ExpertCache
 from mobile_moe.experts.disk import MANIFEST, RECORDS, StoreCorrupt, aligned_empty
 from mobile_moe.experts.reader import Priority, ReadPool
+from mobile_moe.experts.store import pins_host_store
 from mobile_moe.experts.transfer import TransferEngine
 
 STEPS = SamplingParams(max_new_tokens=6, temperature=0.0, stop_at_eos=False)
@@ -336,3 +337,14 @@ def _damage_every_record(raw: bytes, store: Path) -> bytearray:
     for i in range(len(manifest["checksums"])):
         damaged[i * manifest["record_bytes"]] ^= 0xFF
     return damaged
+
+
+def test_a_store_built_for_the_disk_is_not_page_locked_on_cuda():
+    """Records only pass through the staging store on their way to disk, one layer at a time: pinning it would lock every
+    expert in RAM (locked pages cannot be released per layer). Copies to the device come from the disk tier's own buffers."""
+    from mobile_moe.experts.store import pins_host_store
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert pins_host_store(cuda, building_on_disk=False)
+    assert not pins_host_store(cuda, building_on_disk=True)
+    assert not pins_host_store(cpu, building_on_disk=False) and not pins_host_store(cpu, building_on_disk=True)

@@ -17,7 +17,7 @@ from mobile_moe.errors import InvalidParameter
 from mobile_moe.experts.formats import ExpertFormat, FloatFormat, make_format
 from mobile_moe.experts.disk import DiskStore, StoreWriter
 from mobile_moe.experts.kernels import use_fused_kernels
-from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertShape, ExpertStore
+from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertShape, ExpertStore, pins_host_store
 from mobile_moe.models.registry import build_model
 from mobile_moe.models.transformer import ModelInfo
 
@@ -161,7 +161,7 @@ def _random_experts(
         found = matching_manifest(offload_dir, wanted)
         if found is not None:
             return open_store(offload_dir, found, dtype, direct_io)
-    store = ExpertStore(list(info.moe_layers), info.num_experts, shape, fmt, pin=device.type == "cuda")
+    store = ExpertStore(list(info.moe_layers), info.num_experts, shape, fmt, pin=pins_host_store(device, offload_dir is not None))
     if offload_dir is not None:
         flusher = LayerFlusher(store, StoreWriter(offload_dir, wanted, True), wanted, dtype)
     for layer in store.layers:

@@ -30,7 +30,7 @@ from mobile_moe.experts.formats import ExpertFormat, format_from_config, make_fo
 from mobile_moe.experts.disk import DiskStore, Manifest, StoreWriter, checkpoint_fingerprint, expected_manifest, read_manifest
 from mobile_moe.experts.host_memory import available_memory_bytes
 from mobile_moe.experts.kernels import compute_format, layout_format, use_fused_kernels
-from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertShape, ExpertStore
+from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertShape, ExpertStore, pins_host_store
 from mobile_moe.layers.moe import Router
 from mobile_moe.models.registry import build_model
 from mobile_moe.models.transformer import CausalLM
@@ -210,7 +210,7 @@ def load(
             disk = open_store(offload_dir, found, dtype, direct_io)
     if disk is None and offload_dir is None:  # building a store on disk holds only the layers being written
         check_host_memory(plan, device)
-    store = None if disk is not None else ExpertStore(list(info.moe_layers), info.num_experts, shape, fmt, pin=device.type == "cuda")
+    store = None if disk is not None else ExpertStore(list(info.moe_layers), info.num_experts, shape, fmt, pin=pins_host_store(device, offload_dir is not None))
     writer = None if disk is not None or offload_dir is None else LayerFlusher(store, StoreWriter(offload_dir, wanted, progress), wanted, dtype)
     dense: dict[str, torch.Tensor] = {}
     bar = tqdm(total=count_tensors(files), desc="loading weights", unit="tensor", disable=(not progress) or None, leave=False)

@@ -107,6 +107,12 @@ class ExpertSizes:
         return self.expert_bytes * self.total_experts
 
 
+def pins_host_store(device: torch.device, building_on_disk: bool) -> bool:
+    """Whether a host store is page-locked: when its experts are copied to a CUDA device, not when it only stages records on
+    their way to a disk store (locked pages cannot be released layer by layer: the whole store would stay in RAM)."""
+    return device.type == "cuda" and not building_on_disk
+
+
 class ExpertStore(ExpertSizes):
     """Routed experts of every MoE layer in one exact-size host allocation (page-locked when the device is CUDA)."""
 
