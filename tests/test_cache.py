@@ -129,3 +129,25 @@ def test_reset_cache_frees_the_old_slot_pool_at_once(checkpoints):
         gc.callbacks.remove(collecting)
         gc.enable()
     assert old() is None and passes == [] and llm.cache.num_slots == 6  # freed by reference counting alone
+
+
+class CountingTransfer(TransferEngine):
+    """A CPU transfer engine that counts waits for every copy in flight."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.device("cpu"))
+        self.synchronized = 0
+
+    def synchronize(self) -> None:
+        self.synchronized += 1
+
+
+def test_closing_a_cache_waits_for_every_copy_into_its_slots():
+    """On CUDA a copy on a side stream is not ordered before the next allocation: a dropped pool's memory could be handed
+    out while a prefetch still writes into it. reset_cache closes the old cache first."""
+    cache = make_cache(4)
+    transfer = CountingTransfer()
+    cache.transfer = transfer
+    cache.prefetch(0, [1, 2])
+    cache.close()
+    assert transfer.synchronized == 1

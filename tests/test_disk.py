@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import gc
 import threading
+import weakref
 from pathlib import Path
 
 import httpx
@@ -348,3 +350,23 @@ def test_a_store_built_for_the_disk_is_not_page_locked_on_cuda():
     assert pins_host_store(cuda, building_on_disk=False)
     assert not pins_host_store(cuda, building_on_disk=True)
     assert not pins_host_store(cpu, building_on_disk=False) and not pins_host_store(cpu, building_on_disk=True)
+
+
+def test_reset_cache_waits_for_reads_in_flight_and_frees_both_tiers_pools_at_once(checkpoints, tmp_path: Path):
+    """The host tier's feed pointed back at the device cache: the cycle kept the old pools (pinned memory on CUDA) alive
+    until the garbage collector ran. Reads still landing in the old pools are waited for first."""
+    slots = small_cache("olmoe")
+    llm = _three_tiers(checkpoints["olmoe"], tmp_path / "store", slots + 4, expert_cache=slots)
+    llm.generate([5, 6, 7, 8], STEPS, MOBILE)
+    layer = llm.info.moe_layers[-1]
+    llm.cache.prefetch(layer, [e for e in range(llm.info.num_experts) if (layer, e) not in llm.cache.where][:2])
+    reads = [s.ticket.future for c in (llm.cache, llm.cache.host) for s in c.slots if s.ticket is not None and s.ticket.future is not None]
+    pools = [weakref.ref(llm.cache.pool), weakref.ref(llm.cache.host.pool)]
+    gc.disable()
+    try:
+        llm.reset_cache(slots)
+    finally:
+        gc.enable()
+    assert [pool() for pool in pools] == [None, None]  # freed by reference counting alone
+    assert all(read.done() for read in reads)
+    assert llm.generate([5, 6, 7, 8], STEPS, MOBILE).token_ids  # the new caches work

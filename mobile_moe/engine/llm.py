@@ -112,6 +112,8 @@ class LLM:
     def reset_cache(self, slots: int, trace: Trace | None = None) -> None:
         """Start over with an empty expert cache of `slots` slots (benchmarks compare systems from the same state)."""
         with self._lock:
+            if getattr(self, "cache", None) is not None:
+                self.cache.close()  # copies and reads still writing into the old pools finish first
             self.cache = self.runner = None  # free the old slot pool before the new one is made, rather than hold two
             eviction, store, host = self.config.cache.eviction, self.loaded.store, None
             if self.host_slots is not None:  # the pinned host tier, filled by the readers

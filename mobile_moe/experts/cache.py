@@ -9,6 +9,7 @@ reader pool) fills its missing slots through a `HostFeed` (tiers.py).
 
 from __future__ import annotations
 
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 
 import torch
@@ -94,6 +95,17 @@ class ExpertCache:
         self.feed = HostFeed(self, self.host) if self.host is not None else None  # three tiers: fills slots from the host cache
         if self.shares_store:
             self._adopt_store()
+
+    def close(self) -> None:
+        """Wait for every copy and disk read still writing into the slots (so their memory can be reused the moment the
+        cache is dropped: a copy on a side stream is not ordered before the next allocation), the host tier's too."""
+        self.transfer.synchronize()
+        for slot in self.slots:
+            future = None if slot.ticket is None else slot.ticket.future
+            if future is not None:
+                wait_for([future])  # its error, if any, belongs to a request that is gone
+        if self.host is not None:
+            self.host.close()
 
     @property
     def shares_store(self) -> bool:

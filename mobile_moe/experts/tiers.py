@@ -8,6 +8,7 @@ moving. Staged copies are issued as their reads finish, at the next acquire or p
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,7 +33,7 @@ class HostFeed:
     """Fills the slots of `device` (a cache on the compute device) from `host` (a CPU cache read from the disk store)."""
 
     def __init__(self, device: "ExpertCache", host: "ExpertCache") -> None:
-        self.device, self.host = device, host
+        self.device, self.host = weakref.proxy(device), host  # the device cache owns this feed: no cycle keeps a dropped pool alive
         self.staged: dict[int, _Staged] = {}  # device slot -> its fill waiting for a disk read
         self.holds: list[tuple[Fence, int]] = []  # (copy's end, host slot) pinned until that copy is done
 
