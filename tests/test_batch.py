@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import statistics
 from concurrent.futures import ThreadPoolExecutor
@@ -96,10 +97,10 @@ def test_bfloat16_batches_agree_with_solo_runs_within_rounding(checkpoints):
     caches = [pool.row(i, {}) for i in range(2)]
     for cache, prompt in zip(caches, PROMPTS[:2]):
         runner.forward(torch.tensor(prompt), cache, ExpertMode.BIG)
-    together_logits = runner.forward_rows(torch.tensor([5, 6]), BatchKV(pool, [0, 1], caches), [False, False]).float()  # [2, V]
+    together_logits = runner.forward_rows(torch.tensor([5, 6]), BatchKV(pool, [0, 1], caches, runner.ids), [False, False]).float()  # [2, V]
     for cache in caches:
         cache.rewind(1)
-    alone_logits = torch.stack([runner.forward_rows(torch.tensor([t]), BatchKV(pool, [i], [caches[i]]), [False])[0].float() for i, t in enumerate([5, 6])])
+    alone_logits = torch.stack([runner.forward_rows(torch.tensor([t]), BatchKV(pool, [i], [caches[i]], runner.ids), [False])[0].float() for i, t in enumerate([5, 6])])
     assert (together_logits - alone_logits).abs().max() <= 0.05 * alone_logits.abs().max()  # bf16: within 5% of the logit range
 
 
@@ -177,3 +178,28 @@ def test_rows_roll_back_as_one_sequence_does_and_stream_only_final_tokens(checkp
     for i, (a, b) in enumerate(zip(alone, together)):
         assert a.token_ids == b.token_ids == streamed[i] and a.stats.rolled_back_tokens == b.stats.rolled_back_tokens
         assert [s.fell_back for s in a.steps] == [s.fell_back for s in b.steps]
+
+
+class HostDataTensors(torch.overrides.TorchFunctionMode):
+    """Records tensors made from host data (`torch.tensor`, `torch.as_tensor`) outside the transfer module: on CUDA each is a
+    pageable copy that waits for the stream, an uncounted host sync (the transfer module stages them in pinned memory)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if func in (torch.tensor, torch.as_tensor):
+            caller = inspect.stack()[1]
+            if not caller.filename.endswith("mobile_moe/experts/transfer.py"):
+                self.made.append(f"{caller.filename}:{caller.lineno}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_batched_steps_build_their_index_tensors_through_the_transfer_engine(checkpoints):
+    """Row slots, row starts and the little-row mask of every batched step: no tensor from host data outside transfer."""
+    llm = batched_llm(checkpoints["qwen3_moe"], rows=3, expert_cache=12)
+    policies = [PolicyConfig(p) for p in ("big", "little", "big")]  # mixed big and little rows in one pass
+    with HostDataTensors() as seen:
+        llm.generate(PROMPTS[:3], SAMPLING, policies)
+    assert not [where for where in seen.made if "/mobile_moe/" in where], seen.made

@@ -241,7 +241,7 @@ class BatchDecoder:
 
     def _batch(self, rows: list[Row]) -> BatchKV:
         """The rows' sequences as one batched pass sees them."""
-        return BatchKV(self.pool, [r.slot for r in rows], [r.dec.kv for r in rows])
+        return BatchKV(self.pool, [r.slot for r in rows], [r.dec.kv for r in rows], self.runner.ids)
 
     def _emit(self, row: Row, token: int) -> None:
         """Hand out a row's new token; the row finishes at EOS, its token limit, or when its callback says stop."""

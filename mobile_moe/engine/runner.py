@@ -244,7 +244,7 @@ class Runner:
         `row_log(b)` / `row_weights(b)` hold row b's top-k of every MoE layer."""
         self.mode = ExpertMode.LITTLE if all(little) else ExpertMode.BIG
         mixed = any(little) and not all(little)
-        self.row_little = torch.tensor(little, device=ids.device) if mixed else None
+        self.row_little = self.ids([int(b) for b in little]) != 0 if mixed else None  # [B] bool, no host sync
         self.recorded, self.resident_pass, self.batch_rows = record, False, True
         self.row_routing = {}
         try:

@@ -6,6 +6,7 @@ MoBiLE drops a step on fallback: attention layers forget it by truncating the KV
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -234,12 +235,12 @@ class LayerBatchKV:
 class BatchKV:
     """The sequences of one batched decode pass: rows of a `KVPool`, each with its own length; one new position each."""
 
-    def __init__(self, pool: KVPool, slots: list[int], caches: list[KVCache]) -> None:
+    def __init__(self, pool: KVPool, slots: list[int], caches: list[KVCache], to_device: Callable[[list[int]], torch.Tensor]) -> None:
+        """to_device: host ints -> an int64 tensor on the pool's device, copied without a host sync (the transfer engine's)."""
         self.pool, self.slots, self.caches = pool, slots, caches
-        device = pool.k[0].device if pool.k else torch.device("cpu")
         self.starts = [kv.length for kv in caches]
-        self.slot_index = torch.tensor(slots, device=device)  # [B]
-        self.start_index = torch.tensor(self.starts, device=device)  # [B]
+        self.slot_index = to_device(slots)  # [B]
+        self.start_index = to_device(self.starts)  # [B]
         self.span = max(self.starts) + 1
         lo = min(slots)
         self.adjacent = (lo, lo + len(slots)) if slots == list(range(lo, lo + len(slots))) else None
