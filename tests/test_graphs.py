@@ -81,14 +81,19 @@ def test_the_emulated_capture_freezes_host_values_as_a_cuda_graph_does():
             emulated_capture(read)
 
 
-def test_graphs_on_a_new_kv_cache_start_over(checkpoints):
-    """Captures read one KV cache's tensors: the next generation's cache gets its own (and frees the old)."""
+def test_a_second_identical_request_replays_the_first_ones_captures(checkpoints):
+    """The runner holds one KV cache across requests, reset in place: the captures (which read its tensors) survive, so a
+    repeated request captures nothing new and gives the same tokens; a longer request than the cache holds starts over."""
     graphs = DecodeGraphs(emulated_capture)
     llm = _resident(checkpoints["olmoe"], graphs)
-    first = llm.generate([5, 6, 7, 8], SAMPLING)
+    first, second = llm.generate([5, 6, 7, 8], SAMPLING), llm.generate([5, 6, 7, 8], SAMPLING)
+    assert first.stats.graph_captures >= 2 and first.stats.graph_replays > 0
+    assert second.token_ids == first.token_ids
+    assert second.stats.graph_captures == 0 and second.stats.graph_replays == first.stats.graph_replays + first.stats.graph_captures
     old = dict(graphs.passes)
-    assert old and llm.generate([5, 6, 7, 8], SAMPLING).token_ids == first.token_ids
-    assert graphs.passes and all(graphs.passes[k] is not old[k] for k in graphs.passes.keys() & old.keys())
+    longer = llm.generate([5, 6, 7, 8], SamplingParams(max_new_tokens=200, temperature=0.0, stop_at_eos=False))
+    assert longer.token_ids[:12] == first.token_ids and longer.stats.graph_captures > 0
+    assert all(graphs.passes[k] is not old[k] for k in graphs.passes.keys() & old.keys())
 
 
 @pytest.mark.parametrize("arch", ["olmoe", "gpt_oss"])  # plain experts; experts with biases

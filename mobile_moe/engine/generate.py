@@ -303,7 +303,7 @@ def generate(
     """Prefill the prompt, then decode token by token under the policy; stops at EOS, the token limit, or when `on_token` says so."""
     device = runner.model.lm_head.weight.device
     configure(runner, policy)
-    dec = new_decoder(runner, runner.new_kv(len(prompt) + sampling.max_new_tokens), prompt, sampling, policy)
+    dec = new_decoder(runner, runner.decode_kv(len(prompt) + sampling.max_new_tokens), prompt, sampling, policy)
     dec.rollback = rolls_back(policy, sampling, dec.kv)
     enable_partial(dec)
     stream = stream_for(dec, on_token)
@@ -336,12 +336,15 @@ class Counters:
     cache: CacheStats
     wait_s: float
     host_syncs: int
+    graph_captures: int = 0
+    graph_replays: int = 0
 
     @staticmethod
     def now(runner: Runner) -> "Counters":
         """The counters of the runner's cache and transfer engine now."""
-        transfer = runner.cache.transfer
-        return Counters(runner.cache.stats.snapshot(), transfer.wait_s(), transfer.host_syncs)
+        transfer, graphs = runner.cache.transfer, runner.graphs
+        captures, replays = (0, 0) if graphs is None else (graphs.captures, graphs.replays)
+        return Counters(runner.cache.stats.snapshot(), transfer.wait_s(), transfer.host_syncs, captures, replays)
 
 
 def fill_counters(stats: GenerationStats, runner: Runner, start: Counters, after_prefill: Counters) -> None:
@@ -355,6 +358,7 @@ def fill_counters(stats: GenerationStats, runner: Runner, start: Counters, after
     stats.h2d_bytes, stats.decode_h2d_bytes = now.h2d_bytes - before.h2d_bytes, now.h2d_bytes - decoded.h2d_bytes
     stats.disk_bytes, stats.decode_disk_bytes = now.disk_bytes - before.disk_bytes, now.disk_bytes - decoded.disk_bytes
     stats.host_tier_hits = now.host_hits - before.host_hits
+    stats.graph_captures, stats.graph_replays = end.graph_captures - start.graph_captures, end.graph_replays - start.graph_replays
     stats.prefetched = now.prefetched - before.prefetched
     stats.cache_slots = runner.cache.num_slots
     stats.total_experts = runner.cache.store.total_experts

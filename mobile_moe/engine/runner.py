@@ -22,6 +22,9 @@ from mobile_moe.policy.little import prefer_resident, runs_big_here
 from mobile_moe.models.transformer import CausalLM, DecoderLayer, LayerStep, Segment, before_experts
 
 
+KV_BLOCK = 128  # a held KV cache grows in steps of this many positions, so that requests of similar lengths share it
+
+
 class BoundLayer:
     """The general `LayerExperts`: one layer's calls forwarded to the runner (host-planned loads, knobs, lookahead)."""
 
@@ -79,6 +82,7 @@ class Runner:
         self.pooled_finish = torch.compile(pooled_finish, dynamic=False) if pooled else None
         self.resident_layer = torch.compile(pooled_layer, dynamic=None) if pooled else None
         self.graphs = graphs  # resident decode passes replayed from captured graphs (`--cuda-graphs`)
+        self.held_kv: KVCache | None = None  # one sequence's KV cache, reused by every request (`decode_kv`)
         if graphs is not None:
             self.span_bucket = GRAPH_SPAN_BUCKET  # one capture per bucket of key spans
             self.executor.device_indexed = True  # a captured pass may not read its slots on the host
@@ -95,6 +99,19 @@ class Runner:
         if self.lookahead or self.layer_adaptive is not None or self.cache_prior is not None:
             return False
         return self.cache.all_resident
+
+    def decode_kv(self, max_len: int) -> KVCache:
+        """The KV cache of one sequence of up to max_len positions, held across requests and reset in place (its tensors are
+        the ones captured graphs read, so they survive the request); made anew only for a longer request or another ring
+        layout, rounded up to KV_BLOCK positions when that keeps the layout."""
+        held = self.held_kv
+        if held is not None and held.max_len >= max_len and held.rings == self.rings(held.max_len) == self.rings(max_len):
+            held.reset()
+            return held
+        self.held_kv = None  # free the old buffers first
+        rounded = -(-max_len // KV_BLOCK) * KV_BLOCK
+        self.held_kv = self.new_kv(rounded if self.rings(rounded) == self.rings(max_len) else max_len)
+        return self.held_kv
 
     def new_kv(self, max_len: int) -> KVCache:
         """An empty KV cache for one sequence of up to max_len positions."""

@@ -133,6 +133,15 @@ class KVCache:
         device = self.k[0].device if self.k else device
         self.position = torch.zeros(1, dtype=torch.int64, device=device)  # [1] the length, held on the device for decode passes
 
+    def reset(self) -> None:
+        """Empty again, in place (every tensor keeps its address: captured graphs read them): length 0, recurrent states
+        zero. Keys and values past the length are never read unmasked, so they are left as they are."""
+        self.length = 0
+        self.position.zero_()
+        for state in self.recurrent.values():
+            for t in state.tensors.values():
+                t.zero_()
+
     def check_room(self, n: int) -> None:
         """Raise unless n more positions fit."""
         if self.length + n > self.max_len:
