@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from graph_emulator import HostReadInCapture, emulated_capture
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mobile_moe import LLM, engine_config
 from mobile_moe.bench.bench import BenchSettings, run_bench
@@ -120,3 +121,33 @@ def test_bench_compares_resident_decoding_with_and_without_graphs(checkpoints):
     replayed = re.search(r"(\d+) of (\d+) decode passes replayed from CUDA graphs", systems["resident+graphs"]["note"])
     assert replayed and 0 < int(replayed[1]) < int(replayed[2]) and "capture failed" not in systems["resident+graphs"]["note"]
     assert "replayed" not in systems["resident"]["note"]
+
+
+class PoolReads(TorchDispatchMode):
+    """Records the indexing ops that copy expert weight matrices [S, out, in] out of the slot pool (biases [S, out] are
+    small and gathered per row)."""
+
+    def __init__(self, pool: torch.Tensor) -> None:
+        super().__init__()
+        self.pool = pool.untyped_storage().data_ptr()
+        self.copies: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if func in (torch.ops.aten.index_select.default, torch.ops.aten.index.Tensor) and args[0].dim() == 3 \
+                and args[0].untyped_storage().data_ptr() == self.pool:
+            self.copies.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "gpt_oss"])  # plain experts; experts with biases
+def test_resident_float_experts_are_read_in_place_by_grouped_matmuls(checkpoints, arch: str):
+    """Where grouped matmuls run (CUDA, after the probe; forced here), a resident decode pass reads its experts where they
+    lie: offsets built on the device, no weight gathered, and it replays from a capture with the host-planned tokens."""
+    planned, graphs = _resident(checkpoints[arch], None), DecodeGraphs(emulated_capture)
+    planned.runner.executor.device_indexed, planned.runner.executor.grouped = False, True
+    grouped = _resident(checkpoints[arch], graphs)
+    grouped.runner.executor.grouped = True
+    with PoolReads(grouped.cache.pool) as reads:
+        got = grouped.generate([5, 6, 7, 8], SAMPLING)
+    assert got.token_ids == planned.generate([5, 6, 7, 8], SAMPLING).token_ids
+    assert reads.copies == [] and graphs.failed is None and got.stats.graph_replays > 0

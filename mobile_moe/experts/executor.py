@@ -96,13 +96,38 @@ class ExpertExecutor:
         if self.pooled is not None:  # compiled: the slot ids stay on the device
             return self._pooled(x, cache.slot_rows[layer][indices[0]], weights)
         if self.device_indexed:
-            return self._gathered(x, cache.slot_rows[layer][indices[0]], weights)
+            slots = cache.slot_rows[layer][indices[0]]  # [n] on the device
+            return self._grouped_in_place(x, slots, weights) if self.grouped else self._gathered(x, slots, weights)
         slots = cache.slot_rows[layer][indices[0]].tolist()  # rank order
         return combine([self._expert(x, slot) for slot in slots], weights, x.dtype)
 
+    def _grouped_in_place(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x: [1, H], slots [n] on the device (rank order, distinct), weights [1, n] -> [1, H]: float experts read in place by
+        two grouped matmuls over the whole pool (empty groups read nothing), their offsets built on the device: no host read
+        and no copy of the weights, so a CUDA graph can hold it."""
+        ordered, order = slots.sort()  # [n]: grouped_mm wants rows in slot order
+        per_slot = torch.zeros(self.cache.num_slots, dtype=torch.int64, device=x.device).index_add_(0, ordered, torch.ones_like(ordered))  # [S]
+        y = self._grouped_pool(x.expand(slots.shape[0], -1), per_slot, ordered if self.bias else None)  # [n, H], slot order
+        return combine([torch.empty_like(y).index_copy_(0, order, y)], weights, x.dtype)  # rows back in rank order
+
+    def _grouped_pool(self, xs: torch.Tensor, per_slot: torch.Tensor, row_slot: torch.Tensor | None) -> torch.Tensor:
+        """xs: [P, H] rows in slot order, per_slot [S] rows of each slot, row_slot [P] each row's slot -> expert outputs
+        [P, H]: two grouped matmuls over the whole slot pool (group s holds slot s's rows; most are empty)."""
+        offs = per_slot.cumsum(0).to(torch.int32)  # [S] end row of each slot's group
+        gate_up_w, down_w = self.cache.fields["gate_up"][0], self.cache.fields["down"][0]  # [S, 2I, H], [S, H, I]
+        gate_up = torch._grouped_mm(xs.contiguous(), gate_up_w.transpose(1, 2), offs=offs)  # [P, 2I]
+        if row_slot is not None:  # each row adds its slot's biases
+            gate_up = gate_up + self.cache.fields["gate_up"][-1][row_slot].to(gate_up.dtype)
+        gate, up = gate_up.chunk(2, dim=-1)
+        y = torch._grouped_mm(gated(self.act, gate, up).contiguous(), down_w.transpose(1, 2), offs=offs)  # [P, H]
+        if row_slot is not None:
+            y = y + self.cache.fields["down"][-1][row_slot].to(y.dtype)
+        return y
+
     def _gathered(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [1, H], slots [n] on the device (rank order), weights [1, n] -> [1, H]: each field of the n experts gathered by
-        one indexed copy, then each expert through its format's matmul; no host read, so a CUDA graph can hold it."""
+        one indexed copy, then each expert through its format's matmul; no host read, so a CUDA graph can hold it. The
+        quantized formats' path: a float pool reads its experts in place (`_grouped_in_place`)."""
         gathered = {m: [f.index_select(0, slots) for f in self.cache.fields[m]] for m in MATRICES}  # [n, ...] per field
         outs = []
         for i in range(slots.shape[0]):
@@ -168,19 +193,11 @@ class ExpertExecutor:
         starts = [0, *accumulate(counts)]
         rows = [r for i in order for r in range(starts[i], starts[i] + counts[i])]
         transfer = self.cache.transfer
-        row_index = transfer.to_device(rows)
+        row_index = transfer.to_device(rows)  # [Pg]
         per_slot = torch.zeros(self.cache.num_slots, dtype=torch.int64, device=xs.device)
         per_slot[transfer.to_device([slots[i] for i in order])] = transfer.to_device([counts[i] for i in order])
-        offs = per_slot.cumsum(0).to(torch.int32)  # [S] end row of each slot's group
-        gate_up_w, down_w = self.cache.fields["gate_up"][0], self.cache.fields["down"][0]  # [S, 2I, H], [S, H, I]
-        gate_up = torch._grouped_mm(xs[row_index], gate_up_w.transpose(1, 2), offs=offs)  # [Pg, 2I]
-        if self.bias:  # each row adds its slot's biases
-            row_slot = torch.repeat_interleave(torch.arange(self.cache.num_slots, device=xs.device), per_slot)  # [Pg]
-            gate_up = gate_up + self.cache.fields["gate_up"][-1][row_slot].to(gate_up.dtype)
-        gate, up = gate_up.chunk(2, dim=-1)
-        y = torch._grouped_mm(gated(self.act, gate, up).contiguous(), down_w.transpose(1, 2), offs=offs)  # [Pg, H]
-        if self.bias:
-            y = y + self.cache.fields["down"][-1][row_slot].to(y.dtype)
+        row_slot = transfer.to_device([slots[i] for i in order for _ in range(counts[i])]) if self.bias else None  # [Pg]
+        y = self._grouped_pool(xs[row_index], per_slot, row_slot)  # [Pg, H]
         return torch.empty_like(y).index_copy_(0, row_index, y)  # back to the caller's row order
 
 
