@@ -21,7 +21,7 @@ LEARNED_VERSION = 1
 
 @dataclass(frozen=True)
 class LearnedImportance:
-    """A fitted logistic model of P(little's token differs from big's) over named step signals (DESIGN.md §1).
+    """A fitted logistic model of P(little's token differs from big's) over named step signals (docs/design.md §1).
 
     confidence = 1 - sigmoid(bias + sum_i weights[i] * (signal_i - mean[i]) / scale[i]).
     """
@@ -82,7 +82,7 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """Which experts each pass uses (DESIGN.md §1)."""
+    """Which experts each pass uses (docs/design.md §1)."""
 
     name: PolicyName = "big"
     tau: float | None = None  # None: the model's calibrated tau, else 0.9 (resolved by the engine)

@@ -41,7 +41,7 @@ def test_synthetic_shapes_keep_structure_when_shrunk(name):
 
 
 def test_full_size_expert_bytes_match_the_calibrated_shapes():
-    """bf16 expert sizes equal the ones measured on the H200 (shared/hardware/h200-calibration.json)."""
+    """bf16 expert sizes equal the ones measured on the H200 (docs/design.md §8)."""
     sizes = {"olmoe-1b-7b": 12582912, "qwen1.5-moe-a2.7b": 17301504, "deepseek-v2-lite": 17301504, "qwen3-30b-a3b": 9437184, "mixtral-8x7b": 352321536}
     for name, expected in sizes.items():
         cfg = synthetic_config(name)

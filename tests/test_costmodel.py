@@ -112,7 +112,7 @@ def test_launches_and_syncs_are_charged_from_counts():
 
 
 def test_h200_profile_reproduces_the_calibrated_copy_times():
-    """shared/hardware/h200-calibration.json, pinned [GB/s, ms per copy] of expert-sized buffers."""
+    """The H200 copies of docs/design.md §8, pinned [GB/s, ms per copy] of expert-sized buffers."""
     h200 = PROFILES["h200"]
     for nbytes, ms in ((9437184, 0.174), (12582912, 0.231), (17301504, 0.316), (352321536, 6.366)):
         assert nbytes / (h200.link_gbps * 1e9) + h200.copy_latency_us * 1e-6 == pytest.approx(ms * MS, rel=0.01)

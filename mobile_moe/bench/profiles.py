@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 # Per eager kernel launch: the H200 calibration times one eager SwiGLU expert at batch 1 at 77-80 us for 9-17 MB
-# experts (shared/hardware/h200-calibration.json, expert_ffn_us); weight reads take 2-4 us of that at 4.8 TB/s and
+# experts (docs/design.md §8, expert_ffn_us); weight reads take 2-4 us of that at 4.8 TB/s and
 # such an expert launches 5 kernels (3 linear, silu, mul: costinputs.swiglu_expert_launches), so ~15 us per launch.
 # Consumer cards: assumed the same (a launch costs host time, not GPU time).
 LAUNCH_US = 15.0
@@ -48,7 +48,7 @@ PROFILES: Mapping[str, HardwareProfile] = MappingProxyType({
 
 
 # The disk tier on a CPU: the "link" is the SSD (experts read into the host cache, which compute reads in place).
-# Per-op cost on this project's CPU: one small F.linear dispatches in 6-8 us (README, Performance); a host "sync"
+# Per-op cost on this project's CPU: one small F.linear dispatches in 6-8 us (docs/performance.md); a host "sync"
 # costs nothing there. Disk profiles' link rates: this machine's O_DIRECT probe at the record size, and public specs.
 CPU_OP_US = 6.0
 DISK_LINKS_GBPS: Mapping[str, float] = MappingProxyType({"nvme-pcie4": 7.0, "sata-ssd": 0.5})

@@ -1,4 +1,4 @@
-"""Continuous batching (DESIGN.md §1 at batch B): rows join and leave between steps; each step prefills one prompt
+"""Continuous batching (docs/design.md §1 at batch B, §6): rows join and leave between steps; each step prefills one prompt
 chunk of a joining row, then decodes every decoding row in one batched pass, with MoBiLE decided per row.
 
 A step's first pass runs each row with its policy's experts (little for little and mobile rows, big for big rows,

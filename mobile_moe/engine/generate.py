@@ -1,4 +1,4 @@
-"""The decode loop shared by all policies (DESIGN.md §1)."""
+"""The decode loop shared by all policies (docs/design.md §1)."""
 
 from __future__ import annotations
 

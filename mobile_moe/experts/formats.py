@@ -24,7 +24,7 @@ from mobile_moe.config import EXPERT_DTYPES
 from mobile_moe.errors import CheckpointError, InvalidParameter
 
 FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DEFAULT_GROUP_SIZE = 64  # int4: measured on the demo model (README); 64 keeps int4 under 0.3x the bytes of bf16
+DEFAULT_GROUP_SIZE = 64  # int4: measured on the demo model (docs/evaluation.md); 64 keeps int4 under 0.3x the bytes of bf16
 QUANT_METHOD = "mobile-moe"  # quantization_config.quant_method of checkpoints `mobile-moe quantize` writes
 MXFP4_METHOD = "mxfp4"  # quantization_config.quant_method of the hub's gpt-oss checkpoints
 MX_BLOCK = 32  # values sharing one E8M0 exponent (OCP Microscaling)

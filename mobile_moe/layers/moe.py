@@ -21,7 +21,7 @@ class ExpertMode(Enum):
 
 @dataclass(frozen=True)
 class RouterSpec:
-    """How an architecture turns router logits into experts and weights (DESIGN.md §3)."""
+    """How an architecture turns router logits into experts and weights (docs/design.md §3)."""
 
     num_experts: int
     top_k: int
