@@ -42,7 +42,7 @@ PROFILES: Mapping[str, HardwareProfile] = MappingProxyType({
     "rtx4060ti-16gb": HardwareProfile("rtx4060ti-16gb", link_gbps=12.5, mem_gbps=288.0, source=(
         "public specs: PCIe 4.0 x8 (15.8 GB/s raw, ~12.5 GB/s pinned in practice), GDDR6 288 GB/s; " + _CONSUMER)),
     "h200": HardwareProfile("h200", link_gbps=55.4, mem_gbps=4800.0, source=(
-        "link and per-copy latency: fit to shared/hardware/h200-calibration.json pinned copies (PCIe Gen5 x16, "
+        "link and per-copy latency: fit to measured pinned copies on an H200 (docs/design.md §8; PCIe Gen5 x16, "
         "54.3-55.4 GB/s measured for 9-336 MiB); launch cost from its expert_ffn_us; HBM3e 4.8 TB/s public spec")),
 })
 
