@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from graph_emulator import CaptureRefused, HostDataInCapture, HostReadInCapture, SyncInCapture, emulated_capture
+from test_formats import mxfp4_checkpoints
 
 from mobile_moe import LLM, engine_config
 from mobile_moe.bench.bench import BenchSettings, run_bench
@@ -44,6 +45,18 @@ def test_replayed_decode_passes_give_eager_tokens_fallbacks_and_hits(checkpoints
         assert replayed.cache.stats.hits - hits[1] == eager.cache.stats.hits - hits[0]
     assert graphs.failed is None and graphs.replays >= 10
     assert {key[0].value for key in graphs.passes} == {"big", "little"} and {key[-1] for key in graphs.passes} >= {8, 16}
+
+
+def test_mxfp4_experts_decode_from_captured_graphs_as_eagerly(checkpoints, tmp_path):
+    """MXFP4 experts dequantize through a lookup table made once per device, not from host data in every pass (a pageable
+    copy a capture refuses, which turned `--cuda-graphs` off for every gpt-oss checkpoint)."""
+    mx, _ = mxfp4_checkpoints(checkpoints["gpt_oss"], tmp_path)
+    graphs = DecodeGraphs(emulated_capture)
+    eager, replayed = _resident(mx, None), _resident(mx, graphs)
+    assert str(replayed.loaded.store.format) == "mxfp4"
+    for policy in (PolicyConfig("big"), MOBILE):
+        assert replayed.generate([5, 6, 7, 8], SAMPLING, policy).token_ids == eager.generate([5, 6, 7, 8], SAMPLING, policy).token_ids
+    assert graphs.failed is None and graphs.replays >= 10
 
 
 def test_a_captured_pass_with_a_host_read_inside_falls_back_to_eager_with_a_warning(checkpoints, caplog):
