@@ -7,9 +7,11 @@ import logging
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from graph_emulator import HostReadInCapture, emulated_capture
+from graph_emulator import CaptureRefused, HostDataInCapture, HostReadInCapture, SyncInCapture, emulated_capture
+from test_formats import mxfp4_checkpoints
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mobile_moe import LLM, engine_config
@@ -46,6 +48,18 @@ def test_replayed_decode_passes_give_eager_tokens_fallbacks_and_hits(checkpoints
     assert {key[0].value for key in graphs.passes} == {"big", "little"} and {key[-1] for key in graphs.passes} >= {8, 16}
 
 
+def test_mxfp4_experts_decode_from_captured_graphs_as_eagerly(checkpoints, tmp_path):
+    """MXFP4 experts dequantize through a lookup table made once per device, not from host data in every pass (a pageable
+    copy a capture refuses, which turned `--cuda-graphs` off for every gpt-oss checkpoint)."""
+    mx, _ = mxfp4_checkpoints(checkpoints["gpt_oss"], tmp_path)
+    graphs = DecodeGraphs(emulated_capture)
+    eager, replayed = _resident(mx, None), _resident(mx, graphs)
+    assert str(replayed.loaded.store.format) == "mxfp4"
+    for policy in (PolicyConfig("big"), MOBILE):
+        assert replayed.generate([5, 6, 7, 8], SAMPLING, policy).token_ids == eager.generate([5, 6, 7, 8], SAMPLING, policy).token_ids
+    assert graphs.failed is None and graphs.replays >= 10
+
+
 def test_a_captured_pass_with_a_host_read_inside_falls_back_to_eager_with_a_warning(checkpoints, caplog):
     """On CPU the resident path reads its slots on the host: the capture refuses it, decoding stays right."""
     graphs = DecodeGraphs(emulated_capture)
@@ -80,6 +94,77 @@ def test_the_emulated_capture_freezes_host_values_as_a_cuda_graph_does():
     for read in (lambda: x * float(x.sum()), lambda: x[x.argmax().tolist()], lambda: x * x.sum().item()):
         with pytest.raises(HostReadInCapture):
             emulated_capture(read)
+
+
+def test_the_emulated_capture_leaves_garbage_until_the_first_replay_which_writes_into_the_captured_tensors():
+    """CUDA records without running: what the capture made holds garbage until a replay writes it, in place."""
+    x = torch.arange(4.0)
+    replay, out = emulated_capture(lambda: (x * 2, (x * 3).long()))
+    doubled, tripled = out
+    assert doubled.isnan().all() and (tripled == torch.iinfo(torch.int64).max).all()
+    where, view = (doubled.data_ptr(), tripled.data_ptr()), doubled[1:]  # a view taken before the replay sees its results
+    replay()
+    assert doubled.tolist() == [0.0, 2.0, 4.0, 6.0] and tripled.tolist() == [0, 3, 6, 9] and view.tolist() == [2.0, 4.0, 6.0]
+    assert (doubled.data_ptr(), tripled.data_ptr()) == where
+
+
+X = torch.arange(6.0)
+REFUSED = {  # what a CUDA stream being captured refuses (or syncs on), and the error naming it
+    "nonzero": (lambda: X.nonzero(), SyncInCapture, "nonzero"),
+    "nonzero as a tuple": (lambda: X.nonzero(as_tuple=True), SyncInCapture, "nonzero"),
+    "where(condition)": (lambda: torch.where(X > 2), SyncInCapture, "where|nonzero"),  # whole under inference mode, else nonzero
+    "argwhere": (lambda: torch.argwhere(X), SyncInCapture, "argwhere|nonzero"),
+    "masked_select": (lambda: X.masked_select(X > 2), SyncInCapture, "masked_select"),
+    "a boolean mask index": (lambda: X[X > 2], SyncInCapture, r"index\.Tensor with a boolean mask"),
+    "a write through a boolean mask": (lambda: X.clone().__setitem__(X > 2, 0.0), SyncInCapture, r"index_put_\.default with a boolean mask"),
+    "repeat_interleave(tensor repeats)": (lambda: X.repeat_interleave(torch.ones(6, dtype=torch.long)), SyncInCapture, "repeat_interleave"),
+    "repeat_interleave(repeats)": (lambda: torch.repeat_interleave(torch.ones(6, dtype=torch.long)), SyncInCapture, "repeat_interleave"),
+    "unique": (lambda: torch.unique(X), SyncInCapture, "unique"),
+    "unique along a dim": (lambda: torch.unique(X.view(2, 3), dim=0), SyncInCapture, "unique_dim"),
+    "unique_consecutive": (lambda: torch.unique_consecutive(X), SyncInCapture, "unique_consecutive"),
+    "bincount, even with a minlength": (lambda: torch.bincount(X.long(), minlength=8), SyncInCapture, "bincount"),
+    "multinomial": (lambda: torch.multinomial(X + 1, 1), SyncInCapture, "multinomial"),
+    "equal": (lambda: torch.equal(X, X + 1), SyncInCapture, "equal"),
+    "cpu()": (lambda: X.cpu(), HostReadInCapture, r"Tensor\.cpu"),
+    "to('cpu')": (lambda: X.to("cpu"), HostReadInCapture, r"Tensor\.to "),
+    "to(device=cpu)": (lambda: X.to(device=torch.device("cpu"), dtype=torch.float64), HostReadInCapture, r"Tensor\.to "),
+    "numpy()": (lambda: X.numpy(), HostReadInCapture, r"Tensor\.numpy"),
+    "tolist()": (lambda: X.tolist(), HostReadInCapture, r"Tensor\.tolist"),
+    "item()": (lambda: X.sum().item(), HostReadInCapture, r"Tensor\.item|aten\.item"),
+    "torch.tensor(list)": (lambda: torch.tensor([1.0, 2.0]), HostDataInCapture, "tensor"),
+    "torch.tensor(scalar, like a device)": (lambda: X * torch.tensor(2.0, device=X.device), HostDataInCapture, "tensor"),
+    "torch.as_tensor(list)": (lambda: torch.as_tensor([1, 2]), HostDataInCapture, "as_tensor"),
+    "torch.from_numpy": (lambda: torch.from_numpy(np.ones(2)), HostDataInCapture, "lift_fresh"),  # bypasses torch function modes
+    "new_tensor": (lambda: X.new_tensor([1.0]), HostDataInCapture, "new_tensor"),
+    "a list index": (lambda: X[[0, 2]], HostDataInCapture, "__getitem__ with a list"),
+}
+
+
+@pytest.mark.parametrize("inference", [False, True], ids=["grad", "inference"])  # inference mode hands composite ops over whole
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_the_emulated_capture_refuses_what_cuda_capture_refuses_naming_the_op(case: str, inference: bool):
+    fn, error, name = REFUSED[case]
+    state = torch.zeros(2)
+    with torch.inference_mode(inference), pytest.raises(error, match=name):
+        emulated_capture(lambda: (state.add_(1), fn()))
+    assert issubclass(error, CaptureRefused) and state.tolist() == [0.0, 0.0]  # the refused capture left no effect
+
+
+@pytest.mark.parametrize("inference", [False, True], ids=["grad", "inference"])
+def test_the_emulated_capture_allows_what_cuda_capture_allows(inference: bool):
+    """Fixed-shape ops on device values: int repeats, tensor repeats with their output size, a long index, a scalar write."""
+    x, index = torch.arange(6.0), torch.tensor([4, 0])
+
+    def fn() -> torch.Tensor:
+        y = x.repeat_interleave(2) + x.repeat_interleave(torch.full((6,), 2), output_size=12)  # [12]
+        y[0] = -1.0
+        return torch.cat((y, x[index], torch.as_tensor(x).to(torch.float64).float()))  # [20]
+
+    with torch.inference_mode(inference):
+        want = fn()
+        replay, got = emulated_capture(fn)
+        replay()
+    assert torch.equal(got, want)
 
 
 def test_a_second_identical_request_replays_the_first_ones_captures(checkpoints):

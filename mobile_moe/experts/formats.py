@@ -187,6 +187,17 @@ class Mxfp4Format(ExpertFormat):
 
     name = "mxfp4"
 
+    def __init__(self) -> None:
+        self._luts: dict[torch.device, torch.Tensor] = {}  # device -> the code values, copied from the host once
+
+    def lut(self, device: torch.device) -> torch.Tensor:
+        """The values of the 16 E2M1 codes [16] float32 on `device`, made once per device: a copy from the host in every
+        dequantization syncs, and a captured CUDA graph refuses it."""
+        lut = self._luts.get(device)
+        if lut is None:
+            lut = self._luts[device] = torch.tensor(FP4_VALUES + tuple(-v for v in FP4_VALUES), dtype=torch.float32, device=device)
+        return lut
+
     def check(self, out: int, inp: int, what: str) -> None:
         if inp % MX_BLOCK:
             raise InvalidParameter(f"mxfp4 blocks of {MX_BLOCK} do not divide the input dim {inp} of the {what} projection")
@@ -208,8 +219,7 @@ class Mxfp4Format(ExpertFormat):
     def dequantize(self, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         blocks, scales = parts
         *lead, out, groups, half = blocks.shape
-        lut = torch.tensor(FP4_VALUES + tuple(-v for v in FP4_VALUES), dtype=torch.float32, device=blocks.device)
-        values = lut[unpack_int4(blocks).int()]  # [..., out, G, 32]
+        values = self.lut(blocks.device)[unpack_int4(blocks).int()]  # [..., out, G, 32]
         w = torch.ldexp(values, scales.int()[..., None] - 127)
         return w.view(*lead, out, groups * 2 * half).to(dtype)
 
