@@ -108,3 +108,17 @@ def test_all_resident_decode_reads_the_host_at_most_twice_per_token(checkpoints,
     assert want.stats.decode_host_syncs > 2 * decode_steps  # the offloaded path reads each MoE layer's choice
     if policy == "mobile":
         assert got.stats.fallback_tokens == want.stats.fallback_tokens > 0
+
+
+def test_int8_experts_use_the_kernel_only_for_input_widths_it_computes_right(checkpoints):
+    """torch's CPU int8 kernel reads its input in steps of 16: at width 24 it returns inf/NaN (or crashes on a view).
+    Mixtral's test experts have down matrices of input width 24: int8 then takes the reference path, and stays close to
+    the float model."""
+    assert compute_format(Int8Format(), torch.bfloat16, CPU, [(48, 32), (32, 24)]) is None
+    assert isinstance(compute_format(Int8Format(), torch.bfloat16, CPU, [(48, 32), (32, 16)]), FusedInt8)
+    ids = [5, 6, 7, 8]
+    want = LLM(checkpoints["mixtral"], engine_config(progress=False, dtype="bfloat16")).logits(ids).float()
+    llm = LLM(checkpoints["mixtral"], engine_config(progress=False, dtype="bfloat16", expert_dtype="int8"))
+    got = llm.logits(ids).float()
+    assert llm.loaded.store.format.layout_id == "int8"  # unfused
+    assert torch.isfinite(got).all() and (got - want).abs().max() < 0.1 * want.abs().max()

@@ -283,6 +283,9 @@ def kernel_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.float32 else dtype
 
 
+INT8_KERNEL_STEP = 16  # `_weight_int8pack_mm` on CPU is right only for input widths that are multiples of this
+
+
 def compute_format(fmt: ExpertFormat, dtype: torch.dtype, device: torch.device, shapes: list[tuple[int, int]]) -> FusedFormat | None:
     """The fused layout to repack `fmt` experts into for compute in `dtype` on `device`, or None (keep the reference path).
 
@@ -291,8 +294,8 @@ def compute_format(fmt: ExpertFormat, dtype: torch.dtype, device: torch.device, 
         return cuda_int4(fmt, dtype, device, shapes)
     if device.type != "cpu" or dtype not in FUSED_DTYPES or not fused_kernels_available():
         return None
-    if type(fmt) is Int8Format:
-        return FusedInt8(kernel_dtype(dtype))
+    if type(fmt) is Int8Format:  # the kernel reads inputs in steps of 16: other widths give inf/NaN or crash
+        return FusedInt8(kernel_dtype(dtype)) if all(inp % INT8_KERNEL_STEP == 0 for _, inp in shapes) else None
     if type(fmt) is Int4Format and fmt.group_size in INT4_KERNEL_GROUPS:
         if not all(inp % fmt.group_size == 0 and out % 2 == 0 for out, inp in shapes):
             return None
