@@ -19,7 +19,7 @@ from torch._inductor.utils import run_and_get_code
 from mobile_moe import LLM, engine_config
 from mobile_moe.bench.costinputs import count_decode_ops
 from mobile_moe.bench.synthetic import build_synthetic
-from mobile_moe.layers.moe import ExpertMode
+from mobile_moe.engine.passes import BIG
 
 KERNEL_CALL = re.compile(r"^\s+(?:\w+ = )?(cpp_fused_\w+|triton_\w+|extern_kernels\.\w+|torch\.ops\.\w+\.\w+(?:\.\w+)?)[.(]", re.M)
 
@@ -43,12 +43,12 @@ def main() -> None:
     llm.cache.load_all()
     runner, info = llm.runner, loaded.model.info
     kv = runner.new_kv(64)
-    runner.forward(runner.ids([3, 4, 5]), kv, ExpertMode.BIG)
+    runner.forward(runner.ids([3, 4, 5]), kv, BIG)
     for token in (6, 7):  # the first two decode steps compile (static, then a dynamic length)
-        runner.forward(runner.ids([token]), kv, ExpertMode.BIG)
+        runner.forward(runner.ids([token]), kv, BIG)
     torch._dynamo.reset()  # compile once more, capturing the code of the dynamic-length graphs a long decode runs
-    runner.forward(runner.ids([8]), kv, ExpertMode.BIG)
-    _, codes = run_and_get_code(lambda: runner.forward(runner.ids([9]), kv, ExpertMode.BIG))
+    runner.forward(runner.ids([8]), kv, BIG)
+    _, codes = run_and_get_code(lambda: runner.forward(runner.ids([9]), kv, BIG))
     per_layer = max((kernel_calls(code) for code in codes), key=len)
     outside = count_decode_ops(llm).per_pass
     layers = len(loaded.model.model.layers)

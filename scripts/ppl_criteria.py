@@ -28,7 +28,7 @@ EXCESS = 0.01
 
 def score_source(llm: LLM, texts: list[str], tokens: int) -> Positions:
     """Teacher-forced big and little over `tokens` positions of windows drawn from the texts (seed 1: not eval's windows)."""
-    eos, k = list(llm.eos_token_ids[:1]), llm.runner.little_k
+    eos, k = list(llm.eos_token_ids[:1]), llm.runner.default_little_k
     rows: dict[str, list[torch.Tensor]] = {"sig": [], "big": [], "little": [], "differs": [], "kl": []}
     for _, ids in sample_windows([llm.encode(t) + eos for t in texts], PPL_WINDOW, tokens, seed=1):
         target = torch.tensor(ids[1:])[:, None]

@@ -16,6 +16,7 @@ from test_serve import serving
 from mobile_moe import LLM, PolicyConfig, SamplingParams, engine_config
 from mobile_moe.engine.calibration import DEMO_MODEL
 from mobile_moe.layers.kv_cache import BatchKV
+from mobile_moe.engine.passes import PassSpec
 from mobile_moe.layers.moe import ExpertMode
 from mobile_moe.policy.governor import LittleGovernor, bucket
 
@@ -78,7 +79,7 @@ def test_a_fallback_recomputes_only_its_own_rows(checkpoints):
     prompts = PROMPTS[:4]
     passes: list[int] = []  # rows of each batched pass
     real = llm.runner.forward_rows
-    llm.runner.forward_rows = lambda ids, batch, little, record=False: passes.append(len(batch)) or real(ids, batch, little, record)
+    llm.runner.forward_rows = lambda ids, batch, little, spec: passes.append(len(batch)) or real(ids, batch, little, spec)
     together = llm.generate(prompts, SAMPLING, policies)
     llm.runner.forward_rows = real
     alone = [llm.generate(p, SAMPLING, pol) for p, pol in zip(prompts, policies)]
@@ -96,11 +97,11 @@ def test_bfloat16_batches_agree_with_solo_runs_within_rounding(checkpoints):
     runner, pool = llm.runner, llm.runner.new_pool(2, 16)  # one step's logits: two rows together against each row alone
     caches = [pool.row(i, {}) for i in range(2)]
     for cache, prompt in zip(caches, PROMPTS[:2]):
-        runner.forward(torch.tensor(prompt), cache, ExpertMode.BIG)
-    together_logits = runner.forward_rows(torch.tensor([5, 6]), BatchKV(pool, [0, 1], caches, runner.ids), [False, False]).float()  # [2, V]
+        runner.forward(torch.tensor(prompt), cache, PassSpec(ExpertMode.BIG))
+    together_logits = runner.forward_rows(torch.tensor([5, 6]), BatchKV(pool, [0, 1], caches, runner.ids), [False, False], PassSpec()).float()  # [2, V]
     for cache in caches:
         cache.rewind(1)
-    alone_logits = torch.stack([runner.forward_rows(torch.tensor([t]), BatchKV(pool, [i], [caches[i]], runner.ids), [False])[0].float() for i, t in enumerate([5, 6])])
+    alone_logits = torch.stack([runner.forward_rows(torch.tensor([t]), BatchKV(pool, [i], [caches[i]], runner.ids), [False], PassSpec())[0].float() for i, t in enumerate([5, 6])])
     assert (together_logits - alone_logits).abs().max() <= 0.05 * alone_logits.abs().max()  # bf16: within 5% of the logit range
 
 

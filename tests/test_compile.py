@@ -12,6 +12,7 @@ from mobile_moe import LLM, engine_config
 from mobile_moe.config import PolicyConfig, SamplingParams
 from mobile_moe.engine.runner import pooled_layer, routed_segment
 from mobile_moe.experts.dispatch import combine, pool_experts
+from mobile_moe.engine.passes import PassSpec
 from mobile_moe.layers.moe import ExpertMode
 from mobile_moe.models.transformer import before_experts
 
@@ -117,10 +118,10 @@ def test_fixed_span_decode_reuses_one_compiled_graph_per_bucket_and_decodes_like
     prompt = [3, 4, 5, 6, 7]
     want = eager.generate(prompt, SamplingParams(max_new_tokens=10, temperature=0.0, stop_at_eos=False))
     kv = runner.new_kv(32)
-    runner.forward(runner.ids(prompt), kv, ExpertMode.BIG)  # the prompt (eager)
+    runner.forward(runner.ids(prompt), kv, PassSpec(ExpertMode.BIG))  # the prompt (eager)
     token = runner.ids([want.token_ids[0]])
-    got = [int(runner.forward(token, kv, ExpertMode.BIG).argmax())]  # the first decode step compiles the bucket's graphs
+    got = [int(runner.forward(token, kv, PassSpec(ExpertMode.BIG)).argmax())]  # the first decode step compiles the bucket's graphs
     with torch.compiler.set_stance("fail_on_recompile"):  # positions 6..14: the same 16-key bucket
         for t in want.token_ids[1:-1]:
-            got.append(int(runner.forward(runner.ids([t]), kv, ExpertMode.BIG).argmax()))
+            got.append(int(runner.forward(runner.ids([t]), kv, PassSpec(ExpertMode.BIG)).argmax()))
     assert got == want.token_ids[1:]

@@ -344,8 +344,6 @@ def _damage_every_record(raw: bytes, store: Path) -> bytearray:
 def test_a_store_built_for_the_disk_is_not_page_locked_on_cuda():
     """Records only pass through the staging store on their way to disk, one layer at a time: pinning it would lock every
     expert in RAM (locked pages cannot be released per layer). Copies to the device come from the disk tier's own buffers."""
-    from mobile_moe.experts.store import pins_host_store
-
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert pins_host_store(cuda, building_on_disk=False)
     assert not pins_host_store(cuda, building_on_disk=True)

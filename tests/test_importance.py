@@ -15,6 +15,7 @@ from mobile_moe.engine.calibration import CALIBRATION_FILE, read_calibration, re
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.eval.learned import StepData, auc, feature_report, fit
 from mobile_moe.eval.quality import learned_confidence, sample_windows, variant_name
+from mobile_moe.engine.passes import PassSpec
 from mobile_moe.layers.moe import ExpertMode
 from mobile_moe.policy.importance import SIGNALS, differs_probability, signal_confidence, step_signals
 from mobile_moe.policy.little import prefer_resident, runs_big_here
@@ -183,9 +184,9 @@ def test_teacher_forced_learned_confidence_equals_each_decode_steps_own(checkpoi
                                 tuple((-1) ** i * 0.3 for i in range(len(SIGNALS))), 0.2)
     logits, gates = llm.routed_logits(PROMPT, "little")  # [T, V], [T, L, k]
     assert gates.shape == (len(PROMPT), len(llm.info.moe_layers), llm.info.top_k)
-    got = learned_confidence(logits, gates, llm.runner.little_k, learned)
+    got = learned_confidence(logits, gates, llm.runner.default_little_k, learned)
     for t in (0, 3, len(PROMPT) - 1):
         kv = llm.runner.new_kv(t + 1)
-        step = llm.runner.forward(torch.tensor(PROMPT[: t + 1]), kv, ExpertMode.LITTLE, record=True)  # [V]
-        want = signal_confidence(step_signals(step, llm.runner.logged_weights(), llm.runner.little_k), "learned", learned)
+        step = llm.runner.forward(torch.tensor(PROMPT[: t + 1]), kv, PassSpec(ExpertMode.LITTLE, record=True))  # [V]
+        want = signal_confidence(step_signals(step, llm.runner.logged_weights(), llm.runner.default_little_k), "learned", learned)
         torch.testing.assert_close(got[t], want, rtol=1e-4, atol=1e-5)

@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mobile_moe.layers.attention import AttentionInput, MLADims, MLAttention
 from mobile_moe.layers.kv_cache import KVCache
+from mobile_moe.engine.passes import PassSpec
 from mobile_moe.layers.moe import ExpertMode
 
 PROMPT = [5, 17, 33, 8, 61, 12]
@@ -27,10 +28,10 @@ def run(llm, absorb: bool | None) -> torch.Tensor:
         m.absorb = absorb
     runner = llm.runner
     kv = runner.new_kv(len(PROMPT) + len(DECODE) + 3)
-    got = [runner.forward(torch.tensor(PROMPT), kv, ExpertMode.BIG)]
-    got += [runner.forward(torch.tensor([t]), kv, ExpertMode.BIG) for t in DECODE]
+    got = [runner.forward(torch.tensor(PROMPT), kv, PassSpec(ExpertMode.BIG))]
+    got += [runner.forward(torch.tensor([t]), kv, PassSpec(ExpertMode.BIG)) for t in DECODE]
     kv.rewind(1)
-    got += [runner.forward(torch.tensor([t]), kv, ExpertMode.BIG) for t in (9, 50, 2)]
+    got += [runner.forward(torch.tensor([t]), kv, PassSpec(ExpertMode.BIG)) for t in (9, 50, 2)]
     for m in mla_layers(llm):
         m.absorb = None
     return torch.stack(got)
@@ -53,11 +54,11 @@ def test_decode_never_applies_kv_b_proj(checkpoints, arch):
     hooks = [m.kv_b_proj.register_forward_hook(lambda _m, args, _o: rows.append(args[0].shape[0])) for m in mla_layers(llm)]
     try:
         kv = llm.runner.new_kv(len(PROMPT) + len(DECODE))
-        llm.runner.forward(torch.tensor(PROMPT), kv, ExpertMode.BIG)
+        llm.runner.forward(torch.tensor(PROMPT), kv, PassSpec(ExpertMode.BIG))
         assert rows == [len(PROMPT)] * len(hooks)
         rows.clear()
         for t in DECODE:
-            llm.runner.forward(torch.tensor([t]), kv, ExpertMode.BIG)
+            llm.runner.forward(torch.tensor([t]), kv, PassSpec(ExpertMode.BIG))
         assert rows == []
     finally:
         for h in hooks:

@@ -10,6 +10,7 @@ import torch
 from conftest import open_llm
 
 from mobile_moe import PolicyConfig, SamplingParams
+from mobile_moe.engine.passes import PassSpec
 from mobile_moe.layers.moe import ExpertMode
 from mobile_moe.policy.importance import confidence
 
@@ -50,16 +51,16 @@ def test_middle_tau_emits_little_or_big_token_and_counts_fallbacks(checkpoints, 
     # Replay the decode loop by hand: little pass, accept if confident, else rewind and take the big token.
     runner, tokens = llm.runner, result.token_ids
     kv = runner.new_kv(len(PROMPT) + len(tokens))
-    assert int(runner.forward(torch.tensor(PROMPT), kv, ExpertMode.BIG).argmax()) == tokens[0]
+    assert int(runner.forward(torch.tensor(PROMPT), kv, PassSpec(ExpertMode.BIG)).argmax()) == tokens[0]
     for i, step in enumerate(result.steps[1:], start=1):
         ids = torch.tensor([tokens[i - 1]])
-        little = runner.forward(ids, kv, ExpertMode.LITTLE)
+        little = runner.forward(ids, kv, PassSpec(ExpertMode.LITTLE))
         conf = confidence(little, "max_prob")
         assert step.confidence == pytest.approx(conf, abs=1e-6)
         assert step.fell_back == (conf < tau)
         if step.fell_back:
             kv.rewind(1)
-            expected = int(runner.forward(ids, kv, ExpertMode.BIG).argmax())
+            expected = int(runner.forward(ids, kv, PassSpec(ExpertMode.BIG)).argmax())
         else:
             expected = int(little.argmax())
         assert tokens[i] == expected
@@ -154,14 +155,14 @@ def test_hybrid_middle_tau_replays_with_snapshots(checkpoints):
     assert 0 < result.stats.fallback_tokens < SAMPLING.max_new_tokens - 1
     runner, tokens = llm.runner, result.token_ids
     kv = runner.new_kv(len(PROMPT) + len(tokens))
-    assert kv.recurrent and int(runner.forward(torch.tensor(PROMPT), kv, ExpertMode.BIG).argmax()) == tokens[0]
+    assert kv.recurrent and int(runner.forward(torch.tensor(PROMPT), kv, PassSpec(ExpertMode.BIG)).argmax()) == tokens[0]
     for i, step in enumerate(result.steps[1:], start=1):
         ids, before = torch.tensor([tokens[i - 1]]), kv.snapshot()
-        little = runner.forward(ids, kv, ExpertMode.LITTLE)
+        little = runner.forward(ids, kv, PassSpec(ExpertMode.LITTLE))
         assert step.fell_back == (confidence(little, "max_prob") < tau)
         if step.fell_back:
             kv.restore(before)
-            expected = int(runner.forward(ids, kv, ExpertMode.BIG).argmax())
+            expected = int(runner.forward(ids, kv, PassSpec(ExpertMode.BIG)).argmax())
         else:
             expected = int(little.argmax())
         assert tokens[i] == expected

@@ -8,6 +8,7 @@ from checkpoints import ARCHITECTURES, reference_model
 from conftest import little_k, open_llm, small_cache
 
 from mobile_moe import PolicyConfig, SamplingParams
+from mobile_moe.engine.passes import PassSpec
 from mobile_moe.layers.moe import ExpertMode
 
 PROMPT = [5, 17, 33, 8, 61, 12, 40, 3, 77, 21]
@@ -40,9 +41,9 @@ def test_big_stepwise_decode_matches_transformers(checkpoints, arch):
     expected, llm = reference_and_ours(checkpoints[arch])
     runner = llm.runner
     kv = runner.new_kv(len(PROMPT))
-    got = [runner.forward(torch.tensor(PROMPT[:4]), kv, ExpertMode.BIG)]
+    got = [runner.forward(torch.tensor(PROMPT[:4]), kv, PassSpec(ExpertMode.BIG))]
     for token in PROMPT[4:]:
-        got.append(runner.forward(torch.tensor([token]), kv, ExpertMode.BIG))
+        got.append(runner.forward(torch.tensor([token]), kv, PassSpec(ExpertMode.BIG)))
     torch.testing.assert_close(torch.stack(got), expected[3:], atol=ATOL, rtol=0)
 
 
@@ -108,6 +109,6 @@ def test_hybrid_long_prompt_in_pieces_matches_transformers(checkpoints, arch):
     expected = torch.cat((head.logits[0], tail.logits[0]))
     llm = open_llm(checkpoints[arch], expert_cache=small_cache(arch))
     kv = llm.runner.new_kv(len(prompt))
-    first = llm.runner.forward(torch.tensor(prompt[:70]), kv, ExpertMode.BIG, all_logits=True)
-    rest = llm.runner.forward(torch.tensor(prompt[70:]), kv, ExpertMode.BIG, all_logits=True)
+    first = llm.runner.forward(torch.tensor(prompt[:70]), kv, PassSpec(ExpertMode.BIG), all_logits=True)
+    rest = llm.runner.forward(torch.tensor(prompt[70:]), kv, PassSpec(ExpertMode.BIG), all_logits=True)
     torch.testing.assert_close(torch.cat((first, rest)), expected, atol=5e-4, rtol=0)

@@ -11,6 +11,7 @@ from conftest import open_llm
 
 from mobile_moe import PolicyConfig, SamplingParams
 from mobile_moe.errors import InvalidParameter
+from mobile_moe.engine.passes import PassSpec
 from mobile_moe.layers.moe import ExpertMode, Routing, RouterSpec, select
 from mobile_moe.policy.little import first_dropping_layer
 
@@ -70,17 +71,17 @@ def test_resumed_big_pass_equals_little_below_and_big_from_the_layer(checkpoints
     tokens = [5, 9, 14]
     for first in range(1, layers):
         kv = runner.new_kv(32)
-        runner.forward(torch.tensor(PROMPT), kv, ExpertMode.BIG)
+        runner.forward(torch.tensor(PROMPT), kv, PassSpec(ExpertMode.BIG))
         kept = torch.zeros(len(tokens), layers, llm.runner.model.info.hidden)
         for i, token in enumerate(tokens):
-            runner.forward(torch.tensor([token]), kv, ExpertMode.LITTLE, keep=kept[i])
+            runner.forward(torch.tensor([token]), kv, PassSpec(ExpertMode.LITTLE), keep=kept[i])
         kv.rewind(positions)
         resume = (first, kept[len(tokens) - positions :, first])
-        got = runner.forward(torch.tensor(tokens[len(tokens) - positions :]), kv, ExpertMode.BIG, resume=resume)
+        got = runner.forward(torch.tensor(tokens[len(tokens) - positions :]), kv, PassSpec(ExpertMode.BIG), resume=resume)
         oracle = runner.new_kv(32)
-        runner.forward(torch.tensor(PROMPT), oracle, ExpertMode.BIG)
+        runner.forward(torch.tensor(PROMPT), oracle, PassSpec(ExpertMode.BIG))
         for token in tokens[: len(tokens) - positions]:
-            runner.forward(torch.tensor([token]), oracle, ExpertMode.LITTLE)
+            runner.forward(torch.tensor([token]), oracle, PassSpec(ExpertMode.LITTLE))
         want = oracle_pass(llm, tokens[len(tokens) - positions :], oracle, first)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert kv.length == oracle.length == len(PROMPT) + len(tokens)
@@ -106,12 +107,12 @@ def test_partial_fallback_replays_by_hand(checkpoints, arch: str):
     assert result.stats.fallback_tokens > 0
     if result.stats.fallback_tokens == full.stats.fallback_tokens and result.token_ids == full.token_ids:
         assert result.stats.expert_hits + result.stats.expert_misses < full.stats.expert_hits + full.stats.expert_misses
-    runner, tokens, little_k = llm.runner, result.token_ids, llm.runner.little_k
+    runner, tokens, little_k = llm.runner, result.token_ids, llm.runner.default_little_k
     kv = runner.new_kv(len(PROMPT) + len(tokens))
-    assert int(runner.forward(torch.tensor(PROMPT), kv, ExpertMode.BIG).argmax()) == tokens[0]
+    assert int(runner.forward(torch.tensor(PROMPT), kv, PassSpec(ExpertMode.BIG)).argmax()) == tokens[0]
     for i, step in enumerate(result.steps[1:], start=1):
         before = kv.snapshot()
-        little = runner.forward(torch.tensor([tokens[i - 1]]), kv, ExpertMode.LITTLE, record=True)
+        little = runner.forward(torch.tensor([tokens[i - 1]]), kv, PassSpec(ExpertMode.LITTLE, record=True))
         expected = int(little.argmax())
         if step.fell_back:
             first = runner.model.info.moe_layers[int(first_dropping_layer(runner.logged_weights(), little_k, share))]

@@ -22,7 +22,8 @@ from torch.utils.hooks import RemovableHandle
 from mobile_moe.bench.costmodel import ModelCost
 from mobile_moe.engine.llm import LLM
 from mobile_moe.experts.store import ExpertLayout
-from mobile_moe.layers.moe import ExpertMode, MoEBlock
+from mobile_moe.engine.passes import BIG
+from mobile_moe.layers.moe import MoEBlock
 from mobile_moe.layers.sampler import sample
 from mobile_moe.models.transformer import CausalLM
 
@@ -107,23 +108,23 @@ def _eager(llm: LLM) -> Iterator[None]:
 def _count_pass(llm: LLM, prompt: Sequence[int]) -> Counter[str]:
     """Launch counts by region of one big decode pass whose experts are already resident (no lookahead, no trace)."""
     runner, cache = llm.runner, llm.cache
-    saved = runner.lookahead, cache.trace
-    runner.lookahead, cache.trace = False, None
+    saved = cache.trace
+    cache.trace = None
     counter = LaunchCounter()
     handles = [h for layer in llm.loaded.model.model.layers for h in _marks(counter, layer)]
     try:
         kv = runner.new_kv(len(prompt) + 1)
-        runner.forward(runner.ids(list(prompt)), kv, ExpertMode.BIG)
+        runner.forward(runner.ids(list(prompt)), kv, BIG)
         token, before = runner.ids([prompt[-1]]), kv.snapshot()
-        runner.forward(token, kv, ExpertMode.BIG)  # warm-up: this step's experts become resident
+        runner.forward(token, kv, BIG)  # warm-up: this step's experts become resident
         kv.restore(before)
         counter.counts.clear()
         copies = cache.transfer.copies
         with counter:
-            sample(runner.forward(token, kv, ExpertMode.BIG), 0.0, 1.0, None)
+            sample(runner.forward(token, kv, BIG), 0.0, 1.0, None)
         counter.counts["experts"] -= cache.transfer.copies - copies  # a load that still missed is a copy, not compute
     finally:
-        runner.lookahead, cache.trace = saved
+        cache.trace = saved
         for h in handles:
             h.remove()
     return counter.counts

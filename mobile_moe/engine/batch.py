@@ -10,16 +10,17 @@ A lone decoding row takes the single-sequence step, so one request alone runs ex
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from mobile_moe.config import SamplingParams
 from mobile_moe.engine.budget import PREFILL_CHUNK
 from mobile_moe.engine.generate import (
-    Counters, Decoder, GenerationResult, StepRecord, Stream, TokenCallback, configure, emit, enable_partial, fill_counters, new_decoder,
+    Counters, Decoder, GenerationResult, StepRecord, Stream, TokenCallback, emit, enable_partial, fill_counters, new_decoder,
     rolls_back, stream_for,
 )
+from mobile_moe.engine.passes import BIG
 from mobile_moe.engine.runner import Runner
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.layers.kv_cache import BatchKV, SequenceSnapshot
@@ -121,10 +122,9 @@ class BatchDecoder:
 
     def _prefill_chunk(self, row: Row, budget: int) -> int:
         """Up to `budget` prompt tokens of a joining row (at the prompt's end, its first token); the tokens it took."""
-        configure(self.runner, row.policy)
         start = time.perf_counter()
         chunk = row.prompt[row.prefilled : row.prefilled + budget]
-        logits = self.runner.forward(self.runner.ids(chunk), row.dec.kv, row.policy.prefill_mode)
+        logits = self.runner.forward(self.runner.ids(chunk), row.dec.kv, row.dec.first.with_mode(row.policy.prefill_mode))
         row.prefilled += len(chunk)
         if row.prefilled < len(row.prompt):
             row.result.stats.prefill_s += time.perf_counter() - start
@@ -141,14 +141,9 @@ class BatchDecoder:
         """One token of each decoding row: the single-sequence step for a lone row, else a batched step."""
         if len(rows) == 1:
             row = rows[0]
-            configure(self.runner, row.policy)
             row.steps += 1
             self._emit(row, row.dec.step(row.token, row.steps))
             return
-        configure(self.runner, None)
-        little = next((r.policy.config for r in rows if r.policy.config.name != "big"), rows[0].policy.config)  # rows share it (`generate_many`)
-        self.runner.little_weights = little.little_weights
-        self.runner.little_k = self.runner.little_k_of(little.little_k)
         mobile = any(r.policy.may_fall_back for r in rows)
         little_first = self.governor.little_pays(len(rows)) if mobile else True
         start = time.perf_counter()
@@ -169,7 +164,8 @@ class BatchDecoder:
         for r, m in zip(rows, mobile):
             r.steps += 1
             r.result.stats.big_instead_tokens += r.policy.may_fall_back and not m
-        logits = runner.forward_rows(runner.ids([r.token for r in rows]), self._batch(rows), little, record=any(mobile))  # [B, V]
+        spec = next((r.dec.first for r in rows if r.policy.config.name != "big"), rows[0].dec.first)  # rows share it (`generate_many`)
+        logits = runner.forward_rows(runner.ids([r.token for r in rows]), self._batch(rows), little, replace(spec, record=any(mobile)))  # [B, V]
         reads = self._read(rows, logits, [m and r.policy.needs_confidence for r, m in zip(rows, mobile)])
         falls = [i for i, (r, m) in enumerate(zip(rows, mobile)) if m and r.policy.falls_back(1.0 if reads[i][2] is None else reads[i][2], r.steps)]
         tokens = [read[0] for read in reads]
@@ -198,7 +194,7 @@ class BatchDecoder:
         together = [i for i, n in enumerate(repairs) if n == 0]
         if together:
             sub = [rows[i] for i in together]
-            logits = runner.forward_rows(runner.ids([r.token for r in sub]), self._batch(sub), [False] * len(sub))
+            logits = runner.forward_rows(runner.ids([r.token for r in sub]), self._batch(sub), [False] * len(sub), BIG)
             for i, read in zip(together, self._read(sub, logits, [False] * len(sub))):
                 tokens[i] = read[0]
         checked = set()  # rows whose repair also checked little's tokens: that check records their step
@@ -208,10 +204,10 @@ class BatchDecoder:
                 row.dec.kv.rewind(n)
                 ids = runner.ids(row.result.token_ids[-(1 + n):])
                 if row.dec.rollback:
-                    tokens[i] = row.dec.check_repaired(runner.forward(ids, row.dec.kv, ExpertMode.BIG, all_logits=True), n, greedy, conf, signals)
+                    tokens[i] = row.dec.check_repaired(runner.forward(ids, row.dec.kv, BIG, all_logits=True), n, greedy, conf, signals)
                     checked.add(i)
                 else:
-                    tokens[i] = row.dec.read(runner.forward(ids, row.dec.kv, ExpertMode.BIG), with_confidence=False)[0]
+                    tokens[i] = row.dec.read(runner.forward(ids, row.dec.kv, BIG), with_confidence=False)[0]
         for i, (_, greedy, conf, signals) in enumerate(reads):
             if i not in checked:
                 rows[i].dec.accept(tokens[i], greedy, conf, signals, fell_back=True, little_pass=False)

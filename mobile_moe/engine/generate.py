@@ -11,6 +11,7 @@ import torch
 from mobile_moe.config import SamplingParams
 from mobile_moe.engine.budget import PREFILL_CHUNK
 from mobile_moe.engine.metrics import GenerationStats
+from mobile_moe.engine.passes import PassSpec, for_policy
 from mobile_moe.engine.runner import Runner
 from mobile_moe.experts.cache import CacheStats
 from mobile_moe.layers.kv_cache import KVCache
@@ -55,6 +56,7 @@ class Decoder:
     policy: Policy
     generator: torch.Generator | None
     result: GenerationResult
+    first: PassSpec  # every decode step's first pass (big, or little recording its routing when it may fall back)
     little_positions: int = 0  # trailing KV positions written by little passes (since the last big pass)
     rollback: bool = False  # a repairing fallback also checks little's tokens at the repaired positions (`check_repaired`)
     sampled: torch.Tensor | None = None  # [2, 1] int64 on the device: the last `read`'s token in one row, alternating, so a
@@ -106,10 +108,12 @@ class Decoder:
         greedy = token if self.sampling.temperature == 0.0 else logits.argmax()
         parts = [token.double()[None], greedy.double()[None]]
         if with_confidence:
-            conf, signals = self.policy.measure(logits, router_weights, self.runner.little_k)
+            little_k = self.first.little_k
+            assert little_k is not None
+            conf, signals = self.policy.measure(logits, router_weights, little_k)
             parts += [conf.double()[None]] + ([] if signals is None else [signals.double()])  # + [S]
             if self.partial is not None:  # + the MoE layer a partial fallback would start at
-                parts.append(first_dropping_layer(router_weights(), self.runner.little_k, self.partial).double()[None])
+                parts.append(first_dropping_layer(router_weights(), little_k, self.partial).double()[None])
         return parts
 
     def parse(self, values: list[float], with_confidence: bool) -> tuple[int, int, float | None, tuple[float, ...]]:
@@ -141,7 +145,7 @@ class Decoder:
         ids = self.input_ids(token)
         before = self.kv.snapshot() if policy.may_fall_back else None  # what a fallback returns to (copies recurrent states)
         keep = self.input_row() if policy.decode_mode is ExpertMode.LITTLE else None
-        logits = runner.forward(ids, self.kv, policy.decode_mode, record=policy.may_fall_back, step=step, keep=keep)
+        logits = runner.forward(ids, self.kv, self.first, step=step, keep=keep)
         self.kept = keep is not None
         nxt, greedy, conf, signals = self.read(logits, policy.needs_confidence)
         if not policy.falls_back(conf if conf is not None else 1.0, step):
@@ -159,9 +163,9 @@ class Decoder:
             ids = runner.ids(self.result.token_ids[-(1 + repair):])  # the inputs of those positions and of this step
         resume = self.resumed_inputs(first, repair + 1)
         if repair and self.rollback:
-            logits = runner.forward(ids, self.kv, ExpertMode.BIG, all_logits=True, step=step, resume=resume)
+            logits = runner.forward(ids, self.kv, self.first.big(), all_logits=True, step=step, resume=resume)
             return self.check_repaired(logits, repair, greedy, conf, signals)
-        nxt, _, _, _ = self.read(runner.forward(ids, self.kv, ExpertMode.BIG, step=step, resume=resume), with_confidence=False)
+        nxt, _, _, _ = self.read(runner.forward(ids, self.kv, self.first.big(), step=step, resume=resume), with_confidence=False)
         self.accept(nxt, greedy, conf, signals, fell_back=True, little_pass=False)
         return nxt
 
@@ -207,22 +211,13 @@ class Decoder:
         return big
 
 
-def configure(runner: Runner, policy: Policy | None) -> None:
-    """Set the runner's single-sequence decode knobs from a policy (None: all off, as batched passes run)."""
-    config = None if policy is None else policy.config
-    runner.lookahead = False if config is None else config.lookahead
-    runner.layer_adaptive = None if config is None else config.layer_adaptive
-    runner.cache_prior = None if config is None else config.cache_prior
-    runner.little_k = runner.little_k_of(None if config is None else config.little_k)
-    if config is not None:
-        runner.little_weights = config.little_weights
-
-
 def new_decoder(runner: Runner, kv: KVCache, prompt: list[int], sampling: SamplingParams, policy: Policy) -> Decoder:
-    """The state of one generation over a fresh KV cache (its own sampler seeded from `sampling.seed`)."""
+    """The state of one generation over a fresh KV cache (its own sampler seeded from `sampling.seed`) and its passes."""
     device = runner.model.lm_head.weight.device
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
-    return Decoder(runner, kv, sampling, policy, generator, GenerationResult(token_ids=[], stats=GenerationStats(prompt_tokens=len(prompt))))
+    first = for_policy(policy.config, policy.decode_mode, runner.little_k_of(policy.config.little_k), policy.may_fall_back)
+    result = GenerationResult(token_ids=[], stats=GenerationStats(prompt_tokens=len(prompt)))
+    return Decoder(runner, kv, sampling, policy, generator, result, first)
 
 
 def rolls_back(policy: Policy, sampling: SamplingParams, kv: KVCache) -> bool:
@@ -289,10 +284,10 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _prefill(runner: Runner, prompt: list[int], kv: KVCache, mode: ExpertMode) -> torch.Tensor:
+def _prefill(runner: Runner, prompt: list[int], kv: KVCache, spec: PassSpec) -> torch.Tensor:
     """The prompt in chunks of PREFILL_CHUNK tokens (bounded activations); logits of its last position [V]."""
     for start in range(0, len(prompt), PREFILL_CHUNK):
-        logits = runner.forward(runner.ids(prompt[start : start + PREFILL_CHUNK]), kv, mode)
+        logits = runner.forward(runner.ids(prompt[start : start + PREFILL_CHUNK]), kv, spec)
     return logits
 
 
@@ -302,7 +297,6 @@ def generate(
 ) -> GenerationResult:
     """Prefill the prompt, then decode token by token under the policy; stops at EOS, the token limit, or when `on_token` says so."""
     device = runner.model.lm_head.weight.device
-    configure(runner, policy)
     dec = new_decoder(runner, runner.decode_kv(len(prompt) + sampling.max_new_tokens), prompt, sampling, policy)
     dec.rollback = rolls_back(policy, sampling, dec.kv)
     enable_partial(dec)
@@ -310,7 +304,7 @@ def generate(
     stats, before = dec.result.stats, Counters.now(runner)
 
     start = time.perf_counter()
-    token, _, _, _ = dec.read(_prefill(runner, prompt, dec.kv, policy.prefill_mode), with_confidence=False)
+    token, _, _, _ = dec.read(_prefill(runner, prompt, dec.kv, dec.first.with_mode(policy.prefill_mode)), with_confidence=False)
     _synchronize(device)
     stats.prefill_s = time.perf_counter() - start
     dec.result.steps.append(StepRecord(token, None, False, token))

@@ -17,6 +17,7 @@ from mobile_moe.engine.budget import dequant_scratch_bytes, host_tier_slots, pla
 from mobile_moe.engine.calibration import CALIBRATION_FILE, read_calibration, resolve_policy
 from mobile_moe.engine.generate import GenerationResult, TokenCallback, generate
 from mobile_moe.engine.graphs import DecodeGraphs, GraphCapture
+from mobile_moe.engine.passes import PassSpec
 from mobile_moe.engine.hub import ConfigCheck, resolve_model
 from mobile_moe.engine.loader import LoadedModel, check_fits_in_ram, load
 from mobile_moe.engine.runner import Runner
@@ -161,7 +162,6 @@ class LLM:
             return self.generate_many(prompt, sampling, policy, on_token)
         ids, sampling, policy = self.prepare(prompt, sampling, policy)
         with self._lock:
-            self.runner.little_weights = policy.little_weights
             result = generate(self.runner, ids, sampling, Policy(policy), self.eos_token_ids, on_token)
         result.text = self.decode(result.token_ids)
         return result
@@ -243,7 +243,7 @@ class LLM:
         self._check_prompt(ids)
         with self._lock:
             kv = self._teacher_forced(len(ids), little_k)
-            return self.runner.forward(torch.tensor(ids, device=self.device), kv, ExpertMode(mode), all_logits=True)
+            return self.runner.forward(self.runner.ids(ids), kv, PassSpec(ExpertMode(mode), little_k), all_logits=True)
 
     def routed_logits(self, ids: list[int], mode: str = "little", little_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced logits [T, V] and each position's raw gate values of every MoE layer [T, L, k] (the router
@@ -251,12 +251,11 @@ class LLM:
         self._check_prompt(ids)
         with self._lock:
             kv = self._teacher_forced(len(ids), little_k)
-            return self.runner.routed_logits(torch.tensor(ids, device=self.device), kv, ExpertMode(mode))
+            return self.runner.routed_logits(self.runner.ids(ids), kv, PassSpec(ExpertMode(mode), little_k))
 
     def _teacher_forced(self, length: int, little_k: int | None) -> KVCache:
-        """Set the runner's little model to little_k experts (None: its default) and return a fresh KV cache of length."""
+        """A fresh KV cache of length, once little_k (None: the model's default) is checked."""
         self._check_little_k(little_k)
-        self.runner.little_k = self.runner.little_k_of(little_k)
         return self.runner.new_kv(length)
 
     def check_prompt(self, ids: list[int]) -> None:

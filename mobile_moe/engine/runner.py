@@ -5,11 +5,13 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 
 from mobile_moe.engine.budget import PREFILL_CHUNK
 from mobile_moe.engine.graphs import GRAPH_SPAN_BUCKET, DecodeGraphs
+from mobile_moe.engine.passes import PassSpec
 from mobile_moe.experts.cache import ExpertCache
 from mobile_moe.experts.executor import ExpertExecutor
 from mobile_moe.experts.reader import Priority
@@ -47,24 +49,17 @@ class BoundLayer:
 class Runner:
     """Binds model, expert cache and executor; implements the ExpertRunner protocol MoE blocks call."""
 
-    def __init__(self, model: CausalLM, cache: ExpertCache, little_weights: str = "native", compile_layers: bool = False,
-                 graphs: DecodeGraphs | None = None) -> None:
+    def __init__(self, model: CausalLM, cache: ExpertCache, compile_layers: bool = False, graphs: DecodeGraphs | None = None) -> None:
         self.model = model
         self.cache = cache
         self.executor = ExpertExecutor(cache, activation(model.info.hidden_act), model.lm_head.weight.dtype, compiled=compile_layers)
-        self.mode = ExpertMode.BIG
-        self.little_weights = little_weights
-        self.little_k = self.default_little_k  # experts per token of the little model (PolicyConfig.little_k)
-        self.lookahead = False
-        self.layer_adaptive: float | None = None  # little decode knobs (PolicyConfig)
-        self.cache_prior: float | None = None
+        self.spec = PassSpec(little_k=self.default_little_k)  # the pass being run, or the last one (set by `forward`, `forward_rows`)
         moe = list(model.info.moe_layers)
         self.next_moe_layer = dict(zip(moe, moe[1:]))
         self.moe_row = {layer: row for row, layer in enumerate(moe)}
         device, k = model.lm_head.weight.device, model.info.top_k
         self.routing_buf = torch.zeros(len(moe), k, dtype=torch.int64, device=device)  # [L, k] the last token's top-k per MoE layer
         self.weight_buf = torch.zeros(len(moe), k, dtype=torch.float32, device=device)  # [L, k] its raw gate values
-        self.recorded = False  # whether the last pass filled the buffers
         self.position_log: list[torch.Tensor] | None = None  # a pass logging every position: each MoE layer's raw gate values [T, k]
         self.row_little: torch.Tensor | None = None  # [B] bool: a batched pass whose rows mix big and little (True = little)
         self.row_routing: dict[int, Routing] = {}  # a recording batched pass: MoE layer -> every row's routing [B, k]
@@ -96,7 +91,7 @@ class Runner:
         no host-side knob (layer-adaptive, cache prior, lookahead)."""
         if tokens != 1 or self.cache.trace is not None:
             return False
-        if self.lookahead or self.layer_adaptive is not None or self.cache_prior is not None:
+        if self.spec.lookahead or self.spec.host_knobs:
             return False
         return self.cache.all_resident
 
@@ -139,19 +134,19 @@ class Runner:
 
     def choose(self, layer: int, routing: Routing, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """The pass's experts at this layer: big or little, with the little decode knobs applied to a single token."""
+        now = self.spec
         if self.row_little is not None:
-            return mixed_select(routing, spec, self.row_little, self.little_weights, self.little_k)
-        knobs = self.layer_adaptive is not None or self.cache_prior is not None
-        if self.mode is ExpertMode.BIG or not knobs or routing.indices.shape[0] != 1:
-            return select(routing, spec, self.mode, self.little_weights, self.little_k)
+            return mixed_select(routing, spec, self.row_little, now.little_weights, now.little_k)
+        if now.mode is ExpertMode.BIG or not now.host_knobs or routing.indices.shape[0] != 1:
+            return select(routing, spec, now.mode, now.little_weights, now.little_k)
         k = spec.top_k
         values = self.cache.transfer.to_host(torch.cat([routing.indices[0].double(), routing.raw_weights[0].double()]))  # one sync: [2k]
         experts, scores = [int(v) for v in values[:k]], values[k:]
-        if self.layer_adaptive is not None and runs_big_here(scores, self.little_k, self.layer_adaptive):
+        if now.layer_adaptive is not None and runs_big_here(scores, now.little_k, now.layer_adaptive):
             return select(routing, spec, ExpertMode.BIG)
-        if self.cache_prior is None:
-            return select(routing, spec, self.mode, self.little_weights, self.little_k)
-        ranks = prefer_resident(experts, scores, self.little_k, lambda e: (layer, e) in self.cache.where, self.cache_prior)
+        if now.cache_prior is None:
+            return select(routing, spec, now.mode, now.little_weights, now.little_k)
+        ranks = prefer_resident(experts, scores, now.little_k, lambda e: (layer, e) in self.cache.where, now.cache_prior)
         position = self.cache.transfer.to_device(ranks)  # [n]
         return select(Routing(routing.indices[:, position], routing.raw_weights[:, position]), spec, ExpertMode.BIG)  # weights over the chosen
 
@@ -165,9 +160,10 @@ class Runner:
         """Keep each layer's top-k of the last token while recording; with lookahead, start the next layer's loads."""
         self.record_routing(layer, routing)
         nxt = self.next_moe_layer.get(layer)
-        if self.lookahead and nxt is not None and x.shape[0] == 1:
+        now = self.spec
+        if now.lookahead and nxt is not None and x.shape[0] == 1:
             block = self.model.model.layers[nxt].mlp
-            indices, _ = select(block.gate(x), block.spec, self.mode, self.little_weights, self.little_k)
+            indices, _ = select(block.gate(x), block.spec, now.mode, now.little_weights, now.little_k)
             self.cache.prefetch(nxt, self.cache.transfer.to_host(indices[0]), Priority.LOOKAHEAD)
 
     def record_routing(self, layer: int, routing: Routing) -> None:
@@ -175,39 +171,40 @@ class Runner:
         positions, every position's gate values."""
         if self.position_log is not None:
             self.position_log.append(routing.raw_weights)
-        if self.recorded and self.batch_rows:
+        if self.spec.record and self.batch_rows:
             self.row_routing[layer] = routing  # this pass's own tensors: no copy needed
-        elif self.recorded:
+        elif self.spec.record:
             row = self.moe_row[layer]
             self.routing_buf[row].copy_(routing.indices[-1])
             self.weight_buf[row].copy_(routing.raw_weights[-1])
 
     @torch.inference_mode()
-    def routed_logits(self, ids: torch.Tensor, kv: KVCache, mode: ExpertMode) -> tuple[torch.Tensor, torch.Tensor]:
+    def routed_logits(self, ids: torch.Tensor, kv: KVCache, spec: PassSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """ids: [T] -> (logits [T, V], every position's raw gate values of each MoE layer [T, L, k])."""
         self.position_log = []
         try:
-            logits = self.forward(ids, kv, mode, all_logits=True)
+            logits = self.forward(ids, kv, spec, all_logits=True)
             return logits, torch.stack(self.position_log, dim=1)
         finally:
             self.position_log = None
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, kv: KVCache, mode: ExpertMode, record: bool = False, all_logits: bool = False, step: int = 0,
+    def forward(self, ids: torch.Tensor, kv: KVCache, spec: PassSpec, all_logits: bool = False, step: int = 0,
                 keep: torch.Tensor | None = None, resume: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
-        """ids: [T] -> logits of the last position [V] (or all [T, V]); with record, `routing_log` holds each MoE layer's top-k.
-        `keep` and `resume`: see `CausalLM.forward` (a partial fallback; such passes are not replayed from graphs)."""
-        self.mode = mode
+        """ids: [T] -> logits of the last position [V] (or all [T, V]) of one pass as `spec` describes it; when it records,
+        `routing_log` holds each MoE layer's top-k. `keep` and `resume`: see `CausalLM.forward` (a partial fallback; such
+        passes are not replayed from graphs)."""
+        self.spec = spec = self.resolved(spec)
         if self.cache.trace is not None:
             trace = self.cache.trace
-            trace.step, trace.pass_id, trace.mode = step, trace.pass_id + 1, mode.value
-        self.recorded, self.resident_pass = record, self.resident_decode(ids.shape[0])
+            trace.step, trace.pass_id, trace.mode = step, trace.pass_id + 1, spec.mode.value
+        self.resident_pass = self.resident_decode(ids.shape[0])
         segment = self.compiled if self.compiled is not None and ids.shape[0] == 1 else before_experts  # prompts run eager
         step, span = self.layer_step(ids.shape[0]), self.decode_span(ids.shape[0], kv)
         with native_cpu_gemv(ids.shape[0] == 1 and ids.device.type == "cpu" and self.executor.dtype in (torch.bfloat16, torch.float16)):
             if self.graphs is not None and self.resident_pass and span is not None and not all_logits and keep is None and resume is None:
                 run = lambda x: self.model(x, kv, self, segment=segment, layer_step=step, span=span)  # noqa: E731
-                return self.graphs.run((mode, record, self.little_weights, self.little_k, span), ids, kv, self.cache.stats, run)
+                return self.graphs.run((spec, span), ids, kv, self.cache.stats, run)
             return self.model(ids, kv, self, all_logits=all_logits, segment=segment, layer_step=step, span=span, keep=keep, resume=resume)
 
     def decode_span(self, tokens: int, kv: KVCache) -> int | None:
@@ -224,14 +221,14 @@ class Runner:
             return None
         if self.resident_pass:
             return self.resident_step
-        knobs = self.layer_adaptive is not None or self.cache_prior is not None
-        return None if knobs or self.model.info.top_k > self.cache.num_slots else self.offloaded_step
+        return None if self.spec.host_knobs or self.model.info.top_k > self.cache.num_slots else self.offloaded_step
 
     def offloaded_step(self, index: int, layer: DecoderLayer, x: torch.Tensor, inp: AttentionInput, kv: LayerKV) -> torch.Tensor:
         """One decode layer with offloaded experts, compiled: the segment and choice, the layer's one host read and its
         loads, then the experts from the pool. x: [1, H] -> [1, H]."""
         assert self.routed_segment is not None and self.pooled_finish is not None
-        x, h, indices, raw_weights, shared, chosen, weights = self.routed_segment(layer, x, inp, kv, self.mode, self.little_weights, self.little_k)
+        now = self.spec
+        x, h, indices, raw_weights, shared, chosen, weights = self.routed_segment(layer, x, inp, kv, now.mode, now.little_weights, now.little_k)
         if h is None:
             return x  # a dense layer
         self.note_routing(index, h, Routing(indices, raw_weights))
@@ -246,23 +243,26 @@ class Runner:
         """One decode layer, every expert resident, compiled: a `LayerStep` with no host read (the slots come from the
         cache's device-side expert-to-slot table). x: [1, H] -> [1, H]."""
         assert self.routed_segment is not None and self.resident_layer is not None
+        now = self.spec
         if not isinstance(layer.mlp, MoEBlock):
-            return self.routed_segment(layer, x, inp, kv, self.mode, self.little_weights, self.little_k)[0]  # a dense layer, whole: the graph `offloaded_step` uses
+            return self.routed_segment(layer, x, inp, kv, now.mode, now.little_weights, now.little_k)[0]  # a dense layer, whole: the graph `offloaded_step` uses
         cache, executor = self.cache, self.executor
-        x, indices, raw_weights = self.resident_layer(layer, x, inp, kv, cache.slot_rows[index], self.mode, self.little_weights, self.little_k,
+        x, indices, raw_weights = self.resident_layer(layer, x, inp, kv, cache.slot_rows[index], now.mode, now.little_weights, now.little_k,
                                                       executor.act, *executor.pool_fields)
-        cache.stats.hits += layer.mlp.spec.top_k if self.mode is ExpertMode.BIG else self.little_k
+        cache.stats.hits += layer.mlp.spec.top_k if now.mode is ExpertMode.BIG else now.little_k
         self.record_routing(index, Routing(indices, raw_weights))
         return x
 
     @torch.inference_mode()
-    def forward_rows(self, ids: torch.Tensor, batch: BatchKV, little: list[bool], record: bool = False) -> torch.Tensor:
-        """ids: [B], one next token per row -> logits [B, V]; row b uses little experts where little[b]. With record,
-        `row_log(b)` / `row_weights(b)` hold row b's top-k of every MoE layer."""
-        self.mode = ExpertMode.LITTLE if all(little) else ExpertMode.BIG
+    def forward_rows(self, ids: torch.Tensor, batch: BatchKV, little: list[bool], spec: PassSpec) -> torch.Tensor:
+        """ids: [B], one next token per row -> logits [B, V]; row b uses little experts (as `spec` describes them) where
+        little[b]. When `spec` records, `row_log(b)` / `row_weights(b)` hold row b's top-k of every MoE layer; its
+        single-row knobs do not apply."""
+        mode = ExpertMode.LITTLE if all(little) else ExpertMode.BIG
+        self.spec = PassSpec(mode, self.little_k_of(spec.little_k), spec.little_weights, spec.record)
         mixed = any(little) and not all(little)
         self.row_little = self.ids([int(b) for b in little]) != 0 if mixed else None  # [B] bool, no host sync
-        self.recorded, self.resident_pass, self.batch_rows = record, False, True
+        self.resident_pass, self.batch_rows = False, True
         self.row_routing = {}
         try:
             with native_cpu_gemv(len(batch) == 1 and ids.device.type == "cpu" and self.executor.dtype in (torch.bfloat16, torch.float16)):
@@ -281,7 +281,7 @@ class Runner:
     @property
     def routing_log(self) -> dict[int, torch.Tensor] | None:
         """MoE layer -> the recorded pass's top-k of its last token [k] (views of the static buffer), None when not recorded."""
-        if not self.recorded:
+        if not self.spec.record:
             return None
         return {layer: self.routing_buf[row] for layer, row in self.moe_row.items()}
 
@@ -294,16 +294,20 @@ class Runner:
         """A policy's little_k on this model: its own, or the default for None."""
         return self.default_little_k if little_k is None else little_k
 
+    def resolved(self, spec: PassSpec) -> PassSpec:
+        """`spec` with its little_k set for this model."""
+        return spec if spec.little_k is not None else replace(spec, little_k=self.default_little_k)
+
     def logged_weights(self) -> torch.Tensor:
         """The recorded pass's raw gate values of every MoE layer [L, k] (empty [0, k] when nothing was recorded)."""
-        if not self.recorded:
+        if not self.spec.record:
             return torch.zeros(0, self.model.info.top_k, device=self.model.lm_head.weight.device)
         return self.weight_buf
 
     def prefetch_other_half(self, routing_log: dict[int, torch.Tensor], first_layer: int = 0) -> int:
         """Before a fallback pass (starting at decoder layer `first_layer`): start loading, in layer order, the top-k
-        experts the little pass did not use."""
-        little_k = self.little_k
+        experts the little pass (the last pass, which recorded them) did not use."""
+        little_k = self.spec.little_k
         budget = self.cache.num_slots - self.model.info.top_k  # leave room for the layer being computed
         layers = sorted(layer for layer in routing_log if layer >= first_layer)
         if not layers or budget <= 0 or self.cache.all_resident:  # nothing to load: no host read either

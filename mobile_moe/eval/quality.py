@@ -180,7 +180,7 @@ def token_scores(
         for mode, sink in (("big", big), ("little", little)):
             if mode == "little" and criterion == "learned":
                 logits, gates = llm.routed_logits(ids[:-1], mode, little_k)  # [T, V], [T, L, k]
-                conf.append(learned_confidence(logits, gates, llm.runner.little_k, learned).cpu())
+                conf.append(learned_confidence(logits, gates, llm.runner.little_k_of(little_k), learned).cpu())
             else:
                 logits = llm.logits(ids[:-1], mode, little_k)
             logp = logits.float().log_softmax(-1)  # [T, V]
