@@ -79,7 +79,7 @@ def test_a_fallback_recomputes_only_its_own_rows(checkpoints):
     prompts = PROMPTS[:4]
     passes: list[int] = []  # rows of each batched pass
     real = llm.runner.forward_rows
-    llm.runner.forward_rows = lambda ids, batch, little, spec: passes.append(len(batch)) or real(ids, batch, little, spec)
+    llm.runner.forward_rows = lambda ids, batch, specs: passes.append(len(batch)) or real(ids, batch, specs)
     together = llm.generate(prompts, SAMPLING, policies)
     llm.runner.forward_rows = real
     alone = [llm.generate(p, SAMPLING, pol) for p, pol in zip(prompts, policies)]
@@ -98,10 +98,10 @@ def test_bfloat16_batches_agree_with_solo_runs_within_rounding(checkpoints):
     caches = [pool.row(i, {}) for i in range(2)]
     for cache, prompt in zip(caches, PROMPTS[:2]):
         runner.forward(torch.tensor(prompt), cache, PassSpec(ExpertMode.BIG))
-    together_logits = runner.forward_rows(torch.tensor([5, 6]), BatchKV(pool, [0, 1], caches, runner.ids), [False, False], PassSpec()).float()  # [2, V]
+    together_logits = runner.forward_rows(torch.tensor([5, 6]), BatchKV(pool, [0, 1], caches, runner.ids), [PassSpec(), PassSpec()]).float()  # [2, V]
     for cache in caches:
         cache.rewind(1)
-    alone_logits = torch.stack([runner.forward_rows(torch.tensor([t]), BatchKV(pool, [i], [caches[i]], runner.ids), [False], PassSpec())[0].float() for i, t in enumerate([5, 6])])
+    alone_logits = torch.stack([runner.forward_rows(torch.tensor([t]), BatchKV(pool, [i], [caches[i]], runner.ids), [PassSpec()])[0].float() for i, t in enumerate([5, 6])])
     assert (together_logits - alone_logits).abs().max() <= 0.05 * alone_logits.abs().max()  # bf16: within 5% of the logit range
 
 

@@ -58,10 +58,25 @@ def test_a_little_k_decodes_alike_batched_compiled_and_alone(checkpoints):
     assert 0 < got.stats.fallback_tokens < len(got.token_ids) - 1  # both passes ran
 
 
-def test_prompts_decoded_together_must_share_little_k(checkpoints):
-    llm = open_llm(checkpoints["qwen3_moe"], max_batch=2)
-    with pytest.raises(InvalidParameter, match="share little_weights and little_k"):
-        llm.generate([PROMPT, [5, 6]], SAMPLING, [PolicyConfig("little", little_k=3), PolicyConfig("little")])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2"])  # plain softmax; grouped routing, scaled, a dense first layer
+def test_rows_with_different_little_models_decode_in_one_batch_as_each_alone(checkpoints, arch: str):
+    """A batched step groups its little rows by little model (little_k, weight rule): every row equals its solo run."""
+    llm = open_llm(checkpoints[arch], dtype="float32", max_batch=5, batch_little="always")
+    probe = llm.generate(PROMPT, SAMPLING, PolicyConfig("mobile", tau=0.0, criterion="max_prob", little_k=1))
+    tau = statistics.median(s.confidence for s in probe.steps[1:])  # about half the steps fall back
+    policies = [PolicyConfig("little", little_k=3), PolicyConfig("little"), PolicyConfig("little", little_k=1, little_weights="rescale"),
+                PolicyConfig("big"), PolicyConfig("mobile", tau=tau, criterion="max_prob", little_k=1)]
+    prompts = [PROMPT, [5, 6], [7, 8, 9], [10, 11, 12, 13], PROMPT]  # the mobile row: the probed prompt, so about half fall back
+    passes, real = [], llm.runner.forward_rows
+    llm.runner.forward_rows = lambda ids, batch, specs: passes.append({s.little_k for s in specs}) or real(ids, batch, specs)
+    try:
+        together = llm.generate(prompts, SAMPLING, policies)
+    finally:
+        llm.runner.forward_rows = real
+    alone = [llm.generate(p, SAMPLING, policy) for p, policy in zip(prompts, policies)]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert [r.stats.fallback_tokens for r in together] == [r.stats.fallback_tokens for r in alone] and together[-1].stats.fallback_tokens > 0
+    assert any(len(kinds) >= 3 for kinds in passes)  # rows of several little models shared passes
 
 
 @pytest.mark.parametrize("flag, message", [("0", "little_k must be an integer >= 1, got 0"),

@@ -164,8 +164,8 @@ class BatchDecoder:
         for r, m in zip(rows, mobile):
             r.steps += 1
             r.result.stats.big_instead_tokens += r.policy.may_fall_back and not m
-        spec = next((r.dec.first for r in rows if r.policy.config.name != "big"), rows[0].dec.first)  # rows share it (`generate_many`)
-        logits = runner.forward_rows(runner.ids([r.token for r in rows]), self._batch(rows), little, replace(spec, record=any(mobile)))  # [B, V]
+        specs = [replace(r.dec.first, record=m) if first else BIG for r, first, m in zip(rows, little, mobile)]
+        logits = runner.forward_rows(runner.ids([r.token for r in rows]), self._batch(rows), specs)  # [B, V]
         reads = self._read(rows, logits, [m and r.policy.needs_confidence for r, m in zip(rows, mobile)])
         falls = [i for i, (r, m) in enumerate(zip(rows, mobile)) if m and r.policy.falls_back(1.0 if reads[i][2] is None else reads[i][2], r.steps)]
         tokens = [read[0] for read in reads]
@@ -189,12 +189,12 @@ class BatchDecoder:
             row.dec.kv.restore(before)
             repairs.append(0 if row.dec.kv.recurrent else min(row.policy.config.kv_repair or 0, row.dec.little_positions))
             if row.policy.config.prefetch_on_fallback:
-                runner.prefetch_other_half(log)
+                runner.prefetch_other_half(log, runner.little_k_of(row.dec.first.little_k))
         tokens: dict[int, int] = {}
         together = [i for i, n in enumerate(repairs) if n == 0]
         if together:
             sub = [rows[i] for i in together]
-            logits = runner.forward_rows(runner.ids([r.token for r in sub]), self._batch(sub), [False] * len(sub), BIG)
+            logits = runner.forward_rows(runner.ids([r.token for r in sub]), self._batch(sub), [BIG] * len(sub))
             for i, read in zip(together, self._read(sub, logits, [False] * len(sub))):
                 tokens[i] = read[0]
         checked = set()  # rows whose repair also checked little's tokens: that check records their step

@@ -158,7 +158,7 @@ class Decoder:
         self.kv.restore(before)  # forget this step: KV length back, recurrent states copied back
         self.kv.rewind(repair)
         if policy.config.prefetch_on_fallback:
-            runner.prefetch_other_half(routing_log, first)
+            runner.prefetch_other_half(routing_log, runner.little_k_of(self.first.little_k), first)
         if repair:
             ids = runner.ids(self.result.token_ids[-(1 + repair):])  # the inputs of those positions and of this step
         resume = self.resumed_inputs(first, repair + 1)

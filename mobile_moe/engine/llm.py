@@ -176,8 +176,6 @@ class LLM:
         n = len(prompts)
         samplings, policies = _each(sampling, n, "sampling"), _each(policy, n, "policy")
         prepared = [self.prepare(p, s, pol) for p, s, pol in zip(prompts, samplings, policies)]
-        if len({(pol.little_weights, pol.little_k) for _, _, pol in prepared if pol.name != "big"}) > 1:
-            raise InvalidParameter("prompts decoded together must share little_weights and little_k")
         rows = min(n, self.config.max_batch)
         if rows < n:
             log.info("decoding %d prompts %d at a time (EngineConfig.max_batch)", n, rows)

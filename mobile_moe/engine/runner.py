@@ -5,7 +5,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -61,7 +61,7 @@ class Runner:
         self.routing_buf = torch.zeros(len(moe), k, dtype=torch.int64, device=device)  # [L, k] the last token's top-k per MoE layer
         self.weight_buf = torch.zeros(len(moe), k, dtype=torch.float32, device=device)  # [L, k] its raw gate values
         self.position_log: list[torch.Tensor] | None = None  # a pass logging every position: each MoE layer's raw gate values [T, k]
-        self.row_little: torch.Tensor | None = None  # [B] bool: a batched pass whose rows mix big and little (True = little)
+        self.row_groups: list[RowGroup] | None = None  # a batched pass whose rows differ in their experts: the little rows' groups
         self.row_routing: dict[int, Routing] = {}  # a recording batched pass: MoE layer -> every row's routing [B, k]
         self.resident_pass = False  # whether this pass takes the all-resident decode path (`resident_decode`)
         self.batch_rows = False  # whether the current pass is a batched decode pass (`forward_rows`)
@@ -135,8 +135,8 @@ class Runner:
     def choose(self, layer: int, routing: Routing, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """The pass's experts at this layer: big or little, with the little decode knobs applied to a single token."""
         now = self.spec
-        if self.row_little is not None:
-            return mixed_select(routing, spec, self.row_little, now.little_weights, now.little_k)
+        if self.row_groups is not None:
+            return mixed_select(routing, spec, self.row_groups)
         if now.mode is ExpertMode.BIG or not now.host_knobs or routing.indices.shape[0] != 1:
             return select(routing, spec, now.mode, now.little_weights, now.little_k)
         k = spec.top_k
@@ -254,21 +254,32 @@ class Runner:
         return x
 
     @torch.inference_mode()
-    def forward_rows(self, ids: torch.Tensor, batch: BatchKV, little: list[bool], spec: PassSpec) -> torch.Tensor:
-        """ids: [B], one next token per row -> logits [B, V]; row b uses little experts (as `spec` describes them) where
-        little[b]. When `spec` records, `row_log(b)` / `row_weights(b)` hold row b's top-k of every MoE layer; its
-        single-row knobs do not apply."""
-        mode = ExpertMode.LITTLE if all(little) else ExpertMode.BIG
-        self.spec = PassSpec(mode, self.little_k_of(spec.little_k), spec.little_weights, spec.record)
-        mixed = any(little) and not all(little)
-        self.row_little = self.ids([int(b) for b in little]) != 0 if mixed else None  # [B] bool, no host sync
+    def forward_rows(self, ids: torch.Tensor, batch: BatchKV, specs: list[PassSpec]) -> torch.Tensor:
+        """ids: [B], one next token per row -> logits [B, V]; row b's experts as specs[b] describes them (big, or little
+        with its own little_k and weight rule). When any row records, `row_log(b)` / `row_weights(b)` hold row b's top-k of
+        every MoE layer. Single-row knobs (lookahead, layer-adaptive, cache prior) do not apply to a batched pass."""
+        kinds = {(s.mode, s.little_k, s.little_weights) if s.mode is ExpertMode.LITTLE else (s.mode, None, "native") for s in map(self.resolved, specs)}
+        record = any(s.record for s in specs)
+        if len(kinds) == 1:  # every row alike: the plain selection
+            mode, little_k, little_weights = kinds.pop()
+            self.spec, self.row_groups = PassSpec(mode, self.little_k_of(little_k), little_weights, record), None
+        else:
+            self.spec, self.row_groups = PassSpec(ExpertMode.BIG, self.default_little_k, record=record), self.groups_of(specs)
         self.resident_pass, self.batch_rows = False, True
         self.row_routing = {}
         try:
             with native_cpu_gemv(len(batch) == 1 and ids.device.type == "cpu" and self.executor.dtype in (torch.bfloat16, torch.float16)):
                 return self.model.forward_rows(ids, batch, self)
         finally:
-            self.row_little, self.batch_rows = None, False
+            self.row_groups, self.batch_rows = None, False
+
+    def groups_of(self, specs: list[PassSpec]) -> list[RowGroup]:
+        """The little rows of a batched pass, grouped by their little model: (rows [b] on the device, weight rule, little_k)."""
+        groups: dict[tuple[str, int], list[int]] = {}
+        for b, spec in enumerate(map(self.resolved, specs)):
+            if spec.mode is ExpertMode.LITTLE:
+                groups.setdefault((spec.little_weights, self.little_k_of(spec.little_k)), []).append(b)
+        return [RowGroup(self.ids(rows), weights, little_k) for (weights, little_k), rows in groups.items()]
 
     def row_log(self, b: int) -> dict[int, torch.Tensor]:
         """MoE layer -> row b's top-k [k] in the last recording batched pass."""
@@ -304,10 +315,9 @@ class Runner:
             return torch.zeros(0, self.model.info.top_k, device=self.model.lm_head.weight.device)
         return self.weight_buf
 
-    def prefetch_other_half(self, routing_log: dict[int, torch.Tensor], first_layer: int = 0) -> int:
+    def prefetch_other_half(self, routing_log: dict[int, torch.Tensor], little_k: int, first_layer: int = 0) -> int:
         """Before a fallback pass (starting at decoder layer `first_layer`): start loading, in layer order, the top-k
-        experts the little pass (the last pass, which recorded them) did not use."""
-        little_k = self.spec.little_k
+        experts the little pass (of little_k experts) did not use."""
         budget = self.cache.num_slots - self.model.info.top_k  # leave room for the layer being computed
         layers = sorted(layer for layer in routing_log if layer >= first_layer)
         if not layers or budget <= 0 or self.cache.all_resident:  # nothing to load: no host read either
@@ -321,16 +331,26 @@ class Runner:
         return issued
 
 
-def mixed_select(routing: Routing, spec: RouterSpec, little: torch.Tensor, little_weights: str, little_k: int,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indices [B, k], weights [B, k]) of a batch whose rows mix modes: little rows (little [B] True) keep their
-    little_k best experts and mark the rest -1 (not run), big rows keep all k."""
-    big_idx, big_w = select(routing, spec, ExpertMode.BIG)
-    _, little_w = select(routing, spec, ExpertMode.LITTLE, little_weights, little_k)  # [B, n]
-    n, k = little_k, spec.top_k
-    dropped = little[:, None] & (torch.arange(k, device=little.device) >= n)[None, :]  # [B, k]
-    padded = torch.cat((little_w, little_w.new_zeros(little_w.shape[0], k - n)), dim=1)  # [B, k]
-    return big_idx.masked_fill(dropped, -1), torch.where(little[:, None], padded, big_w)
+@dataclass(frozen=True)
+class RowGroup:
+    """Little rows of a batched pass that share a little model."""
+
+    rows: torch.Tensor  # [b] int64 row indices, on the device
+    little_weights: str
+    little_k: int
+
+
+def mixed_select(routing: Routing, spec: RouterSpec, groups: list[RowGroup]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices [B, k], weights [B, k]) of a batch whose rows differ in their experts: big rows keep all k; each group's
+    little rows keep their little_k best (as `select` gives them alone) and mark the rest -1 (not run)."""
+    indices, weights = select(routing, spec, ExpertMode.BIG)  # [B, k]
+    indices, weights, k = indices.clone(), weights.clone(), spec.top_k
+    for group in groups:
+        n, rows = group.little_k, group.rows
+        _, little_w = select(Routing(routing.indices[rows], routing.raw_weights[rows]), spec, ExpertMode.LITTLE, group.little_weights, n)  # [b, n]
+        weights[rows] = torch.cat((little_w, little_w.new_zeros(little_w.shape[0], k - n)), dim=1)
+        indices[rows] = indices[rows].masked_fill((torch.arange(k, device=rows.device) >= n)[None, :], -1)
+    return indices, weights
 
 
 def routed_segment(
