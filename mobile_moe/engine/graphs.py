@@ -12,6 +12,7 @@ decoding goes on eagerly.
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,6 +67,8 @@ class DecodeGraphs:
         self.kv: weakref.ref[KVCache] | None = None
         self.failed: str | None = None  # why capturing was turned off
         self.replays = 0
+        self.captures = 0  # passes captured successfully
+        self.capture_s = 0.0  # seconds spent capturing (failed attempts included)
 
     def run(self, key: tuple, ids: torch.Tensor, kv: KVCache, stats: CacheStats, eager: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """ids [1] -> logits [V] of one decode pass `eager(ids)` on kv: replayed when `key` (the pass's mode, recording, little model and
@@ -94,6 +97,7 @@ class DecodeGraphs:
         """Record one pass; undo its host-side effects (length, hits), which each replay redoes."""
         static = ids.clone()
         length, hits = kv.length, stats.hits
+        start = time.perf_counter()
         try:
             replay, logits = self.capture(lambda: eager(static))
         except Exception as exc:  # noqa: BLE001 - any capture failure leaves eager decoding, which is always correct
@@ -101,6 +105,8 @@ class DecodeGraphs:
             log.warning("CUDA graph capture failed (%s); decoding runs eagerly", self.failed)
             return None
         finally:
+            self.capture_s += time.perf_counter() - start
             added = stats.hits - hits
             kv.length, stats.hits = length, hits
+        self.captures += 1
         return CapturedPass(static, replay, logits, added)
