@@ -10,7 +10,7 @@ import torch
 
 from mobile_moe import LLM, PolicyConfig, SamplingParams, engine_config
 from mobile_moe.bench.costmodel import ModelCost, predict
-from mobile_moe.bench.hf_baseline import clock_timings, run_baseline
+from mobile_moe.bench.hf_baseline import bench_gpu, clock_timings, max_memory_map, run_baseline
 from mobile_moe.bench.profiles import PROFILES
 from mobile_moe.bench.synthetic import SHAPES, build_synthetic, full_size_cost, synthetic_config
 from mobile_moe.experts.formats import make_format
@@ -127,6 +127,14 @@ def test_token_clock_arithmetic_clamps_nothing():
     assert clock_timings(1.0, [1.25]) == (0.25, 0.0, 0)  # one token: no decode interval, none invented
     with pytest.raises(ValueError):
         clock_timings(0.0, [])
+
+
+def test_accelerate_places_on_the_bench_device_not_gpu_0():
+    """`--device cuda:1`: accelerate gets GPU 1's budget (or its free memory) and no other GPU, the rest on the CPU."""
+    gpu = bench_gpu(torch.device("cuda:1"))  # an explicit index needs no CUDA
+    assert gpu == 1
+    assert max_memory_map(gpu, 4.0, 10**9) == {1: "4.0GiB", "cpu": "200GiB"}
+    assert max_memory_map(gpu, None, 10**9) == {1: 10**9, "cpu": "200GiB"}
 
 
 def test_accelerate_baseline_times_every_decode_token(checkpoints):
