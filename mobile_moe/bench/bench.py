@@ -126,8 +126,9 @@ def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettin
     ), trace.accesses, outputs
 
 
-def default_prompts(llm: LLM, count: int, max_len: int = 128) -> list[list[int]]:
-    """Prompts cut from the demo corpus's test split when the model has a tokenizer, else seeded random ids."""
+def default_prompts(llm: LLM, count: int, max_len: int = 128, random_len: int = 64) -> list[list[int]]:
+    """Prompts cut from the demo corpus's test split (their last `max_len` tokens) when the model has a tokenizer, else seeded
+    random ids (`random_len` each)."""
     if llm.tokenizer is not None:
         texts = read_texts(None, "test")[0]
         prompts = [llm.encode(p.text)[-max_len:] for p in cut_prompts(texts, count)]
@@ -135,7 +136,7 @@ def default_prompts(llm: LLM, count: int, max_len: int = 128) -> list[list[int]]
             return prompts
     gen = torch.Generator().manual_seed(0)
     vocab = llm.loaded.model.lm_head.weight.shape[0]
-    return [torch.randint(2, vocab, (64,), generator=gen).tolist() for _ in range(count)]
+    return [torch.randint(2, vocab, (random_len,), generator=gen).tolist() for _ in range(count)]
 
 
 def _fits_on_device(llm: LLM, extra_bytes: int = 0) -> bool:
