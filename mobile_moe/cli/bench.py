@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from mobile_moe.bench.bench import BenchSettings, default_prompts, run_bench, table
+from mobile_moe.bench.bench import BenchSettings, default_prompts, run_accelerate, run_bench, table
 from mobile_moe.bench.synthetic import SHAPES, build_synthetic, full_size_cost, synthetic_config, synthetic_expert_numel
 from mobile_moe.cli.common import (
     add_engine_args,
@@ -52,9 +52,12 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--lookahead", action="store_true", help="prefetch layer l+1's experts from layer l's hidden state")
     b.add_argument("--skip-accelerate", action="store_true", help="do not run the transformers + accelerate offloaded baseline (cuda)")
     b.add_argument("--skip-transformers", action="store_true", help="do not run transformers' generate on the whole model")
+    b.add_argument("--accelerate-only", action="store_true", help="run only the transformers + accelerate offloaded baseline "
+                   "(on cpu: transformers' generate, nothing to offload); building it at real size is slow, so it is a run of its own")
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every system; speeds are medians (default 3)")
     add_threads_arg(b, "torch's own choice; reported either way")
-    b.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
+    b.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON (rewritten as each system finishes; "
+                   "`complete` says whether every system ran)")
     b.add_argument("--trace-dir", type=Path, help="write each system's expert-access trace (JSONL) here")
     b.add_argument("--batch", type=parse_sizes, metavar="SIZES", help="instead: aggregate tok/s and expert bytes per generated token of big "
                    "and mobile at each batch size, e.g. 1,2,4,8,16 (prompts decoded together)")
@@ -115,6 +118,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_writable_dir(args.trace_dir, "--trace-dir")
     if args.plot is not None and args.batch is None:
         raise InvalidParameter("bench --plot draws the --batch sweep; give --batch too")
+    if args.accelerate_only and args.batch:
+        raise InvalidParameter("give --accelerate-only or --batch, not both")
     args.max_batch = max(args.batch) if args.batch else 1  # the memory plan holds the KV of the largest batch
     set_threads(args.threads)
     if args.synthetic and args.model:
@@ -150,12 +155,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bench_prompts(args, llm, args.prompts), args.new_tokens, policy, args.gpu_memory, not args.skip_accelerate, args.trace_dir, cost,
         temperature=1.0 if args.synthetic else 0.0, progress=not args.quiet, rounds=args.rounds, run_transformers=not args.skip_transformers,
     )
-    report = run_bench(llm, settings)
+    if args.accelerate_only:
+        report = run_accelerate(llm, settings)
+        print(f"accelerate: {report['systems'][0]['decode_tok_s']:.2f} tok/s, TTFT {report['systems'][0]['ttft_s']:.3f} s ({report['systems'][0]['note']})")
+        return _write(args.json, report)
+    report = run_bench(llm, settings, on_update=lambda r: _write(args.json, _noted(r, rate)))
+    print(table(_noted(report, rate)))
+    return 0
+
+
+def _noted(report: dict, rate: float | None) -> dict:
+    """The report with how mobile's fallbacks were driven, when forced."""
     if rate is not None:
         report["mobile"]["note"] = f"fallbacks driven at rate {rate:g}, evenly spaced (random weights give meaningless confidences)"
-    print(table(report))
-    if args.json:
-        write_json_atomic(args.json, report)
+    return report
+
+
+def _write(path: Path | None, report: dict) -> int:
+    """Write the report to --json, when given (atomically: a run stopped midway leaves the last whole report)."""
+    if path is not None:
+        write_json_atomic(path, report)
     return 0
 
 
@@ -170,14 +189,16 @@ def bench_batches(args: argparse.Namespace, llm: LLM, mobile: PolicyConfig) -> i
     """`bench --batch`: the batch-size sweep, as a table (and JSON, PNG)."""
     from mobile_moe.bench.batching import batch_table, plot_batches, run_batch_bench
 
-    report = run_batch_bench(llm, bench_prompts(args, llm, max(args.batch)), args.batch, args.new_tokens, mobile, llm.planned_slots,
-                             1.0 if args.synthetic else 0.0, args.rounds)
-    report["threads"] = torch.get_num_threads()
-    if mobile.forced_fallback_rate is not None:
-        report["mobile_note"] = f"fallbacks driven at rate {mobile.forced_fallback_rate:g}, evenly spaced (random weights give meaningless confidences)"
+    def noted(report: dict) -> dict:
+        report["threads"] = torch.get_num_threads()
+        if mobile.forced_fallback_rate is not None:
+            report["mobile_note"] = f"fallbacks driven at rate {mobile.forced_fallback_rate:g}, evenly spaced (random weights give meaningless confidences)"
+        return report
+
+    report = noted(run_batch_bench(llm, bench_prompts(args, llm, max(args.batch)), args.batch, args.new_tokens, mobile, llm.planned_slots,
+                                   1.0 if args.synthetic else 0.0, args.rounds, on_update=lambda r: _write(args.json, noted(r))))
     print(batch_table(report))
-    if args.json:
-        write_json_atomic(args.json, report)
+    _write(args.json, report)
     if args.plot:
         plot_batches(report, args.plot)
     return 0
