@@ -9,13 +9,15 @@ import pytest
 import torch
 
 from mobile_moe import LLM, PolicyConfig, SamplingParams, engine_config
+from mobile_moe.bench.bench import default_prompts
 from mobile_moe.bench.costmodel import ModelCost, predict
-from mobile_moe.bench.hf_baseline import clock_timings, run_baseline
+from mobile_moe.bench.hf_baseline import bench_gpu, clock_timings, max_memory_map, run_baseline
 from mobile_moe.bench.profiles import PROFILES
 from mobile_moe.bench.synthetic import SHAPES, build_synthetic, full_size_cost, synthetic_config
 from mobile_moe.experts.formats import make_format
 from mobile_moe.cli import main
 from mobile_moe.engine.loader import load
+from mobile_moe.errors import InvalidParameter
 from mobile_moe.experts.trace import Trace, load_trace
 
 SYSTEM_FIELDS = ("name", "decode_tok_s", "ttft_s", "h2d_gb_per_token", "hit_rate", "fallback_rate", "transfer_wait_share", "ratio_to_big")
@@ -38,6 +40,20 @@ def test_synthetic_shapes_keep_structure_when_shrunk(name):
     llm = LLM(loaded, engine_config(expert_cache=info.top_k, progress=False))
     out = llm.generate([3, 4, 5], SamplingParams(max_new_tokens=3, stop_at_eos=False))
     assert len(out.token_ids) == 3 and out.stats.expert_misses > 0
+
+
+def test_synthetic_shapes_keep_their_first_layers_for_a_rehearsal():
+    cfg = synthetic_config("olmoe-1b-7b", shrink=16, layers=2)
+    assert cfg.num_hidden_layers == 2 and cfg.num_experts == 64 and cfg.hidden_size == 128
+    loaded = build_synthetic("olmoe-1b-7b", torch.device("cpu"), shrink=16, layers=2)
+    assert len(loaded.model.model.layers) == 2 and loaded.store.total_experts == 2 * 64
+    llm = LLM(loaded, engine_config(expert_cache=16, progress=False))
+    assert [len(p) for p in default_prompts(llm, 3, random_len=5)] == [5, 5, 5]  # bench --prompt-tokens 5 (no tokenizer: random ids)
+    assert full_size_cost("olmoe-1b-7b", layers=2).num_layers == 2  # predictions for the layers the run kept, at full width
+    assert synthetic_config("deepseek-v2-lite", layers=2).num_hidden_layers == 2
+    for name, layers in (("deepseek-v2-lite", 1), ("olmoe-1b-7b", 0), ("olmoe-1b-7b", 17)):  # only dense layers; none; too many
+        with pytest.raises(InvalidParameter, match="--layers"):
+            synthetic_config(name, layers=layers)
 
 
 def test_full_size_expert_bytes_match_the_calibrated_shapes():
@@ -127,6 +143,14 @@ def test_token_clock_arithmetic_clamps_nothing():
     assert clock_timings(1.0, [1.25]) == (0.25, 0.0, 0)  # one token: no decode interval, none invented
     with pytest.raises(ValueError):
         clock_timings(0.0, [])
+
+
+def test_accelerate_places_on_the_bench_device_not_gpu_0():
+    """`--device cuda:1`: accelerate gets GPU 1's budget (or its free memory) and no other GPU, the rest on the CPU."""
+    gpu = bench_gpu(torch.device("cuda:1"))  # an explicit index needs no CUDA
+    assert gpu == 1
+    assert max_memory_map(gpu, 4.0, 10**9) == {1: "4.0GiB", "cpu": "200GiB"}
+    assert max_memory_map(gpu, None, 10**9) == {1: 10**9, "cpu": "200GiB"}
 
 
 def test_accelerate_baseline_times_every_decode_token(checkpoints):

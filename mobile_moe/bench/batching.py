@@ -5,6 +5,7 @@ sizes and systems interleaved in rounds, speeds are medians."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from statistics import median
 
@@ -47,27 +48,40 @@ def _one(llm: LLM, prompts: list[list[int]], sampling: SamplingParams, policy: P
 
 
 def run_batch_bench(llm: LLM, prompts: list[list[int]], sizes: list[int], new_tokens: int, mobile: PolicyConfig, slots: int,
-                    temperature: float, rounds: int) -> dict:
-    """Every (batch size, system) once per round, interleaved; speed is the median over rounds, counters the last round's."""
+                    temperature: float, rounds: int, on_update: Callable[[dict], None] | None = None) -> dict:
+    """Every (batch size, system) once per round, interleaved; speed is the median over rounds, counters the last round's.
+    `on_update` gets the report so far (`complete` false) after each (size, system), and the whole one."""
     if max(sizes) > len(prompts) or max(sizes) > llm.config.max_batch:
         raise InvalidParameter(f"batch {max(sizes)} needs as many prompts and --max-batch (have {len(prompts)} and {llm.config.max_batch})")
     sampling = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, seed=0, stop_at_eos=False)
     systems = {"big": PolicyConfig("big"), "mobile": mobile}
     runs: dict[tuple[int, str], list[dict]] = {}
+    head = {"sizes": sizes, "new_tokens": new_tokens, "slots": slots, "total_experts": llm.cache.store.total_experts, "rounds": rounds,
+            "batch_little": llm.config.batch_little}
     for _ in range(rounds):
         for size in sizes:
             for name, policy in systems.items():
                 runs.setdefault((size, name), []).append(_one(llm, prompts[:size], sampling, policy, slots))
-    rows = []
-    for (size, name), measured in runs.items():
-        rows.append({"batch": size, "system": name, **measured[-1], "aggregate_tok_s": median(m["aggregate_tok_s"] for m in measured)})
-    one = {r["system"]: r["aggregate_tok_s"] for r in rows if r["batch"] == min(sizes)}
+                if on_update is not None:
+                    on_update({**head, "rows": batch_rows(runs), "complete": False})
+    report = {**head, "rows": batch_rows(runs), "complete": True}
+    if on_update is not None:
+        on_update(report)
+    return report
+
+
+def batch_rows(runs: dict[tuple[int, str], list[dict]]) -> list[dict]:
+    """One row per (batch size, system) measured so far: median speed over its rounds, the last round's counters, and speed against
+    the smallest batch and against big at the same size (None until that one is measured)."""
+    rows = [{"batch": size, "system": name, **measured[-1], "aggregate_tok_s": median(m["aggregate_tok_s"] for m in measured)}
+            for (size, name), measured in runs.items()]
+    smallest = min(r["batch"] for r in rows)
+    one = {r["system"]: r["aggregate_tok_s"] for r in rows if r["batch"] == smallest}
+    big = {r["batch"]: r["aggregate_tok_s"] for r in rows if r["system"] == "big"}
     for r in rows:
-        r["speedup_over_smallest_batch"] = r["aggregate_tok_s"] / one[r["system"]]
-        big = next(b for b in rows if b["batch"] == r["batch"] and b["system"] == "big")
-        r["ratio_to_big"] = r["aggregate_tok_s"] / big["aggregate_tok_s"]
-    return {"sizes": sizes, "new_tokens": new_tokens, "slots": slots, "total_experts": llm.cache.store.total_experts, "rounds": rounds,
-            "batch_little": llm.config.batch_little, "rows": rows}
+        r["speedup_over_smallest_batch"] = r["aggregate_tok_s"] / one[r["system"]] if r["system"] in one else None
+        r["ratio_to_big"] = r["aggregate_tok_s"] / big[r["batch"]] if r["batch"] in big else None
+    return rows
 
 
 def batch_table(report: dict) -> str:

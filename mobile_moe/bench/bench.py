@@ -5,16 +5,27 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from statistics import median
 
 import torch
 
-from mobile_moe.bench.costinputs import count_decode_ops, dequant_traffic, model_cost, with_counts
+from mobile_moe.bench.checks import (
+    decode_step_syncs,
+    expert_path,
+    graph_figures,
+    guarded,
+    h2d_probe_gb_s,
+    launches_per_token,
+    peak_mb,
+    reset_peak,
+)
+from mobile_moe.bench.costinputs import OpCounts, count_decode_ops, dequant_traffic, model_cost, with_counts
 from mobile_moe.bench.costmodel import ModelCost, predict
 from mobile_moe.bench.hf_baseline import HFBaseline, run_baseline
-from mobile_moe.bench.profiles import PROFILES, HardwareProfile, disk_profiles
+from mobile_moe.bench.profiles import PROFILES, HardwareProfile, device_profile, disk_profiles
 from mobile_moe.bench.roofline import bytes_per_token, memory_probe_gb_s
 from mobile_moe.config import PolicyConfig, SamplingParams
 from mobile_moe.engine.budget import dense_bytes
@@ -68,20 +79,34 @@ class SystemResult:
     disk_probe_gb_s: float = float("nan")  # the disk's probe right before this system's run (the disk's speed drifts)
     lookahead_precision: float = float("nan")  # lookahead loads the next layer then used / lookahead loads (with --lookahead)
     host_tier_hit_rate: float = float("nan")  # three tiers: loads of the compute cache the host tier served without a disk read
+    expert_path: str = ""  # how routed experts were computed (checks.expert_path): grouped, pooled, tinygemm, reference, ...
+    launches_per_token: float = float("nan")  # kernel launches per decode token from one eager pass's counts (a replay: one)
+    peak_gpu_mb: float | None = None  # peak allocated device memory during this system's run (CUDA; None elsewhere)
+    predicted_tok_s: float = float("nan")  # the cost model on this run's trace and this device's probes (report's prediction_profile)
+    predicted_h2d_mb_per_token: float = float("nan")
+    predicted_host_syncs_per_token: float = float("nan")  # the cost model's assumption for this system's passes
+    captures: int | None = None  # graphs: passes captured (resident+graphs only)
+    replays: int | None = None  # graphs: decode passes replayed from captures
+    capture_s: float | None = None  # graphs: seconds spent capturing
+    graph_equals_eager: bool | None = None  # graphs: greedy decode's logits replayed == eager, bit for bit, every step
+    replay_ms_per_token: float | None = None  # graphs: one captured pass replayed alone, device-synced
+    captures_per_request: int | None = None  # graphs: captures made by the second of two identical requests
     note: str = ""
 
 
 def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettings, slots: int, preload: bool = False,
-                graphs: bool = False) -> tuple[SystemResult, list[Access], list[list[int]]]:
+                graphs: bool = False, ops: OpCounts | None = None) -> tuple[SystemResult, list[Access], list[list[int]]]:
     """Fresh cache of `slots`, then every prompt under `policy`; sums decode-phase counters; also returns the generated ids.
     The all-resident reference runs untraced: tracing reads each layer's choice on the host, which it otherwise never does.
-    graphs: keep the CUDA graphs `--cuda-graphs` gave the runner (every other system runs eagerly, for the comparison)."""
+    graphs: keep the CUDA graphs `--cuda-graphs` gave the runner (every other system runs eagerly, for the comparison).
+    ops: one eager pass's launch counts, for launches per token."""
     trace = Trace()
     llm.reset_cache(slots, None if preload else trace)
     if not graphs:
         llm.runner.graphs = None
     if preload:
         llm.cache.load_all()
+    reset_peak(llm.device)  # after the new cache is made: the peak holds this system's slots, not the last one's
     cache = llm.cache
     sampling = SamplingParams(max_new_tokens=settings.new_tokens, temperature=settings.temperature, seed=0, stop_at_eos=False)
     decode_s = ttft = wait = context = 0.0
@@ -103,20 +128,26 @@ def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettin
     if settings.trace_dir is not None:
         settings.trace_dir.mkdir(parents=True, exist_ok=True)
         trace.save(settings.trace_dir / f"{name}.jsonl")
-    disk_fields: dict[str, float] = {}
+    extra_fields: dict[str, float | int] = {}  # the disk tier's, lookahead's and graphs' own figures
     if cache.stats.lookahead_issued:
-        disk_fields["lookahead_precision"] = cache.stats.lookahead_used / cache.stats.lookahead_issued
+        extra_fields["lookahead_precision"] = cache.stats.lookahead_used / cache.stats.lookahead_issued
     if reader is not None and read0 is not None:
         busy = reader.busy_wall_s - read0[1]
-        disk_fields.update(disk_bytes_per_token=disk / max(steps, 1), disk_read_gb_s=(reader.bytes_read - read0[0]) / 1e9 / busy if busy else 0.0)
+        extra_fields.update(disk_bytes_per_token=disk / max(steps, 1), disk_read_gb_s=(reader.bytes_read - read0[0]) / 1e9 / busy if busy else 0.0)
         if llm.host_slots is not None:
             reads = disk_all // llm.loaded.store.record_bytes
-            disk_fields["host_tier_hit_rate"] = host_hits / max(host_hits + reads, 1)
+            extra_fields["host_tier_hit_rate"] = host_hits / max(host_hits + reads, 1)
     captured = llm.runner.graphs
     note = "" if captured is None else f"{captured.replays} of {steps} decode passes replayed from CUDA graphs" + (
         f" (capture failed: {captured.failed})" if captured.failed else "")
+    if captured is not None:
+        extra_fields.update(captures=captured.captures, replays=captured.replays, capture_s=captured.capture_s)
+    if ops is not None:
+        extra_fields["launches_per_token"] = launches_per_token(
+            ops, len(llm.loaded.model.model.layers), len(llm.info.moe_layers), (hits + misses) / max(steps, 1), 1 + fallbacks / max(steps, 1),
+            0.0 if captured is None else captured.replays / max(steps, 1))
     return SystemResult(
-        **disk_fields, note=note,
+        **extra_fields, note=note, expert_path=expert_path(llm.runner.executor, preload), peak_gpu_mb=peak_mb(llm.device),
         name=name, decode_tok_s=steps / decode_s if decode_s else 0.0, ttft_s=ttft / len(settings.prompts),
         h2d_gb_per_token=moved / 1e9 / max(steps, 1), hit_rate=hits / max(hits + misses, 1),
         fallback_rate=fallbacks / max(steps, 1), transfer_wait_share=wait / decode_s if decode_s else 0.0,
@@ -126,8 +157,9 @@ def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettin
     ), trace.accesses, outputs
 
 
-def default_prompts(llm: LLM, count: int, max_len: int = 128) -> list[list[int]]:
-    """Prompts cut from the demo corpus's test split when the model has a tokenizer, else seeded random ids."""
+def default_prompts(llm: LLM, count: int, max_len: int = 128, random_len: int = 64) -> list[list[int]]:
+    """Prompts cut from the demo corpus's test split (their last `max_len` tokens) when the model has a tokenizer, else seeded
+    random ids (`random_len` each)."""
     if llm.tokenizer is not None:
         texts = read_texts(None, "test")[0]
         prompts = [llm.encode(p.text)[-max_len:] for p in cut_prompts(texts, count)]
@@ -135,7 +167,7 @@ def default_prompts(llm: LLM, count: int, max_len: int = 128) -> list[list[int]]
             return prompts
     gen = torch.Generator().manual_seed(0)
     vocab = llm.loaded.model.lm_head.weight.shape[0]
-    return [torch.randint(2, vocab, (64,), generator=gen).tolist() for _ in range(count)]
+    return [torch.randint(2, vocab, (random_len,), generator=gen).tolist() for _ in range(count)]
 
 
 def _fits_on_device(llm: LLM, extra_bytes: int = 0) -> bool:
@@ -161,40 +193,105 @@ def _median_of_rounds(rounds: list[SystemResult]) -> SystemResult:
 Engine = tuple[str, PolicyConfig, int, bool, bool]  # (system name, policy, cache slots, preload every expert, CUDA graphs)
 
 
-def run_bench(llm: LLM, settings: BenchSettings, profiles: dict[str, HardwareProfile] = PROFILES) -> dict:
-    """All systems on the same prompts in interleaved rounds; ratios to big; cost-model predictions from this run's traces."""
+Update = Callable[[dict], None]  # receives the report so far (`complete` false) after each system, and the whole one
+
+
+def run_bench(llm: LLM, settings: BenchSettings, profiles: dict[str, HardwareProfile] = PROFILES, on_update: Update | None = None) -> dict:
+    """All systems on the same prompts in interleaved rounds; ratios to big; cost-model predictions from this run's traces.
+    `on_update` gets the report as each system finishes (so a run stopped midway keeps what it measured)."""
     slots = llm.planned_slots
     llm.reset_cache(slots)
     llm.generate(settings.prompts[0], SamplingParams(max_new_tokens=4, stop_at_eos=False))  # warm-up: kernels, allocator
+    syncs, error = guarded(lambda: decode_step_syncs(llm, settings.prompts[0]))  # one more warm decode step, its host syncs listed
     ops = count_decode_ops(llm)  # kernel launches of one decode step, for the cost model
+    store = llm.loaded.store
+    cost = with_counts(settings.cost, ops) if settings.cost else model_cost(llm.loaded.model, store.expert_bytes, ops, dequant_bytes=dequant_traffic(store.layout, llm.loaded.dtype))
+    extra = {"host_syncs_in_decode_step": syncs if error is None else {"error": error}, "kernel_launches": asdict(ops), "complete": False}
+
+    def update(systems: list[SystemResult]) -> None:
+        if on_update is not None:
+            on_update(_report(llm, settings, systems, None, None, cost, {}, slots, extra))
+
     whole = None
     if settings.run_transformers and _fits_on_device(llm, dense_bytes(llm.loaded.model) + llm.loaded.store.nbytes):  # its own copy
         whole = HFBaseline(llm.loaded, llm.device, None, offload=False, warmup_ids=settings.prompts[0], progress=settings.progress)
-    rounds, traces, outputs = _interleaved_rounds(llm, _engines(llm, settings, slots), whole, settings)
+    engines = _engines(llm, settings, slots)
+    rounds, traces, outputs = _interleaved_rounds(llm, engines, whole, settings, ops, update)
     del whole
     systems = [_median_of_rounds(r) for r in rounds.values()]
     _mark_systems(systems, outputs, llm.loaded.store.total_experts, settings.temperature)
+    if any(graphs for *_, graphs in engines):
+        _add_graph_figures(llm, settings, next(s for s in systems if s.name == "resident+graphs"))
+        update(systems)
     llm.reset_cache(slots)
     if settings.run_accelerate and llm.device.type == "cuda":
-        # two short runs after a warm-up: offloaded transformers runs well under 1 tok/s at real size
-        base = run_baseline(llm.loaded, llm.device, settings.gpu_memory_gb, settings.prompts[:2], min(settings.new_tokens, 8), settings.progress)
-        systems.append(SystemResult("accelerate", base.decode_tok_s, base.ttft_s, float("nan"), float("nan"), 0.0, float("nan"), note=base.placement))
+        systems.append(accelerate_system(llm, settings))
+        update(systems)
     big = systems[0].decode_tok_s
     for s in systems:
         s.ratio_to_big = s.decode_tok_s / big if big else 0.0
     disk = disk_report(llm, systems) if llm.reader is not None else None  # before the memory probe's 1 GiB enters the peak RSS
-    probe = memory_probe_gb_s(device=llm.device)
+    probe, link = memory_probe_gb_s(device=llm.device), h2d_probe_gb_s(llm.device)
     for s in systems:
         s.roofline = s.decode_tok_s * s.bytes_per_token / 1e9 / probe
-    store = llm.loaded.store
-    cost = with_counts(settings.cost, ops) if settings.cost else model_cost(llm.loaded.model, store.expert_bytes, ops, dequant_bytes=dequant_traffic(store.layout, llm.loaded.dtype))
+    here = device_profile(llm.device, probe, link)
     if disk is not None:  # the link that matters is the disk: predict for it, and for other SSDs on this CPU
         profiles = disk_profiles(disk["disk_probe_gb_s"], probe)
+        here = profiles["this-disk"]
     predicted = {
         hw.name: {name: predict(traces[name], cost, hw, slots).tok_s for name in ("big", "mobile", "little")}
         for hw in profiles.values()
     }
-    return _report(llm, settings, systems, disk, probe, cost, predicted, slots)
+    _predict_systems(systems, traces, cost, here, slots, llm)
+    extra.update(complete=True, h2d_probe_gb_s=link, prediction_profile=asdict(here), peak_rss_mb=peak_rss_bytes() / 2**20)
+    report = _report(llm, settings, systems, disk, probe, cost, predicted, slots, extra)
+    if on_update is not None:
+        on_update(report)
+    return report
+
+
+def accelerate_system(llm: LLM, settings: BenchSettings) -> SystemResult:
+    """transformers + accelerate offloaded at the same budget: two short runs after a warm-up (it runs well under 1 tok/s at real size)."""
+    reset_peak(llm.device)
+    base = run_baseline(llm.loaded, llm.device, settings.gpu_memory_gb, settings.prompts[:2], min(settings.new_tokens, 8), settings.progress)
+    return SystemResult("accelerate", base.decode_tok_s, base.ttft_s, float("nan"), float("nan"), 0.0, float("nan"), note=base.placement,
+                        peak_gpu_mb=peak_mb(llm.device))
+
+
+def run_accelerate(llm: LLM, settings: BenchSettings) -> dict:
+    """The transformers + accelerate baseline alone (`bench --accelerate-only`: building it at real size can outlast a run's budget)."""
+    system = accelerate_system(llm, settings)
+    system.ratio_to_big = float("nan")  # no big in this run
+    extra = {"complete": True, "peak_rss_mb": peak_rss_bytes() / 2**20}
+    return _report(llm, settings, [system], None, None, None, {}, llm.planned_slots, extra)
+
+
+def _add_graph_figures(llm: LLM, settings: BenchSettings, system: SystemResult) -> None:
+    """The resident+graphs row's check: replayed logits against eager ones, replay-only time, captures per request (when the check
+    itself fails, its error in the row's note)."""
+    figures, error = guarded(lambda: graph_figures(llm, settings.prompts[0]))
+    if figures is None:
+        system.note += f"; graph check failed: {error}"
+        return
+    system.graph_equals_eager, system.replay_ms_per_token = figures.equals_eager, figures.replay_ms_per_token
+    system.captures_per_request = figures.captures_per_request
+
+
+def _predict_systems(systems: list[SystemResult], traces: dict, cost: ModelCost, hw: HardwareProfile, slots: int, llm: LLM) -> None:
+    """Each engine system's cost-model figures on `hw` beside its measured ones: big, mobile and little from their own traces at the
+    planned slots; the resident systems from big's trace with every expert in a slot and no host read per layer (graphs: one launch)."""
+    moe, total = len(llm.info.moe_layers), llm.loaded.store.total_experts
+    resident = replace(cost, syncs_per_moe_layer=0.0)
+    graphed = replace(resident, launches_per_layer=0.0, launches_per_moe_layer=0.0, launches_per_expert=0.0, launches_per_pass=1.0)
+    plans = {"big": (cost, slots), "mobile": (cost, slots), "little": (cost, slots), "resident": (resident, total), "resident+graphs": (graphed, total)}
+    for s in systems:
+        if s.name not in plans:
+            continue
+        c, n = plans[s.name]
+        p = predict(traces["big" if s.name.startswith("resident") else s.name], c, hw, n)  # resident systems run untraced
+        s.predicted_tok_s, s.predicted_h2d_mb_per_token = p.tok_s, p.h2d_gb * 1e3 / max(p.steps, 1)
+        passes = 1 + s.fallback_rate if s.name == "mobile" else 1.0
+        s.predicted_host_syncs_per_token = passes * (c.syncs_per_moe_layer * moe + c.syncs_per_pass)
 
 
 def _engines(llm: LLM, settings: BenchSettings, slots: int) -> list[Engine]:
@@ -211,17 +308,21 @@ def _engines(llm: LLM, settings: BenchSettings, slots: int) -> list[Engine]:
 
 
 def _interleaved_rounds(
-    llm: LLM, engines: list[Engine], whole: HFBaseline | None, settings: BenchSettings,
+    llm: LLM, engines: list[Engine], whole: HFBaseline | None, settings: BenchSettings, ops: OpCounts | None = None,
+    update: Callable[[list[SystemResult]], None] | None = None,
 ) -> tuple[dict[str, list[SystemResult]], dict, dict]:
-    """Every system once per round, round after round: (system -> its results per round, its last trace, its last tokens)."""
+    """Every system once per round, round after round: (system -> its results per round, its last trace, its last tokens);
+    `update` gets the systems so far (medians of their rounds so far) after each one."""
     rounds: dict[str, list[SystemResult]] = {}
     traces, outputs = {}, {}
     for _ in range(settings.rounds):
         for name, policy, n, preload, graphs in engines:
             probe = disk_probe_gb_s(llm.loaded.store, records=ROUND_PROBE_RECORDS) if llm.reader is not None else float("nan")
-            result, traces[name], outputs[name] = _run_system(llm, name, policy, settings, n, preload, graphs)
+            result, traces[name], outputs[name] = _run_system(llm, name, policy, settings, n, preload, graphs, ops)
             result.disk_probe_gb_s = probe
             rounds.setdefault(name, []).append(result)
+            if update is not None:
+                update([_median_of_rounds(r) for r in rounds.values()])
         if whole is not None:
             base = whole.run(settings.prompts, settings.new_tokens)
             outputs["transformers"] = base.token_ids
@@ -239,9 +340,9 @@ def _mark_systems(systems: list[SystemResult], outputs: dict, total: int, temper
             s.same_tokens_as_big = _same_tokens(outputs[s.name], outputs["big"]) if s.name.startswith("resident") or s.name == "transformers" else None
 
 
-def _report(llm: LLM, settings: BenchSettings, systems: list[SystemResult], disk: dict | None, probe: float, cost: ModelCost, predicted: dict,
-            slots: int) -> dict:
-    """The JSON-ready report."""
+def _report(llm: LLM, settings: BenchSettings, systems: list[SystemResult], disk: dict | None, probe: float | None, cost: ModelCost | None,
+            predicted: dict, slots: int, extra: dict) -> dict:
+    """The JSON-ready report (`extra`: the run's own figures, and whether the report is complete)."""
     store = llm.loaded.store
     return {
         "disk": disk,
@@ -250,12 +351,14 @@ def _report(llm: LLM, settings: BenchSettings, systems: list[SystemResult], disk
         "model": str(llm.path), "gpu_memory_gb": settings.gpu_memory_gb, "cache_slots": slots,
         "expert_dtype": str(store.format), "expert_bytes": store.expert_bytes,
         "total_experts": store.total_experts, "expert_mb": store.expert_bytes / 2**20,
-        "dense_gb": dense_bytes(llm.loaded.model) / 1e9, "cost_model_sizes": asdict(cost), "prompts": len(settings.prompts), "new_tokens": settings.new_tokens,
-        "temperature": settings.temperature,
+        "dense_gb": dense_bytes(llm.loaded.model) / 1e9, "cost_model_sizes": None if cost is None else asdict(cost), "prompts": len(settings.prompts),
+        "new_tokens": settings.new_tokens, "temperature": settings.temperature,
+        "cuda_graphs": {"requested": llm.config.cuda_graphs, "on": llm.graph_capture is not None},
         "mobile": {"tau": settings.mobile.tau, "forced_fallback_rate": settings.mobile.forced_fallback_rate,
                    "lookahead": settings.mobile.lookahead, "criterion": settings.mobile.criterion},
         "systems": [_json_safe(asdict(s)) for s in systems],
         "predicted": predicted,
+        **extra,
     }
 
 

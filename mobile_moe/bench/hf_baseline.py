@@ -47,6 +47,16 @@ def clock_timings(start: float, stamps: list[float]) -> tuple[float, float, int]
     return stamps[0] - start, stamps[-1] - stamps[0], len(stamps) - 1
 
 
+def max_memory_map(gpu: int, gpu_memory_gb: float | None, free_bytes: int) -> dict[int | str, int | str]:
+    """accelerate's max_memory placing on GPU `gpu` alone: the budget there (else its `free_bytes`), the rest on the CPU."""
+    return {gpu: f"{gpu_memory_gb}GiB" if gpu_memory_gb else free_bytes, "cpu": "200GiB"}
+
+
+def bench_gpu(device: torch.device) -> int:
+    """The index of the CUDA device bench runs on (the current one for a bare `cuda`)."""
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
 def _hf_model(loaded: LoadedModel, device: torch.device, gpu_memory_gb: float | None, offload: bool) -> tuple[T.PreTrainedModel, str]:
     """transformers' model of the same checkpoint (random weights for synthetic shapes): whole on the device, or placed by accelerate."""
     dtype = loaded.dtype
@@ -56,8 +66,8 @@ def _hf_model(loaded: LoadedModel, device: torch.device, gpu_memory_gb: float | 
         return model.to(device).eval(), f"whole model on {device.type} (no offload)"
     from accelerate import dispatch_model, infer_auto_device_map
 
-    budget = f"{gpu_memory_gb}GiB" if gpu_memory_gb else None
-    max_memory = {0: budget, "cpu": "200GiB"} if budget else None
+    gpu = bench_gpu(device)
+    max_memory = max_memory_map(gpu, gpu_memory_gb, torch.cuda.mem_get_info(gpu)[0])
     if synthetic:
         model = T.AutoModelForCausalLM.from_config(loaded.config, dtype=dtype).eval()
         device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=model._no_split_modules)

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+import torch
+
 # Per eager kernel launch: the H200 calibration times one eager SwiGLU expert at batch 1 at 77-80 us for 9-17 MB
 # experts (docs/design.md §8, expert_ffn_us); weight reads take 2-4 us of that at 4.8 TB/s and
 # such an expert launches 5 kernels (3 linear, silu, mul: costinputs.swiglu_expert_launches), so ~15 us per launch.
@@ -63,3 +65,13 @@ def disk_profiles(disk_probe_gbps: float, memory_probe_gbps: float) -> dict[str,
     for name, link in DISK_LINKS_GBPS.items():
         profiles[name] = cpu(name, link, f"public spec ~{link:g} GB/s sequential reads; this machine's CPU and memory probe")
     return profiles
+
+
+def device_profile(device: torch.device, memory_gbps: float, link_gbps: float | None) -> HardwareProfile:
+    """This machine as a bench run measured it: on CUDA its pinned-copy and memory probes (launch, sync and copy costs as above);
+    on a CPU the memory probe for both (a cache fill is a host copy) and its per-op cost."""
+    if device.type == "cuda" and link_gbps is not None:
+        return HardwareProfile("this-device", link_gbps=link_gbps, mem_gbps=memory_gbps,
+                               source="this run: pinned host->device copy probe and device memory probe; launch, sync and copy costs: profiles.py")
+    return HardwareProfile("this-device", link_gbps=memory_gbps, mem_gbps=memory_gbps, launch_us=CPU_OP_US, sync_us=0.0, copy_latency_us=0.0,
+                           source="this cpu: its memory probe for memory and cache fills; per-op cost: profiles.py")

@@ -71,12 +71,15 @@ def _random_field(name: str, view: torch.Tensor, gen: torch.Generator, device: t
 SHRUNK_WIDTHS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size", "kv_lora_rank")
 
 
-def synthetic_config(name: str, shrink: int = 1) -> T.PretrainedConfig:
-    """The config of a named shape; shrink > 1 divides widths (not layers, experts or top-k) for CPU tests."""
+def synthetic_config(name: str, shrink: int = 1, layers: int | None = None) -> T.PretrainedConfig:
+    """The config of a named shape; shrink > 1 divides widths (not layers, experts or top-k) for CPU tests; `layers` keeps the
+    first that many decoder layers (a CPU rehearsal of a GPU run)."""
     if name not in SHAPES:
         raise InvalidParameter(f"unknown synthetic model {name!r} (known: {', '.join(SHAPES)})")
     cls, fields = SHAPES[name]
     fields = dict(fields)
+    if layers is not None:
+        fields["num_hidden_layers"] = _kept_layers(cls, fields, layers)
     if shrink > 1:
         defaults = cls()  # the fields a shape does not give
         for key in SHRUNK_WIDTHS:
@@ -90,6 +93,15 @@ def synthetic_config(name: str, shrink: int = 1) -> T.PretrainedConfig:
     return cls(**fields, bos_token_id=0, eos_token_id=1, pad_token_id=0)
 
 
+def _kept_layers(cls: type, fields: dict, layers: int) -> int:
+    """`layers`, checked: at least one, at most the shape's, and past its leading dense layers (so that some layer has experts)."""
+    full = fields.get("num_hidden_layers", getattr(cls(), "num_hidden_layers", None))
+    dense = fields.get("first_k_dense_replace", getattr(cls(), "first_k_dense_replace", 0)) or 0
+    if not dense < layers <= full:
+        raise InvalidParameter(f"--layers must be in {dense + 1}..{full} for this shape, got {layers}")
+    return layers
+
+
 def synthetic_expert_numel(cfg: T.PretrainedConfig) -> int:
     """Weights in one routed expert of a config."""
     with torch.device("meta"):
@@ -97,9 +109,10 @@ def synthetic_expert_numel(cfg: T.PretrainedConfig) -> int:
     return ExpertShape(info.hidden, info.expert_intermediate).numel
 
 
-def full_size_cost(name: str, fmt: ExpertFormat | None = None) -> ModelCost:
-    """Cost-model sizes of the full-width model in bf16, experts packed as `fmt` (for predictions from a reduced-width run's trace)."""
-    cfg = synthetic_config(name)
+def full_size_cost(name: str, fmt: ExpertFormat | None = None, layers: int | None = None) -> ModelCost:
+    """Cost-model sizes of the full-width model in bf16, experts packed as `fmt` (for predictions from a reduced-width run's trace;
+    `layers`: of its first that many layers, as the run kept)."""
+    cfg = synthetic_config(name, layers=layers)
     with torch.device("meta"):
         model = build_model(cfg)
     info = model.info
@@ -109,7 +122,7 @@ def full_size_cost(name: str, fmt: ExpertFormat | None = None) -> ModelCost:
 
 def build_synthetic(
     name: str, device: torch.device, dtype_name: str = "auto", shrink: int = 1, seed: int = 0, expert_dtype: str = "auto", group_size: int | None = None,
-    fused_kernels: bool = True, offload_dir: Path | None = None, direct_io: bool = True,
+    fused_kernels: bool = True, offload_dir: Path | None = None, direct_io: bool = True, layers: int | None = None,
 ) -> LoadedModel:
     """Random dense weights made on the device, random experts made there (already packed: random codes and scales) and copied into (pinned) host memory.
 
@@ -117,8 +130,9 @@ def build_synthetic(
     routed by its own identity; with small random embeddings the shared part of the residual stream
     would send every token to the same few experts and make caching look far better than it is.
     With `offload_dir` the experts go to an on-disk store instead, one layer at a time (reused when it matches).
+    `layers`: only the first that many decoder layers (see `synthetic_config`).
     """
-    cfg = synthetic_config(name, shrink)
+    cfg = synthetic_config(name, shrink, layers)
     with torch.device("meta"):
         model = build_model(cfg)
     dtype, why = resolve_dtype(dtype_name, cfg, device, model) if dtype_name != "auto" or device.type == "cpu" else (torch.bfloat16, "bfloat16: synthetic on cuda")
@@ -143,7 +157,7 @@ def build_synthetic(
     fmt = make_format(expert_dtype, dtype, group_size)
     model.prepare_weights()
     model.eval()
-    fingerprint = f"synthetic:{name}:shrink={shrink}:seed={seed}"
+    fingerprint = f"synthetic:{name}:shrink={shrink}:seed={seed}" + ("" if layers is None else f":layers={layers}")
     store = _random_experts(info, fmt, dtype, device, gen, fused_kernels, offload_dir, direct_io, fingerprint)
     return LoadedModel(model=model, store=store, config=cfg, path=Path(f"synthetic:{name}"), dtype=dtype, dtype_reason=why)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from mobile_moe.bench.bench import BenchSettings, default_prompts, run_bench, table
+from mobile_moe.bench.bench import BenchSettings, default_prompts, run_accelerate, run_bench, table
 from mobile_moe.bench.synthetic import SHAPES, build_synthetic, full_size_cost, synthetic_config, synthetic_expert_numel
 from mobile_moe.cli.common import (
     add_engine_args,
@@ -43,15 +43,21 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="decode speed of big / mobile / little / resident / transformers / transformers+accelerate, same prompts and budget")
     b.add_argument("--synthetic", choices=list(SHAPES), help="random weights with the shapes of a public model (instead of --model)")
     b.add_argument("--shrink", type=int, default=1, metavar="N", help="with --synthetic: divide every width (not layers, experts or top-k) by N to fit a small machine (default: 1)")
+    b.add_argument("--layers", type=int, metavar="N", help="with --synthetic: keep the first N decoder layers (a quick rehearsal; default: all)")
     b.add_argument("--prompts", type=int, default=4, help="prompts per system and round (default: 4)")
+    b.add_argument("--prompt-tokens", type=int, metavar="N", help="tokens per prompt: at most N of the corpus's, or N random ids for "
+                   "synthetic models (default: 128 and 64)")
     b.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt (default: 32)")
     b.add_argument("--fallback-rate", type=float, help="drive mobile's fallbacks at this rate (default for synthetic: the demo model's calibrated rate)")
     b.add_argument("--lookahead", action="store_true", help="prefetch layer l+1's experts from layer l's hidden state")
     b.add_argument("--skip-accelerate", action="store_true", help="do not run the transformers + accelerate offloaded baseline (cuda)")
     b.add_argument("--skip-transformers", action="store_true", help="do not run transformers' generate on the whole model")
+    b.add_argument("--accelerate-only", action="store_true", help="run only the transformers + accelerate offloaded baseline "
+                   "(on cpu: transformers' generate, nothing to offload); building it at real size is slow, so it is a run of its own")
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every system; speeds are medians (default 3)")
     add_threads_arg(b, "torch's own choice; reported either way")
-    b.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
+    b.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON (rewritten as each system finishes; "
+                   "`complete` says whether every system ran)")
     b.add_argument("--trace-dir", type=Path, help="write each system's expert-access trace (JSONL) here")
     b.add_argument("--batch", type=parse_sizes, metavar="SIZES", help="instead: aggregate tok/s and expert bytes per generated token of big "
                    "and mobile at each batch size, e.g. 1,2,4,8,16 (prompts decoded together)")
@@ -103,19 +109,23 @@ def bench_plan(args: argparse.Namespace, model_cfg: PretrainedConfig, plan: Slot
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """`mobile-moe bench`."""
-    if args.prompts < 1 or args.new_tokens < 2 or args.rounds < 1:
-        raise InvalidParameter("--prompts and --rounds must be >= 1 and --new-tokens >= 2")
+    if args.prompts < 1 or args.new_tokens < 2 or args.rounds < 1 or (args.prompt_tokens is not None and args.prompt_tokens < 1):
+        raise InvalidParameter("--prompts, --prompt-tokens and --rounds must be >= 1 and --new-tokens >= 2")
+    if args.layers is not None and not args.synthetic:
+        raise InvalidParameter("--layers cuts a --synthetic shape; give --synthetic too")
     check_writable_file(args.json, "--json")
     check_writable_file(args.plot, "--plot")
     check_writable_dir(args.trace_dir, "--trace-dir")
     if args.plot is not None and args.batch is None:
         raise InvalidParameter("bench --plot draws the --batch sweep; give --batch too")
+    if args.accelerate_only and args.batch:
+        raise InvalidParameter("give --accelerate-only or --batch, not both")
     args.max_batch = max(args.batch) if args.batch else 1  # the memory plan holds the KV of the largest batch
     set_threads(args.threads)
     if args.synthetic and args.model:
         raise InvalidParameter("give --model or --synthetic, not both")
     config = engine_config_from(args)
-    model_cfg = synthetic_config(args.synthetic, args.shrink) if args.synthetic else read_config(model_dir(args.model, args.quiet))
+    model_cfg = synthetic_config(args.synthetic, args.shrink, args.layers) if args.synthetic else read_config(model_dir(args.model, args.quiet))
     plan, why = bench_plan(args, model_cfg, plan_for_config(model_cfg, config))
     if args.offload_dir is not None:
         check_on_disk(Path(args.offload_dir))
@@ -127,7 +137,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.synthetic:
         loaded = build_synthetic(args.synthetic, resolve_device(args.device), args.dtype, args.shrink, expert_dtype=args.expert_dtype,
                                  group_size=args.group_size, fused_kernels=not args.reference_kernels,
-                                 offload_dir=None if args.offload_dir is None else Path(args.offload_dir), direct_io=not args.buffered_io)
+                                 offload_dir=None if args.offload_dir is None else Path(args.offload_dir), direct_io=not args.buffered_io,
+                                 layers=args.layers)
         llm = LLM(loaded, config)
     else:
         llm = open_llm(args)
@@ -139,32 +150,55 @@ def cmd_bench(args: argparse.Namespace) -> int:
     policy = dataclasses.replace(policy_from(args, llm), name="mobile", forced_fallback_rate=rate, lookahead=args.lookahead)
     if args.batch:
         return bench_batches(args, llm, policy)
-    cost = full_size_cost(args.synthetic, full_size_format(args)) if args.synthetic and args.shrink > 1 else None  # predict the real widths
+    cost = full_size_cost(args.synthetic, full_size_format(args), args.layers) if args.synthetic and args.shrink > 1 else None  # the real widths
     settings = BenchSettings(
-        default_prompts(llm, args.prompts), args.new_tokens, policy, args.gpu_memory, not args.skip_accelerate, args.trace_dir, cost,
+        bench_prompts(args, llm, args.prompts), args.new_tokens, policy, args.gpu_memory, not args.skip_accelerate, args.trace_dir, cost,
         temperature=1.0 if args.synthetic else 0.0, progress=not args.quiet, rounds=args.rounds, run_transformers=not args.skip_transformers,
     )
-    report = run_bench(llm, settings)
+    if args.accelerate_only:
+        report = run_accelerate(llm, settings)
+        print(f"accelerate: {report['systems'][0]['decode_tok_s']:.2f} tok/s, TTFT {report['systems'][0]['ttft_s']:.3f} s ({report['systems'][0]['note']})")
+        return _write(args.json, report)
+    report = run_bench(llm, settings, on_update=lambda r: _write(args.json, _noted(r, rate)))
+    print(table(_noted(report, rate)))
+    return 0
+
+
+def _noted(report: dict, rate: float | None) -> dict:
+    """The report with how mobile's fallbacks were driven, when forced."""
     if rate is not None:
         report["mobile"]["note"] = f"fallbacks driven at rate {rate:g}, evenly spaced (random weights give meaningless confidences)"
-    print(table(report))
-    if args.json:
-        write_json_atomic(args.json, report)
+    return report
+
+
+def _write(path: Path | None, report: dict) -> int:
+    """Write the report to --json, when given (atomically: a run stopped midway leaves the last whole report)."""
+    if path is not None:
+        write_json_atomic(path, report)
     return 0
+
+
+def bench_prompts(args: argparse.Namespace, llm: LLM, count: int) -> list[list[int]]:
+    """`count` prompts, `--prompt-tokens` long when given."""
+    if args.prompt_tokens is None:
+        return default_prompts(llm, count)
+    return default_prompts(llm, count, max_len=args.prompt_tokens, random_len=args.prompt_tokens)
 
 
 def bench_batches(args: argparse.Namespace, llm: LLM, mobile: PolicyConfig) -> int:
     """`bench --batch`: the batch-size sweep, as a table (and JSON, PNG)."""
     from mobile_moe.bench.batching import batch_table, plot_batches, run_batch_bench
 
-    report = run_batch_bench(llm, default_prompts(llm, max(args.batch)), args.batch, args.new_tokens, mobile, llm.planned_slots,
-                             1.0 if args.synthetic else 0.0, args.rounds)
-    report["threads"] = torch.get_num_threads()
-    if mobile.forced_fallback_rate is not None:
-        report["mobile_note"] = f"fallbacks driven at rate {mobile.forced_fallback_rate:g}, evenly spaced (random weights give meaningless confidences)"
+    def noted(report: dict) -> dict:
+        report["threads"] = torch.get_num_threads()
+        if mobile.forced_fallback_rate is not None:
+            report["mobile_note"] = f"fallbacks driven at rate {mobile.forced_fallback_rate:g}, evenly spaced (random weights give meaningless confidences)"
+        return report
+
+    report = noted(run_batch_bench(llm, bench_prompts(args, llm, max(args.batch)), args.batch, args.new_tokens, mobile, llm.planned_slots,
+                                   1.0 if args.synthetic else 0.0, args.rounds, on_update=lambda r: _write(args.json, noted(r))))
     print(batch_table(report))
-    if args.json:
-        write_json_atomic(args.json, report)
+    _write(args.json, report)
     if args.plot:
         plot_batches(report, args.plot)
     return 0
