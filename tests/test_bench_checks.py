@@ -59,7 +59,7 @@ def test_replayed_logits_equal_eager_ones_with_a_faithful_capture(checkpoints):
     assert graphs.failed is None and graphs.replays > 0 and graphs.captures >= 1 and graphs.capture_s > 0
     assert figures.replay_ms_per_token is not None and figures.replay_ms_per_token > 0
     # every request decodes into a new KV cache, so the second of two identical requests captures all its passes again
-    assert figures.captures_per_request == len(graphs.passes) > 0
+    assert figures.captures_per_request == 0 and len(graphs.passes) > 0  # the held KV cache keeps the captures across requests
 
 
 def test_a_replay_of_stale_work_is_caught(checkpoints):
@@ -97,7 +97,7 @@ def test_bench_checks_its_graphs_row_and_reports_after_every_system(checkpoints,
     graphs = systems["resident+graphs"]
     assert graphs["graph_equals_eager"] is equal
     assert graphs["captures"] >= 1 and graphs["replays"] > 0 and graphs["capture_s"] > 0 and graphs["replay_ms_per_token"] > 0
-    assert graphs["captures_per_request"] >= 1  # recaptured per request while each request makes its own KV cache
+    assert graphs["captures_per_request"] == 0  # captures outlive the request: the runner holds its KV cache
     assert graphs["launches_per_token"] < systems["resident"]["launches_per_token"]  # replayed passes are one launch each
     for name in ("big", "mobile", "little", "resident"):
         assert systems[name]["graph_equals_eager"] is None and systems[name]["captures"] is None

@@ -23,6 +23,7 @@ from mobile_moe.bench.costinputs import OpCounts
 from mobile_moe.config import SamplingParams
 from mobile_moe.engine.graphs import CapturedPass, DecodeGraphs
 from mobile_moe.engine.llm import LLM
+from mobile_moe.engine.passes import BIG
 from mobile_moe.engine.runner import Runner
 from mobile_moe.experts.executor import ExpertExecutor
 from mobile_moe.experts.formats import ExpertFormat, Mxfp4Format
@@ -174,11 +175,11 @@ def decode_step_syncs(llm: LLM, prompt: list[int]) -> dict:
     site, how many the engine counts (`TransferEngine.to_host`), the rest hidden; and how they were found (`SYNC_METHODS`)."""
     runner, transfer = llm.runner, llm.cache.transfer
     kv = runner.new_kv(len(prompt) + 1)
-    token = transfer.to_host(runner.forward(runner.ids(prompt), kv, ExpertMode.BIG).argmax().view(1))
+    token = transfer.to_host(runner.forward(runner.ids(prompt), kv, BIG).argmax().view(1))
     counted = transfer.host_syncs
     kind = "cuda" if llm.device.type == "cuda" else "cpu"
     with (cuda_syncs() if kind == "cuda" else host_reads()) as sites:
-        transfer.to_host(runner.forward(runner.ids(token), kv, ExpertMode.BIG).argmax().view(1))
+        transfer.to_host(runner.forward(runner.ids(token), kv, BIG).argmax().view(1))
     counted = transfer.host_syncs - counted
     seen = sum(sites.values())
     return {"method": SYNC_METHODS[kind], "found_by": FOUND_BY[kind], "syncs": seen, "counted_by_engine": counted, "hidden": max(seen - counted, 0),
@@ -220,10 +221,10 @@ def greedy_logits(runner: Runner, prompt: list[int], steps: int, room: int = 0) 
     """Logits [V] of `steps` greedy big decode passes after `prompt` (each token taken on the device: no host read), and the KV
     cache, with `room` positions left over."""
     kv = runner.new_kv(len(prompt) + steps + room)
-    logits = runner.forward(runner.ids(prompt), kv, ExpertMode.BIG)
+    logits = runner.forward(runner.ids(prompt), kv, BIG)
     out = []
     for _ in range(steps):
-        logits = runner.forward(logits.argmax().view(1), kv, ExpertMode.BIG)  # [V]
+        logits = runner.forward(logits.argmax().view(1), kv, BIG)  # [V]
         out.append(logits)
     return out, kv
 
@@ -251,7 +252,8 @@ def serving_pass(graphs: DecodeGraphs, kv: KVCache) -> tuple[CapturedPass, int] 
     """The captured big, unrecorded pass whose key span holds kv's next position (the narrowest), and how many positions it has left."""
     if graphs.kv is None or graphs.kv() is not kv:
         return None
-    spans = [(key[-1], captured) for key, captured in graphs.passes.items() if key[0] is ExpertMode.BIG and not key[1] and key[-1] > kv.length]
+    spans = [(key[-1], captured) for key, captured in graphs.passes.items() if key[0].mode is ExpertMode.BIG and not key[0].record
+             and key[-1] > kv.length]
     if not spans:
         return None
     span, captured = min(spans, key=lambda s: s[0])
