@@ -37,6 +37,10 @@ def test_plan_only_prints_every_run_and_budgets_that_fit_the_window():
     budgets = [int(b) for b in re.findall(r"^\S+ \((\d+) s\): ", done.stdout, re.M)]
     total = int(re.search(r"^budgets: (\d+) s in all \(at most 360 s\)$", done.stdout, re.M)[1])
     assert len(budgets) == len(RUNS) and sum(budgets) == total <= 360
+    plans = {line.split(" ", 1)[0]: line for line in done.stdout.splitlines() if "expert slots" in line}
+    assert "16 rows x" in plans["olmoe_batch"]  # the sweep's largest batch: its KV is planned for every row
+    assert "752 of 1024 expert slots (3.4 MiB each)" in plans["olmoe_int4_graphs"]  # the same 4 GiB holds 3.5x bf16's 216 slots
+    assert "216 of 1024 expert slots" in plans["olmoe_4g"]
 
 
 def test_an_unknown_run_is_refused():
