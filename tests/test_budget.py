@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,6 @@ from mobile_moe.engine.budget import GIB, plan_for_config
 from mobile_moe.engine.calibration import DEMO_MODEL
 from mobile_moe.errors import CacheTooSmall, PromptTooLong
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def h200_plan(name: str, gb: float, max_context: int = 4096):
