@@ -38,7 +38,7 @@ class StreamPrinter:
 
     def _print(self, text: str) -> None:
         if text.startswith(self.text) and len(text) > len(self.text):
-            self.out.write(text[len(self.text):])
+            self.out.write(text[len(self.text) :])
             self.out.flush()
             self.text = text
 
@@ -58,8 +58,9 @@ def stats_line(result: GenerationResult | None) -> str:
     if result is None:
         return "(no reply yet)"
     s = result.stats
-    return (f"{s.tokens} tokens, {s.decode_tok_s:.1f} tok/s decode, fallback rate {s.fallback_tokens / max(s.tokens - 1, 1):.1%}, "
-            f"expert hit rate {s.hit_rate:.0%}")
+    return (
+        f"{s.tokens} tokens, {s.decode_tok_s:.1f} tok/s decode, fallback rate {s.fallback_tokens / max(s.tokens - 1, 1):.1%}, expert hit rate {s.hit_rate:.0%}"
+    )
 
 
 def command_of(message: str) -> str | None:

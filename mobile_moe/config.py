@@ -45,17 +45,29 @@ class LearnedImportance:
 
     def to_dict(self) -> dict:
         """JSON-ready (stored in mobile_moe.json)."""
-        return {"version": self.version, "features": list(self.features), "mean": list(self.mean), "scale": list(self.scale),
-                "weights": list(self.weights), "bias": self.bias}
+        return {
+            "version": self.version,
+            "features": list(self.features),
+            "mean": list(self.mean),
+            "scale": list(self.scale),
+            "weights": list(self.weights),
+            "bias": self.bias,
+        }
 
     @classmethod
-    def from_dict(cls, data: object) -> "LearnedImportance":
+    def from_dict(cls, data: object) -> LearnedImportance:
         """Parse what to_dict wrote; anything else is an InvalidParameter naming the problem."""
         if not isinstance(data, dict):
             raise InvalidParameter("learned importance must be a JSON object")
         try:
-            return cls(features=tuple(str(f) for f in data["features"]), mean=tuple(data["mean"]), scale=tuple(data["scale"]),
-                       weights=tuple(data["weights"]), bias=data["bias"], version=data.get("version", LEARNED_VERSION))
+            return cls(
+                features=tuple(str(f) for f in data["features"]),
+                mean=tuple(data["mean"]),
+                scale=tuple(data["scale"]),
+                weights=tuple(data["weights"]),
+                bias=data["bias"],
+                version=data.get("version", LEARNED_VERSION),
+            )
         except (KeyError, TypeError) as e:
             raise InvalidParameter(f"learned importance is malformed ({type(e).__name__}: {e})") from None
 
@@ -79,6 +91,7 @@ class SamplingParams:
             raise InvalidParameter(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None and not (0 <= self.seed < 2**64):
             raise InvalidParameter(f"seed must be an integer in [0, 2**64), got {self.seed}")
+
 
 @dataclass(frozen=True)
 class PolicyConfig:

@@ -33,14 +33,17 @@ def needed_fallbacks(score: torch.Tensor, differs: torch.Tensor) -> float:
 
 def logistic(features: tuple[str, ...]) -> Callable[[StepData], Scorer]:
     """The `learned` criterion's fit on the given signals."""
+
     def train(data: StepData) -> Scorer:
         learned = fit(data, features)
         return lambda x: differs_probability(x.float(), learned).double()
+
     return train
 
 
 def mlp(hidden: int) -> Callable[[StepData], Scorer]:
     """A one-hidden-layer tanh network on all standardised signals (ridge-penalised, L-BFGS, seeded)."""
+
     def train(data: StepData) -> Scorer:
         mean, scale = data.signals.mean(0), data.signals.std(0).clamp_min(1e-6)
         torch.manual_seed(0)
@@ -57,11 +60,12 @@ def mlp(hidden: int) -> Callable[[StepData], Scorer]:
 
         opt.step(loss)
         return lambda x: net((x - mean) / scale)[:, 0].detach()
+
     return train
 
 
 CRITERIA: dict[str, Callable[[StepData], Scorer]] = {
-    "margin": lambda data: (lambda x: -x[:, SIGNALS.index("margin")]),
+    "margin": lambda data: lambda x: -x[:, SIGNALS.index("margin")],
     "logistic, first 8 signals": logistic(SIGNALS[:8]),
     f"logistic, all {len(SIGNALS)} signals": logistic(SIGNALS),
     "mlp (8 tanh units)": mlp(8),
@@ -91,8 +95,7 @@ def main() -> None:
     for source in args.sources:
         name, texts = named_texts(source)
         prompts = [llm.encode(p.text) for p in cut_prompts(texts, args.prompts)]
-        data[name] = collect(llm, [p for p in prompts if len(p) < llm.max_context - args.new_tokens], args.new_tokens,
-                             PolicyConfig("mobile"), progress=False)
+        data[name] = collect(llm, [p for p in prompts if len(p) < llm.max_context - args.new_tokens], args.new_tokens, PolicyConfig("mobile"), progress=False)
         print(f"{name}: {len(data[name].differs)} steps, {float(data[name].differs.double().mean()):.1%} differ")
     print(f"held out: AUC / fallbacks needed for <= {MISSED:.0%} missed steps")
     for name, train in CRITERIA.items():

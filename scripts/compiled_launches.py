@@ -53,8 +53,10 @@ def main() -> None:
     outside = count_decode_ops(llm).per_pass
     layers = len(loaded.model.model.layers)
     print(f"{args.model}: {len(per_layer)} kernel calls per compiled MoE layer: {', '.join(per_layer)}")
-    print(f"{layers} layers ({len(info.moe_layers)} MoE) x {len(per_layer)} + {outside:.0f} eager outside the layers "
-          f"= {layers * len(per_layer) + outside:.0f} launches per token (dense layers counted as MoE ones)")
+    print(
+        f"{layers} layers ({len(info.moe_layers)} MoE) x {len(per_layer)} + {outside:.0f} eager outside the layers "
+        f"= {layers * len(per_layer) + outside:.0f} launches per token (dense layers counted as MoE ones)"
+    )
 
 
 if __name__ == "__main__":

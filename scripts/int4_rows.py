@@ -53,8 +53,14 @@ def main() -> None:
     fused = compute_format(portable, dtype, device, [(args.out, args.inp)])
     parts = portable.quantize(torch.randn(args.out, args.inp, generator=torch.Generator().manual_seed(0)) * 0.02)
     reference = [p.to(device) for p in parts]
-    report: dict = {"device": str(device), "threads": args.threads, "shape": [args.out, args.inp], "group_size": args.group_size,
-                    "kernel": None if fused is None else fused.kernel, "rows": []}
+    report: dict = {
+        "device": str(device),
+        "threads": args.threads,
+        "shape": [args.out, args.inp],
+        "group_size": args.group_size,
+        "kernel": None if fused is None else fused.kernel,
+        "rows": [],
+    }
     if fused is not None:
         kernel = [p.to(device) for p in fused.from_portable(parts, args.out, args.inp)]
         for rows in ROWS:
@@ -62,8 +68,14 @@ def main() -> None:
             want = portable.linear(x, reference, dtype)
             got = fused.fused(x, kernel)
             error = float((got.float() - want.float()).norm() / want.float().norm())
-            report["rows"].append({"rows": rows, "fused_ms": 1e3 * timed(lambda: fused.fused(x, kernel), device),
-                                   "reference_ms": 1e3 * timed(lambda: portable.linear(x, reference, dtype), device), "rel_error": error})
+            report["rows"].append(
+                {
+                    "rows": rows,
+                    "fused_ms": 1e3 * timed(lambda x=x: fused.fused(x, kernel), device),
+                    "reference_ms": 1e3 * timed(lambda x=x: portable.linear(x, reference, dtype), device),
+                    "rel_error": error,
+                }
+            )
         slower = [r["rows"] for r in report["rows"] if r["fused_ms"] > r["reference_ms"]]
         report["crossover_rows"] = slower[0] if slower else None
     text = json.dumps(report, indent=1)

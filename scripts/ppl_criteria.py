@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+
 import torch
 from compare_criteria import demo_llm, named_texts  # this directory's sibling script
 
@@ -45,9 +46,11 @@ def score_source(llm: LLM, texts: list[str], tokens: int) -> Positions:
 
 def logistic(label: Callable[[Positions], torch.Tensor]) -> Ranker:
     """The `learned` criterion's logistic fit on all signals, to the given label."""
+
     def train(p: Positions) -> Callable[[Positions], torch.Tensor]:
         learned = fit(StepData(p["sig"], label(p)), SIGNALS)
         return lambda q: differs_probability(q["sig"].float(), learned).double()
+
     return train
 
 
@@ -64,7 +67,7 @@ RANKERS: dict[str, Ranker] = {
     "logistic(differs) (shipped)": logistic(lambda p: p["differs"]),
     "logistic(KL > 0.05)": logistic(lambda p: p["kl"] > 0.05),
     "ridge(KL)": ridge_kl,
-    "oracle KL (not knowable)": lambda p: (lambda q: q["kl"]),
+    "oracle KL (not knowable)": lambda p: lambda q: q["kl"],
 }
 
 
@@ -94,8 +97,10 @@ def main() -> None:
     for source in args.sources:
         name, texts = named_texts(source)
         data[name] = p = score_source(llm, texts, args.tokens)
-        print(f"{name}: {len(p['big'])} positions, little's greedy token differs at {float(p['differs'].double().mean()):.1%}, "
-              f"ppl big {math.exp(-float(p['big'].mean())):.3f} little {math.exp(-float(p['little'].mean())):.3f}")
+        print(
+            f"{name}: {len(p['big'])} positions, little's greedy token differs at {float(p['differs'].double().mean()):.1%}, "
+            f"ppl big {math.exp(-float(p['big'].mean())):.3f} little {math.exp(-float(p['little'].mean())):.3f}"
+        )
     print(f"held out: ppl excess over big / greedy match at 20%, 25%, 30% fallbacks | fallbacks for <= {EXCESS:.0%} excess")
     for name, train in RANKERS.items():
         for held in data:

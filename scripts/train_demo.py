@@ -74,8 +74,7 @@ def parse_args(argv: list[str] | None = None) -> Recipe:
     for name, default in asdict(Recipe()).items():
         flag = "--" + name.replace("_", "-")
         if isinstance(default, bool):
-            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=default,
-                                help=f"(default: {default})")
+            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=default, help=f"(default: {default})")
         else:
             parser.add_argument(flag, type=type(default), default=default, help=f"(default: {default})")
     return Recipe(**vars(parser.parse_args(argv)))
@@ -237,8 +236,7 @@ def evaluate(model, windows: torch.Tensor, batch_size: int, device: torch.device
     return total / len(windows)
 
 
-def train(model, train_tokens: torch.Tensor, val_windows: torch.Tensor, recipe: Recipe,
-          device: torch.device) -> dict:
+def train(model, train_tokens: torch.Tensor, val_windows: torch.Tensor, recipe: Recipe, device: torch.device) -> dict:
     """Run the training loop; return the loss history and the final smoothed train loss."""
     generator = torch.Generator().manual_seed(recipe.seed)
     optimizer = make_optimizer(model, recipe)
@@ -262,9 +260,11 @@ def train(model, train_tokens: torch.Tensor, val_windows: torch.Tensor, recipe: 
             elapsed = time.time() - start
             mean_ce = sum(window_ce) / len(window_ce)
             history["train"].append({"step": done, "loss": mean_ce, "aux": aux.item()})
-            log(f"step {done}/{recipe.steps} train_loss {mean_ce:.4f} aux {aux.item():.3f} "
+            log(
+                f"step {done}/{recipe.steps} train_loss {mean_ce:.4f} aux {aux.item():.3f} "
                 f"lr {lr_at(step, recipe):.2e} {elapsed / done:.2f}s/step "
-                f"eta {(recipe.steps - done) * elapsed / done / 60:.1f}min")
+                f"eta {(recipe.steps - done) * elapsed / done / 60:.1f}min"
+            )
             history["final_train_loss"] = mean_ce
             window_ce = []
         if done % recipe.eval_every == 0 and done < recipe.steps:
@@ -279,8 +279,7 @@ def train(model, train_tokens: torch.Tensor, val_windows: torch.Tensor, recipe: 
 def sample(model, hf_tokenizer, prompt: str, device: torch.device, new_tokens: int = 64) -> str:
     """Greedy continuation of `prompt`, for a glance at what the model writes."""
     ids = hf_tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
-    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=hf_tokenizer.pad_token_id, output_router_logits=False)
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=hf_tokenizer.pad_token_id, output_router_logits=False)
     return hf_tokenizer.decode(out[0])
 
 
@@ -304,8 +303,7 @@ def versions() -> dict:
     import tokenizers
     import transformers
 
-    return {"python": sys.version.split()[0], "torch": torch.__version__,
-            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
 
 
 def run(recipe: Recipe, tmp: Path) -> dict:
@@ -322,8 +320,7 @@ def run(recipe: Recipe, tmp: Path) -> dict:
     hf_tokenizer.save_pretrained(tmp)
     eos_id = tokenizer.token_to_id(EOS)
     streams = {name: encode_stream(tokenizer, texts, eos_id) for name, texts in splits.items()}
-    log(f"tokenizer: vocab {tokenizer.get_vocab_size()}, tokens "
-        + ", ".join(f"{k} {len(v)}" for k, v in streams.items()) + f" ({time.time() - t0:.0f}s)")
+    log(f"tokenizer: vocab {tokenizer.get_vocab_size()}, tokens " + ", ".join(f"{k} {len(v)}" for k, v in streams.items()) + f" ({time.time() - t0:.0f}s)")
 
     model = build_model(recipe, eos_id).to(device)
     check_router_is_softmax_top_k(model)
@@ -338,8 +335,7 @@ def run(recipe: Recipe, tmp: Path) -> dict:
     set_top_k(model, math.ceil(recipe.experts_per_tok / 2))
     val_loss_little = evaluate(model, all_val, recipe.eval_batch_size, device)
     set_top_k(model, recipe.experts_per_tok)
-    log(f"validation_loss top-{recipe.experts_per_tok} {val_loss:.4f}, "
-        f"top-{math.ceil(recipe.experts_per_tok / 2)} {val_loss_little:.4f}")
+    log(f"validation_loss top-{recipe.experts_per_tok} {val_loss:.4f}, top-{math.ceil(recipe.experts_per_tok / 2)} {val_loss_little:.4f}")
 
     model = model.to(torch.bfloat16).cpu()
     model.config.dtype = torch.bfloat16
@@ -355,9 +351,12 @@ def run(recipe: Recipe, tmp: Path) -> dict:
         "command": sys.argv,
         "seed": recipe.seed,
         "device": str(device),
-        "corpus": {"source": "python stdlib (mobile_moe.eval.corpus)", "hash": corpus.corpus_hash(),
-                   "files": {k: len(v) for k, v in splits.items()},
-                   "tokens": {k: len(v) for k, v in streams.items()}},
+        "corpus": {
+            "source": "python stdlib (mobile_moe.eval.corpus)",
+            "hash": corpus.corpus_hash(),
+            "files": {k: len(v) for k, v in splits.items()},
+            "tokens": {k: len(v) for k, v in streams.items()},
+        },
         "parameters": n_params,
         "final_train_loss": history["final_train_loss"],
         "final_validation_loss": val_loss,
@@ -391,8 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    log(f"wrote {out} ({size / 2**20:.1f} MiB) in {record['wall_seconds'] / 60:.1f} min; "
-        f"validation loss {record['final_validation_loss']:.4f}")
+    log(f"wrote {out} ({size / 2**20:.1f} MiB) in {record['wall_seconds'] / 60:.1f} min; validation loss {record['final_validation_loss']:.4f}")
 
 
 if __name__ == "__main__":

@@ -35,18 +35,37 @@ class SyncInCapture(CaptureRefused):
     """A captured pass ran an op that syncs with the host (its output's shape depends on device values, or it reads one)."""
 
 
-HOST_READS = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__,
-              torch.Tensor.__complex__, torch.Tensor.__index__, torch.Tensor.numpy, torch.Tensor.__array__,
-              torch.Tensor.cpu}  # what waits for the device (on CPU some bypass the dispatcher)
+HOST_READS = {
+    torch.Tensor.tolist,
+    torch.Tensor.item,
+    torch.Tensor.__bool__,
+    torch.Tensor.__int__,
+    torch.Tensor.__float__,
+    torch.Tensor.__complex__,
+    torch.Tensor.__index__,
+    torch.Tensor.numpy,
+    torch.Tensor.__array__,
+    torch.Tensor.cpu,
+}  # what waits for the device (on CPU some bypass the dispatcher)
 HOST_DATA = {torch.Tensor.new_tensor}  # always a copy of host values (torch.from_numpy bypasses modes: see _refuse)
 MAYBE_HOST_DATA = {torch.tensor, torch.as_tensor, torch.asarray}  # host data unless handed a tensor
 INDEXING = {torch.Tensor.__getitem__, torch.Tensor.__setitem__}  # a list or array index is a host tensor copied over
 SYNCING_OPS = {  # aten ops (by name: under inference mode composite ones arrive whole) that size their output from
     # device values or hand one to the host: CUDA syncs, a capture refuses
-    "nonzero", "nonzero_numpy", "argwhere", "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive",
-    "unique_dim_consecutive", "bincount",  # CUDA sizes the bins from max().item(), whatever the minlength
+    "nonzero",
+    "nonzero_numpy",
+    "argwhere",
+    "masked_select",
+    "_unique",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "unique_dim_consecutive",
+    "bincount",  # CUDA sizes the bins from max().item(), whatever the minlength
     "multinomial",  # syncs inside on some torch versions
-    "equal", "allclose", "is_nonzero",
+    "equal",
+    "allclose",
+    "is_nonzero",
 }
 HOST_READ_OPS = {"_local_scalar_dense", "item"}
 BOOL_INDEXED = {"index", "index_put_", "index_put", "_index_put_impl_"}  # a mask index calls nonzero

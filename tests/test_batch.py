@@ -15,8 +15,8 @@ from test_serve import serving
 
 from mobile_moe import LLM, PolicyConfig, SamplingParams, engine_config
 from mobile_moe.engine.calibration import DEMO_MODEL
-from mobile_moe.layers.kv_cache import BatchKV
 from mobile_moe.engine.passes import PassSpec
+from mobile_moe.layers.kv_cache import BatchKV
 from mobile_moe.layers.moe import ExpertMode
 from mobile_moe.policy.governor import LittleGovernor, bucket
 
@@ -49,8 +49,10 @@ def test_each_row_of_a_batch_equals_its_solo_run(checkpoints, arch):
 
 def test_rows_with_their_own_policies_lengths_and_seeds_join_and_leave(checkpoints):
     llm = batched_llm(checkpoints["qwen3_moe"], rows=3, expert_cache=12)
-    samplings = [SamplingParams(max_new_tokens=n, stop_at_eos=False, temperature=t, seed=s)
-                 for n, t, s in ((4, 0.0, None), (12, 0.8, 1), (7, 0.0, None), (9, 1.0, 2), (3, 0.0, None))]
+    samplings = [
+        SamplingParams(max_new_tokens=n, stop_at_eos=False, temperature=t, seed=s)
+        for n, t, s in ((4, 0.0, None), (12, 0.8, 1), (7, 0.0, None), (9, 1.0, 2), (3, 0.0, None))
+    ]
     policies = [PolicyConfig(p) for p in ("big", "mobile", "little", "big", "mobile")]
     together = llm.generate(PROMPTS, samplings, policies)  # 3 rows: the last two join as the first ones finish
     alone = [llm.generate(p, s, pol) for p, s, pol in zip(PROMPTS, samplings, policies)]
@@ -101,7 +103,9 @@ def test_bfloat16_batches_agree_with_solo_runs_within_rounding(checkpoints):
     together_logits = runner.forward_rows(torch.tensor([5, 6]), BatchKV(pool, [0, 1], caches, runner.ids), [PassSpec(), PassSpec()]).float()  # [2, V]
     for cache in caches:
         cache.rewind(1)
-    alone_logits = torch.stack([runner.forward_rows(torch.tensor([t]), BatchKV(pool, [i], [caches[i]], runner.ids), [PassSpec()])[0].float() for i, t in enumerate([5, 6])])
+    alone_logits = torch.stack(
+        [runner.forward_rows(torch.tensor([t]), BatchKV(pool, [i], [caches[i]], runner.ids), [PassSpec()])[0].float() for i, t in enumerate([5, 6])]
+    )
     assert (together_logits - alone_logits).abs().max() <= 0.05 * alone_logits.abs().max()  # bf16: within 5% of the logit range
 
 
@@ -137,11 +141,11 @@ def test_sixteen_concurrent_streams_each_equal_their_solo_output():
     alone = [llm.decode(llm.generate(llm.encode(p), SamplingParams(max_new_tokens=6), PolicyConfig("big")).token_ids) for p in prompts]
     stop = alone[3].strip()[1:3]  # request 3 stops at a piece of its own continuation, mid-batch
     with serving(llm, max_batch=8) as (url, worker):
+
         def ask(i: int) -> str:
             body = {"prompt": prompts[i], "max_tokens": 6, "temperature": 0, "stream": True} | ({"stop": [stop]} if i == 3 else {})
             with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
-                return "".join(json.loads(line[6:])["choices"][0]["text"] for line in r.iter_lines()
-                               if line.startswith("data: ") and line != "data: [DONE]")
+                return "".join(json.loads(line[6:])["choices"][0]["text"] for line in r.iter_lines() if line.startswith("data: ") and line != "data: [DONE]")
 
         with ThreadPoolExecutor(max_workers=16) as pool:
             got = list(pool.map(ask, range(16)))

@@ -14,10 +14,10 @@ from mobile_moe.bench.costmodel import ModelCost, predict
 from mobile_moe.bench.hf_baseline import bench_gpu, clock_timings, max_memory_map, run_baseline
 from mobile_moe.bench.profiles import PROFILES
 from mobile_moe.bench.synthetic import SHAPES, build_synthetic, full_size_cost, synthetic_config
-from mobile_moe.experts.formats import make_format
 from mobile_moe.cli import main
 from mobile_moe.engine.loader import load
 from mobile_moe.errors import InvalidParameter
+from mobile_moe.experts.formats import make_format
 from mobile_moe.experts.trace import Trace, load_trace
 
 SYSTEM_FIELDS = ("name", "decode_tok_s", "ttft_s", "h2d_gb_per_token", "hit_rate", "fallback_rate", "transfer_wait_share", "ratio_to_big")
@@ -121,8 +121,28 @@ def test_cost_model_sees_little_move_fewer_bytes_than_big():
 
 def test_bench_cli_reports_every_system(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    code = main(["bench", "--synthetic", "deepseek-v2-lite", "--shrink", "16", "--prompts", "2", "--new-tokens", "5",
-                 "--expert-cache", "24", "--fallback-rate", "0.5", "--json", str(out), "--trace-dir", str(tmp_path / "tr"), "--quiet"])
+    code = main(
+        [
+            "bench",
+            "--synthetic",
+            "deepseek-v2-lite",
+            "--shrink",
+            "16",
+            "--prompts",
+            "2",
+            "--new-tokens",
+            "5",
+            "--expert-cache",
+            "24",
+            "--fallback-rate",
+            "0.5",
+            "--json",
+            str(out),
+            "--trace-dir",
+            str(tmp_path / "tr"),
+            "--quiet",
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
     names = [s["name"] for s in report["systems"]]
@@ -180,8 +200,28 @@ def test_synthetic_shapes_build_packed_experts_directly(expert_dtype):
 
 def test_bench_batch_sweep_reports_each_size_and_system(tmp_path, capsys):
     out, plot = tmp_path / "batch.json", tmp_path / "batch.png"
-    code = main(["bench", "--synthetic", "olmoe-1b-7b", "--shrink", "16", "--expert-cache", "64", "--batch", "1,3", "--new-tokens", "6",
-                 "--rounds", "1", "--quiet", "--json", str(out), "--plot", str(plot)])
+    code = main(
+        [
+            "bench",
+            "--synthetic",
+            "olmoe-1b-7b",
+            "--shrink",
+            "16",
+            "--expert-cache",
+            "64",
+            "--batch",
+            "1,3",
+            "--new-tokens",
+            "6",
+            "--rounds",
+            "1",
+            "--quiet",
+            "--json",
+            str(out),
+            "--plot",
+            str(plot),
+        ]
+    )
     assert code == 0 and plot.stat().st_size > 0
     report = json.loads(out.read_text())
     assert [(r["batch"], r["system"]) for r in report["rows"]] == [(1, "big"), (1, "mobile"), (3, "big"), (3, "mobile")]

@@ -85,8 +85,7 @@ def test_replay_timing_puts_back_the_position_it_advanced(checkpoints):
 
 
 def _settings(rounds: int = 1) -> BenchSettings:
-    return BenchSettings([[5, 6, 7, 8], [9, 10, 11]], 6, MOBILE, None, run_accelerate=False, progress=False, rounds=rounds,
-                         run_transformers=False)
+    return BenchSettings([[5, 6, 7, 8], [9, 10, 11]], 6, MOBILE, None, run_accelerate=False, progress=False, rounds=rounds, run_transformers=False)
 
 
 @pytest.mark.parametrize(("capture", "equal"), [(emulated_capture, True), (stale_capture, False)])

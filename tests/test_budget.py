@@ -18,7 +18,6 @@ from mobile_moe.engine.calibration import DEMO_MODEL
 from mobile_moe.errors import CacheTooSmall, PromptTooLong
 
 
-
 def h200_plan(name: str, gb: float, max_context: int = 4096):
     """The slot plan of a real-size shape on CUDA under a budget, computed on the meta device."""
     return plan_for_config(synthetic_config(name), EngineConfig(device="cuda", cache=CacheConfig(gpu_memory_gb=gb), max_context=max_context))

@@ -68,7 +68,9 @@ def test_unsupported_architecture_names_supported_ones(capsys, checkpoints, tmp_
     cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
     (dst / "config.json").write_text(json.dumps(cfg))
     code, _, err = run(capsys, *gen(dst))
-    assert_one_line_error(code, err, "'llama' is not supported", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe")
+    assert_one_line_error(
+        code, err, "'llama' is not supported", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "ernie4_5_moe"
+    )
 
 
 def test_truncated_shard(capsys, checkpoints, tmp_path):
@@ -257,8 +259,26 @@ def test_a_synthetic_model_too_big_for_memory_is_refused_before_building(capsys,
 
 
 def test_bench_table_says_how_mobile_fell_back(capsys):
-    code, out, _ = run(capsys, "bench", "--synthetic", "qwen3-30b-a3b", "--shrink", "16", "--prompts", "1", "--new-tokens", "3",
-                       "--rounds", "1", "--expert-cache", "16", "--fallback-rate", "0.5", "--skip-transformers", "--quiet")
+    code, out, _ = run(
+        capsys,
+        "bench",
+        "--synthetic",
+        "qwen3-30b-a3b",
+        "--shrink",
+        "16",
+        "--prompts",
+        "1",
+        "--new-tokens",
+        "3",
+        "--rounds",
+        "1",
+        "--expert-cache",
+        "16",
+        "--fallback-rate",
+        "0.5",
+        "--skip-transformers",
+        "--quiet",
+    )
     assert code == 0
     assert "mobile fell back on 50.0% of decode steps: forced at rate 0.5, evenly spaced" in out
 
@@ -270,7 +290,9 @@ def test_bench_prints_one_slot_plan_line_and_runs_with_it(capsys, checkpoints):
     assert out.splitlines() == [f"{model} on cpu: 12 of 48 expert slots (0.0 MiB each) (bench's default on cpu without a budget: three quarters offloaded)"]
     code, out, err = run(capsys, "bench", "--model", model, "--prompts", "1", "--new-tokens", "2", "--rounds", "1", "--skip-transformers", "--quiet")
     assert code == 0
-    assert [line for line in err.splitlines() if "slots" in line] == [f"{model} on cpu: 12 of 48 expert slots (0.0 MiB each) (bench's default on cpu without a budget: three quarters offloaded)"]
+    assert [line for line in err.splitlines() if "slots" in line] == [
+        f"{model} on cpu: 12 of 48 expert slots (0.0 MiB each) (bench's default on cpu without a budget: three quarters offloaded)"
+    ]
     assert ", 12 of 48 slots;" in out.splitlines()[0]  # the table header: the plan it ran with
     code, out, _ = run(capsys, "bench", "--model", model, "--plan-only", "--expert-cache", "8", "--quiet")
     assert out.splitlines() == [f"{model} on cpu: 8 of 48 expert slots (0.0 MiB each)"]  # a flag that sets the slots: no bench default

@@ -10,9 +10,9 @@ from conftest import open_llm, small_cache
 
 from mobile_moe import LLM, engine_config
 from mobile_moe.config import PolicyConfig, SamplingParams
+from mobile_moe.engine.passes import PassSpec
 from mobile_moe.engine.runner import pooled_layer, routed_segment
 from mobile_moe.experts.dispatch import combine, pool_experts
-from mobile_moe.engine.passes import PassSpec
 from mobile_moe.layers.moe import ExpertMode
 from mobile_moe.models.transformer import before_experts
 

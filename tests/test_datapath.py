@@ -235,8 +235,8 @@ def test_biased_experts_with_the_clamped_swiglu_match_the_gpt_oss_formula(groupe
     store = ExpertStore([0], 6, ExpertShape(hidden=16, intermediate=8, bias=True), torch.float32, pin=False)
     gen = torch.Generator().manual_seed(2)
     for matrix in ("gate_up", "down"):
-        for field in store.fields[0][matrix]:  # weight, then bias
-            field.normal_(generator=gen)
+        for part in store.fields[0][matrix]:  # weight, then bias
+            part.normal_(generator=gen)
     cache = ExpertCache(store, 4, torch.device("cpu"), TransferEngine(torch.device("cpu")))
     act = ClampedSwiGLU(alpha=1.702, limit=1.5)
     x = torch.randn(5, 16, generator=gen)

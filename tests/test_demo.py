@@ -57,8 +57,29 @@ def test_generate_without_model_runs_offline_and_writes_python():
 def test_eval_reports_every_metric_for_every_policy(slice_dir, tmp_path, capsys):
     plot = tmp_path / "taus.png"
     capsys.readouterr()
-    code = main(["eval", "--data", str(slice_dir), "--max-prompts", "3", "--new-tokens", "8", "--ppl-tokens", "200", "--expert-cache", "64",
-                 "--taus", "0.5,0.9", "--variants", "plain,layer-adaptive=0.3,kv-repair=4+rollback", "--json", "--quiet", "--plot", str(plot)])
+    code = main(
+        [
+            "eval",
+            "--data",
+            str(slice_dir),
+            "--max-prompts",
+            "3",
+            "--new-tokens",
+            "8",
+            "--ppl-tokens",
+            "200",
+            "--expert-cache",
+            "64",
+            "--taus",
+            "0.5,0.9",
+            "--variants",
+            "plain,layer-adaptive=0.3,kv-repair=4+rollback",
+            "--json",
+            "--quiet",
+            "--plot",
+            str(plot),
+        ]
+    )
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["perplexity"]["big"] > 1 and report["perplexity"]["little"] > 1
@@ -72,13 +93,16 @@ def test_eval_reports_every_metric_for_every_policy(slice_dir, tmp_path, capsys)
     big = next(r for r in report["runs"] if r["policy"] == "big")
     assert big["agreement"] == 1.0 and big["fallback_rate"] == 0.0
     assert 1 <= report["perplexity"]["files"] <= report["perplexity"]["files_total"] == 3  # how many files the windows came from
-    assert {(r["policy"], r["variant"]) for r in report["runs"]} >= {("little", ""), ("little", "layer-adaptive=0.3"), ("mobile", "layer-adaptive=0.3"),
-                                                                     ("mobile", "kv-repair=4+rollback")}
+    assert {(r["policy"], r["variant"]) for r in report["runs"]} >= {
+        ("little", ""),
+        ("little", "layer-adaptive=0.3"),
+        ("mobile", "layer-adaptive=0.3"),
+        ("mobile", "kv-repair=4+rollback"),
+    }
     assert all(r["rolled_back_rate"] == 0.0 for r in report["runs"] if "rollback" not in r["variant"])  # only rollback takes tokens back
     plain_little = next(r for r in report["runs"] if (r["policy"], r["variant"]) == ("little", ""))
     assert report["cache_slots"] == 64 and big["loads_per_token"] > plain_little["loads_per_token"] > 0  # the frontier's x axis
     assert plot.stat().st_size > 1000
-
 
 
 def test_eval_per_source_reports_and_plots_each_source_apart(slice_dir, tmp_path, capsys):
@@ -88,8 +112,29 @@ def test_eval_per_source_reports_and_plots_each_source_apart(slice_dir, tmp_path
     (other / "mod.py").write_text(corpus.load_split("test")[5])
     plot = tmp_path / "sources.png"
     capsys.readouterr()
-    code = main(["eval", "--source", str(slice_dir), "--source", str(other), "--max-prompts", "2", "--new-tokens", "4", "--ppl-tokens", "64",
-                 "--expert-cache", "64", "--taus", "0.5,0.9", "--json", "--quiet", "--plot", str(plot)])
+    code = main(
+        [
+            "eval",
+            "--source",
+            str(slice_dir),
+            "--source",
+            str(other),
+            "--max-prompts",
+            "2",
+            "--new-tokens",
+            "4",
+            "--ppl-tokens",
+            "64",
+            "--expert-cache",
+            "64",
+            "--taus",
+            "0.5,0.9",
+            "--json",
+            "--quiet",
+            "--plot",
+            str(plot),
+        ]
+    )
     assert code == 0
     reports = json.loads(capsys.readouterr().out)["sources"]
     assert [r["data"] for r in reports] == [slice_dir.name, "other"]
@@ -103,8 +148,26 @@ def test_eval_per_source_reports_and_plots_each_source_apart(slice_dir, tmp_path
 
 def test_calibrate_meets_the_target_and_generate_uses_it(demo_copy, slice_dir, capsys):
     capsys.readouterr()
-    code = main(["calibrate", "--model", str(demo_copy), "--data", str(slice_dir), "--max-prompts", "12", "--new-tokens", "12",
-                 "--taus", "0.3,0.6,0.9,0.99", "--target-agreement", "0.9", "--rule", "point", "--quiet"])
+    code = main(
+        [
+            "calibrate",
+            "--model",
+            str(demo_copy),
+            "--data",
+            str(slice_dir),
+            "--max-prompts",
+            "12",
+            "--new-tokens",
+            "12",
+            "--taus",
+            "0.3,0.6,0.9,0.99",
+            "--target-agreement",
+            "0.9",
+            "--rule",
+            "point",
+            "--quiet",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "learned criterion fitted on" in out and "AUC alone" in out  # which signals matter
@@ -121,15 +184,47 @@ def test_calibrate_meets_the_target_and_generate_uses_it(demo_copy, slice_dir, c
     capsys.readouterr()
     main(["generate", "--model", str(demo_copy), "--prompt", "x = 1", "--policy", "mobile", "--max-new-tokens", "4", "--json", "--quiet"])
     assert json.loads(capsys.readouterr().out)["policy"]["tau"] == record["tau"]
-    main(["generate", "--model", str(demo_copy), "--prompt", "x = 1", "--policy", "mobile", "--criterion", "learned", "--max-new-tokens", "4", "--json", "--quiet"])
+    main(
+        [
+            "generate",
+            "--model",
+            str(demo_copy),
+            "--prompt",
+            "x = 1",
+            "--policy",
+            "mobile",
+            "--criterion",
+            "learned",
+            "--max-new-tokens",
+            "4",
+            "--json",
+            "--quiet",
+        ]
+    )
     policy = json.loads(capsys.readouterr().out)["policy"]
     assert policy["criterion"] == "learned" and policy["tau"] == record["taus"].get("learned", 0.9)
 
 
 def test_calibrate_says_plainly_when_no_tau_meets_the_target(demo_copy, slice_dir, capsys):
     capsys.readouterr()
-    code = main(["calibrate", "--model", str(demo_copy), "--data", str(slice_dir), "--max-prompts", "6", "--new-tokens", "16",
-                 "--taus", "0", "--target-agreement", "1.0", "--quiet"])
+    code = main(
+        [
+            "calibrate",
+            "--model",
+            str(demo_copy),
+            "--data",
+            str(slice_dir),
+            "--max-prompts",
+            "6",
+            "--new-tokens",
+            "16",
+            "--taus",
+            "0",
+            "--target-agreement",
+            "1.0",
+            "--quiet",
+        ]
+    )
     assert code == 1
     assert "no tau meets the target" in capsys.readouterr().out
     assert not (demo_copy / "mobile_moe.json").exists()
@@ -156,8 +251,27 @@ def test_bench_on_the_demo_model_reports_every_system(tmp_path, capsys):
 def test_recalibrating_the_bundled_model_never_writes_the_package(slice_dir, tmp_path, monkeypatch, capsys):
     shipped = (DEMO_MODEL / "mobile_moe.json").read_bytes()
     monkeypatch.setenv("MOBILE_MOE_CONFIG_DIR", str(tmp_path / "config"))
-    assert main(["calibrate", "--data", str(slice_dir), "--max-prompts", "4", "--new-tokens", "8", "--criteria", "max_prob",
-                 "--taus", "0.3,0.6,0.9,0.99", "--target-agreement", "0.9", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--data",
+                str(slice_dir),
+                "--max-prompts",
+                "4",
+                "--new-tokens",
+                "8",
+                "--criteria",
+                "max_prob",
+                "--taus",
+                "0.3,0.6,0.9,0.99",
+                "--target-agreement",
+                "0.9",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert (DEMO_MODEL / "mobile_moe.json").read_bytes() == shipped
     record = json.loads((tmp_path / "config" / "demo_model" / "mobile_moe.json").read_text())
     assert record["criterion"] == "max_prob"

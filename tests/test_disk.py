@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
-import gc
 import threading
 import weakref
 from pathlib import Path
@@ -20,8 +20,8 @@ from mobile_moe import LLM, engine_config
 from mobile_moe.cli import bench as bench_command
 from mobile_moe.cli import main
 from mobile_moe.config import PolicyConfig, SamplingParams
-from mobile_moe.engine.calibration import DEMO_MODEL
 from mobile_moe.engine.budget import GIB
+from mobile_moe.engine.calibration import DEMO_MODEL
 from mobile_moe.errors import CacheTooSmall, CheckpointError, InvalidParameter
 from mobile_moe.experts.cache import ExpertCache
 from mobile_moe.experts.disk import MANIFEST, RECORDS, StoreCorrupt, aligned_empty
@@ -37,11 +37,18 @@ def _llm(path: Path, store: Path | None, expert_dtype: str = "auto", dtype: str 
     return LLM(path, engine_config(progress=False, dtype=dtype, expert_dtype=expert_dtype, offload_dir=None if store is None else str(store), **kw))
 
 
-@pytest.mark.parametrize(("arch", "expert_dtype", "dtype"), [
-    ("qwen3_moe", "auto", "float32"), ("qwen3_moe", "int8", "float32"), ("deepseek_v2", "auto", "float32"), ("deepseek_v2", "int8", "float32"),
-    ("qwen3_moe", "int8", "bfloat16"), ("qwen3_moe", "int4", "bfloat16"),  # int8: records streamed in the fused kernel layout
-    ("gpt_oss", "auto", "float32"),  # expert biases: a layer is complete only with them
-])
+@pytest.mark.parametrize(
+    ("arch", "expert_dtype", "dtype"),
+    [
+        ("qwen3_moe", "auto", "float32"),
+        ("qwen3_moe", "int8", "float32"),
+        ("deepseek_v2", "auto", "float32"),
+        ("deepseek_v2", "int8", "float32"),
+        ("qwen3_moe", "int8", "bfloat16"),
+        ("qwen3_moe", "int4", "bfloat16"),  # int8: records streamed in the fused kernel layout
+        ("gpt_oss", "auto", "float32"),  # expert biases: a layer is complete only with them
+    ],
+)
 def test_disk_tier_decodes_exactly_like_ram(checkpoints, tmp_path: Path, arch: str, expert_dtype: str, dtype: str):
     slots = small_cache(arch)
     kw = dict(expert_cache=slots, group_size=16 if expert_dtype == "int4" else None)
@@ -126,8 +133,8 @@ def test_a_read_failing_while_a_decode_computes_the_resident_experts_leaves_no_p
     llm = _llm(path, store, expert_cache=small_cache("olmoe"))
     want = llm.generate([3, 4, 5], STEPS).token_ids
     cache = llm.cache
-    layer = max(llm.loaded.model.info.moe_layers, key=lambda m: sum(l == m for l, _ in cache.where))  # the most cached layer
-    resident = sorted(e for (l, e) in cache.where if l == layer)[:2]
+    layer = max(llm.loaded.model.info.moe_layers, key=lambda m: sum(at == m for at, _ in cache.where))  # the most cached layer
+    resident = sorted(e for (at, e) in cache.where if at == layer)[:2]
     missing = [e for e in range(cache.store.num_experts) if (layer, e) not in cache.where][:2]
     assert len(resident) == len(missing) == 2
     raw = (store / RECORDS).read_bytes()
@@ -209,8 +216,12 @@ def test_demand_reads_overtake_queued_prefetches():
     first = pool.submit((0, 0), dst, Priority.DEMAND)  # occupies the only reader
     while not source.order:
         threading.Event().wait(0.01)
-    futures = [pool.submit((0, 1), dst, Priority.LOOKAHEAD), pool.submit((0, 2), dst, Priority.FALLBACK),
-               pool.submit((0, 3), dst, Priority.LOOKAHEAD), pool.submit((0, 4), dst, Priority.DEMAND)]
+    futures = [
+        pool.submit((0, 1), dst, Priority.LOOKAHEAD),
+        pool.submit((0, 2), dst, Priority.FALLBACK),
+        pool.submit((0, 3), dst, Priority.LOOKAHEAD),
+        pool.submit((0, 4), dst, Priority.DEMAND),
+    ]
     promoted = pool.submit((0, 3), dst, Priority.DEMAND)  # a queued lookahead the engine now needs
     assert promoted is futures[2]
     elsewhere = pool.submit((0, 3), torch.empty(8, dtype=torch.uint8), Priority.DEMAND)  # e.g. a newer cache's slot: its own read
@@ -290,8 +301,28 @@ def test_a_host_record_stays_pinned_until_its_copy_to_the_device_has_finished(ch
 def test_bench_on_the_disk_tier_reports_reads_and_mobiles_ceiling(tmp_path: Path, capsys, monkeypatch):
 
     out = tmp_path / "bench.json"
-    args = ["bench", "--synthetic", "olmoe-1b-7b", "--shrink", "16", "--prompts", "1", "--new-tokens", "4", "--rounds", "1", "--fallback-rate", "0.5",
-            "--skip-transformers", "--quiet", "--host-memory", "0.004", "--lookahead", "--json", str(out)]
+    args = [
+        "bench",
+        "--synthetic",
+        "olmoe-1b-7b",
+        "--shrink",
+        "16",
+        "--prompts",
+        "1",
+        "--new-tokens",
+        "4",
+        "--rounds",
+        "1",
+        "--fallback-rate",
+        "0.5",
+        "--skip-transformers",
+        "--quiet",
+        "--host-memory",
+        "0.004",
+        "--lookahead",
+        "--json",
+        str(out),
+    ]
     assert main(args + ["--offload-dir", str(tmp_path / "store")]) == 0
     report = json.loads(out.read_text())
     disk, systems = report["disk"], {s["name"]: s for s in report["systems"]}
@@ -307,10 +338,13 @@ def test_bench_on_the_disk_tier_reports_reads_and_mobiles_ceiling(tmp_path: Path
     assert "bench reports a disk tier only on a disk" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--offload-dir", "/proc/no-such-dir/store"], "cannot write the expert store in /proc/no-such-dir/store"),
-    (["--host-memory", "1"], "give --offload-dir too"),
-])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--offload-dir", "/proc/no-such-dir/store"], "cannot write the expert store in /proc/no-such-dir/store"),
+        (["--host-memory", "1"], "give --offload-dir too"),
+    ],
+)
 def test_disk_tier_flags_fail_in_one_line(tmp_path: Path, capsys, flags: list[str], message: str):
     flags = [str(tmp_path / "store") if f == "STORE" else f for f in flags]
     assert main(["generate", "--prompt-ids", "1,2", "--max-new-tokens", "2", "--quiet", *flags]) == 2

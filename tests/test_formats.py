@@ -168,8 +168,17 @@ def test_loading_a_quantized_checkpoint_never_holds_the_float_experts(tmp_path):
     import transformers as T
 
     cfg = T.Qwen3MoeConfig(
-        vocab_size=64, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-        intermediate_size=64, moe_intermediate_size=256, num_experts=64, num_experts_per_tok=2, max_position_embeddings=64,
+        vocab_size=64,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        intermediate_size=64,
+        moe_intermediate_size=256,
+        num_experts=64,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
     )
     T.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
     bf16_expert_bytes = 2 * 64 * 3 * 128 * 256 * 2  # 25 MiB
@@ -186,10 +195,13 @@ def test_unknown_expert_dtype_is_a_usage_error(capsys, checkpoints):
     assert_one_line_error(exited.value.code, capsys.readouterr().err, "invalid choice: 'int3'")
 
 
-@pytest.mark.parametrize("flags, needle", [
-    (("--expert-dtype", "int4", "--group-size", "12"), "group size 12 does not divide"),
-    (("--expert-dtype", "int8", "--group-size", "8"), "int4 experts only"),
-])
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (("--expert-dtype", "int4", "--group-size", "12"), "group size 12 does not divide"),
+        (("--expert-dtype", "int8", "--group-size", "8"), "int4 experts only"),
+    ],
+)
 def test_bad_expert_flags(capsys, checkpoints, flags, needle):
     assert_one_line_error(*run(capsys, *gen(checkpoints["olmoe"], *flags))[::2], needle)
 
@@ -296,7 +308,10 @@ def mxfp4_checkpoints(src: Path, tmp_path: Path) -> tuple[Path, Path]:
     save_file(packed, mx / "model.safetensors", metadata={"format": "pt"})
     save_file(floats, deq / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((mx / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+    }
     (mx / "config.json").write_text(json.dumps(config))
     return mx, deq
 
@@ -308,8 +323,8 @@ def test_mxfp4_gpt_oss_checkpoint_runs_packed_like_its_dequantized_model(checkpo
     packed = LLM(mx, engine_config(progress=False, expert_cache=6))
     store = packed.loaded.store
     assert str(store.format) == "mxfp4"
-    H, I = store.shape.hidden, store.shape.intermediate
-    assert store.expert_bytes == 3 * H * I // 32 * 17 + (2 * I + H) * 4  # 17 bytes per 32 weights (4.25 bits) + float32 biases
+    hidden, inter = store.shape.hidden, store.shape.intermediate
+    assert store.expert_bytes == 3 * hidden * inter // 32 * 17 + (2 * inter + hidden) * 4  # 17 bytes per 32 weights (4.25 bits) + float32 biases
     floats = LLM(deq, engine_config(progress=False, expert_cache=6))
     torch.testing.assert_close(packed.logits(PROMPT), floats.logits(PROMPT), rtol=0, atol=1e-5)
     with torch.no_grad():
@@ -317,7 +332,7 @@ def test_mxfp4_gpt_oss_checkpoint_runs_packed_like_its_dequantized_model(checkpo
         expected = ref(torch.tensor([PROMPT])).logits[0]
         out = ref.generate(torch.tensor([PROMPT]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
     torch.testing.assert_close(packed.logits(PROMPT), expected, rtol=0, atol=1e-4)
-    assert packed.generate(PROMPT, GREEDY).token_ids == floats.generate(PROMPT, GREEDY).token_ids == out[0, len(PROMPT):].tolist()
+    assert packed.generate(PROMPT, GREEDY).token_ids == floats.generate(PROMPT, GREEDY).token_ids == out[0, len(PROMPT) :].tolist()
 
 
 @pytest.mark.parametrize("to", ["int4", "mxfp4"])

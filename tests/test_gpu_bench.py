@@ -95,16 +95,23 @@ def _work(tmp_path: Path, runs: dict[str, tuple[dict | None, dict | None]]) -> P
 
 def test_summary_keeps_every_run_and_the_table_shape_whatever_happened(tmp_path):
     partial = {"complete": False, "systems": [{"name": "big", "decode_tok_s": 12.5, "hit_rate": 0.5}]}
-    work = _work(tmp_path, {
-        "cut": ({"rc": 124, "seconds": 30, "budget_s": 30}, partial),
-        "crashed": ({"rc": 1, "seconds": 3, "budget_s": 30}, None),
-        "skipped": ({"skipped": "accelerate does not import"}, None),
-        "batch": (None, None),
-    })
+    work = _work(
+        tmp_path,
+        {
+            "cut": ({"rc": 124, "seconds": 30, "budget_s": 30}, partial),
+            "crashed": ({"rc": 1, "seconds": 3, "budget_s": 30}, None),
+            "skipped": ({"skipped": "accelerate does not import"}, None),
+            "batch": (None, None),
+        },
+    )
     summary = summarize(gpu_summary.read_runs(work), None, work)
     runs = {r["name"]: r for r in summary["runs"]}
     assert [runs[n]["status"] for n in ("cut", "crashed", "skipped", "batch")] == [
-        "partial (timeout)", "failed (exit 1)", "skipped: accelerate does not import", "not run"]
+        "partial (timeout)",
+        "failed (exit 1)",
+        "skipped: accelerate does not import",
+        "not run",
+    ]
     assert [row["system"] for row in runs["cut"]["rows"]] == list(STANDARD_SYSTEMS)
     assert runs["cut"]["rows"][0]["tok_s"] == 12.5 and runs["cut"]["rows"][1]["tok_s"] is None
     assert runs["crashed"]["log_tail"] == ["line 1", "Traceback: boom"] and "log_tail" not in runs["batch"]
@@ -114,12 +121,15 @@ def test_summary_keeps_every_run_and_the_table_shape_whatever_happened(tmp_path)
     assert sum(line.startswith(("cut", "crashed", "skipped", "batch")) for line in lines) == 8  # a first row and a status line each
 
 
-@pytest.mark.parametrize(("status", "report", "expected"), [
-    ({"rc": 0}, {"complete": True, "systems": []}, "ok"),
-    ({"rc": 0}, {"complete": False, "systems": [{"name": "big"}]}, "partial (exit 0)"),
-    ({"rc": 137}, None, "timeout"),
-    ({"rc": 2}, {"complete": False, "systems": []}, "failed (exit 2)"),
-])
+@pytest.mark.parametrize(
+    ("status", "report", "expected"),
+    [
+        ({"rc": 0}, {"complete": True, "systems": []}, "ok"),
+        ({"rc": 0}, {"complete": False, "systems": [{"name": "big"}]}, "partial (exit 0)"),
+        ({"rc": 137}, None, "timeout"),
+        ({"rc": 2}, {"complete": False, "systems": []}, "failed (exit 2)"),
+    ],
+)
 def test_run_status(status, report, expected):
     assert run_status(status, report) == expected
 
@@ -141,7 +151,8 @@ def test_summary_runs_by_path_without_importing_torch(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     _work(work, {"one": ({"rc": 0, "seconds": 1, "budget_s": 30}, {"complete": True, "systems": []})})
-    done = subprocess.run(["python3", "-c", PROBE, str(ROOT / "mobile_moe/bench/gpu_summary.py"), str(work), str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["python3", "-c", PROBE, str(ROOT / "mobile_moe/bench/gpu_summary.py"), str(work), str(tmp_path / "out")], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     assert [r["status"] for r in json.loads((tmp_path / "out" / "summary.json").read_text())["runs"]] == ["ok"]

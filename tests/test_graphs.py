@@ -198,8 +198,7 @@ def test_bench_compares_resident_decoding_with_and_without_graphs(checkpoints):
     """With a capture (`--cuda-graphs` on CUDA) bench adds a `resident+graphs` row, interleaved with eager `resident`."""
     llm = LLM(checkpoints["olmoe"], engine_config(progress=False, dtype="float32", expert_cache=8))
     llm.graph_capture = lambda: emulated_capture
-    settings = BenchSettings([[5, 6, 7, 8], [9, 10, 11]], 8, MOBILE, None, run_accelerate=False, progress=False, rounds=1,
-                             run_transformers=False)
+    settings = BenchSettings([[5, 6, 7, 8], [9, 10, 11]], 8, MOBILE, None, run_accelerate=False, progress=False, rounds=1, run_transformers=False)
     systems = {s["name"]: s for s in run_bench(llm, settings)["systems"]}
     assert list(systems) == ["big", "mobile", "little", "resident", "resident+graphs"]
     assert systems["resident+graphs"]["same_tokens_as_big"] == systems["resident"]["same_tokens_as_big"] == 1.0
@@ -218,8 +217,11 @@ class PoolReads(TorchDispatchMode):
         self.copies: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        if func in (torch.ops.aten.index_select.default, torch.ops.aten.index.Tensor) and args[0].dim() == 3 \
-                and args[0].untyped_storage().data_ptr() == self.pool:
+        if (
+            func in (torch.ops.aten.index_select.default, torch.ops.aten.index.Tensor)
+            and args[0].dim() == 3
+            and args[0].untyped_storage().data_ptr() == self.pool
+        ):
             self.copies.append(str(func))
         return func(*args, **(kwargs or {}))
 

@@ -11,9 +11,8 @@ import socket
 from pathlib import Path
 
 import pytest
-from huggingface_hub import errors as hub_errors
-
 from checkpoints import build_checkpoint
+from huggingface_hub import errors as hub_errors
 
 from mobile_moe import LLM, engine_config
 from mobile_moe.cli import main
@@ -70,8 +69,10 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sources: dict[str, Pa
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """Any attempt to resolve a name or open a connection fails the test."""
+
     def refuse(*args, **kwargs):
         raise AssertionError(f"network access attempted: {args!r}")
+
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
@@ -129,10 +130,17 @@ def test_uncached_id_while_offline_is_one_line(cache, capsys):
 
 def test_unsupported_architecture_refused_before_weights(cache, monkeypatch, capsys, sources):
     repo = "other-org/llama-tiny"
-    cache_snapshot(cache, repo, "c" * 40, {"config.json": '{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}',
-                                           "model.safetensors": sources["main"] / "model.safetensors"}, refs=("main",))
+    cache_snapshot(
+        cache,
+        repo,
+        "c" * 40,
+        {"config.json": '{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}', "model.safetensors": sources["main"] / "model.safetensors"},
+        refs=("main",),
+    )
+
     def no_snapshot(*args, **kwargs):
         raise AssertionError("weights fetched before the architecture was checked")
+
     monkeypatch.setattr(hub, "snapshot_download", no_snapshot)
     with pytest.raises(UnsupportedArchitecture, match="architecture 'llama' is not supported"):
         resolve_model(repo)
@@ -161,24 +169,32 @@ def _http_error(cls: type, status: int, message: str) -> Exception:
     return cls(message, response=client.Response(status, request=client.Request("GET", "https://huggingface.co/x")))
 
 
-@pytest.mark.parametrize("make, kind, needles", [
-    (lambda: _http_error(hub_errors.GatedRepoError, 403, "403 Client Error.\nCannot access gated repo"), CheckpointError, ("gated", "HF_TOKEN")),
-    (lambda: _http_error(hub_errors.RepositoryNotFoundError, 404, "404 Client Error.\nRepository Not Found"), CheckpointError, ("repository not found",)),
-    (lambda: _http_error(hub_errors.RevisionNotFoundError, 404, "404 Client Error.\nRevision Not Found"), CheckpointError, ("revision 'v9' not found",)),
-    (lambda: _http_error(hub_errors.HfHubHTTPError, 500, "500 Server Error.\nInternal"), CheckpointError, ("hub request failed: 500 Server Error.",)),
-    (lambda: _http_error(hub_errors.HfHubHTTPError, 401, "401 Client Error."), CheckpointError, ("access denied", "HF_TOKEN")),
-    (lambda: hub_errors.LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub"), CheckpointError,
-     ("is not cached", "cannot be reached")),
-    (lambda: hub_errors.OfflineModeIsEnabled("offline"), CheckpointError, ("is not cached", "offline")),
-    (lambda: ConnectionError("connection refused"), CheckpointError, ("cannot be reached", "ConnectionError")),
-    (lambda: hub_errors.HFValidationError("Revisions must not contain spaces"), InvalidParameter, ("Revisions must",)),
-])
+@pytest.mark.parametrize(
+    "make, kind, needles",
+    [
+        (lambda: _http_error(hub_errors.GatedRepoError, 403, "403 Client Error.\nCannot access gated repo"), CheckpointError, ("gated", "HF_TOKEN")),
+        (lambda: _http_error(hub_errors.RepositoryNotFoundError, 404, "404 Client Error.\nRepository Not Found"), CheckpointError, ("repository not found",)),
+        (lambda: _http_error(hub_errors.RevisionNotFoundError, 404, "404 Client Error.\nRevision Not Found"), CheckpointError, ("revision 'v9' not found",)),
+        (lambda: _http_error(hub_errors.HfHubHTTPError, 500, "500 Server Error.\nInternal"), CheckpointError, ("hub request failed: 500 Server Error.",)),
+        (lambda: _http_error(hub_errors.HfHubHTTPError, 401, "401 Client Error."), CheckpointError, ("access denied", "HF_TOKEN")),
+        (
+            lambda: hub_errors.LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub"),
+            CheckpointError,
+            ("is not cached", "cannot be reached"),
+        ),
+        (lambda: hub_errors.OfflineModeIsEnabled("offline"), CheckpointError, ("is not cached", "offline")),
+        (lambda: ConnectionError("connection refused"), CheckpointError, ("cannot be reached", "ConnectionError")),
+        (lambda: hub_errors.HFValidationError("Revisions must not contain spaces"), InvalidParameter, ("Revisions must",)),
+    ],
+)
 def test_hub_failures_map_to_one_line(monkeypatch, make, kind, needles):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", False)
+
     def fail(*args, **kwargs):
         raise make()
+
     monkeypatch.setattr(hub, "hf_hub_download", fail)
     with pytest.raises(kind) as info:
         resolve_model("some-org/some-model@v9", progress=False)
@@ -191,6 +207,7 @@ def test_hub_failures_map_to_one_line(monkeypatch, make, kind, needles):
 def test_unexpected_errors_are_not_swallowed(monkeypatch):
     def fail(*args, **kwargs):
         raise KeyError("a bug")
+
     monkeypatch.setattr(hub, "hf_hub_download", fail)
     with pytest.raises(KeyError):
         resolve_model("some-org/some-model", progress=False)
@@ -216,6 +233,7 @@ def test_a_model_too_big_for_the_ram_is_refused_before_its_weights_are_fetched(c
 
     def no_snapshot(*args, **kwargs):
         raise AssertionError("weights fetched before the memory check")
+
     monkeypatch.setattr(hub, "snapshot_download", no_snapshot)
     monkeypatch.setattr(loader, "available_memory_bytes", lambda: 1024)
     code, _, err = run(capsys, "generate", "--model", REPO, "--prompt-ids", "1,2", "--quiet")

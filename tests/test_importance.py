@@ -12,10 +12,10 @@ from mobile_moe import PolicyConfig, SamplingParams
 from mobile_moe.cli import main
 from mobile_moe.config import LearnedImportance
 from mobile_moe.engine.calibration import CALIBRATION_FILE, read_calibration, resolve_policy
+from mobile_moe.engine.passes import PassSpec
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.eval.learned import StepData, auc, feature_report, fit
 from mobile_moe.eval.quality import learned_confidence, sample_windows, variant_name
-from mobile_moe.engine.passes import PassSpec
 from mobile_moe.layers.moe import ExpertMode
 from mobile_moe.policy.importance import SIGNALS, differs_probability, signal_confidence, step_signals
 from mobile_moe.policy.little import prefer_resident, runs_big_here
@@ -90,16 +90,23 @@ def test_a_policy_takes_the_kv_repair_its_tau_was_calibrated_with(tmp_path):
     assert resolve_policy(PolicyConfig("mobile", kv_repair=0), read_calibration(tmp_path)).rollback is False  # repair off: nothing to check
 
 
-@pytest.mark.parametrize("record, message", [
-    ({"tau": 0.5, "criterion": "telepathy"}, "unknown criterion 'telepathy'"),
-    ({"tau": 0.5, "criterion": "margin", "kv_repair": -1}, "kv_repair must be an integer >= 0"),
-    ({"tau": 0.5, "criterion": "margin", "kv_repair": 4, "rollback": "yes"}, "rollback must be true or false"),
-    ({"tau": 0.5, "criterion": "learned", "learned": {"features": ["margin"], "mean": [0.1], "scale": [1.0], "weights": [1.0, 2.0], "bias": 0}},
-     "one mean, scale and weight per feature"),
-    ({"tau": 0.5, "criterion": "learned", "learned": {"features": ["margin"], "mean": [0.1], "scale": [1.0], "weights": [1.0]}}, "malformed"),
-    ({"tau": 0.5, "criterion": "learned", "learned": {"features": ["aura"], "mean": [0.1], "scale": [1.0], "weights": [1.0], "bias": 0}},
-     "unknown signals aura"),
-])
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"tau": 0.5, "criterion": "telepathy"}, "unknown criterion 'telepathy'"),
+        ({"tau": 0.5, "criterion": "margin", "kv_repair": -1}, "kv_repair must be an integer >= 0"),
+        ({"tau": 0.5, "criterion": "margin", "kv_repair": 4, "rollback": "yes"}, "rollback must be true or false"),
+        (
+            {"tau": 0.5, "criterion": "learned", "learned": {"features": ["margin"], "mean": [0.1], "scale": [1.0], "weights": [1.0, 2.0], "bias": 0}},
+            "one mean, scale and weight per feature",
+        ),
+        ({"tau": 0.5, "criterion": "learned", "learned": {"features": ["margin"], "mean": [0.1], "scale": [1.0], "weights": [1.0]}}, "malformed"),
+        (
+            {"tau": 0.5, "criterion": "learned", "learned": {"features": ["aura"], "mean": [0.1], "scale": [1.0], "weights": [1.0], "bias": 0}},
+            "unknown signals aura",
+        ),
+    ],
+)
 def test_a_bad_calibration_file_is_a_one_line_error(checkpoints, tmp_path, capsys, record, message):
     (tmp_path / "copy").mkdir()  # the checkpoint's files, linked, plus its own calibration
     for item in checkpoints["qwen3_moe"].iterdir():
@@ -166,8 +173,12 @@ def test_eval_variants_parse_and_reject_unknown_knobs(capsys):
 
     plain = {"layer_adaptive": None, "cache_prior": None, "kv_repair": 0, "rollback": False, "partial_fallback": None}
     assert parse_variants("plain,layer-adaptive=0.3,cache-prior=2+kv-repair=1,kv-repair=8+rollback,partial-fallback=0.3+kv-repair=2") == (
-        plain, {**plain, "layer_adaptive": 0.3}, {**plain, "cache_prior": 2.0, "kv_repair": 1}, {**plain, "kv_repair": 8, "rollback": True},
-        {**plain, "partial_fallback": 0.3, "kv_repair": 2})
+        plain,
+        {**plain, "layer_adaptive": 0.3},
+        {**plain, "cache_prior": 2.0, "kv_repair": 1},
+        {**plain, "kv_repair": 8, "rollback": True},
+        {**plain, "partial_fallback": 0.3, "kv_repair": 2},
+    )
     labelled = PolicyConfig("mobile", kv_repair=4, rollback=True, partial_fallback=0.3)
     assert variant_name(labelled) == "kv-repair=4+partial-fallback=0.3+rollback"
     with pytest.raises(SystemExit) as exit_:
@@ -180,8 +191,9 @@ def test_teacher_forced_learned_confidence_equals_each_decode_steps_own(checkpoi
     """The perplexity estimate's learned confidence at position t (one little pass over the window, every position's gate
     values logged) is what a little decode step from the prefix up to t computes from its recorded routing."""
     llm = open_llm(checkpoints["deepseek_v2"], expert_cache=16)  # a dense first layer: only MoE layers are logged
-    learned = LearnedImportance(SIGNALS, tuple(0.1 * i for i in range(len(SIGNALS))), (1.0,) * len(SIGNALS),
-                                tuple((-1) ** i * 0.3 for i in range(len(SIGNALS))), 0.2)
+    learned = LearnedImportance(
+        SIGNALS, tuple(0.1 * i for i in range(len(SIGNALS))), (1.0,) * len(SIGNALS), tuple((-1) ** i * 0.3 for i in range(len(SIGNALS))), 0.2
+    )
     logits, gates = llm.routed_logits(PROMPT, "little")  # [T, V], [T, L, k]
     assert gates.shape == (len(PROMPT), len(llm.info.moe_layers), llm.info.top_k)
     got = learned_confidence(logits, gates, llm.runner.default_little_k, learned)

@@ -67,8 +67,14 @@ def test_kernel_layouts_only_where_a_kernel_runs():
 
 
 def test_layout_ids_rebuild_their_formats():
-    for fmt in (FusedInt8(torch.bfloat16), FusedInt4(Int4Format(64), torch.bfloat16), FusedInt4(Int4Format(32), torch.bfloat16, 32),
-                Int4Format(32), Int8Format(), Mxfp4Format()):
+    for fmt in (
+        FusedInt8(torch.bfloat16),
+        FusedInt4(Int4Format(64), torch.bfloat16),
+        FusedInt4(Int4Format(32), torch.bfloat16, 32),
+        Int4Format(32),
+        Int8Format(),
+        Mxfp4Format(),
+    ):
         again = layout_format(fmt.layout_id, getattr(fmt, "group_size", 0), torch.bfloat16)
         assert type(again) is type(fmt) and getattr(again, "group_size", None) == getattr(fmt, "group_size", None)
         assert getattr(again, "block", None) == getattr(fmt, "block", None) and again.layout_id == fmt.layout_id
@@ -77,8 +83,9 @@ def test_layout_ids_rebuild_their_formats():
 
 def _synthetic(fused: bool, expert_dtype: str, dtype: str = "bfloat16") -> LLM:
     """A small OLMoE-shaped model (widths / 16: hidden 128, experts 64 wide); every width suits both kernels."""
-    loaded = build_synthetic("olmoe-1b-7b", CPU, dtype, shrink=16, expert_dtype=expert_dtype, group_size=32 if expert_dtype == "int4" else None,
-                             fused_kernels=fused)
+    loaded = build_synthetic(
+        "olmoe-1b-7b", CPU, dtype, shrink=16, expert_dtype=expert_dtype, group_size=32 if expert_dtype == "int4" else None, fused_kernels=fused
+    )
     return LLM(loaded, engine_config(progress=False, expert_cache=16))
 
 

@@ -64,8 +64,13 @@ def test_rows_with_different_little_models_decode_in_one_batch_as_each_alone(che
     llm = open_llm(checkpoints[arch], dtype="float32", max_batch=5, batch_little="always")
     probe = llm.generate(PROMPT, SAMPLING, PolicyConfig("mobile", tau=0.0, criterion="max_prob", little_k=1))
     tau = statistics.median(s.confidence for s in probe.steps[1:])  # about half the steps fall back
-    policies = [PolicyConfig("little", little_k=3), PolicyConfig("little"), PolicyConfig("little", little_k=1, little_weights="rescale"),
-                PolicyConfig("big"), PolicyConfig("mobile", tau=tau, criterion="max_prob", little_k=1)]
+    policies = [
+        PolicyConfig("little", little_k=3),
+        PolicyConfig("little"),
+        PolicyConfig("little", little_k=1, little_weights="rescale"),
+        PolicyConfig("big"),
+        PolicyConfig("mobile", tau=tau, criterion="max_prob", little_k=1),
+    ]
     prompts = [PROMPT, [5, 6], [7, 8, 9], [10, 11, 12, 13], PROMPT]  # the mobile row: the probed prompt, so about half fall back
     passes, real = [], llm.runner.forward_rows
     llm.runner.forward_rows = lambda ids, batch, specs: passes.append({s.little_k for s in specs}) or real(ids, batch, specs)
@@ -79,12 +84,27 @@ def test_rows_with_different_little_models_decode_in_one_batch_as_each_alone(che
     assert any(len(kinds) >= 3 for kinds in passes)  # rows of several little models shared passes
 
 
-@pytest.mark.parametrize("flag, message", [("0", "little_k must be an integer >= 1, got 0"),
-                                           ("4", "little_k must be in [1, 3] (below this model's top-k 4), got 4")])
+@pytest.mark.parametrize(
+    "flag, message", [("0", "little_k must be an integer >= 1, got 0"), ("4", "little_k must be in [1, 3] (below this model's top-k 4), got 4")]
+)
 def test_a_little_k_the_model_cannot_take_is_a_one_line_error(checkpoints, capsys, flag: str, message: str):
     capsys.readouterr()
-    code = main(["generate", "--model", str(checkpoints["olmoe"]), "--prompt-ids", "1,2,3", "--policy", "little", "--little-k", flag,
-                 "--max-new-tokens", "2", "--quiet"])
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(checkpoints["olmoe"]),
+            "--prompt-ids",
+            "1,2,3",
+            "--policy",
+            "little",
+            "--little-k",
+            flag,
+            "--max-new-tokens",
+            "2",
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
 
@@ -113,8 +133,23 @@ def test_a_calibration_carries_its_little_k_and_says_when_run_with_another(check
 
 def test_generate_json_names_the_little_model_it_ran(checkpoints, capsys):
     capsys.readouterr()
-    main(["generate", "--model", str(checkpoints["olmoe"]), "--prompt-ids", "1,2,3", "--policy", "little", "--little-k", "1", "--max-new-tokens", "2",
-          "--json", "--quiet"])
+    main(
+        [
+            "generate",
+            "--model",
+            str(checkpoints["olmoe"]),
+            "--prompt-ids",
+            "1,2,3",
+            "--policy",
+            "little",
+            "--little-k",
+            "1",
+            "--max-new-tokens",
+            "2",
+            "--json",
+            "--quiet",
+        ]
+    )
     assert json.loads(capsys.readouterr().out)["policy"]["little_k"] == 1
 
 

@@ -17,12 +17,11 @@ from mobile_moe.engine.calibration import DEMO_MODEL
 from mobile_moe.eval.lm_eval_backend import MobileMoeLM
 
 TASKS = {
-    "tiny_mc": "output_type: multiple_choice\ndoc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{answer}}\"\n"
-               "metric_list:\n  - metric: acc\n",
-    "tiny_ppl": "output_type: loglikelihood_rolling\ndoc_to_text: \"\"\ndoc_to_target: \"{{question}}{{choices[0]}}\"\n"
-                "metric_list:\n  - metric: word_perplexity\n",
-    "tiny_gen": "output_type: generate_until\ndoc_to_text: \"{{question}}\"\ndoc_to_target: \"{{choices[0]}}\"\n"
-                "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 6\nmetric_list:\n  - metric: exact_match\n",
+    "tiny_mc": 'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+    "metric_list:\n  - metric: acc\n",
+    "tiny_ppl": 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{question}}{{choices[0]}}"\nmetric_list:\n  - metric: word_perplexity\n',
+    "tiny_gen": 'output_type: generate_until\ndoc_to_text: "{{question}}"\ndoc_to_target: "{{choices[0]}}"\n'
+    'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 6\nmetric_list:\n  - metric: exact_match\n',
 }
 
 
@@ -55,12 +54,12 @@ def test_big_little_and_mobile_score_differently_on_a_local_task(tasks, monkeypa
     assert gens(big) != gens(little) and all(0.0 <= r["tiny_mc"]["acc,none"] <= 1.0 for r in (big, little, mobile))
 
 
-
 def test_registering_mobile_moe_keeps_lm_evals_own_models():
     """lm-eval fills its model registry only while it is empty: the backend's import must not hide `local-completions`."""
     from lm_eval.api.registry import model_registry
 
     assert {"mobile-moe", "local-completions", "hf"} <= set(model_registry.keys())
+
 
 @contextmanager
 def serving(llm: LLM):
@@ -94,13 +93,16 @@ def test_local_completions_through_the_server_scores_as_the_in_process_backend(t
     local = MobileMoeLM(policy="big", dtype="float32")
     docs = {name: [0, 4, 6] for name in TASKS}  # both kinds of document; in doc 6 two choices are 0.013 apart
     with serving(local.llm) as url:  # the same weights in the same process, one at a time
-        args = (f"model={local.llm.path.name},base_url={url}/v1/completions,tokenizer_backend=huggingface,tokenizer={DEMO_MODEL},"
-                "num_concurrent=1,max_retries=1,tokenized_requests=True")
+        args = (
+            f"model={local.llm.path.name},base_url={url}/v1/completions,tokenizer_backend=huggingface,tokenizer={DEMO_MODEL},"
+            "num_concurrent=1,max_retries=1,tokenized_requests=True"
+        )
         served = scores("local-completions", tasks, model_args=args, samples=docs)
     ours = scores(local, tasks, samples=docs)
     resps = lambda r, name: [s["resps"] for s in sorted(r["samples"][name], key=lambda s: s["doc_id"])]  # noqa: E731
     # Both sides score the same token ids (lm-eval's, sent as ids; MobileMoeLM's own encoding gives the same ones on these
-    # documents) with the same float32 weights; only the passes' shapes differ (the server scores each prompt plus the one token lm-eval has it generate), which moves a
+    # documents) with the same float32 weights; only the passes' shapes differ (the server scores each prompt plus the one
+    # token lm-eval has it generate), which moves a
     # sum of float32 log-probs by ~5e-6. 1e-3 is far above that and far below the 0.013 between doc 6's choices.
     pairs = list(zip(sum(resps(served, "tiny_mc"), []), sum(resps(ours, "tiny_mc"), []), strict=True))
     diffs = [abs(a[0] - b[0]) for (a,), (b,) in pairs]  # (loglikelihood, is_greedy) per document and choice

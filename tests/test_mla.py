@@ -7,9 +7,9 @@ import torch
 from conftest import open_llm
 from torch.utils.flop_counter import FlopCounterMode
 
+from mobile_moe.engine.passes import PassSpec
 from mobile_moe.layers.attention import AttentionInput, MLADims, MLAttention
 from mobile_moe.layers.kv_cache import KVCache
-from mobile_moe.engine.passes import PassSpec
 from mobile_moe.layers.moe import ExpertMode
 
 PROMPT = [5, 17, 33, 8, 61, 12]

@@ -170,7 +170,6 @@ def test_hybrid_middle_tau_replays_with_snapshots(checkpoints):
         kv.rewind(1)
 
 
-
 def _quantile_tau(llm, prompt: list[int], q: float) -> float:
     """The q-quantile of little's max-prob confidence over a decode of `prompt`: a tau falling back on about q of the steps."""
     probe = llm.generate(prompt, SAMPLING, PolicyConfig("mobile", tau=0.0, criterion="max_prob"))
@@ -218,8 +217,11 @@ def test_teacher_forced_perplexity_counts_what_a_rollback_takes_back():
     from mobile_moe.eval.quality import TokenScores, big_positions, mobile_perplexity
 
     scores = TokenScores(
-        big=torch.full((6,), -1.0), little=torch.full((6,), -2.0), little_conf=torch.tensor([0.9, 0.9, 0.1, 0.9, 0.9, 0.1]),
-        differs=torch.tensor([True, True, False, True, True, False]), window=torch.tensor([0, 0, 0, 0, 1, 1]),
+        big=torch.full((6,), -1.0),
+        little=torch.full((6,), -2.0),
+        little_conf=torch.tensor([0.9, 0.9, 0.1, 0.9, 0.9, 0.1]),
+        differs=torch.tensor([True, True, False, True, True, False]),
+        window=torch.tensor([0, 0, 0, 0, 1, 1]),
     )
     assert big_positions(scores, 0.5).tolist() == [False, False, True, False, False, True]
     assert big_positions(scores, 0.5, rollback=1).tolist() == [False, True, True, False, True, True]

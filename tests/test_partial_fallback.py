@@ -10,9 +10,9 @@ import torch
 from conftest import open_llm
 
 from mobile_moe import PolicyConfig, SamplingParams
-from mobile_moe.errors import InvalidParameter
 from mobile_moe.engine.passes import PassSpec
-from mobile_moe.layers.moe import ExpertMode, Routing, RouterSpec, select
+from mobile_moe.errors import InvalidParameter
+from mobile_moe.layers.moe import ExpertMode, RouterSpec, Routing, select
 from mobile_moe.policy.little import first_dropping_layer
 
 PROMPT = [7, 3, 44, 19, 28, 90, 11]

@@ -120,32 +120,47 @@ def test_a_full_queue_answers_429_and_a_fault_answers_500(demo):
         assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == solo(demo, demo.encode(PROMPT), 4)
 
 
-@pytest.mark.parametrize("method, path, body, status, needle", [
-    ("POST", "/v1/completions", {"model": "gpt-4", "prompt": PROMPT}, 404, "The model `gpt-4` does not exist; this server serves `demo`"),
-    ("POST", "/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
-    ("POST", "/v1/completions", b"{not json", 400, "request body is not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
-    ("POST", "/v1/completions", b'{"prompt": "x",\n "max_tokens": }', 400, "request body is not valid JSON: Expecting value: line 2 column 16 (char 31)"),
-    ("POST", "/v1/completions", {"max_tokens": 4}, 400, "prompt"),
-    ("POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": "many"}, 400, "max_tokens"),
-    ("POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens"),
-    ("POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": -3}, 400, "max_tokens"),
-    ("POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 65}, 400, "above this server's cap 64"),
-    ("POST", "/v1/completions", {"prompt": "x " * 2000}, 400, "context"),
-    ("POST", "/v1/completions", {"prompt": PROMPT, "temperature": 3}, 400, "temperature"),
-    ("POST", "/v1/completions", {"prompt": PROMPT, "top_p": 0}, 400, "top_p"),
-    ("POST", "/v1/completions", {"prompt": PROMPT, "policy": "huge"}, 400, "policy"),
-    ("POST", "/v1/completions", b'{"prompt": "x", "tau": NaN}', 400, "tau: Input should be a finite number"),
-    ("POST", "/v1/completions", b'{"prompt": "x", "temperature": NaN}', 400, "temperature: Input should be a finite number"),
-    ("POST", "/v1/completions", b'{"prompt": "x", "temperature": Infinity}', 400, "temperature: Input should be a finite number"),
-    ("POST", "/v1/completions", b'{"prompt": "x", "top_p": NaN}', 400, "top_p: Input should be a finite number"),
-    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_p": -Infinity}', 400, "top_p: Input should be a finite number"),
-    ("POST", "/v1/chat/completions", {"max_tokens": 4}, 400, "messages"),
-    ("POST", "/v1/chat/completions", {"messages": []}, 400, "messages"),
-    ("POST", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
-    ("POST", "/v1/completions", b'{"prompt": "' + b"x" * (1 << 20) + b'"}', 413, "body over"),
-    ("GET", "/v1/nothing", None, 404, "Not Found"),
-    ("GET", "/v1/completions", None, 405, "Method Not Allowed"),
-])
+@pytest.mark.parametrize(
+    "method, path, body, status, needle",
+    [
+        ("POST", "/v1/completions", {"model": "gpt-4", "prompt": PROMPT}, 404, "The model `gpt-4` does not exist; this server serves `demo`"),
+        ("POST", "/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
+        (
+            "POST",
+            "/v1/completions",
+            b"{not json",
+            400,
+            "request body is not valid JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)",
+        ),
+        ("POST", "/v1/completions", b'{"prompt": "x",\n "max_tokens": }', 400, "request body is not valid JSON: Expecting value: line 2 column 16 (char 31)"),
+        ("POST", "/v1/completions", {"max_tokens": 4}, 400, "prompt"),
+        ("POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": "many"}, 400, "max_tokens"),
+        ("POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens"),
+        ("POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": -3}, 400, "max_tokens"),
+        ("POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 65}, 400, "above this server's cap 64"),
+        ("POST", "/v1/completions", {"prompt": "x " * 2000}, 400, "context"),
+        ("POST", "/v1/completions", {"prompt": PROMPT, "temperature": 3}, 400, "temperature"),
+        ("POST", "/v1/completions", {"prompt": PROMPT, "top_p": 0}, 400, "top_p"),
+        ("POST", "/v1/completions", {"prompt": PROMPT, "policy": "huge"}, 400, "policy"),
+        ("POST", "/v1/completions", b'{"prompt": "x", "tau": NaN}', 400, "tau: Input should be a finite number"),
+        ("POST", "/v1/completions", b'{"prompt": "x", "temperature": NaN}', 400, "temperature: Input should be a finite number"),
+        ("POST", "/v1/completions", b'{"prompt": "x", "temperature": Infinity}', 400, "temperature: Input should be a finite number"),
+        ("POST", "/v1/completions", b'{"prompt": "x", "top_p": NaN}', 400, "top_p: Input should be a finite number"),
+        (
+            "POST",
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "hi"}], "top_p": -Infinity}',
+            400,
+            "top_p: Input should be a finite number",
+        ),
+        ("POST", "/v1/chat/completions", {"max_tokens": 4}, 400, "messages"),
+        ("POST", "/v1/chat/completions", {"messages": []}, 400, "messages"),
+        ("POST", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
+        ("POST", "/v1/completions", b'{"prompt": "' + b"x" * (1 << 20) + b'"}', 413, "body over"),
+        ("GET", "/v1/nothing", None, 404, "Not Found"),
+        ("GET", "/v1/completions", None, 405, "Method Not Allowed"),
+    ],
+)
 def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server, method, path, body, status, needle):
     content = body if isinstance(body, bytes) else (None if body is None else json.dumps(body).encode())
     r = httpx.request(method, f"{server}{path}", content=content, headers={"content-type": "application/json"})
@@ -153,10 +168,13 @@ def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server, 
     assert httpx.get(f"{server}/health").json() == {"status": "ok"}
 
 
-@pytest.mark.parametrize("body, message", [
-    (b'{"prompt": "x", "temperature": NaN}', "temperature: Input should be a finite number"),
-    (b'{"prompt": "x", "max_tokens": 4,}', "request body is not valid JSON: Expecting property name enclosed in double quotes: line 1 column 33 (char 32)"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b'{"prompt": "x", "temperature": NaN}', "temperature: Input should be a finite number"),
+        (b'{"prompt": "x", "max_tokens": 4,}', "request body is not valid JSON: Expecting property name enclosed in double quotes: line 1 column 33 (char 32)"),
+    ],
+)
 def test_nan_and_malformed_json_are_openai_format_errors(server, body, message):
     r = httpx.post(f"{server}/v1/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 400
@@ -210,8 +228,10 @@ def test_echo_and_logprobs_score_the_prompt_as_lm_eval_asks(demo, server):
     little = httpx.post(f"{server}/v1/completions", json=body | {"policy": "little"}).json()["choices"][0]["logprobs"]["token_logprobs"]
     assert little[1:] != lp["token_logprobs"][1:]  # little scores with little experts, not one big prefill
     mobile = httpx.post(f"{server}/v1/completions", json=body | {"policy": "mobile", "criterion": "margin", "tau": 0.3}).json()
-    picks = [m == pytest.approx(b, abs=1e-5) or m == pytest.approx(s, abs=1e-5)
-             for m, b, s in zip(mobile["choices"][0]["logprobs"]["token_logprobs"][1:], lp["token_logprobs"][1:], little[1:])]
+    picks = [
+        m == pytest.approx(b, abs=1e-5) or m == pytest.approx(s, abs=1e-5)
+        for m, b, s in zip(mobile["choices"][0]["logprobs"]["token_logprobs"][1:], lp["token_logprobs"][1:], little[1:])
+    ]
     assert all(picks)  # each position scored by the pass mobile would have emitted it from
 
 
@@ -224,8 +244,9 @@ def test_several_prompts_in_one_request_are_generated_together(demo, server):
     assert [c["text"] for c in ids["choices"]] == [c["text"] for c in got["choices"]] and ids["usage"]["completion_tokens"] == 8
     assert httpx.post(f"{server}/v1/completions", json={"prompt": PROMPT, "max_tokens": 0}).status_code == 400  # scoring needs echo
     assert httpx.post(f"{server}/v1/completions", json={"prompt": prompts, "stream": True}).status_code == 400
-    bad = httpx.post(f"{server}/v1/completions", json={"prompt": PROMPT, "max_tokens": 0, "echo": True, "logprobs": 1, "policy": "mobile",
-                                                      "criterion": "learned"})
+    bad = httpx.post(
+        f"{server}/v1/completions", json={"prompt": PROMPT, "max_tokens": 0, "echo": True, "logprobs": 1, "policy": "mobile", "criterion": "learned"}
+    )
     assert bad.status_code == 400 and "logits criterion" in bad.json()["error"]["message"]
 
 

@@ -6,9 +6,9 @@ import json
 
 from mobile_moe import LLM, engine_config
 from mobile_moe.cli import main
+from mobile_moe.config import PolicyConfig
 from mobile_moe.engine.calibration import DEMO_MODEL
 from mobile_moe.eval.evaluate import EvalSettings, calibrate_sources
-from mobile_moe.config import PolicyConfig
 from mobile_moe.eval.quality import Run
 from mobile_moe.eval.sources import calibrate_across, pool, split_source
 
@@ -20,9 +20,21 @@ def run(tau: float, matches: int, every: int, prompts: int = 40, fallback: float
     per_prompt = tuple((matches, int(i % every == 0)) for i in range(prompts))
     judged = sum(m + d for m, d in per_prompt)
     agreement = sum(m for m, _ in per_prompt) / judged
-    return Run("mobile", tau, "margin", agreement, agreement, 0.0, 0.0, tau if fallback is None else fallback, judged,
-               agreement_ci=(agreement - 0.01, agreement + 0.01), judged_tokens=judged, decode_steps=prompts * (matches + 1),
-               per_prompt=per_prompt)
+    return Run(
+        "mobile",
+        tau,
+        "margin",
+        agreement,
+        agreement,
+        0.0,
+        0.0,
+        tau if fallback is None else fallback,
+        judged,
+        agreement_ci=(agreement - 0.01, agreement + 0.01),
+        judged_tokens=judged,
+        decode_steps=prompts * (matches + 1),
+        per_prompt=per_prompt,
+    )
 
 
 def source(needs: float) -> list[Run]:
@@ -78,8 +90,30 @@ def test_calibrate_across_sources_end_to_end(tmp_path):
     assert margin.final_tau == max(r.tau_alone for r in margin.rows) and all(r.held_out is not None for r in margin.rows)
     assert chosen is not None and chosen.pooled.fallback_rate <= margin.pooled.fallback_rate
     out = tmp_path / "cal.json"
-    code = main(["calibrate", "--quiet", "--source", str(sources["one"]), "--source", str(sources["two"]), "--criteria", "margin",
-                 "--taus", "0,2", "--max-prompts", "3", "--new-tokens", "4", "--target-agreement", "0.99", "--rule", "point", "--output", str(out)])
+    code = main(
+        [
+            "calibrate",
+            "--quiet",
+            "--source",
+            str(sources["one"]),
+            "--source",
+            str(sources["two"]),
+            "--criteria",
+            "margin",
+            "--taus",
+            "0,2",
+            "--max-prompts",
+            "3",
+            "--new-tokens",
+            "4",
+            "--target-agreement",
+            "0.99",
+            "--rule",
+            "point",
+            "--output",
+            str(out),
+        ]
+    )
     record = json.loads(out.read_text())
     assert code == 0 and record["criterion"] == "margin" and [s["source"] for s in record["sources"][0]["sources"]] == ["one", "two"]
     assert main(["calibrate", "--source", str(sources["one"]), "--output", str(tmp_path / "x.json"), "--quiet"]) == 2  # one file: no split
@@ -94,8 +128,28 @@ def test_one_source_is_split_at_random_by_file_with_a_note(tmp_path, capsys):
     assert list(parts) == ["only/1", "only/2", "only/3"] and sorted(t for p in parts.values() for t in p) == [f"text {i}" for i in range(7)]
     assert parts == split_source("only", [f"text {i}" for i in range(7)]) and [len(p) for p in parts.values()] == [3, 2, 2]  # seeded
     out = tmp_path / "cal.json"
-    code = main(["calibrate", "--quiet", "--source", str(folder), "--criteria", "margin", "--taus", "0,2", "--max-prompts", "2",
-                 "--new-tokens", "3", "--target-agreement", "0.99", "--rule", "point", "--output", str(out)])
+    code = main(
+        [
+            "calibrate",
+            "--quiet",
+            "--source",
+            str(folder),
+            "--criteria",
+            "margin",
+            "--taus",
+            "0,2",
+            "--max-prompts",
+            "2",
+            "--new-tokens",
+            "3",
+            "--target-agreement",
+            "0.99",
+            "--rule",
+            "point",
+            "--output",
+            str(out),
+        ]
+    )
     record = json.loads(out.read_text())
     assert code == 0 and "one source only (only)" in capsys.readouterr().err and "split at random" in record["data"]
     assert [s["source"] for s in record["sources"][0]["sources"]] == ["only/1", "only/2", "only/3"]

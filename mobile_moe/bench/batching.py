@@ -34,21 +34,32 @@ def _one(llm: LLM, prompts: list[list[int]], sampling: SamplingParams, policy: P
     wall = time.perf_counter() - start
     stats, generated = cache.stats.snapshot(), steps * len(prompts)
     window = {
-        "aggregate_tok_s": generated / wall, "steps": steps,
+        "aggregate_tok_s": generated / wall,
+        "steps": steps,
         "expert_bytes_per_token": (stats.h2d_bytes + stats.disk_bytes - stats0.h2d_bytes - stats0.disk_bytes) / generated,
         "expert_loads_per_token": (stats.misses - stats0.misses) / generated,
         "experts_computed_per_token": (stats.hits + stats.misses - stats0.hits - stats0.misses) / generated,
         "fallback_rate": (sum(r.result.stats.fallback_tokens for r in rows) - fallbacks0) / generated,
         "big_instead_rate": (sum(r.result.stats.big_instead_tokens for r in rows) - instead0) / generated,
-        "little_steps": governor.little_steps - before[0], "big_steps": governor.big_steps - before[1],
+        "little_steps": governor.little_steps - before[0],
+        "big_steps": governor.big_steps - before[1],
     }
     while batch.rows:  # the rest of the rows' tokens, outside the window
         batch.step()
     return window
 
 
-def run_batch_bench(llm: LLM, prompts: list[list[int]], sizes: list[int], new_tokens: int, mobile: PolicyConfig, slots: int,
-                    temperature: float, rounds: int, on_update: Callable[[dict], None] | None = None) -> dict:
+def run_batch_bench(
+    llm: LLM,
+    prompts: list[list[int]],
+    sizes: list[int],
+    new_tokens: int,
+    mobile: PolicyConfig,
+    slots: int,
+    temperature: float,
+    rounds: int,
+    on_update: Callable[[dict], None] | None = None,
+) -> dict:
     """Every (batch size, system) once per round, interleaved; speed is the median over rounds, counters the last round's.
     `on_update` gets the report so far (`complete` false) after each (size, system), and the whole one."""
     if max(sizes) > len(prompts) or max(sizes) > llm.config.max_batch:
@@ -56,8 +67,14 @@ def run_batch_bench(llm: LLM, prompts: list[list[int]], sizes: list[int], new_to
     sampling = SamplingParams(max_new_tokens=new_tokens, temperature=temperature, seed=0, stop_at_eos=False)
     systems = {"big": PolicyConfig("big"), "mobile": mobile}
     runs: dict[tuple[int, str], list[dict]] = {}
-    head = {"sizes": sizes, "new_tokens": new_tokens, "slots": slots, "total_experts": llm.cache.store.total_experts, "rounds": rounds,
-            "batch_little": llm.config.batch_little}
+    head = {
+        "sizes": sizes,
+        "new_tokens": new_tokens,
+        "slots": slots,
+        "total_experts": llm.cache.store.total_experts,
+        "rounds": rounds,
+        "batch_little": llm.config.batch_little,
+    }
     for _ in range(rounds):
         for size in sizes:
             for name, policy in systems.items():
@@ -73,8 +90,10 @@ def run_batch_bench(llm: LLM, prompts: list[list[int]], sizes: list[int], new_to
 def batch_rows(runs: dict[tuple[int, str], list[dict]]) -> list[dict]:
     """One row per (batch size, system) measured so far: median speed over its rounds, the last round's counters, and speed against
     the smallest batch and against big at the same size (None until that one is measured)."""
-    rows = [{"batch": size, "system": name, **measured[-1], "aggregate_tok_s": median(m["aggregate_tok_s"] for m in measured)}
-            for (size, name), measured in runs.items()]
+    rows = [
+        {"batch": size, "system": name, **measured[-1], "aggregate_tok_s": median(m["aggregate_tok_s"] for m in measured)}
+        for (size, name), measured in runs.items()
+    ]
     smallest = min(r["batch"] for r in rows)
     one = {r["system"]: r["aggregate_tok_s"] for r in rows if r["batch"] == smallest}
     big = {r["batch"]: r["aggregate_tok_s"] for r in rows if r["system"] == "big"}
@@ -86,14 +105,20 @@ def batch_rows(runs: dict[tuple[int, str], list[dict]]) -> list[dict]:
 
 def batch_table(report: dict) -> str:
     """The report as a text table."""
-    head = (f"{'batch':>5} {'system':<7} {'agg tok/s':>9} {'x batch 1':>9} {'vs big':>6} {'expert MB/tok':>13} {'loads/tok':>9} "
-            f"{'fallback':>8} {'big-instead':>11}")
-    lines = [f"{report['slots']} of {report['total_experts']} expert slots, {report['new_tokens']} tokens per row, decode steps with every "
-             f"row decoding, median of {report['rounds']} rounds, mobile at batch: {report['batch_little']}", head]
+    head = (
+        f"{'batch':>5} {'system':<7} {'agg tok/s':>9} {'x batch 1':>9} {'vs big':>6} {'expert MB/tok':>13} {'loads/tok':>9} {'fallback':>8} {'big-instead':>11}"
+    )
+    lines = [
+        f"{report['slots']} of {report['total_experts']} expert slots, {report['new_tokens']} tokens per row, decode steps with every "
+        f"row decoding, median of {report['rounds']} rounds, mobile at batch: {report['batch_little']}",
+        head,
+    ]
     for r in report["rows"]:
-        lines.append(f"{r['batch']:>5} {r['system']:<7} {r['aggregate_tok_s']:>9.2f} {r['speedup_over_smallest_batch']:>9.2f} "
-                     f"{r['ratio_to_big']:>6.2f} {r['expert_bytes_per_token'] / 2**20:>13.2f} {r['expert_loads_per_token']:>9.2f} "
-                     f"{r['fallback_rate']:>8.0%} {r['big_instead_rate']:>11.0%}")
+        lines.append(
+            f"{r['batch']:>5} {r['system']:<7} {r['aggregate_tok_s']:>9.2f} {r['speedup_over_smallest_batch']:>9.2f} "
+            f"{r['ratio_to_big']:>6.2f} {r['expert_bytes_per_token'] / 2**20:>13.2f} {r['expert_loads_per_token']:>9.2f} "
+            f"{r['fallback_rate']:>8.0%} {r['big_instead_rate']:>11.0%}"
+        )
     return "\n".join(lines)
 
 

@@ -94,8 +94,9 @@ class SystemResult:
     note: str = ""
 
 
-def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettings, slots: int, preload: bool = False,
-                graphs: bool = False, ops: OpCounts | None = None) -> tuple[SystemResult, list[Access], list[list[int]]]:
+def _run_system(
+    llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettings, slots: int, preload: bool = False, graphs: bool = False, ops: OpCounts | None = None
+) -> tuple[SystemResult, list[Access], list[list[int]]]:
     """Fresh cache of `slots`, then every prompt under `policy`; sums decode-phase counters; also returns the generated ids.
     The all-resident reference runs untraced: tracing reads each layer's choice on the host, which it otherwise never does.
     graphs: keep the CUDA graphs `--cuda-graphs` gave the runner (every other system runs eagerly, for the comparison).
@@ -138,23 +139,43 @@ def _run_system(llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettin
             reads = disk_all // llm.loaded.store.record_bytes
             extra_fields["host_tier_hit_rate"] = host_hits / max(host_hits + reads, 1)
     captured = llm.runner.graphs
-    note = "" if captured is None else f"{captured.replays} of {steps} decode passes replayed from CUDA graphs" + (
-        f" (capture failed: {captured.failed})" if captured.failed else "")
+    note = (
+        ""
+        if captured is None
+        else f"{captured.replays} of {steps} decode passes replayed from CUDA graphs" + (f" (capture failed: {captured.failed})" if captured.failed else "")
+    )
     if captured is not None:
         extra_fields.update(captures=captured.captures, replays=captured.replays, capture_s=captured.capture_s)
     if ops is not None:
         extra_fields["launches_per_token"] = launches_per_token(
-            ops, len(llm.loaded.model.model.layers), len(llm.info.moe_layers), (hits + misses) / max(steps, 1), 1 + fallbacks / max(steps, 1),
-            0.0 if captured is None else captured.replays / max(steps, 1))
-    return SystemResult(
-        **extra_fields, note=note, expert_path=expert_path(llm.runner.executor, preload), peak_gpu_mb=peak_mb(llm.device),
-        name=name, decode_tok_s=steps / decode_s if decode_s else 0.0, ttft_s=ttft / len(settings.prompts),
-        h2d_gb_per_token=moved / 1e9 / max(steps, 1), hit_rate=hits / max(hits + misses, 1),
-        fallback_rate=fallbacks / max(steps, 1), transfer_wait_share=wait / decode_s if decode_s else 0.0,
-        h2d_gbps=moved / 1e9 / decode_s if decode_s else 0.0, host_syncs_per_token=syncs / max(steps, 1),
-        experts_per_token=(hits + misses) / max(steps, 1),
-        bytes_per_token=bytes_per_token(llm.loaded.model, llm.loaded.store.expert_bytes, (hits + misses) / max(steps, 1), context / max(steps, 1)),
-    ), trace.accesses, outputs
+            ops,
+            len(llm.loaded.model.model.layers),
+            len(llm.info.moe_layers),
+            (hits + misses) / max(steps, 1),
+            1 + fallbacks / max(steps, 1),
+            0.0 if captured is None else captured.replays / max(steps, 1),
+        )
+    return (
+        SystemResult(
+            **extra_fields,
+            note=note,
+            expert_path=expert_path(llm.runner.executor, preload),
+            peak_gpu_mb=peak_mb(llm.device),
+            name=name,
+            decode_tok_s=steps / decode_s if decode_s else 0.0,
+            ttft_s=ttft / len(settings.prompts),
+            h2d_gb_per_token=moved / 1e9 / max(steps, 1),
+            hit_rate=hits / max(hits + misses, 1),
+            fallback_rate=fallbacks / max(steps, 1),
+            transfer_wait_share=wait / decode_s if decode_s else 0.0,
+            h2d_gbps=moved / 1e9 / decode_s if decode_s else 0.0,
+            host_syncs_per_token=syncs / max(steps, 1),
+            experts_per_token=(hits + misses) / max(steps, 1),
+            bytes_per_token=bytes_per_token(llm.loaded.model, llm.loaded.store.expert_bytes, (hits + misses) / max(steps, 1), context / max(steps, 1)),
+        ),
+        trace.accesses,
+        outputs,
+    )
 
 
 def default_prompts(llm: LLM, count: int, max_len: int = 128, random_len: int = 64) -> list[list[int]]:
@@ -185,9 +206,14 @@ def _same_tokens(a: list[list[int]], b: list[list[int]]) -> float:
 
 def _median_of_rounds(rounds: list[SystemResult]) -> SystemResult:
     """The last round's counters with the median speed and TTFT over rounds."""
-    return replace(rounds[-1], decode_tok_s=median(r.decode_tok_s for r in rounds), ttft_s=median(r.ttft_s for r in rounds),
-                   h2d_gbps=median(r.h2d_gbps for r in rounds), disk_read_gb_s=median(r.disk_read_gb_s for r in rounds),
-                   disk_probe_gb_s=median(r.disk_probe_gb_s for r in rounds))
+    return replace(
+        rounds[-1],
+        decode_tok_s=median(r.decode_tok_s for r in rounds),
+        ttft_s=median(r.ttft_s for r in rounds),
+        h2d_gbps=median(r.h2d_gbps for r in rounds),
+        disk_read_gb_s=median(r.disk_read_gb_s for r in rounds),
+        disk_probe_gb_s=median(r.disk_probe_gb_s for r in rounds),
+    )
 
 
 Engine = tuple[str, PolicyConfig, int, bool, bool]  # (system name, policy, cache slots, preload every expert, CUDA graphs)
@@ -205,7 +231,11 @@ def run_bench(llm: LLM, settings: BenchSettings, profiles: dict[str, HardwarePro
     syncs, error = guarded(lambda: decode_step_syncs(llm, settings.prompts[0]))  # one more warm decode step, its host syncs listed
     ops = count_decode_ops(llm)  # kernel launches of one decode step, for the cost model
     store = llm.loaded.store
-    cost = with_counts(settings.cost, ops) if settings.cost else model_cost(llm.loaded.model, store.expert_bytes, ops, dequant_bytes=dequant_traffic(store.layout, llm.loaded.dtype))
+    cost = (
+        with_counts(settings.cost, ops)
+        if settings.cost
+        else model_cost(llm.loaded.model, store.expert_bytes, ops, dequant_bytes=dequant_traffic(store.layout, llm.loaded.dtype))
+    )
     extra = {"host_syncs_in_decode_step": syncs if error is None else {"error": error}, "kernel_launches": asdict(ops), "complete": False}
 
     def update(systems: list[SystemResult]) -> None:
@@ -238,10 +268,7 @@ def run_bench(llm: LLM, settings: BenchSettings, profiles: dict[str, HardwarePro
     if disk is not None:  # the link that matters is the disk: predict for it, and for other SSDs on this CPU
         profiles = disk_profiles(disk["disk_probe_gb_s"], probe)
         here = profiles["this-disk"]
-    predicted = {
-        hw.name: {name: predict(traces[name], cost, hw, slots).tok_s for name in ("big", "mobile", "little")}
-        for hw in profiles.values()
-    }
+    predicted = {hw.name: {name: predict(traces[name], cost, hw, slots).tok_s for name in ("big", "mobile", "little")} for hw in profiles.values()}
     _predict_systems(systems, traces, cost, here, slots, llm)
     extra.update(complete=True, h2d_probe_gb_s=link, prediction_profile=asdict(here), peak_rss_mb=peak_rss_bytes() / 2**20)
     report = _report(llm, settings, systems, disk, probe, cost, predicted, slots, extra)
@@ -254,8 +281,9 @@ def accelerate_system(llm: LLM, settings: BenchSettings) -> SystemResult:
     """transformers + accelerate offloaded at the same budget: two short runs after a warm-up (it runs well under 1 tok/s at real size)."""
     reset_peak(llm.device)
     base = run_baseline(llm.loaded, llm.device, settings.gpu_memory_gb, settings.prompts[:2], min(settings.new_tokens, 8), settings.progress)
-    return SystemResult("accelerate", base.decode_tok_s, base.ttft_s, float("nan"), float("nan"), 0.0, float("nan"), note=base.placement,
-                        peak_gpu_mb=peak_mb(llm.device))
+    return SystemResult(
+        "accelerate", base.decode_tok_s, base.ttft_s, float("nan"), float("nan"), 0.0, float("nan"), note=base.placement, peak_gpu_mb=peak_mb(llm.device)
+    )
 
 
 def run_accelerate(llm: LLM, settings: BenchSettings) -> dict:
@@ -298,8 +326,7 @@ def _engines(llm: LLM, settings: BenchSettings, slots: int) -> list[Engine]:
     """big, mobile and little at the planned slots; resident (and resident+graphs) where every expert fits."""
     total = llm.loaded.store.total_experts
     little = PolicyConfig("little", little_weights=settings.mobile.little_weights, little_k=settings.mobile.little_k)
-    engines = [("big", PolicyConfig("big"), slots, False, False), ("mobile", settings.mobile, slots, False, False),
-               ("little", little, slots, False, False)]
+    engines = [("big", PolicyConfig("big"), slots, False, False), ("mobile", settings.mobile, slots, False, False), ("little", little, slots, False, False)]
     if _fits_on_device(llm) and (llm.reader is None or slots >= total):  # disk tier: only when the host budget holds every expert
         engines.append(("resident", PolicyConfig("big"), total, True, False))
         if llm.runner.graphs is not None:  # --cuda-graphs on CUDA: the same passes replayed from captures, interleaved
@@ -308,7 +335,11 @@ def _engines(llm: LLM, settings: BenchSettings, slots: int) -> list[Engine]:
 
 
 def _interleaved_rounds(
-    llm: LLM, engines: list[Engine], whole: HFBaseline | None, settings: BenchSettings, ops: OpCounts | None = None,
+    llm: LLM,
+    engines: list[Engine],
+    whole: HFBaseline | None,
+    settings: BenchSettings,
+    ops: OpCounts | None = None,
     update: Callable[[list[SystemResult]], None] | None = None,
 ) -> tuple[dict[str, list[SystemResult]], dict, dict]:
     """Every system once per round, round after round: (system -> its results per round, its last trace, its last tokens);
@@ -326,8 +357,9 @@ def _interleaved_rounds(
         if whole is not None:
             base = whole.run(settings.prompts, settings.new_tokens)
             outputs["transformers"] = base.token_ids
-            rounds.setdefault("transformers", []).append(SystemResult(
-                "transformers", base.decode_tok_s, base.ttft_s, float("nan"), float("nan"), 0.0, float("nan"), note=base.placement))
+            rounds.setdefault("transformers", []).append(
+                SystemResult("transformers", base.decode_tok_s, base.ttft_s, float("nan"), float("nan"), 0.0, float("nan"), note=base.placement)
+            )
     return rounds, traces, outputs
 
 
@@ -340,22 +372,46 @@ def _mark_systems(systems: list[SystemResult], outputs: dict, total: int, temper
             s.same_tokens_as_big = _same_tokens(outputs[s.name], outputs["big"]) if s.name.startswith("resident") or s.name == "transformers" else None
 
 
-def _report(llm: LLM, settings: BenchSettings, systems: list[SystemResult], disk: dict | None, probe: float | None, cost: ModelCost | None,
-            predicted: dict, slots: int, extra: dict) -> dict:
+def _report(
+    llm: LLM,
+    settings: BenchSettings,
+    systems: list[SystemResult],
+    disk: dict | None,
+    probe: float | None,
+    cost: ModelCost | None,
+    predicted: dict,
+    slots: int,
+    extra: dict,
+) -> dict:
     """The JSON-ready report (`extra`: the run's own figures, and whether the report is complete)."""
     store = llm.loaded.store
     return {
         "disk": disk,
         "device": torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(), "rounds": settings.rounds, "memory_probe_gb_s": probe, "dtype": str(llm.loaded.dtype).removeprefix("torch."), "dtype_reason": llm.loaded.dtype_reason,
-        "model": str(llm.path), "gpu_memory_gb": settings.gpu_memory_gb, "cache_slots": slots,
-        "expert_dtype": str(store.format), "expert_bytes": store.expert_bytes,
-        "total_experts": store.total_experts, "expert_mb": store.expert_bytes / 2**20,
-        "dense_gb": dense_bytes(llm.loaded.model) / 1e9, "cost_model_sizes": None if cost is None else asdict(cost), "prompts": len(settings.prompts),
-        "new_tokens": settings.new_tokens, "temperature": settings.temperature,
+        "threads": torch.get_num_threads(),
+        "rounds": settings.rounds,
+        "memory_probe_gb_s": probe,
+        "dtype": str(llm.loaded.dtype).removeprefix("torch."),
+        "dtype_reason": llm.loaded.dtype_reason,
+        "model": str(llm.path),
+        "gpu_memory_gb": settings.gpu_memory_gb,
+        "cache_slots": slots,
+        "expert_dtype": str(store.format),
+        "expert_bytes": store.expert_bytes,
+        "total_experts": store.total_experts,
+        "expert_mb": store.expert_bytes / 2**20,
+        "dense_gb": dense_bytes(llm.loaded.model) / 1e9,
+        "cost_model_sizes": None if cost is None else asdict(cost),
+        "prompts": len(settings.prompts),
+        "new_tokens": settings.new_tokens,
+        "temperature": settings.temperature,
         "cuda_graphs": {"requested": llm.config.cuda_graphs, "on": llm.graph_capture is not None},
-        "mobile": {"tau": settings.mobile.tau, "forced_fallback_rate": settings.mobile.forced_fallback_rate,
-                   "lookahead": settings.mobile.lookahead, "criterion": settings.mobile.criterion},
+        "mobile": {
+            "tau": settings.mobile.tau,
+            "forced_fallback_rate": settings.mobile.forced_fallback_rate,
+            "lookahead": settings.mobile.lookahead,
+            "criterion": settings.mobile.criterion,
+        },
         "systems": [_json_safe(asdict(s)) for s in systems],
         "predicted": predicted,
         **extra,
@@ -369,12 +425,20 @@ def disk_report(llm: LLM, systems: list[SystemResult]) -> dict:
     mobile = next(s for s in systems if s.name == "mobile")
     f = mobile.fallback_rate
     host = llm.planned_slots if llm.host_slots is None else llm.host_slots  # two tiers: the compute cache is the host cache
-    return {"offload_dir": str(store.directory), "filesystem": filesystem_type(store.directory), "direct_io": store.direct,
-            "record_bytes": store.record_bytes, "host_slots": host, "host_cache_gb": host * store.record_bytes / 1e9,
-            "tiers": 2 if llm.host_slots is None else 3,
-            "disk_probe_gb_s": disk_probe_gb_s(store), "peak_rss_bytes": peak_rss_bytes(),
-            "mobile_bytes_ceiling": 2 / (1 + f), "mobile_over_big": mobile.ratio_to_big,
-            "mobile_share_of_ceiling": mobile.ratio_to_big / (2 / (1 + f))}
+    return {
+        "offload_dir": str(store.directory),
+        "filesystem": filesystem_type(store.directory),
+        "direct_io": store.direct,
+        "record_bytes": store.record_bytes,
+        "host_slots": host,
+        "host_cache_gb": host * store.record_bytes / 1e9,
+        "tiers": 2 if llm.host_slots is None else 3,
+        "disk_probe_gb_s": disk_probe_gb_s(store),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "mobile_bytes_ceiling": 2 / (1 + f),
+        "mobile_over_big": mobile.ratio_to_big,
+        "mobile_share_of_ceiling": mobile.ratio_to_big / (2 / (1 + f)),
+    }
 
 
 def disk_probe_gb_s(store: DiskStore, readers: int = DEFAULT_READERS, records: int = 256) -> float:
@@ -416,46 +480,65 @@ def _mobile_line(mobile: dict, system: dict) -> str:
     else:
         how = f"where little's {mobile['criterion']} confidence < tau {mobile['tau']:g}"
     precision = system.get("lookahead_precision")
-    look = "; lookahead prefetch on" + ("" if precision is None else f" (precision {precision:.0%}: guessed loads the next layer used)") if mobile["lookahead"] else ""
+    look = (
+        "; lookahead prefetch on" + ("" if precision is None else f" (precision {precision:.0%}: guessed loads the next layer used)")
+        if mobile["lookahead"]
+        else ""
+    )
     return f"mobile fell back on {system['fallback_rate']:.1%} of decode steps: {how}{look}"
 
 
 def _disk_lines(report: dict) -> str:
     """The disk tier's per-system reads and the top-level figures."""
     d = report["disk"]
-    per = "; ".join(f"{s['name']} {s['disk_bytes_per_token'] / 1e6:.1f} MB/token at {s['disk_read_gb_s']:.2f} GB/s"
-                    + (f" ({s['disk_read_gb_s'] / s['disk_probe_gb_s']:.0%} of a probe beside it)" if s.get("disk_probe_gb_s") else "")
-                    + (f" (host tier served {s['host_tier_hit_rate']:.0%} of loads)" if s.get("host_tier_hit_rate") is not None else "")
-                    for s in report["systems"] if s.get("disk_bytes_per_token") is not None)
+    per = "; ".join(
+        f"{s['name']} {s['disk_bytes_per_token'] / 1e6:.1f} MB/token at {s['disk_read_gb_s']:.2f} GB/s"
+        + (f" ({s['disk_read_gb_s'] / s['disk_probe_gb_s']:.0%} of a probe beside it)" if s.get("disk_probe_gb_s") else "")
+        + (f" (host tier served {s['host_tier_hit_rate']:.0%} of loads)" if s.get("host_tier_hit_rate") is not None else "")
+        for s in report["systems"]
+        if s.get("disk_bytes_per_token") is not None
+    )
     host = "host cache" if d["tiers"] == 2 else "host tier"
-    return (f"disk tier ({d['filesystem']}, {'O_DIRECT' if d['direct_io'] else 'buffered + fadvise'}, {d['record_bytes'] / 2**20:.2f} MiB records, "
-            f"{host} {d['host_slots']} experts = {d['host_cache_gb']:.2f} GB): probe {d['disk_probe_gb_s']:.2f} GB/s; {per}\n"
-            f"mobile / big = {d['mobile_over_big']:.2f}x against its bytes ceiling 2 / (1 + f) = {d['mobile_bytes_ceiling']:.2f}x "
-            f"({d['mobile_share_of_ceiling']:.0%} of it); peak RSS {d['peak_rss_bytes'] / 2**30:.2f} GiB")
+    return (
+        f"disk tier ({d['filesystem']}, {'O_DIRECT' if d['direct_io'] else 'buffered + fadvise'}, {d['record_bytes'] / 2**20:.2f} MiB records, "
+        f"{host} {d['host_slots']} experts = {d['host_cache_gb']:.2f} GB): probe {d['disk_probe_gb_s']:.2f} GB/s; {per}\n"
+        f"mobile / big = {d['mobile_over_big']:.2f}x against its bytes ceiling 2 / (1 + f) = {d['mobile_bytes_ceiling']:.2f}x "
+        f"({d['mobile_share_of_ceiling']:.0%} of it); peak RSS {d['peak_rss_bytes'] / 2**30:.2f} GiB"
+    )
 
 
 def table(report: dict) -> str:
     """Terminal table of a bench report."""
-    head = (f"{'system':<12} {'tok/s':>8} {'x big':>6} {'TTFT s':>7} {'MB/tok':>7} {'GB/s':>6} {'hit':>6} {'fallbk':>7} {'wait':>6} {'sync/t':>6} "
-            f"{'read MB/t':>9} {'roof':>5}  note")
-    title = (f"{report['model']} on {report['device']}, {report['dtype']}, {report['threads']} threads, memory probe {report['memory_probe_gb_s']:.1f} GB/s, "
-             f"experts {report['expert_dtype']} "
-             f"({report['expert_bytes'] / 2**20:.3f} MiB each), {report['cache_slots']} of {report['total_experts']} slots; "
-             f"median of {report['rounds']} interleaved rounds")
+    head = (
+        f"{'system':<12} {'tok/s':>8} {'x big':>6} {'TTFT s':>7} {'MB/tok':>7} {'GB/s':>6} {'hit':>6} {'fallbk':>7} {'wait':>6} {'sync/t':>6} "
+        f"{'read MB/t':>9} {'roof':>5}  note"
+    )
+    title = (
+        f"{report['model']} on {report['device']}, {report['dtype']}, {report['threads']} threads, memory probe {report['memory_probe_gb_s']:.1f} GB/s, "
+        f"experts {report['expert_dtype']} "
+        f"({report['expert_bytes'] / 2**20:.3f} MiB each), {report['cache_slots']} of {report['total_experts']} slots; "
+        f"median of {report['rounds']} interleaved rounds"
+    )
     rows = [title, head, "-" * len(head)]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     for s in report["systems"]:
         same = s.get("same_tokens_as_big")
         note = s["note"] + ("" if same is None else f"{'; ' if s['note'] else ''}same greedy tokens as big on {same:.0%} of prompts")
         rows.append(
-            f"{s['name']:<12} {s['decode_tok_s']:>8.2f} {s['ratio_to_big']:>6.2f} {s['ttft_s']:>7.3f} {fmt(None if s['h2d_gb_per_token'] is None else 1e3 * s['h2d_gb_per_token'], '.3f'):>7} {fmt(s['h2d_gbps'], '.1f'):>6} "
+            f"{s['name']:<12} {s['decode_tok_s']:>8.2f} {s['ratio_to_big']:>6.2f} {s['ttft_s']:>7.3f} "
+            f"{fmt(None if s['h2d_gb_per_token'] is None else 1e3 * s['h2d_gb_per_token'], '.3f'):>7} {fmt(s['h2d_gbps'], '.1f'):>6} "
             f"{fmt(s['hit_rate'], '.0%'):>6} {s['fallback_rate']:>7.1%} {fmt(s['transfer_wait_share'], '.0%'):>6} {fmt(s['host_syncs_per_token'], '.1f'):>6} "
             f"{fmt(None if s['bytes_per_token'] is None else s['bytes_per_token'] / 1e6, '.0f'):>9} {fmt(s['roofline'], '.0%'):>5}  {note}"
         )
     rows.append(_mobile_line(report["mobile"], next(s for s in report["systems"] if s["name"] == "mobile")))
     if report.get("disk"):
         rows.append(_disk_lines(report))
-    rows.append("predicted tok/s (cost model on this run's traces): " + "; ".join(
-        f"{hw}: big {p['big']:.1f}, mobile {p['mobile']:.1f} ({p['mobile'] / p['big']:.2f}x), little {p['little']:.1f}"
-        for hw, p in report["predicted"].items() if p["big"]))
+    rows.append(
+        "predicted tok/s (cost model on this run's traces): "
+        + "; ".join(
+            f"{hw}: big {p['big']:.1f}, mobile {p['mobile']:.1f} ({p['mobile'] / p['big']:.2f}x), little {p['little']:.1f}"
+            for hw, p in report["predicted"].items()
+            if p["big"]
+        )
+    )
     return "\n".join(rows)

@@ -38,14 +38,25 @@ H2D_PROBE_BYTES = 256 << 20
 CHECK_STEPS = 8  # greedy decode steps compared eager against replayed
 TIMED_REPLAYS = 20
 CUDA_SYNC_WARNING = "synchronizing CUDA operation"  # what torch.cuda.set_sync_debug_mode("warn") says
-HOST_READS = frozenset({torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.__bool__,
-                        torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__})  # what waits for the device on CUDA
+HOST_READS = frozenset(
+    {
+        torch.Tensor.item,
+        torch.Tensor.tolist,
+        torch.Tensor.cpu,
+        torch.Tensor.numpy,
+        torch.Tensor.__bool__,
+        torch.Tensor.__int__,
+        torch.Tensor.__float__,
+        torch.Tensor.__index__,
+    }
+)  # what waits for the device on CUDA
 FOUND_BY = MappingProxyType({"cuda": "CUDA sync debug mode", "cpu": "host reads via a torch function mode"})
-SYNC_METHODS = MappingProxyType({
-    "cuda": "torch.cuda.set_sync_debug_mode('warn'): every synchronizing CUDA operation",
-    "cpu": "a torch function mode listing host reads of tensors (item, tolist, cpu, numpy, bool/int/float/index): each would "
-           "wait for the device on CUDA",
-})
+SYNC_METHODS = MappingProxyType(
+    {
+        "cuda": "torch.cuda.set_sync_debug_mode('warn'): every synchronizing CUDA operation",
+        "cpu": "a torch function mode listing host reads of tensors (item, tolist, cpu, numpy, bool/int/float/index): each would wait for the device on CUDA",
+    }
+)
 
 
 def guarded(fn: Callable[[], T]) -> tuple[T | None, str | None]:
@@ -80,8 +91,9 @@ def matmul_path(fmt: ExpertFormat, dtype: torch.dtype) -> str:
     return "in-place" if fmt.reads_in_place(dtype) else "reference"
 
 
-def launches_per_token(ops: OpCounts, layers: int, moe_layers: int, experts_per_token: float, passes_per_token: float = 1.0,
-                       replayed_share: float = 0.0) -> float:
+def launches_per_token(
+    ops: OpCounts, layers: int, moe_layers: int, experts_per_token: float, passes_per_token: float = 1.0, replayed_share: float = 0.0
+) -> float:
     """Kernel launches per decode token from one eager pass's counts: the fixed part per pass (a fallback runs a second pass), a
     part per expert computed; a pass replayed from a graph is one launch."""
     fixed = ops.per_pass + layers * ops.per_layer + moe_layers * ops.per_moe_layer
@@ -178,12 +190,18 @@ def decode_step_syncs(llm: LLM, prompt: list[int]) -> dict:
     token = transfer.to_host(runner.forward(runner.ids(prompt), kv, BIG).argmax().view(1))
     counted = transfer.host_syncs
     kind = "cuda" if llm.device.type == "cuda" else "cpu"
-    with (cuda_syncs() if kind == "cuda" else host_reads()) as sites:
+    with cuda_syncs() if kind == "cuda" else host_reads() as sites:
         transfer.to_host(runner.forward(runner.ids(token), kv, BIG).argmax().view(1))
     counted = transfer.host_syncs - counted
     seen = sum(sites.values())
-    return {"method": SYNC_METHODS[kind], "found_by": FOUND_BY[kind], "syncs": seen, "counted_by_engine": counted, "hidden": max(seen - counted, 0),
-            "sites": dict(sites.most_common())}
+    return {
+        "method": SYNC_METHODS[kind],
+        "found_by": FOUND_BY[kind],
+        "syncs": seen,
+        "counted_by_engine": counted,
+        "hidden": max(seen - counted, 0),
+        "sites": dict(sites.most_common()),
+    }
 
 
 @dataclass(frozen=True)
@@ -252,8 +270,7 @@ def serving_pass(graphs: DecodeGraphs, kv: KVCache) -> tuple[CapturedPass, int] 
     """The captured big, unrecorded pass whose key span holds kv's next position (the narrowest), and how many positions it has left."""
     if graphs.kv is None or graphs.kv() is not kv:
         return None
-    spans = [(key[-1], captured) for key, captured in graphs.passes.items() if key[0].mode is ExpertMode.BIG and not key[0].record
-             and key[-1] > kv.length]
+    spans = [(key[-1], captured) for key, captured in graphs.passes.items() if key[0].mode is ExpertMode.BIG and not key[0].record and key[-1] > kv.length]
     if not spans:
         return None
     span, captured = min(spans, key=lambda s: s[0])

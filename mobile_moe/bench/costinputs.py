@@ -21,8 +21,8 @@ from torch.utils.hooks import RemovableHandle
 
 from mobile_moe.bench.costmodel import ModelCost
 from mobile_moe.engine.llm import LLM
-from mobile_moe.experts.store import ExpertLayout
 from mobile_moe.engine.passes import BIG
+from mobile_moe.experts.store import ExpertLayout
 from mobile_moe.layers.moe import MoEBlock
 from mobile_moe.layers.sampler import sample
 from mobile_moe.models.transformer import CausalLM
@@ -36,8 +36,7 @@ def launches_kernel(func: torch._ops.OpOverload, args: tuple, out: object) -> bo
     if func.overloadpacket.__name__ == "to":
         return out is not args[0]
     tags = func.tags
-    return not (func.is_view or torch.Tag.inplace_view in tags or torch.Tag.data_dependent_output in tags
-                or func.overloadpacket.__name__ in NO_KERNEL)
+    return not (func.is_view or torch.Tag.inplace_view in tags or torch.Tag.data_dependent_output in tags or func.overloadpacket.__name__ in NO_KERNEL)
 
 
 @dataclass(frozen=True)
@@ -164,6 +163,7 @@ def dequant_traffic(layout: ExpertLayout, dtype: torch.dtype) -> int:
 
 def model_cost(model: CausalLM, expert_bytes: int, ops: OpCounts | None = None, bytes_per_param: int | None = None, dequant_bytes: int = 0) -> ModelCost:
     """ModelCost of a built model (a meta model too, given bytes_per_param); launch counts from `ops` when given."""
+
     def size(tensors: list[torch.Tensor]) -> int:
         return sum(t.numel() * (bytes_per_param or t.element_size()) for t in tensors)
 
@@ -172,13 +172,18 @@ def model_cost(model: CausalLM, expert_bytes: int, ops: OpCounts | None = None, 
 
     embed = model.model.embed_tokens.weight
     cost = ModelCost(
-        num_layers=len(model.model.layers), dense_bytes=size(weights(model)), expert_bytes=expert_bytes, dequant_bytes=dequant_bytes,
+        num_layers=len(model.model.layers),
+        dense_bytes=size(weights(model)),
+        expert_bytes=expert_bytes,
+        dequant_bytes=dequant_bytes,
         embedding_bytes=0 if embed is model.lm_head.weight else size([embed]),
-        layer_bytes=tuple(size(weights(layer)) for layer in model.model.layers))
+        layer_bytes=tuple(size(weights(layer)) for layer in model.model.layers),
+    )
     return cost if ops is None else with_counts(cost, ops)
 
 
 def with_counts(cost: ModelCost, ops: OpCounts) -> ModelCost:
     """`cost` with launch counts from `ops` (counts do not depend on widths: a shrunk model's apply at full size)."""
-    return replace(cost, launches_per_layer=ops.per_layer, launches_per_moe_layer=ops.per_moe_layer,
-                   launches_per_expert=ops.per_expert, launches_per_pass=ops.per_pass)
+    return replace(
+        cost, launches_per_layer=ops.per_layer, launches_per_moe_layer=ops.per_moe_layer, launches_per_expert=ops.per_expert, launches_per_pass=ops.per_pass
+    )

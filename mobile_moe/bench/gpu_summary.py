@@ -21,20 +21,57 @@ import tempfile
 from pathlib import Path
 
 REQUIRED_MODULES = (
-    "torch", "transformers", "safetensors", "tokenizers", "numpy", "xxhash", "mobile_moe.cli", "mobile_moe.bench.bench",
-    "mobile_moe.bench.batching", "mobile_moe.bench.checks", "mobile_moe.bench.hf_baseline", "mobile_moe.bench.synthetic",
-    "mobile_moe.engine.graphs", "mobile_moe.experts.kernels",
+    "torch",
+    "transformers",
+    "safetensors",
+    "tokenizers",
+    "numpy",
+    "xxhash",
+    "mobile_moe.cli",
+    "mobile_moe.bench.bench",
+    "mobile_moe.bench.batching",
+    "mobile_moe.bench.checks",
+    "mobile_moe.bench.hf_baseline",
+    "mobile_moe.bench.synthetic",
+    "mobile_moe.engine.graphs",
+    "mobile_moe.experts.kernels",
 )
 OPTIONAL_MODULES = ("accelerate",)  # the transformers + accelerate baseline runs only where it imports
 STANDARD_SYSTEMS = ("big", "mobile", "little", "resident", "resident+graphs")  # every engine run's rows, measured or not
 ROW_FIELDS = (
-    "system", "tok_s", "predicted_tok_s", "hit_rate", "h2d_mb_per_token", "predicted_h2d_mb_per_token", "host_syncs_per_token",
-    "predicted_host_syncs_per_token", "launches_per_token", "read_mb_per_token", "expert_path", "peak_gpu_mb", "graph_equals_eager",
-    "captures", "replays", "replay_ms_per_token", "capture_s", "captures_per_request", "note",
+    "system",
+    "tok_s",
+    "predicted_tok_s",
+    "hit_rate",
+    "h2d_mb_per_token",
+    "predicted_h2d_mb_per_token",
+    "host_syncs_per_token",
+    "predicted_host_syncs_per_token",
+    "launches_per_token",
+    "read_mb_per_token",
+    "expert_path",
+    "peak_gpu_mb",
+    "graph_equals_eager",
+    "captures",
+    "replays",
+    "replay_ms_per_token",
+    "capture_s",
+    "captures_per_request",
+    "note",
 )
 RUN_FIELDS = (
-    "device", "model", "expert_dtype", "cache_slots", "total_experts", "memory_probe_gb_s", "h2d_probe_gb_s", "host_syncs_in_decode_step",
-    "kernel_launches", "peak_rss_mb", "cuda_graphs", "prediction_profile",
+    "device",
+    "model",
+    "expert_dtype",
+    "cache_slots",
+    "total_experts",
+    "memory_probe_gb_s",
+    "h2d_probe_gb_s",
+    "host_syncs_in_decode_step",
+    "kernel_launches",
+    "peak_rss_mb",
+    "cuda_graphs",
+    "prediction_profile",
 )
 TIMEOUT_EXITS = (124, 137)  # timeout(1): over the run's budget (137: killed after the grace period)
 LOG_TAIL_LINES = 15
@@ -51,8 +88,12 @@ def environment(device: str) -> dict:
         if torch.cuda.is_available():
             index = torch.device(device).index if device.startswith("cuda") else None
             index = torch.cuda.current_device() if index is None else index
-            env.update(gpu=torch.cuda.get_device_name(index), capability=".".join(map(str, torch.cuda.get_device_capability(index))),
-                       gpu_memory_gb=torch.cuda.get_device_properties(index).total_memory / 2**30, gpus=torch.cuda.device_count())
+            env.update(
+                gpu=torch.cuda.get_device_name(index),
+                capability=".".join(map(str, torch.cuda.get_device_capability(index))),
+                gpu_memory_gb=torch.cuda.get_device_properties(index).total_memory / 2**30,
+                gpus=torch.cuda.device_count(),
+            )
     for name in ("transformers", "accelerate"):
         if imports[name] is None:
             env[name] = getattr(sys.modules[name], "__version__", "?")
@@ -81,8 +122,10 @@ def environment_lines(env: dict) -> list[str]:
     gpu = f"{env['gpu']} (sm {env['capability']}, {env['gpu_memory_gb']:.0f} GiB, {env['gpus']} visible)" if "gpu" in env else "no GPU"
     optional = ", ".join(f"{name} {'ok' if env['imports'][name] is None else 'missing'}" for name in OPTIONAL_MODULES)
     ok = sum(error is None for name, error in env["imports"].items() if name not in OPTIONAL_MODULES)
-    return [f"python {env['python']}, torch {env.get('torch', '-')}, CUDA {env.get('cuda') or '-'}, transformers {env.get('transformers', '-')}; {gpu}",
-            f"imports: {ok} of {len(env['imports']) - len(OPTIONAL_MODULES)} required ok; {optional}"]
+    return [
+        f"python {env['python']}, torch {env.get('torch', '-')}, CUDA {env.get('cuda') or '-'}, transformers {env.get('transformers', '-')}; {gpu}",
+        f"imports: {ok} of {len(env['imports']) - len(OPTIONAL_MODULES)} required ok; {optional}",
+    ]
 
 
 def read_runs(work: Path) -> list[dict]:
@@ -90,8 +133,15 @@ def read_runs(work: Path) -> list[dict]:
     runs = []
     for line in (work / "runs.tsv").read_text().splitlines():
         name, budget, flags = line.split("\t")
-        runs.append({"name": name, "budget_s": int(budget), "flags": flags,
-                     "status_file": _read_json(work / f"{name}.status"), "report": _read_json(work / f"{name}.json")})
+        runs.append(
+            {
+                "name": name,
+                "budget_s": int(budget),
+                "flags": flags,
+                "status_file": _read_json(work / f"{name}.status"),
+                "report": _read_json(work / f"{name}.json"),
+            }
+        )
     return runs
 
 
@@ -132,10 +182,29 @@ def system_row(s: dict | None, name: str) -> dict:
         return None if s.get(key) is None else s[key] * factor
 
     row = {field: None for field in ROW_FIELDS}
-    row.update(system=name, tok_s=s.get("decode_tok_s"), hit_rate=s.get("hit_rate"), h2d_mb_per_token=scaled("h2d_gb_per_token", 1e3),
-               read_mb_per_token=scaled("bytes_per_token", 1e-6), note=s.get("note"))
-    for key in ("predicted_tok_s", "predicted_h2d_mb_per_token", "host_syncs_per_token", "predicted_host_syncs_per_token", "launches_per_token",
-                "expert_path", "peak_gpu_mb", "graph_equals_eager", "captures", "replays", "replay_ms_per_token", "capture_s", "captures_per_request"):
+    row.update(
+        system=name,
+        tok_s=s.get("decode_tok_s"),
+        hit_rate=s.get("hit_rate"),
+        h2d_mb_per_token=scaled("h2d_gb_per_token", 1e3),
+        read_mb_per_token=scaled("bytes_per_token", 1e-6),
+        note=s.get("note"),
+    )
+    for key in (
+        "predicted_tok_s",
+        "predicted_h2d_mb_per_token",
+        "host_syncs_per_token",
+        "predicted_host_syncs_per_token",
+        "launches_per_token",
+        "expert_path",
+        "peak_gpu_mb",
+        "graph_equals_eager",
+        "captures",
+        "replays",
+        "replay_ms_per_token",
+        "capture_s",
+        "captures_per_request",
+    ):
         row[key] = s.get(key)
     if row["expert_path"] == "":
         row["expert_path"] = None
@@ -145,8 +214,12 @@ def system_row(s: dict | None, name: str) -> dict:
 def batch_row(r: dict) -> dict:
     """One row of the summary from a batch sweep's (size, system) row: aggregate tok/s and expert MB per generated token."""
     row = {field: None for field in ROW_FIELDS}
-    row.update(system=f"{r['system']} x{r['batch']}", tok_s=r.get("aggregate_tok_s"), h2d_mb_per_token=r["expert_bytes_per_token"] / 1e6,
-               note=f"{r['steps']} steps with every row decoding; fallback {r['fallback_rate']:.0%}")
+    row.update(
+        system=f"{r['system']} x{r['batch']}",
+        tok_s=r.get("aggregate_tok_s"),
+        h2d_mb_per_token=r["expert_bytes_per_token"] / 1e6,
+        note=f"{r['steps']} steps with every row decoding; fallback {r['fallback_rate']:.0%}",
+    )
     return row
 
 
@@ -164,9 +237,15 @@ def summarize(runs: list[dict], env: dict | None, work: Path) -> dict:
     out = []
     for run in runs:
         status, report = run["status_file"], run["report"]
-        entry = {"name": run["name"], "budget_s": run["budget_s"], "flags": run["flags"], "status": run_status(status, report),
-                 "exit": None if status is None else status.get("rc"), "seconds": None if status is None else status.get("seconds"),
-                 "complete": None if report is None else report.get("complete", False)}
+        entry = {
+            "name": run["name"],
+            "budget_s": run["budget_s"],
+            "flags": run["flags"],
+            "status": run_status(status, report),
+            "exit": None if status is None else status.get("rc"),
+            "seconds": None if status is None else status.get("seconds"),
+            "complete": None if report is None else report.get("complete", False),
+        }
         entry.update({field: (report or {}).get(field) for field in RUN_FIELDS})
         entry["rows"] = run_rows(run["flags"], report)
         if entry["status"] != "ok" and status is not None and "rc" in status:
@@ -200,7 +279,8 @@ def _with_prediction(measured: object, predicted: object, spec: str) -> str:
 
 
 TABLE_COLUMNS = (  # header, width, the cell of a row
-    ("run", 20, None), ("system", 15, lambda r: r["system"]),
+    ("run", 20, None),
+    ("system", 15, lambda r: r["system"]),
     ("tok/s (pred)", 17, lambda r: _with_prediction(r["tok_s"], r["predicted_tok_s"], ".1f")),
     ("hit", 5, lambda r: _fmt(r["hit_rate"], ".0%")),
     ("H2D MB/t (pred)", 17, lambda r: _with_prediction(r["h2d_mb_per_token"], r["predicted_h2d_mb_per_token"], ".2f")),
@@ -243,8 +323,9 @@ def run_line(run: dict) -> str:
         parts.append(f"listing one decode step's host syncs failed: {syncs['error']}")
     elif syncs:
         sites = ", ".join(f"{site} x{n}" for site, n in syncs["sites"].items()) or "none"
-        parts.append(f"one decode step: {syncs['syncs']} host syncs ({syncs.get('found_by', syncs['method'])}), {syncs['hidden']} not "
-                     f"counted by the engine: {sites}")
+        parts.append(
+            f"one decode step: {syncs['syncs']} host syncs ({syncs.get('found_by', syncs['method'])}), {syncs['hidden']} not counted by the engine: {sites}"
+        )
     return "; ".join(parts)
 
 

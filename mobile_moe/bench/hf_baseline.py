@@ -62,7 +62,9 @@ def _hf_model(loaded: LoadedModel, device: torch.device, gpu_memory_gb: float | 
     dtype = loaded.dtype
     synthetic = str(loaded.path).startswith("synthetic:")
     if not offload or device.type != "cuda":
-        model = T.AutoModelForCausalLM.from_config(loaded.config, dtype=dtype) if synthetic else T.AutoModelForCausalLM.from_pretrained(loaded.path, dtype=dtype)
+        model = (
+            T.AutoModelForCausalLM.from_config(loaded.config, dtype=dtype) if synthetic else T.AutoModelForCausalLM.from_pretrained(loaded.path, dtype=dtype)
+        )
         return model.to(device).eval(), f"whole model on {device.type} (no offload)"
     from accelerate import dispatch_model, infer_auto_device_map
 
@@ -82,7 +84,9 @@ def _hf_model(loaded: LoadedModel, device: torch.device, gpu_memory_gb: float | 
 class HFBaseline:
     """transformers' own generate on the same checkpoint, built once and warmed up, timed per token by a clock."""
 
-    def __init__(self, loaded: LoadedModel, device: torch.device, gpu_memory_gb: float | None, offload: bool, warmup_ids: list[int], progress: bool = True) -> None:
+    def __init__(
+        self, loaded: LoadedModel, device: torch.device, gpu_memory_gb: float | None, offload: bool, warmup_ids: list[int], progress: bool = True
+    ) -> None:
         if not progress:
             T.utils.logging.disable_progress_bar()
         try:
@@ -105,13 +109,18 @@ class HFBaseline:
                 start, out = _generate(self.model, torch.tensor([ids], device=self.first), new_tokens, clock)
                 ttft, decode, intervals = clock_timings(start, clock.stamps)
                 ttft_s, decode_s, steps = ttft_s + ttft, decode_s + decode, steps + intervals
-                token_ids.append(out[0, len(ids):].tolist())
+                token_ids.append(out[0, len(ids) :].tolist())
         return BaselineResult(steps / decode_s if steps else 0.0, ttft_s / len(prompts), self.placement, decode_s, steps, token_ids)
 
 
 def run_baseline(
-    loaded: LoadedModel, device: torch.device, gpu_memory_gb: float | None, prompts: list[list[int]], new_tokens: int,
-    progress: bool = True, offload: bool = True,
+    loaded: LoadedModel,
+    device: torch.device,
+    gpu_memory_gb: float | None,
+    prompts: list[list[int]],
+    new_tokens: int,
+    progress: bool = True,
+    offload: bool = True,
 ) -> BaselineResult:
     """Build, warm up and time transformers' generate once over the prompts."""
     baseline = HFBaseline(loaded, device, gpu_memory_gb, offload, prompts[0], progress)
@@ -126,6 +135,7 @@ def _generate(model: T.PreTrainedModel, x: torch.Tensor, new_tokens: int, clock:
     if clock.device.type == "cuda":
         torch.cuda.synchronize(clock.device)
     start = time.perf_counter()
-    out = model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                         logits_processor=T.LogitsProcessorList([clock]))
+    out = model.generate(
+        x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, logits_processor=T.LogitsProcessorList([clock])
+    )
     return start, out

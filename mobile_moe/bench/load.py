@@ -60,8 +60,22 @@ def start_server(max_batch: int, dtype: str, threads: int, extra: list[str]) -> 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "mobile_moe", "serve", "--port", str(port), "--max-batch", str(max_batch), "--dtype", dtype, "--quiet",
-           "--threads", str(threads), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mobile_moe",
+        "serve",
+        "--port",
+        str(port),
+        "--max-batch",
+        str(max_batch),
+        "--dtype",
+        dtype,
+        "--quiet",
+        "--threads",
+        str(threads),
+        *extra,
+    ]
     proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -91,12 +105,18 @@ def run(streams: int, tokens: int, max_batch: int, policy: str, dtype: str, thre
     for solo, (results, wall) in zip(alone, together):
         firsts = sorted(r[1] for r in results)
         one = statistics.median(tokens / r[2] for r in solo)
-        per_round.append({
-            "one_stream_tok_s": one, "aggregate_tok_s": count / wall, "aggregate_over_one": count / wall / one,
-            "one_stream_ttft_s": statistics.median(r[1] for r in solo), "ttft_p50_s": statistics.median(firsts),
-            "ttft_p95_s": firsts[min(len(firsts) - 1, round(0.95 * (len(firsts) - 1)))], "wall_s": wall,
-            "streams_equal_solo": sum(r[0] == a[0] for r, a in zip(results, solo)),
-        })
+        per_round.append(
+            {
+                "one_stream_tok_s": one,
+                "aggregate_tok_s": count / wall,
+                "aggregate_over_one": count / wall / one,
+                "one_stream_ttft_s": statistics.median(r[1] for r in solo),
+                "ttft_p50_s": statistics.median(firsts),
+                "ttft_p95_s": firsts[min(len(firsts) - 1, round(0.95 * (len(firsts) - 1)))],
+                "wall_s": wall,
+                "streams_equal_solo": sum(r[0] == a[0] for r, a in zip(results, solo)),
+            }
+        )
     out = {"streams": streams, "tokens": tokens, "max_batch": max_batch, "policy": policy, "dtype": dtype, "threads": threads, "rounds": rounds}
     out |= {key: statistics.median(r[key] for r in per_round) for key in per_round[0]}
     out["streams_equal_solo"] = min(r["streams_equal_solo"] for r in per_round)  # the worst round

@@ -36,17 +36,37 @@ class HardwareProfile:
 
 
 _CONSUMER = "launch, sync and per-copy costs: see profiles.py (H200-derived or assumed)"
-PROFILES: Mapping[str, HardwareProfile] = MappingProxyType({
-    "rtx4090": HardwareProfile("rtx4090", link_gbps=25.0, mem_gbps=1008.0, source=(
-        "public specs: PCIe 4.0 x16 (31.5 GB/s raw, ~25 GB/s pinned in practice), GDDR6X 1008 GB/s; " + _CONSUMER)),
-    "rtx3090": HardwareProfile("rtx3090", link_gbps=25.0, mem_gbps=936.0, source=(
-        "public specs: PCIe 4.0 x16 (31.5 GB/s raw, ~25 GB/s pinned in practice), GDDR6X 936 GB/s; " + _CONSUMER)),
-    "rtx4060ti-16gb": HardwareProfile("rtx4060ti-16gb", link_gbps=12.5, mem_gbps=288.0, source=(
-        "public specs: PCIe 4.0 x8 (15.8 GB/s raw, ~12.5 GB/s pinned in practice), GDDR6 288 GB/s; " + _CONSUMER)),
-    "h200": HardwareProfile("h200", link_gbps=55.4, mem_gbps=4800.0, source=(
-        "link and per-copy latency: fit to measured pinned copies on an H200 (docs/design.md §8; PCIe Gen5 x16, "
-        "54.3-55.4 GB/s measured for 9-336 MiB); launch cost from its expert_ffn_us; HBM3e 4.8 TB/s public spec")),
-})
+PROFILES: Mapping[str, HardwareProfile] = MappingProxyType(
+    {
+        "rtx4090": HardwareProfile(
+            "rtx4090",
+            link_gbps=25.0,
+            mem_gbps=1008.0,
+            source=("public specs: PCIe 4.0 x16 (31.5 GB/s raw, ~25 GB/s pinned in practice), GDDR6X 1008 GB/s; " + _CONSUMER),
+        ),
+        "rtx3090": HardwareProfile(
+            "rtx3090",
+            link_gbps=25.0,
+            mem_gbps=936.0,
+            source=("public specs: PCIe 4.0 x16 (31.5 GB/s raw, ~25 GB/s pinned in practice), GDDR6X 936 GB/s; " + _CONSUMER),
+        ),
+        "rtx4060ti-16gb": HardwareProfile(
+            "rtx4060ti-16gb",
+            link_gbps=12.5,
+            mem_gbps=288.0,
+            source=("public specs: PCIe 4.0 x8 (15.8 GB/s raw, ~12.5 GB/s pinned in practice), GDDR6 288 GB/s; " + _CONSUMER),
+        ),
+        "h200": HardwareProfile(
+            "h200",
+            link_gbps=55.4,
+            mem_gbps=4800.0,
+            source=(
+                "link and per-copy latency: fit to measured pinned copies on an H200 (docs/design.md §8; PCIe Gen5 x16, "
+                "54.3-55.4 GB/s measured for 9-336 MiB); launch cost from its expert_ffn_us; HBM3e 4.8 TB/s public spec"
+            ),
+        ),
+    }
+)
 
 
 # The disk tier on a CPU: the "link" is the SSD (experts read into the host cache, which compute reads in place).
@@ -58,6 +78,7 @@ DISK_LINKS_GBPS: Mapping[str, float] = MappingProxyType({"nvme-pcie4": 7.0, "sat
 
 def disk_profiles(disk_probe_gbps: float, memory_probe_gbps: float) -> dict[str, HardwareProfile]:
     """Cost-model profiles of the CPU disk tier: this machine as measured, and the same CPU with other SSDs."""
+
     def cpu(name: str, link: float, source: str) -> HardwareProfile:
         return HardwareProfile(name, link_gbps=link, mem_gbps=memory_probe_gbps, launch_us=CPU_OP_US, sync_us=0.0, copy_latency_us=0.0, source=source)
 
@@ -71,7 +92,18 @@ def device_profile(device: torch.device, memory_gbps: float, link_gbps: float | 
     """This machine as a bench run measured it: on CUDA its pinned-copy and memory probes (launch, sync and copy costs as above);
     on a CPU the memory probe for both (a cache fill is a host copy) and its per-op cost."""
     if device.type == "cuda" and link_gbps is not None:
-        return HardwareProfile("this-device", link_gbps=link_gbps, mem_gbps=memory_gbps,
-                               source="this run: pinned host->device copy probe and device memory probe; launch, sync and copy costs: profiles.py")
-    return HardwareProfile("this-device", link_gbps=memory_gbps, mem_gbps=memory_gbps, launch_us=CPU_OP_US, sync_us=0.0, copy_latency_us=0.0,
-                           source="this cpu: its memory probe for memory and cache fills; per-op cost: profiles.py")
+        return HardwareProfile(
+            "this-device",
+            link_gbps=link_gbps,
+            mem_gbps=memory_gbps,
+            source="this run: pinned host->device copy probe and device memory probe; launch, sync and copy costs: profiles.py",
+        )
+    return HardwareProfile(
+        "this-device",
+        link_gbps=memory_gbps,
+        mem_gbps=memory_gbps,
+        launch_us=CPU_OP_US,
+        sync_us=0.0,
+        copy_latency_us=0.0,
+        source="this cpu: its memory probe for memory and cache fills; per-op cost: profiles.py",
+    )

@@ -18,8 +18,9 @@ PROBE_BYTES = 1 << 30
 PROBE_ROUNDS = 3
 
 
-def memory_probe_gb_s(nbytes: int = PROBE_BYTES, device: torch.device = torch.device("cpu")) -> float:
-    """Best read bandwidth (GB/s) of `PROBE_ROUNDS` sums over `nbytes` of float32 on `device`."""
+def memory_probe_gb_s(nbytes: int = PROBE_BYTES, device: torch.device | None = None) -> float:
+    """Best read bandwidth (GB/s) of `PROBE_ROUNDS` sums over `nbytes` of float32 on `device` (default: the CPU)."""
+    device = torch.device("cpu") if device is None else device
     data = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     data.sum()  # first touch
     best = float("inf")

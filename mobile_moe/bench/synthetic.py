@@ -14,8 +14,8 @@ from mobile_moe.bench.costinputs import dequant_traffic, model_cost
 from mobile_moe.bench.costmodel import ModelCost
 from mobile_moe.engine.loader import LayerFlusher, LoadedModel, matching_manifest, open_store, resolve_dtype, store_manifest
 from mobile_moe.errors import InvalidParameter
-from mobile_moe.experts.formats import ExpertFormat, FloatFormat, make_format
 from mobile_moe.experts.disk import DiskStore, StoreWriter
+from mobile_moe.experts.formats import ExpertFormat, FloatFormat, make_format
 from mobile_moe.experts.kernels import use_fused_kernels
 from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertShape, ExpertStore, pins_host_store
 from mobile_moe.models.registry import build_model
@@ -23,32 +23,102 @@ from mobile_moe.models.transformer import ModelInfo
 
 INIT_STD = 0.02
 
-SHAPES: Mapping[str, tuple[type, dict]] = MappingProxyType({
-    "olmoe-1b-7b": (T.OlmoeConfig, dict(
-        vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
-        num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096, norm_topk_prob=False)),
-    "qwen1.5-moe-a2.7b": (T.Qwen2MoeConfig, dict(
-        vocab_size=151936, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
-        num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16, num_experts=60, num_experts_per_tok=4,
-        max_position_embeddings=8192, norm_topk_prob=False)),
-    "deepseek-v2-lite": (T.DeepseekV2Config, dict(
-        vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=27,
-        num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64, num_experts_per_tok=6, n_shared_experts=2,
-        first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
-        topk_method="greedy", routed_scaling_factor=1.0, max_position_embeddings=4096)),
-    "qwen3-30b-a3b": (T.Qwen3MoeConfig, dict(
-        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
-        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
-        max_position_embeddings=40960, norm_topk_prob=True)),
-    "mixtral-8x7b": (T.MixtralConfig, dict(
-        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768)),
-    # transformers' config defaults are these models' published shapes, except where a field is given
-    "gpt-oss-20b": (T.GptOssConfig, dict(num_hidden_layers=24, num_local_experts=32, num_key_value_heads=8)),  # experts ship as MXFP4
-    "qwen3.5-35b-a3b": (T.Qwen3_5MoeTextConfig, dict(num_key_value_heads=2)),
-    "glm-4.5-air": (T.Glm4MoeConfig, dict(attention_bias=True, num_key_value_heads=8)),
-    "ernie-4.5-21b-a3b": (T.Ernie4_5_MoeConfig, dict(num_key_value_heads=4)),
-})
+SHAPES: Mapping[str, tuple[type, dict]] = MappingProxyType(
+    {
+        "olmoe-1b-7b": (
+            T.OlmoeConfig,
+            dict(
+                vocab_size=50304,
+                hidden_size=2048,
+                intermediate_size=1024,
+                num_hidden_layers=16,
+                num_attention_heads=16,
+                num_key_value_heads=16,
+                num_experts=64,
+                num_experts_per_tok=8,
+                max_position_embeddings=4096,
+                norm_topk_prob=False,
+            ),
+        ),
+        "qwen1.5-moe-a2.7b": (
+            T.Qwen2MoeConfig,
+            dict(
+                vocab_size=151936,
+                hidden_size=2048,
+                intermediate_size=5632,
+                moe_intermediate_size=1408,
+                shared_expert_intermediate_size=5632,
+                num_hidden_layers=24,
+                num_attention_heads=16,
+                num_key_value_heads=16,
+                num_experts=60,
+                num_experts_per_tok=4,
+                max_position_embeddings=8192,
+                norm_topk_prob=False,
+            ),
+        ),
+        "deepseek-v2-lite": (
+            T.DeepseekV2Config,
+            dict(
+                vocab_size=102400,
+                hidden_size=2048,
+                intermediate_size=10944,
+                moe_intermediate_size=1408,
+                num_hidden_layers=27,
+                num_attention_heads=16,
+                num_key_value_heads=16,
+                n_routed_experts=64,
+                num_experts_per_tok=6,
+                n_shared_experts=2,
+                first_k_dense_replace=1,
+                kv_lora_rank=512,
+                q_lora_rank=None,
+                qk_rope_head_dim=64,
+                qk_nope_head_dim=128,
+                v_head_dim=128,
+                topk_method="greedy",
+                routed_scaling_factor=1.0,
+                max_position_embeddings=4096,
+            ),
+        ),
+        "qwen3-30b-a3b": (
+            T.Qwen3MoeConfig,
+            dict(
+                vocab_size=151936,
+                hidden_size=2048,
+                intermediate_size=6144,
+                moe_intermediate_size=768,
+                num_hidden_layers=48,
+                num_attention_heads=32,
+                num_key_value_heads=4,
+                head_dim=128,
+                num_experts=128,
+                num_experts_per_tok=8,
+                max_position_embeddings=40960,
+                norm_topk_prob=True,
+            ),
+        ),
+        "mixtral-8x7b": (
+            T.MixtralConfig,
+            dict(
+                vocab_size=32000,
+                hidden_size=4096,
+                intermediate_size=14336,
+                num_hidden_layers=32,
+                num_attention_heads=32,
+                num_key_value_heads=8,
+                num_local_experts=8,
+                num_experts_per_tok=2,
+                max_position_embeddings=32768,
+            ),
+        ),
+        # transformers' config defaults are these models' published shapes, except where a field is given
+        "gpt-oss-20b": (T.GptOssConfig, dict(num_hidden_layers=24, num_local_experts=32, num_key_value_heads=8)),  # experts ship as MXFP4
+        "qwen3.5-35b-a3b": (T.Qwen3_5MoeTextConfig, dict(num_key_value_heads=2)),
+        "glm-4.5-air": (T.Glm4MoeConfig, dict(attention_bias=True, num_key_value_heads=8)),
+        "ernie-4.5-21b-a3b": (T.Ernie4_5_MoeConfig, dict(num_key_value_heads=4)),
+    }
+)
 CODE_STD = {torch.int8: 255 / 12**0.5, torch.uint8: 16 / 12**0.5}  # std of uniform int8 [-127, 127] and int4 [0, 15] codes
 
 
@@ -120,9 +190,18 @@ def full_size_cost(name: str, fmt: ExpertFormat | None = None, layers: int | Non
     return model_cost(model, layout.nbytes, bytes_per_param=2, dequant_bytes=dequant_traffic(layout, torch.bfloat16))
 
 
-def build_synthetic(
-    name: str, device: torch.device, dtype_name: str = "auto", shrink: int = 1, seed: int = 0, expert_dtype: str = "auto", group_size: int | None = None,
-    fused_kernels: bool = True, offload_dir: Path | None = None, direct_io: bool = True, layers: int | None = None,
+def build_synthetic(  # noqa: PLR0913 - the bench's model flags, by keyword
+    name: str,
+    device: torch.device,
+    dtype_name: str = "auto",
+    shrink: int = 1,
+    seed: int = 0,
+    expert_dtype: str = "auto",
+    group_size: int | None = None,
+    fused_kernels: bool = True,
+    offload_dir: Path | None = None,
+    direct_io: bool = True,
+    layers: int | None = None,
 ) -> LoadedModel:
     """Random dense weights made on the device, random experts made there (already packed: random codes and scales) and copied into (pinned) host memory.
 
@@ -135,7 +214,9 @@ def build_synthetic(
     cfg = synthetic_config(name, shrink, layers)
     with torch.device("meta"):
         model = build_model(cfg)
-    dtype, why = resolve_dtype(dtype_name, cfg, device, model) if dtype_name != "auto" or device.type == "cpu" else (torch.bfloat16, "bfloat16: synthetic on cuda")
+    dtype, why = (
+        resolve_dtype(dtype_name, cfg, device, model) if dtype_name != "auto" or device.type == "cpu" else (torch.bfloat16, "bfloat16: synthetic on cuda")
+    )
     inv_freq = model.rotary.inv_freq
     model.to_empty(device=device)
     model.rotary.inv_freq = inv_freq.to(device)
@@ -163,8 +244,15 @@ def build_synthetic(
 
 
 def _random_experts(
-    info: ModelInfo, fmt: ExpertFormat, dtype: torch.dtype, device: torch.device, gen: torch.Generator, fused_kernels: bool,
-    offload_dir: Path | None, direct_io: bool, fingerprint: str,
+    info: ModelInfo,
+    fmt: ExpertFormat,
+    dtype: torch.dtype,
+    device: torch.device,
+    gen: torch.Generator,
+    fused_kernels: bool,
+    offload_dir: Path | None,
+    direct_io: bool,
+    fingerprint: str,
 ) -> ExpertStore | DiskStore:
     """Random packed experts in host memory, or, with `offload_dir`, in an on-disk store written one layer at a time
     (an existing store of the same model and layout is reused as is)."""

@@ -42,29 +42,54 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     """`bench`."""
     b = sub.add_parser("bench", help="decode speed of big / mobile / little / resident / transformers / transformers+accelerate, same prompts and budget")
     b.add_argument("--synthetic", choices=list(SHAPES), help="random weights with the shapes of a public model (instead of --model)")
-    b.add_argument("--shrink", type=int, default=1, metavar="N", help="with --synthetic: divide every width (not layers, experts or top-k) by N to fit a small machine (default: 1)")
+    b.add_argument(
+        "--shrink",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --synthetic: divide every width (not layers, experts or top-k) by N to fit a small machine (default: 1)",
+    )
     b.add_argument("--layers", type=int, metavar="N", help="with --synthetic: keep the first N decoder layers (a quick rehearsal; default: all)")
     b.add_argument("--prompts", type=int, default=4, help="prompts per system and round (default: 4)")
-    b.add_argument("--prompt-tokens", type=int, metavar="N", help="tokens per prompt: at most N of the corpus's, or N random ids for "
-                   "synthetic models (default: 128 and 64)")
+    b.add_argument(
+        "--prompt-tokens",
+        type=int,
+        metavar="N",
+        help="tokens per prompt: at most N of the corpus's, or N random ids for synthetic models (default: 128 and 64)",
+    )
     b.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt (default: 32)")
     b.add_argument("--fallback-rate", type=float, help="drive mobile's fallbacks at this rate (default for synthetic: the demo model's calibrated rate)")
     b.add_argument("--lookahead", action="store_true", help="prefetch layer l+1's experts from layer l's hidden state")
     b.add_argument("--skip-accelerate", action="store_true", help="do not run the transformers + accelerate offloaded baseline (cuda)")
     b.add_argument("--skip-transformers", action="store_true", help="do not run transformers' generate on the whole model")
-    b.add_argument("--accelerate-only", action="store_true", help="run only the transformers + accelerate offloaded baseline "
-                   "(on cpu: transformers' generate, nothing to offload); building it at real size is slow, so it is a run of its own")
+    b.add_argument(
+        "--accelerate-only",
+        action="store_true",
+        help="run only the transformers + accelerate offloaded baseline "
+        "(on cpu: transformers' generate, nothing to offload); building it at real size is slow, so it is a run of its own",
+    )
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every system; speeds are medians (default 3)")
     add_threads_arg(b, "torch's own choice; reported either way")
-    b.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON (rewritten as each system finishes; "
-                   "`complete` says whether every system ran)")
+    b.add_argument(
+        "--json", type=Path, metavar="FILE", help="also write the report as JSON (rewritten as each system finishes; `complete` says whether every system ran)"
+    )
     b.add_argument("--trace-dir", type=Path, help="write each system's expert-access trace (JSONL) here")
-    b.add_argument("--batch", type=parse_sizes, metavar="SIZES", help="instead: aggregate tok/s and expert bytes per generated token of big "
-                   "and mobile at each batch size, e.g. 1,2,4,8,16 (prompts decoded together)")
-    b.add_argument("--batch-little", choices=["auto", "always"], default="auto", help="with --batch: mobile rows decode little first only "
-                   "where measured cheaper (auto), or always (default: auto)")
+    b.add_argument(
+        "--batch",
+        type=parse_sizes,
+        metavar="SIZES",
+        help="instead: aggregate tok/s and expert bytes per generated token of big and mobile at each batch size, e.g. 1,2,4,8,16 (prompts decoded together)",
+    )
+    b.add_argument(
+        "--batch-little",
+        choices=["auto", "always"],
+        default="auto",
+        help="with --batch: mobile rows decode little first only where measured cheaper (auto), or always (default: auto)",
+    )
     b.add_argument("--plot", type=Path, metavar="FILE", help="with --batch: a PNG of speed and expert traffic against batch size")
-    b.add_argument("--plan-only", action="store_true", help="print how the budget splits into dense weights, KV cache and expert slots, then exit without loading")
+    b.add_argument(
+        "--plan-only", action="store_true", help="print how the budget splits into dense weights, KV cache and expert slots, then exit without loading"
+    )
     add_engine_args(b)
     add_policy_args(b)
     b.set_defaults(handler=cmd_bench)
@@ -87,7 +112,8 @@ def check_synthetic_fits(args: argparse.Namespace, plan: SlotPlan, expert_numel:
     if available is not None and need > 0.9 * available:
         raise InvalidParameter(
             f"synthetic {args.synthetic} at --shrink {args.shrink} needs about {need / GIB:.1f} GiB of memory on the cpu "
-            f"({available / GIB:.1f} GiB available): raise --shrink, use --expert-dtype int4, or add --skip-transformers")
+            f"({available / GIB:.1f} GiB available): raise --shrink, use --expert-dtype int4, or add --skip-transformers"
+        )
 
 
 def check_on_disk(directory: Path) -> None:
@@ -131,14 +157,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
         check_on_disk(Path(args.offload_dir))
     if args.synthetic and args.device == "cpu" and not args.plan_only and args.offload_dir is None:
         check_synthetic_fits(args, plan, synthetic_expert_numel(model_cfg))
-    print(f"{args.synthetic or model_dir(args.model)} on {args.device}: {plan.describe()}{why}", file=sys.stderr if not args.plan_only else sys.stdout, flush=True)
+    print(
+        f"{args.synthetic or model_dir(args.model)} on {args.device}: {plan.describe()}{why}", file=sys.stderr if not args.plan_only else sys.stdout, flush=True
+    )
     if args.plan_only:
         return 0
     if args.synthetic:
-        loaded = build_synthetic(args.synthetic, resolve_device(args.device), args.dtype, args.shrink, expert_dtype=args.expert_dtype,
-                                 group_size=args.group_size, fused_kernels=not args.reference_kernels,
-                                 offload_dir=None if args.offload_dir is None else Path(args.offload_dir), direct_io=not args.buffered_io,
-                                 layers=args.layers)
+        loaded = build_synthetic(
+            args.synthetic,
+            resolve_device(args.device),
+            args.dtype,
+            args.shrink,
+            expert_dtype=args.expert_dtype,
+            group_size=args.group_size,
+            fused_kernels=not args.reference_kernels,
+            offload_dir=None if args.offload_dir is None else Path(args.offload_dir),
+            direct_io=not args.buffered_io,
+            layers=args.layers,
+        )
         llm = LLM(loaded, config)
     else:
         llm = open_llm(args)
@@ -152,8 +188,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return bench_batches(args, llm, policy)
     cost = full_size_cost(args.synthetic, full_size_format(args), args.layers) if args.synthetic and args.shrink > 1 else None  # the real widths
     settings = BenchSettings(
-        bench_prompts(args, llm, args.prompts), args.new_tokens, policy, args.gpu_memory, not args.skip_accelerate, args.trace_dir, cost,
-        temperature=1.0 if args.synthetic else 0.0, progress=not args.quiet, rounds=args.rounds, run_transformers=not args.skip_transformers,
+        bench_prompts(args, llm, args.prompts),
+        args.new_tokens,
+        policy,
+        args.gpu_memory,
+        not args.skip_accelerate,
+        args.trace_dir,
+        cost,
+        temperature=1.0 if args.synthetic else 0.0,
+        progress=not args.quiet,
+        rounds=args.rounds,
+        run_transformers=not args.skip_transformers,
     )
     if args.accelerate_only:
         report = run_accelerate(llm, settings)
@@ -195,8 +240,19 @@ def bench_batches(args: argparse.Namespace, llm: LLM, mobile: PolicyConfig) -> i
             report["mobile_note"] = f"fallbacks driven at rate {mobile.forced_fallback_rate:g}, evenly spaced (random weights give meaningless confidences)"
         return report
 
-    report = noted(run_batch_bench(llm, bench_prompts(args, llm, max(args.batch)), args.batch, args.new_tokens, mobile, llm.planned_slots,
-                                   1.0 if args.synthetic else 0.0, args.rounds, on_update=lambda r: _write(args.json, noted(r))))
+    report = noted(
+        run_batch_bench(
+            llm,
+            bench_prompts(args, llm, max(args.batch)),
+            args.batch,
+            args.new_tokens,
+            mobile,
+            llm.planned_slots,
+            1.0 if args.synthetic else 0.0,
+            args.rounds,
+            on_update=lambda r: _write(args.json, noted(r)),
+        )
+    )
     print(batch_table(report))
     _write(args.json, report)
     if args.plot:

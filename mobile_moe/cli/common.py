@@ -29,27 +29,50 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Model, device and cache flags every command shares."""
     p.add_argument("--model", help="checkpoint directory, or ORG/NAME[@REVISION] on the Hugging Face hub (default: the bundled demo model)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="compute dtype (default auto: on cpu bf16 for models over 200M parameters where the CPU has native bf16, else float32; "
-                        "on cuda the checkpoint's)")
-    p.add_argument("--expert-dtype", default="auto", choices=EXPERT_DTYPES,
-                   help="how routed experts are stored in host memory and moved (default auto: the compute dtype, or what a quantized checkpoint holds)")
-    p.add_argument("--reference-kernels", action="store_true",
-                   help="quantized experts: dequantize then matmul (the tested reference path) instead of fused weight-only kernels")
-    p.add_argument("--compile", action="store_true",
-                   help="decode through torch.compile'd layer segments (CPU): faster decoding after a warm-up of seconds on the first request")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="cuda, every expert resident: replay each decode pass from a captured CUDA graph (one launch instead of hundreds)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute dtype (default auto: on cpu bf16 for models over 200M parameters where the CPU has native bf16, else float32; on cuda the checkpoint's)",
+    )
+    p.add_argument(
+        "--expert-dtype",
+        default="auto",
+        choices=EXPERT_DTYPES,
+        help="how routed experts are stored in host memory and moved (default auto: the compute dtype, or what a quantized checkpoint holds)",
+    )
+    p.add_argument(
+        "--reference-kernels",
+        action="store_true",
+        help="quantized experts: dequantize then matmul (the tested reference path) instead of fused weight-only kernels",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode through torch.compile'd layer segments (CPU): faster decoding after a warm-up of seconds on the first request",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="cuda, every expert resident: replay each decode pass from a captured CUDA graph (one launch instead of hundreds)",
+    )
     p.add_argument("--group-size", type=int, metavar="G", help=f"int4 experts: weights per scale/zero group along the input dim (default {DEFAULT_GROUP_SIZE})")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--expert-cache", type=int, metavar="N", help="device expert cache size, in experts")
     size.add_argument("--gpu-memory", type=float, metavar="GB", help="device memory budget for dense weights + KV cache + expert slots")
-    p.add_argument("--offload-dir", metavar="DIR",
-                   help="keep routed experts in an on-disk store in DIR (built there on first use, reused after) and read them on demand")
+    p.add_argument(
+        "--offload-dir", metavar="DIR", help="keep routed experts in an on-disk store in DIR (built there on first use, reused after) and read them on demand"
+    )
     p.add_argument("--host-memory", type=float, metavar="GB", help="with --offload-dir: RAM for cached experts (on CPU, the compute cache)")
     p.add_argument("--buffered-io", action="store_true", help="with --offload-dir: read through the page cache instead of O_DIRECT")
     p.add_argument("--eviction", default="lru", choices=["lru", "lfu"], help="expert cache eviction policy (default: lru)")
-    p.add_argument("--max-context", type=int, default=4096, metavar="N",
-                   help="longest prompt + generation; a --gpu-memory budget reserves this many tokens of KV cache (default: 4096)")
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="longest prompt + generation; a --gpu-memory budget reserves this many tokens of KV cache (default: 4096)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -76,26 +99,60 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
 
 def add_policy_args(p: argparse.ArgumentParser) -> None:
     """MoBiLE policy flags."""
-    p.add_argument("--policy", default="big", choices=POLICIES, help="big: all top-k experts; little: the better half; mobile: little, big where unsure (default: big)")
+    p.add_argument(
+        "--policy", default="big", choices=POLICIES, help="big: all top-k experts; little: the better half; mobile: little, big where unsure (default: big)"
+    )
     p.add_argument("--tau", type=float, help=f"confidence threshold for mobile (default: calibrated, else {DEFAULT_TAU})")
     p.add_argument("--criterion", choices=CRITERIA, help="importance criterion for mobile (default: calibrated, else max_prob)")
-    p.add_argument("--little-weights", default="native", choices=["native", "rescale"], help="little's expert weights: the architecture's own rule, or rescaled to big's sum (default: native)")
-    p.add_argument("--little-k", type=int, metavar="N", help="experts per token of the little model, 1 <= N < top-k (default: what "
-                   "the model's calibration was made with, else half of top-k, rounded up)")
+    p.add_argument(
+        "--little-weights",
+        default="native",
+        choices=["native", "rescale"],
+        help="little's expert weights: the architecture's own rule, or rescaled to big's sum (default: native)",
+    )
+    p.add_argument(
+        "--little-k",
+        type=int,
+        metavar="N",
+        help="experts per token of the little model, 1 <= N < top-k (default: what the model's calibration was made with, else half of top-k, rounded up)",
+    )
     p.add_argument("--prefill", choices=["big", "little"], help="experts for the prompt (default: little for policy little, else big)")
     p.add_argument("--no-prefetch", action="store_true", help="do not prefetch the other-half experts before a fallback")
-    p.add_argument("--layer-adaptive", type=float, metavar="SHARE", help="little decode: a layer uses all top-k experts when the dropped half "
-                   "carries more than this share of the routing weight (default: off)")
-    p.add_argument("--cache-prior", type=float, metavar="FACTOR", help="little decode: swap a kept expert that is not cached for a cached "
-                   "dropped one scoring within this factor of it (default: off)")
-    p.add_argument("--kv-repair", type=int, metavar="N", help="mobile: on a fallback, big also recomputes up to N earlier "
-                   "positions whose KV entries little wrote (default: what the model's calibration was made with, else 0)")
-    p.add_argument("--partial-fallback", type=float, metavar="SHARE", help="mobile: a fallback's big pass starts at the first "
-                   "MoE layer where little dropped more than this share of the routing weight (else where it dropped most); the "
-                   "layers before keep little's output (default: off, every layer)")
-    p.add_argument("--rollback", action="store_true", default=None, help="mobile, greedy, with --kv-repair: big also checks little's "
-                   "tokens at the repaired positions and takes back those from the first it disagrees with (streamed tokens wait "
-                   "up to N positions; default: as the model's calibration was made)")
+    p.add_argument(
+        "--layer-adaptive",
+        type=float,
+        metavar="SHARE",
+        help="little decode: a layer uses all top-k experts when the dropped half carries more than this share of the routing weight (default: off)",
+    )
+    p.add_argument(
+        "--cache-prior",
+        type=float,
+        metavar="FACTOR",
+        help="little decode: swap a kept expert that is not cached for a cached dropped one scoring within this factor of it (default: off)",
+    )
+    p.add_argument(
+        "--kv-repair",
+        type=int,
+        metavar="N",
+        help="mobile: on a fallback, big also recomputes up to N earlier "
+        "positions whose KV entries little wrote (default: what the model's calibration was made with, else 0)",
+    )
+    p.add_argument(
+        "--partial-fallback",
+        type=float,
+        metavar="SHARE",
+        help="mobile: a fallback's big pass starts at the first "
+        "MoE layer where little dropped more than this share of the routing weight (else where it dropped most); the "
+        "layers before keep little's output (default: off, every layer)",
+    )
+    p.add_argument(
+        "--rollback",
+        action="store_true",
+        default=None,
+        help="mobile, greedy, with --kv-repair: big also checks little's "
+        "tokens at the repaired positions and takes back those from the first it disagrees with (streamed tokens wait "
+        "up to N positions; default: as the model's calibration was made)",
+    )
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -118,8 +175,14 @@ def parse_criteria(text: str) -> tuple[str, ...]:
     return names
 
 
-VARIANT_KNOBS = {"layer-adaptive": "layer_adaptive", "cache-prior": "cache_prior", "kv-repair": "kv_repair", "rollback": "rollback",
-                 "partial-fallback": "partial_fallback", "little-k": "little_k"}
+VARIANT_KNOBS = {
+    "layer-adaptive": "layer_adaptive",
+    "cache-prior": "cache_prior",
+    "kv-repair": "kv_repair",
+    "rollback": "rollback",
+    "partial-fallback": "partial_fallback",
+    "little-k": "little_k",
+}
 
 
 INTEGER_KNOBS = ("kv-repair", "little-k")
@@ -130,8 +193,13 @@ def parse_variants(text: str) -> tuple[dict[str, float | int | None], ...]:
     A variant without little-k keeps the run's (--little-k, else the calibration's)."""
     variants = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
-        variant: dict[str, float | int | bool | None] = {"layer_adaptive": None, "cache_prior": None, "kv_repair": 0, "rollback": False,
-                                                         "partial_fallback": None}
+        variant: dict[str, float | int | bool | None] = {
+            "layer_adaptive": None,
+            "cache_prior": None,
+            "kv_repair": 0,
+            "rollback": False,
+            "partial_fallback": None,
+        }
         for knob in item.split("+") if item != "plain" else ():
             name, _, value = knob.partition("=")
             try:
@@ -142,8 +210,10 @@ def parse_variants(text: str) -> tuple[dict[str, float | int | None], ...]:
                     continue
                 variant[VARIANT_KNOBS[name]] = int(value) if name in INTEGER_KNOBS else float(value)
             except (KeyError, ValueError):
-                raise argparse.ArgumentTypeError(f"variants are plain or knobs joined by '+': layer-adaptive=SHARE, cache-prior=FACTOR, "
-                                                 f"kv-repair=N, rollback, partial-fallback=SHARE, little-k=N; got {item!r}") from None
+                raise argparse.ArgumentTypeError(
+                    f"variants are plain or knobs joined by '+': layer-adaptive=SHARE, cache-prior=FACTOR, "
+                    f"kv-repair=N, rollback, partial-fallback=SHARE, little-k=N; got {item!r}"
+                ) from None
         variants.append(variant)
     if not variants:
         raise argparse.ArgumentTypeError("--variants needs at least one variant")
@@ -181,17 +251,42 @@ def open_llm(args: argparse.Namespace) -> LLM:
 def engine_config_from(args: argparse.Namespace) -> EngineConfig:
     """EngineConfig from the shared engine flags."""
     return engine_config(
-        args.device, args.dtype, args.expert_cache, args.gpu_memory, args.eviction, not args.quiet, args.max_context, args.expert_dtype, args.group_size,
-        not args.reference_kernels, args.compile, args.offload_dir, args.host_memory, not args.buffered_io,
-        getattr(args, "max_batch", 1), getattr(args, "batch_little", "auto"), args.cuda_graphs,
+        args.device,
+        args.dtype,
+        args.expert_cache,
+        args.gpu_memory,
+        args.eviction,
+        not args.quiet,
+        args.max_context,
+        args.expert_dtype,
+        args.group_size,
+        not args.reference_kernels,
+        args.compile,
+        args.offload_dir,
+        args.host_memory,
+        not args.buffered_io,
+        getattr(args, "max_batch", 1),
+        getattr(args, "batch_little", "auto"),
+        args.cuda_graphs,
     )
 
 
 def policy_flags(args: argparse.Namespace) -> PolicyConfig:
     """PolicyConfig from the policy flags alone (criterion and tau may stay unset)."""
-    return PolicyConfig(args.policy, args.tau, args.criterion, args.little_weights, args.little_k, args.prefill, not args.no_prefetch,
-                        layer_adaptive=args.layer_adaptive, cache_prior=args.cache_prior, kv_repair=args.kv_repair, rollback=args.rollback,
-                        partial_fallback=args.partial_fallback)
+    return PolicyConfig(
+        args.policy,
+        args.tau,
+        args.criterion,
+        args.little_weights,
+        args.little_k,
+        args.prefill,
+        not args.no_prefetch,
+        layer_adaptive=args.layer_adaptive,
+        cache_prior=args.cache_prior,
+        kv_repair=args.kv_repair,
+        rollback=args.rollback,
+        partial_fallback=args.partial_fallback,
+    )
 
 
 def policy_from(args: argparse.Namespace, llm: LLM) -> PolicyConfig:

@@ -64,8 +64,12 @@ def generation_json(llm: LLM, policy: PolicyConfig, result: GenerationResult) ->
         "token_ids": result.token_ids,
         "text": result.text,
         "finish_reason": result.finish_reason,
-        "policy": {"name": policy.name, "tau": policy.tau if mobile else None, "criterion": policy.criterion if mobile else None,
-                   "little_k": None if policy.name == "big" else llm.little_k(policy)},
+        "policy": {
+            "name": policy.name,
+            "tau": policy.tau if mobile else None,
+            "criterion": policy.criterion if mobile else None,
+            "little_k": None if policy.name == "big" else llm.little_k(policy),
+        },
         "stats": result.stats.to_dict(),
     }
 

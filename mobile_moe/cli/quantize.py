@@ -21,10 +21,18 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--group-size", type=int, metavar="G", help=f"int4: weights per scale/zero group along the input dim (default {DEFAULT_GROUP_SIZE})")
     dest = q.add_mutually_exclusive_group(required=True)
     dest.add_argument("--out", type=Path, help="new checkpoint directory to write (must not exist)")
-    dest.add_argument("--offload-dir", type=Path, metavar="DIR",
-                      help="build the on-disk expert store that `--offload-dir DIR` reads, in this format (records in the layout --dtype computes with)")
-    q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="with --offload-dir: the compute dtype the store is laid out for (default auto, as generate picks it)")
+    dest.add_argument(
+        "--offload-dir",
+        type=Path,
+        metavar="DIR",
+        help="build the on-disk expert store that `--offload-dir DIR` reads, in this format (records in the layout --dtype computes with)",
+    )
+    q.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="with --offload-dir: the compute dtype the store is laid out for (default auto, as generate picks it)",
+    )
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(handler=cmd_quantize)
 
@@ -32,7 +40,9 @@ def add_quantize_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_quantize(args: argparse.Namespace) -> int:
     """`mobile-moe quantize`."""
     if args.offload_dir is not None:
-        loaded = load(model_dir(args.model, args.quiet), torch.device("cpu"), args.dtype, not args.quiet, args.to, args.group_size, offload_dir=args.offload_dir)
+        loaded = load(
+            model_dir(args.model, args.quiet), torch.device("cpu"), args.dtype, not args.quiet, args.to, args.group_size, offload_dir=args.offload_dir
+        )
         store = loaded.store
         print(f"expert store for {loaded.path}: {store.total_experts} experts ({store.format}, {loaded.dtype_reason}) in {args.offload_dir}")
         return 0

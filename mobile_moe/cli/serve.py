@@ -20,21 +20,38 @@ DEFAULT_MAX_BATCH = 16  # the server's rows: 16 concurrent demo streams decode a
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     """`serve`."""
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions and chat, streaming) over one engine worker",
-                       description="OpenAI-compatible HTTP server (completions and chat, streaming) over one engine worker. "
-                       "A request without `temperature` samples at temperature 1.0, as OpenAI's API does, unlike generate and chat, "
-                       "which default to greedy decoding (--temperature 0): send \"temperature\": 0 for greedy replies.")
+    s = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server (completions and chat, streaming) over one engine worker",
+        description="OpenAI-compatible HTTP server (completions and chat, streaming) over one engine worker. "
+        "A request without `temperature` samples at temperature 1.0, as OpenAI's API does, unlike generate and chat, "
+        'which default to greedy decoding (--temperature 0): send "temperature": 0 for greedy replies.',
+    )
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback only)")
     s.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     s.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route but /health")
     s.add_argument("--max-queue", type=int, default=64, help="requests running or waiting at most; more get HTTP 429 (default: 64)")
     s.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask (default: 1024)")
-    s.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="N",
-                   help=f"requests decoded together (continuous batching; the memory plan reserves KV for N rows) (default: {DEFAULT_MAX_BATCH})")
-    s.add_argument("--threads", type=int, metavar="N", help="torch CPU threads for the engine (default: one fewer than the cores, at least 1: "
-                   "the HTTP side keeps a core; on 2 cores, 16 streams decoded 1.9x faster with 1 thread than with 2)")
-    s.add_argument("--batch-little", choices=["auto", "always"], default="auto",
-                   help="at batch >= 2, mobile requests decode little first only where measured cheaper than big (auto), or always (default: auto)")
+    s.add_argument(
+        "--max-batch",
+        type=int,
+        default=DEFAULT_MAX_BATCH,
+        metavar="N",
+        help=f"requests decoded together (continuous batching; the memory plan reserves KV for N rows) (default: {DEFAULT_MAX_BATCH})",
+    )
+    s.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads for the engine (default: one fewer than the cores, at least 1: "
+        "the HTTP side keeps a core; on 2 cores, 16 streams decoded 1.9x faster with 1 thread than with 2)",
+    )
+    s.add_argument(
+        "--batch-little",
+        choices=["auto", "always"],
+        default="auto",
+        help="at batch >= 2, mobile requests decode little first only where measured cheaper than big (auto), or always (default: auto)",
+    )
     add_engine_args(s)
     add_policy_args(s)
     s.set_defaults(handler=cmd_serve)

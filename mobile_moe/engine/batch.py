@@ -17,8 +17,18 @@ import torch
 from mobile_moe.config import SamplingParams
 from mobile_moe.engine.budget import PREFILL_CHUNK
 from mobile_moe.engine.generate import (
-    Counters, Decoder, GenerationResult, StepRecord, Stream, TokenCallback, emit, enable_partial, fill_counters, new_decoder,
-    rolls_back, stream_for,
+    Counters,
+    Decoder,
+    GenerationResult,
+    StepRecord,
+    Stream,
+    TokenCallback,
+    emit,
+    enable_partial,
+    fill_counters,
+    new_decoder,
+    rolls_back,
+    stream_for,
 )
 from mobile_moe.engine.passes import BIG
 from mobile_moe.engine.runner import Runner
@@ -178,8 +188,13 @@ class BatchDecoder:
                 tokens[i] = token
         return tokens
 
-    def _fall_back(self, rows: list[Row], befores: list[SequenceSnapshot | None], logs: list[dict[int, torch.Tensor]],
-                   reads: list[tuple[int, int, float | None, tuple[float, ...]]]) -> list[int]:
+    def _fall_back(
+        self,
+        rows: list[Row],
+        befores: list[SequenceSnapshot | None],
+        logs: list[dict[int, torch.Tensor]],
+        reads: list[tuple[int, int, float | None, tuple[float, ...]]],
+    ) -> list[int]:
         """Redo this step with big for exactly these rows (KV and recurrent states back to before it); each row's step is
         recorded (`reads`: its first pass's token, greedy token, confidence and signals) -> their tokens."""
         runner = self.runner
@@ -202,7 +217,7 @@ class BatchDecoder:
             if n:  # earlier little positions redone too: that row alone, several tokens
                 row, (_, greedy, conf, signals) = rows[i], reads[i]
                 row.dec.kv.rewind(n)
-                ids = runner.ids(row.result.token_ids[-(1 + n):])
+                ids = runner.ids(row.result.token_ids[-(1 + n) :])
                 if row.dec.rollback:
                     tokens[i] = row.dec.check_repaired(runner.forward(ids, row.dec.kv, BIG, all_logits=True), n, greedy, conf, signals)
                     checked.add(i)

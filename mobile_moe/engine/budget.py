@@ -73,15 +73,21 @@ class SlotPlan:
             f"{self.slots} of {self.total_experts} expert slots ({self.expert_bytes / 2**20:.1f} MiB each)"
         )
 
-
     def _kv_shape(self) -> str:
         """'C tokens' or 'R rows x C tokens'."""
         return f"{self.context} tokens" if self.rows == 1 else f"{self.rows} rows x {self.context} tokens"
 
 
 def plan_slots(
-    cfg: CacheConfig, model: CausalLM, expert_bytes: int, total_experts: int, device: torch.device, dtype: torch.dtype, max_context: int,
-    dequant_bytes: int = 0, rows: int = 1,
+    cfg: CacheConfig,
+    model: CausalLM,
+    expert_bytes: int,
+    total_experts: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_context: int,
+    dequant_bytes: int = 0,
+    rows: int = 1,
 ) -> SlotPlan:
     """The slot plan; raises CacheTooSmall when one layer's top-k would not fit. `model` may live on the meta device.
 
@@ -119,8 +125,10 @@ def host_tier_slots(cfg: CacheConfig, store: DiskStore, top_k: int) -> int:
         return total
     slots = min(int(cfg.host_memory_gb * GIB) // store.record_bytes, total)
     if slots < top_k:
-        raise CacheTooSmall(f"--host-memory {cfg.host_memory_gb:g} GB holds {slots} expert records of {store.record_bytes / 2**20:.2f} MiB: "
-                            f"too small for one layer's top-{top_k} experts (need >= {top_k})")
+        raise CacheTooSmall(
+            f"--host-memory {cfg.host_memory_gb:g} GB holds {slots} expert records of {store.record_bytes / 2**20:.2f} MiB: "
+            f"too small for one layer's top-{top_k} experts (need >= {top_k})"
+        )
     return slots
 
 
@@ -143,10 +151,11 @@ def plan_for_config(model_cfg: PretrainedConfig, config: EngineConfig) -> SlotPl
         model = build_model(model_cfg)
     dtype, _ = resolve_dtype(config.dtype, model_cfg, device, model)
     info = model.info
-    layout = ExpertLayout(ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias), resolve_format(model_cfg, config.expert_dtype, config.group_size, dtype))
+    layout = ExpertLayout(
+        ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias), resolve_format(model_cfg, config.expert_dtype, config.group_size, dtype)
+    )
     total = info.num_experts * len(info.moe_layers)
-    return plan_slots(config.cache, model, layout.nbytes, total, device, dtype, config.max_context, dequant_scratch_bytes(layout, dtype),
-                      config.max_batch)
+    return plan_slots(config.cache, model, layout.nbytes, total, device, dtype, config.max_context, dequant_scratch_bytes(layout, dtype), config.max_batch)
 
 
 def dequant_scratch_bytes(layout: ExpertLayout, dtype: torch.dtype) -> int:

@@ -20,7 +20,6 @@ from mobile_moe.layers.sampler import sample
 from mobile_moe.policy.little import first_dropping_layer
 from mobile_moe.policy.policies import Policy
 
-
 TokenCallback = Callable[[int], bool]  # called with each emitted token; returning False stops generation after it
 
 
@@ -136,7 +135,7 @@ class Decoder:
         kept = little_pass and not fell_back
         self.little_positions = self.little_positions + 1 if kept else 0
         if self.partial is not None:
-            self.starts = (self.starts + [self.start if self.kept else None])[-self.inputs.shape[0]:] if kept and self.inputs is not None else []
+            self.starts = (self.starts + [self.start if self.kept else None])[-self.inputs.shape[0] :] if kept and self.inputs is not None else []
         self.kept = False
 
     def step(self, token: int, step: int) -> int:
@@ -160,7 +159,7 @@ class Decoder:
         if policy.config.prefetch_on_fallback:
             runner.prefetch_other_half(routing_log, runner.little_k_of(self.first.little_k), first)
         if repair:
-            ids = runner.ids(self.result.token_ids[-(1 + repair):])  # the inputs of those positions and of this step
+            ids = runner.ids(self.result.token_ids[-(1 + repair) :])  # the inputs of those positions and of this step
         resume = self.resumed_inputs(first, repair + 1)
         if repair and self.rollback:
             logits = runner.forward(ids, self.kv, self.first.big(), all_logits=True, step=step, resume=resume)
@@ -239,7 +238,7 @@ def enable_partial(dec: Decoder) -> None:
     dec.inputs = torch.zeros(rows, len(model.model.layers), model.info.hidden, dtype=weight.dtype, device=weight.device)
 
 
-def stream_for(dec: Decoder, on_token: TokenCallback | None) -> "Stream":
+def stream_for(dec: Decoder, on_token: TokenCallback | None) -> Stream:
     """The decoder's token stream: held back by its repair window when it rolls back, else passing each token at once."""
     return Stream(on_token, dec.policy.config.rollback_window if dec.rollback else 0)
 
@@ -291,9 +290,13 @@ def _prefill(runner: Runner, prompt: list[int], kv: KVCache, spec: PassSpec) -> 
     return logits
 
 
-
 def generate(
-    runner: Runner, prompt: list[int], sampling: SamplingParams, policy: Policy, eos: tuple[int, ...], on_token: TokenCallback | None = None,
+    runner: Runner,
+    prompt: list[int],
+    sampling: SamplingParams,
+    policy: Policy,
+    eos: tuple[int, ...],
+    on_token: TokenCallback | None = None,
 ) -> GenerationResult:
     """Prefill the prompt, then decode token by token under the policy; stops at EOS, the token limit, or when `on_token` says so."""
     device = runner.model.lm_head.weight.device
@@ -334,7 +337,7 @@ class Counters:
     graph_replays: int = 0
 
     @staticmethod
-    def now(runner: Runner) -> "Counters":
+    def now(runner: Runner) -> Counters:
         """The counters of the runner's cache and transfer engine now."""
         transfer, graphs = runner.cache.transfer, runner.graphs
         captures, replays = (0, 0) if graphs is None else (graphs.captures, graphs.replays)

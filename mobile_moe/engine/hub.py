@@ -58,8 +58,7 @@ TRUE = {"1", "ON", "YES", "TRUE"}  # huggingface_hub's spelling of a true enviro
 def _connection_errors() -> tuple[type[BaseException], ...]:
     """Exception types meaning "the hub could not be reached", from whichever HTTP clients are installed."""
     found: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
-                          ("requests.exceptions", ("ConnectionError", "Timeout"))):
+    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)), ("requests.exceptions", ("ConnectionError", "Timeout"))):
         try:
             mod = __import__(module, fromlist=list(names))
         except ImportError:
@@ -100,8 +99,9 @@ def resolve_model(model: str | Path, progress: bool = True, check_config: Config
 def hub_cache_dir() -> str:
     """huggingface_hub's cache folder as the environment names it now (its constants module reads the
     environment once, at import), by the same rules: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub."""
-    home = os.path.expandvars(os.path.expanduser(os.getenv(
-        "HF_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")), "huggingface"))))
+    home = os.path.expandvars(
+        os.path.expanduser(os.getenv("HF_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")), "huggingface")))
+    )
     return os.path.expandvars(os.path.expanduser(os.getenv("HF_HUB_CACHE", os.getenv("HUGGINGFACE_HUB_CACHE", os.path.join(home, "hub")))))
 
 
@@ -155,8 +155,7 @@ def hub_error(e: BaseException, repo: str, revision: str | None, offline: bool) 
     """One-line MobileMoeError for a huggingface_hub failure while resolving repo@revision; other exceptions unchanged."""
     spec = repo if revision is None else f"{repo}@{revision}"
     if isinstance(e, GatedRepoError):
-        return CheckpointError(f"{spec} is a gated repository: request access on https://huggingface.co/{repo} "
-                               "and set HF_TOKEN (or run `hf auth login`)")
+        return CheckpointError(f"{spec} is a gated repository: request access on https://huggingface.co/{repo} and set HF_TOKEN (or run `hf auth login`)")
     if isinstance(e, RepositoryNotFoundError):
         return CheckpointError(f"{spec}: repository not found on the Hugging Face hub (if it is private, set HF_TOKEN)")
     if isinstance(e, RevisionNotFoundError):

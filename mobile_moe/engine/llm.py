@@ -17,9 +17,9 @@ from mobile_moe.engine.budget import dequant_scratch_bytes, host_tier_slots, pla
 from mobile_moe.engine.calibration import CALIBRATION_FILE, read_calibration, resolve_policy
 from mobile_moe.engine.generate import GenerationResult, TokenCallback, generate
 from mobile_moe.engine.graphs import DecodeGraphs, GraphCapture
-from mobile_moe.engine.passes import PassSpec
 from mobile_moe.engine.hub import ConfigCheck, resolve_model
 from mobile_moe.engine.loader import LoadedModel, check_fits_in_ram, load
+from mobile_moe.engine.passes import PassSpec
 from mobile_moe.engine.runner import Runner
 from mobile_moe.errors import CheckpointError, InvalidParameter, PromptTooLong
 from mobile_moe.experts.cache import ExpertCache
@@ -39,7 +39,7 @@ Many = T | list[T] | None  # one value for every prompt, one per prompt, or the 
 RowCallback = Callable[[int, int], bool]  # (prompt index, token) -> go on
 
 
-def _each(value: "Many[T]", n: int, what: str) -> list:
+def _each(value: Many[T], n: int, what: str) -> list:
     """One value per prompt from a single value, a list of n, or None."""
     if isinstance(value, list):
         if len(value) != n:
@@ -73,8 +73,17 @@ class LLM:
         else:
             offload = None if self.config.offload_dir is None else Path(self.config.offload_dir)
             model = resolve_model(model, self.config.progress, ram_check(self.config))  # a directory, or "ORG/NAME[@REVISION]" from the hub
-            self.loaded = load(model, self.device, self.config.dtype, self.config.progress, self.config.expert_dtype, self.config.group_size,
-                               self.config.fused_kernels, offload, self.config.direct_io)
+            self.loaded = load(
+                model,
+                self.device,
+                self.config.dtype,
+                self.config.progress,
+                self.config.expert_dtype,
+                self.config.group_size,
+                self.config.fused_kernels,
+                offload,
+                self.config.direct_io,
+            )
         self.path = self.loaded.path
         self.info = self.loaded.model.info
         self.max_context = min(self.info.max_context, self.config.max_context)
@@ -82,12 +91,22 @@ class LLM:
         self.reader = ReadPool(store) if isinstance(store, DiskStore) else None  # the disk tier's readers, shared by every cache
         cfg = self.config.cache
         # three tiers (disk -> host -> compute cache) on CUDA, and on CPU when both caches are sized (the CUDA data path, testable here)
-        self.host_slots = host_tier_slots(cfg, store, self.info.top_k) if self.reader is not None and (
-            self.device.type == "cuda" or (cfg.slots is not None and cfg.host_memory_gb is not None)) else None
+        self.host_slots = (
+            host_tier_slots(cfg, store, self.info.top_k)
+            if self.reader is not None and (self.device.type == "cuda" or (cfg.slots is not None and cfg.host_memory_gb is not None))
+            else None
+        )
         slot_bytes = store.record_bytes if self.reader is not None and self.host_slots is None else store.expert_bytes
         self.plan = plan_slots(
-            self.config.cache, self.loaded.model, slot_bytes, store.total_experts, self.device, self.loaded.dtype, self.config.max_context,
-            dequant_scratch_bytes(store.layout, self.loaded.dtype), self.config.max_batch,
+            self.config.cache,
+            self.loaded.model,
+            slot_bytes,
+            store.total_experts,
+            self.device,
+            self.loaded.dtype,
+            self.config.max_context,
+            dequant_scratch_bytes(store.layout, self.loaded.dtype),
+            self.config.max_batch,
         )
         self.planned_slots = self.plan.slots
         if self.config.compile and self.device.type != "cpu":
@@ -95,15 +114,23 @@ class LLM:
         if self.config.cuda_graphs and self.device.type != "cuda":
             log.warning("--cuda-graphs needs a CUDA device; decoding on %s runs without graphs", self.device)
         # what records decode passes for `--cuda-graphs` (None: decoding stays eager); every cache reset makes fresh graphs
-        self.graph_capture: Callable[[], GraphCapture] | None = (lambda: cuda_capture(self.device)) if self.config.cuda_graphs and self.device.type == "cuda" else None
+        self.graph_capture: Callable[[], GraphCapture] | None = (
+            (lambda: cuda_capture(self.device)) if self.config.cuda_graphs and self.device.type == "cuda" else None
+        )
         self.governor = LittleGovernor(self.config.batch_little == "auto")  # its step costs persist across batches
         self.reset_cache(self.planned_slots)
         self.tokenizer = _load_tokenizer(self.path) if self.path.is_dir() else None
         self.calibration = read_calibration(self.path)  # not re-read per request
         fitted, running = self.calibration.get("dtype"), str(self.loaded.dtype).removeprefix("torch.")
         if fitted is not None and fitted != running:
-            log.warning("the calibration in %s was fitted in %s; running in %s, its tau may give another fallback rate (recalibrate with "
-                        "`mobile-moe calibrate --dtype %s`)", CALIBRATION_FILE, fitted, running, running)
+            log.warning(
+                "the calibration in %s was fitted in %s; running in %s, its tau may give another fallback rate (recalibrate with "
+                "`mobile-moe calibrate --dtype %s`)",
+                CALIBRATION_FILE,
+                fitted,
+                running,
+                running,
+            )
 
     @property
     def compiles(self) -> bool:
@@ -118,10 +145,18 @@ class LLM:
             self.cache = self.runner = None  # free the old slot pool before the new one is made, rather than hold two
             eviction, store, host = self.config.cache.eviction, self.loaded.store, None
             if self.host_slots is not None:  # the pinned host tier, filled by the readers
-                host = ExpertCache(store, self.host_slots, torch.device("cpu"), TransferEngine(torch.device("cpu")), eviction,
-                                   reader=self.reader, pin_pool=self.device.type == "cuda")
-            self.cache = ExpertCache(store, slots, self.device, TransferEngine(self.device), eviction, trace=trace,
-                                     reader=self.reader if host is None else None, host=host)
+                host = ExpertCache(
+                    store,
+                    self.host_slots,
+                    torch.device("cpu"),
+                    TransferEngine(torch.device("cpu")),
+                    eviction,
+                    reader=self.reader,
+                    pin_pool=self.device.type == "cuda",
+                )
+            self.cache = ExpertCache(
+                store, slots, self.device, TransferEngine(self.device), eviction, trace=trace, reader=self.reader if host is None else None, host=host
+            )
             graphs = DecodeGraphs(self.graph_capture()) if self.graph_capture is not None else None
             self.runner = Runner(self.loaded.model, self.cache, compile_layers=self.compiles, graphs=graphs)
 
@@ -144,12 +179,14 @@ class LLM:
         return None if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
 
     @overload
-    def generate(self, prompt: str | list[int], sampling: SamplingParams | None = None, policy: PolicyConfig | None = None,
-                 on_token: TokenCallback | None = None) -> GenerationResult: ...
+    def generate(
+        self, prompt: str | list[int], sampling: SamplingParams | None = None, policy: PolicyConfig | None = None, on_token: TokenCallback | None = None
+    ) -> GenerationResult: ...
 
     @overload
-    def generate(self, prompt: list[str] | list[list[int]], sampling: Many[SamplingParams] = None, policy: Many[PolicyConfig] = None,
-                 on_token: RowCallback | None = None) -> list[GenerationResult]: ...
+    def generate(
+        self, prompt: list[str] | list[list[int]], sampling: Many[SamplingParams] = None, policy: Many[PolicyConfig] = None, on_token: RowCallback | None = None
+    ) -> list[GenerationResult]: ...
 
     def generate(self, prompt, sampling=None, policy=None, on_token=None):
         """Generate a continuation of a text or of token ids under a policy (big / little / mobile); given a list of
@@ -167,7 +204,10 @@ class LLM:
         return result
 
     def generate_many(
-        self, prompts: list[str] | list[list[int]], sampling: Many[SamplingParams] = None, policy: Many[PolicyConfig] = None,
+        self,
+        prompts: list[str] | list[list[int]],
+        sampling: Many[SamplingParams] = None,
+        policy: Many[PolicyConfig] = None,
         on_token: RowCallback | None = None,
     ) -> list[GenerationResult]:
         """Decode many prompts together, up to `EngineConfig.max_batch` at a time (the rest join as rows finish); each
@@ -223,8 +263,14 @@ class LLM:
         self._check_little_k(resolved.little_k)
         fitted = self.runner.little_k_of(self.calibration.get("little_k"))
         if policy.little_k is not None and policy.little_k != fitted and policy.tau is None and resolved.name == "mobile":
-            log.warning("the calibration in %s was fitted with little_k %d; running with %d, its tau may give another fallback rate "
-                        "(recalibrate with `mobile-moe calibrate --little-k %d`)", CALIBRATION_FILE, fitted, policy.little_k, policy.little_k)
+            log.warning(
+                "the calibration in %s was fitted with little_k %d; running with %d, its tau may give another fallback rate "
+                "(recalibrate with `mobile-moe calibrate --little-k %d`)",
+                CALIBRATION_FILE,
+                fitted,
+                policy.little_k,
+                policy.little_k,
+            )
         return resolved
 
     def little_k(self, policy: PolicyConfig) -> int:
@@ -276,8 +322,11 @@ class LLM:
         if bad:
             raise InvalidParameter(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
         if len(ids) >= self.max_context:
-            limit = (f"the model's context of {self.info.max_context} tokens" if self.info.max_context <= self.config.max_context
-                     else f"--max-context {self.config.max_context} (the model's own context is {self.info.max_context} tokens)")
+            limit = (
+                f"the model's context of {self.info.max_context} tokens"
+                if self.info.max_context <= self.config.max_context
+                else f"--max-context {self.config.max_context} (the model's own context is {self.info.max_context} tokens)"
+            )
             raise PromptTooLong(f"prompt has {len(ids)} tokens; it must be shorter than {limit}")
 
 
@@ -310,15 +359,39 @@ def _load_tokenizer(path: Path):  # -> PreTrainedTokenizerBase | None
         raise CheckpointError(f"cannot load the tokenizer in {path}: {' '.join(str(e).split())}") from None
 
 
-def engine_config(
-    device: str = "cpu", dtype: str = "auto", expert_cache: int | None = None, gpu_memory: float | None = None,
-    eviction: str = "lru", progress: bool = True, max_context: int = 4096, expert_dtype: str = "auto", group_size: int | None = None,
-    fused_kernels: bool = True, compile: bool = False, offload_dir: str | None = None, host_memory: float | None = None, direct_io: bool = True,
-    max_batch: int = 1, batch_little: str = "auto", cuda_graphs: bool = False,
+def engine_config(  # noqa: PLR0913 - every engine setting, by keyword
+    device: str = "cpu",
+    dtype: str = "auto",
+    expert_cache: int | None = None,
+    gpu_memory: float | None = None,
+    eviction: str = "lru",
+    progress: bool = True,
+    max_context: int = 4096,
+    expert_dtype: str = "auto",
+    group_size: int | None = None,
+    fused_kernels: bool = True,
+    compile: bool = False,
+    offload_dir: str | None = None,
+    host_memory: float | None = None,
+    direct_io: bool = True,
+    max_batch: int = 1,
+    batch_little: str = "auto",
+    cuda_graphs: bool = False,
 ) -> EngineConfig:
     """EngineConfig from flat keyword arguments (what the CLI and API users pass)."""
     return EngineConfig(
-        device=device, dtype=dtype, cache=CacheConfig(expert_cache, gpu_memory, eviction, host_memory), progress=progress, max_context=max_context,
-        expert_dtype=expert_dtype, group_size=group_size, fused_kernels=fused_kernels, compile=compile, offload_dir=offload_dir,
-        direct_io=direct_io, max_batch=max_batch, batch_little=batch_little, cuda_graphs=cuda_graphs,  # type: ignore[arg-type]
+        device=device,
+        dtype=dtype,
+        cache=CacheConfig(expert_cache, gpu_memory, eviction, host_memory),
+        progress=progress,
+        max_context=max_context,
+        expert_dtype=expert_dtype,
+        group_size=group_size,
+        fused_kernels=fused_kernels,
+        compile=compile,
+        offload_dir=offload_dir,
+        direct_io=direct_io,
+        max_batch=max_batch,
+        batch_little=batch_little,
+        cuda_graphs=cuda_graphs,  # type: ignore[arg-type]
     )

@@ -26,8 +26,8 @@ from mobile_moe.engine.checkpoint import (
     unused,
 )
 from mobile_moe.errors import CheckpointError, InvalidParameter
-from mobile_moe.experts.formats import ExpertFormat, format_from_config, make_format
 from mobile_moe.experts.disk import DiskStore, Manifest, StoreWriter, checkpoint_fingerprint, expected_manifest, read_manifest
+from mobile_moe.experts.formats import ExpertFormat, format_from_config, make_format
 from mobile_moe.experts.host_memory import available_memory_bytes
 from mobile_moe.experts.kernels import compute_format, layout_format, use_fused_kernels
 from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertShape, ExpertStore, pins_host_store
@@ -95,8 +95,9 @@ def plan_load(cfg: PretrainedConfig, device: torch.device, dtype_name: str, expe
         model = build_model(cfg)
     dtype, why = resolve_dtype(dtype_name, cfg, device, model)
     info = model.info
-    return LoadPlan(cfg, model, dtype, why, resolve_format(cfg, expert_dtype, group_size, dtype),
-                    ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias))
+    return LoadPlan(
+        cfg, model, dtype, why, resolve_format(cfg, expert_dtype, group_size, dtype), ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias)
+    )
 
 
 def check_host_memory(plan: LoadPlan, device: torch.device) -> None:
@@ -115,12 +116,13 @@ def check_host_memory(plan: LoadPlan, device: torch.device) -> None:
         except (InvalidParameter, ValueError):  # widths int4 cannot group
             pass
     dense = f" + {_size(need_dense)} of dense weights" if need_dense else ""
-    raise InvalidParameter(f"the model needs about {_size(need_experts + need_dense)} of RAM ({_size(need_experts)} of {plan.fmt.name} experts{dense}) "
-                           f"but {_size(available)} are available: use {hint}")
+    raise InvalidParameter(
+        f"the model needs about {_size(need_experts + need_dense)} of RAM ({_size(need_experts)} of {plan.fmt.name} experts{dense}) "
+        f"but {_size(available)} are available: use {hint}"
+    )
 
 
-def check_fits_in_ram(directory: Path, device: torch.device, dtype_name: str = "auto", expert_dtype: str = "auto",
-                      group_size: int | None = None) -> None:
+def check_fits_in_ram(directory: Path, device: torch.device, dtype_name: str = "auto", expert_dtype: str = "auto", group_size: int | None = None) -> None:
     """`check_host_memory` from a checkpoint's config.json alone (a hub download checks it before fetching the weights)."""
     check_host_memory(plan_load(read_config(directory), device, dtype_name, expert_dtype, group_size), device)
 
@@ -184,14 +186,23 @@ def resolve_format(cfg: PretrainedConfig, expert_dtype: str, group_size: int | N
     if stored is None:
         return wanted
     if expert_dtype not in ("auto", stored.name) or (group_size is not None and group_size != getattr(stored, "group_size", None)):
-        raise InvalidParameter(f"the checkpoint stores {stored.config()} experts; --expert-dtype {expert_dtype} cannot re-quantize them (use auto, or quantize the original checkpoint)")
+        raise InvalidParameter(
+            f"the checkpoint stores {stored.config()} experts; --expert-dtype {expert_dtype} cannot re-quantize them "
+            "(use auto, or quantize the original checkpoint)"
+        )
     return stored
 
 
 def load(
-    path: str | Path, device: torch.device, dtype_name: str = "auto", progress: bool = True,
-    expert_dtype: str = "auto", group_size: int | None = None, fused_kernels: bool = True,
-    offload_dir: Path | None = None, direct_io: bool = True,
+    path: str | Path,
+    device: torch.device,
+    dtype_name: str = "auto",
+    progress: bool = True,
+    expert_dtype: str = "auto",
+    group_size: int | None = None,
+    fused_kernels: bool = True,
+    offload_dir: Path | None = None,
+    direct_io: bool = True,
 ) -> LoadedModel:
     """Read config and weights, packing experts into the host store as they stream by; never materialise all experts on the device.
 
@@ -263,8 +274,9 @@ class LayerFlusher:
         return DiskStore(self.writer.directory, done, self.kernel or self.store.format, direct_io)
 
 
-def store_manifest(fingerprint: str, shape: ExpertShape, fmt: ExpertFormat, dtype: torch.dtype, device: torch.device, fused: bool,
-                    moe_layers: list[int], num_experts: int) -> Manifest:
+def store_manifest(
+    fingerprint: str, shape: ExpertShape, fmt: ExpertFormat, dtype: torch.dtype, device: torch.device, fused: bool, moe_layers: list[int], num_experts: int
+) -> Manifest:
     """The manifest an on-disk store of this checkpoint must have: records in the layout compute will read."""
     portable = ExpertLayout(shape, fmt)
     kernel = compute_format(fmt, dtype, device, [shape.matrix_shape(m) for m in MATRICES]) if fused else None
@@ -282,14 +294,23 @@ def matching_manifest(directory: Path, wanted: Manifest) -> Manifest | None:
         return None
     if found.key() != wanted.key():
         differs = sorted(k for k, v in wanted.key().items() if found.key().get(k) != v)
-        raise InvalidParameter(f"{directory} holds an expert store of another checkpoint or format (differs in {', '.join(differs)}): "
-                               "give another --offload-dir or delete that one")
+        raise InvalidParameter(
+            f"{directory} holds an expert store of another checkpoint or format (differs in {', '.join(differs)}): "
+            "give another --offload-dir or delete that one"
+        )
     return found
 
 
 def _place(
-    key: str, tensor: torch.Tensor, cfg: PretrainedConfig, store: ExpertStore | None, dense: dict[str, torch.Tensor],
-    device: torch.device, dtype: torch.dtype, fp32: frozenset[str], interleaved: bool = False,
+    key: str,
+    tensor: torch.Tensor,
+    cfg: PretrainedConfig,
+    store: ExpertStore | None,
+    dense: dict[str, torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
+    fp32: frozenset[str],
+    interleaved: bool = False,
 ) -> None:
     """Route one checkpoint tensor to the expert store (packed there; skipped when None: the experts are on disk already) or the
     dense state dict (`fp32` names stay float32). Returns the MoE layer of an expert tensor, else None."""
@@ -308,7 +329,10 @@ def _place(
 
 
 def place_expert(
-    key: str, kind: ExpertTensor | FusedExpertTensor | PackedExpertTensor | HubExpertField, tensor: torch.Tensor, store: ExpertStore,
+    key: str,
+    kind: ExpertTensor | FusedExpertTensor | PackedExpertTensor | HubExpertField,
+    tensor: torch.Tensor,
+    store: ExpertStore,
     interleaved: bool = False,
 ) -> None:
     """Pack one expert tensor of the checkpoint into the store; a tensor that does not fit is a CheckpointError.

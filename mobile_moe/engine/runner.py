@@ -13,16 +13,15 @@ from mobile_moe.engine.budget import PREFILL_CHUNK
 from mobile_moe.engine.graphs import GRAPH_SPAN_BUCKET, DecodeGraphs
 from mobile_moe.engine.passes import PassSpec
 from mobile_moe.experts.cache import ExpertCache
+from mobile_moe.experts.dispatch import pool_experts
 from mobile_moe.experts.executor import ExpertExecutor
 from mobile_moe.experts.reader import Priority
-from mobile_moe.experts.dispatch import pool_experts
 from mobile_moe.layers.attention import AttentionInput
 from mobile_moe.layers.kv_cache import BatchKV, KVCache, KVPool, LayerKV
 from mobile_moe.layers.mlp import Activation, activation
 from mobile_moe.layers.moe import ExpertMode, LayerExperts, MoEBlock, RouterSpec, Routing, half_of, select
-from mobile_moe.policy.little import prefer_resident, runs_big_here
 from mobile_moe.models.transformer import CausalLM, DecoderLayer, LayerStep, Segment, before_experts
-
+from mobile_moe.policy.little import prefer_resident, runs_big_here
 
 KV_BLOCK = 128  # a held KV cache grows in steps of this many positions, so that requests of similar lengths share it
 
@@ -30,7 +29,7 @@ KV_BLOCK = 128  # a held KV cache grows in steps of this many positions, so that
 class BoundLayer:
     """The general `LayerExperts`: one layer's calls forwarded to the runner (host-planned loads, knobs, lookahead)."""
 
-    def __init__(self, runner: "Runner", layer: int) -> None:
+    def __init__(self, runner: Runner, layer: int) -> None:
         self.runner, self.layer = weakref.proxy(runner), layer  # no cycle: a dropped runner (and its slot pool) is freed at once
 
     def choose(self, routing: Routing, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,8 +188,16 @@ class Runner:
             self.position_log = None
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, kv: KVCache, spec: PassSpec, all_logits: bool = False, step: int = 0,
-                keep: torch.Tensor | None = None, resume: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        ids: torch.Tensor,
+        kv: KVCache,
+        spec: PassSpec,
+        all_logits: bool = False,
+        step: int = 0,
+        keep: torch.Tensor | None = None,
+        resume: tuple[int, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """ids: [T] -> logits of the last position [V] (or all [T, V]) of one pass as `spec` describes it; when it records,
         `routing_log` holds each MoE layer's top-k. `keep` and `resume`: see `CausalLM.forward` (a partial fallback; such
         passes are not replayed from graphs)."""
@@ -245,10 +252,13 @@ class Runner:
         assert self.routed_segment is not None and self.resident_layer is not None
         now = self.spec
         if not isinstance(layer.mlp, MoEBlock):
-            return self.routed_segment(layer, x, inp, kv, now.mode, now.little_weights, now.little_k)[0]  # a dense layer, whole: the graph `offloaded_step` uses
+            return self.routed_segment(layer, x, inp, kv, now.mode, now.little_weights, now.little_k)[
+                0
+            ]  # a dense layer, whole: the graph `offloaded_step` uses
         cache, executor = self.cache, self.executor
-        x, indices, raw_weights = self.resident_layer(layer, x, inp, kv, cache.slot_rows[index], now.mode, now.little_weights, now.little_k,
-                                                      executor.act, *executor.pool_fields)
+        x, indices, raw_weights = self.resident_layer(
+            layer, x, inp, kv, cache.slot_rows[index], now.mode, now.little_weights, now.little_k, executor.act, *executor.pool_fields
+        )
         cache.stats.hits += layer.mlp.spec.top_k if now.mode is ExpertMode.BIG else now.little_k
         self.record_routing(index, Routing(indices, raw_weights))
         return x
@@ -354,7 +364,13 @@ def mixed_select(routing: Routing, spec: RouterSpec, groups: list[RowGroup]) -> 
 
 
 def routed_segment(
-    layer: DecoderLayer, x: torch.Tensor, inp: AttentionInput, kv: LayerKV, mode: ExpertMode, little_weights: str, little_k: int,
+    layer: DecoderLayer,
+    x: torch.Tensor,
+    inp: AttentionInput,
+    kv: LayerKV,
+    mode: ExpertMode,
+    little_weights: str,
+    little_k: int,
 ) -> tuple[torch.Tensor | None, ...]:
     """`before_experts` and the mode's choice of experts (`select`), for torch.compile. x [1, H] -> (x [1, H], the MLP
     input h [1, H] or None for a finished dense layer, top-k indices and raw gate values [1, k], the shared experts'
@@ -367,8 +383,16 @@ def routed_segment(
 
 
 def pooled_finish(
-    act: Activation, x: torch.Tensor, h: torch.Tensor, shared: torch.Tensor | None, slots: torch.Tensor, weights: torch.Tensor,
-    gate_up: torch.Tensor, down: torch.Tensor, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
+    act: Activation,
+    x: torch.Tensor,
+    h: torch.Tensor,
+    shared: torch.Tensor | None,
+    slots: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """The rest of an MoE layer, for torch.compile: the chosen experts read from the slot pool (slots [n], weights [1, n])
     on h [1, H], plus the shared experts and the residual x [1, H] -> [1, H]."""
@@ -377,8 +401,16 @@ def pooled_finish(
 
 
 def pooled_layer(
-    layer: DecoderLayer, x: torch.Tensor, inp: AttentionInput, kv: LayerKV, slot_of: torch.Tensor, mode: ExpertMode,
-    little_weights: str, little_k: int, act: Activation, *pool: torch.Tensor | None,
+    layer: DecoderLayer,
+    x: torch.Tensor,
+    inp: AttentionInput,
+    kv: LayerKV,
+    slot_of: torch.Tensor,
+    mode: ExpertMode,
+    little_weights: str,
+    little_k: int,
+    act: Activation,
+    *pool: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A whole MoE decoder layer for one token with every expert resident, for torch.compile: `routed_segment`, the slots
     from the layer's expert-to-slot row slot_of [E] and `pooled_finish`, all on the device; pool: `pooled_finish`'s

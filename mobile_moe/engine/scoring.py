@@ -35,8 +35,7 @@ def policy_logprobs(llm: LLM, ids: list[int], policy: PolicyConfig) -> torch.Ten
     if policy.name == "little":
         return little
     if policy.criterion not in LOGIT_CRITERIA or policy.tau is None:
-        raise InvalidParameter(f"teacher-forced mobile scoring needs a logits criterion ({', '.join(LOGIT_CRITERIA)}) and a tau, "
-                               f"not {policy.criterion!r}")
+        raise InvalidParameter(f"teacher-forced mobile scoring needs a logits criterion ({', '.join(LOGIT_CRITERIA)}) and a tau, not {policy.criterion!r}")
     big = llm.logits(ids[:-1], "big").float().log_softmax(-1)
     confident = torch.stack([confidence_tensor(row, policy.criterion) for row in little]) >= policy.tau  # [T - 1]
     return torch.where(confident[:, None], little, big)

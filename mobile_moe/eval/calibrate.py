@@ -15,12 +15,14 @@ from mobile_moe.config import LearnedImportance
 from mobile_moe.eval.quality import Run
 
 # Each criterion's confidence lives on its own scale, so each gets its own grid of thresholds.
-TAU_GRIDS: Mapping[str, tuple[float, ...]] = MappingProxyType({
-    "max_prob": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99),
-    "margin": (0.02, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1, 0.12, 0.15, 0.2, 0.3),
-    "entropy": (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95),
-    "learned": (0.6, 0.7, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.96, 0.98),  # eval's neighbours of a calibrated learned tau
-})
+TAU_GRIDS: Mapping[str, tuple[float, ...]] = MappingProxyType(
+    {
+        "max_prob": (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99),
+        "margin": (0.02, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1, 0.12, 0.15, 0.2, 0.3),
+        "entropy": (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95),
+        "learned": (0.6, 0.7, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.96, 0.98),  # eval's neighbours of a calibrated learned tau
+    }
+)
 # The learned confidence is fitted per model, so its taus are chosen as the thresholds giving these fallback rates on the fitting data.
 LEARNED_FALLBACK_RATES: tuple[float, ...] = (0.1, 0.14, 0.18, 0.2, 0.22, 0.24, 0.26, 0.28, 0.3, 0.33, 0.36, 0.4)
 
@@ -53,11 +55,21 @@ class Calibration:
         the mobile recovery they ran with, `little_k` the little model's experts (each the default of a policy that leaves it unset)."""
         assert self.chosen is not None
         return {
-            "version": RECORD_VERSION, "dtype": dtype, "tau": self.chosen.tau, "criterion": self.chosen.criterion, "kv_repair": kv_repair,
-            "rollback": rollback and kv_repair > 0, **({"little_k": little_k} if little_k is not None else {}),
+            "version": RECORD_VERSION,
+            "dtype": dtype,
+            "tau": self.chosen.tau,
+            "criterion": self.chosen.criterion,
+            "kv_repair": kv_repair,
+            "rollback": rollback and kv_repair > 0,
+            **({"little_k": little_k} if little_k is not None else {}),
             "target_agreement": self.target,
-            "rule": self.rule, "agreement": self.chosen.agreement, "agreement_ci": list(self.chosen.agreement_ci),
-            "fallback_rate": self.chosen.fallback_rate, "taus": self.best_taus(), "prompts": prompts, "data": data,
+            "rule": self.rule,
+            "agreement": self.chosen.agreement,
+            "agreement_ci": list(self.chosen.agreement_ci),
+            "fallback_rate": self.chosen.fallback_rate,
+            "taus": self.best_taus(),
+            "prompts": prompts,
+            "data": data,
             "runs": [r.to_dict() for r in self.runs],
             **({"learned": self.learned.to_dict(), "learned_report": self.learned_report} if self.learned is not None else {}),
         }

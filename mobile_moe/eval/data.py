@@ -7,7 +7,6 @@ from pathlib import Path
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.eval import corpus
 
-
 DEFAULT_GLOB = "*.py"
 
 

@@ -11,8 +11,6 @@ from mobile_moe.errors import InvalidParameter
 from mobile_moe.eval.calibrate import LEARNED_FALLBACK_RATES, TAU_GRIDS, Calibration, choose
 from mobile_moe.eval.learned import collect, feature_report, fit, merge, taus_for_rates
 from mobile_moe.eval.prompts import cut_prompts
-from mobile_moe.eval.sources import SourceCalibration, calibrate_across
-from mobile_moe.policy.importance import LOGIT_CRITERIA
 from mobile_moe.eval.quality import (
     mobile_perplexity,
     mobile_sweep,
@@ -20,6 +18,8 @@ from mobile_moe.eval.quality import (
     policy_runs,
     token_scores,
 )
+from mobile_moe.eval.sources import SourceCalibration, calibrate_across
+from mobile_moe.policy.importance import LOGIT_CRITERIA
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,13 @@ def _prompts(llm: LLM, texts: list[str], settings: EvalSettings) -> tuple[list, 
 
 
 def evaluate(
-    llm: LLM, texts: list[str], data: str, settings: EvalSettings, sweeps: list[tuple[PolicyConfig, tuple[float, ...]]],
-    calibrated: float | None, reference: LLM | None = None,
+    llm: LLM,
+    texts: list[str],
+    data: str,
+    settings: EvalSettings,
+    sweeps: list[tuple[PolicyConfig, tuple[float, ...]]],
+    calibrated: float | None,
+    reference: LLM | None = None,
 ) -> dict:
     """Perplexity of big/little (and a teacher-forced mobile estimate per tau), then greedy runs per policy.
 
@@ -64,20 +69,31 @@ def evaluate(
     prompts, skipped = _prompts(llm, texts, settings)
     base, taus = sweeps[0]
     scored = base.criterion in LOGIT_CRITERIA or (base.criterion == "learned" and base.learned is not None)  # teacher-forced mobile
-    scores = token_scores(llm, texts, settings.ppl_tokens, base.criterion if scored else None, settings.progress, learned=base.learned,
-                          little_k=base.little_k)
+    scores = token_scores(llm, texts, settings.ppl_tokens, base.criterion if scored else None, settings.progress, learned=base.learned, little_k=base.little_k)
     mobiles = [policy for sweep_base, sweep_taus in sweeps for policy in mobile_sweep(sweep_base, sweep_taus)]
     runs, versus = policy_runs(llm, prompts, mobiles, settings.new_tokens, settings.progress, reference)
     return {
-        "model": str(llm.path), "data": data, "prompts": len(prompts), "prompts_skipped_too_long": skipped, "new_tokens": settings.new_tokens,
-        "criterion": base.criterion, "little_weights": base.little_weights, "little_k": llm.little_k(base),
+        "model": str(llm.path),
+        "data": data,
+        "prompts": len(prompts),
+        "prompts_skipped_too_long": skipped,
+        "new_tokens": settings.new_tokens,
+        "criterion": base.criterion,
+        "little_weights": base.little_weights,
+        "little_k": llm.little_k(base),
         "expert_format": str(llm.loaded.store.format),
         "expert_bytes": llm.loaded.store.expert_bytes,
-        "cache_slots": llm.runner.cache.num_slots, "total_experts": llm.loaded.store.total_experts,
-        "big_vs_float_big": None if versus is None else {"expert_format": str(reference.loaded.store.format), "dtype": str(reference.loaded.dtype).removeprefix("torch."), **asdict(versus)},
+        "cache_slots": llm.runner.cache.num_slots,
+        "total_experts": llm.loaded.store.total_experts,
+        "big_vs_float_big": None
+        if versus is None
+        else {"expert_format": str(reference.loaded.store.format), "dtype": str(reference.loaded.dtype).removeprefix("torch."), **asdict(versus)},
         "perplexity": {
-            "big": perplexity(scores.big), "little": perplexity(scores.little), "tokens": int(scores.big.numel()),
-            "files": scores.files, "files_total": scores.files_total,
+            "big": perplexity(scores.big),
+            "little": perplexity(scores.little),
+            "tokens": int(scores.big.numel()),
+            "files": scores.files,
+            "files_total": scores.files_total,
             "mobile": {f"{t:g}": mobile_perplexity(scores, t, base.rollback_window) for t in taus} if scored else {},
         },
         "calibrated_tau": calibrated,
@@ -86,7 +102,13 @@ def evaluate(
 
 
 def calibrate(
-    llm: LLM, texts: list[str], settings: EvalSettings, bases: list[PolicyConfig], target: float, grid: bool, rule: str = "lower-bound",
+    llm: LLM,
+    texts: list[str],
+    settings: EvalSettings,
+    bases: list[PolicyConfig],
+    target: float,
+    grid: bool,
+    rule: str = "lower-bound",
 ) -> tuple[Calibration, int]:
     """Sweep (criterion, tau) on the texts and choose the pair meeting the target agreement at the lowest fallback rate.
 
@@ -113,7 +135,13 @@ def calibrate(
 
 
 def calibrate_sources(
-    llm: LLM, sources: dict[str, list[str]], settings: EvalSettings, bases: list[PolicyConfig], target: float, grid: bool, rule: str = "lower-bound",
+    llm: LLM,
+    sources: dict[str, list[str]],
+    settings: EvalSettings,
+    bases: list[PolicyConfig],
+    target: float,
+    grid: bool,
+    rule: str = "lower-bound",
 ) -> tuple[list[SourceCalibration], SourceCalibration | None, LearnedImportance | None]:
     """Every criterion's taus on each source apart, then `calibrate_across` (eval/sources.py); the chosen criterion is the
     one whose final tau gives the lowest fallback rate over all sources. A `learned` criterion is fitted on every
@@ -137,12 +165,11 @@ def calibrate_sources(
             learned = model if fold is None else learned
             taus = taus_for_rates(data, model, LEARNED_FALLBACK_RATES) if grid else settings.taus
             mobiles += [("learned", fold, p) for p in mobile_sweep(replace(base, learned=model), taus)]
-    runs = {name: policy_runs(llm, ps, [m for _, _, m in mobiles], settings.new_tokens, settings.progress)[0][-len(mobiles):]
-            for name, ps in prompts.items()}
+    runs = {name: policy_runs(llm, ps, [m for _, _, m in mobiles], settings.new_tokens, settings.progress)[0][-len(mobiles) :] for name, ps in prompts.items()}
     counts = {name: len(ps) for name, ps in prompts.items()}
     calibrations = []
     for base in bases:
-        pick_runs = lambda fold: {name: [r for (c, f, _), r in zip(mobiles, runs[name]) if c == base.criterion and f == fold] for name in sources}  # noqa: E731
+        pick_runs = lambda fold, base=base: {name: [r for (c, f, _), r in zip(mobiles, runs[name]) if c == base.criterion and f == fold] for name in sources}
         folds = {name: pick_runs(name) for name in sources} if base.criterion == "learned" else None
         calibrations.append(calibrate_across(pick_runs(None), folds, counts, target, rule))
     ready = [c for c in calibrations if c.pooled is not None]

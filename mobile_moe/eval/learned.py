@@ -27,8 +27,7 @@ class StepData:
 
 def collect(llm: LLM, prompts: list[list[int]], new_tokens: int, base: PolicyConfig, progress: bool = True) -> StepData:
     """Decode every prompt with a fallback at every step: the little pass gives the signals, the big pass the label."""
-    policy = dataclasses.replace(base, name="mobile", criterion="margin", tau=ALWAYS_FALL_BACK, learned=None, forced_fallback_rate=None,
-                                 record_signals=True)
+    policy = dataclasses.replace(base, name="mobile", criterion="margin", tau=ALWAYS_FALL_BACK, learned=None, forced_fallback_rate=None, record_signals=True)
     sampling = SamplingParams(max_new_tokens=new_tokens, stop_at_eos=True)
     rows, labels = [], []
     for ids in tqdm(prompts, desc="collecting signals", unit="prompt", disable=(not progress) or None, leave=False):
@@ -63,8 +62,9 @@ def fit(data: StepData, features: tuple[str, ...] = SIGNALS, steps: int = 200) -
         return value
 
     opt.step(loss)
-    return LearnedImportance(features=features, mean=tuple(mean.tolist()), scale=tuple(scale.tolist()),
-                             weights=tuple(w.detach().tolist()), bias=float(b.detach()))
+    return LearnedImportance(
+        features=features, mean=tuple(mean.tolist()), scale=tuple(scale.tolist()), weights=tuple(w.detach().tolist()), bias=float(b.detach())
+    )
 
 
 def auc(score: torch.Tensor, positive: torch.Tensor) -> float:
@@ -85,8 +85,7 @@ def feature_report(data: StepData, learned: LearnedImportance) -> dict:
         column = data.signals[:, SIGNALS.index(name)]
         alone = auc(column, data.differs)
         per_feature[name] = {"weight": weight, "auc_alone": max(alone, 1.0 - alone)}  # direction-free
-    return {"steps": int(data.differs.numel()), "differs": int(data.differs.sum()), "auc": auc(probability, data.differs),
-            "features": per_feature}
+    return {"steps": int(data.differs.numel()), "differs": int(data.differs.sum()), "auc": auc(probability, data.differs), "features": per_feature}
 
 
 def taus_for_rates(data: StepData, learned: LearnedImportance, rates: tuple[float, ...]) -> tuple[float, ...]:

@@ -29,11 +29,27 @@ from mobile_moe.engine.scoring import score_tokens
 class MobileMoeLM(LM):
     """lm-eval's LM interface over one mobile-moe LLM and one policy."""
 
-    def __init__(self, pretrained: str | None = None, policy: str = "big", tau: float | None = None, criterion: str | None = None,
-                 expert_dtype: str = "auto", expert_cache: int | None = None, dtype: str = "auto", max_batch: int = 8, **_: object) -> None:
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        policy: str = "big",
+        tau: float | None = None,
+        criterion: str | None = None,
+        expert_dtype: str = "auto",
+        expert_cache: int | None = None,
+        dtype: str = "auto",
+        max_batch: int = 8,
+        **_: object,
+    ) -> None:
         super().__init__()
-        config = engine_config(progress=False, dtype=dtype, expert_dtype=expert_dtype, expert_cache=None if expert_cache is None else int(expert_cache),
-                               max_batch=int(max_batch), batch_little="always")
+        config = engine_config(
+            progress=False,
+            dtype=dtype,
+            expert_dtype=expert_dtype,
+            expert_cache=None if expert_cache is None else int(expert_cache),
+            max_batch=int(max_batch),
+            batch_little="always",
+        )
         self.llm = LLM(Path(pretrained) if pretrained and Path(pretrained).exists() else (pretrained or DEMO_MODEL), config)
         self.policy = self.llm.resolve_policy(PolicyConfig(policy, None if tau is None else float(tau), criterion))  # type: ignore[arg-type]
 
@@ -43,7 +59,7 @@ class MobileMoeLM(LM):
     def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
         """(sum of the continuation's log-probabilities, whether each of its tokens was the most probable one)."""
         ids = (context or list(self.llm.eos_token_ids[:1])) + continuation
-        ids = ids[-(self.llm.max_context - 1):]
+        ids = ids[-(self.llm.max_context - 1) :]
         scores = score_tokens(self.llm, ids, self.policy, top=1)
         n = len(continuation)
         greedy = all(top[0][0] == token for top, token in zip(scores.top[-n:], continuation))
@@ -64,7 +80,7 @@ class MobileMoeLM(LM):
             until = kwargs.get("until") or []
             stops.append([until] if isinstance(until, str) else list(until))
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
-            prompts.append(self._ids(context)[-(self.llm.max_context // 2):] or list(self.llm.eos_token_ids[:1]))
+            prompts.append(self._ids(context)[-(self.llm.max_context // 2) :] or list(self.llm.eos_token_ids[:1]))
             samplings.append(SamplingParams(max_new_tokens=int(kwargs.get("max_gen_toks", 256)), temperature=temperature))
         results = self.llm.generate(prompts, samplings, self.policy) if prompts else []
         return [_cut(r.text or "", s) for r, s in zip(results, stops)]

@@ -11,9 +11,9 @@ from tqdm import tqdm
 
 from mobile_moe.config import LearnedImportance, PolicyConfig, SamplingParams
 from mobile_moe.engine.llm import LLM
+from mobile_moe.errors import InvalidParameter
 from mobile_moe.eval.agreement import Agreement, compare
 from mobile_moe.eval.prompts import Prompt, predicted_next_line
-from mobile_moe.errors import InvalidParameter
 from mobile_moe.policy.importance import confidence, signal_confidence, step_signals
 
 PPL_WINDOW = 256
@@ -86,20 +86,36 @@ def score(policy: PolicyConfig, cont: Continuations, big: Continuations, prompts
     mobile = policy.name == "mobile"
     loads, big_loads = _per_step(cont.loads, cont.decode_steps), _per_step(big.loads, big.decode_steps)
     return Run(
-        policy=policy.name, tau=policy.tau if mobile else None, criterion=policy.criterion if mobile else None, agreement=agree.agreement, agreement_overall=agree.agreement_overall, exact_match=agree.exact_match,
+        policy=policy.name,
+        tau=policy.tau if mobile else None,
+        criterion=policy.criterion if mobile else None,
+        agreement=agree.agreement,
+        agreement_overall=agree.agreement_overall,
+        exact_match=agree.exact_match,
         next_line_exact=hits / len(prompts) if prompts else 0.0,
         fallback_rate=_per_step(cont.fallbacks, cont.decode_steps),
-        tokens=sum(len(i) for i in cont.ids), agreement_ci=agree.agreement_ci, prefill_agreement=agree.prefill_agreement,
-        judged_tokens=agree.judged_tokens, loads_per_token=loads, loads_vs_big=loads / big_loads if big_loads else 1.0,
-        variant=variant_name(policy), decode_steps=cont.decode_steps, per_prompt=agree.per_prompt,
+        tokens=sum(len(i) for i in cont.ids),
+        agreement_ci=agree.agreement_ci,
+        prefill_agreement=agree.prefill_agreement,
+        judged_tokens=agree.judged_tokens,
+        loads_per_token=loads,
+        loads_vs_big=loads / big_loads if big_loads else 1.0,
+        variant=variant_name(policy),
+        decode_steps=cont.decode_steps,
+        per_prompt=agree.per_prompt,
         rolled_back_rate=_per_step(cont.rolled_back, cont.decode_steps),
     )
 
 
 def variant_name(policy: PolicyConfig) -> str:
     """The little-pass knobs of a policy, as a short label ("" when none is on)."""
-    knobs = [("little-k", policy.little_k), ("layer-adaptive", policy.layer_adaptive), ("cache-prior", policy.cache_prior),
-             ("kv-repair", policy.kv_repair or None), ("partial-fallback", policy.partial_fallback)]
+    knobs = [
+        ("little-k", policy.little_k),
+        ("layer-adaptive", policy.layer_adaptive),
+        ("cache-prior", policy.cache_prior),
+        ("kv-repair", policy.kv_repair or None),
+        ("partial-fallback", policy.partial_fallback),
+    ]
     label = "+".join(f"{name}={value:g}" for name, value in knobs if value is not None)
     return label + "+rollback" if policy.rollback_window else label
 
@@ -115,7 +131,12 @@ def mobile_sweep(base: PolicyConfig, taus: Iterable[float]) -> list[PolicyConfig
 
 
 def policy_runs(
-    llm: LLM, prompts: list[Prompt], mobiles: list[PolicyConfig], new_tokens: int, progress: bool = True, reference: LLM | None = None,
+    llm: LLM,
+    prompts: list[Prompt],
+    mobiles: list[PolicyConfig],
+    new_tokens: int,
+    progress: bool = True,
+    reference: LLM | None = None,
 ) -> tuple[list[Run], Agreement | None]:
     """big, little (once per knob setting among the mobiles) and each mobile configuration, all on the same prompts.
 
@@ -164,8 +185,14 @@ def sample_windows(token_lists: list[list[int]], window: int, max_tokens: int, s
 
 
 def token_scores(
-    llm: LLM, texts: list[str], max_tokens: int, criterion: str | None, progress: bool = True, seed: int = 0,
-    learned: LearnedImportance | None = None, little_k: int | None = None,
+    llm: LLM,
+    texts: list[str],
+    max_tokens: int,
+    criterion: str | None,
+    progress: bool = True,
+    seed: int = 0,
+    learned: LearnedImportance | None = None,
+    little_k: int | None = None,
 ) -> TokenScores:
     """Teacher-forced scores on up to max_tokens tokens in windows of PPL_WINDOW tokens sampled (seeded) across all texts.
 
@@ -189,8 +216,15 @@ def token_scores(
             if mode == "little" and criterion is not None and criterion != "learned":
                 conf.append(torch.tensor([confidence(row, criterion) for row in logp]))
     window = torch.cat([torch.full((len(ids) - 1,), i) for i, (_, ids) in enumerate(windows)])
-    return TokenScores(torch.cat(big), torch.cat(little), torch.cat(conf) if conf else torch.zeros(0), files=len({f for f, _ in windows}),
-                       files_total=len(texts), differs=torch.cat(tops["big"]) != torch.cat(tops["little"]), window=window)
+    return TokenScores(
+        torch.cat(big),
+        torch.cat(little),
+        torch.cat(conf) if conf else torch.zeros(0),
+        files=len({f for f, _ in windows}),
+        files_total=len(texts),
+        differs=torch.cat(tops["big"]) != torch.cat(tops["little"]),
+        window=window,
+    )
 
 
 def learned_confidence(logits: torch.Tensor, gates: torch.Tensor, little_k: int, learned: LearnedImportance | None) -> torch.Tensor:

@@ -10,14 +10,17 @@ from mobile_moe.errors import InvalidParameter
 def runs_table(runs: list[dict]) -> str:
     """Fixed-width table of policy runs."""
     w = max([5] + [len(r.get("variant", "")) for r in runs])
-    head = (f"{'policy':<8} {'criterion':<9} {'knobs':<{w}} {'tau':>6} {'agree':>7} {'95% CI':>15} {'overall':>8} {'exact':>7} {'next-line':>10} {'fallback':>9} "
-            f"{'loads/tok':>9} {'vs big':>7}")
+    head = (
+        f"{'policy':<8} {'criterion':<9} {'knobs':<{w}} {'tau':>6} {'agree':>7} {'95% CI':>15} {'overall':>8} {'exact':>7} {'next-line':>10} {'fallback':>9} "
+        f"{'loads/tok':>9} {'vs big':>7}"
+    )
     rows = [head, "-" * len(head)]
     for r in runs:
         tau = "" if r["tau"] is None else f"{r['tau']:.4g}"
         lo, hi = r.get("agreement_ci") or (r["agreement"], r["agreement"])
         rows.append(
-            f"{r['policy']:<8} {r.get('criterion') or '':<9} {r.get('variant', ''):<{w}} {tau:>6} {r['agreement']:>7.2%} {f'{lo:.1%}-{hi:.1%}':>15} {r['agreement_overall']:>8.1%} {r['exact_match']:>7.1%} "
+            f"{r['policy']:<8} {r.get('criterion') or '':<9} {r.get('variant', ''):<{w}} {tau:>6} {r['agreement']:>7.2%} "
+            f"{f'{lo:.1%}-{hi:.1%}':>15} {r['agreement_overall']:>8.1%} {r['exact_match']:>7.1%} "
             f"{r['next_line_exact']:>10.1%} {r['fallback_rate']:>9.1%} {r.get('loads_per_token', 0.0):>9.2f} {r.get('loads_vs_big', 1.0):>6.2f}x"
         )
     return "\n".join(rows)
@@ -25,8 +28,10 @@ def runs_table(runs: list[dict]) -> str:
 
 def learned_table(report: dict) -> str:
     """Which signals the learned criterion relies on: standardised weight and each signal's own AUC."""
-    rows = [f"learned criterion fitted on {report['steps']} decode steps ({report['differs']} where little differs from big): AUC {report['auc']:.3f}",
-            f"  {'signal':<14} {'weight':>8} {'AUC alone':>10}"]
+    rows = [
+        f"learned criterion fitted on {report['steps']} decode steps ({report['differs']} where little differs from big): AUC {report['auc']:.3f}",
+        f"  {'signal':<14} {'weight':>8} {'AUC alone':>10}",
+    ]
     ranked = sorted(report["features"].items(), key=lambda item: -abs(item[1]["weight"]))
     rows += [f"  {name:<14} {f['weight']:>+8.3f} {f['auc_alone']:>10.3f}" for name, f in ranked]
     return "\n".join(rows)

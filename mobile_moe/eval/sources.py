@@ -24,15 +24,15 @@ from mobile_moe.eval.agreement import pooled_agreement
 from mobile_moe.eval.calibrate import qualifies
 from mobile_moe.eval.quality import Run
 
-
 RANDOM_SPLIT_PARTS = 3
 
 
 def split_source(name: str, texts: list[str], parts: int = RANDOM_SPLIT_PARTS, seed: int = 0) -> dict[str, list[str]]:
     """One source's files dealt in a seeded random order into `parts` pseudo-sources named NAME/1 ... NAME/parts."""
     if len(texts) < parts:
-        raise InvalidParameter(f"one source ({name}) with {len(texts)} file(s) cannot be split into {parts} parts; "
-                               f"give at least two --source, or a directory of >= {parts} files")
+        raise InvalidParameter(
+            f"one source ({name}) with {len(texts)} file(s) cannot be split into {parts} parts; give at least two --source, or a directory of >= {parts} files"
+        )
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
     return {f"{name}/{part + 1}": [texts[i] for i in order[part::parts]] for part in range(parts)}
 
@@ -44,9 +44,17 @@ def pool(runs: list[Run]) -> Run:
     steps = sum(r.decode_steps for r in runs)
     fallbacks = sum(r.fallback_rate * r.decode_steps for r in runs)
     rolled_back = sum(r.rolled_back_rate * r.decode_steps for r in runs)
-    return replace(runs[0], agreement=agreement, agreement_ci=ci, fallback_rate=fallbacks / steps if steps else 0.0, decode_steps=steps,
-                   tokens=sum(r.tokens for r in runs), judged_tokens=sum(r.judged_tokens for r in runs), per_prompt=tuple(per_prompt),
-                   rolled_back_rate=rolled_back / steps if steps else 0.0)
+    return replace(
+        runs[0],
+        agreement=agreement,
+        agreement_ci=ci,
+        fallback_rate=fallbacks / steps if steps else 0.0,
+        decode_steps=steps,
+        tokens=sum(r.tokens for r in runs),
+        judged_tokens=sum(r.judged_tokens for r in runs),
+        per_prompt=tuple(per_prompt),
+        rolled_back_rate=rolled_back / steps if steps else 0.0,
+    )
 
 
 def pick(runs: list[Run], target: float, rule: str) -> Run | None:
@@ -68,10 +76,25 @@ class SourceRow:
 
     def to_dict(self) -> dict:
         """JSON-ready."""
-        brief = lambda r: None if r is None else {"tau": r.tau, "agreement": r.agreement, "agreement_ci": list(r.agreement_ci),  # noqa: E731
-                                                  "fallback_rate": r.fallback_rate, "judged_tokens": r.judged_tokens}
-        return {"source": self.source, "prompts": self.prompts, "tau_alone": self.tau_alone, "at_final": brief(self.at_final),
-                "tau_from_others": self.tau_from_others, "held_out": brief(self.held_out)}
+        brief = lambda r: (
+            None
+            if r is None
+            else {
+                "tau": r.tau,
+                "agreement": r.agreement,
+                "agreement_ci": list(r.agreement_ci),  # noqa: E731
+                "fallback_rate": r.fallback_rate,
+                "judged_tokens": r.judged_tokens,
+            }
+        )
+        return {
+            "source": self.source,
+            "prompts": self.prompts,
+            "tau_alone": self.tau_alone,
+            "at_final": brief(self.at_final),
+            "tau_from_others": self.tau_from_others,
+            "held_out": brief(self.held_out),
+        }
 
 
 @dataclass(frozen=True)
@@ -85,12 +108,21 @@ class SourceCalibration:
 
     def to_dict(self) -> dict:
         """JSON-ready."""
-        return {"criterion": self.criterion, "rule": "strictest per-source tau", "final_tau": self.final_tau,
-                "pooled": None if self.pooled is None else self.pooled.to_dict(), "sources": [r.to_dict() for r in self.rows]}
+        return {
+            "criterion": self.criterion,
+            "rule": "strictest per-source tau",
+            "final_tau": self.final_tau,
+            "pooled": None if self.pooled is None else self.pooled.to_dict(),
+            "sources": [r.to_dict() for r in self.rows],
+        }
 
 
 def calibrate_across(
-    runs: Mapping[str, list[Run]], folds: Mapping[str, Mapping[str, list[Run]]] | None, prompts: Mapping[str, int], target: float, rule: str,
+    runs: Mapping[str, list[Run]],
+    folds: Mapping[str, Mapping[str, list[Run]]] | None,
+    prompts: Mapping[str, int],
+    target: float,
+    rule: str,
 ) -> SourceCalibration:
     """runs: source -> the criterion's mobile runs on it (the same taus on every source). folds: for a fitted criterion,
     held-out source -> source -> runs of the criterion fitted without the held-out one (None: the criterion is fixed,
@@ -116,13 +148,16 @@ def sources_table(calibrations: list[SourceCalibration], target: float) -> str:
     leave-one-source-out tau with what it gave on the held-out source."""
     fmt = lambda r: "-" if r is None else f"{r.agreement:.1%} ({r.agreement_ci[0]:.1%}-{r.agreement_ci[1]:.1%}) {r.fallback_rate:>5.1%}"  # noqa: E731
     tau = lambda t: "-" if t is None else f"{t:g}"  # noqa: E731
-    lines = [f"target agreement {target:.1%}; final tau = the strictest per-source tau",
-             f"{'criterion':<9} {'source':<22} {'prompts':>7} {'tau alone':>9}  {'at final tau: agreement (CI) fallback':<36} "
-             f"{'LOSO tau':>8}  held out: agreement (CI) fallback"]
+    lines = [
+        f"target agreement {target:.1%}; final tau = the strictest per-source tau",
+        f"{'criterion':<9} {'source':<22} {'prompts':>7} {'tau alone':>9}  {'at final tau: agreement (CI) fallback':<36} "
+        f"{'LOSO tau':>8}  held out: agreement (CI) fallback",
+    ]
     for cal in calibrations:
         for row in cal.rows:
-            lines.append(f"{cal.criterion:<9} {row.source:<22} {row.prompts:>7} {tau(row.tau_alone):>9}  {fmt(row.at_final):<36} "
-                         f"{tau(row.tau_from_others):>8}  {fmt(row.held_out)}")
-        lines.append(f"{cal.criterion:<9} {'(all, final tau ' + tau(cal.final_tau) + ')':<22} {sum(r.prompts for r in cal.rows):>7} "
-                     f"{'':>9}  {fmt(cal.pooled)}")
+            lines.append(
+                f"{cal.criterion:<9} {row.source:<22} {row.prompts:>7} {tau(row.tau_alone):>9}  {fmt(row.at_final):<36} "
+                f"{tau(row.tau_from_others):>8}  {fmt(row.held_out)}"
+            )
+        lines.append(f"{cal.criterion:<9} {'(all, final tau ' + tau(cal.final_tau) + ')':<22} {sum(r.prompts for r in cal.rows):>7} {'':>9}  {fmt(cal.pooled)}")
     return "\n".join(lines)

@@ -16,8 +16,8 @@ import torch
 
 from mobile_moe.errors import CacheTooSmall
 from mobile_moe.experts.disk import DiskStore, aligned_empty
-from mobile_moe.experts.host_memory import allocate_host
 from mobile_moe.experts.eviction import make_eviction
+from mobile_moe.experts.host_memory import allocate_host
 from mobile_moe.experts.reader import Priority, ReadPool
 from mobile_moe.experts.store import ExpertStore
 from mobile_moe.experts.tiers import HostFeed
@@ -42,7 +42,7 @@ class CacheStats:
     lookahead_used: int = 0  # of those, experts the layer then asked for while still cached (precision = used / issued)
     host_hits: int = 0  # three tiers: loads of this cache served by the host tier without a disk read
 
-    def snapshot(self) -> "CacheStats":
+    def snapshot(self) -> CacheStats:
         """A copy, for measuring deltas."""
         return CacheStats(**vars(self))
 
@@ -67,7 +67,7 @@ class ExpertCache:
     stats: CacheStats = field(default_factory=CacheStats)
     trace: Trace | None = None
     reader: ReadPool | None = None  # the disk tier: slots are filled by reads of `store` (a DiskStore), on CPU
-    host: "ExpertCache | None" = None  # three tiers: slots are filled from this host cache of the disk store
+    host: ExpertCache | None = None  # three tiers: slots are filled from this host cache of the disk store
     pin_pool: bool = False  # with `reader`: page-lock the slot pool (a host tier feeding a CUDA cache copies from it)
 
     def __post_init__(self) -> None:
@@ -110,8 +110,13 @@ class ExpertCache:
     @property
     def shares_store(self) -> bool:
         """Whether the slots are the host store's own memory: on the CPU, a slot for every expert of a store in RAM."""
-        return (self.device.type == "cpu" and isinstance(self.store, ExpertStore) and self.reader is None and self.host is None
-                and self.num_slots == self.store.total_experts)
+        return (
+            self.device.type == "cpu"
+            and isinstance(self.store, ExpertStore)
+            and self.reader is None
+            and self.host is None
+            and self.num_slots == self.store.total_experts
+        )
 
     def _adopt_store(self) -> None:
         """Every expert resident in the slot the store's layout gives it (MoE layer row x experts + expert), nothing copied."""
@@ -165,11 +170,13 @@ class ExpertCache:
     def ready_first(self, slots: list[int]) -> list[int]:
         """Positions in `slots`, those whose fill has already finished first (then in issue order): the order to compute
         acquired experts in while the rest are still being read."""
+
         def pending(i: int) -> bool:
             ticket = self.slots[slots[i]].ticket
             if ticket is None:
                 return False
             return not ticket.future.done() if ticket.future is not None else ticket.event is not None and not ticket.event.query()
+
         return sorted(range(len(slots)), key=pending)  # stable: issue order within each kind
 
     def abandon(self, slots: list[int]) -> None:

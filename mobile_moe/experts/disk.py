@@ -81,12 +81,22 @@ def record_bytes(expert_bytes: int) -> int:
     return -(-expert_bytes // RECORD_ALIGN) * RECORD_ALIGN
 
 
-def expected_manifest(fingerprint: str, layout: ExpertLayout, dtype: torch.dtype,
-                      moe_layers: list[int], num_experts: int) -> Manifest:
+def expected_manifest(fingerprint: str, layout: ExpertLayout, dtype: torch.dtype, moe_layers: list[int], num_experts: int) -> Manifest:
     """The manifest a store for this checkpoint, layout and compute dtype must have (checksums left empty)."""
     shape, fmt = layout.shape, layout.format
-    return Manifest(fingerprint, fmt.layout_id, fmt.config(), str(dtype).removeprefix("torch."), shape.hidden, shape.intermediate,
-                    shape.bias, list(moe_layers), num_experts, layout.nbytes, record_bytes(layout.nbytes))
+    return Manifest(
+        fingerprint,
+        fmt.layout_id,
+        fmt.config(),
+        str(dtype).removeprefix("torch."),
+        shape.hidden,
+        shape.intermediate,
+        shape.bias,
+        list(moe_layers),
+        num_experts,
+        layout.nbytes,
+        record_bytes(layout.nbytes),
+    )
 
 
 class StoreWriter:
@@ -183,7 +193,9 @@ class DiskStore(ExpertSizes):
         expected = self.record_bytes * self.total_experts
         size = self.path.stat().st_size if self.path.exists() else -1
         if size != expected:
-            raise CheckpointError(f"{self.path} holds {max(size, 0)} bytes, its manifest says {expected}: the store is truncated; delete {directory} to rebuild it")
+            raise CheckpointError(
+                f"{self.path} holds {max(size, 0)} bytes, its manifest says {expected}: the store is truncated; delete {directory} to rebuild it"
+            )
         self.direct = False
         self.fd = self._open(direct)
 
@@ -196,8 +208,11 @@ class DiskStore(ExpertSizes):
                 return fd
             except OSError:
                 pass
-        log.warning("%s: O_DIRECT %s; reading through the page cache and dropping each record's pages after the read",
-                    self.path, "not asked for" if not direct else "refused by this file system")
+        log.warning(
+            "%s: O_DIRECT %s; reading through the page cache and dropping each record's pages after the read",
+            self.path,
+            "not asked for" if not direct else "refused by this file system",
+        )
         return os.open(self.path, os.O_RDONLY)
 
     pinned_bytes = 0  # nothing of the store is held in host memory

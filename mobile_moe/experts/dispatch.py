@@ -9,8 +9,13 @@ from mobile_moe.layers.mlp import Activation, gated
 
 
 def expert_output(
-    fmt: ExpertFormat, act: Activation, x: torch.Tensor, gate_up: list[torch.Tensor], down: list[torch.Tensor],
-    gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
+    fmt: ExpertFormat,
+    act: Activation,
+    x: torch.Tensor,
+    gate_up: list[torch.Tensor],
+    down: list[torch.Tensor],
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """x: [P, H] -> one expert's gated MLP output [P, H] from its packed fields, through the format's matmul."""
     gate, up = _biased(fmt.linear(x, gate_up, x.dtype), gate_up_bias).chunk(2, dim=-1)
@@ -18,8 +23,14 @@ def expert_output(
 
 
 def pool_experts(
-    act: Activation, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-    gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
+    act: Activation,
+    x: torch.Tensor,
+    slots: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """One token's experts read straight from the slot pool, for torch.compile: x [1, H], slots [n] (rank order),
     weights [1, n], gate_up [S, 2I, H], down [S, H, I], biases [S, 2I] / [S, H] or None -> the weighted sum [1, H].

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
-from typing import Hashable, Protocol
+from collections.abc import Callable, Hashable, Iterable
+from typing import Protocol
 
 
 class EvictionPolicy(Protocol):
@@ -30,7 +30,7 @@ class EvictionPolicy(Protocol):
         ...
 
 
-def _first(keys: Iterable[Hashable], evictable: Callable[[Hashable], bool], policy: "LRU | LFU") -> Hashable | None:
+def _first(keys: Iterable[Hashable], evictable: Callable[[Hashable], bool], policy: LRU | LFU) -> Hashable | None:
     """The first evictable key in `keys`, counting every key examined on the policy."""
     for key in keys:
         policy.scanned += 1

@@ -21,6 +21,7 @@ from mobile_moe.experts.formats import FloatFormat
 from mobile_moe.experts.store import MATRICES, ExpertShape, ExpertStore
 from mobile_moe.experts.transfer import TransferEngine
 from mobile_moe.layers.mlp import Activation, gated
+
 PROBE_HIDDEN, PROBE_INTERMEDIATE = 256, 128  # the grouped-matmul probe's expert: tiny, but aligned like real ones
 
 
@@ -221,4 +222,3 @@ def grouped_matches_loop(device: torch.device, dtype: torch.dtype, act: Activati
         return False
     want = ExpertExecutor(probe, act, dtype, grouped=False)._compute(xs, [1, 0], [2, 1])
     return bool(torch.allclose(got.float(), want.float(), rtol=2e-2, atol=1e-3))
-

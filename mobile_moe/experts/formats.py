@@ -268,7 +268,9 @@ def format_from_config(qc: dict) -> ExpertFormat:
     if qc.get("quant_method") == MXFP4_METHOD:
         return Mxfp4Format()
     if qc.get("quant_method") != QUANT_METHOD:
-        raise CheckpointError(f"quantization_config.quant_method {qc.get('quant_method')!r} is not supported (only {QUANT_METHOD!r} and {MXFP4_METHOD!r} checkpoints)")
+        raise CheckpointError(
+            f"quantization_config.quant_method {qc.get('quant_method')!r} is not supported (only {QUANT_METHOD!r} and {MXFP4_METHOD!r} checkpoints)"
+        )
     name = qc.get("expert_format")
     if name == "int8":
         return Int8Format()

@@ -78,10 +78,7 @@ class ExpertLayout:
     def views(self, block: torch.Tensor) -> dict[Matrix, list[torch.Tensor]]:
         """block: uint8 [N, nbytes] -> per matrix, each field as a typed view [N, *field.shape]."""
         n = block.shape[0]
-        return {
-            matrix: [block[:, off : off + f.nbytes].view(f.dtype).view(n, *f.shape) for f, off in placed]
-            for matrix, placed in self.fields.items()
-        }
+        return {matrix: [block[:, off : off + f.nbytes].view(f.dtype).view(n, *f.shape) for f, off in placed] for matrix, placed in self.fields.items()}
 
 
 class ExpertSizes:
@@ -116,15 +113,16 @@ def pins_host_store(device: torch.device, building_on_disk: bool) -> bool:
 class ExpertStore(ExpertSizes):
     """Routed experts of every MoE layer in one exact-size host allocation (page-locked when the device is CUDA)."""
 
-    def __init__(self, moe_layers: list[int], num_experts: int, shape: ExpertShape, fmt: ExpertFormat | torch.dtype, pin: bool, pinner: Pinner = cuda_pinner) -> None:
+    def __init__(
+        self, moe_layers: list[int], num_experts: int, shape: ExpertShape, fmt: ExpertFormat | torch.dtype, pin: bool, pinner: Pinner = cuda_pinner
+    ) -> None:
         self.format = FloatFormat(fmt) if isinstance(fmt, torch.dtype) else fmt
         self.shape, self.num_experts = shape, num_experts
         self.layout = ExpertLayout(shape, self.format)
         layer_bytes = num_experts * self.expert_bytes
         self.host = allocate_host(layer_bytes * len(moe_layers), pin, pinner)
         self.layers: dict[int, torch.Tensor] = {
-            layer: self.host.data[i * layer_bytes : (i + 1) * layer_bytes].view(num_experts, self.expert_bytes)
-            for i, layer in enumerate(moe_layers)
+            layer: self.host.data[i * layer_bytes : (i + 1) * layer_bytes].view(num_experts, self.expert_bytes) for i, layer in enumerate(moe_layers)
         }  # layer -> uint8 [E, expert_bytes], views of one allocation
         self.fields = {layer: self.layout.views(block) for layer, block in self.layers.items()}
         self.filled: set[tuple[int, int, Part, str]] = set()
@@ -184,7 +182,7 @@ class ExpertStore(ExpertSizes):
         self.filled.update(product((layer,), experts, parts, fields))
         self.filled_count[layer] = self.filled_count.get(layer, 0) + len(self.filled) - before
 
-    def repack(self, fmt: "FusedFormat", progress: bool = False) -> None:
+    def repack(self, fmt: FusedFormat, progress: bool = False) -> None:
         """Rewrite every expert in place into a kernel's layout of the same buffer size, one expert at a time (once, at load)."""
         layout = ExpertLayout(self.shape, fmt, nbytes=self.expert_bytes)
         bar = tqdm(total=self.total_experts, desc=f"repacking experts for {fmt.kernel}", unit="expert", disable=(not progress) or None, leave=False)
@@ -196,7 +194,7 @@ class ExpertStore(ExpertSizes):
         self.format, self.layout = fmt, layout
         self.fields = {layer: layout.views(block) for layer, block in self.layers.items()}
 
-    def converted(self, buffer: torch.Tensor, fmt: "FusedFormat", layout: ExpertLayout) -> torch.Tensor:
+    def converted(self, buffer: torch.Tensor, fmt: FusedFormat, layout: ExpertLayout) -> torch.Tensor:
         """One expert's portable buffer uint8 [expert_bytes] -> the same expert in `layout` (a kernel's), as a new buffer."""
         old = self.layout.views(buffer[None])
         out = torch.zeros(1, self.expert_bytes, dtype=torch.uint8)
@@ -217,11 +215,13 @@ class ExpertStore(ExpertSizes):
     def release_layer(self, layer: int) -> None:
         """Give a layer's pages back to the OS (its bytes read as zeros after): once written to disk, RAM need not hold it."""
         release_pages(self.layers[layer])
+
     def missing(self) -> list[str]:
         """Names of expert pieces never filled (the field is named only when a format has several)."""
         names = []
         for layer, e, part in product(self.layers, range(self.num_experts), PARTS):
             fields = [f.name for f, _ in self.layout.fields[self.shape.part_rows(part)[0]]]
-            names += [f"layer {layer} expert {e} {part}" + ("" if len(fields) == 1 else f" {field}")
-                      for field in fields if (layer, e, part, field) not in self.filled]
+            names += [
+                f"layer {layer} expert {e} {part}" + ("" if len(fields) == 1 else f" {field}") for field in fields if (layer, e, part, field) not in self.filled
+            ]
         return names

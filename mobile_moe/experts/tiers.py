@@ -32,12 +32,12 @@ class _Staged:
 class HostFeed:
     """Fills the slots of `device` (a cache on the compute device) from `host` (a CPU cache read from the disk store)."""
 
-    def __init__(self, device: "ExpertCache", host: "ExpertCache") -> None:
+    def __init__(self, device: ExpertCache, host: ExpertCache) -> None:
         self.device, self.host = weakref.proxy(device), host  # the device cache owns this feed: no cycle keeps a dropped pool alive
         self.staged: dict[int, _Staged] = {}  # device slot -> its fill waiting for a disk read
         self.holds: list[tuple[Fence, int]] = []  # (copy's end, host slot) pinned until that copy is done
 
-    def stage(self, key: "Key", slot: int, prefetch: bool, priority: Priority, after: tuple) -> Ticket:
+    def stage(self, key: Key, slot: int, prefetch: bool, priority: Priority, after: tuple) -> Ticket:
         """Pin the expert in the host tier (reading it from disk if it is not there), and copy it into the device slot
         now if it is there already, else once that read is done (the returned ticket then waits for the read)."""
         host, stats = self.host, self.device.stats
@@ -90,7 +90,7 @@ class HostFeed:
         if staged is not None:  # its read may go on: a later read into that host slot waits for it
             self.host.release([staged.host_slot])
 
-    def promote(self, key: "Key", slot: int) -> None:
+    def promote(self, key: Key, slot: int) -> None:
         """A demand for a staged expert: its read, if still queued as a prefetch, goes ahead of the prefetches."""
         if slot in self.staged:
             self.host.promote(key)

@@ -183,8 +183,11 @@ class CaptureFailed(RuntimeError):
     """A CUDA graph capture failed; the message names the first error (the operation that broke the capture)."""
 
 
-def cuda_capture(device: torch.device, cuda: Any = torch.cuda, end_allocate: Callable[[int, Any], None] | None = None,
-                 ) -> Callable[[Callable[[], torch.Tensor]], tuple[Callable[[], None], torch.Tensor]]:
+def cuda_capture(
+    device: torch.device,
+    cuda: Any = torch.cuda,
+    end_allocate: Callable[[int, Any], None] | None = None,
+) -> Callable[[Callable[[], torch.Tensor]], tuple[Callable[[], None], torch.Tensor]]:
     """A graph capture on `device` (not whichever device is current): each call records `fn`'s kernels into a new
     `CUDAGraph` on a side stream, all sharing one memory pool (their intermediates never live at once), and returns
     (replay, fn's outputs as the replays refresh them). Begun and ended by hand: whatever fails, the stream is restored and

@@ -26,13 +26,13 @@ class AttentionInput:
     sin_fp32: torch.Tensor | None = None
 
     @staticmethod
-    def of(cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> "AttentionInput":
+    def of(cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> AttentionInput:
         """From float32 rotary tables: cast once to the compute dtype, keeping the float32 tables where they differ."""
         if dtype == cos.dtype:
             return AttentionInput(cos, sin, mask)
         return AttentionInput(cos.to(dtype), sin.to(dtype), mask, cos, sin)
 
-    def row(self, i: int) -> "AttentionInput":
+    def row(self, i: int) -> AttentionInput:
         """Token i's input alone (a batched decode pass: one token per row)."""
         pick = lambda t: None if t is None else t[i : i + 1]  # noqa: E731
         return AttentionInput(self.cos[i : i + 1], self.sin[i : i + 1], None, pick(self.cos_fp32), pick(self.sin_fp32))
@@ -55,15 +55,11 @@ def causal_mask(start: int, length: int, device: torch.device) -> torch.Tensor |
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """q: [Hq, T, D], k/v: [Hkv, S, D*] -> [T, Hq * Dv]."""
-    out = F.scaled_dot_product_attention(
-        q[None], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=k.shape[0] != q.shape[0]
-    )  # [1, Hq, T, Dv]
+    out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=k.shape[0] != q.shape[0])  # [1, Hq, T, Dv]
     return out[0].transpose(0, 1).reshape(q.shape[1], -1)
 
 
-def attend_with_sinks(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, sinks: torch.Tensor
-) -> torch.Tensor:
+def attend_with_sinks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, sinks: torch.Tensor) -> torch.Tensor:
     """`attend` with a learned logit per head in each softmax denominator (gpt-oss): one extra zero key/value
     whose logit is sinks[h]. q: [Hq, T, D], k/v: [Hkv, S, D*], sinks: [Hq] -> [T, Hq * Dv]."""
     (Hq, T, _), S = q.shape, k.shape[1]
@@ -83,7 +79,7 @@ class GQAAttention(nn.Module):
 
     batches_rows = True  # attends a batch of decode rows (`LayerBatchKV`) in one call
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - the architecture's attention settings, most by keyword
         self,
         layer: int,
         hidden: int,

@@ -48,9 +48,7 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
-def gated_delta_rule(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor
-) -> torch.Tensor:
+def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
     """q, k: [T, H, Dk] (l2-normalised, q scaled), v: [T, H, Dv], g/beta: [T, H], state: [H, Dk, Dv] float32, updated in place
     -> out [T, H, Dv] float32. Per token: S = exp(g) S; S += k (beta (v - k^T S))^T; out = q^T S."""
     out = torch.empty(v.shape, dtype=torch.float32, device=v.device)
@@ -119,10 +117,12 @@ class GatedDeltaNet(nn.Module):
     def new_state(self, device: torch.device, dtype: torch.dtype) -> RecurrentState:
         """Zero state of one sequence: conv window [C, K-1] (compute dtype), delta-rule state [Hv, Dk, Dv] float32."""
         d = self.d
-        return RecurrentState({
-            "conv": torch.zeros(self.conv_dim, d.conv_kernel - 1, device=device, dtype=dtype),
-            "recurrent": torch.zeros(d.value_heads, d.key_dim, d.value_dim, device=device, dtype=torch.float32),
-        })
+        return RecurrentState(
+            {
+                "conv": torch.zeros(self.conv_dim, d.conv_kernel - 1, device=device, dtype=dtype),
+                "recurrent": torch.zeros(d.value_heads, d.key_dim, d.value_dim, device=device, dtype=torch.float32),
+            }
+        )
 
     def forward(self, x: torch.Tensor, inp: AttentionInput, kv: LayerKV) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden]; advances this layer's recurrent state (kv.recurrent) by T positions."""

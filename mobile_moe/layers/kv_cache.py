@@ -125,8 +125,10 @@ class KVCache:
         self.rings = rings or [None] * len(buffers[0] if buffers else k_shapes)  # per layer: ring slots, or None (max_len positions)
         if buffers is None:
             sizes = [max_len if r is None else r for r in self.rings]
-            buffers = ([torch.zeros(h, n, d, device=device, dtype=dtype) for (h, d), n in zip(k_shapes, sizes)],
-                       [torch.zeros(h, n, d, device=device, dtype=dtype) for (h, d), n in zip(v_shapes, sizes)])
+            buffers = (
+                [torch.zeros(h, n, d, device=device, dtype=dtype) for (h, d), n in zip(k_shapes, sizes)],
+                [torch.zeros(h, n, d, device=device, dtype=dtype) for (h, d), n in zip(v_shapes, sizes)],
+            )
         self.k, self.v = buffers  # per layer [H, max_len or ring, D]: own tensors, or one row of a `KVPool`
         self.recurrent = recurrent or {}  # layer -> state of its recurrent token mixer
         self.length = 0
@@ -188,8 +190,16 @@ class KVPool:
     the rows of its batch as one [B, H, S, D] tensor (a view when the rows are adjacent).
     """
 
-    def __init__(self, k_shapes: list[tuple[int, int]], v_shapes: list[tuple[int, int]], rows: int, max_len: int,
-                 device: torch.device, dtype: torch.dtype, rings: list[int | None] | None = None) -> None:
+    def __init__(
+        self,
+        k_shapes: list[tuple[int, int]],
+        v_shapes: list[tuple[int, int]],
+        rows: int,
+        max_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        rings: list[int | None] | None = None,
+    ) -> None:
         self.rows, self.max_len = rows, max_len
         self.rings = rings or [None] * len(k_shapes)  # per layer: ring slots (sliding windows), or None
         sizes = [max_len if r is None else r for r in self.rings]
@@ -198,8 +208,16 @@ class KVPool:
 
     def row(self, slot: int, recurrent: dict[int, RecurrentState]) -> KVCache:
         """An empty sequence over row `slot` (its old contents are masked by the length, then overwritten)."""
-        return KVCache([], [], self.max_len, torch.device("meta"), torch.float32, recurrent,
-                       buffers=([k[slot] for k in self.k], [v[slot] for v in self.v]), rings=self.rings)
+        return KVCache(
+            [],
+            [],
+            self.max_len,
+            torch.device("meta"),
+            torch.float32,
+            recurrent,
+            buffers=([k[slot] for k in self.k], [v[slot] for v in self.v]),
+            rings=self.rings,
+        )
 
     @property
     def nbytes(self) -> int:
@@ -214,7 +232,7 @@ class LayerBatchKV:
 
     k: torch.Tensor  # [R, H, max_len, D] the whole pool
     v: torch.Tensor
-    batch: "BatchKV"
+    batch: BatchKV
     index: int  # the layer
 
     @property

@@ -90,8 +90,13 @@ def _finish(raw: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
     return raw * spec.scaling
 
 
-def select(routing: Routing, spec: RouterSpec, mode: ExpertMode, little_weights: str = "native", little_k: int | None = None,
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def select(
+    routing: Routing,
+    spec: RouterSpec,
+    mode: ExpertMode,
+    little_weights: str = "native",
+    little_k: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices [T, n], weights [T, n]) for the big (n = k) or little (n = little_k, default ceil(k/2)) model."""
     big = _finish(routing.raw_weights, spec)
     if mode is ExpertMode.BIG:

@@ -30,9 +30,17 @@ def _attention_scale(cfg: PretrainedConfig) -> float:
 def sigmoid_group_router(cfg: PretrainedConfig) -> RouterSpec:
     """DeepSeek-V3's router (GLM-4.5 uses the same): sigmoid + correction bias, top-2-sum group top-k, renormalised, scaled."""
     return RouterSpec(
-        num_experts=cfg.n_routed_experts, top_k=cfg.num_experts_per_tok, scaling=float(cfg.routed_scaling_factor), logits_fp32=True,
-        scoring="sigmoid", renormalize=bool(cfg.norm_topk_prob), renorm_eps=1e-20,
-        n_group=cfg.n_group, topk_group=cfg.topk_group, group_score="top2_sum", correction_bias=True,
+        num_experts=cfg.n_routed_experts,
+        top_k=cfg.num_experts_per_tok,
+        scaling=float(cfg.routed_scaling_factor),
+        logits_fp32=True,
+        scoring="sigmoid",
+        renormalize=bool(cfg.norm_topk_prob),
+        renorm_eps=1e-20,
+        n_group=cfg.n_group,
+        topk_group=cfg.topk_group,
+        group_score="top2_sum",
+        correction_bias=True,
     )
 
 
@@ -42,8 +50,13 @@ def _router_spec(cfg: PretrainedConfig, v3: bool) -> RouterSpec:
     grouped = cfg.topk_method == "group_limited_greedy"
     # transformers' DeepSeek-V2 never renormalises (norm_topk_prob is false in every released V2 checkpoint).
     return RouterSpec(
-        num_experts=cfg.n_routed_experts, top_k=cfg.num_experts_per_tok, scaling=float(cfg.routed_scaling_factor), logits_fp32=True,
-        scoring="softmax", n_group=cfg.n_group if grouped else 1, topk_group=cfg.topk_group if grouped else 1,
+        num_experts=cfg.n_routed_experts,
+        top_k=cfg.num_experts_per_tok,
+        scaling=float(cfg.routed_scaling_factor),
+        logits_fp32=True,
+        scoring="softmax",
+        n_group=cfg.n_group if grouped else 1,
+        topk_group=cfg.topk_group if grouped else 1,
     )
 
 

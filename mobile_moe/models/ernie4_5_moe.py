@@ -24,8 +24,13 @@ def _is_moe_layer(cfg: PretrainedConfig, i: int) -> bool:
 def router_spec(cfg: PretrainedConfig) -> RouterSpec:
     """Softmax in float32; top-k of softmax + correction bias; the softmax values renormalised by max(sum, moe_norm_min)."""
     return RouterSpec(
-        num_experts=cfg.moe_num_experts, top_k=cfg.moe_k, scoring="softmax", renormalize=True,
-        renorm_min=float(cfg.moe_norm_min), correction_bias=True, logits_fp32=True,
+        num_experts=cfg.moe_num_experts,
+        top_k=cfg.moe_k,
+        scoring="softmax",
+        renormalize=True,
+        renorm_min=float(cfg.moe_norm_min),
+        correction_bias=True,
+        logits_fp32=True,
     )
 
 
@@ -37,8 +42,18 @@ def build(cfg: PretrainedConfig) -> CausalLM:
 
     def attention(i: int) -> GQAAttention:
         return GQAAttention(
-            i, hidden, cfg.num_attention_heads, cfg.num_key_value_heads, hd, qkv_bias=bias, o_bias=bias,
-            qk_norm="none", eps=cfg.rms_norm_eps, clip_qkv=None, rope_layout="interleaved", rope_fp32=True,
+            i,
+            hidden,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            hd,
+            qkv_bias=bias,
+            o_bias=bias,
+            qk_norm="none",
+            eps=cfg.rms_norm_eps,
+            clip_qkv=None,
+            rope_layout="interleaved",
+            rope_fp32=True,
         )
 
     def mlp(i: int) -> nn.Module:

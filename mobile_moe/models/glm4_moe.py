@@ -22,8 +22,17 @@ def build(cfg: PretrainedConfig) -> CausalLM:
 
     def attention(i: int) -> GQAAttention:
         return GQAAttention(
-            i, hidden, cfg.num_attention_heads, cfg.num_key_value_heads, hd, qkv_bias=bool(cfg.attention_bias), o_bias=False,
-            qk_norm="head" if cfg.use_qk_norm else "none", eps=cfg.rms_norm_eps, clip_qkv=None, rotary_dim=rot,
+            i,
+            hidden,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            hd,
+            qkv_bias=bool(cfg.attention_bias),
+            o_bias=False,
+            qk_norm="head" if cfg.use_qk_norm else "none",
+            eps=cfg.rms_norm_eps,
+            clip_qkv=None,
+            rotary_dim=rot,
         )
 
     def mlp(i: int) -> nn.Module:

@@ -20,7 +20,11 @@ REQUIRED = ("num_key_value_heads", "num_local_experts", "num_experts_per_tok", "
 def router_spec(cfg: PretrainedConfig) -> RouterSpec:
     """Linear router with a bias; top-k of the logits, softmax over the selected k (so a kept prefix is renormalised)."""
     return RouterSpec(
-        num_experts=cfg.num_local_experts, top_k=cfg.num_experts_per_tok, scoring="topk_softmax", renormalize=True, bias=True,
+        num_experts=cfg.num_local_experts,
+        top_k=cfg.num_experts_per_tok,
+        scoring="topk_softmax",
+        renormalize=True,
+        bias=True,
     )
 
 
@@ -33,8 +37,18 @@ def build(cfg: PretrainedConfig) -> CausalLM:
     def attention(i: int) -> GQAAttention:
         window = cfg.sliding_window if cfg.layer_types[i] == "sliding_attention" else None
         return GQAAttention(
-            i, hidden, cfg.num_attention_heads, cfg.num_key_value_heads, hd, qkv_bias=bias, o_bias=bias,
-            qk_norm="none", eps=cfg.rms_norm_eps, clip_qkv=None, sinks=True, sliding_window=window,
+            i,
+            hidden,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            hd,
+            qkv_bias=bias,
+            o_bias=bias,
+            qk_norm="none",
+            eps=cfg.rms_norm_eps,
+            clip_qkv=None,
+            sinks=True,
+            sliding_window=window,
         )
 
     def mlp(i: int) -> nn.Module:

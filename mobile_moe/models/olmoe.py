@@ -19,8 +19,16 @@ def build(cfg: PretrainedConfig) -> CausalLM:
 
     def attention(i: int) -> GQAAttention:
         return GQAAttention(
-            i, hidden, cfg.num_attention_heads, cfg.num_key_value_heads, hd,
-            qkv_bias=bias, o_bias=bias, qk_norm="full", eps=cfg.rms_norm_eps, clip_qkv=getattr(cfg, "clip_qkv", None),
+            i,
+            hidden,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            hd,
+            qkv_bias=bias,
+            o_bias=bias,
+            qk_norm="full",
+            eps=cfg.rms_norm_eps,
+            clip_qkv=getattr(cfg, "clip_qkv", None),
         )
 
     return assemble(cfg, attention, lambda i: MoEBlock(i, hidden, spec, None, False), rotary_for(cfg, hd), spec, cfg.intermediate_size)

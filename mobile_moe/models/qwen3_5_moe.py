@@ -37,7 +37,12 @@ def build(cfg: PretrainedConfig) -> CausalLM:
     spec = RouterSpec(num_experts=cfg.num_experts, top_k=cfg.num_experts_per_tok, renormalize=True)
     rot = rotary_dim(cfg, hd)  # text-only positions: the three mrope sections share one position, so plain half-layout rope
     delta = DeltaNetDims(
-        hidden, cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.linear_conv_kernel_dim,
+        hidden,
+        cfg.linear_num_key_heads,
+        cfg.linear_num_value_heads,
+        cfg.linear_key_head_dim,
+        cfg.linear_value_head_dim,
+        cfg.linear_conv_kernel_dim,
     )
 
     def attention(i: int) -> nn.Module:
@@ -45,8 +50,18 @@ def build(cfg: PretrainedConfig) -> CausalLM:
             return GatedDeltaNet(i, delta, eps=cfg.rms_norm_eps, act=act)
         bias = bool(cfg.attention_bias)
         return GQAAttention(
-            i, hidden, cfg.num_attention_heads, cfg.num_key_value_heads, hd, qkv_bias=bias, o_bias=bias, qk_norm="head",
-            eps=cfg.rms_norm_eps, clip_qkv=None, rotary_dim=rot, output_gate=True,
+            i,
+            hidden,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            hd,
+            qkv_bias=bias,
+            o_bias=bias,
+            qk_norm="head",
+            eps=cfg.rms_norm_eps,
+            clip_qkv=None,
+            rotary_dim=rot,
+            output_gate=True,
         )
 
     def mlp(i: int) -> nn.Module:

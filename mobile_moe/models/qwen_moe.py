@@ -27,8 +27,16 @@ def _build(cfg: PretrainedConfig, qwen3: bool) -> CausalLM:
 
     def attention(i: int) -> GQAAttention:
         return GQAAttention(
-            i, hidden, cfg.num_attention_heads, cfg.num_key_value_heads, hd,
-            qkv_bias=bias, o_bias=bias and qwen3, qk_norm="head" if qwen3 else "none", eps=cfg.rms_norm_eps, clip_qkv=None,
+            i,
+            hidden,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            hd,
+            qkv_bias=bias,
+            o_bias=bias and qwen3,
+            qk_norm="head" if qwen3 else "none",
+            eps=cfg.rms_norm_eps,
+            clip_qkv=None,
         )
 
     def mlp(i: int) -> nn.Module:

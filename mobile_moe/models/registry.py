@@ -11,19 +11,21 @@ from mobile_moe.errors import UnsupportedArchitecture
 from mobile_moe.models import deepseek, ernie4_5_moe, glm4_moe, gpt_oss, mixtral, olmoe, qwen3_5_moe, qwen_moe
 from mobile_moe.models.transformer import CausalLM
 
-BUILDERS: Mapping[str, Callable[[PretrainedConfig], CausalLM]] = MappingProxyType({
-    "mixtral": mixtral.build,
-    "qwen2_moe": qwen_moe.build_qwen2_moe,
-    "qwen3_moe": qwen_moe.build_qwen3_moe,
-    "olmoe": olmoe.build,
-    "deepseek_v2": deepseek.build_v2,
-    "deepseek_v3": deepseek.build_v3,
-    "glm4_moe": glm4_moe.build,
-    "ernie4_5_moe": ernie4_5_moe.build,
-    "gpt_oss": gpt_oss.build,
-    "qwen3_5_moe": qwen3_5_moe.build,
-    "qwen3_5_moe_text": qwen3_5_moe.build,
-})
+BUILDERS: Mapping[str, Callable[[PretrainedConfig], CausalLM]] = MappingProxyType(
+    {
+        "mixtral": mixtral.build,
+        "qwen2_moe": qwen_moe.build_qwen2_moe,
+        "qwen3_moe": qwen_moe.build_qwen3_moe,
+        "olmoe": olmoe.build,
+        "deepseek_v2": deepseek.build_v2,
+        "deepseek_v3": deepseek.build_v3,
+        "glm4_moe": glm4_moe.build,
+        "ernie4_5_moe": ernie4_5_moe.build,
+        "gpt_oss": gpt_oss.build,
+        "qwen3_5_moe": qwen3_5_moe.build,
+        "qwen3_5_moe_text": qwen3_5_moe.build,
+    }
+)
 SUPPORTED = tuple(BUILDERS)
 
 

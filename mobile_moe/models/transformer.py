@@ -31,7 +31,7 @@ class DecoderLayer(nn.Module):
         """x: [T, H] -> [T, H]; the layer's state comes in as arguments (nothing indexed by a layer number inside)."""
         return self.after_experts(before_experts(self, x, inp, kv), experts)
 
-    def after_experts(self, part: "LayerPart", experts: LayerExperts) -> torch.Tensor:
+    def after_experts(self, part: LayerPart, experts: LayerExperts) -> torch.Tensor:
         """Finish the layer from what `before_experts` computed: add the routed experts' output (MoE layers) -> [T, H]."""
         x, h, indices, raw_weights, shared = part
         if h is None:  # a dense layer: already complete
@@ -132,8 +132,15 @@ class CausalLM(nn.Module):
         return [getattr(layer.self_attn, "sliding_window", None) for layer in self.model.layers]
 
     def forward(
-        self, ids: torch.Tensor, kv: KVCache, runner: ExpertRunner, all_logits: bool = False, segment: Segment = before_experts,
-        layer_step: LayerStep | None = None, span: int | None = None, keep: torch.Tensor | None = None,
+        self,
+        ids: torch.Tensor,
+        kv: KVCache,
+        runner: ExpertRunner,
+        all_logits: bool = False,
+        segment: Segment = before_experts,
+        layer_step: LayerStep | None = None,
+        span: int | None = None,
+        keep: torch.Tensor | None = None,
         resume: tuple[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """ids: [T] at positions kv.length.. -> logits [V] of the last position ([T, V] if all_logits); writes the KV cache.

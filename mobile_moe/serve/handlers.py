@@ -92,8 +92,10 @@ class Handlers:
             started.append(job)
         try:
             outs = [(("", None) if job is None else await collect(job[0])) for job in started]
-            choices = [await asyncio.to_thread(scored_choice, self.llm, i, prompt, text, result, body.echo, body.logprobs, policy)
-                       for i, (prompt, (text, result), (policy, _)) in enumerate(zip(prompts, outs, checks))]  # type: ignore[misc]
+            choices = [
+                await asyncio.to_thread(scored_choice, self.llm, i, prompt, text, result, body.echo, body.logprobs, policy)
+                for i, (prompt, (text, result), (policy, _)) in enumerate(zip(prompts, outs, checks))
+            ]  # type: ignore[misc]
         except GenerationFailed as e:
             return error(500, f"generation failed: {e}", "server_error")
         except MobileMoeError as e:

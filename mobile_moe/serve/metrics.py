@@ -12,14 +12,19 @@ from mobile_moe.engine.llm import LLM
 from mobile_moe.serve.worker import EngineWorker
 
 COUNTERS = {  # name -> help; each exported as mobile_moe_<name>_total
-    "requests": "Generations that finished", "failed_requests": "Generations that failed", "prompt_tokens": "Prompt tokens",
-    "completion_tokens": "Generated tokens", "fallback_tokens": "Decode steps recomputed with big",
+    "requests": "Generations that finished",
+    "failed_requests": "Generations that failed",
+    "prompt_tokens": "Prompt tokens",
+    "completion_tokens": "Generated tokens",
+    "fallback_tokens": "Decode steps recomputed with big",
 }
 
 
 ENGINE_COUNTERS = {  # the expert cache's own counters (rows decoded together share every expert load): name -> (CacheStats field, help)
-    "expert_hits": ("hits", "Routed experts found cached"), "expert_misses": ("misses", "Routed experts loaded on demand"),
-    "h2d_bytes": ("h2d_bytes", "Expert bytes copied host to device"), "disk_bytes": ("disk_bytes", "Expert bytes read from the disk store"),
+    "expert_hits": ("hits", "Routed experts found cached"),
+    "expert_misses": ("misses", "Routed experts loaded on demand"),
+    "h2d_bytes": ("h2d_bytes", "Expert bytes copied host to device"),
+    "disk_bytes": ("disk_bytes", "Expert bytes read from the disk store"),
 }
 
 
@@ -47,17 +52,22 @@ class Metrics:
         Gauge("mobile_moe_queue_depth", "Requests waiting or running", registry=self.registry).set_function(worker.depth)
         Gauge("mobile_moe_batch_occupancy", "Rows of the decode batch in use", registry=self.registry).set_function(worker.occupancy)
         Gauge("mobile_moe_batch_rows", "Rows the decode batch holds (--max-batch)", registry=self.registry).set(worker.max_batch)
-        self.queue_seconds = Histogram("mobile_moe_queue_seconds", "Seconds a request waited before joining the batch", registry=self.registry,
-                                       buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
+        self.queue_seconds = Histogram(
+            "mobile_moe_queue_seconds",
+            "Seconds a request waited before joining the batch",
+            registry=self.registry,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+        )
         governor = worker.llm.governor
-        Gauge("mobile_moe_batch_little_first_steps", "Batched steps whose mobile rows decoded little first (measured cheaper)",
-              registry=self.registry).set_function(lambda: governor.little_steps)
-        Gauge("mobile_moe_batch_big_instead_steps", "Batched steps whose mobile rows ran big (little measured dearer at that batch size)",
-              registry=self.registry).set_function(lambda: governor.big_steps)
+        Gauge(
+            "mobile_moe_batch_little_first_steps", "Batched steps whose mobile rows decoded little first (measured cheaper)", registry=self.registry
+        ).set_function(lambda: governor.little_steps)
+        Gauge(
+            "mobile_moe_batch_big_instead_steps", "Batched steps whose mobile rows ran big (little measured dearer at that batch size)", registry=self.registry
+        ).set_function(lambda: governor.big_steps)
         worker.on_admit = self.queue_seconds.observe
         self.registry.register(EngineCounters(worker.llm))
-        Gauge("mobile_moe_decode_tokens_per_second", "Generated tokens per second of decoding, all requests",
-              registry=self.registry).set_function(self._tok_s)
+        Gauge("mobile_moe_decode_tokens_per_second", "Generated tokens per second of decoding, all requests", registry=self.registry).set_function(self._tok_s)
         Gauge("mobile_moe_fallback_rate", "Share of generated tokens recomputed with big", registry=self.registry).set_function(self._fallback_rate)
 
     def record(self, result: GenerationResult | None, prompt_tokens: int) -> None:

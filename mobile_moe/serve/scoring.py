@@ -11,8 +11,9 @@ from mobile_moe.engine.llm import LLM
 from mobile_moe.engine.scoring import score_tokens
 
 
-def scored_choice(llm: LLM, index: int, prompt: list[int], text: str, result: GenerationResult | None, echo: bool, top: int | None,
-                  policy: PolicyConfig) -> dict:
+def scored_choice(
+    llm: LLM, index: int, prompt: list[int], text: str, result: GenerationResult | None, echo: bool, top: int | None, policy: PolicyConfig
+) -> dict:
     """One choice: the (echoed prompt and) completion text, and with `top` set, each token's log-probability under the
     policy (teacher-forced, engine/scoring.py) with its `top` alternatives; the prompt's tokens are scored only with echo."""
     generated = [] if result is None else result.token_ids
@@ -26,8 +27,12 @@ def scored_choice(llm: LLM, index: int, prompt: list[int], text: str, result: Ge
     offsets = [0, *accumulate(len(p) for p in pieces)][:-1]
     first = 0 if echo else len(prompt)
     alternatives = [None if i == 0 else {piece(llm, t): lp for t, lp in alts} for i, alts in enumerate(scores.top)]
-    choice["logprobs"] = {"tokens": pieces[first:], "token_logprobs": scores.token_logprobs[first:], "top_logprobs": alternatives[first:],
-                          "text_offset": offsets[first:] if echo else [o - offsets[first] for o in offsets[first:]]}
+    choice["logprobs"] = {
+        "tokens": pieces[first:],
+        "token_logprobs": scores.token_logprobs[first:],
+        "top_logprobs": alternatives[first:],
+        "text_offset": offsets[first:] if echo else [o - offsets[first] for o in offsets[first:]],
+    }
     return choice
 
 

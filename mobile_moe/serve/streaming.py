@@ -49,7 +49,7 @@ class Generation:
 
     def _send(self, end: int) -> None:
         """Hand text[len(sent):end] to the event loop."""
-        delta = self.text[len(self.sent):end]
+        delta = self.text[len(self.sent) : end]
         if delta:
             self.sent += delta
             self.loop.call_soon_threadsafe(self.events.put_nowait, ("text", delta))
@@ -85,7 +85,7 @@ async def collect(gen: Generation) -> tuple[str, GenerationResult]:
             continue
         _, result, err = event
         if err is not None:
-            raise GenerationFailed(' '.join(str(err).split()) or type(err).__name__)
+            raise GenerationFailed(" ".join(str(err).split()) or type(err).__name__)
         if result is None:
             raise GenerationFailed("the request was cancelled")
         return text, result

@@ -124,4 +124,3 @@ class EngineWorker:
         finally:
             with self._count_lock:
                 self._held -= 1
-
