@@ -16,14 +16,13 @@ from mobile_moe.bench.batching import run_batch_bench
 from mobile_moe.bench.bench import BenchSettings, run_bench
 from mobile_moe.bench.checks import (
     decode_step_syncs,
-    expert_path,
     graph_figures,
     host_reads,
     launches_per_token,
-    matmul_path,
 )
 from mobile_moe.bench.costinputs import OpCounts
 from mobile_moe.config import PolicyConfig
+from mobile_moe.experts.executor import matmul_path
 from mobile_moe.experts.formats import FloatFormat, make_format
 from mobile_moe.experts.kernels import CudaInt4, FusedInt4
 
@@ -177,9 +176,9 @@ def test_expert_paths_name_the_matmul_each_format_runs(checkpoints):
     assert matmul_path(CudaInt4(int4, torch.device("cpu"), 8), torch.bfloat16) == "tinygemm"
     assert matmul_path(FusedInt4(int4, torch.bfloat16), torch.bfloat16) == "cpu-int4"
     executor = _llm(checkpoints["olmoe"]).runner.executor
-    assert expert_path(executor, resident=False) == "in-place"
+    assert executor.path(resident=False) == "in-place"
     executor.grouped = True
-    assert expert_path(executor, resident=False) == "grouped" and expert_path(executor, resident=True) == "in-place"
+    assert executor.path(resident=False) == "grouped" and executor.path(resident=True) == "in-place"
 
 
 def test_launches_per_token_add_fallback_passes_and_count_a_replay_as_one():

@@ -345,3 +345,11 @@ def test_quantize_packs_gpt_oss_experts_and_biases_like_loading_does(checkpoints
     on_the_fly = LLM(checkpoints["gpt_oss"], engine_config(progress=False, expert_cache=6, expert_dtype=to, group_size=group))
     assert torch.equal(loaded.loaded.store.host.data, on_the_fly.loaded.store.host.data)  # de-interleaved once, biases included
     assert loaded.generate(PROMPT, GREEDY).token_ids == on_the_fly.generate(PROMPT, GREEDY).token_ids
+
+
+def test_generation_stats_name_the_expert_path_the_engine_chose(checkpoints):
+    """`GenerationStats.expert_path` (and so `generate --json`) says how the routed experts were computed."""
+    floats = LLM(checkpoints["olmoe"], engine_config(progress=False, dtype="float32"))
+    assert floats.generate(PROMPT, GREEDY).stats.expert_path == "in-place"  # float experts read where they lie
+    int4 = LLM(checkpoints["olmoe"], engine_config(progress=False, dtype="float32", expert_dtype="int4", group_size=16, fused_kernels=False))
+    assert int4.generate(PROMPT, GREEDY).stats.expert_path == "reference"  # dequantized, then a matmul

@@ -14,7 +14,6 @@ import torch
 
 from mobile_moe.bench.checks import (
     decode_step_syncs,
-    expert_path,
     graph_figures,
     guarded,
     h2d_probe_gb_s,
@@ -159,7 +158,7 @@ def _run_system(
         SystemResult(
             **extra_fields,
             note=note,
-            expert_path=expert_path(llm.runner.executor, preload),
+            expert_path=llm.runner.executor.path(preload),
             peak_gpu_mb=peak_mb(llm.device),
             name=name,
             decode_tok_s=steps / decode_s if decode_s else 0.0,

@@ -25,9 +25,6 @@ from mobile_moe.engine.graphs import CapturedPass, DecodeGraphs
 from mobile_moe.engine.llm import LLM
 from mobile_moe.engine.passes import BIG
 from mobile_moe.engine.runner import Runner
-from mobile_moe.experts.executor import ExpertExecutor
-from mobile_moe.experts.formats import ExpertFormat, Mxfp4Format
-from mobile_moe.experts.kernels import CudaInt4, FusedFormat
 from mobile_moe.layers.kv_cache import KVCache
 from mobile_moe.layers.moe import ExpertMode
 
@@ -67,28 +64,6 @@ def guarded(fn: Callable[[], T]) -> tuple[T | None, str | None]:
     except Exception as exc:  # noqa: BLE001 - whatever failed is reported, the run goes on
         log.warning("bench check failed: %s: %s", type(exc).__name__, exc)
         return None, f"{type(exc).__name__}: {exc}".splitlines()[0]
-
-
-def expert_path(executor: ExpertExecutor, resident: bool) -> str:
-    """How a system's routed experts were computed: `grouped` (grouped matmuls over the slot pool), `pooled` (one compiled call
-    over the pool), else each expert through its format's matmul (`matmul_path`); resident decoding never takes the grouped path."""
-    if executor.pooled is not None:
-        return "pooled"
-    if executor.grouped and not resident:
-        return "grouped"
-    return matmul_path(executor.cache.store.format, executor.dtype)
-
-
-def matmul_path(fmt: ExpertFormat, dtype: torch.dtype) -> str:
-    """One expert's matmul: tinygemm (CUDA int4), cpu-int4 / cpu-int8 (CPU weight-only kernels), mxfp4 or reference (dequantized
-    first), in-place (float experts read where they are)."""
-    if isinstance(fmt, CudaInt4):
-        return "tinygemm"
-    if isinstance(fmt, FusedFormat):
-        return f"cpu-{fmt.name}"
-    if isinstance(fmt, Mxfp4Format):
-        return "mxfp4"
-    return "in-place" if fmt.reads_in_place(dtype) else "reference"
 
 
 def launches_per_token(

@@ -358,5 +358,6 @@ def fill_counters(stats: GenerationStats, runner: Runner, start: Counters, after
     stats.graph_captures, stats.graph_replays = end.graph_captures - start.graph_captures, end.graph_replays - start.graph_replays
     stats.prefetched = now.prefetched - before.prefetched
     stats.cache_slots = runner.cache.num_slots
+    stats.expert_path = runner.executor.path(resident=len(runner.cache.where) >= runner.cache.store.total_experts)
     stats.total_experts = runner.cache.store.total_experts
     stats.host_pinned_bytes = runner.cache.store.pinned_bytes

@@ -17,7 +17,8 @@ import torch
 
 from mobile_moe.experts.cache import ExpertCache
 from mobile_moe.experts.dispatch import combine, expert_output, pool_experts, split_bias
-from mobile_moe.experts.formats import FloatFormat
+from mobile_moe.experts.formats import ExpertFormat, FloatFormat, Mxfp4Format
+from mobile_moe.experts.kernels import CudaInt4, FusedFormat
 from mobile_moe.experts.store import MATRICES, ExpertShape, ExpertStore
 from mobile_moe.experts.transfer import TransferEngine
 from mobile_moe.layers.mlp import Activation, gated
@@ -67,6 +68,16 @@ class ExpertExecutor:
         # per slot: (gate_up fields, down fields, gate_up bias, down bias) as views, made once (indexing the pool per call
         # costs a dispatch each); a matrix's bias, when experts have one, is its last packed field
         self.slot_fields = [self._split(tuple([f[slot] for f in cache.fields[m]] for m in MATRICES)) for slot in range(cache.num_slots)]
+
+    def path(self, resident: bool) -> str:
+        """How routed experts are computed, chosen when this executor was built: `pooled` (one compiled call over the pool),
+        `grouped` (grouped matmuls over the pool: offloaded passes, and resident ones off the CPU), else each expert through
+        its format's matmul (`matmul_path`)."""
+        if self.pooled is not None:
+            return "pooled"
+        if self.grouped and (not resident or self.device_indexed):
+            return "grouped"
+        return matmul_path(self.cache.store.format, self.dtype)
 
     def run(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [T, H], indices/weights: [T, n] -> sum_j weights[:, j] * expert_{indices[:, j]}(x)  [T, H]."""
@@ -200,6 +211,18 @@ class ExpertExecutor:
         row_slot = transfer.to_device([slots[i] for i in order for _ in range(counts[i])]) if self.bias else None  # [Pg]
         y = self._grouped_pool(xs[row_index], per_slot, row_slot)  # [Pg, H]
         return torch.empty_like(y).index_copy_(0, row_index, y)  # back to the caller's row order
+
+
+def matmul_path(fmt: ExpertFormat, dtype: torch.dtype) -> str:
+    """One expert's matmul: tinygemm (CUDA int4), cpu-int4 / cpu-int8 (CPU weight-only kernels), mxfp4 or reference
+    (dequantized first), in-place (float experts read where they are)."""
+    if isinstance(fmt, CudaInt4):
+        return "tinygemm"
+    if isinstance(fmt, FusedFormat):
+        return f"cpu-{fmt.name}"
+    if isinstance(fmt, Mxfp4Format):
+        return "mxfp4"
+    return "in-place" if fmt.reads_in_place(dtype) else "reference"
 
 
 def grouped_mm_works(cache: ExpertCache, act: Activation, dtype: torch.dtype) -> bool:
