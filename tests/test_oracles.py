@@ -1,0 +1,174 @@
+"""Behaviour checked against oracles that share no code with the engine's answer: transformers' own models decoding
+MoBiLE by hand with confidences computed here (the fallback decision, teacher-forced scoring), the float model against
+quantized experts, a sampler's analytic distribution, and where generation stops at an end-of-sequence token."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from checkpoints import reference_model
+from conftest import little_k, open_llm, small_cache
+
+from mobile_moe import LLM, PolicyConfig, SamplingParams, engine_config
+from mobile_moe.engine.scoring import score_tokens
+from mobile_moe.policy.importance import SIGNALS
+
+PROMPT = [7, 3, 44, 19, 28, 90, 11]
+OTHER_PROMPT = [40, 41, 12, 60, 3]
+STEPS = 16  # tokens per generation: the prefill's, then 15 decode steps
+UNDECIDED = 1e-4  # a confidence this close to tau could go either way under float32 rounding; the oracle must avoid it
+
+
+# --- confidences, computed here from the definitions in docs/design.md §1 (float64, no engine code) ---
+
+def softmax64(logits: torch.Tensor) -> torch.Tensor:
+    """logits: [V] -> probabilities [V] float64, exp(l - max) / sum."""
+    z = logits.double() - logits.double().max()
+    return z.exp() / z.exp().sum()
+
+
+def max_prob(logits: torch.Tensor) -> float:
+    """Little's top-1 probability."""
+    return float(softmax64(logits).max())
+
+
+def entropy_confidence(logits: torch.Tensor) -> float:
+    """1 - H(p) / log V: 1 for a one-hot distribution, 0 for a uniform one."""
+    p = softmax64(logits)
+    return float(1.0 + (p * p.log()).sum() / math.log(p.numel()))
+
+
+def margin(logits: torch.Tensor) -> float:
+    """Top-1 minus top-2 probability."""
+    top = softmax64(logits).sort(descending=True).values
+    return float(top[0] - top[1])
+
+
+CONFIDENCE = {"max_prob": max_prob, "entropy": entropy_confidence, "margin": margin}
+
+
+def middle_taus(confidences: list[float]) -> list[float]:
+    """Taus halfway between neighbouring confidences, those splitting the steps most evenly first."""
+    ordered = sorted(confidences)
+    mid = len(ordered) // 2
+    return [(ordered[i - 1] + ordered[i]) / 2 for i in sorted(range(1, len(ordered)), key=lambda i: abs(i - mid))]
+
+
+# --- MoBiLE decoded by hand on transformers' models ---
+
+@dataclass
+class Replay:
+    """What a greedy MoBiLE generation must give: every token, and per decode step little's logits, its confidence and
+    the decision."""
+
+    tokens: list[int]
+    little: list[torch.Tensor]  # [V] each
+    confidences: list[float]
+    fell_back: list[bool]
+
+
+class HandDecoder:
+    """transformers' big model (all top-k experts) and little model (num_experts_per_tok = little k) of one checkpoint."""
+
+    def __init__(self, path: Path) -> None:
+        self.big = reference_model(path)
+        self.little = reference_model(path, num_experts_per_tok=little_k(path.name))
+
+    @torch.no_grad()
+    def replay(self, prompt: list[int], tau: float, criterion: str, steps: int = STEPS) -> Replay:
+        """Big prefill; then each step runs little on the last token, and when little's confidence is below tau forgets
+        that pass (the cache as it was before it) and takes big's greedy token instead."""
+        out = self.big(torch.tensor([prompt]), use_cache=True)
+        kv, token = out.past_key_values, int(out.logits[0, -1].argmax())
+        result = Replay([token], [], [], [])
+        for _ in range(steps - 1):
+            before = copy.deepcopy(kv)
+            little = self.little(torch.tensor([[token]]), past_key_values=kv, use_cache=True).logits[0, -1]  # [V]
+            conf = CONFIDENCE[criterion](little)
+            if conf < tau:
+                kv = before
+                token = int(self.big(torch.tensor([[token]]), past_key_values=kv, use_cache=True).logits[0, -1].argmax())
+            else:
+                token = int(little.argmax())
+            result.tokens.append(token)
+            result.little.append(little)
+            result.confidences.append(conf)
+            result.fell_back.append(conf < tau)
+        return result
+
+    def split_replay(self, prompt: list[int], criterion: str) -> tuple[float, Replay]:
+        """(tau, the replay under it): the first tau between neighbouring confidences of an all-little decode, middle ones
+        first, whose replay has both fallbacks and little steps and no confidence within UNDECIDED of tau."""
+        for tau in middle_taus(self.replay(prompt, 0.0, criterion).confidences)[:4]:
+            expected = self.replay(prompt, tau, criterion)
+            if 0 < sum(expected.fell_back) < len(expected.fell_back) and decided(expected, tau):
+                return tau, expected
+        raise AssertionError("no tau near the middle splits this decode clearly")
+
+
+def decided(replay: Replay, tau: float) -> bool:
+    """Whether no confidence of the replay is within UNDECIDED of tau."""
+    return min(abs(c - tau) for c in replay.confidences) > UNDECIDED
+
+
+def assert_generation_is(result, expected: Replay) -> None:
+    """The engine's tokens, decisions and recorded confidences are the hand decode's."""
+    assert result.token_ids == expected.tokens
+    assert [s.fell_back for s in result.steps[1:]] == expected.fell_back
+    assert [s.confidence for s in result.steps[1:]] == pytest.approx(expected.confidences, abs=1e-5)
+    assert result.stats.fallback_tokens == sum(expected.fell_back)
+
+
+GREEDY = SamplingParams(max_new_tokens=STEPS, stop_at_eos=False)
+
+
+@pytest.mark.parametrize("arch, criterion", [("qwen3_moe", "max_prob"), ("deepseek_v3", "max_prob"), ("olmoe", "entropy"), ("mixtral", "margin")])
+def test_mobile_falls_back_exactly_where_littles_own_softmax_is_below_tau(checkpoints, arch: str, criterion: str):
+    """This fails if the engine's confidence is not the criterion's (e.g. 1 - max p), or tau is applied the wrong way."""
+    tau, expected = HandDecoder(checkpoints[arch]).split_replay(PROMPT, criterion)
+    llm = open_llm(checkpoints[arch], expert_cache=small_cache(arch))
+    assert_generation_is(llm.generate(PROMPT, GREEDY, PolicyConfig("mobile", tau=tau, criterion=criterion)), expected)
+    # recording every signal (calibration data) measures through another path: the same decisions, each signal as defined
+    recorded = llm.generate(PROMPT, GREEDY, PolicyConfig("mobile", tau=tau, criterion=criterion, record_signals=True))
+    assert_generation_is(recorded, expected)
+    for step, little in zip(recorded.steps[1:], expected.little):
+        for name, definition in CONFIDENCE.items():
+            assert step.signals[SIGNALS.index(name)] == pytest.approx(definition(little), abs=1e-5)
+
+
+def test_batched_mobile_rows_fall_back_where_their_own_softmax_is_below_tau(checkpoints):
+    """Two prompts decoded together (the server's path), little first for both: each row follows its own hand decode."""
+    hand = HandDecoder(checkpoints["qwen3_moe"])
+    tau, first = hand.split_replay(PROMPT, "max_prob")
+    second = hand.replay(OTHER_PROMPT, tau, "max_prob")
+    assert decided(second, tau)
+    llm = LLM(checkpoints["qwen3_moe"], engine_config(progress=False, max_batch=2, batch_little="always"))
+    results = llm.generate([PROMPT, OTHER_PROMPT], GREEDY, PolicyConfig("mobile", tau=tau, criterion="max_prob"))
+    assert_generation_is(results[0], first)
+    assert_generation_is(results[1], second)
+
+
+@pytest.mark.parametrize("criterion", ["max_prob", "entropy"])
+def test_mobile_scoring_takes_little_where_its_own_softmax_clears_tau(checkpoints, criterion: str):
+    """Teacher-forced scoring under mobile (lm-eval's loglikelihood): each position's log-probability is little's where
+    little's confidence there is at least tau, else big's; both from transformers, the confidence computed here. This
+    fails if the scoring's confidence is not the criterion's."""
+    hand = HandDecoder(checkpoints["qwen3_moe"])
+    ids = PROMPT + hand.replay(PROMPT, 0.0, "max_prob").tokens  # [T]
+    with torch.no_grad():
+        big = hand.big(torch.tensor([ids[:-1]])).logits[0].double().log_softmax(-1)  # [T - 1, V]
+        little_logits = hand.little(torch.tensor([ids[:-1]])).logits[0]
+    confidences = [CONFIDENCE[criterion](row) for row in little_logits]
+    tau = next(t for t in middle_taus(confidences) if min(abs(c - t) for c in confidences) > UNDECIDED)
+    confident = torch.tensor(confidences) >= tau  # [T - 1]
+    assert 0 < int(confident.sum()) < len(confidences)
+    chosen = torch.where(confident[:, None], little_logits.double().log_softmax(-1), big)  # [T - 1, V]
+    expected = chosen.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+    llm = open_llm(checkpoints["qwen3_moe"])
+    got = score_tokens(llm, ids, PolicyConfig("mobile", tau=tau, criterion=criterion), top=0).token_logprobs
+    assert got[0] is None and got[1:] == pytest.approx(expected, abs=1e-4)
