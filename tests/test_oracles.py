@@ -17,6 +17,7 @@ from conftest import little_k, open_llm, small_cache
 
 from mobile_moe import LLM, PolicyConfig, SamplingParams, engine_config
 from mobile_moe.engine.scoring import score_tokens
+from mobile_moe.layers.sampler import sample
 from mobile_moe.policy.importance import SIGNALS
 
 PROMPT = [7, 3, 44, 19, 28, 90, 11]
@@ -228,3 +229,53 @@ def test_quantized_experts_cost_the_logits_what_their_rounding_does(checkpoints,
     assert llm.loaded.store.format.quantized
     error, noise = rms(llm.logits(QUANT_PROMPT) - float_logits(checkpoints[arch])), rounding_noise_error(checkpoints[arch], fmt)
     assert noise / 3 < error < 3 * noise, f"{fmt} logit error {error:.4g} against rounding noise {noise:.4g}"
+
+
+# --- temperature and nucleus sampling against the analytic distribution ---
+
+SAMPLER_LOGITS = torch.tensor([2.0, 1.2, 0.9, 0.3, 0.0, -0.4, -1.0, -2.5])
+DRAWS = 10_000
+FREQUENCY_BOUND = 5 * 0.5 / math.sqrt(DRAWS)  # 5 standard deviations of a frequency at its widest (p = 1/2): 0.025
+
+
+def nucleus_distribution(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """softmax(logits / T) [V] float64 cut to the most probable tokens whose mass before each is under top_p, renormalised."""
+    p = softmax64(logits / temperature)
+    order = p.argsort(descending=True)
+    mass_before = p[order].cumsum(0) - p[order]  # [V] in descending order
+    kept = torch.zeros_like(p)
+    kept[order[mass_before < top_p]] = p[order[mass_before < top_p]]
+    return kept / kept.sum()
+
+
+# each case tells a mistake apart by several bounds: T ignored or inverted moves a frequency by 0.12-0.27; a nucleus one
+# token short moves one by 0.14 or 0.31, one token long draws a token that must never come
+@pytest.mark.parametrize("temperature, top_p", [(0.7, 0.8), (1.5, 1.0), (1.0, 0.6)])
+def test_sampler_draws_softmax_over_temperature_cut_to_the_nucleus(temperature: float, top_p: float):
+    expected = nucleus_distribution(SAMPLER_LOGITS, temperature, top_p)  # [V]
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample(SAMPLER_LOGITS, temperature, top_p, gen) for _ in range(DRAWS)])
+    frequency = torch.bincount(draws, minlength=len(SAMPLER_LOGITS)).double() / DRAWS
+    assert torch.all(frequency[expected == 0] == 0), "a token outside the nucleus was drawn"
+    assert float((frequency - expected).abs().max()) < FREQUENCY_BOUND
+
+
+def sampled_by_hand(model, prompt: list[int], steps: int, temperature: float, top_p: float, seed: int) -> list[int]:
+    """Tokens drawn by the sampler (checked above) from transformers' logits at each position, in order from one generator."""
+    gen, ids = torch.Generator().manual_seed(seed), list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(sample(model(torch.tensor([ids])).logits[0, -1], temperature, top_p, gen)))
+    return ids[len(prompt):]
+
+
+def test_generation_samples_every_step_from_transformers_logits_with_its_seeded_generator(checkpoints):
+    """Big decoding at T = 0.7, top-p 0.5, seeded: each token is the sampler's draw from transformers' logits at that
+    position, made in order from one generator seeded with the request's seed. This fails if the engine drops the
+    temperature or the nucleus (the hand decode without them differs) or reseeds between steps."""
+    model = reference_model(checkpoints["qwen3_moe"])
+    expected = sampled_by_hand(model, PROMPT, 12, 0.7, 0.5, seed=7)
+    assert expected != sampled_by_hand(model, PROMPT, 12, 0.7, 1.0, seed=7)  # the nucleus changes this draw
+    assert expected != sampled_by_hand(model, PROMPT, 12, 1.0, 0.5, seed=7)  # and so does the temperature
+    sampling = SamplingParams(max_new_tokens=12, temperature=0.7, top_p=0.5, seed=7, stop_at_eos=False)
+    assert open_llm(checkpoints["qwen3_moe"]).generate(PROMPT, sampling, PolicyConfig("big")).token_ids == expected
