@@ -5,7 +5,9 @@ quantized experts, a sampler's analytic distribution, and where generation stops
 from __future__ import annotations
 
 import copy
+import json
 import math
+import shutil
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -279,3 +281,57 @@ def test_generation_samples_every_step_from_transformers_logits_with_its_seeded_
     assert expected != sampled_by_hand(model, PROMPT, 12, 1.0, 0.5, seed=7)  # and so does the temperature
     sampling = SamplingParams(max_new_tokens=12, temperature=0.7, top_p=0.5, seed=7, stop_at_eos=False)
     assert open_llm(checkpoints["qwen3_moe"]).generate(PROMPT, sampling, PolicyConfig("big")).token_ids == expected
+
+
+# --- end of sequence ---
+
+EOS_STEPS = 12
+
+
+def greedy_by_transformers(path: Path, prompt: list[int], eos: int | None) -> list[int]:
+    """transformers' greedy continuation of up to EOS_STEPS tokens, ending with the EOS token when it comes."""
+    with torch.no_grad():
+        out = reference_model(path).generate(torch.tensor([prompt]), max_new_tokens=EOS_STEPS, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def eos_checkpoint(checkpoints, tmp_path_factory) -> tuple[Path, int]:
+    """(a copy of the qwen3_moe checkpoint whose EOS token greedy decoding of PROMPT emits 4th or later, that token)."""
+    tokens = greedy_by_transformers(checkpoints["qwen3_moe"], PROMPT, None)
+    eos = next(t for j, t in enumerate(tokens) if j >= 3 and t not in tokens[:j])
+    path = tmp_path_factory.mktemp("eos") / "qwen3_moe"
+    shutil.copytree(checkpoints["qwen3_moe"], path)
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((path / name).read_text())
+        (path / name).write_text(json.dumps({**config, "eos_token_id": eos}))
+    return path, eos
+
+
+def assert_stopped_at(result, streamed: list[int], expected: list[int], eos: int) -> None:
+    """The generation is transformers' up to and including EOS, ends as "stop", and the callback saw all but the EOS."""
+    assert expected[-1] == eos and eos not in expected[:-1]
+    assert result.token_ids == expected and result.finish_reason == "stop"
+    assert streamed == expected[:-1]
+
+
+@pytest.mark.parametrize("policy", [PolicyConfig("big"), PolicyConfig("mobile", tau=1.5, kv_repair=4, rollback=True)], ids=["big", "mobile-rollback"])
+def test_generation_stops_at_eos_without_streaming_it(eos_checkpoint, policy: PolicyConfig):
+    """mobile with tau above 1 emits big's tokens, through the stream that holds tokens back for rollbacks."""
+    path, eos = eos_checkpoint
+    streamed: list[int] = []
+    result = open_llm(path).generate(PROMPT, SamplingParams(max_new_tokens=EOS_STEPS), policy, on_token=lambda t: streamed.append(t) or True)
+    assert_stopped_at(result, streamed, greedy_by_transformers(path, PROMPT, eos), eos)
+
+
+def test_batched_rows_stop_at_eos_without_streaming_it(eos_checkpoint):
+    """Rows decoded together (the server's worker path): the row that reaches EOS stops there, the other runs on."""
+    path, eos = eos_checkpoint
+    expected = [greedy_by_transformers(path, prompt, eos) for prompt in (PROMPT, OTHER_PROMPT)]
+    assert len(expected[1]) == EOS_STEPS and eos not in expected[1]
+    streamed: list[list[int]] = [[], []]
+    llm = LLM(path, engine_config(progress=False, max_batch=2))
+    first, second = llm.generate([PROMPT, OTHER_PROMPT], SamplingParams(max_new_tokens=EOS_STEPS), PolicyConfig("big"),
+                                 on_token=lambda i, t: streamed[i].append(t) or True)
+    assert_stopped_at(first, streamed[0], expected[0], eos)
+    assert second.token_ids == streamed[1] == expected[1] and second.finish_reason == "length"
