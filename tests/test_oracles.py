@@ -335,3 +335,32 @@ def test_batched_rows_stop_at_eos_without_streaming_it(eos_checkpoint):
                                  on_token=lambda i, t: streamed[i].append(t) or True)
     assert_stopped_at(first, streamed[0], expected[0], eos)
     assert second.token_ids == streamed[1] == expected[1] and second.finish_reason == "length"
+
+
+def test_server_stops_at_eos_and_never_sends_its_text(tmp_path):
+    """The demo model with a word it writes as its EOS: the server's text, streamed or whole, is the greedy continuation
+    (big, which test_parity holds to transformers) cut before that token, and finish_reason is stop."""
+    import httpx
+    from test_serve import serving
+
+    from mobile_moe.engine.calibration import DEMO_MODEL
+
+    prompt = "def add(a, b):"
+    llm = LLM(DEMO_MODEL, engine_config(progress=False))
+    ids = llm.encode(prompt)
+    tokens = llm.generate(ids, SamplingParams(max_new_tokens=EOS_STEPS, stop_at_eos=False), PolicyConfig("big")).token_ids
+    eos = next(t for j, t in enumerate(tokens) if j >= 3 and t not in tokens[:j] and llm.decode([t]).strip())  # a visible word
+    for item in DEMO_MODEL.iterdir():  # the demo checkpoint with that EOS; the tokenizer's own EOS stays one too
+        (tmp_path / item.name).symlink_to(item)
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.json").write_text(json.dumps({**json.loads((DEMO_MODEL / "config.json").read_text()), "eos_token_id": eos}))
+    expected = tokens[: tokens.index(eos)]
+    text = llm.decode(expected)
+    assert text != llm.decode(expected + [eos])  # the EOS token's text would show
+    body = {"prompt": prompt, "max_tokens": EOS_STEPS, "temperature": 0}
+    with serving(LLM(tmp_path, engine_config(progress=False))) as (url, _):
+        whole = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+        lines = [line[6:] for line in httpx.post(f"{url}/v1/completions", json={**body, "stream": True}, timeout=60).text.splitlines() if line.startswith("data: {")]
+    chunks = [json.loads(line)["choices"][0] for line in lines]
+    assert whole["text"] == text and whole["finish_reason"] == "stop"
+    assert "".join(c["text"] for c in chunks) == text and chunks[-1]["finish_reason"] == "stop"
