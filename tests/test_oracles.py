@@ -88,15 +88,15 @@ class HandDecoder:
         """Big prefill; then each step runs little on the last token, and when little's confidence is below tau forgets
         that pass (the cache as it was before it) and takes big's greedy token instead."""
         out = self.big(torch.tensor([prompt]), use_cache=True)
-        kv, token = out.past_key_values, int(out.logits[0, -1].argmax())
+        kv, token = out.cache, int(out.logits[0, -1].argmax())
         result = Replay([token], [], [], [])
         for _ in range(steps - 1):
             before = copy.deepcopy(kv)
-            little = self.little(torch.tensor([[token]]), past_key_values=kv, use_cache=True).logits[0, -1]  # [V]
+            little = self.little(torch.tensor([[token]]), cache=kv, use_cache=True).logits[0, -1]  # [V]
             conf = CONFIDENCE[criterion](little)
             if conf < tau:
                 kv = before
-                token = int(self.big(torch.tensor([[token]]), past_key_values=kv, use_cache=True).logits[0, -1].argmax())
+                token = int(self.big(torch.tensor([[token]]), cache=kv, use_cache=True).logits[0, -1].argmax())
             else:
                 token = int(little.argmax())
             result.tokens.append(token)
