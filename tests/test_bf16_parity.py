@@ -47,4 +47,4 @@ def test_bf16_prefill_and_stepwise_decode_match_transformers_bf16(checkpoints, a
     kv = llm.runner.new_kv(len(PROMPT))
     steps = [llm.runner.forward(torch.tensor(PROMPT[:PREFILL]), kv, ExpertMode.BIG)]
     steps += [llm.runner.forward(torch.tensor([token]), kv, ExpertMode.BIG) for token in PROMPT[PREFILL:]]
-    assert_within_bf16_tolerance(torch.stack(steps), bf16[PREFILL - 1:], float32[PREFILL - 1:])
+    assert_within_bf16_tolerance(torch.stack(steps), bf16[PREFILL - 1 :], float32[PREFILL - 1 :])

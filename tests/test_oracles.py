@@ -30,6 +30,7 @@ UNDECIDED = 1e-4  # a confidence this close to tau could go either way under flo
 
 # --- confidences, computed here from the definitions in docs/design.md §1 (float64, no engine code) ---
 
+
 def softmax64(logits: torch.Tensor) -> torch.Tensor:
     """logits: [V] -> probabilities [V] float64, exp(l - max) / sum."""
     z = logits.double() - logits.double().max()
@@ -64,6 +65,7 @@ def middle_taus(confidences: list[float]) -> list[float]:
 
 
 # --- MoBiLE decoded by hand on transformers' models ---
+
 
 @dataclass
 class Replay:
@@ -268,7 +270,7 @@ def sampled_by_hand(model, prompt: list[int], steps: int, temperature: float, to
     with torch.no_grad():
         for _ in range(steps):
             ids.append(int(sample(model(torch.tensor([ids])).logits[0, -1], temperature, top_p, gen)))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def test_generation_samples_every_step_from_transformers_logits_with_its_seeded_generator(checkpoints):
@@ -292,7 +294,7 @@ def greedy_by_transformers(path: Path, prompt: list[int], eos: int | None) -> li
     """transformers' greedy continuation of up to EOS_STEPS tokens, ending with the EOS token when it comes."""
     with torch.no_grad():
         out = reference_model(path).generate(torch.tensor([prompt]), max_new_tokens=EOS_STEPS, do_sample=False, eos_token_id=eos, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -331,8 +333,9 @@ def test_batched_rows_stop_at_eos_without_streaming_it(eos_checkpoint):
     assert len(expected[1]) == EOS_STEPS and eos not in expected[1]
     streamed: list[list[int]] = [[], []]
     llm = LLM(path, engine_config(progress=False, max_batch=2))
-    first, second = llm.generate([PROMPT, OTHER_PROMPT], SamplingParams(max_new_tokens=EOS_STEPS), PolicyConfig("big"),
-                                 on_token=lambda i, t: streamed[i].append(t) or True)
+    first, second = llm.generate(
+        [PROMPT, OTHER_PROMPT], SamplingParams(max_new_tokens=EOS_STEPS), PolicyConfig("big"), on_token=lambda i, t: streamed[i].append(t) or True
+    )
     assert_stopped_at(first, streamed[0], expected[0], eos)
     assert second.token_ids == streamed[1] == expected[1] and second.finish_reason == "length"
 
@@ -360,7 +363,9 @@ def test_server_stops_at_eos_and_never_sends_its_text(tmp_path):
     body = {"prompt": prompt, "max_tokens": EOS_STEPS, "temperature": 0}
     with serving(LLM(tmp_path, engine_config(progress=False))) as (url, _):
         whole = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]
-        lines = [line[6:] for line in httpx.post(f"{url}/v1/completions", json={**body, "stream": True}, timeout=60).text.splitlines() if line.startswith("data: {")]
+        lines = [
+            line[6:] for line in httpx.post(f"{url}/v1/completions", json={**body, "stream": True}, timeout=60).text.splitlines() if line.startswith("data: {")
+        ]
     chunks = [json.loads(line)["choices"][0] for line in lines]
     assert whole["text"] == text and whole["finish_reason"] == "stop"
     assert "".join(c["text"] for c in chunks) == text and chunks[-1]["finish_reason"] == "stop"

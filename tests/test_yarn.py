@@ -25,7 +25,11 @@ ROPES = {
     "v2-lite": ("deepseek_v2", "rope_scaling", {"type": "yarn", "factor": FACTOR, "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}),
     "v3": ("deepseek_v3", "rope_scaling", {"type": "yarn", "factor": FACTOR, "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}),
     # unequal mscales (cos/sin scaled by mscale / mscale_all_dim != 1), in transformers' own rope_parameters form
-    "unequal": ("deepseek_v3", "rope_parameters", {"rope_type": "yarn", "factor": FACTOR, "mscale": 1.0, "mscale_all_dim": 0.5, "beta_fast": 32, "beta_slow": 1}),
+    "unequal": (
+        "deepseek_v3",
+        "rope_parameters",
+        {"rope_type": "yarn", "factor": FACTOR, "mscale": 1.0, "mscale_all_dim": 0.5, "beta_fast": 32, "beta_slow": 1},
+    ),
 }
 
 
@@ -39,8 +43,9 @@ def yarn_checkpoint(request, checkpoints, tmp_path_factory) -> tuple[Path, Path]
     shutil.copytree(plain, path)
     config = json.loads((path / "config.json").read_text())
     config.pop("rope_parameters", None)
-    config.update({key: {**rope, "original_max_position_embeddings": ORIGINAL_CONTEXT}, "rope_theta": 10000.0,
-                   "max_position_embeddings": FACTOR * ORIGINAL_CONTEXT})
+    config.update(
+        {key: {**rope, "original_max_position_embeddings": ORIGINAL_CONTEXT}, "rope_theta": 10000.0, "max_position_embeddings": FACTOR * ORIGINAL_CONTEXT}
+    )
     (path / "config.json").write_text(json.dumps(config))
     return path, plain
 
@@ -60,4 +65,4 @@ def test_yarn_logits_and_greedy_tokens_match_transformers(yarn_checkpoint):
     llm = open_llm(path, expert_cache=small_cache(path.name))
     torch.testing.assert_close(llm.logits(PROMPT), expected, atol=ATOL, rtol=0)
     got = llm.generate(PROMPT, SamplingParams(max_new_tokens=12, stop_at_eos=False), PolicyConfig("big"))
-    assert got.token_ids == out[0, len(PROMPT):].tolist()
+    assert got.token_ids == out[0, len(PROMPT) :].tolist()
