@@ -17,7 +17,7 @@ import transformers as T
 from checkpoints import ARCHITECTURES, reference_model
 
 from mobile_moe import LLM, engine_config
-from mobile_moe.layers.moe import ExpertMode
+from mobile_moe.engine.passes import BIG
 
 PROMPT = [(7 * i + 3) % 90 + 5 for i in range(160)]  # long enough for rotary angles to show bf16 rounding
 PREFILL = 150  # the stepwise decode's first pass; the other positions go one at a time through the bf16 KV cache
@@ -45,6 +45,6 @@ def test_bf16_prefill_and_stepwise_decode_match_transformers_bf16(checkpoints, a
     assert llm.loaded.dtype == torch.bfloat16
     assert_within_bf16_tolerance(llm.logits(PROMPT), bf16, float32)
     kv = llm.runner.new_kv(len(PROMPT))
-    steps = [llm.runner.forward(torch.tensor(PROMPT[:PREFILL]), kv, ExpertMode.BIG)]
-    steps += [llm.runner.forward(torch.tensor([token]), kv, ExpertMode.BIG) for token in PROMPT[PREFILL:]]
+    steps = [llm.runner.forward(torch.tensor(PROMPT[:PREFILL]), kv, BIG)]
+    steps += [llm.runner.forward(torch.tensor([token]), kv, BIG) for token in PROMPT[PREFILL:]]
     assert_within_bf16_tolerance(torch.stack(steps), bf16[PREFILL - 1 :], float32[PREFILL - 1 :])
