@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from checkpoints import ARCHITECTURES, build_checkpoint, configs  # noqa: E402
 
 from mobile_moe import LLM, engine_config  # noqa: E402
+from mobile_moe.engine.runner import RunnerOptions  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -60,9 +61,9 @@ def small_cache(arch: str) -> int:
     return max(k, 1)
 
 
-def open_llm(path: Path, **cache) -> LLM:
+def open_llm(path: Path, options: RunnerOptions | None = None, **cache) -> LLM:
     """Load a checkpoint; without `expert_cache`, the CPU default: every expert, the cache being the store itself."""
-    return LLM(path, engine_config(progress=False, **cache))
+    return LLM(path, engine_config(progress=False, **cache), options)
 
 
 def little_k(arch: str) -> int:

@@ -16,6 +16,7 @@ from test_serve import serving
 from mobile_moe import LLM, PolicyConfig, SamplingParams, engine_config
 from mobile_moe.engine.calibration import DEMO_MODEL
 from mobile_moe.engine.passes import PassSpec
+from mobile_moe.engine.runner import RunnerOptions
 from mobile_moe.layers.kv_cache import BatchKV
 from mobile_moe.layers.moe import ExpertMode
 from mobile_moe.policy.governor import LittleGovernor, bucket
@@ -159,7 +160,7 @@ def test_sliding_window_layers_keep_a_bounded_ring_past_the_window(checkpoints):
     sampling, prompts = SamplingParams(max_new_tokens=40, stop_at_eos=False), PROMPTS[:3]
     policies = [PolicyConfig("big"), PolicyConfig("mobile", forced_fallback_rate=0.4), PolicyConfig("mobile", forced_fallback_rate=0.3, kv_repair=2)]
     whole = [llm.generate(p, sampling, pol) for p, pol in zip(prompts, policies)]  # every position kept (window + slack >= context)
-    llm.runner.kv_slack = 8  # now a ring of 4 + 8 slots in the sliding layers
+    llm = batched_llm(checkpoints["gpt_oss"], max_context=64, expert_cache=12, options=RunnerOptions(kv_slack=8))  # a ring of 4 + 8 slots
     kv = llm.runner.new_kv(64)
     windows = llm.loaded.model.kv_windows()
     assert [t.shape[1] for t in kv.k] == [12 if w else 64 for w in windows] and None in windows

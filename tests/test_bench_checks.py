@@ -22,6 +22,7 @@ from mobile_moe.bench.checks import (
 )
 from mobile_moe.bench.costinputs import OpCounts
 from mobile_moe.config import PolicyConfig
+from mobile_moe.engine.runner import RunnerOptions
 from mobile_moe.experts.executor import matmul_path
 from mobile_moe.experts.formats import FloatFormat, make_format
 from mobile_moe.experts.kernels import CudaInt4, FusedInt4
@@ -41,13 +42,9 @@ def failing_capture(fn):  # noqa: ANN001, ANN201 (a GraphCapture)
     raise RuntimeError("capture refused")
 
 
-def _llm(path, capture=None) -> LLM:  # noqa: ANN001
+def _llm(path, capture=None, grouped: bool | None = None) -> LLM:  # noqa: ANN001
     """The checkpoint in float32 with graphs made by `capture` at every cache reset (as `--cuda-graphs` does on CUDA)."""
-    llm = LLM(path, engine_config(progress=False, dtype="float32", expert_cache=8))
-    if capture is not None:
-        llm.graph_capture = lambda: capture
-        llm.reset_cache(llm.planned_slots)
-    return llm
+    return LLM(path, engine_config(progress=False, dtype="float32", expert_cache=8), RunnerOptions(graph_capture=capture, grouped=grouped))
 
 
 def test_replayed_logits_equal_eager_ones_with_a_faithful_capture(checkpoints):
@@ -175,10 +172,9 @@ def test_expert_paths_name_the_matmul_each_format_runs(checkpoints):
     assert matmul_path(make_format("mxfp4", torch.bfloat16), torch.bfloat16) == "mxfp4"
     assert matmul_path(CudaInt4(int4, torch.device("cpu"), 8), torch.bfloat16) == "tinygemm"
     assert matmul_path(FusedInt4(int4, torch.bfloat16), torch.bfloat16) == "cpu-int4"
-    executor = _llm(checkpoints["olmoe"]).runner.executor
-    assert executor.path(resident=False) == "in-place"
-    executor.grouped = True
-    assert executor.path(resident=False) == "grouped" and executor.path(resident=True) == "in-place"
+    assert _llm(checkpoints["olmoe"]).runner.executor.path(resident=False) == "in-place"
+    executor = _llm(checkpoints["olmoe"], grouped=True).runner.executor
+    assert executor.path(resident=False) == "grouped" and executor.path(resident=True) == "in-place"  # resident on CPU: host-planned
 
 
 def test_launches_per_token_add_fallback_passes_and_count_a_replay_as_one():

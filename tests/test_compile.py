@@ -11,7 +11,7 @@ from conftest import open_llm, small_cache
 from mobile_moe import LLM, engine_config
 from mobile_moe.config import PolicyConfig, SamplingParams
 from mobile_moe.engine.passes import PassSpec
-from mobile_moe.engine.runner import pooled_layer, routed_segment
+from mobile_moe.engine.runner import RunnerOptions, pooled_layer, routed_segment
 from mobile_moe.experts.dispatch import combine, pool_experts
 from mobile_moe.layers.moe import ExpertMode
 from mobile_moe.models.transformer import before_experts
@@ -25,9 +25,9 @@ def _fullgraph(llm: LLM) -> None:
     llm.runner.compiled = torch.compile(before_experts, fullgraph=True)
 
 
-def _all_resident(path: Path) -> tuple[LLM, LLM]:
-    """The checkpoint opened eager and compiled (float32), every expert loaded into the cache of each."""
-    pair = LLM(path, engine_config(progress=False, dtype="float32")), LLM(path, engine_config(progress=False, dtype="float32", compile=True))
+def _all_resident(path: Path, options: RunnerOptions | None = None) -> tuple[LLM, LLM]:
+    """The checkpoint opened eager and compiled (float32, the compiled one built with `options`), every expert loaded."""
+    pair = LLM(path, engine_config(progress=False, dtype="float32")), LLM(path, engine_config(progress=False, dtype="float32", compile=True), options)
     for llm in pair:
         llm.reset_cache(llm.loaded.store.total_experts)
         llm.cache.load_all()
@@ -109,12 +109,11 @@ def test_compiled_expert_call_matches_each_expert_computed_alone(checkpoints):
 def test_fixed_span_decode_reuses_one_compiled_graph_per_bucket_and_decodes_like_eager(checkpoints, arch: str):
     """With the device-held position and a fixed key span, a compiled resident step depends on no host value that changes
     from step to step: after the first step of a bucket nothing recompiles (what a captured CUDA graph needs)."""
-    eager, compiled = _all_resident(checkpoints[arch])
+    eager, compiled = _all_resident(checkpoints[arch], RunnerOptions(span_bucket=16))
     torch._dynamo.reset()
     runner = compiled.runner
     runner.resident_layer = torch.compile(pooled_layer, fullgraph=True, dynamic=False)
     runner.routed_segment = torch.compile(routed_segment, fullgraph=True, dynamic=False)
-    runner.span_bucket = 16
     prompt = [3, 4, 5, 6, 7]
     want = eager.generate(prompt, SamplingParams(max_new_tokens=10, temperature=0.0, stop_at_eos=False))
     kv = runner.new_kv(32)

@@ -15,6 +15,7 @@ import torch
 from mobile_moe import LLM, engine_config
 from mobile_moe.bench.synthetic import build_synthetic
 from mobile_moe.config import SamplingParams
+from mobile_moe.engine.runner import RunnerOptions
 from mobile_moe.experts.formats import Int4Format
 from mobile_moe.experts.kernels import INT4_OFFSET, CudaInt4, cuda_int4_agrees, inner_k_tiles, layout_format
 
@@ -118,7 +119,7 @@ def test_the_layout_id_names_the_tiles_and_rebuilds_the_format():
 def _synthetic() -> LLM:
     """OLMoE shapes / 16 (hidden 128, experts 64 wide), int4 g32 experts in the portable layout, float32 compute."""
     loaded = build_synthetic("olmoe-1b-7b", CPU, "float32", shrink=16, expert_dtype="int4", group_size=32, fused_kernels=False)
-    return LLM(loaded, engine_config(progress=False, expert_cache=16))
+    return LLM(loaded, engine_config(progress=False, expert_cache=16), RunnerOptions(device_indexed=True))  # resident: slots indexed as on CUDA
 
 
 def test_a_store_repacked_into_the_cuda_layout_decodes_as_the_portable_one():
@@ -137,5 +138,4 @@ def test_a_store_repacked_into_the_cuda_layout_decodes_as_the_portable_one():
     for llm in (reference, repacked):  # every expert resident, slots gathered by index as on CUDA
         llm.reset_cache(llm.loaded.store.total_experts)
         llm.cache.load_all()
-        llm.runner.executor.device_indexed = True
     assert repacked.generate(ids, sampling).token_ids == reference.generate(ids, sampling).token_ids

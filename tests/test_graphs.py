@@ -17,27 +17,27 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mobile_moe import LLM, engine_config
 from mobile_moe.bench.bench import BenchSettings, run_bench
 from mobile_moe.config import PolicyConfig, SamplingParams
-from mobile_moe.engine.graphs import DecodeGraphs
+from mobile_moe.engine.runner import RunnerOptions
 
 SAMPLING = SamplingParams(max_new_tokens=12, temperature=0.0, stop_at_eos=False)
 MOBILE = PolicyConfig("mobile", tau=0.9, criterion="max_prob")
 
 
-def _resident(path: Path, graphs: DecodeGraphs | None) -> LLM:
-    """The checkpoint in float32, every expert in the cache, decoding as on CUDA (experts gathered on the device)."""
-    llm = LLM(path, engine_config(progress=False, dtype="float32"))
+def _resident(path: Path, graphs: bool = False, device_indexed: bool = True, grouped: bool | None = None) -> LLM:
+    """The checkpoint in float32, every expert in the cache, decoding as on CUDA (slots indexed on the device) unless told
+    otherwise; with graphs, passes captured by the emulator in small key-span buckets (a short generation crosses two)."""
+    capture = emulated_capture if graphs else None
+    options = RunnerOptions(graph_capture=capture, span_bucket=8 if graphs else None, device_indexed=device_indexed, grouped=grouped)
+    llm = LLM(path, engine_config(progress=False, dtype="float32"), options)
     llm.reset_cache(llm.loaded.store.total_experts)
     llm.cache.load_all()
-    llm.runner.executor.device_indexed = True
-    if graphs is not None:
-        llm.runner.graphs, llm.runner.span_bucket = graphs, 8  # small buckets: a short generation crosses two
     return llm
 
 
 @pytest.mark.parametrize("arch", ["olmoe", "gpt_oss", "deepseek_v2", "qwen3_5_moe"])  # GQA; sinks + ring; MLA + dense; DeltaNet
 def test_replayed_decode_passes_give_eager_tokens_fallbacks_and_hits(checkpoints, arch: str):
-    graphs = DecodeGraphs(emulated_capture)
-    eager, replayed = _resident(checkpoints[arch], None), _resident(checkpoints[arch], graphs)
+    eager, replayed = _resident(checkpoints[arch]), _resident(checkpoints[arch], graphs=True)
+    graphs = replayed.runner.graphs
     for policy in (PolicyConfig("big"), MOBILE, PolicyConfig("mobile", tau=0.9, criterion="max_prob", kv_repair=2)):
         hits = [llm.cache.stats.hits for llm in (eager, replayed)]
         want, got = eager.generate([5, 6, 7, 8], SAMPLING, policy), replayed.generate([5, 6, 7, 8], SAMPLING, policy)
@@ -52,8 +52,8 @@ def test_mxfp4_experts_decode_from_captured_graphs_as_eagerly(checkpoints, tmp_p
     """MXFP4 experts dequantize through a lookup table made once per device, not from host data in every pass (a pageable
     copy a capture refuses, which turned `--cuda-graphs` off for every gpt-oss checkpoint)."""
     mx, _ = mxfp4_checkpoints(checkpoints["gpt_oss"], tmp_path)
-    graphs = DecodeGraphs(emulated_capture)
-    eager, replayed = _resident(mx, None), _resident(mx, graphs)
+    eager, replayed = _resident(mx), _resident(mx, graphs=True)
+    graphs = replayed.runner.graphs
     assert str(replayed.loaded.store.format) == "mxfp4"
     for policy in (PolicyConfig("big"), MOBILE):
         assert replayed.generate([5, 6, 7, 8], SAMPLING, policy).token_ids == eager.generate([5, 6, 7, 8], SAMPLING, policy).token_ids
@@ -62,9 +62,8 @@ def test_mxfp4_experts_decode_from_captured_graphs_as_eagerly(checkpoints, tmp_p
 
 def test_a_captured_pass_with_a_host_read_inside_falls_back_to_eager_with_a_warning(checkpoints, caplog):
     """On CPU the resident path reads its slots on the host: the capture refuses it, decoding stays right."""
-    graphs = DecodeGraphs(emulated_capture)
-    eager, replayed = _resident(checkpoints["olmoe"], None), _resident(checkpoints["olmoe"], graphs)
-    replayed.runner.executor.device_indexed = False
+    eager, replayed = _resident(checkpoints["olmoe"]), _resident(checkpoints["olmoe"], graphs=True, device_indexed=False)
+    graphs = replayed.runner.graphs
     project_log = logging.getLogger("mobile_moe")  # the CLI may have stopped it propagating to root
     project_log.addHandler(caplog.handler)
     try:
@@ -170,8 +169,8 @@ def test_the_emulated_capture_allows_what_cuda_capture_allows(inference: bool):
 def test_a_second_identical_request_replays_the_first_ones_captures(checkpoints):
     """The runner holds one KV cache across requests, reset in place: the captures (which read its tensors) survive, so a
     repeated request captures nothing new and gives the same tokens; a longer request than the cache holds starts over."""
-    graphs = DecodeGraphs(emulated_capture)
-    llm = _resident(checkpoints["olmoe"], graphs)
+    llm = _resident(checkpoints["olmoe"], graphs=True)
+    graphs = llm.runner.graphs
     first, second = llm.generate([5, 6, 7, 8], SAMPLING), llm.generate([5, 6, 7, 8], SAMPLING)
     assert first.stats.graph_captures >= 2 and first.stats.graph_replays > 0
     assert second.token_ids == first.token_ids
@@ -185,19 +184,16 @@ def test_a_second_identical_request_replays_the_first_ones_captures(checkpoints)
 @pytest.mark.parametrize("arch", ["olmoe", "gpt_oss"])  # plain experts; experts with biases
 def test_experts_gathered_on_the_device_give_the_host_planned_tokens(checkpoints, arch: str):
     """The resident path off the CPU (slots gathered by index, no host read) decodes as the host-planned one."""
-    gathered = _resident(checkpoints[arch], None)
-    planned = _resident(checkpoints[arch], None)
-    planned.runner.executor.device_indexed = False
-    calls, gather = [], gathered.runner.executor._gathered
-    gathered.runner.executor._gathered = lambda *a: calls.append(1) or gather(*a)
-    assert gathered.generate([5, 6, 7, 8], SAMPLING).token_ids == planned.generate([5, 6, 7, 8], SAMPLING).token_ids
-    assert len(calls) >= (SAMPLING.max_new_tokens - 1) * len(gathered.info.moe_layers)
+    gathered, planned = _resident(checkpoints[arch]), _resident(checkpoints[arch], device_indexed=False)
+    with PoolReads(gathered.cache.pool) as reads:
+        got = gathered.generate([5, 6, 7, 8], SAMPLING)
+    assert got.token_ids == planned.generate([5, 6, 7, 8], SAMPLING).token_ids
+    assert len(reads.copies) >= 2 * (SAMPLING.max_new_tokens - 1) * len(gathered.info.moe_layers)  # both matrices, every layer and step
 
 
 def test_bench_compares_resident_decoding_with_and_without_graphs(checkpoints):
     """With a capture (`--cuda-graphs` on CUDA) bench adds a `resident+graphs` row, interleaved with eager `resident`."""
-    llm = LLM(checkpoints["olmoe"], engine_config(progress=False, dtype="float32", expert_cache=8))
-    llm.graph_capture = lambda: emulated_capture
+    llm = LLM(checkpoints["olmoe"], engine_config(progress=False, dtype="float32", expert_cache=8), RunnerOptions(graph_capture=emulated_capture))
     settings = BenchSettings([[5, 6, 7, 8], [9, 10, 11]], 8, MOBILE, None, run_accelerate=False, progress=False, rounds=1, run_transformers=False)
     systems = {s["name"]: s for s in run_bench(llm, settings)["systems"]}
     assert list(systems) == ["big", "mobile", "little", "resident", "resident+graphs"]
@@ -230,10 +226,9 @@ class PoolReads(TorchDispatchMode):
 def test_resident_float_experts_are_read_in_place_by_grouped_matmuls(checkpoints, arch: str):
     """Where grouped matmuls run (CUDA, after the probe; forced here), a resident decode pass reads its experts where they
     lie: offsets built on the device, no weight gathered, and it replays from a capture with the host-planned tokens."""
-    planned, graphs = _resident(checkpoints[arch], None), DecodeGraphs(emulated_capture)
-    planned.runner.executor.device_indexed, planned.runner.executor.grouped = False, True
-    grouped = _resident(checkpoints[arch], graphs)
-    grouped.runner.executor.grouped = True
+    planned = _resident(checkpoints[arch], device_indexed=False, grouped=True)
+    grouped = _resident(checkpoints[arch], graphs=True, grouped=True)
+    graphs = grouped.runner.graphs
     with PoolReads(grouped.cache.pool) as reads:
         got = grouped.generate([5, 6, 7, 8], SAMPLING)
     assert got.token_ids == planned.generate([5, 6, 7, 8], SAMPLING).token_ids

@@ -101,9 +101,7 @@ def _run_system(
     graphs: keep the CUDA graphs `--cuda-graphs` gave the runner (every other system runs eagerly, for the comparison).
     ops: one eager pass's launch counts, for launches per token."""
     trace = Trace()
-    llm.reset_cache(slots, None if preload else trace)
-    if not graphs:
-        llm.runner.graphs = None
+    llm.reset_cache(slots, None if preload else trace, graphs=graphs)
     if preload:
         llm.cache.load_all()
     reset_peak(llm.device)  # after the new cache is made: the peak holds this system's slots, not the last one's
@@ -404,7 +402,7 @@ def _report(
         "prompts": len(settings.prompts),
         "new_tokens": settings.new_tokens,
         "temperature": settings.temperature,
-        "cuda_graphs": {"requested": llm.config.cuda_graphs, "on": llm.graph_capture is not None},
+        "cuda_graphs": {"requested": llm.config.cuda_graphs, "on": llm.options.graph_capture is not None},
         "mobile": {
             "tau": settings.mobile.tau,
             "forced_fallback_rate": settings.mobile.forced_fallback_rate,

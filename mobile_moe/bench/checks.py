@@ -192,14 +192,15 @@ class GraphFigures:
 def graph_figures(llm: LLM, prompt: list[int], steps: int = CHECK_STEPS, replays: int = TIMED_REPLAYS) -> GraphFigures:
     """A fresh all-resident cache and graphs: `steps` greedy decode passes eager, then the same through the graphs (logits compared
     with torch.equal), a captured pass timed alone, and two identical requests (the captures the second makes)."""
+    llm.reset_cache(llm.loaded.store.total_experts, graphs=False)
+    llm.cache.load_all()
+    eager, _ = greedy_logits(llm.runner, prompt, steps, replays)
     llm.reset_cache(llm.loaded.store.total_experts)
     llm.cache.load_all()
-    runner, graphs = llm.runner, llm.runner.graphs
+    graphs = llm.runner.graphs
     assert graphs is not None, "graph_figures needs the runner's graphs (--cuda-graphs)"
-    runner.graphs = None
-    eager, _ = greedy_logits(runner, prompt, steps, replays)
-    runner.graphs, replayed0 = graphs, graphs.replays
-    replayed, kv = greedy_logits(runner, prompt, steps, replays)
+    replayed0 = graphs.replays
+    replayed, kv = greedy_logits(llm.runner, prompt, steps, replays)
     equal = None if graphs.replays == replayed0 else all(torch.equal(a, b) for a, b in zip(eager, replayed, strict=True))
     ms = replay_ms_per_token(graphs, kv, replays)
     del kv

@@ -16,11 +16,10 @@ from mobile_moe.engine.batch import BatchDecoder
 from mobile_moe.engine.budget import dequant_scratch_bytes, host_tier_slots, plan_slots
 from mobile_moe.engine.calibration import CALIBRATION_FILE, read_calibration, resolve_policy
 from mobile_moe.engine.generate import GenerationResult, TokenCallback, generate
-from mobile_moe.engine.graphs import DecodeGraphs, GraphCapture
 from mobile_moe.engine.hub import ConfigCheck, resolve_model
 from mobile_moe.engine.loader import LoadedModel, check_fits_in_ram, load
 from mobile_moe.engine.passes import PassSpec
-from mobile_moe.engine.runner import Runner
+from mobile_moe.engine.runner import Runner, RunnerOptions
 from mobile_moe.errors import CheckpointError, InvalidParameter, PromptTooLong
 from mobile_moe.experts.cache import ExpertCache
 from mobile_moe.experts.disk import DiskStore
@@ -64,7 +63,7 @@ class LLM:
     (e.g. a cache too small for a step) leaves the object usable.
     """
 
-    def __init__(self, model: str | Path | LoadedModel, config: EngineConfig | None = None) -> None:
+    def __init__(self, model: str | Path | LoadedModel, config: EngineConfig | None = None, options: RunnerOptions | None = None) -> None:
         self._lock = threading.RLock()
         self.config = config or EngineConfig()
         self.device = resolve_device(self.config.device)
@@ -113,10 +112,9 @@ class LLM:
             log.warning("--compile is measured and tested on CPU only; decoding on %s runs eagerly", self.device)
         if self.config.cuda_graphs and self.device.type != "cuda":
             log.warning("--cuda-graphs needs a CUDA device; decoding on %s runs without graphs", self.device)
-        # what records decode passes for `--cuda-graphs` (None: decoding stays eager); every cache reset makes fresh graphs
-        self.graph_capture: Callable[[], GraphCapture] | None = (
-            (lambda: cuda_capture(self.device)) if self.config.cuda_graphs and self.device.type == "cuda" else None
-        )
+        # how passes run (`RunnerOptions`): by default what the device calls for, CUDA graphs with `--cuda-graphs` on CUDA
+        graphs = self.config.cuda_graphs and self.device.type == "cuda"
+        self.options = options if options is not None else RunnerOptions(graph_capture=cuda_capture(self.device) if graphs else None)
         self.governor = LittleGovernor(self.config.batch_little == "auto")  # its step costs persist across batches
         self.reset_cache(self.planned_slots)
         self.tokenizer = _load_tokenizer(self.path) if self.path.is_dir() else None
@@ -137,8 +135,9 @@ class LLM:
         """Whether decode runs compiled layer segments (`EngineConfig.compile`; CPU only until a GPU run measures CUDA)."""
         return self.config.compile and self.device.type == "cpu"
 
-    def reset_cache(self, slots: int, trace: Trace | None = None) -> None:
-        """Start over with an empty expert cache of `slots` slots (benchmarks compare systems from the same state)."""
+    def reset_cache(self, slots: int, trace: Trace | None = None, graphs: bool = True) -> None:
+        """Start over with an empty expert cache of `slots` slots (benchmarks compare systems from the same state); without
+        `graphs`, decoding runs eagerly even where the options capture graphs."""
         with self._lock:
             if getattr(self, "cache", None) is not None:
                 self.cache.close()  # copies and reads still writing into the old pools finish first
@@ -157,8 +156,8 @@ class LLM:
             self.cache = ExpertCache(
                 store, slots, self.device, TransferEngine(self.device), eviction, trace=trace, reader=self.reader if host is None else None, host=host
             )
-            graphs = DecodeGraphs(self.graph_capture()) if self.graph_capture is not None else None
-            self.runner = Runner(self.loaded.model, self.cache, compile_layers=self.compiles, graphs=graphs)
+            options = self.options if graphs else self.options.without_graphs()
+            self.runner = Runner(self.loaded.model, self.cache, compile_layers=self.compiles, options=options)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from mobile_moe.engine.budget import PREFILL_CHUNK
-from mobile_moe.engine.graphs import GRAPH_SPAN_BUCKET, DecodeGraphs
+from mobile_moe.engine.graphs import GRAPH_SPAN_BUCKET, DecodeGraphs, GraphCapture
 from mobile_moe.engine.passes import PassSpec
 from mobile_moe.experts.cache import ExpertCache
 from mobile_moe.experts.dispatch import pool_experts
@@ -45,13 +45,39 @@ class BoundLayer:
         self.runner.note_routing(self.layer, x, routing)
 
 
+@dataclass(frozen=True)
+class RunnerOptions:
+    """How a runner's passes run, chosen when it is built; each default is what the device calls for."""
+
+    graph_capture: GraphCapture | None = None  # records resident decode passes for replay (`--cuda-graphs`; None: eager)
+    span_bucket: int | None = None  # decode passes read a multiple of this many keys (None: GRAPH_SPAN_BUCKET with graphs, else exact)
+    kv_slack: int = PREFILL_CHUNK  # a sliding-window ring holds this many positions past the window: the longest write (a prompt
+    # chunk) or rewind (a fallback, --kv-repair) must fit, so that no key a query still sees is overwritten
+    device_indexed: bool | None = None  # resident slots read on the device by tensor indexing (None: off the CPU, or with graphs)
+    grouped: bool | None = None  # grouped matmuls over the slot pool (None: where a one-time probe shows they run, on CUDA)
+
+    def without_graphs(self) -> RunnerOptions:
+        """The same passes decoded eagerly: the key spans and on-device slot indexing that graphs need are kept, so an eager
+        pass computes exactly what its replay would (bench compares them bit for bit)."""
+        if self.graph_capture is None:
+            return self
+        device_indexed = True if self.device_indexed is None else self.device_indexed
+        return replace(self, graph_capture=None, span_bucket=self.span_bucket or GRAPH_SPAN_BUCKET, device_indexed=device_indexed)
+
+
 class Runner:
     """Binds model, expert cache and executor; implements the ExpertRunner protocol MoE blocks call."""
 
-    def __init__(self, model: CausalLM, cache: ExpertCache, compile_layers: bool = False, graphs: DecodeGraphs | None = None) -> None:
+    def __init__(self, model: CausalLM, cache: ExpertCache, compile_layers: bool = False, options: RunnerOptions | None = None) -> None:
+        options = options or RunnerOptions()
+        graphs = DecodeGraphs(options.graph_capture) if options.graph_capture is not None else None
+        device_indexed = options.device_indexed if options.device_indexed is not None else (graphs is not None or cache.device.type != "cpu")
         self.model = model
         self.cache = cache
-        self.executor = ExpertExecutor(cache, activation(model.info.hidden_act), model.lm_head.weight.dtype, compiled=compile_layers)
+        dtype = model.lm_head.weight.dtype
+        self.executor = ExpertExecutor(
+            cache, activation(model.info.hidden_act), dtype, grouped=options.grouped, compiled=compile_layers, device_indexed=device_indexed
+        )
         self.spec = PassSpec(little_k=self.default_little_k)  # the pass being run, or the last one (set by `forward`, `forward_rows`)
         moe = list(model.info.moe_layers)
         self.next_moe_layer = dict(zip(moe, moe[1:]))
@@ -65,9 +91,9 @@ class Runner:
         self.resident_pass = False  # whether this pass takes the all-resident decode path (`resident_decode`)
         self.batch_rows = False  # whether the current pass is a batched decode pass (`forward_rows`)
         self.bound = [BoundLayer(self, layer) for layer in range(len(model.model.layers))]
-        self.span_bucket: int | None = None  # decode passes read a fixed span of keys, rounded up to this many (None: the exact length)
-        self.kv_slack = PREFILL_CHUNK  # a sliding-window ring holds this many positions past the window: the longest write (a prompt
-        # chunk) or rewind (a fallback, --kv-repair) must fit, so that no key a query still sees is overwritten
+        # decode passes read a fixed span of keys, rounded up to this many (None: the exact length); one capture per bucket of spans
+        self.span_bucket = options.span_bucket if options.span_bucket is not None else (GRAPH_SPAN_BUCKET if graphs is not None else None)
+        self.kv_slack = options.kv_slack
         self.compiled: Segment | None = compiled_segment() if compile_layers else None
         # compiled, experts read in place from a float pool: an offloaded MoE layer is two compiled calls around the host's
         # one read of its choice (`offloaded_step`); with every expert resident, one call (`resident_step`)
@@ -77,9 +103,6 @@ class Runner:
         self.resident_layer = torch.compile(pooled_layer, dynamic=None) if pooled else None
         self.graphs = graphs  # resident decode passes replayed from captured graphs (`--cuda-graphs`)
         self.held_kv: KVCache | None = None  # one sequence's KV cache, reused by every request (`decode_kv`)
-        if graphs is not None:
-            self.span_bucket = GRAPH_SPAN_BUCKET  # one capture per bucket of key spans
-            self.executor.device_indexed = True  # a captured pass may not read its slots on the host
 
     def at(self, layer: int) -> LayerExperts:
         """The experts handle of decoder layer `layer`."""

@@ -55,7 +55,9 @@ def plan_groups(flat: list[int], group_size: int) -> list[ExpertGroup]:
 class ExpertExecutor:
     """Runs a layer's chosen experts: makes them resident (via the cache), then computes them in place."""
 
-    def __init__(self, cache: ExpertCache, act: Activation, dtype: torch.dtype, grouped: bool | None = None, compiled: bool = False) -> None:
+    def __init__(
+        self, cache: ExpertCache, act: Activation, dtype: torch.dtype, grouped: bool | None = None, compiled: bool = False, device_indexed: bool | None = None
+    ) -> None:
         self.cache, self.act, self.dtype = cache, act, dtype
         self.in_place = cache.store.format.reads_in_place(dtype)
         self.bias = cache.store.shape.bias  # each matrix's last packed field is its bias [out] (gpt-oss)
@@ -63,8 +65,8 @@ class ExpertExecutor:
         # compiled decode with experts read in place (a float pool): one fused call per token and layer instead of a loop
         self.pooled = torch.compile(pool_experts, fullgraph=True, dynamic=False) if compiled and self.in_place and not self.grouped else None
         self.pool_fields = self._pool_fields() if self.in_place else ()  # what the compiled call reads, made once
-        # resident decode off the CPU: slots gathered on the device (a host read of them would stall the stream each layer)
-        self.device_indexed = cache.device.type != "cpu"
+        # resident decode off the CPU (or captured): slots indexed on the device (a host read would stall the stream each layer)
+        self.device_indexed = cache.device.type != "cpu" if device_indexed is None else device_indexed
         # per slot: (gate_up fields, down fields, gate_up bias, down bias) as views, made once (indexing the pool per call
         # costs a dispatch each); a matrix's bias, when experts have one, is its last packed field
         self.slot_fields = [self._split(tuple([f[slot] for f in cache.fields[m]] for m in MATRICES)) for slot in range(cache.num_slots)]
