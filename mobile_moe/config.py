@@ -159,7 +159,7 @@ class PolicyConfig:
         return "little" if self.name == "little" else "big"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CacheConfig:
     """Size of the device expert cache: a slot count, a memory budget, or neither (automatic)."""
 
@@ -179,7 +179,7 @@ class CacheConfig:
             raise InvalidParameter(f"eviction must be lru or lfu, got {self.eviction!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EngineConfig:
     """Where and in which precision the engine runs."""
 

@@ -92,3 +92,12 @@ def test_mobile_fallback_costs_one_more_pass_and_one_prefetch_read(checkpoints):
     layers, steps = len(llm.info.moe_layers), stats.tokens - 1
     assert stats.decode_host_syncs == steps * (layers + 1) + stats.fallback_tokens * (1 + layers + 1)
     assert torch.isfinite(torch.tensor(stats.decode_tok_s))
+
+
+def test_engine_settings_are_given_by_keyword_only():
+    """EngineConfig and CacheConfig grow fields; a positional call would silently bind a value to the wrong one."""
+    with pytest.raises(TypeError):
+        EngineConfig("cuda")  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        CacheConfig(8)  # type: ignore[misc]
+    assert EngineConfig(device="cuda", cache=CacheConfig(slots=8)).cache.slots == 8

@@ -18,6 +18,7 @@ from mobile_moe import LLM, engine_config
 from mobile_moe.cli import main
 from mobile_moe.config import PolicyConfig, SamplingParams
 from mobile_moe.engine.quantize import quantize_checkpoint
+from mobile_moe.engine.runner import RunnerOptions
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.experts.formats import FloatFormat, Int4Format, Int8Format, make_format, pack_int4, unpack_int4
 from mobile_moe.experts.store import ExpertLayout, ExpertShape, ExpertStore
@@ -353,3 +354,10 @@ def test_generation_stats_name_the_expert_path_the_engine_chose(checkpoints):
     assert floats.generate(PROMPT, GREEDY).stats.expert_path == "in-place"  # float experts read where they lie
     int4 = LLM(checkpoints["olmoe"], engine_config(progress=False, dtype="float32", expert_dtype="int4", group_size=16, fused_kernels=False))
     assert int4.generate(PROMPT, GREEDY).stats.expert_path == "reference"  # dequantized, then a matmul
+
+
+def test_a_path_the_experts_cannot_take_is_refused_when_the_engine_is_built(checkpoints):
+    """Grouped matmuls read float experts in place: asked of int4 experts, the engine says so at build, in one line."""
+    with pytest.raises(InvalidParameter, match="grouped matmuls read float experts in place; int4") as refused:
+        LLM(checkpoints["olmoe"], engine_config(progress=False, dtype="float32", expert_dtype="int4", group_size=16), RunnerOptions(grouped=True))
+    assert len(str(refused.value).splitlines()) == 1

@@ -381,7 +381,7 @@ def engine_config(  # noqa: PLR0913 - every engine setting, by keyword
     return EngineConfig(
         device=device,
         dtype=dtype,
-        cache=CacheConfig(expert_cache, gpu_memory, eviction, host_memory),
+        cache=CacheConfig(slots=expert_cache, gpu_memory_gb=gpu_memory, eviction=eviction, host_memory_gb=host_memory),
         progress=progress,
         max_context=max_context,
         expert_dtype=expert_dtype,

@@ -15,6 +15,7 @@ from itertools import accumulate
 
 import torch
 
+from mobile_moe.errors import InvalidParameter
 from mobile_moe.experts.cache import ExpertCache
 from mobile_moe.experts.dispatch import combine, expert_output, pool_experts, split_bias
 from mobile_moe.experts.formats import ExpertFormat, FloatFormat, Mxfp4Format
@@ -61,6 +62,8 @@ class ExpertExecutor:
         self.cache, self.act, self.dtype = cache, act, dtype
         self.in_place = cache.store.format.reads_in_place(dtype)
         self.bias = cache.store.shape.bias  # each matrix's last packed field is its bias [out] (gpt-oss)
+        if grouped and not self.in_place:  # a pass this path cannot run is refused here, not found mid-pass
+            raise InvalidParameter(f"grouped matmuls read float experts in place; {cache.store.format} experts in {dtype} go through their format's matmul")
         self.grouped = (self.in_place and grouped_mm_works(cache, act, dtype)) if grouped is None else grouped
         # compiled decode with experts read in place (a float pool): one fused call per token and layer instead of a loop
         self.pooled = torch.compile(pool_experts, fullgraph=True, dynamic=False) if compiled and self.in_place and not self.grouped else None
