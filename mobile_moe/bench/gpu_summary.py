@@ -59,6 +59,8 @@ ROW_FIELDS = (
     "captures_per_request",
     "note",
 )
+RENAMED_FIELDS = ("system", "tok_s", "hit_rate", "h2d_mb_per_token", "read_mb_per_token", "note")  # from other report keys
+COPIED_FIELDS = tuple(f for f in ROW_FIELDS if f not in RENAMED_FIELDS)  # the report's own keys, as they are
 RUN_FIELDS = (
     "device",
     "model",
@@ -190,21 +192,7 @@ def system_row(s: dict | None, name: str) -> dict:
         read_mb_per_token=scaled("bytes_per_token", 1e-6),
         note=s.get("note"),
     )
-    for key in (
-        "predicted_tok_s",
-        "predicted_h2d_mb_per_token",
-        "host_syncs_per_token",
-        "predicted_host_syncs_per_token",
-        "launches_per_token",
-        "expert_path",
-        "peak_gpu_mb",
-        "graph_equals_eager",
-        "captures",
-        "replays",
-        "replay_ms_per_token",
-        "capture_s",
-        "captures_per_request",
-    ):
+    for key in COPIED_FIELDS:
         row[key] = s.get(key)
     if row["expert_path"] == "":
         row["expert_path"] = None
