@@ -10,9 +10,7 @@ A lone decoding row takes the single-sequence step, so one request alone runs ex
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
-
-import torch
+from dataclasses import dataclass, field
 
 from mobile_moe.config import SamplingParams
 from mobile_moe.engine.budget import PREFILL_CHUNK
@@ -30,11 +28,10 @@ from mobile_moe.engine.generate import (
     rolls_back,
     stream_for,
 )
-from mobile_moe.engine.passes import BIG
 from mobile_moe.engine.runner import Runner
+from mobile_moe.engine.step import Batcher, StepRow, decode_step
 from mobile_moe.errors import InvalidParameter
-from mobile_moe.layers.kv_cache import BatchKV, SequenceSnapshot
-from mobile_moe.layers.moe import ExpertMode
+from mobile_moe.layers.kv_cache import BatchKV
 from mobile_moe.policy.governor import LittleGovernor
 from mobile_moe.policy.policies import Policy
 
@@ -148,16 +145,17 @@ class BatchDecoder:
         return len(chunk)
 
     def _decode(self, rows: list[Row]) -> None:
-        """One token of each decoding row: the single-sequence step for a lone row, else a batched step."""
-        if len(rows) == 1:
-            row = rows[0]
+        """One token of each decoding row: one step for them all (a lone row's passes are single-sequence passes)."""
+        for row in rows:
             row.steps += 1
-            self._emit(row, row.dec.step(row.token, row.steps))
+        step_rows = [StepRow(r.dec, r.token, r.steps) for r in rows]
+        if len(rows) == 1:
+            self._emit(rows[0], decode_step(self.runner, step_rows)[0])
             return
         mobile = any(r.policy.may_fall_back for r in rows)
         little_first = self.governor.little_pays(len(rows)) if mobile else True
         start = time.perf_counter()
-        tokens = self._decode_batch(rows, little_first)
+        tokens = decode_step(self.runner, step_rows, self._batcher(rows), little_first)
         if mobile:
             self.governor.observe(len(rows), little_first, time.perf_counter() - start)
         self.batched_steps += 1
@@ -165,94 +163,10 @@ class BatchDecoder:
         for row, token in zip(rows, tokens):
             self._emit(row, token)
 
-    def _decode_batch(self, rows: list[Row], little_first: bool) -> list[int]:
-        """The batched step: first pass for all rows, then big for the mobile rows below tau -> each row's token."""
-        runner = self.runner
-        little = [r.policy.decode_mode is ExpertMode.LITTLE and (little_first or not r.policy.may_fall_back) for r in rows]
-        mobile = [r.policy.may_fall_back and first for r, first in zip(rows, little)]
-        befores = [r.dec.kv.snapshot() if m else None for r, m in zip(rows, mobile)]
-        for r, m in zip(rows, mobile):
-            r.steps += 1
-            r.result.stats.big_instead_tokens += r.policy.may_fall_back and not m
-        specs = [replace(r.dec.first, record=m) if first else BIG for r, first, m in zip(rows, little, mobile)]
-        logits = runner.forward_rows(runner.ids([r.token for r in rows]), self._batch(rows), specs)  # [B, V]
-        reads = self._read(rows, logits, [m and r.policy.needs_confidence for r, m in zip(rows, mobile)])
-        falls = [i for i, (r, m) in enumerate(zip(rows, mobile)) if m and r.policy.falls_back(1.0 if reads[i][2] is None else reads[i][2], r.steps)]
-        tokens = [read[0] for read in reads]
-        for i, (r, read) in enumerate(zip(rows, reads)):
-            if i not in falls:
-                r.dec.accept(read[0], read[0], read[2], read[3], fell_back=False, little_pass=little[i])
-        if falls:
-            logs = [runner.row_log(i) for i in falls]
-            for i, token in zip(falls, self._fall_back([rows[i] for i in falls], [befores[i] for i in falls], logs, [reads[i] for i in falls])):
-                tokens[i] = token
-        return tokens
-
-    def _fall_back(
-        self,
-        rows: list[Row],
-        befores: list[SequenceSnapshot | None],
-        logs: list[dict[int, torch.Tensor]],
-        reads: list[tuple[int, int, float | None, tuple[float, ...]]],
-    ) -> list[int]:
-        """Redo this step with big for exactly these rows (KV and recurrent states back to before it); each row's step is
-        recorded (`reads`: its first pass's token, greedy token, confidence and signals) -> their tokens."""
-        runner = self.runner
-        repairs = []
-        for row, before, log in zip(rows, befores, logs):
-            assert before is not None
-            row.dec.kv.restore(before)
-            repairs.append(0 if row.dec.kv.recurrent else min(row.policy.config.kv_repair or 0, row.dec.little_positions))
-            if row.policy.config.prefetch_on_fallback:
-                runner.prefetch_other_half(log, runner.little_k_of(row.dec.first.little_k))
-        tokens: dict[int, int] = {}
-        together = [i for i, n in enumerate(repairs) if n == 0]
-        if together:
-            sub = [rows[i] for i in together]
-            logits = runner.forward_rows(runner.ids([r.token for r in sub]), self._batch(sub), [BIG] * len(sub))
-            for i, read in zip(together, self._read(sub, logits, [False] * len(sub))):
-                tokens[i] = read[0]
-        checked = set()  # rows whose repair also checked little's tokens: that check records their step
-        for i, n in enumerate(repairs):
-            if n:  # earlier little positions redone too: that row alone, several tokens
-                row, (_, greedy, conf, signals) = rows[i], reads[i]
-                row.dec.kv.rewind(n)
-                ids = runner.ids(row.result.token_ids[-(1 + n) :])
-                if row.dec.rollback:
-                    tokens[i] = row.dec.check_repaired(runner.forward(ids, row.dec.kv, BIG, all_logits=True), n, greedy, conf, signals)
-                    checked.add(i)
-                else:
-                    tokens[i] = row.dec.read(runner.forward(ids, row.dec.kv, BIG), with_confidence=False)[0]
-        for i, (_, greedy, conf, signals) in enumerate(reads):
-            if i not in checked:
-                rows[i].dec.accept(tokens[i], greedy, conf, signals, fell_back=True, little_pass=False)
-        return [tokens[i] for i in range(len(rows))]
-
-    def _read(self, rows: list[Row], logits: torch.Tensor, confidence: list[bool]) -> list[tuple[int, int, float | None, tuple[float, ...]]]:
-        """Each row's (token, greedy token, confidence, signals) from logits [B, V], in one host sync for the batch
-        (greedy rows that need no confidence share one argmax)."""
-        greedy = [b for b, (r, conf) in enumerate(zip(rows, confidence)) if not conf and r.dec.sampling.temperature == 0.0]
-        plain = set(greedy)
-        others = [b for b in range(len(rows)) if b not in plain]
-        parts = [] if not greedy else [(logits if len(greedy) == len(rows) else logits[greedy]).argmax(-1).double()]  # [G]
-        sizes = []
-        for b in others:
-            row_parts = rows[b].dec.read_parts(logits[b], confidence[b], lambda b=b: self.runner.row_weights(b))
-            parts += row_parts
-            sizes.append(sum(p.numel() for p in row_parts))
-        values = self.runner.cache.transfer.to_host(torch.cat(parts))
-        out: list = [None] * len(rows)
-        for b, value in zip(greedy, values):
-            out[b] = (int(value), int(value), None, ())
-        start = len(greedy)
-        for b, size in zip(others, sizes):
-            out[b] = rows[b].dec.parse(values[start : start + size], confidence[b])
-            start += size
-        return out
-
-    def _batch(self, rows: list[Row]) -> BatchKV:
-        """The rows' sequences as one batched pass sees them."""
-        return BatchKV(self.pool, [r.slot for r in rows], [r.dec.kv for r in rows], self.runner.ids)
+    def _batcher(self, rows: list[Row]) -> Batcher:
+        """The rows' sequences (any of them) as one batched pass sees them."""
+        slot_of = {id(r.dec): r.slot for r in rows}
+        return lambda decs: BatchKV(self.pool, [slot_of[id(d)] for d in decs], [d.kv for d in decs], self.runner.ids)
 
     def _emit(self, row: Row, token: int) -> None:
         """Hand out a row's new token; the row finishes at EOS, its token limit, or when its callback says stop."""

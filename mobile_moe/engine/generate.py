@@ -13,9 +13,9 @@ from mobile_moe.engine.budget import PREFILL_CHUNK
 from mobile_moe.engine.metrics import GenerationStats
 from mobile_moe.engine.passes import PassSpec, for_policy
 from mobile_moe.engine.runner import Runner
+from mobile_moe.engine.step import StepRow, decode_step
 from mobile_moe.experts.cache import CacheStats
 from mobile_moe.layers.kv_cache import KVCache
-from mobile_moe.layers.moe import ExpertMode
 from mobile_moe.layers.sampler import sample
 from mobile_moe.policy.little import first_dropping_layer
 from mobile_moe.policy.policies import Policy
@@ -137,36 +137,6 @@ class Decoder:
         if self.partial is not None:
             self.starts = (self.starts + [self.start if self.kept else None])[-self.inputs.shape[0] :] if kept and self.inputs is not None else []
         self.kept = False
-
-    def step(self, token: int, step: int) -> int:
-        """One MoBiLE step: first pass (big or little); if the policy says so, rewind and redo it with big."""
-        runner, policy = self.runner, self.policy
-        ids = self.input_ids(token)
-        before = self.kv.snapshot() if policy.may_fall_back else None  # what a fallback returns to (copies recurrent states)
-        keep = self.input_row() if policy.decode_mode is ExpertMode.LITTLE else None
-        logits = runner.forward(ids, self.kv, self.first, step=step, keep=keep)
-        self.kept = keep is not None
-        nxt, greedy, conf, signals = self.read(logits, policy.needs_confidence)
-        if not policy.falls_back(conf if conf is not None else 1.0, step):
-            self.accept(nxt, nxt, conf, signals, fell_back=False, little_pass=policy.decode_mode is ExpertMode.LITTLE)
-            return nxt
-        routing_log = runner.routing_log or {}
-        # earlier positions whose KV little wrote, redone by big; none with recurrent layers (their state goes back only to `before`)
-        repair = 0 if self.kv.recurrent else min(policy.config.kv_repair or 0, self.little_positions)
-        first = self.resume_layer(repair)  # 0: a full big pass
-        self.kv.restore(before)  # forget this step: KV length back, recurrent states copied back
-        self.kv.rewind(repair)
-        if policy.config.prefetch_on_fallback:
-            runner.prefetch_other_half(routing_log, runner.little_k_of(self.first.little_k), first)
-        if repair:
-            ids = runner.ids(self.result.token_ids[-(1 + repair) :])  # the inputs of those positions and of this step
-        resume = self.resumed_inputs(first, repair + 1)
-        if repair and self.rollback:
-            logits = runner.forward(ids, self.kv, self.first.big(), all_logits=True, step=step, resume=resume)
-            return self.check_repaired(logits, repair, greedy, conf, signals)
-        nxt, _, _, _ = self.read(runner.forward(ids, self.kv, self.first.big(), step=step, resume=resume), with_confidence=False)
-        self.accept(nxt, greedy, conf, signals, fell_back=True, little_pass=False)
-        return nxt
 
     def input_row(self) -> torch.Tensor | None:
         """The row of `inputs` this step's little pass fills ([layers, H]), when partial fallbacks are on."""
@@ -317,7 +287,7 @@ def generate(
     step = 0
     while emit(dec.result, token, sampling, eos) and stream.send(dec.result):
         step += 1
-        token = dec.step(token, step)
+        token = decode_step(runner, [StepRow(dec, token, step)])[0]
     stream.finish(dec.result)
     _synchronize(device)
     stats.decode_s = time.perf_counter() - start
