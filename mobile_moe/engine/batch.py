@@ -1,10 +1,10 @@
 """Continuous batching (docs/design.md §1 at batch B, §6): rows join and leave between steps; each step prefills one prompt
 chunk of a joining row, then decodes every decoding row in one batched pass, with MoBiLE decided per row.
 
-A step's first pass runs each row with its policy's experts (little for little and mobile rows, big for big rows,
-mixed in one pass). Mobile rows below tau are then recomputed with big as a sub-batch of exactly those rows, each
-row's KV length or recurrent state restored to before the step, the other-half experts of those rows prefetched.
-A lone decoding row takes the single-sequence step, so one request alone runs exactly as `generate` does.
+The step itself is `engine/step.py`'s, the one `generate` takes: its first pass runs each row with its policy's experts
+(little for little and mobile rows, big for big rows, mixed in one pass); mobile rows below tau are then recomputed with
+big as a sub-batch of exactly those rows. A lone decoding row's passes are single-sequence passes, so one request alone
+runs exactly as `generate` does. Here: admission, prompt chunks, the little-or-big governor, and handing tokens out.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class BatchDecoder:
         kv = self.pool.row(slot, self.runner.new_recurrent())
         dec = new_decoder(self.runner, kv, prompt, sampling, policy)
         dec.rollback = rolls_back(policy, sampling, kv)
-        enable_partial(dec)  # its lone-row steps (`Decoder.step`); batched fallbacks run every layer
+        enable_partial(dec)  # its lone-row steps (`step.decode_step` with one row); batched fallbacks run every layer
         row = Row(slot, list(prompt), dec, stream_for(dec, on_token), tag)
         row.joined = Counters.now(self.runner)
         self.rows.append(row)
