@@ -15,10 +15,10 @@ from mobile_moe.bench.hf_baseline import bench_gpu, clock_timings, max_memory_ma
 from mobile_moe.bench.profiles import PROFILES
 from mobile_moe.bench.synthetic import SHAPES, build_synthetic, full_size_cost, synthetic_config
 from mobile_moe.cli import main
-from mobile_moe.engine.loader import load
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.experts.formats import make_format
 from mobile_moe.experts.trace import Trace, load_trace
+from mobile_moe.loading.loader import load
 
 SYSTEM_FIELDS = ("name", "decode_tok_s", "ttft_s", "h2d_gb_per_token", "hit_rate", "fallback_rate", "transfer_wait_share", "ratio_to_big")
 

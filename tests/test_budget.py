@@ -13,9 +13,9 @@ from mobile_moe.bench.synthetic import SHAPES, synthetic_config
 from mobile_moe.cli import main
 from mobile_moe.config import CacheConfig, EngineConfig, SamplingParams
 from mobile_moe.engine import generate as generate_module
-from mobile_moe.engine.budget import GIB, plan_for_config
 from mobile_moe.engine.calibration import DEMO_MODEL
 from mobile_moe.errors import CacheTooSmall, PromptTooLong
+from mobile_moe.loading.budget import GIB, plan_for_config
 
 
 def h200_plan(name: str, gb: float, max_context: int = 4096):

@@ -20,7 +20,6 @@ from mobile_moe import LLM, engine_config
 from mobile_moe.cli import bench as bench_command
 from mobile_moe.cli import main
 from mobile_moe.config import PolicyConfig, SamplingParams
-from mobile_moe.engine.budget import GIB
 from mobile_moe.engine.calibration import DEMO_MODEL
 from mobile_moe.errors import CacheTooSmall, CheckpointError, InvalidParameter
 from mobile_moe.experts.cache import ExpertCache
@@ -28,6 +27,7 @@ from mobile_moe.experts.disk import MANIFEST, RECORDS, StoreCorrupt, aligned_emp
 from mobile_moe.experts.reader import Priority, ReadPool
 from mobile_moe.experts.store import pins_host_store
 from mobile_moe.experts.transfer import TransferEngine
+from mobile_moe.loading.budget import GIB
 
 STEPS = SamplingParams(max_new_tokens=6, temperature=0.0, stop_at_eos=False)
 MOBILE = PolicyConfig("mobile", tau=0.9, criterion="max_prob")

@@ -11,7 +11,7 @@ import torch
 from conftest import open_llm
 from test_datapath import Records
 
-from mobile_moe.engine.loader import AUTO_BF16_MIN_PARAMS, auto_cpu_dtype, load
+from mobile_moe.loading.loader import AUTO_BF16_MIN_PARAMS, auto_cpu_dtype, load
 
 
 def test_a_cpu_without_native_bf16_falls_back_to_float32_with_a_note():

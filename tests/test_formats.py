@@ -17,11 +17,11 @@ from test_cli import assert_one_line_error, gen, run
 from mobile_moe import LLM, engine_config
 from mobile_moe.cli import main
 from mobile_moe.config import PolicyConfig, SamplingParams
-from mobile_moe.engine.quantize import quantize_checkpoint
 from mobile_moe.engine.runner import RunnerOptions
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.experts.formats import FloatFormat, Int4Format, Int8Format, make_format, pack_int4, unpack_int4
 from mobile_moe.experts.store import ExpertLayout, ExpertShape, ExpertStore
+from mobile_moe.loading.quantize import quantize_checkpoint
 
 GROUP = 8  # divides every test model's hidden (32) and expert widths (16, 24)
 GREEDY = SamplingParams(max_new_tokens=8, stop_at_eos=False)
@@ -153,8 +153,8 @@ def test_quantize_writes_a_checkpoint_that_loads_packed(checkpoints, tmp_path, c
 RSS_SCRIPT = """
 import sys, torch
 from pathlib import Path
-from mobile_moe.engine.checkpoint import read_config
-from mobile_moe.engine.loader import load
+from mobile_moe.loading.checkpoint import read_config
+from mobile_moe.loading.loader import load
 from mobile_moe.models.registry import build_model
 with torch.device("meta"):
     build_model(read_config(Path(sys.argv[1])))  # imports and config parsing happen before the baseline

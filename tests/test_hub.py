@@ -17,9 +17,9 @@ from huggingface_hub import errors as hub_errors
 from mobile_moe import LLM, engine_config
 from mobile_moe.cli import main
 from mobile_moe.config import SamplingParams
-from mobile_moe.engine import hub
-from mobile_moe.engine.hub import parse_hub_id, resolve_model
 from mobile_moe.errors import CheckpointError, InvalidParameter, UnsupportedArchitecture
+from mobile_moe.loading import hub
+from mobile_moe.loading.hub import parse_hub_id, resolve_model
 
 ARCH = "olmoe"
 REPO = "tiny-org/tiny-olmoe"
@@ -229,7 +229,7 @@ def test_call_time_environment(monkeypatch, tmp_path):
 
 
 def test_a_model_too_big_for_the_ram_is_refused_before_its_weights_are_fetched(cache, monkeypatch, capsys):
-    from mobile_moe.engine import loader
+    from mobile_moe.loading import loader
 
     def no_snapshot(*args, **kwargs):
         raise AssertionError("weights fetched before the memory check")

@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from mobile_moe import LLM, engine_config
 from mobile_moe.engine.calibration import DEMO_MODEL
-from mobile_moe.engine.checkpoint import classify
-from mobile_moe.engine.loader import dense_bytes
+from mobile_moe.loading.checkpoint import classify
+from mobile_moe.loading.loader import dense_bytes
 
 PROMPT = [4, 9, 16, 25, 36, 49]
 
@@ -124,7 +124,7 @@ def test_multi_token_prediction_weights_are_skipped(checkpoints, tmp_path):
 
 def test_a_model_too_big_for_the_ram_is_refused_in_one_line_before_allocating(monkeypatch, capsys):
     from mobile_moe.cli import main
-    from mobile_moe.engine import loader
+    from mobile_moe.loading import loader
 
     llm = LLM(DEMO_MODEL, engine_config(progress=False, dtype="float32"))
     need = llm.loaded.store.nbytes + dense_bytes(llm.loaded.model)

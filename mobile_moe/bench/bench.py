@@ -27,13 +27,13 @@ from mobile_moe.bench.hf_baseline import HFBaseline, run_baseline
 from mobile_moe.bench.profiles import PROFILES, HardwareProfile, device_profile, disk_profiles
 from mobile_moe.bench.roofline import bytes_per_token, memory_probe_gb_s
 from mobile_moe.config import PolicyConfig, SamplingParams
-from mobile_moe.engine.budget import dense_bytes
 from mobile_moe.engine.llm import LLM
 from mobile_moe.eval.data import read_texts
 from mobile_moe.eval.prompts import cut_prompts
 from mobile_moe.experts.disk import DiskStore, aligned_empty, filesystem_type
 from mobile_moe.experts.reader import DEFAULT_READERS, Priority, ReadPool
 from mobile_moe.experts.trace import Access, Trace
+from mobile_moe.loading.budget import dense_bytes
 
 ROUND_PROBE_RECORDS = 64  # disk tier: records of the probe read right before each system's run (the disk's speed drifts)
 

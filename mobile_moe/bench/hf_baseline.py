@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import transformers as T
 
-from mobile_moe.engine.loader import LoadedModel
+from mobile_moe.loading.loader import LoadedModel
 
 WARMUP_TOKENS = 2  # one short untimed generate: kernels, allocator, accelerate's hooks
 

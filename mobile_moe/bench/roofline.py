@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from mobile_moe.engine.budget import dense_bytes, kv_bytes_per_token
+from mobile_moe.loading.budget import dense_bytes, kv_bytes_per_token
 from mobile_moe.models.transformer import CausalLM
 
 PROBE_BYTES = 1 << 30

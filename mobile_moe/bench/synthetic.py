@@ -12,12 +12,12 @@ import transformers as T
 
 from mobile_moe.bench.costinputs import dequant_traffic, model_cost
 from mobile_moe.bench.costmodel import ModelCost
-from mobile_moe.engine.loader import LayerFlusher, LoadedModel, matching_manifest, open_store, resolve_dtype, store_manifest
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.experts.disk import DiskStore, StoreWriter
 from mobile_moe.experts.formats import ExpertFormat, FloatFormat, make_format
 from mobile_moe.experts.kernels import use_fused_kernels
 from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertShape, ExpertStore, pins_host_store
+from mobile_moe.loading.loader import LayerFlusher, LoadedModel, matching_manifest, open_store, resolve_dtype, store_manifest
 from mobile_moe.models.registry import build_model
 from mobile_moe.models.transformer import ModelInfo
 

@@ -26,15 +26,15 @@ from mobile_moe.cli.common import (
     set_threads,
 )
 from mobile_moe.config import PolicyConfig
-from mobile_moe.engine.budget import GIB, SlotPlan, plan_for_config
 from mobile_moe.engine.calibration import demo_fallback_rate
-from mobile_moe.engine.checkpoint import read_config
 from mobile_moe.engine.llm import LLM, resolve_device
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.experts.disk import filesystem_type
 from mobile_moe.experts.formats import ExpertFormat, make_format
 from mobile_moe.experts.host_memory import available_memory_bytes
 from mobile_moe.jsonio import write_json_atomic
+from mobile_moe.loading.budget import GIB, SlotPlan, plan_for_config
+from mobile_moe.loading.checkpoint import read_config
 from mobile_moe.models.registry import build_model
 
 

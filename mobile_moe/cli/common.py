@@ -11,10 +11,10 @@ import torch
 
 from mobile_moe.config import CRITERIA, EXPERT_DTYPES, POLICIES, EngineConfig, PolicyConfig
 from mobile_moe.engine.calibration import DEFAULT_TAU, DEMO_MODEL
-from mobile_moe.engine.hub import ConfigCheck, resolve_model
 from mobile_moe.engine.llm import LLM, engine_config, ram_check
 from mobile_moe.errors import CheckpointError, InvalidParameter
 from mobile_moe.experts.formats import DEFAULT_GROUP_SIZE
+from mobile_moe.loading.hub import ConfigCheck, resolve_model
 
 
 class Parser(argparse.ArgumentParser):

@@ -24,13 +24,13 @@ from mobile_moe.cli.common import (
 from mobile_moe.config import CRITERIA, PolicyConfig
 from mobile_moe.engine.calibration import calibrated_tau, write_calibration
 from mobile_moe.engine.llm import LLM
-from mobile_moe.engine.loader import stored_format
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.eval.calibrate import RULES, TAU_GRIDS, Calibration
 from mobile_moe.eval.data import DEFAULT_GLOB, read_texts
 from mobile_moe.eval.evaluate import EvalSettings, calibrate, calibrate_sources, evaluate
 from mobile_moe.eval.report import learned_table, plot_quality, plot_sources, runs_table
 from mobile_moe.eval.sources import sources_table, split_source
+from mobile_moe.loading.loader import stored_format
 
 DEFAULT_CALIBRATION_CRITERIA = ("margin", "learned")  # margin beat max_prob and entropy at every fallback rate measured
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from mobile_moe.cli.common import model_dir
-from mobile_moe.engine.loader import load
-from mobile_moe.engine.quantize import quantize_checkpoint
 from mobile_moe.experts.formats import DEFAULT_GROUP_SIZE
+from mobile_moe.loading.loader import load
+from mobile_moe.loading.quantize import quantize_checkpoint
 
 
 def add_quantize_parser(sub: argparse._SubParsersAction) -> None:

@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 
 from mobile_moe.config import SamplingParams
-from mobile_moe.engine.budget import PREFILL_CHUNK
 from mobile_moe.engine.generate import (
     Counters,
     Decoder,
@@ -32,6 +31,7 @@ from mobile_moe.engine.runner import Runner
 from mobile_moe.engine.step import Batcher, StepRow, decode_step
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.layers.kv_cache import BatchKV
+from mobile_moe.loading.budget import PREFILL_CHUNK
 from mobile_moe.policy.governor import LittleGovernor
 from mobile_moe.policy.policies import Policy
 

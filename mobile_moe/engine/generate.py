@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 import torch
 
 from mobile_moe.config import SamplingParams
-from mobile_moe.engine.budget import PREFILL_CHUNK
 from mobile_moe.engine.metrics import GenerationStats
 from mobile_moe.engine.passes import PassSpec, for_policy
 from mobile_moe.engine.runner import Runner
@@ -17,6 +16,7 @@ from mobile_moe.engine.step import StepRow, decode_step
 from mobile_moe.experts.cache import CacheStats
 from mobile_moe.layers.kv_cache import KVCache
 from mobile_moe.layers.sampler import sample
+from mobile_moe.loading.budget import PREFILL_CHUNK
 from mobile_moe.policy.little import first_dropping_layer
 from mobile_moe.policy.policies import Policy
 

@@ -13,11 +13,8 @@ import torch
 
 from mobile_moe.config import CacheConfig, EngineConfig, PolicyConfig, SamplingParams
 from mobile_moe.engine.batch import BatchDecoder
-from mobile_moe.engine.budget import dequant_scratch_bytes, host_tier_slots, plan_slots
 from mobile_moe.engine.calibration import CALIBRATION_FILE, read_calibration, resolve_policy
 from mobile_moe.engine.generate import GenerationResult, TokenCallback, generate
-from mobile_moe.engine.hub import ConfigCheck, resolve_model
-from mobile_moe.engine.loader import LoadedModel, check_fits_in_ram, load
 from mobile_moe.engine.passes import PassSpec
 from mobile_moe.engine.runner import Runner, RunnerOptions
 from mobile_moe.errors import CheckpointError, InvalidParameter, PromptTooLong
@@ -28,6 +25,9 @@ from mobile_moe.experts.trace import Trace
 from mobile_moe.experts.transfer import TransferEngine, cuda_capture
 from mobile_moe.layers.kv_cache import KVCache
 from mobile_moe.layers.moe import ExpertMode
+from mobile_moe.loading.budget import dequant_scratch_bytes, host_tier_slots, plan_slots
+from mobile_moe.loading.hub import ConfigCheck, resolve_model
+from mobile_moe.loading.loader import LoadedModel, check_fits_in_ram, load
 from mobile_moe.policy.governor import LittleGovernor
 from mobile_moe.policy.policies import Policy
 

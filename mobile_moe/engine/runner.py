@@ -9,7 +9,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from mobile_moe.engine.budget import PREFILL_CHUNK
 from mobile_moe.engine.graphs import GRAPH_SPAN_BUCKET, DecodeGraphs, GraphCapture
 from mobile_moe.engine.passes import PassSpec
 from mobile_moe.experts.cache import ExpertCache
@@ -20,6 +19,7 @@ from mobile_moe.layers.attention import AttentionInput
 from mobile_moe.layers.kv_cache import BatchKV, KVCache, KVPool, LayerKV
 from mobile_moe.layers.mlp import Activation, activation
 from mobile_moe.layers.moe import ExpertMode, LayerExperts, MoEBlock, RouterSpec, Routing, half_of, select
+from mobile_moe.loading.budget import PREFILL_CHUNK
 from mobile_moe.models.transformer import CausalLM, DecoderLayer, LayerStep, Segment, before_experts
 from mobile_moe.policy.little import prefer_resident, runs_big_here
 

@@ -19,11 +19,11 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from mobile_moe.engine.checkpoint import canonical_key, classify, count_tensors, iter_tensors, packed_key, read_config, shard_files, unused
-from mobile_moe.engine.loader import place_expert, stored_format
 from mobile_moe.errors import CheckpointError, InvalidParameter
 from mobile_moe.experts.formats import ExpertFormat, make_format
 from mobile_moe.experts.store import ExpertShape, ExpertStore
+from mobile_moe.loading.checkpoint import canonical_key, classify, count_tensors, iter_tensors, packed_key, read_config, shard_files, unused
+from mobile_moe.loading.loader import place_expert, stored_format
 from mobile_moe.models.registry import build_model
 
 WEIGHT_FILES = ("model.safetensors.index.json", "config.json")

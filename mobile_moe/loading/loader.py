@@ -10,7 +10,14 @@ import torch
 from tqdm import tqdm
 from transformers import PretrainedConfig
 
-from mobile_moe.engine.checkpoint import (
+from mobile_moe.errors import CheckpointError, InvalidParameter
+from mobile_moe.experts.disk import DiskStore, Manifest, StoreWriter, checkpoint_fingerprint, expected_manifest, read_manifest
+from mobile_moe.experts.formats import ExpertFormat, format_from_config, make_format
+from mobile_moe.experts.host_memory import available_memory_bytes
+from mobile_moe.experts.kernels import compute_format, layout_format, use_fused_kernels
+from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertShape, ExpertStore, pins_host_store
+from mobile_moe.layers.moe import Router
+from mobile_moe.loading.checkpoint import (
     ExpertTensor,
     FusedExpertTensor,
     HubExpertField,
@@ -25,13 +32,6 @@ from mobile_moe.engine.checkpoint import (
     shard_files,
     unused,
 )
-from mobile_moe.errors import CheckpointError, InvalidParameter
-from mobile_moe.experts.disk import DiskStore, Manifest, StoreWriter, checkpoint_fingerprint, expected_manifest, read_manifest
-from mobile_moe.experts.formats import ExpertFormat, format_from_config, make_format
-from mobile_moe.experts.host_memory import available_memory_bytes
-from mobile_moe.experts.kernels import compute_format, layout_format, use_fused_kernels
-from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertShape, ExpertStore, pins_host_store
-from mobile_moe.layers.moe import Router
 from mobile_moe.models.registry import build_model
 from mobile_moe.models.transformer import CausalLM
 

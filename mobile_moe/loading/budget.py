@@ -9,10 +9,10 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from mobile_moe.config import CacheConfig, EngineConfig
-from mobile_moe.engine.loader import dense_bytes, resolve_dtype, resolve_format
 from mobile_moe.errors import CacheTooSmall, InvalidParameter
 from mobile_moe.experts.disk import DiskStore
 from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertShape
+from mobile_moe.loading.loader import dense_bytes, resolve_dtype, resolve_format
 from mobile_moe.models.registry import build_model
 from mobile_moe.models.transformer import CausalLM
 
