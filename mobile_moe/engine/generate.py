@@ -55,7 +55,8 @@ class Decoder:
     policy: Policy
     generator: torch.Generator | None
     result: GenerationResult
-    first: PassSpec  # every decode step's first pass (big, or little recording its routing when it may fall back)
+    first: PassSpec  # every decode step's first pass (big, or little recording its routing when it may fall back); little_k resolved
+    fallback: PassSpec  # its big pass: the same knobs, every top-k expert, nothing recorded (made once, not per step)
     little_positions: int = 0  # trailing KV positions written by little passes (since the last big pass)
     rollback: bool = False  # a repairing fallback also checks little's tokens at the repaired positions (`check_repaired`)
     sampled: torch.Tensor | None = None  # [2, 1] int64 on the device: the last `read`'s token in one row, alternating, so a
@@ -186,7 +187,7 @@ def new_decoder(runner: Runner, kv: KVCache, prompt: list[int], sampling: Sampli
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
     first = for_policy(policy.config, policy.decode_mode, runner.little_k_of(policy.config.little_k), policy.may_fall_back)
     result = GenerationResult(token_ids=[], stats=GenerationStats(prompt_tokens=len(prompt)))
-    return Decoder(runner, kv, sampling, policy, generator, result, first)
+    return Decoder(runner, kv, sampling, policy, generator, result, first, first.big())
 
 
 def rolls_back(policy: Policy, sampling: SamplingParams, kv: KVCache) -> bool:

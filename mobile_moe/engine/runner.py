@@ -291,11 +291,12 @@ class Runner:
         """ids: [B], one next token per row -> logits [B, V]; row b's experts as specs[b] describes them (big, or little
         with its own little_k and weight rule). When any row records, `row_log(b)` / `row_weights(b)` hold row b's top-k of
         every MoE layer. Single-row knobs (lookahead, layer-adaptive, cache prior) do not apply to a batched pass."""
-        kinds = {(s.mode, s.little_k, s.little_weights) if s.mode is ExpertMode.LITTLE else (s.mode, None, "native") for s in map(self.resolved, specs)}
+        specs = [self.resolved(s) for s in specs]
+        kinds = {(s.mode, s.little_k, s.little_weights) if s.mode is ExpertMode.LITTLE else (s.mode, self.default_little_k, "native") for s in specs}
         record = any(s.record for s in specs)
         if len(kinds) == 1:  # every row alike: the plain selection
             mode, little_k, little_weights = kinds.pop()
-            self.spec, self.row_groups = PassSpec(mode, self.little_k_of(little_k), little_weights, record), None
+            self.spec, self.row_groups = PassSpec(mode, little_k, little_weights, record), None
         else:
             self.spec, self.row_groups = PassSpec(ExpertMode.BIG, self.default_little_k, record=record), self.groups_of(specs)
         self.resident_pass, self.batch_rows = False, True
@@ -307,11 +308,13 @@ class Runner:
             self.row_groups, self.batch_rows = None, False
 
     def groups_of(self, specs: list[PassSpec]) -> list[RowGroup]:
-        """The little rows of a batched pass, grouped by their little model: (rows [b] on the device, weight rule, little_k)."""
+        """The little rows of a batched pass (specs resolved), grouped by their little model: (rows [b] on the device, weight
+        rule, little_k)."""
         groups: dict[tuple[str, int], list[int]] = {}
-        for b, spec in enumerate(map(self.resolved, specs)):
+        for b, spec in enumerate(specs):
             if spec.mode is ExpertMode.LITTLE:
-                groups.setdefault((spec.little_weights, self.little_k_of(spec.little_k)), []).append(b)
+                assert spec.little_k is not None
+                groups.setdefault((spec.little_weights, spec.little_k), []).append(b)
         return [RowGroup(self.ids(rows), weights, little_k) for (weights, little_k), rows in groups.items()]
 
     def row_log(self, b: int) -> dict[int, torch.Tensor]:

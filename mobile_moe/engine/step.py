@@ -72,7 +72,7 @@ def decode_step(runner: Runner, rows: list[StepRow], batch: Batcher | None = Non
 def first_spec(dec: Decoder, little_first: bool) -> PassSpec:
     """The row's first pass: its policy's (little for little and mobile rows), or big for a mobile row told not to try little."""
     little = dec.policy.decode_mode is ExpertMode.LITTLE and (little_first or not dec.policy.may_fall_back)
-    return dec.first if little else dec.first.big()
+    return dec.first if little else dec.fallback
 
 
 def first_pass(runner: Runner, rows: list[StepRow], specs: list[PassSpec], mobile: list[bool], batch: Batcher | None) -> tuple[torch.Tensor | None, list[Read]]:
@@ -126,14 +126,15 @@ def prepare(runner: Runner, back: Fallback, before: SequenceSnapshot | None) -> 
     dec.kv.restore(before)  # forget this step: KV length back, recurrent states copied back
     dec.kv.rewind(back.repair)
     if dec.policy.config.prefetch_on_fallback:
-        runner.prefetch_other_half(back.routing, runner.little_k_of(dec.first.little_k), back.first_layer)
+        assert dec.first.little_k is not None  # resolved when the decoder was made
+        runner.prefetch_other_half(back.routing, dec.first.little_k, back.first_layer)
 
 
 def big_alone(runner: Runner, back: Fallback, lone: bool) -> tuple[int, bool]:
     """One row's big pass on its own: this step (a lone row keeps its knobs and may resume a partial fallback), with the
     repaired positions before it; with rollback, little's tokens there are checked. Returns (its token, whether checked)."""
     dec, row, n = back.row.dec, back.row, back.repair
-    spec = dec.first.big() if lone else BIG
+    spec = dec.fallback if lone else BIG
     ids = runner.ids(dec.result.token_ids[-(1 + n) :]) if n else (back.ids if back.ids is not None else runner.ids([row.token]))
     resume = dec.resumed_inputs(back.first_layer, n + 1)
     _, greedy, conf, signals = back.read
