@@ -77,14 +77,12 @@ def test_a_row_stopped_mid_stream_leaves_the_others_unaffected(checkpoints):
 
 
 def test_a_fallback_recomputes_only_its_own_rows(checkpoints):
-    llm = batched_llm(checkpoints["qwen3_moe"], expert_cache=12)
+    passes: list[int] = []  # rows of each batched pass
+    observe = lambda ctx: ctx.specs is not None and passes.append(len(ctx.specs))  # noqa: E731
+    llm = batched_llm(checkpoints["qwen3_moe"], expert_cache=12, options=RunnerOptions(observe=observe))
     policies = [PolicyConfig("mobile", forced_fallback_rate=0.5), PolicyConfig("big"), PolicyConfig("little"), PolicyConfig("mobile", tau=0.0)]
     prompts = PROMPTS[:4]
-    passes: list[int] = []  # rows of each batched pass
-    real = llm.runner.forward_rows
-    llm.runner.forward_rows = lambda ids, batch, specs: passes.append(len(batch)) or real(ids, batch, specs)
     together = llm.generate(prompts, SAMPLING, policies)
-    llm.runner.forward_rows = real
     alone = [llm.generate(p, SAMPLING, pol) for p, pol in zip(prompts, policies)]
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
     assert [r.stats.fallback_tokens for r in together] == [4, 0, 0, 0]  # steps 2, 4, 6, 8 of 9

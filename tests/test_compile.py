@@ -11,18 +11,17 @@ from conftest import open_llm, small_cache
 from mobile_moe import LLM, engine_config
 from mobile_moe.config import PolicyConfig, SamplingParams
 from mobile_moe.engine.passes import PassSpec
-from mobile_moe.engine.runner import RunnerOptions, pooled_layer, routed_segment
+from mobile_moe.engine.runner import RunnerOptions
 from mobile_moe.experts.dispatch import combine, pool_experts
 from mobile_moe.layers.moe import ExpertMode
-from mobile_moe.models.transformer import before_experts
 
 STEPS = SamplingParams(max_new_tokens=3, temperature=0.0, stop_at_eos=False)  # two decode passes: the KV length changes once
 
 
-def _fullgraph(llm: LLM) -> None:
-    """Decode `llm` through segments compiled with fullgraph=True: any graph break or host read inside raises."""
+def _fullgraph(path: Path, arch: str) -> LLM:
+    """The checkpoint decoding through layer segments compiled with fullgraph=True: any graph break or host read inside raises."""
     torch._dynamo.reset()  # each test starts with no cached graphs, so its recompiles are its own
-    llm.runner.compiled = torch.compile(before_experts, fullgraph=True)
+    return LLM(path, engine_config(progress=False, expert_cache=small_cache(arch), compile=True), RunnerOptions(fullgraph=True))
 
 
 def _all_resident(path: Path, options: RunnerOptions | None = None) -> tuple[LLM, LLM]:
@@ -38,8 +37,7 @@ def _all_resident(path: Path, options: RunnerOptions | None = None) -> tuple[LLM
 def test_every_layer_type_compiles_whole_and_decodes_like_eager(checkpoints, arch: str):
     llm = open_llm(checkpoints[arch], expert_cache=small_cache(arch))  # offloaded: the expert dispatch runs between segments
     want = llm.generate([5, 6, 7, 8], STEPS, PolicyConfig("mobile", tau=0.9, criterion="max_prob"))
-    _fullgraph(llm)
-    got = llm.generate([5, 6, 7, 8], STEPS, PolicyConfig("mobile", tau=0.9, criterion="max_prob"))
+    got = _fullgraph(checkpoints[arch], arch).generate([5, 6, 7, 8], STEPS, PolicyConfig("mobile", tau=0.9, criterion="max_prob"))
     assert got.token_ids == want.token_ids
     assert [s.fell_back for s in got.steps] == [s.fell_back for s in want.steps]
 
@@ -57,18 +55,16 @@ def test_compiled_resident_decode_equals_eager_and_reads_the_host_once_per_token
 def test_resident_layers_compile_whole_experts_included_and_decode_like_eager(checkpoints, arch: str):
     """Every expert resident: each MoE layer (attention, router, the mode's choice, slot lookup, experts) compiles with
     fullgraph=True into one call, for big and for mobile's little and fallback passes, and decodes as eager does."""
-    eager, compiled = _all_resident(checkpoints[arch])
     torch._dynamo.reset()
-    compiled.runner.resident_layer = torch.compile(pooled_layer, fullgraph=True)
-    calls = []
-    step = compiled.runner.resident_step
-    compiled.runner.resident_step = lambda *a: calls.append(a[0]) or step(*a)
+    resident: list[bool] = []  # whether each decode pass took the all-resident path (with --compile: the whole-layer call)
+    observe = lambda ctx: ctx.specs is None and resident.append(ctx.resident)  # noqa: E731
+    eager, compiled = _all_resident(checkpoints[arch], RunnerOptions(fullgraph=True, observe=observe))
     sampling = SamplingParams(max_new_tokens=5, temperature=0.0, stop_at_eos=False)
     for policy in (PolicyConfig("big"), PolicyConfig("mobile", tau=0.9, criterion="max_prob")):
         want, got = eager.generate([5, 6, 7, 8], sampling, policy), compiled.generate([5, 6, 7, 8], sampling, policy)
         assert got.token_ids == want.token_ids
         assert [s.fell_back for s in got.steps] == [s.fell_back for s in want.steps]
-    assert calls  # decode passes took the whole-layer path
+    assert compiled.runner.resident_layer is not None and any(resident)  # decode passes took the whole-layer path
 
 
 @pytest.mark.parametrize("arch", ["gpt_oss"])  # clamped SwiGLU experts with biases (SiLU: the resident test above)
@@ -109,11 +105,9 @@ def test_compiled_expert_call_matches_each_expert_computed_alone(checkpoints):
 def test_fixed_span_decode_reuses_one_compiled_graph_per_bucket_and_decodes_like_eager(checkpoints, arch: str):
     """With the device-held position and a fixed key span, a compiled resident step depends on no host value that changes
     from step to step: after the first step of a bucket nothing recompiles (what a captured CUDA graph needs)."""
-    eager, compiled = _all_resident(checkpoints[arch], RunnerOptions(span_bucket=16))
     torch._dynamo.reset()
+    eager, compiled = _all_resident(checkpoints[arch], RunnerOptions(span_bucket=16, fullgraph=True, dynamic=False))
     runner = compiled.runner
-    runner.resident_layer = torch.compile(pooled_layer, fullgraph=True, dynamic=False)
-    runner.routed_segment = torch.compile(routed_segment, fullgraph=True, dynamic=False)
     prompt = [3, 4, 5, 6, 7]
     want = eager.generate(prompt, SamplingParams(max_new_tokens=10, temperature=0.0, stop_at_eos=False))
     kv = runner.new_kv(32)

@@ -200,5 +200,5 @@ def test_teacher_forced_learned_confidence_equals_each_decode_steps_own(checkpoi
     for t in (0, 3, len(PROMPT) - 1):
         kv = llm.runner.new_kv(t + 1)
         step = llm.runner.forward(torch.tensor(PROMPT[: t + 1]), kv, PassSpec(ExpertMode.LITTLE, record=True))  # [V]
-        want = signal_confidence(step_signals(step, llm.runner.logged_weights(), llm.runner.default_little_k), "learned", learned)
+        want = signal_confidence(step_signals(step, llm.runner.weight_buf, llm.runner.default_little_k), "learned", learned)
         torch.testing.assert_close(got[t], want, rtol=1e-4, atol=1e-5)

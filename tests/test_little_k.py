@@ -18,6 +18,7 @@ from mobile_moe import LLM, PolicyConfig, SamplingParams, engine_config
 from mobile_moe.cli import main
 from mobile_moe.cli.common import parse_variants
 from mobile_moe.engine.calibration import CALIBRATION_FILE, read_calibration, resolve_policy
+from mobile_moe.engine.runner import RunnerOptions
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.eval.calibrate import Calibration
 from mobile_moe.eval.quality import Run, variant_name
@@ -61,7 +62,9 @@ def test_a_little_k_decodes_alike_batched_compiled_and_alone(checkpoints):
 @pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2"])  # plain softmax; grouped routing, scaled, a dense first layer
 def test_rows_with_different_little_models_decode_in_one_batch_as_each_alone(checkpoints, arch: str):
     """A batched step groups its little rows by little model (little_k, weight rule): every row equals its solo run."""
-    llm = open_llm(checkpoints[arch], dtype="float32", max_batch=5, batch_little="always")
+    passes: list[set[int | None]] = []  # the little_k of each batched pass's rows
+    observe = lambda ctx: ctx.specs is not None and passes.append({s.little_k for s in ctx.specs})  # noqa: E731
+    llm = open_llm(checkpoints[arch], RunnerOptions(observe=observe), dtype="float32", max_batch=5, batch_little="always")
     probe = llm.generate(PROMPT, SAMPLING, PolicyConfig("mobile", tau=0.0, criterion="max_prob", little_k=1))
     tau = statistics.median(s.confidence for s in probe.steps[1:])  # about half the steps fall back
     policies = [
@@ -72,12 +75,7 @@ def test_rows_with_different_little_models_decode_in_one_batch_as_each_alone(che
         PolicyConfig("mobile", tau=tau, criterion="max_prob", little_k=1),
     ]
     prompts = [PROMPT, [5, 6], [7, 8, 9], [10, 11, 12, 13], PROMPT]  # the mobile row: the probed prompt, so about half fall back
-    passes, real = [], llm.runner.forward_rows
-    llm.runner.forward_rows = lambda ids, batch, specs: passes.append({s.little_k for s in specs}) or real(ids, batch, specs)
-    try:
-        together = llm.generate(prompts, SAMPLING, policies)
-    finally:
-        llm.runner.forward_rows = real
+    together = llm.generate(prompts, SAMPLING, policies)
     alone = [llm.generate(p, SAMPLING, policy) for p, policy in zip(prompts, policies)]
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
     assert [r.stats.fallback_tokens for r in together] == [r.stats.fallback_tokens for r in alone] and together[-1].stats.fallback_tokens > 0

@@ -11,8 +11,9 @@ from conftest import open_llm
 
 from mobile_moe import PolicyConfig, SamplingParams
 from mobile_moe.engine.passes import PassSpec
+from mobile_moe.engine.runner import PassContext
 from mobile_moe.errors import InvalidParameter
-from mobile_moe.layers.moe import ExpertMode, RouterSpec, Routing, select
+from mobile_moe.layers.moe import ExpertMode
 from mobile_moe.policy.little import first_dropping_layer
 
 PROMPT = [7, 3, 44, 19, 28, 90, 11]
@@ -20,35 +21,19 @@ SAMPLING = SamplingParams(max_new_tokens=16, stop_at_eos=False)
 ARCHS = ["qwen3_moe", "deepseek_v3", "olmoe"]  # a dense middle layer, a dense first layer, all MoE
 
 
-class ModeAt:
-    """One layer's experts with a fixed mode, whatever the runner's pass mode."""
-
-    def __init__(self, bound, mode: ExpertMode) -> None:
-        self.bound, self.mode = bound, mode
-
-    def choose(self, routing: Routing, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        return select(routing, spec, self.mode, "native")
-
-    def run(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return self.bound.run(x, indices, weights)
-
-    def note(self, x: torch.Tensor, routing: Routing) -> None:
-        pass
-
-
 class LayerModes:
-    """A runner stand-in for the oracle pass: little's experts below decoder layer `first_big`, big's from it."""
+    """The engine side of the oracle pass: little's experts below decoder layer `first_big`, big's from it."""
 
     def __init__(self, runner, first_big: int) -> None:
-        self.runner, self.first_big = runner, first_big
+        self.little, self.big = PassContext(runner, runner.resolved(PassSpec(ExpertMode.LITTLE))), PassContext(runner, PassSpec(ExpertMode.BIG))
+        self.first_big = first_big
 
-    def at(self, index: int) -> ModeAt:
-        return ModeAt(self.runner.at(index), ExpertMode.LITTLE if index < self.first_big else ExpertMode.BIG)
+    def at(self, index: int):
+        return (self.little if index < self.first_big else self.big).at(index)
 
 
 def oracle_pass(llm, ids: list[int], kv, first_big: int) -> torch.Tensor:
     """ids [T] through every layer from the embeddings, little below `first_big` and big from it -> last logits [V]."""
-    llm.runner.resident_pass = False
     with torch.inference_mode():
         return llm.runner.model(torch.tensor(ids), kv, LayerModes(llm.runner, first_big))
 
@@ -115,7 +100,7 @@ def test_partial_fallback_replays_by_hand(checkpoints, arch: str):
         little = runner.forward(torch.tensor([tokens[i - 1]]), kv, PassSpec(ExpertMode.LITTLE, record=True))
         expected = int(little.argmax())
         if step.fell_back:
-            first = runner.model.info.moe_layers[int(first_dropping_layer(runner.logged_weights(), little_k, share))]
+            first = runner.model.info.moe_layers[int(first_dropping_layer(runner.weight_buf, little_k, share))]
             kv.restore(before)
             expected = int(oracle_pass(llm, [tokens[i - 1]], kv, first).argmax())
         assert tokens[i] == expected

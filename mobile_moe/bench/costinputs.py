@@ -138,10 +138,10 @@ def _count_expert_call(llm: LLM, n: int) -> int:
     saved, cache.trace = cache.trace, None
     try:
         with torch.inference_mode():
-            runner.run_experts(llm.info.moe_layers[0], x, indices, weights)  # warm-up: the experts become resident
+            runner.executor.run(llm.info.moe_layers[0], x, indices, weights)  # warm-up: the experts become resident
             copies = cache.transfer.copies
             with LaunchCounter() as counter:
-                runner.run_experts(llm.info.moe_layers[0], x, indices, weights)
+                runner.executor.run(llm.info.moe_layers[0], x, indices, weights)
     finally:
         cache.trace = saved
     return counter.counts["pass"] - (cache.transfer.copies - copies)

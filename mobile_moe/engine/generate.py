@@ -10,6 +10,7 @@ import torch
 
 from mobile_moe.config import SamplingParams
 from mobile_moe.engine.metrics import GenerationStats
+from mobile_moe.engine.partial import PartialFallback
 from mobile_moe.engine.passes import PassSpec, for_policy
 from mobile_moe.engine.runner import Runner
 from mobile_moe.engine.step import StepRow, decode_step
@@ -17,7 +18,6 @@ from mobile_moe.experts.cache import CacheStats
 from mobile_moe.layers.kv_cache import KVCache
 from mobile_moe.layers.sampler import sample
 from mobile_moe.loading.budget import PREFILL_CHUNK
-from mobile_moe.policy.little import first_dropping_layer
 from mobile_moe.policy.policies import Policy
 
 TokenCallback = Callable[[int], bool]  # called with each emitted token; returning False stops generation after it
@@ -63,17 +63,12 @@ class Decoder:
     # pass's input (the other row) stays intact for a fallback that reruns it
     next_token: int | None = None  # the last `read`'s token on the host
     next_row: int = 0  # the row of `sampled` holding it
-    partial: float | None = None  # partial fallbacks (PolicyConfig.partial_fallback; `enable_partial`): the dropped share
-    inputs: torch.Tensor | None = None  # [W, layers, H]: each little position's input to every layer, in row position % W
-    # (W = the repair window + 1), where a partial fallback resumes its positions
-    kept: bool = False  # whether the last first pass filled its row of `inputs`
-    start: int | None = None  # the decoder layer a partial fallback of the last little read starts at
-    starts: list[int | None] = field(default_factory=list)  # the same for each trailing little position (None: inputs not kept)
+    partial: PartialFallback | None = None  # partial fallbacks, when its policy asks for them (`enable_partial`)
 
     def read(self, logits: torch.Tensor, with_confidence: bool) -> tuple[int, int, float | None, tuple[float, ...]]:
         """(sampled token, greedy token, confidence or None, signals) of one pass's logits [V], in one host sync; the
         sampled token also stays on the device (`sampled`), so the next decode pass uploads nothing."""
-        parts = self.read_parts(logits, with_confidence, self.runner.logged_weights)
+        parts = self.read_parts(logits, with_confidence, lambda: self.runner.weight_buf)
         values = self.parse(self.to_host(parts), with_confidence)
         self.next_token = values[0]
         return values
@@ -89,7 +84,7 @@ class Decoder:
     def read_checked(self, logits: torch.Tensor, little: list[int]) -> tuple[int, int | None, int]:
         """Big's logits [r + 1, V] over r repaired positions and this step -> (this step's token, the first repaired row
         whose greedy token is not the `little` token emitted there (None: all agree), big's token there), in one sync."""
-        parts = self.read_parts(logits[-1], False, self.runner.logged_weights)
+        parts = self.read_parts(logits[-1], False, lambda: self.runner.weight_buf)
         values = self.to_host(parts + [logits[:-1].argmax(-1).double()])  # + [r] big's greedy tokens
         self.next_token = int(values[0])
         big = [int(v) for v in values[2:]]
@@ -113,16 +108,16 @@ class Decoder:
             conf, signals = self.policy.measure(logits, router_weights, little_k)
             parts += [conf.double()[None]] + ([] if signals is None else [signals.double()])  # + [S]
             if self.partial is not None:  # + the MoE layer a partial fallback would start at
-                parts.append(first_dropping_layer(router_weights(), little_k, self.partial).double()[None])
+                parts.append(self.partial.start_part(router_weights(), little_k))
         return parts
 
     def parse(self, values: list[float], with_confidence: bool) -> tuple[int, int, float | None, tuple[float, ...]]:
-        """`read`'s result from the host values of `read_parts` (a partial fallback's start layer goes to `start`)."""
-        self.start = None
+        """`read`'s result from the host values of `read_parts` (a partial fallback's start layer goes to `partial`)."""
         if not with_confidence:
             return int(values[0]), int(values[1]), None, ()
         if self.partial is not None:
-            self.start, values = self.runner.model.info.moe_layers[int(values[-1])], values[:-1]
+            self.partial.read_start(values[-1])
+            values = values[:-1]
         return int(values[0]), int(values[1]), values[2], tuple(values[3:])
 
     def accept(self, token: int, greedy: int, conf: float | None, signals: tuple[float, ...], fell_back: bool, little_pass: bool) -> None:
@@ -136,30 +131,7 @@ class Decoder:
         kept = little_pass and not fell_back
         self.little_positions = self.little_positions + 1 if kept else 0
         if self.partial is not None:
-            self.starts = (self.starts + [self.start if self.kept else None])[-self.inputs.shape[0] :] if kept and self.inputs is not None else []
-        self.kept = False
-
-    def input_row(self) -> torch.Tensor | None:
-        """The row of `inputs` this step's little pass fills ([layers, H]), when partial fallbacks are on."""
-        if self.inputs is None:
-            return None
-        return self.inputs[self.kv.length % self.inputs.shape[0]]
-
-    def resume_layer(self, repair: int) -> int:
-        """The decoder layer this fallback's big pass starts at: with partial fallbacks, the earliest start of this step
-        and the `repair` positions it redoes, when all their inputs were kept; else 0 (every layer)."""
-        starts = [self.start if self.kept else None] + (self.starts[-repair:] if repair else [])
-        if self.partial is None or len(starts) < repair + 1 or None in starts:
-            return 0
-        return min(s for s in starts if s is not None)
-
-    def resumed_inputs(self, layer: int, positions: int) -> tuple[int, torch.Tensor] | None:
-        """`CausalLM.forward`'s resume for a big pass over the last `positions` positions (from kv.length) starting at
-        `layer`: their kept inputs there [positions, H]; None for a pass from the first layer."""
-        if layer == 0 or self.inputs is None:
-            return None
-        rows = self.inputs.shape[0]
-        return layer, torch.stack([self.inputs[p % rows, layer] for p in range(self.kv.length, self.kv.length + positions)])
+            self.partial.accepted(kept)
 
     def check_repaired(self, logits: torch.Tensor, repair: int, greedy: int, conf: float | None, signals: tuple[float, ...]) -> int:
         """After a repairing big pass (logits [repair + 1, V]): where big's greedy token differs from a little token
@@ -177,7 +149,9 @@ class Decoder:
         result.stats.fallback_tokens += 1
         result.stats.rolled_back_tokens += taken
         result.steps.append(StepRecord(first.first_token, first.confidence, True, big, first.signals))
-        self.little_positions, self.starts = 0, []
+        self.little_positions = 0
+        if self.partial is not None:
+            self.partial.accepted(False)
         return big
 
 
@@ -205,8 +179,8 @@ def enable_partial(dec: Decoder) -> None:
     model = dec.runner.model
     weight = model.lm_head.weight
     rows = (dec.policy.config.kv_repair or 0) + 1  # this step and the positions a fallback may repair
-    dec.partial = share
-    dec.inputs = torch.zeros(rows, len(model.model.layers), model.info.hidden, dtype=weight.dtype, device=weight.device)
+    inputs = torch.zeros(rows, len(model.model.layers), model.info.hidden, dtype=weight.dtype, device=weight.device)
+    dec.partial = PartialFallback(share, inputs, model.info.moe_layers)
 
 
 def stream_for(dec: Decoder, on_token: TokenCallback | None) -> Stream:

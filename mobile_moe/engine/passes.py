@@ -6,7 +6,7 @@ the runner by its callers, so two requests (or two rows of a batch) never see ea
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from mobile_moe.config import PolicyConfig
 from mobile_moe.layers.moe import ExpertMode
@@ -20,15 +20,14 @@ class PassSpec:
     mode: ExpertMode = ExpertMode.BIG
     little_k: int | None = None  # experts per token of a little pass (None: the model's default, half of top-k)
     little_weights: str = "native"
-    record: bool = False  # keep each MoE layer's top-k of the last position (`Runner.routing_log`)
+    record: bool = False  # keep each MoE layer's top-k of the last position (`Runner.routing_buf`)
     lookahead: bool = False  # start loading the next MoE layer's guessed experts (one decode row)
     layer_adaptive: float | None = None  # little runs big where the router is unsure (one decode row)
     cache_prior: float | None = None  # little prefers resident experts of similar score (one decode row)
+    host_knobs: bool = field(init=False)  # whether a little decode row decides its experts on the host (layer-adaptive or cache prior)
 
-    @property
-    def host_knobs(self) -> bool:
-        """Whether a little decode row decides its experts on the host (layer-adaptive or cache-prior)."""
-        return self.layer_adaptive is not None or self.cache_prior is not None
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "host_knobs", self.layer_adaptive is not None or self.cache_prior is not None)
 
     def big(self) -> PassSpec:
         """The same pass with every top-k expert (a fallback, or a prompt under a big prefill), recording nothing."""

@@ -1,11 +1,11 @@
-"""Runs forward passes of the model with a chosen expert mode, recording routing for fallback prefetch."""
+"""Runs forward passes of the model: each pass described by its caller (`PassSpec`), its state in one `PassContext`."""
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 
@@ -26,25 +26,6 @@ from mobile_moe.policy.little import prefer_resident, runs_big_here
 KV_BLOCK = 128  # a held KV cache grows in steps of this many positions, so that requests of similar lengths share it
 
 
-class BoundLayer:
-    """The general `LayerExperts`: one layer's calls forwarded to the runner (host-planned loads, knobs, lookahead)."""
-
-    def __init__(self, runner: Runner, layer: int) -> None:
-        self.runner, self.layer = weakref.proxy(runner), layer  # no cycle: a dropped runner (and its slot pool) is freed at once
-
-    def choose(self, routing: Routing, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        """See `Runner.choose`."""
-        return self.runner.choose(self.layer, routing, spec)
-
-    def run(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """See `Runner.run_experts`."""
-        return self.runner.run_experts(self.layer, x, indices, weights)
-
-    def note(self, x: torch.Tensor, routing: Routing) -> None:
-        """See `Runner.note_routing`."""
-        self.runner.note_routing(self.layer, x, routing)
-
-
 @dataclass(frozen=True)
 class RunnerOptions:
     """How a runner's passes run, chosen when it is built; each default is what the device calls for."""
@@ -55,6 +36,9 @@ class RunnerOptions:
     # chunk) or rewind (a fallback, --kv-repair) must fit, so that no key a query still sees is overwritten
     device_indexed: bool | None = None  # resident slots read on the device by tensor indexing (None: off the CPU, or with graphs)
     grouped: bool | None = None  # grouped matmuls over the slot pool (None: where a one-time probe shows they run, on CUDA)
+    fullgraph: bool = False  # compiled calls refuse graph breaks (a break or a host read inside raises: tests)
+    dynamic: bool | None = None  # torch.compile's `dynamic` for the whole-layer calls (None: dynamic after a shape changes)
+    observe: Callable[[PassContext], None] | None = None  # sees every pass's context before it runs (tests, tracing tools)
 
     def without_graphs(self) -> RunnerOptions:
         """The same passes decoded eagerly: the key spans and on-device slot indexing that graphs need are kept, so an eager
@@ -66,7 +50,8 @@ class RunnerOptions:
 
 
 class Runner:
-    """Binds model, expert cache and executor; implements the ExpertRunner protocol MoE blocks call."""
+    """The long-lived parts of the engine's passes: the model, the expert cache and executor, compiled calls, captured
+    graphs and static buffers. Each pass gets its own `PassContext`; nothing about a pass is written onto the runner."""
 
     def __init__(self, model: CausalLM, cache: ExpertCache, compile_layers: bool = False, options: RunnerOptions | None = None) -> None:
         options = options or RunnerOptions()
@@ -78,44 +63,27 @@ class Runner:
         self.executor = ExpertExecutor(
             cache, activation(model.info.hidden_act), dtype, grouped=options.grouped, compiled=compile_layers, device_indexed=device_indexed
         )
-        self.spec = PassSpec(little_k=self.default_little_k)  # the pass being run, or the last one (set by `forward`, `forward_rows`)
         moe = list(model.info.moe_layers)
         self.next_moe_layer = dict(zip(moe, moe[1:]))
         self.moe_row = {layer: row for row, layer in enumerate(moe)}
         device, k = model.lm_head.weight.device, model.info.top_k
-        self.routing_buf = torch.zeros(len(moe), k, dtype=torch.int64, device=device)  # [L, k] the last token's top-k per MoE layer
+        self.routing_buf = torch.zeros(len(moe), k, dtype=torch.int64, device=device)  # [L, k] a recording pass's last top-k per MoE layer
         self.weight_buf = torch.zeros(len(moe), k, dtype=torch.float32, device=device)  # [L, k] its raw gate values
-        self.position_log: list[torch.Tensor] | None = None  # a pass logging every position: each MoE layer's raw gate values [T, k]
-        self.row_groups: list[RowGroup] | None = None  # a batched pass whose rows differ in their experts: the little rows' groups
-        self.row_routing: dict[int, Routing] = {}  # a recording batched pass: MoE layer -> every row's routing [B, k]
-        self.resident_pass = False  # whether this pass takes the all-resident decode path (`resident_decode`)
-        self.batch_rows = False  # whether the current pass is a batched decode pass (`forward_rows`)
-        self.bound = [BoundLayer(self, layer) for layer in range(len(model.model.layers))]
         # decode passes read a fixed span of keys, rounded up to this many (None: the exact length); one capture per bucket of spans
         self.span_bucket = options.span_bucket if options.span_bucket is not None else (GRAPH_SPAN_BUCKET if graphs is not None else None)
         self.kv_slack = options.kv_slack
-        self.compiled: Segment | None = compiled_segment() if compile_layers else None
+        self.half_cpu = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)  # single rows skip oneDNN (`native_cpu_gemv`)
+        compile_fn = partial(torch.compile, fullgraph=options.fullgraph)
+        self.compiled: Segment | None = compile_fn(before_experts, dynamic=None) if compile_layers else None
         # compiled, experts read in place from a float pool: an offloaded MoE layer is two compiled calls around the host's
-        # one read of its choice (`offloaded_step`); with every expert resident, one call (`resident_step`)
+        # one read of its choice (`PassContext.offloaded_step`); with every expert resident, one call (`resident_step`)
         pooled = self.executor.pooled is not None
-        self.routed_segment = torch.compile(routed_segment, dynamic=None) if pooled else None
-        self.pooled_finish = torch.compile(pooled_finish, dynamic=False) if pooled else None
-        self.resident_layer = torch.compile(pooled_layer, dynamic=None) if pooled else None
+        self.routed_segment = compile_fn(routed_segment, dynamic=options.dynamic) if pooled else None
+        self.pooled_finish = compile_fn(pooled_finish, dynamic=False) if pooled else None
+        self.resident_layer = compile_fn(pooled_layer, dynamic=options.dynamic) if pooled else None
         self.graphs = graphs  # resident decode passes replayed from captured graphs (`--cuda-graphs`)
         self.held_kv: KVCache | None = None  # one sequence's KV cache, reused by every request (`decode_kv`)
-
-    def at(self, layer: int) -> LayerExperts:
-        """The experts handle of decoder layer `layer`."""
-        return self.bound[layer]
-
-    def resident_decode(self, tokens: int) -> bool:
-        """Whether this pass may take the all-resident decode path: one row, every expert resident, no tracing,
-        no host-side knob (layer-adaptive, cache prior, lookahead)."""
-        if tokens != 1 or self.cache.trace is not None:
-            return False
-        if self.spec.lookahead or self.spec.host_knobs:
-            return False
-        return self.cache.all_resident
+        self.observe = options.observe
 
     def decode_kv(self, max_len: int) -> KVCache:
         """The KV cache of one sequence of up to max_len positions, held across requests and reset in place (its tensors are
@@ -154,61 +122,12 @@ class Runner:
         """Token ids [T] on the device, without a host sync."""
         return self.cache.transfer.to_device(tokens)
 
-    def choose(self, layer: int, routing: Routing, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pass's experts at this layer: big or little, with the little decode knobs applied to a single token."""
-        now = self.spec
-        if self.row_groups is not None:
-            return mixed_select(routing, spec, self.row_groups)
-        if now.mode is ExpertMode.BIG or not now.host_knobs or routing.indices.shape[0] != 1:
-            return select(routing, spec, now.mode, now.little_weights, now.little_k)
-        k = spec.top_k
-        values = self.cache.transfer.to_host(torch.cat([routing.indices[0].double(), routing.raw_weights[0].double()]))  # one sync: [2k]
-        experts, scores = [int(v) for v in values[:k]], values[k:]
-        if now.layer_adaptive is not None and runs_big_here(scores, now.little_k, now.layer_adaptive):
-            return select(routing, spec, ExpertMode.BIG)
-        if now.cache_prior is None:
-            return select(routing, spec, now.mode, now.little_weights, now.little_k)
-        ranks = prefer_resident(experts, scores, now.little_k, lambda e: (layer, e) in self.cache.where, now.cache_prior)
-        position = self.cache.transfer.to_device(ranks)  # [n]
-        return select(Routing(routing.indices[:, position], routing.raw_weights[:, position]), spec, ExpertMode.BIG)  # weights over the chosen
-
-    def run_experts(self, layer: int, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Delegate to the executor: without any host planning when every expert is resident."""
-        if self.resident_pass:
-            return self.executor.run_resident(layer, x, indices, weights)
-        return self.executor.run(layer, x, indices, weights)
-
-    def note_routing(self, layer: int, x: torch.Tensor, routing: Routing) -> None:
-        """Keep each layer's top-k of the last token while recording; with lookahead, start the next layer's loads."""
-        self.record_routing(layer, routing)
-        nxt = self.next_moe_layer.get(layer)
-        now = self.spec
-        if now.lookahead and nxt is not None and x.shape[0] == 1:
-            block = self.model.model.layers[nxt].mlp
-            indices, _ = select(block.gate(x), block.spec, now.mode, now.little_weights, now.little_k)
-            self.cache.prefetch(nxt, self.cache.transfer.to_host(indices[0]), Priority.LOOKAHEAD)
-
-    def record_routing(self, layer: int, routing: Routing) -> None:
-        """While recording: keep the layer's top-k of the last token (of every row, in a batched pass); while logging
-        positions, every position's gate values."""
-        if self.position_log is not None:
-            self.position_log.append(routing.raw_weights)
-        if self.spec.record and self.batch_rows:
-            self.row_routing[layer] = routing  # this pass's own tensors: no copy needed
-        elif self.spec.record:
-            row = self.moe_row[layer]
-            self.routing_buf[row].copy_(routing.indices[-1])
-            self.weight_buf[row].copy_(routing.raw_weights[-1])
-
     @torch.inference_mode()
     def routed_logits(self, ids: torch.Tensor, kv: KVCache, spec: PassSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """ids: [T] -> (logits [T, V], every position's raw gate values of each MoE layer [T, L, k])."""
-        self.position_log = []
-        try:
-            logits = self.forward(ids, kv, spec, all_logits=True)
-            return logits, torch.stack(self.position_log, dim=1)
-        finally:
-            self.position_log = None
+        log: list[torch.Tensor] = []
+        logits = self.forward(ids, kv, spec, all_logits=True, log=log)
+        return logits, torch.stack(log, dim=1)
 
     @torch.inference_mode()
     def forward(
@@ -220,92 +139,48 @@ class Runner:
         step: int = 0,
         keep: torch.Tensor | None = None,
         resume: tuple[int, torch.Tensor] | None = None,
+        log: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """ids: [T] -> logits of the last position [V] (or all [T, V]) of one pass as `spec` describes it; when it records,
-        `routing_log` holds each MoE layer's top-k. `keep` and `resume`: see `CausalLM.forward` (a partial fallback; such
-        passes are not replayed from graphs)."""
-        self.spec = spec = self.resolved(spec)
-        if self.cache.trace is not None:
-            trace = self.cache.trace
+        """ids: [T] -> logits of the last position [V] (or all [T, V]) of one pass as `spec` describes it; a recording pass
+        leaves each MoE layer's top-k of its last position in `routing_buf` (gate values: `weight_buf`). `keep` and
+        `resume`: see `CausalLM.forward` (a partial fallback; such passes are not replayed from graphs); `log`: filled
+        with every position's raw gate values of each MoE layer [T, k]."""
+        if spec.little_k is None:
+            spec = self.resolved(spec)
+        T, trace = ids.shape[0], self.cache.trace
+        if trace is not None:
             trace.step, trace.pass_id, trace.mode = step, trace.pass_id + 1, spec.mode.value
-        self.resident_pass = self.resident_decode(ids.shape[0])
-        segment = self.compiled if self.compiled is not None and ids.shape[0] == 1 else before_experts  # prompts run eager
-        step, span = self.layer_step(ids.shape[0]), self.decode_span(ids.shape[0], kv)
-        with native_cpu_gemv(ids.shape[0] == 1 and ids.device.type == "cpu" and self.executor.dtype in (torch.bfloat16, torch.float16)):
-            if self.graphs is not None and self.resident_pass and span is not None and not all_logits and keep is None and resume is None:
-                run = lambda x: self.model(x, kv, self, segment=segment, layer_step=step, span=span)  # noqa: E731
+        # the all-resident decode path: one row, no tracing, no host-side knob; its layers then need no host decision
+        resident = T == 1 and trace is None and not spec.lookahead and not spec.host_knobs and self.cache.all_resident
+        ctx = PassContext(self, spec, resident, log=log)
+        if self.observe is not None:
+            self.observe(ctx)
+        span = None if self.span_bucket is None or T != 1 else min(kv.max_len, -(-(kv.length + 1) // self.span_bucket) * self.span_bucket)
+        segment = self.compiled if self.compiled is not None and T == 1 else before_experts  # prompts run eager
+        step_fn = ctx.layer_step() if self.resident_layer is not None and T == 1 else None
+        with native_cpu_gemv(T == 1 and self.half_cpu):
+            if self.graphs is not None and resident and span is not None and not all_logits and keep is None and resume is None:
+                run = lambda x: self.model(x, kv, ctx, segment=segment, layer_step=step_fn, span=span)  # noqa: E731
                 return self.graphs.run((spec, span), ids, kv, self.cache.stats, run)
-            return self.model(ids, kv, self, all_logits=all_logits, segment=segment, layer_step=step, span=span, keep=keep, resume=resume)
-
-    def decode_span(self, tokens: int, kv: KVCache) -> int | None:
-        """Keys a decode pass reads with `span_bucket` set: the length + 1 rounded up to the bucket (at most max_len), so
-        every step in a bucket has the same shapes (one compiled graph, or one captured CUDA graph, serves them all)."""
-        if self.span_bucket is None or tokens != 1:
-            return None
-        return min(kv.max_len, -(-(kv.length + 1) // self.span_bucket) * self.span_bucket)
-
-    def layer_step(self, tokens: int) -> LayerStep | None:
-        """The whole-layer compiled path this pass takes, if any: one decode row, experts read in place from the pool,
-        no host-side knob, a layer's top-k fitting the cache."""
-        if self.resident_layer is None or tokens != 1:
-            return None
-        if self.resident_pass:
-            return self.resident_step
-        return None if self.spec.host_knobs or self.model.info.top_k > self.cache.num_slots else self.offloaded_step
-
-    def offloaded_step(self, index: int, layer: DecoderLayer, x: torch.Tensor, inp: AttentionInput, kv: LayerKV) -> torch.Tensor:
-        """One decode layer with offloaded experts, compiled: the segment and choice, the layer's one host read and its
-        loads, then the experts from the pool. x: [1, H] -> [1, H]."""
-        assert self.routed_segment is not None and self.pooled_finish is not None
-        now = self.spec
-        x, h, indices, raw_weights, shared, chosen, weights = self.routed_segment(layer, x, inp, kv, now.mode, now.little_weights, now.little_k)
-        if h is None:
-            return x  # a dense layer
-        self.note_routing(index, h, Routing(indices, raw_weights))
-        cache, executor = self.cache, self.executor
-        slots = cache.acquire(index, cache.transfer.to_host(chosen[0]))
-        try:
-            return self.pooled_finish(executor.act, x, h, shared, cache.transfer.to_device(slots), weights, *executor.pool_fields)
-        finally:
-            cache.release(slots)
-
-    def resident_step(self, index: int, layer: DecoderLayer, x: torch.Tensor, inp: AttentionInput, kv: LayerKV) -> torch.Tensor:
-        """One decode layer, every expert resident, compiled: a `LayerStep` with no host read (the slots come from the
-        cache's device-side expert-to-slot table). x: [1, H] -> [1, H]."""
-        assert self.routed_segment is not None and self.resident_layer is not None
-        now = self.spec
-        if not isinstance(layer.mlp, MoEBlock):
-            return self.routed_segment(layer, x, inp, kv, now.mode, now.little_weights, now.little_k)[
-                0
-            ]  # a dense layer, whole: the graph `offloaded_step` uses
-        cache, executor = self.cache, self.executor
-        x, indices, raw_weights = self.resident_layer(
-            layer, x, inp, kv, cache.slot_rows[index], now.mode, now.little_weights, now.little_k, executor.act, *executor.pool_fields
-        )
-        cache.stats.hits += layer.mlp.spec.top_k if now.mode is ExpertMode.BIG else now.little_k
-        self.record_routing(index, Routing(indices, raw_weights))
-        return x
+            return self.model(ids, kv, ctx, all_logits=all_logits, segment=segment, layer_step=step_fn, span=span, keep=keep, resume=resume)
 
     @torch.inference_mode()
-    def forward_rows(self, ids: torch.Tensor, batch: BatchKV, specs: list[PassSpec]) -> torch.Tensor:
+    def forward_rows(self, ids: torch.Tensor, batch: BatchKV, specs: list[PassSpec], routing: dict[int, Routing] | None = None) -> torch.Tensor:
         """ids: [B], one next token per row -> logits [B, V]; row b's experts as specs[b] describes them (big, or little
-        with its own little_k and weight rule). When any row records, `row_log(b)` / `row_weights(b)` hold row b's top-k of
-        every MoE layer. Single-row knobs (lookahead, layer-adaptive, cache prior) do not apply to a batched pass."""
-        specs = [self.resolved(s) for s in specs]
+        with its own little_k and weight rule). `routing`, when given, is filled with every row's top-k of each MoE layer
+        (MoE layer -> [B, k]; `row_log`, `row_weights`). Single-row knobs (lookahead, layer-adaptive, cache prior) do
+        not apply to a batched pass."""
+        specs = [s if s.little_k is not None else self.resolved(s) for s in specs]
         kinds = {(s.mode, s.little_k, s.little_weights) if s.mode is ExpertMode.LITTLE else (s.mode, self.default_little_k, "native") for s in specs}
-        record = any(s.record for s in specs)
         if len(kinds) == 1:  # every row alike: the plain selection
             mode, little_k, little_weights = kinds.pop()
-            self.spec, self.row_groups = PassSpec(mode, little_k, little_weights, record), None
+            ctx = PassContext(self, PassSpec(mode, little_k, little_weights), rows=routing, specs=specs)
         else:
-            self.spec, self.row_groups = PassSpec(ExpertMode.BIG, self.default_little_k, record=record), self.groups_of(specs)
-        self.resident_pass, self.batch_rows = False, True
-        self.row_routing = {}
-        try:
-            with native_cpu_gemv(len(batch) == 1 and ids.device.type == "cpu" and self.executor.dtype in (torch.bfloat16, torch.float16)):
-                return self.model.forward_rows(ids, batch, self)
-        finally:
-            self.row_groups, self.batch_rows = None, False
+            ctx = PassContext(self, PassSpec(ExpertMode.BIG, self.default_little_k), groups=self.groups_of(specs), rows=routing, specs=specs)
+        if self.observe is not None:
+            self.observe(ctx)
+        with native_cpu_gemv(len(batch) == 1 and self.half_cpu):
+            return self.model.forward_rows(ids, batch, ctx)
 
     def groups_of(self, specs: list[PassSpec]) -> list[RowGroup]:
         """The little rows of a batched pass (specs resolved), grouped by their little model: (rows [b] on the device, weight
@@ -316,21 +191,6 @@ class Runner:
                 assert spec.little_k is not None
                 groups.setdefault((spec.little_weights, spec.little_k), []).append(b)
         return [RowGroup(self.ids(rows), weights, little_k) for (weights, little_k), rows in groups.items()]
-
-    def row_log(self, b: int) -> dict[int, torch.Tensor]:
-        """MoE layer -> row b's top-k [k] in the last recording batched pass."""
-        return {layer: routing.indices[b] for layer, routing in self.row_routing.items()}
-
-    def row_weights(self, b: int) -> torch.Tensor:
-        """Row b's raw gate values of every MoE layer [L, k] in the last recording batched pass."""
-        return torch.stack([self.row_routing[layer].raw_weights[b] for layer in sorted(self.row_routing)])
-
-    @property
-    def routing_log(self) -> dict[int, torch.Tensor] | None:
-        """MoE layer -> the recorded pass's top-k of its last token [k] (views of the static buffer), None when not recorded."""
-        if not self.spec.record:
-            return None
-        return {layer: self.routing_buf[row] for layer, row in self.moe_row.items()}
 
     @property
     def default_little_k(self) -> int:
@@ -345,26 +205,144 @@ class Runner:
         """`spec` with its little_k set for this model."""
         return spec if spec.little_k is not None else replace(spec, little_k=self.default_little_k)
 
-    def logged_weights(self) -> torch.Tensor:
-        """The recorded pass's raw gate values of every MoE layer [L, k] (empty [0, k] when nothing was recorded)."""
-        if not self.spec.record:
-            return torch.zeros(0, self.model.info.top_k, device=self.model.lm_head.weight.device)
-        return self.weight_buf
-
-    def prefetch_other_half(self, routing_log: dict[int, torch.Tensor], little_k: int, first_layer: int = 0) -> int:
+    def prefetch_other_half(self, routing: torch.Tensor, little_k: int, first_layer: int = 0) -> int:
         """Before a fallback pass (starting at decoder layer `first_layer`): start loading, in layer order, the top-k
-        experts the little pass (of little_k experts) did not use."""
+        experts a little pass (of little_k experts) with this routing did not use; routing: [L, k], one row per MoE layer."""
         budget = self.cache.num_slots - self.model.info.top_k  # leave room for the layer being computed
-        layers = sorted(layer for layer in routing_log if layer >= first_layer)
-        if not layers or budget <= 0 or self.cache.all_resident:  # nothing to load: no host read either
+        rows = [row for layer, row in self.moe_row.items() if layer >= first_layer]
+        if not rows or budget <= 0 or self.cache.all_resident:  # nothing to load: no host read either
             return 0
-        others = self.cache.transfer.to_host(torch.stack([routing_log[layer] for layer in layers])[:, little_k:])  # one sync, all layers
+        others = self.cache.transfer.to_host(routing[rows[0] :, little_k:])  # one sync, all layers: [L', k - little_k]
         issued = 0
-        for layer, experts in zip(layers, others):
+        for layer, experts in zip(self.model.info.moe_layers[rows[0] :], others):
             if issued >= budget:
                 break
             issued += self.cache.prefetch(layer, experts[: budget - issued])
         return issued
+
+
+def row_log(routing: dict[int, Routing], b: int) -> torch.Tensor:
+    """Row b's top-k of every MoE layer [L, k] (in layer order) from a recording batched pass's `routing`."""
+    return torch.stack([routing[layer].indices[b] for layer in sorted(routing)])
+
+
+def row_weights(routing: dict[int, Routing], b: int) -> torch.Tensor:
+    """Row b's raw gate values of every MoE layer [L, k] from a recording batched pass's `routing`."""
+    return torch.stack([routing[layer].raw_weights[b] for layer in sorted(routing)])
+
+
+@dataclass
+class PassContext:
+    """One forward pass as its MoE layers see it, made by `Runner.forward` / `forward_rows` and dropped after: its
+    description, whether every expert is resident (then no layer plans on the host), and where its routing goes."""
+
+    runner: Runner
+    spec: PassSpec
+    resident: bool = False
+    groups: list[RowGroup] | None = None  # a batched pass whose rows differ in their experts: the little rows' groups
+    rows: dict[int, Routing] | None = None  # a recording batched pass: MoE layer -> every row's routing [B, k]
+    log: list[torch.Tensor] | None = None  # a pass logging every position: each MoE layer's raw gate values [T, k]
+    specs: list[PassSpec] | None = None  # a batched pass: each row's own description (resolved)
+
+    def at(self, layer: int) -> LayerExperts:
+        """The routed experts of decoder layer `layer` in this pass."""
+        return partial(self.routed, layer)
+
+    def routed(self, layer: int, x: torch.Tensor, routing: Routing, router: RouterSpec) -> torch.Tensor:
+        """One MoE layer's routed experts: record its routing, choose the pass's experts, run them. x: [T, H] -> [T, H]."""
+        spec = self.spec
+        if spec.record or self.rows is not None or self.log is not None:
+            self.record(layer, routing)
+        if spec.lookahead and x.shape[0] == 1:
+            self.look_ahead(layer, x)
+        if self.groups is not None:
+            indices, weights = mixed_select(routing, router, self.groups)
+        elif spec.host_knobs and spec.mode is ExpertMode.LITTLE and routing.indices.shape[0] == 1:
+            indices, weights = self.choose_on_host(layer, routing, router)
+        else:
+            indices, weights = select(routing, router, spec.mode, spec.little_weights, spec.little_k)
+        executor = self.runner.executor
+        return executor.run_resident(layer, x, indices, weights) if self.resident else executor.run(layer, x, indices, weights)
+
+    def record(self, layer: int, routing: Routing) -> None:
+        """Keep the layer's top-k of the last position (every row's, in a batched pass; every position's gate values, logging)."""
+        if self.log is not None:
+            self.log.append(routing.raw_weights)
+        if self.rows is not None:
+            self.rows[layer] = routing  # this pass's own tensors: no copy needed
+        elif self.spec.record:
+            runner = self.runner
+            row = runner.moe_row[layer]
+            runner.routing_buf[row].copy_(routing.indices[-1])
+            runner.weight_buf[row].copy_(routing.raw_weights[-1])
+
+    def look_ahead(self, layer: int, x: torch.Tensor) -> None:
+        """Start loading the next MoE layer's experts as its router would choose them from this layer's input x [1, H]."""
+        runner, spec = self.runner, self.spec
+        nxt = runner.next_moe_layer.get(layer)
+        if nxt is None:
+            return
+        block = runner.model.model.layers[nxt].mlp
+        indices, _ = select(block.gate(x), block.spec, spec.mode, spec.little_weights, spec.little_k)
+        runner.cache.prefetch(nxt, runner.cache.transfer.to_host(indices[0]), Priority.LOOKAHEAD)
+
+    def choose_on_host(self, layer: int, routing: Routing, router: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """A single decode row's little experts decided on the host: big where the router is unsure (layer-adaptive), or
+        resident experts of similar score first (cache prior)."""
+        spec, cache = self.spec, self.runner.cache
+        k = router.top_k
+        values = cache.transfer.to_host(torch.cat([routing.indices[0].double(), routing.raw_weights[0].double()]))  # one sync: [2k]
+        experts, scores = [int(v) for v in values[:k]], values[k:]
+        if spec.layer_adaptive is not None and runs_big_here(scores, spec.little_k, spec.layer_adaptive):
+            return select(routing, router, ExpertMode.BIG)
+        if spec.cache_prior is None:
+            return select(routing, router, spec.mode, spec.little_weights, spec.little_k)
+        ranks = prefer_resident(experts, scores, spec.little_k, lambda e: (layer, e) in cache.where, spec.cache_prior)
+        position = cache.transfer.to_device(ranks)  # [n]
+        return select(Routing(routing.indices[:, position], routing.raw_weights[:, position]), router, ExpertMode.BIG)  # weights over the chosen
+
+    def layer_step(self) -> LayerStep | None:
+        """The whole-layer compiled path of this decode row, if any: experts read in place from the pool, no host-side
+        knob, a layer's top-k fitting the cache."""
+        if self.resident:
+            return self.resident_step
+        runner = self.runner
+        return None if self.spec.host_knobs or runner.model.info.top_k > runner.cache.num_slots else self.offloaded_step
+
+    def offloaded_step(self, index: int, layer: DecoderLayer, x: torch.Tensor, inp: AttentionInput, kv: LayerKV) -> torch.Tensor:
+        """One decode layer with offloaded experts, compiled: the segment and choice, the layer's one host read and its
+        loads, then the experts from the pool. x: [1, H] -> [1, H]."""
+        runner, spec = self.runner, self.spec
+        assert runner.routed_segment is not None and runner.pooled_finish is not None
+        x, h, indices, raw_weights, shared, chosen, weights = runner.routed_segment(layer, x, inp, kv, spec.mode, spec.little_weights, spec.little_k)
+        if h is None:
+            return x  # a dense layer
+        if spec.record or self.log is not None:
+            self.record(index, Routing(indices, raw_weights))
+        if spec.lookahead:
+            self.look_ahead(index, h)
+        cache, executor = runner.cache, runner.executor
+        slots = cache.acquire(index, cache.transfer.to_host(chosen[0]))
+        try:
+            return runner.pooled_finish(executor.act, x, h, shared, cache.transfer.to_device(slots), weights, *executor.pool_fields)
+        finally:
+            cache.release(slots)
+
+    def resident_step(self, index: int, layer: DecoderLayer, x: torch.Tensor, inp: AttentionInput, kv: LayerKV) -> torch.Tensor:
+        """One decode layer, every expert resident, compiled: a `LayerStep` with no host read (the slots come from the
+        cache's device-side expert-to-slot table). x: [1, H] -> [1, H]."""
+        runner, spec = self.runner, self.spec
+        assert runner.routed_segment is not None and runner.resident_layer is not None
+        if not isinstance(layer.mlp, MoEBlock):  # a dense layer, whole: the graph `offloaded_step` uses
+            return runner.routed_segment(layer, x, inp, kv, spec.mode, spec.little_weights, spec.little_k)[0]
+        cache, executor = runner.cache, runner.executor
+        x, indices, raw_weights = runner.resident_layer(
+            layer, x, inp, kv, cache.slot_rows[index], spec.mode, spec.little_weights, spec.little_k, executor.act, *executor.pool_fields
+        )
+        cache.stats.hits += layer.mlp.spec.top_k if spec.mode is ExpertMode.BIG else spec.little_k
+        if spec.record:
+            self.record(index, Routing(indices, raw_weights))
+        return x
 
 
 @dataclass(frozen=True)

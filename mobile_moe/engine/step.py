@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from mobile_moe.engine.passes import BIG, PassSpec
+from mobile_moe.engine.runner import row_log, row_weights
 from mobile_moe.layers.kv_cache import BatchKV, SequenceSnapshot
-from mobile_moe.layers.moe import ExpertMode
+from mobile_moe.layers.moe import ExpertMode, Routing
 
 if TYPE_CHECKING:
     from mobile_moe.engine.generate import Decoder
@@ -41,7 +42,7 @@ class Fallback:
 
     row: StepRow
     read: Read
-    routing: dict[int, torch.Tensor]  # MoE layer -> the little pass's top-k [k], for the prefetch
+    routing: torch.Tensor  # [L, k] the little pass's top-k of each MoE layer, for the prefetch
     repair: int = 0  # earlier positions redone with it (their KV entries little wrote)
     first_layer: int = 0  # the decoder layer it starts at (a partial fallback), else 0
     ids: torch.Tensor | None = None  # a lone row's first-pass input, rerun as is
@@ -49,47 +50,43 @@ class Fallback:
 
 def decode_step(runner: Runner, rows: list[StepRow], batch: Batcher | None = None, little_first: bool = True) -> list[int]:
     """Each row's token of this step. little_first False: mobile rows run big at once (a batch where little does not pay)."""
-    lone = len(rows) == 1
-    firsts = [first_spec(r.dec, little_first) for r in rows]
+    firsts = [r.dec.first if little_first or not r.dec.policy.may_fall_back else r.dec.fallback for r in rows]
     mobile = [r.dec.policy.may_fall_back and s.mode is ExpertMode.LITTLE for r, s in zip(rows, firsts)]
     for r, m in zip(rows, mobile):
         r.dec.result.stats.big_instead_tokens += r.dec.policy.may_fall_back and not m
     befores = [r.dec.kv.snapshot() if m else None for r, m in zip(rows, mobile)]
-    ids, reads = first_pass(runner, rows, firsts, mobile, batch)
+    ids, reads, routing = first_pass(runner, rows, firsts, mobile, batch)
     falls = [i for i, (r, m, read) in enumerate(zip(rows, mobile, reads)) if m and r.dec.policy.falls_back(1.0 if read[2] is None else read[2], r.step)]
     for i, (r, read) in enumerate(zip(rows, reads)):
         if i not in falls:
             r.dec.accept(read[0], read[0], read[2], read[3], fell_back=False, little_pass=firsts[i].mode is ExpertMode.LITTLE)
     tokens = [read[0] for read in reads]
     if falls:
-        routing = [runner.routing_log or {}] if lone else [runner.row_log(i) for i in falls]  # before any other pass
-        backs = [Fallback(rows[i], reads[i], log, ids=ids) for i, log in zip(falls, routing)]
-        for i, token in zip(falls, fall_back(runner, backs, befores=[befores[i] for i in falls], lone=lone, batch=batch)):
+        logs = [runner.routing_buf] if routing is None else [row_log(routing, i) for i in falls]  # before any other pass
+        backs = [Fallback(rows[i], reads[i], log, ids=ids) for i, log in zip(falls, logs)]
+        for i, token in zip(falls, fall_back(runner, backs, befores=[befores[i] for i in falls], lone=len(rows) == 1, batch=batch)):
             tokens[i] = token
     return tokens
 
 
-def first_spec(dec: Decoder, little_first: bool) -> PassSpec:
-    """The row's first pass: its policy's (little for little and mobile rows), or big for a mobile row told not to try little."""
-    little = dec.policy.decode_mode is ExpertMode.LITTLE and (little_first or not dec.policy.may_fall_back)
-    return dec.first if little else dec.fallback
-
-
-def first_pass(runner: Runner, rows: list[StepRow], specs: list[PassSpec], mobile: list[bool], batch: Batcher | None) -> tuple[torch.Tensor | None, list[Read]]:
+def first_pass(
+    runner: Runner, rows: list[StepRow], specs: list[PassSpec], mobile: list[bool], batch: Batcher | None
+) -> tuple[torch.Tensor | None, list[Read], dict[int, Routing] | None]:
     """Every row's first pass and its read (one host sync): a lone row's single-sequence pass (its input kept on the device,
-    its layer inputs kept for a partial fallback), else one batched pass. Returns (a lone row's input ids, the reads)."""
+    its layer inputs kept for a partial fallback), else one batched pass. Returns (a lone row's input ids, the reads, a
+    batched pass's routing of every row when it recorded)."""
     if len(rows) == 1:
         row, spec = rows[0], specs[0]
         dec = row.dec
         ids = dec.input_ids(row.token)
-        keep = dec.input_row() if spec.mode is ExpertMode.LITTLE else None
+        keep = dec.partial.input_row(dec.kv.length) if dec.partial is not None and spec.mode is ExpertMode.LITTLE else None
         logits = runner.forward(ids, dec.kv, spec, step=row.step, keep=keep)
-        dec.kept = keep is not None
-        return ids, [dec.read(logits, mobile[0] and dec.policy.needs_confidence)]
+        return ids, [dec.read(logits, mobile[0] and dec.policy.needs_confidence)], None
     assert batch is not None, "several rows need their batch"
     decs = [r.dec for r in rows]
-    logits = runner.forward_rows(runner.ids([r.token for r in rows]), batch(decs), specs)  # [B, V]
-    return None, read_rows(runner, decs, logits, [m and d.policy.needs_confidence for d, m in zip(decs, mobile)])
+    routing: dict[int, Routing] | None = {} if any(s.record for s in specs) else None
+    logits = runner.forward_rows(runner.ids([r.token for r in rows]), batch(decs), specs, routing)  # [B, V]
+    return None, read_rows(runner, decs, logits, [m and d.policy.needs_confidence for d, m in zip(decs, mobile)], routing), routing
 
 
 def fall_back(runner: Runner, backs: list[Fallback], befores: list[SequenceSnapshot | None], lone: bool, batch: Batcher | None) -> list[int]:
@@ -102,7 +99,7 @@ def fall_back(runner: Runner, backs: list[Fallback], befores: list[SequenceSnaps
     if together:
         decs = [b.row.dec for b in together]
         logits = runner.forward_rows(runner.ids([b.row.token for b in together]), batch(decs), [BIG] * len(decs))  # type: ignore[misc]
-        for b, read in zip(together, read_rows(runner, decs, logits, [False] * len(decs))):
+        for b, read in zip(together, read_rows(runner, decs, logits, [False] * len(decs), None)):
             tokens[id(b)] = read[0]
     checked = set()  # rows whose repair also checked little's tokens: that check records their step
     for b in backs:
@@ -122,7 +119,7 @@ def prepare(runner: Runner, back: Fallback, before: SequenceSnapshot | None) -> 
     dec = back.row.dec
     assert before is not None
     back.repair = 0 if dec.kv.recurrent else min(dec.policy.config.kv_repair or 0, dec.little_positions)
-    back.first_layer = dec.resume_layer(back.repair)  # 0: a full big pass
+    back.first_layer = dec.partial.resume_layer(back.repair) if dec.partial is not None else 0  # 0: a full big pass
     dec.kv.restore(before)  # forget this step: KV length back, recurrent states copied back
     dec.kv.rewind(back.repair)
     if dec.policy.config.prefetch_on_fallback:
@@ -136,7 +133,7 @@ def big_alone(runner: Runner, back: Fallback, lone: bool) -> tuple[int, bool]:
     dec, row, n = back.row.dec, back.row, back.repair
     spec = dec.fallback if lone else BIG
     ids = runner.ids(dec.result.token_ids[-(1 + n) :]) if n else (back.ids if back.ids is not None else runner.ids([row.token]))
-    resume = dec.resumed_inputs(back.first_layer, n + 1)
+    resume = None if dec.partial is None else dec.partial.resumed_inputs(back.first_layer, dec.kv.length, n + 1)
     _, greedy, conf, signals = back.read
     if n and dec.rollback:
         logits = runner.forward(ids, dec.kv, spec, all_logits=True, step=row.step, resume=resume)
@@ -144,7 +141,7 @@ def big_alone(runner: Runner, back: Fallback, lone: bool) -> tuple[int, bool]:
     return dec.read(runner.forward(ids, dec.kv, spec, step=row.step, resume=resume), with_confidence=False)[0], False
 
 
-def read_rows(runner: Runner, decs: list[Decoder], logits: torch.Tensor, confidence: list[bool]) -> list[Read]:
+def read_rows(runner: Runner, decs: list[Decoder], logits: torch.Tensor, confidence: list[bool], routing: dict[int, Routing] | None) -> list[Read]:
     """Each row's read from logits [B, V], in one host sync for the batch (greedy rows that need no confidence share one argmax)."""
     greedy = [b for b, (d, conf) in enumerate(zip(decs, confidence)) if not conf and d.sampling.temperature == 0.0]
     plain = set(greedy)
@@ -152,7 +149,7 @@ def read_rows(runner: Runner, decs: list[Decoder], logits: torch.Tensor, confide
     parts = [] if not greedy else [(logits if len(greedy) == len(decs) else logits[greedy]).argmax(-1).double()]  # [G]
     sizes = []
     for b in others:
-        row_parts = decs[b].read_parts(logits[b], confidence[b], lambda b=b: runner.row_weights(b))
+        row_parts = decs[b].read_parts(logits[b], confidence[b], lambda b=b: row_weights(routing, b))
         parts += row_parts
         sizes.append(sum(p.numel() for p in row_parts))
     values = runner.cache.transfer.to_host(torch.cat(parts))

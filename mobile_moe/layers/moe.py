@@ -109,21 +109,13 @@ def select(
 
 
 class LayerExperts(Protocol):
-    """What one MoE layer needs from the engine in a pass: choose and run routed experts, and note routing for prefetch.
+    """What one MoE layer needs from the engine in a pass: its routed experts' output for a routing.
 
     Bound to its layer by the engine (`ExpertRunner.at`), so the block itself never passes a layer number: a compiled
     block then serves every layer of its type."""
 
-    def choose(self, routing: Routing, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        """(indices [T, n], weights [T, n]) the current pass uses at this layer (see `select`)."""
-        ...
-
-    def run(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x: [T, H], indices/weights: [T, n] -> weighted sum of expert outputs [T, H]."""
-        ...
-
-    def note(self, x: torch.Tensor, routing: Routing) -> None:
-        """Called with the layer's input [T, H] and full top-k choice, before its experts run."""
+    def __call__(self, x: torch.Tensor, routing: Routing, spec: RouterSpec) -> torch.Tensor:
+        """x: [T, H] and its top-k routing -> the weighted sum of the experts the pass chooses from it (see `select`) [T, H]."""
         ...
 
 
@@ -166,9 +158,7 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, routing: Routing, experts: LayerExperts) -> torch.Tensor:
         """x: [T, H] and its routing -> the routed experts' weighted sum [T, H]."""
-        experts.note(x, routing)
-        indices, weights = experts.choose(routing, self.spec)
-        return experts.run(x, indices, weights)
+        return experts(x, routing, self.spec)
 
 
 class MoEBlock(nn.Module):

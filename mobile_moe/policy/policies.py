@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,34 +15,28 @@ from mobile_moe.policy.importance import confidence_tensor, signal_confidence, s
 
 @dataclass(frozen=True)
 class Policy:
-    """Decisions only: no model code, no devices."""
+    """Decisions only: no model code, no devices. Its facts about a step are worked out once, when it is made."""
 
     config: PolicyConfig
+    prefill_mode: ExpertMode = field(init=False)  # experts for the prompt
+    decode_mode: ExpertMode = field(init=False)  # experts of the first pass of every decode step
+    may_fall_back: bool = field(init=False)  # whether a step may be recomputed with big experts
+    needs_confidence: bool = field(init=False)  # whether decode steps must measure the first pass's confidence
+    needs_signals: bool = field(init=False)  # whether they measure every importance signal (the learned criterion, or recording them)
 
-    @property
-    def prefill_mode(self) -> ExpertMode:
-        """Experts for the prompt."""
-        return ExpertMode(self.config.prefill_mode)
-
-    @property
-    def decode_mode(self) -> ExpertMode:
-        """Experts of the first pass of every decode step."""
-        return ExpertMode.BIG if self.config.name == "big" else ExpertMode.LITTLE
-
-    @property
-    def may_fall_back(self) -> bool:
-        """Whether a step may be recomputed with big experts."""
-        return self.config.name == "mobile"
-
-    @property
-    def needs_confidence(self) -> bool:
-        """Whether decode steps must measure the first pass's confidence."""
-        return self.may_fall_back and self.config.forced_fallback_rate is None
-
-    @property
-    def needs_signals(self) -> bool:
-        """Whether decode steps measure every importance signal (the learned criterion, or recording them for calibration)."""
-        return self.needs_confidence and (self.config.criterion == "learned" or self.config.record_signals)
+    def __post_init__(self) -> None:
+        config = self.config
+        mobile = config.name == "mobile"
+        confidence = mobile and config.forced_fallback_rate is None
+        facts = {
+            "prefill_mode": ExpertMode(config.prefill_mode),
+            "decode_mode": ExpertMode.BIG if config.name == "big" else ExpertMode.LITTLE,
+            "may_fall_back": mobile,
+            "needs_confidence": confidence,
+            "needs_signals": confidence and (config.criterion == "learned" or config.record_signals),
+        }
+        for name, value in facts.items():
+            object.__setattr__(self, name, value)
 
     def measure(self, logits: torch.Tensor, router_weights: Callable[[], torch.Tensor], little_k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(0-d confidence, signals [len(SIGNALS)] or None) of a little pass's logits [V], on their device.
