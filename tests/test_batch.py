@@ -207,3 +207,19 @@ def test_batched_steps_build_their_index_tensors_through_the_transfer_engine(che
     with HostDataTensors() as seen:
         llm.generate(PROMPTS[:3], SAMPLING, policies)
     assert not [where for where in seen.made if "/mobile_moe/" in where], seen.made
+
+
+def test_batches_one_after_another_reuse_the_runners_pool_and_a_live_batch_keeps_its_own(checkpoints):
+    llm = batched_llm(checkpoints["qwen3_moe"], expert_cache=12)
+    first = llm.batch_decoder(4, 64)
+    pool = first.pool
+    second = llm.batch_decoder(2, 32)  # the first batch is still alive: its rows must not be overwritten
+    assert second.pool is not pool
+    del first, second
+    again = llm.batch_decoder(3, 48)
+    assert again.pool is pool and again.pool.k[0].data_ptr() == pool.k[0].data_ptr()  # lent again, not reallocated
+    del again
+    want = [r.token_ids for r in llm.generate(PROMPTS[:3], SAMPLING, PolicyConfig("mobile", tau=0.5))]
+    held = llm.runner.held_pool
+    assert [r.token_ids for r in llm.generate(PROMPTS[:3], SAMPLING, PolicyConfig("mobile", tau=0.5))] == want  # rows reused in place
+    assert llm.runner.held_pool is held

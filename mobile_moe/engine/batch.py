@@ -77,7 +77,7 @@ class BatchDecoder:
         if max_rows < 1:
             raise InvalidParameter(f"max batch must be >= 1, got {max_rows}")
         self.runner, self.eos, self.max_rows = runner, eos, max_rows
-        self.pool = runner.new_pool(max_rows, max_len)
+        self.pool = runner.decode_pool(max_rows, max_len, self)  # held by the runner across batches, reset row by row
         self.free = list(range(max_rows))
         self.rows: list[Row] = []  # in joining order
         self.governor = governor or LittleGovernor()

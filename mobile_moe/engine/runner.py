@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -83,6 +84,8 @@ class Runner:
         self.resident_layer = compile_fn(pooled_layer, dynamic=options.dynamic) if pooled else None
         self.graphs = graphs  # resident decode passes replayed from captured graphs (`--cuda-graphs`)
         self.held_kv: KVCache | None = None  # one sequence's KV cache, reused by every request (`decode_kv`)
+        self.held_pool: KVPool | None = None  # the batch KV pool, lent to one batch at a time (`decode_pool`)
+        self.pool_holder: weakref.ref | None = None  # the batch it is lent to
         self.observe = options.observe
 
     def decode_kv(self, max_len: int) -> KVCache:
@@ -97,6 +100,22 @@ class Runner:
         rounded = -(-max_len // KV_BLOCK) * KV_BLOCK
         self.held_kv = self.new_kv(rounded if self.rings(rounded) == self.rings(max_len) else max_len)
         return self.held_kv
+
+    def decode_pool(self, rows: int, max_len: int, holder: object) -> KVPool:
+        """KV buffers for `rows` sequences of up to max_len positions, lent to `holder` (a batch) until it is dropped: the
+        held pool when it is large enough and no live batch holds it (its rows are overwritten in place), else a new one,
+        which is held next when it is the larger (rounded up to KV_BLOCK positions when that keeps the ring layout)."""
+        held, owner = self.held_pool, self.pool_holder() if self.pool_holder is not None else None
+        fits = held is not None and held.rows >= rows and held.max_len >= max_len and held.rings == self.rings(held.max_len) == self.rings(max_len)
+        if held is not None and fits and owner is None:
+            self.pool_holder = weakref.ref(holder)
+            return held
+        rounded = -(-max_len // KV_BLOCK) * KV_BLOCK
+        pool = self.new_pool(rows, rounded if self.rings(rounded) == self.rings(max_len) else max_len)
+        if owner is None:
+            self.held_pool = None  # free the old buffers first
+            self.held_pool, self.pool_holder = pool, weakref.ref(holder)
+        return pool
 
     def new_kv(self, max_len: int) -> KVCache:
         """An empty KV cache for one sequence of up to max_len positions."""

@@ -71,6 +71,7 @@ class ExpertCache:
     pin_pool: bool = False  # with `reader`: page-lock the slot pool (a host tier feeding a CUDA cache copies from it)
 
     def __post_init__(self) -> None:
+        self.total_experts = self.store.total_experts  # routed experts of the model (a slot each makes them all resident)
         if self.reader is not None:  # records read straight into slots: page-aligned, one record apart
             assert isinstance(self.store, DiskStore) and self.device.type == "cpu"
             nbytes = self.num_slots * self.store.record_bytes
@@ -115,7 +116,7 @@ class ExpertCache:
             and isinstance(self.store, ExpertStore)
             and self.reader is None
             and self.host is None
-            and self.num_slots == self.store.total_experts
+            and self.num_slots == self.total_experts
         )
 
     def _adopt_store(self) -> None:
@@ -133,15 +134,15 @@ class ExpertCache:
     @property
     def all_resident(self) -> bool:
         """Whether every routed expert is in a slot, its copy finished (then compute needs no host decision at all)."""
-        if len(self.where) < self.store.total_experts:
+        if len(self.where) < self.total_experts:
             return False
         if not self._settled:  # once: the last copies may still be in flight
             self.transfer.synchronize()
             for slot in range(self.num_slots):
                 if self.reader is not None or self.host is not None:
-                    self._ready(slot)  # disk reads: wait for each (a failed one raises here and leaves its slot empty)
+                    self.ready(slot)  # disk reads: wait for each (a failed one raises here and leaves its slot empty)
                 self.slots[slot].ticket = None
-            self._settled = len(self.where) == self.store.total_experts
+            self._settled = len(self.where) == self.total_experts
         return self._settled
 
     def acquire(self, layer: int, experts: list[int], wait: bool = True, priority: Priority = Priority.DEMAND) -> list[int]:
@@ -157,15 +158,11 @@ class ExpertCache:
             for i in sorted(range(len(experts)), key=lambda i: (layer, experts[i]) not in self.where):  # hits first: a miss's
                 pinned[i] = self._pin(layer, experts[i], priority)  # load then never evicts an expert this call needs
             for slot in pinned.values() if wait else ():
-                self._ready(slot)
+                self.ready(slot)
         except BaseException:  # too small, or a copy or read that failed: the cache stays as usable as before
             self.abandon(list(pinned.values()))
             raise
         return [pinned[i] for i in range(len(experts))]
-
-    def ready(self, slot: int) -> None:
-        """Wait until an acquired slot's fill is usable (raises a failed read's error, emptying the slot)."""
-        self._ready(slot)
 
     def ready_first(self, slots: list[int]) -> list[int]:
         """Positions in `slots`, those whose fill has already finished first (then in issue order): the order to compute
@@ -183,17 +180,17 @@ class ExpertCache:
         """After a failure with `slots` acquired: settle their other fills (a failed one empties its slot), then unpin."""
         for slot in slots:
             try:
-                self._ready(slot)
+                self.ready(slot)
             except BaseException:  # noqa: BLE001 (the first failure is the one raised)
                 pass
-        self._unpin(slots)
+            self.slots[slot].pins -= 1
 
     def release(self, slots: list[int]) -> None:
         """Unpin slots returned by `acquire`; a later copy into them waits only for the compute queued so far."""
         fence = self.transfer.reader_fence()
         for slot in slots:
             self.slots[slot].read_fence = fence
-        self._unpin(slots)
+            self.slots[slot].pins -= 1
 
     def prefetch(self, layer: int, experts: list[int], priority: Priority = Priority.FALLBACK) -> int:
         """Start loading experts that are not resident, without pinning; returns how many loads were issued."""
@@ -234,8 +231,8 @@ class ExpertCache:
 
     def load_all(self) -> None:
         """Bring every expert in (all-resident reference); needs a slot per expert."""
-        if self.num_slots < self.store.total_experts:
-            raise CacheTooSmall(f"{self.num_slots} slots cannot hold all {self.store.total_experts} experts")
+        if self.num_slots < self.total_experts:
+            raise CacheTooSmall(f"{self.num_slots} slots cannot hold all {self.total_experts} experts")
         if self.host is not None:  # through a host tier that may be smaller: as many at a time as it holds
             step = self.host.num_slots
             for layer in self.store.layers:
@@ -247,13 +244,13 @@ class ExpertCache:
             self.prefetch(layer, list(range(self.store.num_experts)))
         self.transfer.synchronize()
         for slot in range(self.num_slots):
-            self._ready(slot)
+            self.ready(slot)
 
     def _pin(self, layer: int, expert: int, priority: Priority = Priority.DEMAND) -> int:
         """Count a hit or start a load (a demand one unless `priority` says otherwise), then pin the expert's slot."""
         key = (layer, expert)
         slot = self.where.get(key)
-        if slot is not None and self._failed(slot):  # an earlier read (a prefetch) failed: read it again
+        if slot is not None and (self.reader is not None or self.feed is not None) and self._failed(slot):  # a failed earlier read (a prefetch): again
             self._forget(slot)
             slot = None
         hit = slot is not None
@@ -272,11 +269,6 @@ class ExpertCache:
             self.trace.record(layer, expert, hit)
         self.slots[slot].pins += 1
         return slot
-
-    def _unpin(self, slots: list[int]) -> None:
-        """Drop one pin from each slot."""
-        for slot in slots:
-            self.slots[slot].pins -= 1
 
     def _load(self, key: Key, prefetch: bool, priority: Priority = Priority.FALLBACK) -> int:
         """Take a slot (free or evicted) and start copying the expert into it after the slot's last reader and writer."""
@@ -340,8 +332,9 @@ class ExpertCache:
         else:
             self.slot_table[row, key[1]] = slot
 
-    def _ready(self, slot: int) -> None:
-        """Order compute after the slot's copy if it is still in flight."""
+    def ready(self, slot: int) -> None:
+        """Wait until an acquired slot's fill is usable: order compute after its copy if that is still in flight (a failed
+        disk read raises, emptying the slot)."""
         ticket = self.slots[slot].ticket
         if ticket is None:
             return

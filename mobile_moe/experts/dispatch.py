@@ -18,8 +18,10 @@ def expert_output(
     down_bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """x: [P, H] -> one expert's gated MLP output [P, H] from its packed fields, through the format's matmul."""
-    gate, up = _biased(fmt.linear(x, gate_up, x.dtype), gate_up_bias).chunk(2, dim=-1)
-    return _biased(fmt.linear(gated(act, gate, up), down, x.dtype), down_bias)
+    y = fmt.linear(x, gate_up, x.dtype)  # [P, 2I]
+    gate, up = (y if gate_up_bias is None else y + gate_up_bias.to(y.dtype)).chunk(2, dim=-1)
+    y = fmt.linear(gated(act, gate, up), down, x.dtype)  # [P, H]
+    return y if down_bias is None else y + down_bias.to(y.dtype)
 
 
 def pool_experts(
@@ -53,8 +55,3 @@ def combine(outs: list[torch.Tensor], weights: torch.Tensor, dtype: torch.dtype)
 def split_bias(fields: list[torch.Tensor], bias: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """A matrix's fields -> (weight fields, bias or None)."""
     return (fields[:-1], fields[-1]) if bias else (fields, None)
-
-
-def _biased(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """y [P, out] plus a packed bias [out] in y's dtype (None: y itself)."""
-    return y if bias is None else y + bias.to(y.dtype)

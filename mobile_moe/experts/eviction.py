@@ -30,7 +30,7 @@ class EvictionPolicy(Protocol):
         ...
 
 
-def _first(keys: Iterable[Hashable], evictable: Callable[[Hashable], bool], policy: LRU | LFU) -> Hashable | None:
+def _first(keys: Iterable[Hashable], evictable: Callable[[Hashable], bool], policy: LFU) -> Hashable | None:
     """The first evictable key in `keys`, counting every key examined on the policy."""
     for key in keys:
         policy.scanned += 1
@@ -60,7 +60,11 @@ class LRU:
 
     def victim(self, evictable: Callable[[Hashable], bool]) -> Hashable | None:
         """Oldest evictable key."""
-        return _first(self.order, evictable, self)
+        for key in self.order:
+            self.scanned += 1
+            if evictable(key):
+                return key
+        return None
 
 
 class LFU:
