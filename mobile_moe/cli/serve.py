@@ -136,7 +136,7 @@ def startup_summary(llm: LLM, policy: PolicyConfig, name: str, args: argparse.Na
     return "\n".join(
         [
             f"mobile-moe serve: model {llm.path}, served as `{name}`",
-            f"  policy {policy.name}{knobs}; {llm.device} {str(llm.loaded.dtype).removeprefix('torch.')}, experts {experts}; {torch.get_num_threads()} threads",
+            f"  policy {policy.name}{knobs}; {llm.device} {str(llm.loaded.dtype).removeprefix('torch.')}, experts {experts}; threads {torch.get_num_threads()}",
             f"  expert cache {plan.slots} of {plan.total_experts} slots ({cache_mib:.1f} MiB); context {llm.max_context} tokens",
             f"  max batch {args.max_batch}, max queue {args.max_queue}, max_tokens cap {args.max_tokens_cap}" + (", API key required" if args.api_key else ""),
             f"  listening on http://{args.host}:{args.port}/v1 (one access-log line per request below)",
