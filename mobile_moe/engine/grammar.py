@@ -60,7 +60,8 @@ class GrammarState:
     def apply(self, logits: torch.Tensor) -> None:
         """Set the logits [V] of every token the grammar forbids here to -inf, in place."""
         self.matcher.fill_next_token_bitmask(self.bitmask)
-        self._apply(logits, self.bitmask[0].to(logits.device))
+        backend = "cpu" if logits.device.type == "cpu" else "torch_native"  # plain torch ops on an accelerator: no kernel JIT at first use
+        self._apply(logits, self.bitmask[0].to(logits.device), backend=backend)
 
     def advance(self, token: int) -> bool:
         """Take the emitted token; whether the grammar is finished (its stop token taken: nothing may follow)."""
