@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from mobile_moe.errors import InvalidParameter
@@ -81,8 +81,14 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop_at_eos: bool = True
+    logprobs: int | None = None  # record each emitted token's log-probability and this many most probable alternatives (0-20)
+    frequency_penalty: float = 0.0  # subtracted from a token's logit once per time it was generated (-2 to 2, as OpenAI's)
+    presence_penalty: float = 0.0  # subtracted from the logit of every token generated at least once (-2 to 2)
+    json_schema: dict | None = None  # constrained decoding (the [structured] extra): the reply is JSON valid under this schema
+    grammar: object | None = field(default=None, repr=False, compare=False)  # json_schema compiled (by LLM.prepare; engine/grammar.py)
 
     def __post_init__(self) -> None:
+        self._check_processing()
         if self.max_new_tokens < 1:
             raise InvalidParameter(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -91,6 +97,17 @@ class SamplingParams:
             raise InvalidParameter(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None and not (0 <= self.seed < 2**64):
             raise InvalidParameter(f"seed must be an integer in [0, 2**64), got {self.seed}")
+
+    def _check_processing(self) -> None:
+        """Ranges of the fields that change the logits before sampling."""
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise InvalidParameter(f"logprobs must be in [0, 20], got {self.logprobs}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and -2.0 <= value <= 2.0):
+                raise InvalidParameter(f"{name} must be in [-2, 2], got {value}")
+        if self.json_schema is not None and not isinstance(self.json_schema, dict):
+            raise InvalidParameter(f"json_schema must be a JSON schema (a dict), got {type(self.json_schema).__name__}")
 
 
 @dataclass(frozen=True)

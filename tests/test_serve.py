@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import logging
+import shutil
 import socket
 import threading
 import time
@@ -11,24 +14,45 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import torch
 import uvicorn
 
 from mobile_moe import LLM, PolicyConfig, SamplingParams, engine_config
+from mobile_moe.cli import main
+from mobile_moe.cli.serve import served_name
 from mobile_moe.engine.calibration import DEMO_MODEL
 from mobile_moe.serve.app import create_app
 from mobile_moe.serve.streaming import Generation
 from mobile_moe.serve.worker import EngineWorker, Job
 
 PROMPT = "def add(a, b):"
+MSGS = [{"role": "user", "content": PROMPT}]
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def server_log():
+    """The server's log records (access lines, failures with their tracebacks) as formatted text, while inside."""
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(logging.Formatter().format(record))  # type: ignore[method-assign]
+    log = logging.getLogger("mobile_moe.serve")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 @contextmanager
@@ -110,12 +134,15 @@ def test_a_full_queue_answers_429_and_a_fault_answers_500(demo):
         blocker = Job(demo.encode(PROMPT), SamplingParams(max_new_tokens=2), PolicyConfig("big"), lambda t: release.wait(30) or True, lambda r, e: None)
         worker.submit(blocker)  # holds the only place
         r = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
-        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error" and r.headers["retry-after"] == "1"
         release.set()
         time.sleep(0.5)
         worker.batch.step = lambda: (_ for _ in ()).throw(RuntimeError("injected fault"))  # the worker starts a fresh batch after it
-        r = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "temperature": 0})
-        assert r.status_code == 500 and "injected fault" in r.json()["error"]["message"]
+        with server_log() as lines:
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 500 and "injected fault" in r.json()["error"]["message"] and "\n" not in r.json()["error"]["message"]
+        logged = "\n".join(lines)
+        assert "generation failed: injected fault" in logged and "Traceback" in logged and "RuntimeError: injected fault" in logged
         ok = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0})
         assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == solo(demo, demo.encode(PROMPT), 4)
 
@@ -157,6 +184,47 @@ def test_a_full_queue_answers_429_and_a_fault_answers_500(demo):
         ("POST", "/v1/chat/completions", {"messages": []}, 400, "messages"),
         ("POST", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
         ("POST", "/v1/completions", b'{"prompt": "' + b"x" * (1 << 20) + b'"}', 413, "body over"),
+        ("POST", "/v1/chat/completions", {"messages": MSGS, "max_tokens": True}, 400, "max_tokens: Input should be a valid integer"),
+        ("POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": True}, 400, "max_tokens: Input should be a valid integer"),
+        ("POST", "/v1/chat/completions", {"messages": MSGS, "temperature": True}, 400, "temperature: Input should be a valid number"),
+        ("POST", "/v1/chat/completions", {"messages": MSGS, "n": 2}, 400, "n: Input should be less than or equal to 1"),
+        ("POST", "/v1/chat/completions", {"messages": MSGS, "stop": [""]}, 400, "stop: an empty stop string would stop every reply"),
+        ("POST", "/v1/completions", {"prompt": PROMPT, "stop": ""}, 400, "stop: an empty stop string would stop every reply"),
+        ("POST", "/v1/chat/completions", {"messages": MSGS, "tools": [{"type": "function"}]}, 400, "tools: not supported by this server"),
+        ("POST", "/v1/chat/completions", {"messages": MSGS, "tool_choice": "auto"}, 400, "tool_choice: not supported by this server"),
+        ("POST", "/v1/chat/completions", {"messages": MSGS, "echo": True}, 400, "echo: not supported by this server"),
+        ("POST", "/v1/completions", {"prompt": PROMPT, "suffix": "x"}, 400, "suffix: not supported by this server (no insertion"),
+        ("POST", "/v1/completions", {"prompt": PROMPT, "best_of": 2}, 400, "best_of: Input should be less than or equal to 1"),
+        ("POST", "/v1/completions", {"prompt": PROMPT, "logit_bias": {"5": 1.0}}, 400, "logit_bias: not supported by this server"),
+        ("POST", "/v1/completions", {"prompt": PROMPT, "frequency_penalty": 3}, 400, "frequency_penalty: Input should be less than or equal to 2"),
+        ("POST", "/v1/chat/completions", {"messages": MSGS, "response_format": {"type": "xml"}}, 400, "response_format.type: Input should be"),
+        ("POST", "/v1/chat/completions", {"messages": MSGS, "response_format": {"type": "json_schema"}}, 400, "response_format: json_schema is given with"),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"messages": MSGS, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}},
+            400,
+            "response_format: json_schema is not a schema xgrammar can compile",
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            400,
+            "messages.0.content: 'image_url' parts are not supported (text only)",
+        ),
+        ("POST", "/v1/chat/completions", {"messages": [{"role": "tool", "content": "hi"}]}, 400, "messages.0.role"),
+        ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, 400, "messages.0.name: not supported"),
+        ("POST", "/v1/chat/completions", {"messages": MSGS, "top_logprobs": 2}, 400, "top_logprobs: needs logprobs true"),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"messages": MSGS, "logprobs": True, "top_logprobs": 21},
+            400,
+            "top_logprobs: Input should be less than or equal to 20",
+        ),
+        ("POST", "/v1/chat/completions", {"messages": MSGS, "stream_options": {"include_usage": True}}, 400, "stream_options: only with stream true"),
+        ("POST", "/v1/chat/completions", {"messages": MSGS, "max_tokens": 4, "max_completion_tokens": 5}, 400, "max_tokens and max_completion_tokens differ"),
         ("GET", "/v1/nothing", None, 404, "Not Found"),
         ("GET", "/v1/completions", None, 405, "Method Not Allowed"),
     ],
@@ -164,7 +232,8 @@ def test_a_full_queue_answers_429_and_a_fault_answers_500(demo):
 def test_bad_requests_get_a_4xx_json_error_and_the_server_keeps_serving(server, method, path, body, status, needle):
     content = body if isinstance(body, bytes) else (None if body is None else json.dumps(body).encode())
     r = httpx.request(method, f"{server}{path}", content=content, headers={"content-type": "application/json"})
-    assert r.status_code == status and needle in r.json()["error"]["message"]
+    message = r.json()["error"]["message"]
+    assert r.status_code == status and needle in message and "\n" not in message
     assert httpx.get(f"{server}/health").json() == {"status": "ok"}
 
 
@@ -233,6 +302,8 @@ def test_echo_and_logprobs_score_the_prompt_as_lm_eval_asks(demo, server):
         for m, b, s in zip(mobile["choices"][0]["logprobs"]["token_logprobs"][1:], lp["token_logprobs"][1:], little[1:])
     ]
     assert all(picks)  # each position scored by the pass mobile would have emitted it from
+    learned = httpx.post(f"{server}/v1/completions", json=body | {"policy": "mobile"}).json()  # the shipped calibration: criterion learned
+    assert learned["choices"][0]["logprobs"]["token_logprobs"][0] is None and len(learned["choices"][0]["logprobs"]["token_logprobs"]) == len(ids)
 
 
 def test_several_prompts_in_one_request_are_generated_together(demo, server):
@@ -244,10 +315,6 @@ def test_several_prompts_in_one_request_are_generated_together(demo, server):
     assert [c["text"] for c in ids["choices"]] == [c["text"] for c in got["choices"]] and ids["usage"]["completion_tokens"] == 8
     assert httpx.post(f"{server}/v1/completions", json={"prompt": PROMPT, "max_tokens": 0}).status_code == 400  # scoring needs echo
     assert httpx.post(f"{server}/v1/completions", json={"prompt": prompts, "stream": True}).status_code == 400
-    bad = httpx.post(
-        f"{server}/v1/completions", json={"prompt": PROMPT, "max_tokens": 0, "echo": True, "logprobs": 1, "policy": "mobile", "criterion": "learned"}
-    )
-    assert bad.status_code == 400 and "logits criterion" in bad.json()["error"]["message"]
 
 
 def test_a_streamed_character_split_over_tokens_arrives_whole(demo):
@@ -267,3 +334,117 @@ def test_a_streamed_character_split_over_tokens_arrives_whole(demo):
     finally:
         loop.close()
     assert "".join(deltas) == text and not any("\ufffd" in d for d in deltas)
+
+
+def test_a_huge_model_name_is_echoed_cut_short(server):
+    r = httpx.post(f"{server}/v1/completions", json={"model": "m" * 100_000, "prompt": PROMPT})
+    assert r.status_code == 404 and len(r.json()["error"]["message"]) < 200 and "m" * 64 + "..." in r.json()["error"]["message"]
+
+
+def test_chat_generates_up_to_the_cap_by_default_and_honours_max_completion_tokens(demo):
+    with serving(demo, cap=24) as (url, _):
+        free = httpx.post(f"{url}/v1/chat/completions", json={"messages": MSGS, "temperature": 0}, timeout=60).json()
+        assert free["usage"]["completion_tokens"] == 24 and free["choices"][0]["finish_reason"] == "length"  # the greedy reply runs on
+        five = httpx.post(f"{url}/v1/chat/completions", json={"messages": MSGS, "temperature": 0, "max_completion_tokens": 5}).json()
+        assert five["usage"]["completion_tokens"] == 5 and free["choices"][0]["message"]["content"].startswith(five["choices"][0]["message"]["content"])
+        legacy = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "temperature": 0}).json()
+        assert legacy["usage"]["completion_tokens"] == 16  # OpenAI's legacy default
+
+
+def sse(url: str, body: dict) -> list[dict]:
+    """A stream's data chunks, parsed, up to [DONE]."""
+    with httpx.stream("POST", url, json=body | {"stream": True}, timeout=60) as r:
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_chat_logprobs_whole_and_streamed_with_usage(demo, server):
+    body = {"messages": MSGS, "temperature": 0, "max_tokens": 6, "logprobs": True, "top_logprobs": 2}
+    whole = httpx.post(f"{server}/v1/chat/completions", json=body).json()
+    content = whole["choices"][0]["logprobs"]["content"]
+    prompt = demo.chat_prompt(MSGS)
+    generated = demo.generate(prompt, SamplingParams(6), PolicyConfig("big")).token_ids
+    logp = demo.logits(prompt + generated[:-1], "big").float().log_softmax(-1)[len(prompt) - 1 :]
+    assert len(content) == 6 and "".join(e["token"] for e in content) == whole["choices"][0]["message"]["content"]
+    for i, (entry, token) in enumerate(zip(content, generated)):
+        assert entry["logprob"] == pytest.approx(float(logp[i, token]), abs=1e-4) and entry["bytes"] == list(entry["token"].encode())
+        assert len(entry["top_logprobs"]) == 2 and entry["top_logprobs"][0]["token"] == entry["token"]  # greedy: the most probable
+    chunks = sse(f"{server}/v1/chat/completions", body | {"stream_options": {"include_usage": True}})
+    streamed = [e for c in chunks for choice in c["choices"] for e in (choice.get("logprobs") or {"content": []})["content"]]
+    assert [e["token"] for e in streamed] == [e["token"] for e in content]
+    assert [e["logprob"] for e in streamed] == pytest.approx([e["logprob"] for e in content], abs=1e-5)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6 and all(c["usage"] is None for c in chunks[:-1])
+    mobile = httpx.post(f"{server}/v1/chat/completions", json=body | {"policy": "mobile"}).json()  # criterion learned: the emitting pass's scores
+    assert len(mobile["choices"][0]["logprobs"]["content"]) == 6
+
+
+def test_text_parts_and_the_developer_role(server):
+    def reply(messages: list[dict]) -> str:
+        r = httpx.post(f"{server}/v1/chat/completions", json={"messages": messages, "temperature": 0, "max_tokens": 6})
+        return r.json()["choices"][0]["message"]["content"]
+
+    parts = [{"type": "text", "text": "def add(a,"}, {"type": "text", "text": "b):"}]
+    assert reply([{"role": "user", "content": parts}]) == reply([{"role": "user", "content": "def add(a,\nb):"}])
+    assert reply([{"role": "developer", "content": "Be brief."}, *MSGS]) == reply([{"role": "system", "content": "Be brief."}, *MSGS])
+
+
+def test_penalties_are_those_of_the_python_api(demo, server):
+    penalties = {"frequency_penalty": 1.0, "presence_penalty": 0.5}
+    got = httpx.post(f"{server}/v1/completions", json={"prompt": PROMPT, "max_tokens": 24, "temperature": 0} | penalties).json()["choices"][0]["text"]
+    want = demo.generate(demo.encode(PROMPT), SamplingParams(24, **penalties), PolicyConfig("big")).text
+    assert got == want and got != solo(demo, demo.encode(PROMPT), 24)
+
+
+PET = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 16},
+        "kind": {"enum": ["cat", "dog", "bird"]},
+        "size": {"type": "object", "properties": {"w": {"type": "integer", "minimum": 0, "maximum": 999}}, "required": ["w"]},
+    },
+    "required": ["name", "kind", "size"],
+}
+
+
+def test_response_format_json_schema_and_json_object(demo):
+    pet = {"messages": [{"role": "user", "content": "A pet as JSON."}], "max_tokens": 256, "temperature": 1.0}
+    schema = {"type": "json_schema", "json_schema": {"name": "pet", "schema": PET, "strict": True}}
+    with serving(demo, cap=256) as (url, _):
+        for seed, policy in enumerate(("big", "little", "mobile")):
+            r = httpx.post(f"{url}/v1/chat/completions", json=pet | {"seed": seed, "policy": policy, "response_format": schema}, timeout=60).json()
+            jsonschema.validate(json.loads(r["choices"][0]["message"]["content"]), PET)
+            assert r["choices"][0]["finish_reason"] == "stop"
+        chunks = sse(f"{url}/v1/chat/completions", pet | {"seed": 7, "response_format": schema})
+        jsonschema.validate(json.loads("".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])), PET)
+        anything = httpx.post(f"{url}/v1/completions", json={"prompt": "{", "max_tokens": 256, "temperature": 0, "response_format": {"type": "json_object"}})
+        choice = anything.json()["choices"][0]
+        assert choice["finish_reason"] == "stop" and isinstance(json.loads(choice["text"]), dict)
+
+
+def test_every_request_gets_an_access_log_line(server):
+    with server_log() as lines:
+        httpx.post(f"{server}/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0})
+        sse(f"{server}/v1/completions", {"prompt": PROMPT, "max_tokens": 3, "temperature": 0})
+        httpx.post(f"{server}/v1/completions", json={"prompt": PROMPT, "max_tokens": True})
+        deadline = time.monotonic() + 10
+        while len(lines) < 3 and time.monotonic() < deadline:  # a line is written once the last byte is out
+            time.sleep(0.01)
+    assert len(lines) == 3 and all(" s" in line for line in lines)
+    assert '"POST /v1/completions" 200 ' in lines[0] and "+4 tokens" in lines[0]
+    assert '"POST /v1/completions" 200 ' in lines[1] and "+3 tokens" in lines[1]
+    assert '"POST /v1/completions" 400 ' in lines[2]
+
+
+def test_the_served_name_and_a_config_the_engine_cannot_run(demo, checkpoints, tmp_path, capsys):
+    args = argparse.Namespace(served_model_name="gpt-4o-mini", model=None)
+    assert served_name(args, demo) == "gpt-4o-mini"
+    assert served_name(argparse.Namespace(served_model_name=None, model=None), demo) == "demo_model"
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoints["mixtral"], bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(config | {"num_experts_per_tok": config["num_local_experts"] + 1}))
+    capsys.readouterr()
+    assert main(["serve", "--model", str(bad), "--port", str(free_port()), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "routes each token to 9 experts of 8" in err

@@ -171,7 +171,7 @@ class BatchDecoder:
     def _emit(self, row: Row, token: int) -> None:
         """Hand out a row's new token; the row finishes at EOS, its token limit, or when its callback says stop."""
         row.token = token
-        if not emit(row.result, token, row.dec.sampling, self.eos) or not row.stream.send(row.result):
+        if not emit(row.result, token, row.dec.sampling, self.eos, row.dec.processor) or not row.stream.send(row.result):
             self._finish(row)
 
     def _finish(self, row: Row) -> None:

@@ -12,6 +12,7 @@ from mobile_moe.config import SamplingParams
 from mobile_moe.engine.metrics import GenerationStats
 from mobile_moe.engine.partial import PartialFallback
 from mobile_moe.engine.passes import PassSpec, for_policy
+from mobile_moe.engine.processors import Processors, TokenLogprob, for_sampling
 from mobile_moe.engine.runner import Runner
 from mobile_moe.engine.step import StepRow, decode_step
 from mobile_moe.experts.cache import CacheStats
@@ -43,6 +44,7 @@ class GenerationResult:
     steps: list[StepRecord] = field(default_factory=list)
     text: str | None = None
     finish_reason: str = "length"  # length | stop (an EOS token) | cancelled (the token callback asked to stop)
+    logprobs: list[TokenLogprob] | None = None  # per emitted token, with SamplingParams.logprobs
 
 
 @dataclass
@@ -64,6 +66,7 @@ class Decoder:
     next_token: int | None = None  # the last `read`'s token on the host
     next_row: int = 0  # the row of `sampled` holding it
     partial: PartialFallback | None = None  # partial fallbacks, when its policy asks for them (`enable_partial`)
+    processor: Processors | None = None  # the request's logits processing (engine/processors.py): applied on every read
 
     def read(self, logits: torch.Tensor, with_confidence: bool) -> tuple[int, int, float | None, tuple[float, ...]]:
         """(sampled token, greedy token, confidence or None, signals) of one pass's logits [V], in one host sync; the
@@ -99,6 +102,8 @@ class Decoder:
 
     def read_parts(self, logits: torch.Tensor, with_confidence: bool, router_weights: Callable[[], torch.Tensor]) -> list[torch.Tensor]:
         """What `read` brings to the host for logits [V], still on the device: token, greedy token[, confidence, signals]."""
+        if self.processor is not None:
+            self.processor.apply(logits)  # in place: penalties and a grammar's mask, before anything reads them
         token = sample(logits, self.sampling.temperature, self.sampling.top_p, self.generator)
         greedy = token if self.sampling.temperature == 0.0 else logits.argmax()
         parts = [token.double()[None], greedy.double()[None]]
@@ -160,8 +165,8 @@ def new_decoder(runner: Runner, kv: KVCache, prompt: list[int], sampling: Sampli
     device = runner.model.lm_head.weight.device
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
     first = for_policy(policy.config, policy.decode_mode, runner.little_k_of(policy.config.little_k), policy.may_fall_back)
-    result = GenerationResult(token_ids=[], stats=GenerationStats(prompt_tokens=len(prompt)))
-    return Decoder(runner, kv, sampling, policy, generator, result, first, first.big())
+    result = GenerationResult(token_ids=[], stats=GenerationStats(prompt_tokens=len(prompt)), logprobs=None if sampling.logprobs is None else [])
+    return Decoder(runner, kv, sampling, policy, generator, result, first, first.big(), processor=for_sampling(sampling, result.logprobs))
 
 
 def rolls_back(policy: Policy, sampling: SamplingParams, kv: KVCache) -> bool:
@@ -214,9 +219,13 @@ class Stream:
             self.send(result, len(result.token_ids) - (result.finish_reason == "stop"))
 
 
-def emit(result: GenerationResult, token: int, sampling: SamplingParams, eos: tuple[int, ...]) -> bool:
-    """Append an emitted token; whether generation goes on (not EOS, under the token limit; the callback is `Stream`'s)."""
+def emit(result: GenerationResult, token: int, sampling: SamplingParams, eos: tuple[int, ...], processor: Processors | None = None) -> bool:
+    """Append an emitted token; whether generation goes on (not EOS, not a finished grammar, under the token limit; the
+    callback is `Stream`'s)."""
     result.token_ids.append(token)
+    if processor is not None and processor.advance(token):
+        result.finish_reason = "stop"
+        return False
     if sampling.stop_at_eos and token in eos:
         result.finish_reason = "stop"
         return False
@@ -260,7 +269,7 @@ def generate(
 
     start = time.perf_counter()
     step = 0
-    while emit(dec.result, token, sampling, eos) and stream.send(dec.result):
+    while emit(dec.result, token, sampling, eos, dec.processor) and stream.send(dec.result):
         step += 1
         token = decode_step(runner, [StepRow(dec, token, step)])[0]
     stream.finish(dec.result)

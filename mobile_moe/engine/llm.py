@@ -15,7 +15,9 @@ from mobile_moe.config import CacheConfig, EngineConfig, PolicyConfig, SamplingP
 from mobile_moe.engine.batch import BatchDecoder
 from mobile_moe.engine.calibration import CALIBRATION_FILE, read_calibration, resolve_policy
 from mobile_moe.engine.generate import GenerationResult, TokenCallback, generate
+from mobile_moe.engine.grammar import Grammars
 from mobile_moe.engine.passes import PassSpec
+from mobile_moe.engine.processors import check_processing
 from mobile_moe.engine.runner import Runner, RunnerOptions
 from mobile_moe.errors import CheckpointError, InvalidParameter, PromptTooLong
 from mobile_moe.experts.cache import ExpertCache
@@ -118,6 +120,7 @@ class LLM:
         self.governor = LittleGovernor(self.config.batch_little == "auto")  # its step costs persist across batches
         self.reset_cache(self.planned_slots)
         self.tokenizer = _load_tokenizer(self.path) if self.path.is_dir() else None
+        self.grammars = Grammars(self.tokenizer, self.loaded.model.lm_head.weight.shape[0], self.eos_token_ids)  # compiles on first use
         self.calibration = read_calibration(self.path)  # not re-read per request
         fitted, running = self.calibration.get("dtype"), str(self.loaded.dtype).removeprefix("torch.")
         if fitted is not None and fitted != running:
@@ -239,6 +242,9 @@ class LLM:
         sampling, policy = sampling or SamplingParams(), self.resolve_policy(policy or PolicyConfig())
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_prompt(ids)
+        check_processing(sampling, policy)
+        if sampling.json_schema is not None and sampling.grammar is None:
+            sampling = replace(sampling, grammar=self.grammars.compile(sampling.json_schema))
         room = self.max_context - len(ids)
         if sampling.max_new_tokens > room:
             log.warning(f"{len(ids)} prompt tokens leave room for {room} of the {sampling.max_new_tokens} new tokens asked (context {self.max_context})")

@@ -143,7 +143,7 @@ def big_alone(runner: Runner, back: Fallback, lone: bool) -> tuple[int, bool]:
 
 def read_rows(runner: Runner, decs: list[Decoder], logits: torch.Tensor, confidence: list[bool], routing: dict[int, Routing] | None) -> list[Read]:
     """Each row's read from logits [B, V], in one host sync for the batch (greedy rows that need no confidence share one argmax)."""
-    greedy = [b for b, (d, conf) in enumerate(zip(decs, confidence)) if not conf and d.sampling.temperature == 0.0]
+    greedy = [b for b, (d, conf) in enumerate(zip(decs, confidence)) if not conf and d.sampling.temperature == 0.0 and d.processor is None]
     plain = set(greedy)
     others = [b for b in range(len(decs)) if b not in plain]
     parts = [] if not greedy else [(logits if len(greedy) == len(decs) else logits[greedy]).argmax(-1).double()]  # [G]

@@ -33,7 +33,7 @@ from mobile_moe.loading.checkpoint import (
     unused,
 )
 from mobile_moe.models.registry import build_model
-from mobile_moe.models.transformer import CausalLM
+from mobile_moe.models.transformer import CausalLM, ModelInfo
 
 log = logging.getLogger("mobile_moe")
 
@@ -213,6 +213,7 @@ def load(
     files = shard_files(path)
     plan = plan_load(cfg, device, dtype_name, expert_dtype, group_size)
     model, dtype, why, fmt, shape, info = plan.model, plan.dtype, plan.dtype_reason, plan.fmt, plan.shape, plan.model.info
+    check_runnable(info, path)
     disk: DiskStore | None = None
     if offload_dir is not None:
         wanted = store_manifest(checkpoint_fingerprint(path), shape, fmt, dtype, device, fused_kernels, list(info.moe_layers), info.num_experts)
@@ -241,6 +242,14 @@ def load(
     model.prepare_weights()
     model.eval()
     return LoadedModel(model=model, store=disk if disk is not None else store, config=cfg, path=path, dtype=dtype, dtype_reason=why)
+
+
+def check_runnable(info: ModelInfo, path: Path) -> None:
+    """A CheckpointError, before any weight is read, for a config the engine cannot run (one a server must not start on)."""
+    if info.moe_layers and not 1 <= info.top_k <= info.num_experts:
+        raise CheckpointError(
+            f"config.json in {path} routes each token to {info.top_k} experts of {info.num_experts}: experts per token must be 1 to {info.num_experts}"
+        )
 
 
 def open_store(directory: Path, manifest: Manifest, dtype: torch.dtype, direct_io: bool) -> DiskStore:

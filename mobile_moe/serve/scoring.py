@@ -8,6 +8,7 @@ from itertools import accumulate
 from mobile_moe.config import PolicyConfig
 from mobile_moe.engine.generate import GenerationResult
 from mobile_moe.engine.llm import LLM
+from mobile_moe.engine.processors import TokenLogprob
 from mobile_moe.engine.scoring import score_tokens
 
 
@@ -40,3 +41,14 @@ def piece(llm: LLM, token: int) -> str:
     """A token's text (its id when the model has no tokenizer)."""
     text = llm.decode([token])
     return str(token) if text is None else text
+
+
+def chat_logprobs(llm: LLM, entries: list[TokenLogprob]) -> dict:
+    """A chat choice's `logprobs`: per generated token its text, log-probability (under the pass that emitted it, before
+    penalties and a grammar's mask), UTF-8 bytes and most probable alternatives, in OpenAI's chat format."""
+    return {"content": [_entry(llm, e.token, e.logprob) | {"top_logprobs": [_entry(llm, t, lp) for t, lp in e.top]} for e in entries]}
+
+
+def _entry(llm: LLM, token: int, logprob: float) -> dict:
+    text = piece(llm, token)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}

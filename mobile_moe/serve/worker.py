@@ -30,6 +30,7 @@ class Job:
     on_done: Callable[[GenerationResult | None, BaseException | None], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    result: GenerationResult | None = None  # the row's result as it grows, once admitted
 
 
 class EngineWorker:
@@ -108,7 +109,7 @@ class EngineWorker:
                 continue
             try:
                 ids, sampling, policy = self.llm.prepare(job.prompt, job.sampling, job.policy)
-                self.batch.add(ids, sampling, Policy(policy), self._on_token(job), tag=job)
+                job.result = self.batch.add(ids, sampling, Policy(policy), self._on_token(job), tag=job).result
             except BaseException as e:
                 self._done(job, None, e)
 
