@@ -10,11 +10,12 @@ from mobile_moe.errors import InvalidParameter
 
 EXPERT_DTYPES: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32", "int8", "int4", "mxfp4")
 
-PolicyName = Literal["big", "little", "mobile"]
+PolicyName = Literal["big", "little", "mobile", "exact"]
 LittleWeights = Literal["native", "rescale"]
 PrefillMode = Literal["big", "little"]
 Criterion = Literal["max_prob", "entropy", "margin", "learned"]
-POLICIES: tuple[str, ...] = ("big", "little", "mobile")
+POLICIES: tuple[str, ...] = ("big", "little", "mobile", "exact")
+DRAFT_MAX = 4  # exact: little tokens drafted before big verifies them, unless a policy sets it
 CRITERIA: tuple[str, ...] = ("max_prob", "entropy", "margin", "learned")
 LEARNED_VERSION = 1
 
@@ -134,6 +135,7 @@ class PolicyConfig:
     partial_fallback: float | None = None  # on a fallback, big's pass starts at the first MoE layer where little dropped more
     # than this share of the routing weight (else at the layer it dropped most in); the layers before keep little's output
     record_signals: bool = False  # measure every importance signal at each step (calibration data), whatever the criterion
+    draft_max: int | None = None  # exact: little tokens drafted before big verifies them (None: DRAFT_MAX)
 
     def __post_init__(self) -> None:
         if self.forced_fallback_rate is not None and not (0.0 <= self.forced_fallback_rate <= 1.0):
@@ -154,6 +156,10 @@ class PolicyConfig:
             raise InvalidParameter(f"partial-fallback share must be in [0, 1], got {self.partial_fallback}")
         if self.cache_prior is not None and not (math.isfinite(self.cache_prior) and self.cache_prior >= 1.0):
             raise InvalidParameter(f"cache-prior factor must be a finite number >= 1, got {self.cache_prior}")
+        self._check_repair()
+
+    def _check_repair(self) -> None:
+        """The repair, rollback, prefill and draft fields."""
         if self.kv_repair is not None and (not isinstance(self.kv_repair, int) or self.kv_repair < 0):
             raise InvalidParameter(f"kv repair must be an integer >= 0, got {self.kv_repair!r}")
         if self.rollback not in (None, True, False):
@@ -162,11 +168,21 @@ class PolicyConfig:
             raise InvalidParameter("rollback checks the positions a fallback repairs: it needs kv repair >= 1 (--kv-repair N)")
         if self.prefill not in (None, "big", "little"):
             raise InvalidParameter(f"prefill must be big or little, got {self.prefill!r}")
+        if self.draft_max is not None and (isinstance(self.draft_max, bool) or not isinstance(self.draft_max, int) or not 1 <= self.draft_max <= 64):
+            raise InvalidParameter(f"draft max must be an integer in [1, 64], got {self.draft_max!r}")
 
     @property
     def rollback_window(self) -> int:
-        """Positions a repairing fallback checks and may take back: the repair window when rollback is on, else 0."""
+        """Positions a repairing fallback checks and may take back: the repair window when rollback is on (exact: its
+        draft), else 0."""
+        if self.name == "exact":
+            return self.draft_window
         return (self.kv_repair or 0) if self.rollback else 0
+
+    @property
+    def draft_window(self) -> int:
+        """Exact: little tokens drafted before big verifies them."""
+        return DRAFT_MAX if self.draft_max is None else self.draft_max
 
     @property
     def prefill_mode(self) -> PrefillMode:

@@ -28,7 +28,7 @@ from mobile_moe.engine.generate import (
     stream_for,
 )
 from mobile_moe.engine.runner import Runner
-from mobile_moe.engine.step import Batcher, StepRow, decode_step
+from mobile_moe.engine.step import Batcher, StepRow, decode_step, verify_tail
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.layers.kv_cache import BatchKV
 from mobile_moe.loading.budget import PREFILL_CHUNK
@@ -172,7 +172,12 @@ class BatchDecoder:
         """Hand out a row's new token; the row finishes at EOS, its token limit, or when its callback says stop."""
         row.token = token
         if not emit(row.result, token, row.dec.sampling, self.eos, row.dec.processor) or not row.stream.send(row.result):
-            self._finish(row)
+            late = verify_tail(self.runner, row.dec) if row.policy.verifies and row.result.finish_reason != "cancelled" else None
+            if late is None:
+                self._finish(row)
+                return
+            row.result.finish_reason = "length"  # big took back drafted tokens: the row goes on from its own
+            self._emit(row, late)
 
     def _finish(self, row: Row) -> None:
         """Fill the row's counters (cache counters are the batch's, shared with the rows beside it) and free its slot."""

@@ -104,6 +104,8 @@ def resolve_policy(policy: PolicyConfig, record: dict) -> PolicyConfig:
         learned = learned_from(record)
     repair = policy.kv_repair if policy.kv_repair is not None else _kv_repair(record)
     rollback = policy.rollback if policy.rollback is not None else bool(record.get("rollback", False)) and repair > 0  # --kv-repair 0: none
+    if policy.name == "exact":  # big checks every drafted position: the whole draft is repaired and rolled back
+        repair, rollback = policy.draft_window, True
     little_k = policy.little_k if policy.little_k is not None else record.get("little_k")
     return dataclasses.replace(
         policy, criterion=criterion, tau=DEFAULT_TAU if tau is None else tau, learned=learned, kv_repair=repair, rollback=rollback, little_k=little_k

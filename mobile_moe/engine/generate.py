@@ -14,7 +14,8 @@ from mobile_moe.engine.partial import PartialFallback
 from mobile_moe.engine.passes import PassSpec, for_policy
 from mobile_moe.engine.processors import Processors, TokenLogprob, for_sampling
 from mobile_moe.engine.runner import Runner
-from mobile_moe.engine.step import StepRow, decode_step
+from mobile_moe.engine.step import StepRow, decode_step, verify_tail
+from mobile_moe.errors import InvalidParameter
 from mobile_moe.experts.cache import CacheStats
 from mobile_moe.layers.kv_cache import KVCache
 from mobile_moe.layers.sampler import sample
@@ -138,17 +139,23 @@ class Decoder:
         if self.partial is not None:
             self.partial.accepted(kept)
 
-    def check_repaired(self, logits: torch.Tensor, repair: int, greedy: int, conf: float | None, signals: tuple[float, ...]) -> int:
+    def check_repaired(self, logits: torch.Tensor, repair: int, greedy: int | None, conf: float | None, signals: tuple[float, ...]) -> int:
         """After a repairing big pass (logits [repair + 1, V]): where big's greedy token differs from a little token
         emitted at a repaired position, take back that token and every later one (their KV positions too) and put big's
-        in its place; else this step's big token, as a plain fallback. Returns the token emitted last."""
-        result = self.result
-        nxt, wrong, big = self.read_checked(logits, result.token_ids[-repair:])
+        in its place; else this step's big token, as a plain fallback (greedy None: the step ran no first pass).
+        Returns the token emitted last."""
+        nxt, wrong, big = self.read_checked(logits, self.result.token_ids[-repair:])
         if wrong is None:
-            self.accept(nxt, greedy, conf, signals, fell_back=True, little_pass=False)
+            self.accept(nxt, nxt if greedy is None else greedy, conf, signals, fell_back=True, little_pass=False)
             return nxt
         taken = repair - wrong  # tokens after the first wrong one's input, the wrong one included
         self.kv.rewind(taken)  # their positions: the inputs after the wrong token's
+        return self.take_back(taken, big)
+
+    def take_back(self, taken: int, big: int) -> int:
+        """Take back the last `taken` emitted tokens, the first of them one big disagrees with, and record big's token
+        `big` in its place (their KV positions already rewound). Returns `big`."""
+        result = self.result
         first = result.steps[-taken]  # the little step that emitted the wrong token
         del result.token_ids[-taken:], result.steps[-taken:]
         result.stats.fallback_tokens += 1
@@ -172,6 +179,10 @@ def new_decoder(runner: Runner, kv: KVCache, prompt: list[int], sampling: Sampli
 def rolls_back(policy: Policy, sampling: SamplingParams, kv: KVCache) -> bool:
     """Whether repairing fallbacks also check little's tokens: asked for, greedy (a sampled token has no single right
     answer to check), and with repair possible (no recurrent layers)."""
+    if policy.verifies and sampling.temperature != 0.0:
+        raise InvalidParameter("exact mode verifies greedy tokens: it needs temperature 0 (sampling: use policy big or mobile)")
+    if policy.verifies and kv.recurrent:
+        raise InvalidParameter("exact mode needs every drafted position rewound, and this model's recurrent layers cannot be: use policy big")
     return policy.config.rollback_window > 0 and sampling.temperature == 0.0 and not kv.recurrent
 
 
@@ -269,9 +280,14 @@ def generate(
 
     start = time.perf_counter()
     step = 0
-    while emit(dec.result, token, sampling, eos, dec.processor) and stream.send(dec.result):
-        step += 1
-        token = decode_step(runner, [StepRow(dec, token, step)])[0]
+    while True:
+        while emit(dec.result, token, sampling, eos, dec.processor) and stream.send(dec.result):
+            step += 1
+            token = decode_step(runner, [StepRow(dec, token, step)])[0]
+        late = verify_tail(runner, dec) if policy.verifies and dec.result.finish_reason != "cancelled" else None
+        if late is None:
+            break
+        token, dec.result.finish_reason = late, "length"  # big took back drafted tokens: go on from its own
     stream.finish(dec.result)
     _synchronize(device)
     stats.decode_s = time.perf_counter() - start

@@ -41,15 +41,19 @@ class Fallback:
     """A row the policy sends back to big: what its first pass read, and where its big pass starts and how far back."""
 
     row: StepRow
-    read: Read
-    routing: torch.Tensor  # [L, k] the little pass's top-k of each MoE layer, for the prefetch
+    read: Read | None  # None: no first pass ran (an exact row verifying its full draft)
+    routing: torch.Tensor | None  # [L, k] the little pass's top-k of each MoE layer, for the prefetch (None: nothing to prefetch)
     repair: int = 0  # earlier positions redone with it (their KV entries little wrote)
     first_layer: int = 0  # the decoder layer it starts at (a partial fallback), else 0
     ids: torch.Tensor | None = None  # a lone row's first-pass input, rerun as is
 
 
 def decode_step(runner: Runner, rows: list[StepRow], batch: Batcher | None = None, little_first: bool = True) -> list[int]:
-    """Each row's token of this step. little_first False: mobile rows run big at once (a batch where little does not pay)."""
+    """Each row's token of this step. little_first False: mobile rows run big at once (a batch where little does not pay).
+    An exact row whose draft is full drafts nothing: big verifies its draft at once (`verify`)."""
+    full = [r.dec.policy.verifies and r.dec.little_positions >= r.dec.policy.draft_max for r in rows]
+    if any(full):
+        return verify(runner, rows, full, batch, little_first)
     firsts = [r.dec.first if little_first or not r.dec.policy.may_fall_back else r.dec.fallback for r in rows]
     mobile = [r.dec.policy.may_fall_back and s.mode is ExpertMode.LITTLE for r, s in zip(rows, firsts)]
     for r, m in zip(rows, mobile):
@@ -67,6 +71,37 @@ def decode_step(runner: Runner, rows: list[StepRow], batch: Batcher | None = Non
         for i, token in zip(falls, fall_back(runner, backs, befores=[befores[i] for i in falls], lone=len(rows) == 1, batch=batch)):
             tokens[i] = token
     return tokens
+
+
+def verify(runner: Runner, rows: list[StepRow], full: list[bool], batch: Batcher | None, little_first: bool) -> list[int]:
+    """A step where exact rows with a full draft verify it: each such row's big pass over its drafted positions and this
+    step's input keeps the longest agreeing prefix and emits big's token after it (a bonus token when all agree); the
+    other rows take the step as usual."""
+    backs = [Fallback(r, None, None) for r, f in zip(rows, full) if f]
+    tokens = dict(zip((id(b.row) for b in backs), fall_back(runner, backs, [b.row.dec.kv.snapshot() for b in backs], len(rows) == 1, batch)))
+    rest = [r for r, f in zip(rows, full) if not f]
+    if rest:
+        tokens.update(zip((id(r) for r in rest), decode_step(runner, rest, batch, little_first)))
+    return [tokens[id(r)] for r in rows]
+
+
+def verify_tail(runner: Runner, dec: Decoder) -> int | None:
+    """Exact mode when a request would end: big checks the drafted tokens it has not verified yet, in one pass; returns
+    its token at the first disagreement (the tokens from there are taken back and the request goes on from it), or None
+    when every drafted token is big's own."""
+    n, result = dec.little_positions, dec.result
+    if n == 0:
+        return None
+    dec.kv.rewind(n)  # the drafts' inputs: the last verified token and every drafted one but the newest
+    logits = runner.forward(runner.ids(result.token_ids[-(n + 1) : -1]), dec.kv, dec.fallback, all_logits=True)  # [n, V]
+    big = [int(v) for v in runner.cache.transfer.to_host(logits.argmax(-1).double())]
+    dec.little_positions = 0
+    wrong = next((i for i, (b, t) in enumerate(zip(big, result.token_ids[-n:])) if b != t), None)
+    if wrong is None:
+        return None
+    taken = n - wrong  # the first wrong token and every later one
+    dec.kv.rewind(taken - 1)  # the positions of the inputs after the wrong token's
+    return dec.take_back(taken, big[wrong])
 
 
 def first_pass(
@@ -109,7 +144,7 @@ def fall_back(runner: Runner, backs: list[Fallback], befores: list[SequenceSnaps
                 checked.add(id(b))
     for b in backs:
         if id(b) not in checked:
-            _, greedy, conf, signals = b.read
+            _, greedy, conf, signals = b.read or (tokens[id(b)], tokens[id(b)], None, ())
             b.row.dec.accept(tokens[id(b)], greedy, conf, signals, fell_back=True, little_pass=False)
     return [tokens[id(b)] for b in backs]
 
@@ -122,7 +157,7 @@ def prepare(runner: Runner, back: Fallback, before: SequenceSnapshot | None) -> 
     back.first_layer = dec.partial.resume_layer(back.repair) if dec.partial is not None else 0  # 0: a full big pass
     dec.kv.restore(before)  # forget this step: KV length back, recurrent states copied back
     dec.kv.rewind(back.repair)
-    if dec.policy.config.prefetch_on_fallback:
+    if dec.policy.config.prefetch_on_fallback and back.routing is not None:
         assert dec.first.little_k is not None  # resolved when the decoder was made
         runner.prefetch_other_half(back.routing, dec.first.little_k, back.first_layer)
 
@@ -134,7 +169,7 @@ def big_alone(runner: Runner, back: Fallback, lone: bool) -> tuple[int, bool]:
     spec = dec.fallback if lone else BIG
     ids = runner.ids(dec.result.token_ids[-(1 + n) :]) if n else (back.ids if back.ids is not None else runner.ids([row.token]))
     resume = None if dec.partial is None else dec.partial.resumed_inputs(back.first_layer, dec.kv.length, n + 1)
-    _, greedy, conf, signals = back.read
+    _, greedy, conf, signals = back.read or (-1, None, None, ())  # no first pass: nothing of its own to record
     if n and dec.rollback:
         logits = runner.forward(ids, dec.kv, spec, all_logits=True, step=row.step, resume=resume)
         return dec.check_repaired(logits, n, greedy, conf, signals), True

@@ -23,10 +23,12 @@ class Policy:
     may_fall_back: bool = field(init=False)  # whether a step may be recomputed with big experts
     needs_confidence: bool = field(init=False)  # whether decode steps must measure the first pass's confidence
     needs_signals: bool = field(init=False)  # whether they measure every importance signal (the learned criterion, or recording them)
+    verifies: bool = field(init=False)  # exact: every little token is checked by big before it is final
+    draft_max: int = field(init=False)  # exact: little tokens drafted before big must verify them
 
     def __post_init__(self) -> None:
         config = self.config
-        mobile = config.name == "mobile"
+        mobile = config.name in ("mobile", "exact")  # exact: mobile's fallback, where big also checks the draft
         confidence = mobile and config.forced_fallback_rate is None
         facts = {
             "prefill_mode": ExpertMode(config.prefill_mode),
@@ -34,6 +36,8 @@ class Policy:
             "may_fall_back": mobile,
             "needs_confidence": confidence,
             "needs_signals": confidence and (config.criterion == "learned" or config.record_signals),
+            "verifies": config.name == "exact",
+            "draft_max": config.draft_window,
         }
         for name, value in facts.items():
             object.__setattr__(self, name, value)

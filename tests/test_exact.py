@@ -1,0 +1,85 @@
+"""Exact mode: little drafts, big verifies each draft in one pass; greedy output is big's, token for token."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import open_llm, small_cache
+from test_mobile import _quantile_tau
+
+from mobile_moe import PolicyConfig, SamplingParams
+from mobile_moe.engine.generate import generate
+from mobile_moe.errors import InvalidParameter
+from mobile_moe.policy.policies import Policy
+
+PROMPTS = [[7, 3, 44, 19, 28, 90, 11], [40, 41, 12, 60, 3]]
+SAMPLING = SamplingParams(max_new_tokens=24, stop_at_eos=False)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v2", "olmoe"])  # GQA, MLA with a dense first layer, plain softmax
+@pytest.mark.parametrize("draft_max", [1, 3, 8])
+def test_greedy_exact_is_big_token_for_token(checkpoints, arch: str, draft_max: int):
+    llm = open_llm(checkpoints[arch], expert_cache=6, dtype="float32")
+    for prompt in PROMPTS:
+        big = llm.generate(prompt, SAMPLING, PolicyConfig("big"))
+        for tau in (0.0, _quantile_tau(llm, prompt, 0.5)):  # 0: drafts end only when full; a median tau: also when unsure
+            exact = llm.generate(prompt, SAMPLING, PolicyConfig("exact", tau=tau, criterion="max_prob", draft_max=draft_max))
+            assert exact.token_ids == big.token_ids
+            assert len(exact.steps) == len(exact.token_ids)
+            assert exact.stats.fallback_tokens > 0  # big verified drafts
+
+
+def _run(llm, prompt: list[int], config: PolicyConfig, eos: tuple[int, ...], on_token=None):
+    """One request through the engine's decode loop with its own end-of-sequence ids."""
+    sampling = SamplingParams(max_new_tokens=24, stop_at_eos=True)
+    with llm.lock:
+        return generate(llm.runner, prompt, sampling, Policy(llm.resolve_policy(config)), eos, on_token)
+
+
+def test_a_draft_crossing_eos_is_verified_before_the_request_ends(checkpoints):
+    """Little drafts an end-of-sequence token big would not emit there: big takes it back and decoding goes on; an EOS big
+    agrees with ends the request as big alone would."""
+    llm = open_llm(checkpoints["qwen3_moe"], expert_cache=6, dtype="float32")
+    prompt = PROMPTS[1]
+    big = llm.generate(prompt, SAMPLING, PolicyConfig("big")).token_ids
+    little = llm.generate(prompt, SAMPLING, PolicyConfig("little", prefill="big")).token_ids
+    slip = next(i for i, (b, t) in enumerate(zip(big, little)) if b != t and t not in big)  # a token only little emits
+    config = PolicyConfig("exact", tau=0.0, criterion="max_prob", draft_max=64)  # drafts end only at the request's end
+    for eos in ((little[slip],), (big[12],)):
+        want = _run(llm, prompt, PolicyConfig("big"), eos)
+        streamed: list[int] = []
+        got = _run(llm, prompt, config, eos, on_token=lambda t, seen=streamed: seen.append(t) or True)
+        assert got.token_ids == want.token_ids and got.finish_reason == want.finish_reason
+        assert got.stats.rolled_back_tokens > 0 or eos != (little[slip],)  # little's EOS was drafted, then taken back
+        assert streamed == [t for t in got.token_ids if t not in eos]  # nothing taken back was ever streamed
+    assert got.finish_reason == "stop"
+
+
+def test_a_cancelled_draft_leaves_the_engine_usable(checkpoints):
+    llm = open_llm(checkpoints["deepseek_v2"], expert_cache=6, dtype="float32")
+    prompt, config = PROMPTS[0], PolicyConfig("exact", tau=0.0, criterion="max_prob", draft_max=4)
+    big = llm.generate(prompt, SAMPLING, PolicyConfig("big")).token_ids
+    seen: list[int] = []
+    cut = llm.generate(prompt, SAMPLING, config, on_token=lambda t: seen.append(t) or len(seen) < 6)
+    assert cut.finish_reason == "cancelled" and cut.token_ids == seen == big[:6]
+    assert llm.generate(prompt, SAMPLING, config).token_ids == big
+
+
+def test_exact_rows_in_a_batch_equal_big_alone(checkpoints):
+    llm = open_llm(checkpoints["qwen3_moe"], expert_cache=12, dtype="float32", max_batch=4, batch_little="always")
+    policies = [PolicyConfig("exact", tau=0.0, criterion="max_prob", draft_max=3), PolicyConfig("big"), PolicyConfig("exact", tau=0.5, criterion="max_prob")]
+    prompts = [PROMPTS[0], PROMPTS[1], [5, 6, 7]]
+    together = llm.generate(prompts, SAMPLING, policies)
+    assert [r.token_ids for r in together] == [llm.generate(p, SAMPLING, PolicyConfig("big")).token_ids for p in prompts]
+
+
+@pytest.mark.parametrize(
+    "arch, sampling, message",
+    [
+        ("qwen3_moe", SamplingParams(max_new_tokens=4, temperature=0.7), "exact mode verifies greedy tokens"),
+        ("qwen3_5_moe", SamplingParams(max_new_tokens=4), "exact mode needs"),
+    ],
+)
+def test_exact_mode_refuses_what_it_cannot_verify(checkpoints, arch: str, sampling: SamplingParams, message: str):
+    llm = open_llm(checkpoints[arch], expert_cache=small_cache(arch))
+    with pytest.raises(InvalidParameter, match=message):
+        llm.generate(PROMPTS[0], sampling, PolicyConfig("exact", tau=0.5, criterion="max_prob"))
