@@ -69,7 +69,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "(on cpu: transformers' generate, nothing to offload); building it at real size is slow, so it is a run of its own",
     )
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every system; speeds are medians (default 3)")
-    add_threads_arg(b, "torch's own choice; reported either way")
+    add_threads_arg(b)
     b.add_argument(
         "--json", type=Path, metavar="FILE", help="also write the report as JSON (rewritten as each system finishes; `complete` says whether every system ran)"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 from typing import NoReturn
@@ -76,17 +77,34 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def add_threads_arg(p: argparse.ArgumentParser, default: str = "torch's own choice, one per core") -> None:
+THREADS_DEFAULT = "one fewer than the cores, at least 1; OMP_NUM_THREADS when set"
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
     """--threads: torch's CPU threads for the command."""
-    p.add_argument("--threads", type=int, metavar="N", help=f"torch CPU threads (default: {default}); on a busy machine fewer can be faster")
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help=f"torch CPU threads (default: {THREADS_DEFAULT}: one thread per core loses up to 10x when another process is busy)",
+    )
 
 
-def set_threads(threads: int | None, default: int | None = None) -> None:
-    """Apply --threads (or `default` when it is unset; None: leave torch's choice), checked."""
+def default_threads() -> int | None:
+    """One fewer than the cores this process may run on, at least 1; None when OMP_NUM_THREADS is set (torch follows it)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply --threads, checked, or the default (`default_threads`)."""
     if threads is not None and threads < 1:
         raise InvalidParameter(f"--threads must be >= 1, got {threads}")
-    if (threads or default) is not None:
-        torch.set_num_threads(threads or default)
+    chosen = threads if threads is not None else default_threads()
+    if chosen is not None:
+        torch.set_num_threads(chosen)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
