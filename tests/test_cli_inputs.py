@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +17,10 @@ import torch
 from test_cli import assert_one_line_error, run
 
 from mobile_moe.cli.common import default_threads
+from mobile_moe.engine.calibration import DEMO_MODEL
 from mobile_moe.engine.llm import LLM
+from mobile_moe.errors import CheckpointError
+from mobile_moe.loading.checkpoint import read_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,3 +113,64 @@ def test_chat_refuses_a_line_that_is_not_utf8_and_answers_the_others():
 def test_generate_refuses_a_lone_surrogate_from_the_api():
     with pytest.raises(Exception, match="lone surrogate U\\+D800 at character 1"):
         LLM().encode("a\ud800b")
+
+
+def demo_copy(tmp_path: Path, edit=None) -> Path:
+    """A copy of the demo model whose config.json `edit` changes in place."""
+    dst = tmp_path / "demo"
+    shutil.copytree(DEMO_MODEL, dst)
+    if edit is not None:
+        cfg = json.loads((dst / "config.json").read_text())
+        edit(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda c: c.update(num_experts_per_tok=99), "num_experts_per_tok is 99, but it must be between 1 and the number of routed experts"),
+        (lambda c: c.update(num_experts_per_tok=0), "num_experts_per_tok is 0, but it must be between 1"),
+        (lambda c: c.pop("hidden_size"), "lacks 'hidden_size'"),
+        (lambda c: c.pop("model_type"), "lacks 'model_type'"),
+    ],
+)
+def test_a_config_the_engine_cannot_run_is_refused_when_read(tmp_path, capsys, edit, needle):
+    model = demo_copy(tmp_path, edit)
+    with pytest.raises(CheckpointError, match=re.escape(needle)):
+        read_config(model)  # what every load (generate, chat, eval, bench, the server) reads first
+    code, out, err = run(capsys, "generate", "--model", str(model), "--prompt", "x", "--quiet")
+    assert_one_line_error(code, err, needle)
+    assert out == ""
+
+
+def test_a_calibration_file_that_is_not_json_is_named(tmp_path, capsys):
+    model = demo_copy(tmp_path)
+    (model / "mobile_moe.json").write_text("{not json")
+    code, _, err = run(capsys, "generate", "--model", str(model), "--prompt", "x", "--policy", "mobile", "--quiet")
+    assert_one_line_error(code, err, f"{model / 'mobile_moe.json'} is not valid JSON")
+
+
+@pytest.mark.parametrize(
+    "name, needle",
+    [
+        ("out.txt", "--plot out.txt: give a file name ending in an image format matplotlib writes"),
+        ("out", "give a file name ending in an image format"),
+        ("missing/out.png", "cannot write --plot {tmp}/missing/out.png: directory {tmp}/missing does not exist"),
+    ],
+)
+@pytest.mark.parametrize("command", [["eval"], ["bench", "--batch", "1"]])
+def test_a_plot_that_cannot_be_written_is_refused_before_the_run(tmp_path, capsys, monkeypatch, name, needle, command):
+    monkeypatch.chdir(tmp_path)
+    path = name if name == "out" or name == "out.txt" else str(tmp_path / name)
+    code, out, err = run(capsys, *command, "--plot", path, "--quiet")
+    assert_one_line_error(code, err, needle.format(tmp=tmp_path))
+    assert out == "" and not (tmp_path / "missing").exists()
+
+
+def test_a_store_built_for_int4_names_the_flag(tmp_path, capsys):
+    store = str(tmp_path / "store")
+    argv = ["generate", "--prompt", "x", "--max-new-tokens", "1", "--quiet", "--offload-dir", store]
+    assert run(capsys, *argv, "--expert-dtype", "int4")[0] == 0
+    code, _, err = run(capsys, *argv)
+    assert_one_line_error(code, err, "holds this checkpoint's experts stored for --expert-dtype int4: add --expert-dtype int4 to use it")

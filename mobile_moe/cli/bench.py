@@ -16,6 +16,7 @@ from mobile_moe.cli.common import (
     add_engine_args,
     add_policy_args,
     add_threads_arg,
+    check_plot_file,
     check_writable_dir,
     check_writable_file,
     engine_config_from,
@@ -140,7 +141,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.layers is not None and not args.synthetic:
         raise InvalidParameter("--layers cuts a --synthetic shape; give --synthetic too")
     check_writable_file(args.json, "--json")
-    check_writable_file(args.plot, "--plot")
+    check_plot_file(args.plot)
     check_writable_dir(args.trace_dir, "--trace-dir")
     if args.plot is not None and args.batch is None:
         raise InvalidParameter("bench --plot draws the --batch sweep; give --batch too")

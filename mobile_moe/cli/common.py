@@ -321,12 +321,30 @@ def parse_ids(text: str) -> list[int]:
 
 
 def check_writable_file(path: Path | None, what: str) -> None:
-    """Fail before a long run, not after it, when an output file cannot be written."""
+    """Fail before a long run, not after it, when an output file cannot be written (its directory must exist: a mistyped
+    directory is refused, not created)."""
     if path is None:
         return
     if path.is_dir():
         raise InvalidParameter(f"{what} {path} is a directory, not a file")
+    blocker = _non_directory_ancestor(path.parent)
+    if blocker is None and not path.parent.is_dir():
+        raise InvalidParameter(f"cannot write {what} {path}: directory {path.parent} does not exist")
     _check_writable_dir(path.parent, f"{what} {path}")
+
+
+def check_plot_file(path: Path | None) -> None:
+    """--plot: a file name matplotlib can write (by its extension), in a writable directory, checked before the run."""
+    if path is None:
+        return
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise InvalidParameter("--plot needs matplotlib: pip install 'mobile-moe[plot]'") from None
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lstrip(".").lower() not in formats:
+        raise InvalidParameter(f"--plot {path}: give a file name ending in an image format matplotlib writes ({', '.join(f'.{f}' for f in sorted(formats))})")
+    check_writable_file(path, "--plot")
 
 
 def check_writable_dir(path: Path | None, what: str) -> None:

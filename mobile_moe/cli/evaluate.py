@@ -6,12 +6,14 @@ import argparse
 import dataclasses
 import json
 import logging
+import sys
 from pathlib import Path
 
 from mobile_moe.cli.common import (
     add_engine_args,
     add_policy_args,
     add_threads_arg,
+    check_plot_file,
     check_writable_file,
     engine_config_from,
     open_llm,
@@ -121,7 +123,7 @@ def taus_around(criterion: str, tau: float | None, count: int = 5) -> tuple[floa
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """`mobile-moe eval`."""
-    check_writable_file(args.plot, "--plot")
+    check_plot_file(args.plot)
     if args.source and args.data:
         raise InvalidParameter("give --data or --source, not both")
     if args.source:
@@ -136,15 +138,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     calibrated = calibrated_tau(llm.calibration, sweeps[0][0].criterion) if args.tau is None else args.tau
     reference = float_reference(llm, args)
     reports = [evaluate(llm, texts, data, settings, sweeps, calibrated, reference) for data, texts in sources.items()]
+    if args.json:
+        print(json.dumps({"sources": reports} if args.source else reports[0]), flush=True)  # the results first: a plot that fails loses nothing
+    else:
+        for report in reports:
+            print_eval(report)
     if args.plot:
         plot_sources(reports, args.plot) if args.source else plot_quality(reports[0], args.plot)
-    if args.json:
-        print(json.dumps({"sources": reports} if args.source else reports[0]))
-        return 0
-    for report in reports:
-        print_eval(report)
-    if args.plot:
-        print(f"plot written to {args.plot}")
+        print(f"plot written to {args.plot}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
