@@ -174,3 +174,64 @@ def test_a_store_built_for_int4_names_the_flag(tmp_path, capsys):
     assert run(capsys, *argv, "--expert-dtype", "int4")[0] == 0
     code, _, err = run(capsys, *argv)
     assert_one_line_error(code, err, "holds this checkpoint's experts stored for --expert-dtype int4: add --expert-dtype int4 to use it")
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "eval", "bench", "serve"])
+def test_tau_outside_0_1_is_refused_by_every_command(capsys, command):
+    code, out, err = run(capsys, command, "--policy", "mobile", "--tau", "1.5", "--quiet", *(["--prompt", "x"] if command == "generate" else []))
+    assert_one_line_error(code, err, "--tau must be in [0, 1] (a confidence), got 1.5")
+    assert out == ""
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--tau", "0.5"], "--tau applies to --policy mobile only, not big"),
+        (["--criterion", "margin"], "--criterion applies to --policy mobile only, not big"),
+        (["--little-k", "2"], "--little-k applies to --policy little and mobile only, not big"),
+        (["--kv-repair", "1"], "--kv-repair applies to --policy mobile only, not big"),
+        (["--partial-fallback", "0.5"], "--partial-fallback applies to --policy mobile only, not big"),
+        (["--policy", "little", "--kv-repair", "0"], "--kv-repair applies to --policy mobile only, not little"),
+    ],
+)
+def test_a_knob_for_another_policy_is_refused_alike_by_generate_chat_and_serve(capsys, command, flags, needle):
+    code, out, err = run(capsys, command, *flags, "--quiet", *(["--prompt", "x"] if command == "generate" else []))
+    assert_one_line_error(code, err, needle)
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_rollback_with_sampling_is_refused(capsys, command):
+    flags = ["--policy", "mobile", "--kv-repair", "2", "--rollback", "--temperature", "0.7", "--quiet"]
+    code, _, err = run(capsys, command, *flags, *(["--prompt", "x"] if command == "generate" else []))
+    assert_one_line_error(code, err, "--rollback checks little's tokens against big's greedy choice: it needs --temperature 0, got 0.7")
+
+
+@pytest.mark.parametrize("command", ["eval", "calibrate"])
+def test_taus_outside_0_1_are_refused(capsys, command):
+    with pytest.raises(SystemExit) as exited:
+        run(capsys, command, "--taus", "0.5,1.5", "--quiet")
+    assert_one_line_error(exited.value.code, capsys.readouterr().err, "taus must be in [0, 1] (confidences), got '0.5,1.5'")
+
+
+@pytest.mark.parametrize("size", ["0", "-8", "12", "1"])
+@pytest.mark.parametrize("command", [["quantize", "--to", "int4", "--out", "unused"], ["generate", "--prompt", "x", "--expert-dtype", "int4"]])
+def test_group_size_must_be_a_power_of_two(tmp_path, capsys, monkeypatch, size, command):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, *command, "--group-size", size, "--quiet")
+    assert_one_line_error(code, err, f"--group-size must be a power of two >= 2 (e.g. 64), got {size}")
+    assert not (tmp_path / "unused").exists()
+
+
+def test_the_server_refuses_a_request_by_the_same_rules():
+    import httpx
+    from test_serve import serving
+
+    with serving(LLM()) as (url, _):
+        for body, needle in (
+            ({"policy": "big", "tau": 0.5}, "tau applies to policy mobile only, not big"),
+            ({"criterion": "margin"}, "criterion applies to policy mobile only, not big"),  # the server's default policy is big
+            ({"policy": "mobile", "tau": 1.5}, "tau must be in [0, 1] (a confidence), got 1.5"),
+        ):
+            reply = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2, **body}, timeout=60)
+            assert reply.status_code == 400 and reply.json()["error"]["message"] == needle

@@ -16,6 +16,7 @@ from mobile_moe.cli.common import (
     add_engine_args,
     add_policy_args,
     add_threads_arg,
+    check_flags,
     check_plot_file,
     check_writable_dir,
     check_writable_file,
@@ -142,6 +143,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise InvalidParameter("--layers cuts a --synthetic shape; give --synthetic too")
     check_writable_file(args.json, "--json")
     check_plot_file(args.plot)
+    check_flags(args, configures="mobile")
     check_writable_dir(args.trace_dir, "--trace-dir")
     if args.plot is not None and args.batch is None:
         raise InvalidParameter("bench --plot draws the --batch sweep; give --batch too")

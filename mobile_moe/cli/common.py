@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import NoReturn
 
 import torch
 
-from mobile_moe.config import CRITERIA, EXPERT_DTYPES, POLICIES, EngineConfig, PolicyConfig
+from mobile_moe.config import CRITERIA, EXPERT_DTYPES, POLICIES, EngineConfig, PolicyConfig, check_options, flag_name
 from mobile_moe.engine.calibration import DEFAULT_TAU, DEMO_MODEL
 from mobile_moe.engine.llm import LLM, engine_config, ram_check
 from mobile_moe.errors import CheckpointError, InvalidParameter
@@ -239,11 +240,14 @@ def parse_variants(text: str) -> tuple[dict[str, float | int | None], ...]:
 
 
 def parse_taus(text: str) -> tuple[float, ...]:
-    """'0.3,0.5' -> (0.3, 0.5)."""
+    """'0.3,0.5' -> (0.3, 0.5), each in [0, 1] (as --tau)."""
     try:
-        return tuple(float(t) for t in text.split(",") if t.strip())
+        taus = tuple(float(t) for t in text.split(",") if t.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"taus must be comma-separated numbers, got {text!r}") from None
+    if not taus or not all(0.0 <= t <= 1.0 for t in taus):
+        raise argparse.ArgumentTypeError(f"taus must be in [0, 1] (confidences), got {text!r}")
+    return taus
 
 
 def model_dir(arg: str | Path | None, quiet: bool = False, check_config: ConfigCheck | None = None) -> Path:
@@ -305,6 +309,13 @@ def policy_flags(args: argparse.Namespace) -> PolicyConfig:
         rollback=args.rollback,
         partial_fallback=args.partial_fallback,
     )
+
+
+def check_flags(args: argparse.Namespace, configures: str | None = None) -> None:
+    """The policy and sampling flags checked by the rules every front end shares (`check_options`), before the model loads;
+    `configures`: the policy the flags set up where a command runs several (eval, calibrate and bench: mobile's knobs)."""
+    policy = policy_flags(args)
+    check_options(policy if configures is None else dataclasses.replace(policy, name=configures), getattr(args, "temperature", 0.0), flag_name)
 
 
 def policy_from(args: argparse.Namespace, llm: LLM) -> PolicyConfig:

@@ -13,6 +13,7 @@ from mobile_moe.cli.common import (
     add_engine_args,
     add_policy_args,
     add_threads_arg,
+    check_flags,
     check_plot_file,
     check_writable_file,
     engine_config_from,
@@ -124,6 +125,7 @@ def taus_around(criterion: str, tau: float | None, count: int = 5) -> tuple[floa
 def cmd_eval(args: argparse.Namespace) -> int:
     """`mobile-moe eval`."""
     check_plot_file(args.plot)
+    check_flags(args, configures="mobile")
     if args.source and args.data:
         raise InvalidParameter("give --data or --source, not both")
     if args.source:
@@ -209,6 +211,7 @@ def float_reference(llm: LLM, args: argparse.Namespace) -> LLM | None:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """`mobile-moe calibrate`: exit 0 and write the tau, or exit 1 when no tau meets the target."""
     check_writable_file(args.output, "--output")
+    check_flags(args, configures="mobile")
     settings = EvalSettings(tuple(args.taus or (0.5,)), args.max_prompts, args.new_tokens, args.ppl_tokens, progress=not args.quiet)
     if args.source:
         return calibrate_by_source(args, settings)

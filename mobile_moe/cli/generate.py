@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from mobile_moe.chat import StreamPrinter, chat
-from mobile_moe.cli.common import add_engine_args, add_policy_args, add_sampling_args, add_threads_arg, open_llm, parse_ids, policy_from
+from mobile_moe.cli.common import add_engine_args, add_policy_args, add_sampling_args, add_threads_arg, check_flags, open_llm, parse_ids, policy_from
 from mobile_moe.config import PolicyConfig, SamplingParams
 from mobile_moe.engine.generate import GenerationResult
 from mobile_moe.engine.llm import LLM
@@ -40,8 +40,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """`mobile-moe generate`: an interrupt (Ctrl-C) stops after the current token and still prints the result and its stats."""
     if args.prompt is None and args.prompt_ids is None:
         raise InvalidParameter("give --prompt TEXT or --prompt-ids 1,2,3")
-    if args.policy != "mobile" and (args.tau is not None or args.criterion is not None):
-        raise InvalidParameter(f"--tau and --criterion apply to --policy mobile only, not {args.policy}")
+    check_flags(args)
     sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     llm = open_llm(args)
     policy = policy_from(args, llm)
@@ -117,6 +116,7 @@ def add_chat_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """`mobile-moe chat`."""
+    check_flags(args)
     sampling = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed, stop_at_eos=True)
     llm = open_llm(args)
     llm.chat_prompt([{"role": "user", "content": "x"}])  # no chat template: a one-line error now, not after the first message

@@ -7,7 +7,7 @@ import socket
 import sys
 from pathlib import Path
 
-from mobile_moe.cli.common import THREADS_DEFAULT, add_engine_args, add_policy_args, open_llm, policy_flags, set_threads
+from mobile_moe.cli.common import THREADS_DEFAULT, add_engine_args, add_policy_args, check_flags, open_llm, policy_flags, set_threads
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.loading.hub import parse_hub_id
 
@@ -77,6 +77,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """`mobile-moe serve`: runs until interrupted."""
     if args.max_queue < 1 or args.max_tokens_cap < 1 or args.max_batch < 1:
         raise InvalidParameter("--max-queue, --max-tokens-cap and --max-batch must be >= 1")
+    check_flags(args)  # the defaults a request's policy starts from
     set_threads(args.threads)
     try:
         import prometheus_client  # noqa: F401 (the server's /metrics)
