@@ -129,8 +129,8 @@ def demo_copy(tmp_path: Path, edit=None) -> Path:
 @pytest.mark.parametrize(
     "edit, needle",
     [
-        (lambda c: c.update(num_experts_per_tok=99), "num_experts_per_tok is 99, but it must be between 1 and the number of routed experts"),
-        (lambda c: c.update(num_experts_per_tok=0), "num_experts_per_tok is 0, but it must be between 1"),
+        (lambda c: c.update(num_experts_per_tok=99), "routes each token to 99 experts of 64: num_experts_per_tok must be 1 to 64 (its num_local_experts)"),
+        (lambda c: c.update(num_experts_per_tok=0), "routes each token to 0 experts of 64"),
         (lambda c: c.pop("hidden_size"), "lacks 'hidden_size'"),
         (lambda c: c.pop("model_type"), "lacks 'model_type'"),
     ],

@@ -166,7 +166,7 @@ def check_experts(cfg: PretrainedConfig, path: Path) -> None:
         return  # the architecture's builder names what it lacks
     if not 1 <= top_k[1] <= experts[1]:
         raise CheckpointError(
-            f"config.json in {path}: {top_k[0]} is {top_k[1]}, but it must be between 1 and the number of routed experts ({experts[0]} {experts[1]})"
+            f"config.json in {path} routes each token to {top_k[1]} experts of {experts[1]}: {top_k[0]} must be 1 to {experts[1]} (its {experts[0]})"
         )
 
 
