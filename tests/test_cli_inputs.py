@@ -235,3 +235,18 @@ def test_the_server_refuses_a_request_by_the_same_rules():
         ):
             reply = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2, **body}, timeout=60)
             assert reply.status_code == 400 and reply.json()["error"]["message"] == needle
+
+
+def test_version_answers_without_importing_torch():
+    code = "import sys; from mobile_moe.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.stdout.splitlines() == [f"mobile-moe 0.1.0 (torch {torch.__version__})", "0 False"], proc.stdout + proc.stderr
+
+
+def test_the_package_loads_llm_when_first_asked_for():
+    import mobile_moe
+
+    assert mobile_moe.LLM is LLM and mobile_moe.engine_config.__module__ == "mobile_moe.engine.llm"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        mobile_moe.nope  # noqa: B018
