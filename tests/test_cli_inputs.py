@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_cli import assert_one_line_error, run
+from test_serve import free_port
 
 from mobile_moe.cli.common import default_threads
 from mobile_moe.engine.calibration import DEMO_MODEL
@@ -139,9 +140,10 @@ def test_a_config_the_engine_cannot_run_is_refused_when_read(tmp_path, capsys, e
     model = demo_copy(tmp_path, edit)
     with pytest.raises(CheckpointError, match=re.escape(needle)):
         read_config(model)  # what every load (generate, chat, eval, bench, the server) reads first
-    code, out, err = run(capsys, "generate", "--model", str(model), "--prompt", "x", "--quiet")
-    assert_one_line_error(code, err, needle)
-    assert out == ""
+    for command in (["generate", "--prompt", "x"], ["serve", "--port", str(free_port())]):  # a server never starts on it
+        code, out, err = run(capsys, *command, "--model", str(model), "--quiet")
+        assert_one_line_error(code, err, needle)
+        assert out == ""
 
 
 def test_a_calibration_file_that_is_not_json_is_named(tmp_path, capsys):

@@ -7,6 +7,7 @@ import io
 import json
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -66,6 +67,9 @@ def interrupt_stops() -> Iterator:
     """Within: the first SIGINT only sets a flag (the yielded callable reads it), so generation stops after the current token
     and its result is kept; a second one interrupts as usual."""
     caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may handle signals
+        yield lambda: False
+        return
 
     def on_interrupt(signum: int, _frame: object) -> None:
         caught.append(signum)
