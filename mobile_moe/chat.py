@@ -9,7 +9,8 @@ from typing import TextIO
 
 from mobile_moe.config import PolicyConfig, SamplingParams
 from mobile_moe.engine.generate import GenerationResult
-from mobile_moe.engine.llm import LLM, settled
+from mobile_moe.engine.llm import LLM, check_utf8, settled
+from mobile_moe.errors import InvalidParameter
 
 HELP = "type a message; /reset forgets the conversation, /stats shows the last reply's numbers, Ctrl-C stops a reply, Ctrl-D exits"
 COMMANDS = ("/reset", "/stats")
@@ -59,7 +60,8 @@ def stats_line(result: GenerationResult | None) -> str:
         return "(no reply yet)"
     s = result.stats
     return (
-        f"{s.tokens} tokens, {s.decode_tok_s:.1f} tok/s decode, fallback rate {s.fallback_tokens / max(s.tokens - 1, 1):.1%}, expert hit rate {s.hit_rate:.0%}"
+        f"{s.tokens} tokens, {s.decode_tok_s:.1f} tok/s decode, prompt {s.prompt_tokens} tokens at {s.prompt_tok_s:.1f} tok/s, "
+        f"threads {s.threads}, total {s.total_s:.2f}s, fallback rate {s.fallback_tokens / max(s.tokens - 1, 1):.1%}, expert hit rate {s.hit_rate:.0%}"
     )
 
 
@@ -74,10 +76,24 @@ def unknown_command_note(command: str) -> str:
     return f"(unknown command {command}; the commands are {', '.join(COMMANDS)}; nothing was sent to the model)"
 
 
+def is_text(message: str, out: TextIO) -> bool:
+    """Whether the message is Unicode text; if not, say so in one line on stderr (nothing is sent to the model)."""
+    try:
+        check_utf8(message, "the message")
+    except InvalidParameter as e:
+        out.write("\n")
+        out.flush()
+        print(f"mobile-moe: error: {e}; nothing was sent to the model", file=sys.stderr, flush=True)
+        return False
+    return True
+
+
 def chat(llm: LLM, sampling: SamplingParams, policy: PolicyConfig, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
-    """Read messages until end of input; stream each reply."""
+    """Read messages until end of input; stream each reply. A message that is not text is refused in one line on stderr and
+    the conversation goes on; the exit status is then 2."""
     history: list[dict[str, str]] = []
     last: GenerationResult | None = None
+    status = 0
     print(HELP, file=sys.stderr)
     while True:
         out.write("> ")
@@ -89,10 +105,12 @@ def chat(llm: LLM, sampling: SamplingParams, policy: PolicyConfig, stdin: TextIO
             continue
         if not line:  # Ctrl-D / end of input
             out.write("\n")
-            return 0
+            return status
         message = line.rstrip("\n")
         command = command_of(message)
-        if command == "/reset":
+        if not is_text(message, out):
+            status = 2
+        elif command == "/reset":
             history.clear()
             out.write("(conversation cleared)\n")
         elif command == "/stats":

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Literal
 
 from mobile_moe.errors import InvalidParameter
@@ -248,3 +250,42 @@ class EngineConfig:
             raise InvalidParameter(f"batch little must be auto or always, got {self.batch_little!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise InvalidParameter(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+POLICY_KNOBS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {  # the policies each knob of PolicyConfig applies to
+        "tau": ("mobile", "exact"),
+        "criterion": ("mobile", "exact"),
+        "kv_repair": ("mobile",),  # exact repairs and checks its whole draft
+        "rollback": ("mobile",),
+        "partial_fallback": ("mobile",),
+        "little_k": ("little", "mobile", "exact"),
+        "layer_adaptive": ("little", "mobile", "exact"),
+        "cache_prior": ("little", "mobile", "exact"),
+        "draft_max": ("exact",),
+    }
+)
+
+
+def check_options(policy: PolicyConfig, temperature: float = 0.0, name: Callable[[str], str] = str) -> None:
+    """The rules a user's options follow, one for every front end (generate, chat, eval, bench, the server): tau in [0, 1]
+    (every criterion's confidence is; PolicyConfig itself takes a larger tau, always falling back, for tests), a knob
+    set for a policy it does not apply to, or rollback with sampling, is an InvalidParameter naming it (`name` spells a
+    field as the caller's user knows it: a command-line flag, or the request's JSON field)."""
+    if policy.tau is not None and not 0.0 <= policy.tau <= 1.0:
+        raise InvalidParameter(f"{name('tau')} must be in [0, 1] (a confidence), got {policy.tau:g}")
+    for knob, policies in POLICY_KNOBS.items():
+        value = getattr(policy, knob)
+        if value is not None and value is not False and policy.name not in policies:
+            raise InvalidParameter(f"{name(knob)} applies to {name('policy')} {' and '.join(policies)} only, not {policy.name}")
+    if policy.rollback and temperature > 0:
+        raise InvalidParameter(f"{name('rollback')} checks little's tokens against big's greedy choice: it needs {name('temperature')} 0, got {temperature:g}")
+    if policy.name == "exact" and temperature > 0:
+        raise InvalidParameter(
+            f"{name('policy')} exact checks little's tokens against big's greedy choice: it needs {name('temperature')} 0, got {temperature:g}"
+        )
+
+
+def flag_name(field: str) -> str:
+    """A PolicyConfig / SamplingParams field as its command-line flag (`kv_repair` -> `--kv-repair`)."""
+    return "--" + field.replace("_", "-")

@@ -1,4 +1,4 @@
-"""Leave-one-source-out comparison of importance criteria on step signals (issue 20, item 2).
+"""Leave-one-source-out comparison of importance criteria on step signals.
 
 For each source, decode its prompts with a fallback at every step (little's signals, big's label, as `calibrate`
 collects them), then for each held-out source fit each criterion on the others and report its AUC at flagging a

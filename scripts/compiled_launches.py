@@ -1,4 +1,4 @@
-"""Kernel calls per decode token of the compiled all-resident step, read off inductor's generated code (issue 17).
+"""Kernel calls per decode token of the compiled all-resident step, read off inductor's generated code.
 
 Builds a synthetic model (widths shrunk: the op structure, hence the kernel count, does not depend on them), loads every
 expert, and captures the code torch.compile generates for one decode step's whole-layer calls (`pooled_layer`). Each

@@ -1,4 +1,4 @@
-"""Where int4 expert matmuls should switch from the fused kernel to dequantize-then-matmul, by rows (issue 17).
+"""Where int4 expert matmuls should switch from the fused kernel to dequantize-then-matmul, by rows.
 
 For one expert matrix shape, times the fused kernel the engine would pick on this device (`compute_format`: tinygemm
 on CUDA, torch's CPU kernel on a CPU) against the portable reference path (dequantize, then one dense matmul) at

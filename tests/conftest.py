@@ -21,10 +21,13 @@ from mobile_moe.engine.runner import RunnerOptions  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist the workers share the cores: each runs torch on its share (oversubscribed threads run slower)."""
+    """Under pytest-xdist the workers share the cores: each runs torch on its share (oversubscribed threads run slower), also in
+    the commands it runs (through OMP_NUM_THREADS, which the CLI's default thread count defers to)."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        share = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(share)
+        torch.set_num_threads(share)
 
 
 def shared_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:

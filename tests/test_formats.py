@@ -199,7 +199,8 @@ def test_unknown_expert_dtype_is_a_usage_error(capsys, checkpoints):
 @pytest.mark.parametrize(
     "flags, needle",
     [
-        (("--expert-dtype", "int4", "--group-size", "12"), "group size 12 does not divide"),
+        (("--expert-dtype", "int4", "--group-size", "12"), "--group-size must be a power of two >= 2 (e.g. 64), got 12"),
+        (("--expert-dtype", "int4", "--group-size", "128"), "group size 128 does not divide"),
         (("--expert-dtype", "int8", "--group-size", "8"), "int4 experts only"),
     ],
 )

@@ -16,6 +16,8 @@ from mobile_moe.cli.common import (
     add_engine_args,
     add_policy_args,
     add_threads_arg,
+    check_flags,
+    check_plot_file,
     check_writable_dir,
     check_writable_file,
     engine_config_from,
@@ -69,7 +71,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "(on cpu: transformers' generate, nothing to offload); building it at real size is slow, so it is a run of its own",
     )
     b.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every system; speeds are medians (default 3)")
-    add_threads_arg(b, "torch's own choice; reported either way")
+    add_threads_arg(b)
     b.add_argument(
         "--json", type=Path, metavar="FILE", help="also write the report as JSON (rewritten as each system finishes; `complete` says whether every system ran)"
     )
@@ -140,7 +142,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.layers is not None and not args.synthetic:
         raise InvalidParameter("--layers cuts a --synthetic shape; give --synthetic too")
     check_writable_file(args.json, "--json")
-    check_writable_file(args.plot, "--plot")
+    check_plot_file(args.plot)
+    check_flags(args, configures="mobile")
     check_writable_dir(args.trace_dir, "--trace-dir")
     if args.plot is not None and args.batch is None:
         raise InvalidParameter("bench --plot draws the --batch sweep; give --batch too")

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import tempfile
 from pathlib import Path
 from typing import NoReturn
 
 import torch
 
-from mobile_moe.config import CRITERIA, EXPERT_DTYPES, POLICIES, EngineConfig, PolicyConfig
+from mobile_moe.config import CRITERIA, EXPERT_DTYPES, POLICIES, EngineConfig, PolicyConfig, check_options, flag_name
 from mobile_moe.engine.calibration import DEFAULT_TAU, DEMO_MODEL
 from mobile_moe.engine.llm import LLM, engine_config, ram_check
 from mobile_moe.errors import CheckpointError, InvalidParameter
@@ -76,17 +78,34 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def add_threads_arg(p: argparse.ArgumentParser, default: str = "torch's own choice, one per core") -> None:
+THREADS_DEFAULT = "one fewer than the cores, at least 1; OMP_NUM_THREADS when set"
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
     """--threads: torch's CPU threads for the command."""
-    p.add_argument("--threads", type=int, metavar="N", help=f"torch CPU threads (default: {default}); on a busy machine fewer can be faster")
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help=f"torch CPU threads (default: {THREADS_DEFAULT}: one thread per core loses up to 10x when another process is busy)",
+    )
 
 
-def set_threads(threads: int | None, default: int | None = None) -> None:
-    """Apply --threads (or `default` when it is unset; None: leave torch's choice), checked."""
+def default_threads() -> int | None:
+    """One fewer than the cores this process may run on, at least 1; None when OMP_NUM_THREADS is set (torch follows it)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply --threads, checked, or the default (`default_threads`)."""
     if threads is not None and threads < 1:
         raise InvalidParameter(f"--threads must be >= 1, got {threads}")
-    if (threads or default) is not None:
-        torch.set_num_threads(threads or default)
+    chosen = threads if threads is not None else default_threads()
+    if chosen is not None:
+        torch.set_num_threads(chosen)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -100,7 +119,17 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
 def add_policy_args(p: argparse.ArgumentParser) -> None:
     """MoBiLE policy flags."""
     p.add_argument(
-        "--policy", default="big", choices=POLICIES, help="big: all top-k experts; little: the better half; mobile: little, big where unsure (default: big)"
+        "--policy",
+        default="big",
+        choices=POLICIES,
+        help="big: all top-k experts; little: the better half; mobile: little, big where unsure; exact: little drafts, big verifies "
+        "(greedy output is big's) (default: big)",
+    )
+    p.add_argument(
+        "--draft-max",
+        type=int,
+        metavar="N",
+        help="exact: little tokens drafted before big verifies them, 1..64 (a draft also ends where little is unsure) (default: 4)",
     )
     p.add_argument("--tau", type=float, help=f"confidence threshold for mobile (default: calibrated, else {DEFAULT_TAU})")
     p.add_argument("--criterion", choices=CRITERIA, help="importance criterion for mobile (default: calibrated, else max_prob)")
@@ -221,11 +250,14 @@ def parse_variants(text: str) -> tuple[dict[str, float | int | None], ...]:
 
 
 def parse_taus(text: str) -> tuple[float, ...]:
-    """'0.3,0.5' -> (0.3, 0.5)."""
+    """'0.3,0.5' -> (0.3, 0.5), each in [0, 1] (as --tau)."""
     try:
-        return tuple(float(t) for t in text.split(",") if t.strip())
+        taus = tuple(float(t) for t in text.split(",") if t.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"taus must be comma-separated numbers, got {text!r}") from None
+    if not taus or not all(0.0 <= t <= 1.0 for t in taus):
+        raise argparse.ArgumentTypeError(f"taus must be in [0, 1] (confidences), got {text!r}")
+    return taus
 
 
 def model_dir(arg: str | Path | None, quiet: bool = False, check_config: ConfigCheck | None = None) -> Path:
@@ -286,7 +318,15 @@ def policy_flags(args: argparse.Namespace) -> PolicyConfig:
         kv_repair=args.kv_repair,
         rollback=args.rollback,
         partial_fallback=args.partial_fallback,
+        draft_max=args.draft_max,
     )
+
+
+def check_flags(args: argparse.Namespace, configures: str | None = None) -> None:
+    """The policy and sampling flags checked by the rules every front end shares (`check_options`), before the model loads;
+    `configures`: the policy the flags set up where a command runs several (eval, calibrate and bench: mobile's knobs)."""
+    policy = policy_flags(args)
+    check_options(policy if configures is None else dataclasses.replace(policy, name=configures), getattr(args, "temperature", 0.0), flag_name)
 
 
 def policy_from(args: argparse.Namespace, llm: LLM) -> PolicyConfig:
@@ -303,12 +343,30 @@ def parse_ids(text: str) -> list[int]:
 
 
 def check_writable_file(path: Path | None, what: str) -> None:
-    """Fail before a long run, not after it, when an output file cannot be written."""
+    """Fail before a long run, not after it, when an output file cannot be written (its directory must exist: a mistyped
+    directory is refused, not created)."""
     if path is None:
         return
     if path.is_dir():
         raise InvalidParameter(f"{what} {path} is a directory, not a file")
+    blocker = _non_directory_ancestor(path.parent)
+    if blocker is None and not path.parent.is_dir():
+        raise InvalidParameter(f"cannot write {what} {path}: directory {path.parent} does not exist")
     _check_writable_dir(path.parent, f"{what} {path}")
+
+
+def check_plot_file(path: Path | None) -> None:
+    """--plot: a file name matplotlib can write (by its extension), in a writable directory, checked before the run."""
+    if path is None:
+        return
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise InvalidParameter("--plot needs matplotlib: pip install 'mobile-moe[plot]'") from None
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lstrip(".").lower() not in formats:
+        raise InvalidParameter(f"--plot {path}: give a file name ending in an image format matplotlib writes ({', '.join(f'.{f}' for f in sorted(formats))})")
+    check_writable_file(path, "--plot")
 
 
 def check_writable_dir(path: Path | None, what: str) -> None:

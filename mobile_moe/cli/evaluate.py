@@ -6,12 +6,15 @@ import argparse
 import dataclasses
 import json
 import logging
+import sys
 from pathlib import Path
 
 from mobile_moe.cli.common import (
     add_engine_args,
     add_policy_args,
     add_threads_arg,
+    check_flags,
+    check_plot_file,
     check_writable_file,
     engine_config_from,
     open_llm,
@@ -121,7 +124,8 @@ def taus_around(criterion: str, tau: float | None, count: int = 5) -> tuple[floa
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """`mobile-moe eval`."""
-    check_writable_file(args.plot, "--plot")
+    check_plot_file(args.plot)
+    check_flags(args, configures="mobile")
     if args.source and args.data:
         raise InvalidParameter("give --data or --source, not both")
     if args.source:
@@ -136,15 +140,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     calibrated = calibrated_tau(llm.calibration, sweeps[0][0].criterion) if args.tau is None else args.tau
     reference = float_reference(llm, args)
     reports = [evaluate(llm, texts, data, settings, sweeps, calibrated, reference) for data, texts in sources.items()]
+    if args.json:
+        print(json.dumps({"sources": reports} if args.source else reports[0]), flush=True)  # the results first: a plot that fails loses nothing
+    else:
+        for report in reports:
+            print_eval(report)
     if args.plot:
         plot_sources(reports, args.plot) if args.source else plot_quality(reports[0], args.plot)
-    if args.json:
-        print(json.dumps({"sources": reports} if args.source else reports[0]))
-        return 0
-    for report in reports:
-        print_eval(report)
-    if args.plot:
-        print(f"plot written to {args.plot}")
+        print(f"plot written to {args.plot}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -208,6 +211,7 @@ def float_reference(llm: LLM, args: argparse.Namespace) -> LLM | None:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """`mobile-moe calibrate`: exit 0 and write the tau, or exit 1 when no tau meets the target."""
     check_writable_file(args.output, "--output")
+    check_flags(args, configures="mobile")
     settings = EvalSettings(tuple(args.taus or (0.5,)), args.max_prompts, args.new_tokens, args.ppl_tokens, progress=not args.quiet)
     if args.source:
         return calibrate_by_source(args, settings)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mobile_moe.cli.common import add_engine_args, add_policy_args, open_llm, policy_flags, set_threads
+from mobile_moe.cli.common import THREADS_DEFAULT, add_engine_args, add_policy_args, check_flags, open_llm, policy_flags, set_threads
 from mobile_moe.config import PolicyConfig
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.loading.hub import parse_hub_id
@@ -59,7 +58,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         "--threads",
         type=int,
         metavar="N",
-        help="torch CPU threads for the engine (default: one fewer than the cores, at least 1: "
+        help=f"torch CPU threads for the engine (default: {THREADS_DEFAULT}: "
         "the HTTP side keeps a core; on 2 cores, 16 streams decoded 1.9x faster with 1 thread than with 2)",
     )
     s.add_argument(
@@ -94,7 +93,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """`mobile-moe serve`: runs until interrupted."""
     if args.max_queue < 1 or args.max_tokens_cap < 1 or args.max_batch < 1:
         raise InvalidParameter("--max-queue, --max-tokens-cap and --max-batch must be >= 1")
-    set_threads(args.threads, default=max(1, len(os.sched_getaffinity(0)) - 1))
+    check_flags(args)  # the defaults a request's policy starts from
+    set_threads(args.threads)
     try:
         import prometheus_client  # noqa: F401 (the server's /metrics)
         import uvicorn
@@ -131,7 +131,7 @@ def startup_summary(llm: LLM, policy: PolicyConfig, name: str, args: argparse.Na
 
     plan, store = llm.plan, llm.loaded.store
     experts = getattr(getattr(store, "format", None), "name", "?")
-    knobs = f" (criterion {policy.criterion}, tau {policy.tau:g})" if policy.name == "mobile" else ""
+    knobs = f" (criterion {policy.criterion}, tau {policy.tau:g})" if policy.name in ("mobile", "exact") else ""
     cache_mib = plan.slots * plan.expert_bytes / 2**20
     return "\n".join(
         [

@@ -42,18 +42,24 @@ def calibration_path(model_dir: Path) -> Path:
 
 
 def read_calibration(model_dir: Path) -> dict:
-    """The record written by `mobile-moe calibrate` (the user's own first), or {} when there is none or it is not JSON.
+    """The record written by `mobile-moe calibrate` (the user's own first), or {} when there is none; one that is not a JSON
+    object is an InvalidParameter naming the file.
 
     Any version's record loads (version 1 held tau and criterion only); one naming an unknown criterion or
     holding a malformed predictor is an InvalidParameter naming the file.
     """
     for path in dict.fromkeys((calibration_path(model_dir), Path(model_dir) / CALIBRATION_FILE)):
         try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            text = path.read_text()
+        except OSError:  # none there
             continue
-        if isinstance(record, dict):
-            return check_record(record, path)
+        try:
+            record = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InvalidParameter(f"{path} is not valid JSON ({e}); run mobile-moe calibrate again or remove it") from None
+        if not isinstance(record, dict):
+            raise InvalidParameter(f"{path} must hold a JSON object; run mobile-moe calibrate again or remove it")
+        return check_record(record, path)
     return {}
 
 

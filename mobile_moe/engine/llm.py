@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 
 from mobile_moe.config import CacheConfig, EngineConfig, PolicyConfig, SamplingParams
 from mobile_moe.engine.batch import BatchDecoder
-from mobile_moe.engine.calibration import CALIBRATION_FILE, read_calibration, resolve_policy
+from mobile_moe.engine.calibration import CALIBRATION_FILE, DEMO_MODEL, read_calibration, resolve_policy
 from mobile_moe.engine.generate import GenerationResult, TokenCallback, generate
 from mobile_moe.engine.grammar import Grammars
 from mobile_moe.engine.passes import PassSpec
@@ -65,7 +66,9 @@ class LLM:
     (e.g. a cache too small for a step) leaves the object usable.
     """
 
-    def __init__(self, model: str | Path | LoadedModel, config: EngineConfig | None = None, options: RunnerOptions | None = None) -> None:
+    def __init__(self, model: str | Path | LoadedModel | None = None, config: EngineConfig | None = None, options: RunnerOptions | None = None) -> None:
+        """Load `model`: a checkpoint directory, "ORG/NAME[@REVISION]" on the hub, a loaded model, or None for the bundled demo model."""
+        started = time.perf_counter()
         self._lock = threading.RLock()
         self.config = config or EngineConfig()
         self.device = resolve_device(self.config.device)
@@ -73,6 +76,7 @@ class LLM:
             self.loaded = model
         else:
             offload = None if self.config.offload_dir is None else Path(self.config.offload_dir)
+            model = DEMO_MODEL if model is None else model
             model = resolve_model(model, self.config.progress, ram_check(self.config))  # a directory, or "ORG/NAME[@REVISION]" from the hub
             self.loaded = load(
                 model,
@@ -132,6 +136,7 @@ class LLM:
                 running,
                 running,
             )
+        self.load_s = time.perf_counter() - started  # reported in each request's stats, as llama.cpp's timings do
 
     @property
     def compiles(self) -> bool:
@@ -174,6 +179,7 @@ class LLM:
         """Token ids of a text (needs the checkpoint's tokenizer)."""
         if self.tokenizer is None:
             raise InvalidParameter(f"{self.path} has no tokenizer; pass token ids (--prompt-ids) instead of text")
+        check_utf8(text, "the prompt")
         return list(self.tokenizer.encode(text, add_special_tokens=False, verbose=False))  # long texts are fine: we check length ourselves
 
     def decode(self, ids: list[int]) -> str | None:
@@ -199,10 +205,12 @@ class LLM:
         """
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             return self.generate_many(prompt, sampling, policy, on_token)
+        started = time.perf_counter()
         ids, sampling, policy = self.prepare(prompt, sampling, policy)
         with self._lock:
             result = generate(self.runner, ids, sampling, Policy(policy), self.eos_token_ids, on_token)
         result.text = self.decode(result.token_ids)
+        self._time(result, started)
         return result
 
     def generate_many(
@@ -215,7 +223,7 @@ class LLM:
         """Decode many prompts together, up to `EngineConfig.max_batch` at a time (the rest join as rows finish); each
         prompt has its own sampling parameters, policy and stop conditions (a single value applies to all).
         `on_token(i, token)` sees prompt i's tokens; returning False stops that prompt alone."""
-        n = len(prompts)
+        started, n = time.perf_counter(), len(prompts)
         samplings, policies = _each(sampling, n, "sampling"), _each(policy, n, "policy")
         prepared = [self.prepare(p, s, pol) for p, s, pol in zip(prompts, samplings, policies)]
         rows = min(n, self.config.max_batch)
@@ -235,7 +243,13 @@ class LLM:
         for result in results:
             assert result is not None
             result.text = self.decode(result.token_ids)
+            self._time(result, started)
         return results  # type: ignore[return-value]
+
+    def _time(self, result: GenerationResult, started: float) -> None:
+        """Fill the stats' threads, load time and the request's wall time (since `started`)."""
+        result.stats.threads, result.stats.load_s = torch.get_num_threads(), self.load_s
+        result.stats.total_s = time.perf_counter() - started
 
     def prepare(self, prompt: str | list[int], sampling: SamplingParams | None, policy: PolicyConfig | None) -> tuple[list[int], SamplingParams, PolicyConfig]:
         """(checked prompt ids, sampling with max_new_tokens cut to the context's room, resolved policy) of one request."""
@@ -267,7 +281,7 @@ class LLM:
         resolved = resolve_policy(policy, self.calibration)
         self._check_little_k(resolved.little_k)
         fitted = self.runner.little_k_of(self.calibration.get("little_k"))
-        if policy.little_k is not None and policy.little_k != fitted and policy.tau is None and resolved.name == "mobile":
+        if policy.little_k is not None and policy.little_k != fitted and policy.tau is None and resolved.name in ("mobile", "exact"):
             log.warning(
                 "the calibration in %s was fitted with little_k %d; running with %d, its tau may give another fallback rate "
                 "(recalibrate with `mobile-moe calibrate --little-k %d`)",
@@ -333,6 +347,17 @@ class LLM:
                 else f"--max-context {self.config.max_context} (the model's own context is {self.info.max_context} tokens)"
             )
             raise PromptTooLong(f"prompt has {len(ids)} tokens; it must be shorter than {limit}")
+
+
+def check_utf8(text: str, what: str) -> None:
+    """A one-line InvalidParameter naming the first character of `text` that is not Unicode text: a byte that was not UTF-8
+    (carried as a surrogate escape, as Python reads command lines and surrogateescape streams) or a lone surrogate."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise InvalidParameter(f"{what} is not valid UTF-8 text: {bad} at character {e.start}") from None
 
 
 def ram_check(config: EngineConfig) -> ConfigCheck | None:

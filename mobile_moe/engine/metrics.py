@@ -36,6 +36,14 @@ class GenerationStats:
     graph_captures: int = 0  # decode passes captured as CUDA graphs during the request (`--cuda-graphs`)
     graph_replays: int = 0  # decode passes replayed from captured graphs
     big_instead_tokens: int = 0  # mobile decode steps run big because, at that batch size, little did not pay (policy/governor.py)
+    threads: int = 0  # torch CPU threads the request ran on
+    load_s: float = 0.0  # how long loading the model took (once per LLM, repeated in each request's stats)
+    total_s: float = 0.0  # the request's wall time: prompt, decode and everything between (not the load)
+
+    @property
+    def prompt_tok_s(self) -> float:
+        """Prompt tokens per second of the prefill."""
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
 
     @property
     def decode_tok_s(self) -> float:
@@ -57,4 +65,10 @@ class GenerationStats:
 
     def to_dict(self) -> dict:
         """JSON-ready dict including derived rates."""
-        return {**asdict(self), "decode_tok_s": self.decode_tok_s, "hit_rate": self.hit_rate, "host_syncs_per_token": self.host_syncs_per_token}
+        rates = {
+            "decode_tok_s": self.decode_tok_s,
+            "prompt_tok_s": self.prompt_tok_s,
+            "hit_rate": self.hit_rate,
+            "host_syncs_per_token": self.host_syncs_per_token,
+        }
+        return {**asdict(self), **rates}

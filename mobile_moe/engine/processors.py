@@ -111,5 +111,7 @@ def check_processing(sampling: SamplingParams, policy: PolicyConfig) -> None:
     a grammar, the penalties' counts and the log-probability record do not follow."""
     constrained = sampling.json_schema is not None or sampling.grammar is not None
     processed = constrained or sampling.logprobs is not None or sampling.frequency_penalty or sampling.presence_penalty
+    if processed and policy.name == "exact":
+        raise InvalidParameter("exact mode takes drafted tokens back: it does not go with logprobs, penalties or a json_schema (use policy big)")
     if processed and policy.name == "mobile" and policy.rollback and sampling.temperature == 0.0:
         raise InvalidParameter("rollback takes tokens back: it does not go with logprobs, penalties or a json_schema (use --kv-repair without --rollback)")

@@ -254,13 +254,15 @@ def make_format(name: str, compute_dtype: torch.dtype, group_size: int | None = 
         raise InvalidParameter(f"expert dtype must be one of {', '.join(EXPERT_DTYPES)}, got {name!r}")
     if group_size is not None and name != "int4":
         raise InvalidParameter(f"--group-size applies to int4 experts only, not {name}")
+    if group_size is not None and (group_size < 2 or group_size & (group_size - 1)):
+        raise InvalidParameter(f"--group-size must be a power of two >= 2 (e.g. {DEFAULT_GROUP_SIZE}), got {group_size}")
     if name == "auto":
         return FloatFormat(compute_dtype)
     if name in FLOAT_DTYPES:
         return FloatFormat(FLOAT_DTYPES[name])
     if name == "mxfp4":
         return Mxfp4Format()
-    return Int8Format() if name == "int8" else Int4Format(group_size or DEFAULT_GROUP_SIZE)
+    return Int8Format() if name == "int8" else Int4Format(DEFAULT_GROUP_SIZE if group_size is None else group_size)
 
 
 def format_from_config(qc: dict) -> ExpertFormat:

@@ -129,11 +129,45 @@ def read_config(path: Path) -> PretrainedConfig:
         raw = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"config.json in {path} is not valid JSON: {e}") from None
+    check_required_keys(raw, path)
     check_supported(raw.get("model_type"), raw.get("architectures"))
     try:
-        return AutoConfig.from_pretrained(str(path))
+        cfg = AutoConfig.from_pretrained(str(path))
     except Exception as e:  # transformers raises several types for bad configs
         raise CheckpointError(f"cannot parse config.json in {path}: {one_line(e)}") from None
+    check_experts(cfg, path)
+    return cfg
+
+
+REQUIRED_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")  # transformers would fill in its own defaults
+TOP_K_KEYS = ("num_experts_per_tok", "moe_k")
+EXPERT_KEYS = ("n_routed_experts", "moe_num_experts", "num_local_experts", "num_experts")
+
+
+def check_required_keys(raw: dict, path: Path) -> None:
+    """A CheckpointError naming the first key config.json lacks that the engine cannot guess: `model_type`, and the text stack's
+    sizes (nested under `text_config` in vision-language checkpoints)."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"config.json in {path} must be a JSON object")
+    if not raw.get("model_type"):
+        raise CheckpointError(f"config.json in {path} lacks 'model_type' (the architecture, e.g. qwen3_moe)")
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+    missing = [key for key in REQUIRED_KEYS if key not in text]
+    if missing:
+        raise CheckpointError(f"config.json in {path} lacks {', '.join(repr(k) for k in missing)}")
+
+
+def check_experts(cfg: PretrainedConfig, path: Path) -> None:
+    """A CheckpointError unless the config routes each token to between 1 and the number of routed experts."""
+    text = cfg.get_text_config()
+    top_k = next(((key, getattr(text, key)) for key in TOP_K_KEYS if isinstance(getattr(text, key, None), int)), None)
+    experts = next(((key, getattr(text, key)) for key in EXPERT_KEYS if isinstance(getattr(text, key, None), int)), None)
+    if top_k is None or experts is None:
+        return  # the architecture's builder names what it lacks
+    if not 1 <= top_k[1] <= experts[1]:
+        raise CheckpointError(
+            f"config.json in {path} routes each token to {top_k[1]} experts of {experts[1]}: {top_k[0]} must be 1 to {experts[1]} (its {experts[0]})"
+        )
 
 
 def shard_files(path: Path) -> list[Path]:

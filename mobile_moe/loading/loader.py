@@ -12,7 +12,7 @@ from transformers import PretrainedConfig
 
 from mobile_moe.errors import CheckpointError, InvalidParameter
 from mobile_moe.experts.disk import DiskStore, Manifest, StoreWriter, checkpoint_fingerprint, expected_manifest, read_manifest
-from mobile_moe.experts.formats import ExpertFormat, format_from_config, make_format
+from mobile_moe.experts.formats import DEFAULT_GROUP_SIZE, ExpertFormat, format_from_config, make_format
 from mobile_moe.experts.host_memory import available_memory_bytes
 from mobile_moe.experts.kernels import compute_format, layout_format, use_fused_kernels
 from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertShape, ExpertStore, pins_host_store
@@ -302,12 +302,31 @@ def matching_manifest(directory: Path, wanted: Manifest) -> Manifest | None:
         log.warning("%s holds an expert store of version %d; rebuilding it as version %d", directory, found.version, wanted.version)
         return None
     if found.key() != wanted.key():
+        flags = store_flags(found, wanted)
+        if flags:
+            raise InvalidParameter(f"{directory} holds this checkpoint's experts stored for {flags}: add {flags} to use it, or give another --offload-dir")
         differs = sorted(k for k, v in wanted.key().items() if found.key().get(k) != v)
         raise InvalidParameter(
             f"{directory} holds an expert store of another checkpoint or format (differs in {', '.join(differs)}): "
             "give another --offload-dir or delete that one"
         )
     return found
+
+
+def store_flags(found: Manifest, wanted: Manifest) -> str | None:
+    """The --expert-dtype / --group-size / --dtype flags under which a store of this very checkpoint would match, or None
+    when it is another checkpoint's (or differs in what no flag sets, such as the kernel layout of another machine)."""
+    fmt, want = found.format, wanted.format
+    if found.fingerprint != wanted.fingerprint or fmt.get("expert_format") is None:
+        return None
+    flags = []
+    if fmt.get("expert_format") != want.get("expert_format"):
+        flags.append(f"--expert-dtype {fmt['expert_format']}")
+    if fmt.get("group_size") is not None and fmt.get("group_size") != want.get("group_size", DEFAULT_GROUP_SIZE):
+        flags.append(f"--group-size {fmt['group_size']}")
+    if found.dtype != wanted.dtype:
+        flags.append(f"--dtype {found.dtype}")
+    return " ".join(flags) or None
 
 
 def _place(

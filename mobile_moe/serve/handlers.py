@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from mobile_moe.config import PolicyConfig, SamplingParams
+from mobile_moe.config import PolicyConfig, SamplingParams, check_options
 from mobile_moe.engine.generate import GenerationResult
 from mobile_moe.engine.llm import LLM
 from mobile_moe.engine.processors import check_processing
@@ -62,6 +62,7 @@ class Handlers:
             return error(400, f"max_tokens {tokens} is above this server's cap {self.max_tokens_cap}")
         policy = replace(self.defaults, **{k: v for k, v in (("name", body.policy), ("tau", body.tau), ("criterion", body.criterion)) if v is not None})
         try:
+            check_options(PolicyConfig(policy.name, body.tau, body.criterion))  # the request's own fields, by the CLI's rules
             policy = self.llm.resolve_policy(policy)
             self.llm.check_prompt(prompt)
             if not tokens:

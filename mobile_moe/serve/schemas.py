@@ -105,7 +105,7 @@ class Common(Strict):
     logit_bias: dict[str, float] | None = None  # only empty: a bias is refused (see `refused`)
     response_format: ResponseFormat | None = None
     user: str | None = None  # an end user's id: accepted, and like OpenAI's it changes nothing in the reply
-    policy: Literal["big", "little", "mobile"] | None = None
+    policy: Literal["big", "little", "mobile", "exact"] | None = None
     tau: StrictFloat | None = Field(None, ge=0.0)
     criterion: Literal["max_prob", "entropy", "margin", "learned"] | None = None
 
