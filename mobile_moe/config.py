@@ -277,7 +277,8 @@ def check_options(policy: PolicyConfig, temperature: float = 0.0, name: Callable
     for knob, policies in POLICY_KNOBS.items():
         value = getattr(policy, knob)
         if value is not None and value is not False and policy.name not in policies:
-            raise InvalidParameter(f"{name(knob)} applies to {name('policy')} {' and '.join(policies)} only, not {policy.name}")
+            listed = ", ".join(policies[:-1]) + " or " + policies[-1] if len(policies) > 1 else policies[0]
+            raise InvalidParameter(f"{name(knob)} applies to {name('policy')} {listed} only, not {policy.name}")
     if policy.rollback and temperature > 0:
         raise InvalidParameter(f"{name('rollback')} checks little's tokens against big's greedy choice: it needs {name('temperature')} 0, got {temperature:g}")
     if policy.name == "exact" and temperature > 0:

@@ -189,9 +189,9 @@ def test_tau_outside_0_1_is_refused_by_every_command(capsys, command):
 @pytest.mark.parametrize(
     "flags, needle",
     [
-        (["--tau", "0.5"], "--tau applies to --policy mobile only, not big"),
-        (["--criterion", "margin"], "--criterion applies to --policy mobile only, not big"),
-        (["--little-k", "2"], "--little-k applies to --policy little and mobile only, not big"),
+        (["--tau", "0.5"], "--tau applies to --policy mobile or exact only, not big"),
+        (["--criterion", "margin"], "--criterion applies to --policy mobile or exact only, not big"),
+        (["--little-k", "2"], "--little-k applies to --policy little, mobile or exact only, not big"),
         (["--kv-repair", "1"], "--kv-repair applies to --policy mobile only, not big"),
         (["--partial-fallback", "0.5"], "--partial-fallback applies to --policy mobile only, not big"),
         (["--policy", "little", "--kv-repair", "0"], "--kv-repair applies to --policy mobile only, not little"),
@@ -231,8 +231,8 @@ def test_the_server_refuses_a_request_by_the_same_rules():
 
     with serving(LLM()) as (url, _):
         for body, needle in (
-            ({"policy": "big", "tau": 0.5}, "tau applies to policy mobile only, not big"),
-            ({"criterion": "margin"}, "criterion applies to policy mobile only, not big"),  # the server's default policy is big
+            ({"policy": "big", "tau": 0.5}, "tau applies to policy mobile or exact only, not big"),
+            ({"criterion": "margin"}, "criterion applies to policy mobile or exact only, not big"),  # the server's default policy is big
             ({"policy": "mobile", "tau": 1.5}, "tau must be in [0, 1] (a confidence), got 1.5"),
         ):
             reply = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2, **body}, timeout=60)
