@@ -15,7 +15,7 @@ from mobile_moe.bench.costmodel import ModelCost
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.experts.disk import DiskStore, StoreWriter
 from mobile_moe.experts.formats import ExpertFormat, FloatFormat, make_format
-from mobile_moe.experts.kernels import use_fused_kernels
+from mobile_moe.experts.kernels import INT4_OFFSET, layout_format, use_fused_kernels
 from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertPacker, ExpertShape, ExpertStore, StagingStore, pins_host_store
 from mobile_moe.loading.loader import LayerFlusher, LoadedModel, matching_manifest, open_store, resolve_dtype, store_manifest
 from mobile_moe.models.registry import build_model
@@ -128,9 +128,15 @@ def _fill_random(name: str, field: torch.Tensor, gen: torch.Generator) -> None:
         field.zero_()
     elif name == "weight":
         field.normal_(0.0, INIT_STD, generator=gen)
-    elif name in ("qweight", "blocks"):  # int8 codes, or int4 / FP4 codes two per byte (any byte is valid)
+    elif name in ("qweight", "blocks", "packed"):  # int8 codes, or int4 / FP4 codes two per byte in any layout (any byte is valid)
         low, high = (-127, 128) if field.dtype == torch.int8 else (0, 256)
         field.random_(low, high, generator=gen)
+    elif name == "tiles":  # CUDA int4 tiles: eight codes per int32 (any word is valid)
+        field.random_(-(2**31), 2**31, generator=gen)
+    elif name == "scale_zeros":  # the int4 kernels' (scale, zero') pairs for codes centred on 8: w = (q - 8) * scale + zero'
+        scale = INIT_STD / CODE_STD[torch.uint8]
+        field[..., 0].fill_(scale)
+        field[..., 1].fill_((INT4_OFFSET - 7.5) * scale)  # a portable zero of 7.5, the middle code
     elif name == "scales" and field.dtype == torch.uint8:  # MXFP4 E8M0 exponents: random FP4 codes have std ~3.2
         field.fill_(127 + round(math.log2(INIT_STD / 3.2)))
     else:
@@ -303,7 +309,8 @@ def _random_disk_store(  # noqa: PLR0913 - the build's settings, passed down
     found = matching_manifest(offload_dir, wanted)
     if found is not None:
         return open_store(offload_dir, found, dtype, direct_io)
-    staging = StagingStore(list(info.moe_layers), info.num_experts, shape, fmt)
+    records = layout_format(wanted.layout_id, wanted.format.get("group_size") or 0, dtype)  # made in the layout compute reads: no repacking
+    staging = StagingStore(list(info.moe_layers), info.num_experts, shape, records, nbytes=wanted.expert_bytes)
     with StoreWriter(offload_dir, wanted, True) as writer:
         flusher = LayerFlusher(staging, writer, wanted, dtype)
         for layer in staging.layers:

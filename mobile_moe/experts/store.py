@@ -115,11 +115,11 @@ class ExpertPacker(ExpertSizes):
     """Packs checkpoint tensors into per-layer expert buffers and records which pieces have been written; subclasses say
     where a layer's buffers live (`layer_fields`)."""
 
-    def _describe(self, moe_layers: list[int], num_experts: int, shape: ExpertShape, fmt: ExpertFormat | torch.dtype) -> None:
-        """Format, shape and layout of the experts; nothing written yet."""
+    def _describe(self, num_experts: int, shape: ExpertShape, fmt: ExpertFormat | torch.dtype, nbytes: int | None = None) -> None:
+        """Format, shape and layout of the experts (each buffer padded to `nbytes` when given); nothing written yet."""
         self.format = FloatFormat(fmt) if isinstance(fmt, torch.dtype) else fmt
         self.shape, self.num_experts = shape, num_experts
-        self.layout = ExpertLayout(shape, self.format)
+        self.layout = ExpertLayout(shape, self.format, nbytes)
         self.filled: set[tuple[int, int, Part, str]] = set()
         self.filled_count: dict[int, int] = {}  # layer -> pieces of `filled` in it
 
@@ -216,7 +216,7 @@ class ExpertStore(ExpertPacker):
     def __init__(
         self, moe_layers: list[int], num_experts: int, shape: ExpertShape, fmt: ExpertFormat | torch.dtype, pin: bool, pinner: Pinner = cuda_pinner
     ) -> None:
-        self._describe(moe_layers, num_experts, shape, fmt)
+        self._describe(num_experts, shape, fmt)
         layer_bytes = self.layer_bytes
         self.host = allocate_host(layer_bytes * len(moe_layers), pin, pinner)
         self.layers: dict[int, torch.Tensor] = {
@@ -258,8 +258,9 @@ class StagingStore(ExpertPacker):
     """Experts on their way to a disk store or a packed checkpoint: a layer's buffer is allocated (pageable) when the layer is
     first written and freed once it is released, after its write; a build holds the layers being filled, never the model."""
 
-    def __init__(self, moe_layers: list[int], num_experts: int, shape: ExpertShape, fmt: ExpertFormat | torch.dtype) -> None:
-        self._describe(moe_layers, num_experts, shape, fmt)
+    def __init__(self, moe_layers: list[int], num_experts: int, shape: ExpertShape, fmt: ExpertFormat | torch.dtype, nbytes: int | None = None) -> None:
+        """`nbytes`: pad each expert to this size (a kernel's layout filled directly, in the size of the portable one it replaces)."""
+        self._describe(num_experts, shape, fmt, nbytes)
         self.layers: dict[int, int] = {layer: row for row, layer in enumerate(moe_layers)}  # MoE layer -> its row, as in a DiskStore
         self.staged: dict[int, tuple[HostBuffer, dict[Matrix, list[torch.Tensor]]]] = {}  # layer -> its buffer and field views
         self.released: set[int] = set()
