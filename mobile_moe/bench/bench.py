@@ -53,6 +53,7 @@ class BenchSettings:
     progress: bool = True
     rounds: int = 3  # every system runs once per round, systems interleaved; speeds are medians over rounds
     run_transformers: bool = True  # transformers' generate with the whole model on the device, when it fits
+    load_peak_rss_bytes: int | None = None  # peak RSS once the model was loaded (a store built by this run included), before any system ran
 
 
 @dataclass
@@ -76,6 +77,7 @@ class SystemResult:
     disk_bytes_per_token: float = float("nan")  # read from the on-disk store per decode step (disk tier only)
     disk_read_gb_s: float = float("nan")  # bytes the readers read / wall time at least one read was in flight
     disk_probe_gb_s: float = float("nan")  # the disk's probe right before this system's run (the disk's speed drifts)
+    disk_decode_gb_s: float = float("nan")  # disk bytes per token x tok/s: the disk rate decode sustained, compute included
     lookahead_precision: float = float("nan")  # lookahead loads the next layer then used / lookahead loads (with --lookahead)
     host_tier_hit_rate: float = float("nan")  # three tiers: loads of the compute cache the host tier served without a disk read
     expert_path: str = ""  # how routed experts were computed (checks.expert_path): grouped, pooled, tinygemm, reference, ...
@@ -132,9 +134,10 @@ def _run_system(
     if reader is not None and read0 is not None:
         busy = reader.busy_wall_s - read0[1]
         extra_fields.update(disk_bytes_per_token=disk / max(steps, 1), disk_read_gb_s=(reader.bytes_read - read0[0]) / 1e9 / busy if busy else 0.0)
-        if llm.host_slots is not None:
-            reads = disk_all // llm.loaded.store.record_bytes
-            extra_fields["host_tier_hit_rate"] = host_hits / max(host_hits + reads, 1)
+        extra_fields["disk_decode_gb_s"] = disk / 1e9 / decode_s if decode_s else 0.0
+        reads = disk_all // llm.loaded.store.record_bytes
+        # three tiers: loads the host tier served without a disk read; two: the compute cache is the host tier
+        extra_fields["host_tier_hit_rate"] = host_hits / max(host_hits + reads, 1) if llm.host_slots is not None else hits / max(hits + misses, 1)
     captured = llm.runner.graphs
     note = (
         ""
@@ -257,7 +260,7 @@ def run_bench(llm: LLM, settings: BenchSettings, profiles: dict[str, HardwarePro
     big = systems[0].decode_tok_s
     for s in systems:
         s.ratio_to_big = s.decode_tok_s / big if big else 0.0
-    disk = disk_report(llm, systems) if llm.reader is not None else None  # before the memory probe's 1 GiB enters the peak RSS
+    disk = disk_report(llm, systems, settings.load_peak_rss_bytes) if llm.reader is not None else None  # before the memory probe's 1 GiB enters the peak RSS
     probe, link = memory_probe_gb_s(device=llm.device), h2d_probe_gb_s(llm.device)
     for s in systems:
         s.roofline = s.decode_tok_s * s.bytes_per_token / 1e9 / probe
@@ -415,13 +418,15 @@ def _report(
     }
 
 
-def disk_report(llm: LLM, systems: list[SystemResult]) -> dict:
-    """The disk tier's top-level figures: the disk's O_DIRECT probe at the record size, peak RSS, mobile's bytes ceiling."""
+def disk_report(llm: LLM, systems: list[SystemResult], load_peak_rss: int | None = None) -> dict:
+    """The disk tier's top-level figures: the disk's O_DIRECT probe at the record size, peak RSS (and once loaded), mobile's
+    bytes ceiling, and the share of the probe big's decode sustained (disk bytes per token x tok/s)."""
     store = llm.loaded.store
     assert isinstance(store, DiskStore)
-    mobile = next(s for s in systems if s.name == "mobile")
+    mobile, big = next(s for s in systems if s.name == "mobile"), next(s for s in systems if s.name == "big")
     f = mobile.fallback_rate
     host = llm.planned_slots if llm.host_slots is None else llm.host_slots  # two tiers: the compute cache is the host cache
+    probe = disk_probe_gb_s(store)
     return {
         "offload_dir": str(store.directory),
         "filesystem": filesystem_type(store.directory),
@@ -430,8 +435,10 @@ def disk_report(llm: LLM, systems: list[SystemResult]) -> dict:
         "host_slots": host,
         "host_cache_gb": host * store.record_bytes / 1e9,
         "tiers": 2 if llm.host_slots is None else 3,
-        "disk_probe_gb_s": disk_probe_gb_s(store),
+        "disk_probe_gb_s": probe,
+        "big_decode_share_of_probe": big.disk_decode_gb_s / probe if probe else None,
         "peak_rss_bytes": peak_rss_bytes(),
+        "load_peak_rss_bytes": load_peak_rss,
         "mobile_bytes_ceiling": 2 / (1 + f),
         "mobile_over_big": mobile.ratio_to_big,
         "mobile_share_of_ceiling": mobile.ratio_to_big / (2 / (1 + f)),
@@ -500,8 +507,15 @@ def _disk_lines(report: dict) -> str:
         f"disk tier ({d['filesystem']}, {'O_DIRECT' if d['direct_io'] else 'buffered + fadvise'}, {d['record_bytes'] / 2**20:.2f} MiB records, "
         f"{host} {d['host_slots']} experts = {d['host_cache_gb']:.2f} GB): probe {d['disk_probe_gb_s']:.2f} GB/s; {per}\n"
         f"mobile / big = {d['mobile_over_big']:.2f}x against its bytes ceiling 2 / (1 + f) = {d['mobile_bytes_ceiling']:.2f}x "
-        f"({d['mobile_share_of_ceiling']:.0%} of it); peak RSS {d['peak_rss_bytes'] / 2**30:.2f} GiB"
+        f"({d['mobile_share_of_ceiling']:.0%} of it); big's decode sustained {_share(d.get('big_decode_share_of_probe'))} of the probe "
+        f"(disk bytes per token x tok/s); peak RSS {d['peak_rss_bytes'] / 2**30:.2f} GiB"
+        + ("" if d.get("load_peak_rss_bytes") is None else f" ({d['load_peak_rss_bytes'] / 2**30:.2f} GiB once loaded, before decoding)")
     )
+
+
+def _share(value: float | None) -> str:
+    """A share as a percentage, or '-'."""
+    return "-" if value is None else f"{value:.0%}"
 
 
 def table(report: dict) -> str:

@@ -15,11 +15,11 @@ from mobile_moe.bench.costmodel import ModelCost
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.experts.disk import DiskStore, StoreWriter
 from mobile_moe.experts.formats import ExpertFormat, FloatFormat, make_format
-from mobile_moe.experts.kernels import use_fused_kernels
-from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertShape, ExpertStore, pins_host_store
+from mobile_moe.experts.kernels import INT4_OFFSET, layout_format, use_fused_kernels
+from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertPacker, ExpertShape, ExpertStore, StagingStore, pins_host_store
 from mobile_moe.loading.loader import LayerFlusher, LoadedModel, matching_manifest, open_store, resolve_dtype, store_manifest
 from mobile_moe.models.registry import build_model
-from mobile_moe.models.transformer import ModelInfo
+from mobile_moe.models.transformer import CausalLM, ModelInfo
 
 INIT_STD = 0.02
 
@@ -122,20 +122,39 @@ SHAPES: Mapping[str, tuple[type, dict]] = MappingProxyType(
 CODE_STD = {torch.int8: 255 / 12**0.5, torch.uint8: 16 / 12**0.5}  # std of uniform int8 [-127, 127] and int4 [0, 15] codes
 
 
-def _random_field(name: str, view: torch.Tensor, gen: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Random contents of one packed field of a layer's experts, made on the device: weights of std ~INIT_STD once dequantized."""
+def _fill_random(name: str, field: torch.Tensor, gen: torch.Generator) -> None:
+    """Random contents, in place, of one packed field of a layer's experts: weights of std ~INIT_STD once dequantized."""
     if name == "bias":  # expert biases (gpt-oss)
-        return torch.zeros(view.shape, dtype=view.dtype, device=device)
-    if name == "weight":
-        return torch.empty(view.shape, dtype=view.dtype, device=device).normal_(0.0, INIT_STD, generator=gen)
-    if name in ("qweight", "blocks"):  # int8 codes, or int4 / FP4 codes two per byte (any byte is valid)
-        low, high = (-127, 128) if view.dtype == torch.int8 else (0, 256)
-        return torch.randint(low, high, view.shape, dtype=view.dtype, device=device, generator=gen)
-    if name == "scales" and view.dtype == torch.uint8:  # MXFP4 E8M0 exponents: random FP4 codes have std ~3.2
-        return torch.full(view.shape, 127 + round(math.log2(INIT_STD / 3.2)), dtype=view.dtype, device=device)
-    codes = torch.int8 if view.ndim == 2 else torch.uint8  # int8 scales are [E, out]; int4 scales and zeros [E, out, groups]
-    value = INIT_STD / CODE_STD[codes] if name == "scales" else 7.5  # int4 zeros: the middle code
-    return torch.full(view.shape, value, dtype=view.dtype, device=device)
+        field.zero_()
+    elif name == "weight":
+        field.normal_(0.0, INIT_STD, generator=gen)
+    elif name in ("qweight", "blocks", "packed"):  # int8 codes, or int4 / FP4 codes two per byte in any layout (any byte is valid)
+        low, high = (-127, 128) if field.dtype == torch.int8 else (0, 256)
+        field.random_(low, high, generator=gen)
+    elif name == "tiles":  # CUDA int4 tiles: eight codes per int32 (any word is valid)
+        field.random_(-(2**31), 2**31, generator=gen)
+    elif name == "scale_zeros":  # the int4 kernels' (scale, zero') pairs for codes centred on 8: w = (q - 8) * scale + zero'
+        scale = INIT_STD / CODE_STD[torch.uint8]
+        field[..., 0].fill_(scale)
+        field[..., 1].fill_((INT4_OFFSET - 7.5) * scale)  # a portable zero of 7.5, the middle code
+    elif name == "scales" and field.dtype == torch.uint8:  # MXFP4 E8M0 exponents: random FP4 codes have std ~3.2
+        field.fill_(127 + round(math.log2(INIT_STD / 3.2)))
+    else:
+        codes = torch.int8 if field.ndim == 2 else torch.uint8  # int8 scales are [E, out]; int4 scales and zeros [E, out, groups]
+        field.fill_(INIT_STD / CODE_STD[codes] if name == "scales" else 7.5)  # int4 zeros: the middle code
+
+
+def _random_layer(store: ExpertPacker, layer: int, gen: torch.Generator, device: torch.device) -> None:
+    """Fill every packed field of a layer's experts with random contents, made on the device (the generator's) one field at a time."""
+    for matrix in MATRICES:
+        for (field, _), view in zip(store.layout.fields[matrix], store.layer_fields(layer)[matrix]):
+            if device.type == "cpu":
+                _fill_random(field.name, view, gen)
+            else:
+                made = torch.empty(view.shape, dtype=view.dtype, device=device)
+                _fill_random(field.name, made, gen)
+                view.copy_(made)
+        store.mark_filled(layer, matrix)
 
 
 SHRUNK_WIDTHS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size", "kv_lora_rank")
@@ -190,6 +209,21 @@ def full_size_cost(name: str, fmt: ExpertFormat | None = None, layers: int | Non
     return model_cost(model, layout.nbytes, bytes_per_param=2, dequant_bytes=dequant_traffic(layout, torch.bfloat16))
 
 
+def _random_dense(model: CausalLM, gen: torch.Generator) -> None:
+    """Random dense weights in place: norms 1, embeddings of unit variance, the rest N(0, INIT_STD); correction biases 0."""
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname and p.dim() == 1:
+                p.fill_(1.0)
+            elif pname == "model.embed_tokens.weight":
+                p.normal_(0.0, 1.0, generator=gen)  # token identity dominates the residual stream: routes follow tokens
+            else:
+                p.normal_(0.0, INIT_STD, generator=gen)
+        for bname, b in model.named_buffers():
+            if bname.endswith("e_score_correction_bias"):
+                b.zero_()
+
+
 def build_synthetic(  # noqa: PLR0913 - the bench's model flags, by keyword
     name: str,
     device: torch.device,
@@ -203,7 +237,8 @@ def build_synthetic(  # noqa: PLR0913 - the bench's model flags, by keyword
     direct_io: bool = True,
     layers: int | None = None,
 ) -> LoadedModel:
-    """Random dense weights made on the device, random experts made there (already packed: random codes and scales) and copied into (pinned) host memory.
+    """Random dense weights made on the device in the compute dtype, random experts made there (already packed: random codes and scales) and
+    copied into (pinned) host memory.
 
     Embeddings have unit variance so that, as in a trained model with load-balanced routers, each token is
     routed by its own identity; with small random embeddings the shared part of the residual stream
@@ -218,22 +253,11 @@ def build_synthetic(  # noqa: PLR0913 - the bench's model flags, by keyword
         resolve_dtype(dtype_name, cfg, device, model) if dtype_name != "auto" or device.type == "cpu" else (torch.bfloat16, "bfloat16: synthetic on cuda")
     )
     inv_freq = model.rotary.inv_freq
+    model.to(dtype)  # on meta: the weights are made in the compute dtype, never in float32 first
     model.to_empty(device=device)
-    model.rotary.inv_freq = inv_freq.to(device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "norm" in pname and p.dim() == 1:
-                p.fill_(1.0)
-            elif pname == "model.embed_tokens.weight":
-                p.normal_(0.0, 1.0, generator=gen)  # token identity dominates the residual stream: routes follow tokens
-            else:
-                p.normal_(0.0, INIT_STD, generator=gen)
-        for bname, b in model.named_buffers():
-            if bname.endswith("e_score_correction_bias"):
-                b.zero_()
-    model.to(dtype)
     model.rotary.inv_freq = inv_freq.to(device)  # rotary frequencies stay float32
+    gen = torch.Generator(device=device).manual_seed(seed)
+    _random_dense(model, gen)
     info = model.info
     fmt = make_format(expert_dtype, dtype, group_size)
     model.prepare_weights()
@@ -257,24 +281,39 @@ def _random_experts(
     """Random packed experts in host memory, or, with `offload_dir`, in an on-disk store written one layer at a time
     (an existing store of the same model and layout is reused as is)."""
     shape = ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias)
-    flusher = None
     if offload_dir is not None:
-        wanted = store_manifest(fingerprint, shape, fmt, dtype, device, fused_kernels, list(info.moe_layers), info.num_experts)
-        found = matching_manifest(offload_dir, wanted)
-        if found is not None:
-            return open_store(offload_dir, found, dtype, direct_io)
-    store = ExpertStore(list(info.moe_layers), info.num_experts, shape, fmt, pin=pins_host_store(device, offload_dir is not None))
-    if offload_dir is not None:
-        flusher = LayerFlusher(store, StoreWriter(offload_dir, wanted, True), wanted, dtype)
+        return _random_disk_store(info, shape, fmt, dtype, device, gen, fused_kernels, offload_dir, direct_io, fingerprint)
+    store = ExpertStore(list(info.moe_layers), info.num_experts, shape, fmt, pin=pins_host_store(device, False))
     for layer in store.layers:
-        for matrix in MATRICES:
-            for (field, _), view in zip(store.layout.fields[matrix], store.fields[layer][matrix]):
-                view.copy_(_random_field(field.name, view, gen, device))
-            store.mark_filled(layer, matrix)
-        if flusher is not None:
-            flusher.flush(layer)  # written and released: RAM holds one layer of experts at a time
-    if flusher is not None:
-        return flusher.finish(direct_io)
+        _random_layer(store, layer, gen, device)
     if fused_kernels:
         use_fused_kernels(store, dtype, device, progress=True)
     return store
+
+
+def _random_disk_store(  # noqa: PLR0913 - the build's settings, passed down
+    info: ModelInfo,
+    shape: ExpertShape,
+    fmt: ExpertFormat,
+    dtype: torch.dtype,
+    device: torch.device,
+    gen: torch.Generator,
+    fused_kernels: bool,
+    offload_dir: Path,
+    direct_io: bool,
+    fingerprint: str,
+) -> DiskStore:
+    """The on-disk store of random experts: reused when one of this model and layout is there, else made and written one
+    layer at a time (RAM holds one layer of experts)."""
+    wanted = store_manifest(fingerprint, shape, fmt, dtype, device, fused_kernels, list(info.moe_layers), info.num_experts)
+    found = matching_manifest(offload_dir, wanted)
+    if found is not None:
+        return open_store(offload_dir, found, dtype, direct_io)
+    records = layout_format(wanted.layout_id, wanted.format.get("group_size") or 0, dtype)  # made in the layout compute reads: no repacking
+    staging = StagingStore(list(info.moe_layers), info.num_experts, shape, records, nbytes=wanted.expert_bytes)
+    with StoreWriter(offload_dir, wanted, True) as writer:
+        flusher = LayerFlusher(staging, writer, wanted, dtype)
+        for layer in staging.layers:
+            _random_layer(staging, layer, gen, device)
+            flusher.flush(layer)  # written and freed
+        return flusher.finish(direct_io)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from mobile_moe.bench.bench import BenchSettings, default_prompts, run_accelerate, run_bench, table
+from mobile_moe.bench.bench import BenchSettings, default_prompts, peak_rss_bytes, run_accelerate, run_bench, table
 from mobile_moe.bench.synthetic import SHAPES, build_synthetic, full_size_cost, synthetic_config, synthetic_expert_numel
 from mobile_moe.cli.common import (
     add_engine_args,
@@ -27,7 +27,7 @@ from mobile_moe.cli.common import (
     policy_from,
     set_threads,
 )
-from mobile_moe.config import PolicyConfig
+from mobile_moe.config import EngineConfig, PolicyConfig
 from mobile_moe.engine.calibration import demo_fallback_rate
 from mobile_moe.engine.llm import LLM, resolve_device
 from mobile_moe.errors import InvalidParameter
@@ -35,7 +35,7 @@ from mobile_moe.experts.disk import filesystem_type
 from mobile_moe.experts.formats import ExpertFormat, make_format
 from mobile_moe.experts.host_memory import available_memory_bytes
 from mobile_moe.jsonio import write_json_atomic
-from mobile_moe.loading.budget import GIB, SlotPlan, plan_for_config
+from mobile_moe.loading.budget import GIB, SlotPlan, host_plan_for_config, plan_for_config
 from mobile_moe.loading.checkpoint import read_config
 from mobile_moe.models.registry import build_model
 
@@ -165,22 +165,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     if args.plan_only:
         return 0
-    if args.synthetic:
-        loaded = build_synthetic(
-            args.synthetic,
-            resolve_device(args.device),
-            args.dtype,
-            args.shrink,
-            expert_dtype=args.expert_dtype,
-            group_size=args.group_size,
-            fused_kernels=not args.reference_kernels,
-            offload_dir=None if args.offload_dir is None else Path(args.offload_dir),
-            direct_io=not args.buffered_io,
-            layers=args.layers,
-        )
-        llm = LLM(loaded, config)
-    else:
-        llm = open_llm(args)
+    llm = bench_llm(args, config, model_cfg)
+    load_rss = peak_rss_bytes()  # the load's own peak (a store built here included), before any system decodes
     if why:
         llm.planned_slots = plan.slots  # the line printed above, not the engine's every-expert CPU default
     rate = args.fallback_rate
@@ -202,6 +188,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         rounds=args.rounds,
         run_transformers=not args.skip_transformers,
+        load_peak_rss_bytes=load_rss,
     )
     if args.accelerate_only:
         report = run_accelerate(llm, settings)
@@ -210,6 +197,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = run_bench(llm, settings, on_update=lambda r: _write(args.json, _noted(r, rate)))
     print(table(_noted(report, rate)))
     return 0
+
+
+def bench_llm(args: argparse.Namespace, config: EngineConfig, model_cfg: PretrainedConfig) -> LLM:
+    """The benchmarked engine: a synthetic model (its RAM plan printed and checked first when its experts go to disk) or --model."""
+    if not args.synthetic:
+        return open_llm(args)
+    if args.offload_dir is not None:
+        host = host_plan_for_config(model_cfg, config)
+        print(f"{args.synthetic}: {host.describe()}", file=sys.stderr, flush=True)
+        host.check()
+    loaded = build_synthetic(
+        args.synthetic,
+        resolve_device(args.device),
+        args.dtype,
+        args.shrink,
+        expert_dtype=args.expert_dtype,
+        group_size=args.group_size,
+        fused_kernels=not args.reference_kernels,
+        offload_dir=None if args.offload_dir is None else Path(args.offload_dir),
+        direct_io=not args.buffered_io,
+        layers=args.layers,
+    )
+    return LLM(loaded, config)
 
 
 def _noted(report: dict, rate: float | None) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +29,8 @@ from mobile_moe.experts.trace import Trace
 from mobile_moe.experts.transfer import TransferEngine, cuda_capture
 from mobile_moe.layers.kv_cache import KVCache
 from mobile_moe.layers.moe import ExpertMode
-from mobile_moe.loading.budget import dequant_scratch_bytes, host_tier_slots, plan_slots
+from mobile_moe.loading.budget import dequant_scratch_bytes, host_plan_for_config, host_tier_slots, plan_slots
+from mobile_moe.loading.checkpoint import read_config
 from mobile_moe.loading.hub import ConfigCheck, resolve_model
 from mobile_moe.loading.loader import LoadedModel, check_fits_in_ram, load
 from mobile_moe.policy.governor import LittleGovernor
@@ -78,6 +80,8 @@ class LLM:
             offload = None if self.config.offload_dir is None else Path(self.config.offload_dir)
             model = DEMO_MODEL if model is None else model
             model = resolve_model(model, self.config.progress, ram_check(self.config))  # a directory, or "ORG/NAME[@REVISION]" from the hub
+            if offload is not None:  # before the first minute of a model larger than RAM: what it will hold, or why it cannot run
+                announce_host_plan(model, self.config)
             self.loaded = load(
                 model,
                 self.device,
@@ -362,11 +366,21 @@ def check_utf8(text: str, what: str) -> None:
 
 def ram_check(config: EngineConfig) -> ConfigCheck | None:
     """What a hub download checks from config.json before fetching weights: that the model, loaded under `config`, fits
-    in RAM (None with an on-disk expert store, which holds only what --host-memory allows)."""
+    in RAM (with an on-disk expert store: that the dense weights, the KV cache and the host tier do)."""
     if config.offload_dir is not None:
-        return None
+        return lambda directory: host_plan_for_config(read_config(directory), config).check()
     device = resolve_device(config.device)
     return lambda directory: check_fits_in_ram(directory, device, config.dtype, config.expert_dtype, config.group_size)
+
+
+def announce_host_plan(directory: Path, config: EngineConfig) -> None:
+    """Print (with progress on) what a load with an on-disk store will hold in RAM, then refuse in one line one that cannot run."""
+    if not (directory / "config.json").is_file():
+        return  # the loader names what is missing
+    plan = host_plan_for_config(read_config(directory), config)
+    if config.progress:
+        print(f"mobile-moe: {plan.describe()}", file=sys.stderr, flush=True)
+    plan.check()
 
 
 PARTIAL_CHARACTER = "\ufffd"  # what a byte-level tokenizer decodes a character to while some of its bytes are still to come

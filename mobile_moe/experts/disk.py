@@ -8,10 +8,14 @@ by rename: a directory without one is an unfinished build and is never read.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import mmap
 import os
+import shutil
+import sys
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -101,20 +105,43 @@ def expected_manifest(fingerprint: str, layout: ExpertLayout, dtype: torch.dtype
 
 class StoreWriter:
     """Writes a store's records one layer at a time, as layers become complete (so RAM need hold only a few layers);
-    `finish` flushes them and then writes the manifest, by rename."""
+    `finish` flushes them and then writes the manifest, by rename. Used as a context manager, a build that stops for any
+    reason (a failed write, a full disk, an interrupt) removes its records: nothing is left that could pass for a store."""
 
     def __init__(self, directory: Path, manifest: Manifest, progress: bool = True) -> None:
-        self.directory, self.manifest = directory, manifest
+        self.directory, self.manifest, self.progress = directory, manifest, progress
         total = len(manifest.moe_layers) * manifest.num_experts
         self.sums: list[int | None] = [None] * total
         self.rows = {layer: row for row, layer in enumerate(manifest.moe_layers)}
-        self.bar = tqdm(total=total, desc=f"writing experts to {directory}", unit="expert", disable=(not progress) or None, leave=False)
+        self.nbytes, self.written_bytes, self.started = total * manifest.record_bytes, 0, time.perf_counter()
+        self.fd: int | None = None
         try:
             directory.mkdir(parents=True, exist_ok=True)
             (directory / MANIFEST).unlink(missing_ok=True)  # from here until the rename the directory is an unfinished build
+            (directory / RECORDS).unlink(missing_ok=True)  # its space counts as free below
+            self._check_space()
             self.fd = os.open(directory / RECORDS, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as e:
             raise InvalidParameter(f"cannot write the expert store in {directory}: {e.strerror or e}") from None
+        self.bar = tqdm(
+            total=self.nbytes, desc=f"writing experts to {directory}", unit="B", unit_scale=True, unit_divisor=1024, disable=(not progress) or None, leave=False
+        )
+
+    def _check_space(self) -> None:
+        """Refuse before writing a store the file system has no room for."""
+        free = shutil.disk_usage(self.directory).free
+        if free < self.nbytes:
+            raise InvalidParameter(
+                f"the expert store in {self.directory} needs {self.nbytes / 1e9:.1f} GB but its disk has {free / 1e9:.1f} GB free: "
+                "give an --offload-dir on a larger disk, or a smaller --expert-dtype"
+            )
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: object) -> None:
+        if error is not None:
+            self.abort()
 
     def written(self, layer: int) -> bool:
         """Whether a layer's records are on disk."""
@@ -122,48 +149,83 @@ class StoreWriter:
         return self.sums[row * self.manifest.num_experts] is not None
 
     def write_layer(self, layer: int, block: torch.Tensor, convert: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        """block: uint8 [E, expert_bytes] of one layer (each expert passed through `convert` first, when given)."""
+        """block: uint8 [E, expert_bytes] of one layer (each expert passed through `convert` first, when given), written and
+        flushed to the disk; a failure removes the records and is raised as one line naming the store."""
+        try:
+            self._write_records(layer, block, convert)
+        except KeyboardInterrupt:
+            self.abort()
+            raise
+        except OSError as e:
+            self.abort()
+            raise InvalidParameter(f"cannot write the expert store in {self.directory} (layer {layer}): {e.strerror or e}; its records were removed") from None
+        except Exception as e:
+            self.abort()
+            why = " ".join(str(e).split()) or type(e).__name__
+            raise CheckpointError(f"building the expert store in {self.directory} failed at layer {layer}: {why}; its records were removed") from e
+
+    def _write_records(self, layer: int, block: torch.Tensor, convert: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        """Pad, hash and write each expert's record of a layer, then flush the layer and drop it from the page cache."""
         m, padded = self.manifest, torch.zeros(self.manifest.record_bytes, dtype=torch.uint8)
-        first = self.rows[layer] * m.num_experts
+        assert self.fd is not None, "the store's writer was aborted"
+        first, data = self.rows[layer] * m.num_experts, memoryview(padded.numpy())
         for expert in range(m.num_experts):
             padded[: m.expert_bytes].copy_(block[expert] if convert is None else convert(block[expert]))
-            data = padded.numpy().tobytes()
-            try:
-                os.pwrite(self.fd, data, (first + expert) * m.record_bytes)
-            except OSError as e:
-                self.abort()
-                raise InvalidParameter(f"cannot write the expert store in {self.directory}: {e.strerror or e}") from None
+            offset = (first + expert) * m.record_bytes
+            if os.pwrite(self.fd, data, offset) != m.record_bytes:
+                raise OSError(errno.EIO, "short write")
             self.sums[first + expert] = record_hash(data)
-            self.bar.update()
+            self.bar.update(m.record_bytes)
+        os.fdatasync(self.fd)  # a full disk or a failing device shows here, at this layer, not at the end
+        os.posix_fadvise(self.fd, first * m.record_bytes, m.num_experts * m.record_bytes, os.POSIX_FADV_DONTNEED)  # written: no need to cache it
+        self.written_bytes += m.num_experts * m.record_bytes
+        self.bar.set_postfix_str(f"layer {len(self.written_layers())}/{len(self.rows)}", refresh=False)
+
+    def written_layers(self) -> list[int]:
+        """MoE layers whose records are on disk."""
+        return [layer for layer in self.rows if self.written(layer)]
 
     def finish(self) -> Manifest:
         """Flush the records, then write the manifest (the store is complete only once this returns)."""
         missing = [i for i, c in enumerate(self.sums) if c is None]
         if missing:
             self.abort()
-            raise CheckpointError(f"expert store in {self.directory}: {len(missing)} records were never written")
+            raise CheckpointError(f"expert store in {self.directory}: {len(missing)} records were never written; its records were removed")
         done = Manifest(**{**asdict(self.manifest), "checksums": tuple(c for c in self.sums if c is not None)})
+        tmp = self.directory / (MANIFEST + ".tmp")
         try:
+            assert self.fd is not None, "the store's writer was aborted"
             os.fsync(self.fd)
             os.close(self.fd)
-            tmp = self.directory / (MANIFEST + ".tmp")
+            self.fd = None
             tmp.write_text(json.dumps(asdict(done)))
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
-            os.replace(tmp, self.directory / MANIFEST)
+            os.replace(tmp, self.directory / MANIFEST)  # the last step: from here the store is complete
         except OSError as e:
-            raise InvalidParameter(f"cannot write the expert store in {self.directory}: {e.strerror or e}") from None
-        finally:
-            self.bar.close()
+            self.abort()
+            raise InvalidParameter(f"cannot write the expert store in {self.directory}: {e.strerror or e}; its records were removed") from None
+        self.bar.close()
+        if self.progress:
+            seconds = time.perf_counter() - self.started
+            rate = self.nbytes / 1e9 / seconds
+            print(f"wrote {self.nbytes / 1e9:.2f} GB of experts to {self.directory} in {seconds:.0f} s ({rate:.2f} GB/s)", file=sys.stderr)
         return done
 
     def abort(self) -> None:
-        """Stop writing: the directory stays an unfinished build (no manifest), rebuilt next time."""
+        """Stop writing and remove the records (and a manifest not yet renamed into place): the directory holds no store."""
         self.bar.close()
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+        for name in (RECORDS, MANIFEST + ".tmp", MANIFEST):
+            try:
+                (self.directory / name).unlink(missing_ok=True)
+            except OSError:
+                pass
 
 
 def read_manifest(directory: Path) -> Manifest | None:
@@ -190,6 +252,8 @@ class DiskStore(ExpertSizes):
         self.layers = {layer: row for row, layer in enumerate(manifest.moe_layers)}  # MoE layer -> its row of records
         self.record_bytes = manifest.record_bytes
         self.path = directory / RECORDS
+        if not (directory / MANIFEST).is_file():
+            raise CheckpointError(f"{directory} holds no finished expert store (no {MANIFEST}: a build that stopped); delete it or build it again")
         expected = self.record_bytes * self.total_experts
         size = self.path.stat().st_size if self.path.exists() else -1
         if size != expected:

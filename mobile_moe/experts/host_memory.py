@@ -7,8 +7,6 @@ what it holds. Next to transfer.py, this is the only module that talks to the CU
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import mmap
 import weakref
@@ -59,20 +57,6 @@ def allocate_host(nbytes: int, pin: bool, pinner: Pinner = cuda_pinner) -> HostB
     buffer = HostBuffer(data, nbytes, raw)
     weakref.finalize(buffer, unpin)
     return buffer
-
-
-MADV_DONTNEED = 4
-
-
-def release_pages(t: torch.Tensor) -> None:
-    """madvise(DONTNEED) the whole pages inside a contiguous CPU tensor: its RSS is returned and those bytes read as zeros
-    after (private anonymous memory). Where madvise is unavailable, nothing happens."""
-    start = -(-t.data_ptr() // PAGE) * PAGE
-    end = (t.data_ptr() + t.numel() * t.element_size()) // PAGE * PAGE
-    if end <= start:
-        return
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTNEED)
 
 
 def available_memory_bytes() -> int | None:

@@ -1,4 +1,5 @@
-"""Host-memory store of routed experts: one contiguous packed buffer per expert, so one copy moves it."""
+"""Host-memory store of routed experts: one contiguous packed buffer per expert, so one copy moves it; and the staging store
+that builds hold a layer or two in on their way to disk."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from mobile_moe.experts.formats import ExpertFormat, Field, FloatFormat
-from mobile_moe.experts.host_memory import Pinner, allocate_host, cuda_pinner, release_pages
+from mobile_moe.experts.host_memory import HostBuffer, Pinner, allocate_host, cuda_pinner
 
 if TYPE_CHECKING:
     from mobile_moe.experts.kernels import FusedFormat
@@ -110,32 +111,30 @@ def pins_host_store(device: torch.device, building_on_disk: bool) -> bool:
     return device.type == "cuda" and not building_on_disk
 
 
-class ExpertStore(ExpertSizes):
-    """Routed experts of every MoE layer in one exact-size host allocation (page-locked when the device is CUDA)."""
+class ExpertPacker(ExpertSizes):
+    """Packs checkpoint tensors into per-layer expert buffers and records which pieces have been written; subclasses say
+    where a layer's buffers live (`layer_fields`)."""
 
-    def __init__(
-        self, moe_layers: list[int], num_experts: int, shape: ExpertShape, fmt: ExpertFormat | torch.dtype, pin: bool, pinner: Pinner = cuda_pinner
-    ) -> None:
+    def _describe(self, num_experts: int, shape: ExpertShape, fmt: ExpertFormat | torch.dtype, nbytes: int | None = None) -> None:
+        """Format, shape and layout of the experts (each buffer padded to `nbytes` when given); nothing written yet."""
         self.format = FloatFormat(fmt) if isinstance(fmt, torch.dtype) else fmt
         self.shape, self.num_experts = shape, num_experts
-        self.layout = ExpertLayout(shape, self.format)
-        layer_bytes = num_experts * self.expert_bytes
-        self.host = allocate_host(layer_bytes * len(moe_layers), pin, pinner)
-        self.layers: dict[int, torch.Tensor] = {
-            layer: self.host.data[i * layer_bytes : (i + 1) * layer_bytes].view(num_experts, self.expert_bytes) for i, layer in enumerate(moe_layers)
-        }  # layer -> uint8 [E, expert_bytes], views of one allocation
-        self.fields = {layer: self.layout.views(block) for layer, block in self.layers.items()}
+        self.layout = ExpertLayout(shape, self.format, nbytes)
         self.filled: set[tuple[int, int, Part, str]] = set()
         self.filled_count: dict[int, int] = {}  # layer -> pieces of `filled` in it
 
     @property
-    def pinned_bytes(self) -> int:
-        """Bytes of host memory page-locked for the experts (0 when pageable)."""
-        return self.host.pinned_bytes
+    def layer_bytes(self) -> int:
+        """Bytes of one MoE layer's packed experts."""
+        return self.num_experts * self.expert_bytes
 
-    def buffer(self, layer: int, expert: int) -> torch.Tensor:
-        """The packed uint8 [expert_bytes] host buffer of one expert."""
-        return self.layers[layer][expert]
+    def layer_block(self, layer: int) -> torch.Tensor:
+        """uint8 [E, expert_bytes]: a layer's packed experts."""
+        raise NotImplementedError
+
+    def layer_fields(self, layer: int) -> dict[Matrix, list[torch.Tensor]]:
+        """Per matrix, each packed field of a layer's experts as a typed view [E, *field.shape]."""
+        raise NotImplementedError
 
     def put(self, layer: int, expert: int, part: Part, weight: torch.Tensor) -> None:
         """Pack one projection ([I, H] for gate/up, [H, I] for down) into the expert's buffer."""
@@ -143,7 +142,7 @@ class ExpertStore(ExpertSizes):
         want = (rows.stop - rows.start, self.shape.matrix_shape(matrix)[1])
         if tuple(weight.shape) != want:
             raise ValueError(f"layer {layer} expert {expert} {part}: shape {tuple(weight.shape)}, expected {want}")
-        for view, packed in zip(self.fields[layer][matrix], self.format.quantize(weight)):
+        for view, packed in zip(self.layer_fields(layer)[matrix], self.format.quantize(weight)):
             view[expert, rows].copy_(packed)
         self._mark(layer, range(expert, expert + 1), matrix, parts=(part,))
 
@@ -154,7 +153,7 @@ class ExpertStore(ExpertSizes):
             raise ValueError(f"layer {layer} fused {matrix}: shape {tuple(weight.shape)}, expected {want}")
         for start in range(0, self.num_experts, FUSED_CHUNK):
             chunk = slice(start, min(start + FUSED_CHUNK, self.num_experts))
-            for view, packed in zip(self.fields[layer][matrix], self.format.quantize(weight[chunk])):
+            for view, packed in zip(self.layer_fields(layer)[matrix], self.format.quantize(weight[chunk])):
                 view[chunk].copy_(packed)
         self._mark(layer, range(self.num_experts), matrix)
 
@@ -167,7 +166,7 @@ class ExpertStore(ExpertSizes):
         want = (self.num_experts, *field.shape)
         if tuple(packed.shape) != want or packed.dtype != field.dtype:
             raise ValueError(f"layer {layer} {matrix}.{field_name}: {packed.dtype} {tuple(packed.shape)}, expected {field.dtype} {want}")
-        self.fields[layer][matrix][index].copy_(packed)
+        self.layer_fields(layer)[matrix][index].copy_(packed)
         self._mark(layer, range(self.num_experts), matrix, fields=(field_name,))
 
     def mark_filled(self, layer: int, matrix: Matrix) -> None:
@@ -181,18 +180,6 @@ class ExpertStore(ExpertSizes):
         before = len(self.filled)
         self.filled.update(product((layer,), experts, parts, fields))
         self.filled_count[layer] = self.filled_count.get(layer, 0) + len(self.filled) - before
-
-    def repack(self, fmt: FusedFormat, progress: bool = False) -> None:
-        """Rewrite every expert in place into a kernel's layout of the same buffer size, one expert at a time (once, at load)."""
-        layout = ExpertLayout(self.shape, fmt, nbytes=self.expert_bytes)
-        bar = tqdm(total=self.total_experts, desc=f"repacking experts for {fmt.kernel}", unit="expert", disable=(not progress) or None, leave=False)
-        for block in self.layers.values():
-            for expert in range(self.num_experts):
-                block[expert].copy_(self.converted(block[expert], fmt, layout))
-                bar.update()
-        bar.close()
-        self.format, self.layout = fmt, layout
-        self.fields = {layer: layout.views(block) for layer, block in self.layers.items()}
 
     def converted(self, buffer: torch.Tensor, fmt: FusedFormat, layout: ExpertLayout) -> torch.Tensor:
         """One expert's portable buffer uint8 [expert_bytes] -> the same expert in `layout` (a kernel's), as a new buffer."""
@@ -212,10 +199,6 @@ class ExpertStore(ExpertSizes):
         want = self.num_experts * sum(len(self.layout.fields[self.shape.part_rows(part)[0]]) for part in PARTS)  # what `missing` checks
         return self.filled_count.get(layer, 0) >= want
 
-    def release_layer(self, layer: int) -> None:
-        """Give a layer's pages back to the OS (its bytes read as zeros after): once written to disk, RAM need not hold it."""
-        release_pages(self.layers[layer])
-
     def missing(self) -> list[str]:
         """Names of expert pieces never filled (the field is named only when a format has several)."""
         names = []
@@ -225,3 +208,87 @@ class ExpertStore(ExpertSizes):
                 f"layer {layer} expert {e} {part}" + ("" if len(fields) == 1 else f" {field}") for field in fields if (layer, e, part, field) not in self.filled
             ]
         return names
+
+
+class ExpertStore(ExpertPacker):
+    """Routed experts of every MoE layer in one exact-size host allocation (page-locked when the device is CUDA)."""
+
+    def __init__(
+        self, moe_layers: list[int], num_experts: int, shape: ExpertShape, fmt: ExpertFormat | torch.dtype, pin: bool, pinner: Pinner = cuda_pinner
+    ) -> None:
+        self._describe(num_experts, shape, fmt)
+        layer_bytes = self.layer_bytes
+        self.host = allocate_host(layer_bytes * len(moe_layers), pin, pinner)
+        self.layers: dict[int, torch.Tensor] = {
+            layer: self.host.data[i * layer_bytes : (i + 1) * layer_bytes].view(num_experts, self.expert_bytes) for i, layer in enumerate(moe_layers)
+        }  # layer -> uint8 [E, expert_bytes], views of one allocation
+        self.fields = {layer: self.layout.views(block) for layer, block in self.layers.items()}
+
+    def layer_block(self, layer: int) -> torch.Tensor:
+        """uint8 [E, expert_bytes]: a layer's packed experts."""
+        return self.layers[layer]
+
+    def layer_fields(self, layer: int) -> dict[Matrix, list[torch.Tensor]]:
+        """Per matrix, each packed field of a layer's experts as a typed view [E, *field.shape]."""
+        return self.fields[layer]
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Bytes of host memory page-locked for the experts (0 when pageable)."""
+        return self.host.pinned_bytes
+
+    def buffer(self, layer: int, expert: int) -> torch.Tensor:
+        """The packed uint8 [expert_bytes] host buffer of one expert."""
+        return self.layers[layer][expert]
+
+    def repack(self, fmt: FusedFormat, progress: bool = False) -> None:
+        """Rewrite every expert in place into a kernel's layout of the same buffer size, one expert at a time (once, at load)."""
+        layout = ExpertLayout(self.shape, fmt, nbytes=self.expert_bytes)
+        bar = tqdm(total=self.total_experts, desc=f"repacking experts for {fmt.kernel}", unit="expert", disable=(not progress) or None, leave=False)
+        for block in self.layers.values():
+            for expert in range(self.num_experts):
+                block[expert].copy_(self.converted(block[expert], fmt, layout))
+                bar.update()
+        bar.close()
+        self.format, self.layout = fmt, layout
+        self.fields = {layer: layout.views(block) for layer, block in self.layers.items()}
+
+
+class StagingStore(ExpertPacker):
+    """Experts on their way to a disk store or a packed checkpoint: a layer's buffer is allocated (pageable) when the layer is
+    first written and freed once it is released, after its write; a build holds the layers being filled, never the model."""
+
+    def __init__(self, moe_layers: list[int], num_experts: int, shape: ExpertShape, fmt: ExpertFormat | torch.dtype, nbytes: int | None = None) -> None:
+        """`nbytes`: pad each expert to this size (a kernel's layout filled directly, in the size of the portable one it replaces)."""
+        self._describe(num_experts, shape, fmt, nbytes)
+        self.layers: dict[int, int] = {layer: row for row, layer in enumerate(moe_layers)}  # MoE layer -> its row, as in a DiskStore
+        self.staged: dict[int, tuple[HostBuffer, dict[Matrix, list[torch.Tensor]]]] = {}  # layer -> its buffer and field views
+        self.released: set[int] = set()
+        self.most_staged = 0  # layers held at once, at most
+
+    def layer_block(self, layer: int) -> torch.Tensor:
+        """uint8 [E, expert_bytes]: a layer's packed experts, allocated (zeroed) on first use; a released layer cannot come back."""
+        if layer in self.released:
+            raise ValueError(f"layer {layer}'s experts were already written out")
+        if layer not in self.staged:
+            host = allocate_host(self.layer_bytes, pin=False)
+            host.data.zero_()  # the bytes between fields: a rebuild writes the same records
+            block = host.data.view(self.num_experts, self.expert_bytes)
+            self.staged[layer] = (host, self.layout.views(block))
+            self.most_staged = max(self.most_staged, len(self.staged))
+        return self.staged[layer][0].data.view(self.num_experts, self.expert_bytes)
+
+    def layer_fields(self, layer: int) -> dict[Matrix, list[torch.Tensor]]:
+        """Per matrix, each packed field of a layer's experts as a typed view [E, *field.shape]."""
+        self.layer_block(layer)
+        return self.staged[layer][1]
+
+    def release_layer(self, layer: int) -> None:
+        """Free a written layer's buffer (its memory goes back to the allocator, and a large one to the OS)."""
+        self.staged.pop(layer, None)
+        self.released.add(layer)
+
+    @property
+    def staged_bytes(self) -> int:
+        """Bytes of the layers held now."""
+        return len(self.staged) * self.layer_bytes

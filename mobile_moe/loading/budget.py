@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +11,8 @@ from transformers import PretrainedConfig
 
 from mobile_moe.config import CacheConfig, EngineConfig
 from mobile_moe.errors import CacheTooSmall, InvalidParameter
-from mobile_moe.experts.disk import DiskStore
+from mobile_moe.experts.disk import DiskStore, record_bytes
+from mobile_moe.experts.host_memory import available_memory_bytes
 from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertShape
 from mobile_moe.loading.loader import dense_bytes, resolve_dtype, resolve_format
 from mobile_moe.models.registry import build_model
@@ -161,3 +163,85 @@ def plan_for_config(model_cfg: PretrainedConfig, config: EngineConfig) -> SlotPl
 def dequant_scratch_bytes(layout: ExpertLayout, dtype: torch.dtype) -> int:
     """Transient bytes to dequantize the largest matrix of one expert (0 when experts are read in place)."""
     return max(layout.format.dequant_bytes(*layout.shape.matrix_shape(m), dtype) for m in MATRICES)
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """What a load with an on-disk expert store will hold in RAM, from the config alone (before any weight is read)."""
+
+    dense_bytes: int  # dense weights in RAM (0 when they live on a CUDA device)
+    kv_bytes: int  # KV cache and recurrent states in RAM (0 on a CUDA device)
+    host_slots: int  # expert records the host tier holds (on CPU: the compute cache)
+    record_bytes: int
+    top_k: int
+    total_experts: int
+    available_bytes: int | None  # MemAvailable; None where it cannot be read
+    host_memory_gb: float | None  # --host-memory, when given
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of the host tier."""
+        return self.host_slots * self.record_bytes
+
+    @property
+    def need_bytes(self) -> int:
+        """RAM the load holds once running."""
+        return self.dense_bytes + self.kv_bytes + self.host_bytes
+
+    def describe(self) -> str:
+        """One line: what the load will hold in RAM and what is left."""
+        left = "" if self.available_bytes is None else f"; {_gib(self.available_bytes)} available, {_gib(self.available_bytes - self.need_bytes)} left"
+        return (
+            f"RAM: dense weights {_gib(self.dense_bytes)} + host tier {_gib(self.host_bytes)} ({self.host_slots} of {self.total_experts} experts, "
+            f"{self.record_bytes / 2**20:.1f} MiB each) + KV cache {_gib(self.kv_bytes)} = {_gib(self.need_bytes)}{left}"
+        )
+
+    def check(self) -> None:
+        """Refuse in one line a host tier under one layer's top-k, or a load the RAM available cannot hold."""
+        flag = "a host tier of every expert" if self.host_memory_gb is None else f"--host-memory {self.host_memory_gb:g} GB"
+        if self.host_slots < self.top_k:
+            raise CacheTooSmall(
+                f"{flag} holds {self.host_slots} expert records of {self.record_bytes / 2**20:.2f} MiB: too small for one layer's top-{self.top_k} experts "
+                f"(need >= {self.top_k})"
+            )
+        if self.available_bytes is None:
+            return
+        least = self.dense_bytes + self.kv_bytes + self.top_k * self.record_bytes
+        if least > self.available_bytes:
+            raise CacheTooSmall(
+                f"{_gib(self.available_bytes)} of RAM is available, less than the dense weights ({_gib(self.dense_bytes)}) + the KV cache "
+                f"({_gib(self.kv_bytes)}) + one layer's top-{self.top_k} experts ({_gib(self.top_k * self.record_bytes)}): this model cannot run here"
+            )
+        if self.need_bytes > self.available_bytes:
+            most = (self.available_bytes - self.dense_bytes - self.kv_bytes) / GIB
+            raise CacheTooSmall(
+                f"{flag} ({_gib(self.host_bytes)}) + dense weights ({_gib(self.dense_bytes)}) + KV cache ({_gib(self.kv_bytes)}) is more than the "
+                f"{_gib(self.available_bytes)} of RAM available: give --host-memory {math.floor(most * 10) / 10:g} or less"
+            )
+
+
+def _gib(nbytes: int) -> str:
+    """Bytes as GiB with two decimals."""
+    return f"{nbytes / GIB:.2f} GiB"
+
+
+def host_plan_for_config(model_cfg: PretrainedConfig, config: EngineConfig) -> HostPlan:
+    """The RAM a load of this checkpoint config with an on-disk store (`config.offload_dir`) will hold; nothing is allocated."""
+    device = torch.device(config.device)
+    with torch.device("meta"):
+        model = build_model(model_cfg)
+    dtype, _ = resolve_dtype(config.dtype, model_cfg, device, model)
+    info = model.info
+    layout = ExpertLayout(
+        ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias), resolve_format(model_cfg, config.expert_dtype, config.group_size, dtype)
+    )
+    record, total, cache = record_bytes(layout.nbytes), info.num_experts * len(info.moe_layers), config.cache
+    on_cpu = device.type == "cpu"
+    if cache.host_memory_gb is not None:
+        slots = min(int(cache.host_memory_gb * GIB) // record, total)
+    else:  # on CPU an explicit compute cache is the host tier; else every expert gets a record in RAM
+        slots = cache.slots if on_cpu and cache.slots is not None else total
+    context = min(info.max_context, config.max_context)
+    kv = config.max_batch * (kv_bytes(model, dtype, context) + recurrent_bytes(model, dtype)) if on_cpu else 0
+    dense = dense_bytes(model, dtype) if on_cpu else 0
+    return HostPlan(dense, kv, min(slots, total), record, info.top_k, total, available_memory_bytes(), cache.host_memory_gb)

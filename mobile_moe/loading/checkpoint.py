@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,16 +190,40 @@ def shard_files(path: Path) -> list[Path]:
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) for every tensor of every shard; unreadable or truncated files raise CheckpointError."""
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key)
-        except CheckpointError:
-            raise
-        except Exception as e:  # safetensors raises its own error type for truncated/corrupt files
-            raise CheckpointError(f"cannot read {file.name}: {one_line(e)} (truncated or corrupt shard?)") from None
+    """(key, tensor) for every tensor of every shard, decoder layer by decoder layer (other tensors first): a layer split
+    across shards, or a shard whose keys sort layer 10 before layer 2, still arrives in one piece, so a build that writes
+    each layer once complete holds one layer at a time. Unreadable or truncated files raise CheckpointError."""
+    with ExitStack() as stack:
+        handles = [_open_shard(stack, file) for file in files]
+        order = sorted((_layer_rank(canonical_key(key)), i, key) for i, f in enumerate(handles) for key in _keys(f, files[i]))
+        for _, i, key in order:
+            try:
+                tensor = handles[i].get_tensor(key)
+            except Exception as e:  # safetensors raises its own error type for truncated/corrupt files
+                raise CheckpointError(f"cannot read {files[i].name}: {one_line(e)} (truncated or corrupt shard?)") from None
+            yield key, tensor
+
+
+def _open_shard(stack: ExitStack, file: Path):  # -> safetensors' safe_open handle
+    """A shard opened for the life of `stack`."""
+    try:
+        return stack.enter_context(safe_open(str(file), framework="pt"))
+    except Exception as e:
+        raise CheckpointError(f"cannot read {file.name}: {one_line(e)} (truncated or corrupt shard?)") from None
+
+
+def _keys(handle, file: Path) -> list[str]:
+    """A shard's tensor names."""
+    try:
+        return list(handle.keys())
+    except Exception as e:
+        raise CheckpointError(f"cannot read {file.name}: {one_line(e)} (truncated or corrupt shard?)") from None
+
+
+def _layer_rank(key: str) -> int:
+    """Where a key's tensor comes in the reading order: tensors outside decoder layers (-1) first, then layer by layer."""
+    layer = layer_of(key)
+    return -1 if layer is None else layer
 
 
 def count_tensors(files: list[Path]) -> int:

@@ -15,7 +15,7 @@ from mobile_moe.experts.disk import DiskStore, Manifest, StoreWriter, checkpoint
 from mobile_moe.experts.formats import DEFAULT_GROUP_SIZE, ExpertFormat, format_from_config, make_format
 from mobile_moe.experts.host_memory import available_memory_bytes
 from mobile_moe.experts.kernels import compute_format, layout_format, use_fused_kernels
-from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertShape, ExpertStore, pins_host_store
+from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertPacker, ExpertShape, ExpertStore, StagingStore, pins_host_store
 from mobile_moe.layers.moe import Router
 from mobile_moe.loading.checkpoint import (
     ExpertTensor,
@@ -222,23 +222,19 @@ def load(
             disk = open_store(offload_dir, found, dtype, direct_io)
     if disk is None and offload_dir is None:  # building a store on disk holds only the layers being written
         check_host_memory(plan, device)
-    store = None if disk is not None else ExpertStore(list(info.moe_layers), info.num_experts, shape, fmt, pin=pins_host_store(device, offload_dir is not None))
-    writer = None if disk is not None or offload_dir is None else LayerFlusher(store, StoreWriter(offload_dir, wanted, progress), wanted, dtype)
-    dense: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=count_tensors(files), desc="loading weights", unit="tensor", disable=(not progress) or None, leave=False)
-    fp32 = fp32_names(model)
-    for key, tensor in iter_tensors(files):
-        bar.update()
-        layer = _place(key, tensor, cfg, store, dense, device, dtype, fp32, info.interleaved_experts)
-        if writer is not None and layer is not None:
-            writer.flush(layer)
-    bar.close()
-    _finish(model, dense, store, cfg, device)
-    if writer is not None:
-        disk = writer.finish(direct_io)
-        store = None  # the experts live on disk only
-    elif store is not None and fused_kernels:
-        use_fused_kernels(store, dtype, device, progress)
+    fp32, interleaved = fp32_names(model), info.interleaved_experts
+    if disk is None and offload_dir is not None:
+        staging = StagingStore(list(info.moe_layers), info.num_experts, shape, fmt)
+        with StoreWriter(offload_dir, wanted, progress) as writer:
+            flusher = LayerFlusher(staging, writer, wanted, dtype)
+            _finish(model, _read_weights(files, cfg, staging, flusher, device, dtype, fp32, interleaved, progress), staging, cfg, device)
+            disk = flusher.finish(direct_io)  # the experts live on disk only
+        store: ExpertStore | None = None
+    else:
+        store = None if disk is not None else ExpertStore(list(info.moe_layers), info.num_experts, shape, fmt, pin=pins_host_store(device, False))
+        _finish(model, _read_weights(files, cfg, store, None, device, dtype, fp32, interleaved, progress), store, cfg, device)
+        if store is not None and fused_kernels:
+            use_fused_kernels(store, dtype, device, progress)
     model.prepare_weights()
     model.eval()
     return LoadedModel(model=model, store=disk if disk is not None else store, config=cfg, path=path, dtype=dtype, dtype_reason=why)
@@ -252,6 +248,30 @@ def check_runnable(info: ModelInfo, path: Path) -> None:
         )
 
 
+def _read_weights(  # noqa: PLR0913 - the loader's state, passed down
+    files: list[Path],
+    cfg: PretrainedConfig,
+    store: ExpertPacker | None,
+    flusher: LayerFlusher | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    fp32: frozenset[str],
+    interleaved: bool,
+    progress: bool,
+) -> dict[str, torch.Tensor]:
+    """Stream every checkpoint tensor into the expert store (each layer written out by `flusher` once complete) or the
+    dense state dict, which is returned."""
+    dense: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=count_tensors(files), desc="loading weights", unit="tensor", disable=(not progress) or None, leave=False)
+    for key, tensor in iter_tensors(files):
+        bar.update()
+        layer = _place(key, tensor, cfg, store, dense, device, dtype, fp32, interleaved)
+        if flusher is not None and layer is not None:
+            flusher.flush(layer)
+    bar.close()
+    return dense
+
+
 def open_store(directory: Path, manifest: Manifest, dtype: torch.dtype, direct_io: bool) -> DiskStore:
     """A finished store, opened for reading in the layout its manifest names."""
     return DiskStore(directory, manifest, layout_format(manifest.layout_id, manifest.format.get("group_size") or 0, dtype), direct_io)
@@ -259,9 +279,9 @@ def open_store(directory: Path, manifest: Manifest, dtype: torch.dtype, direct_i
 
 class LayerFlusher:
     """Streams a store to disk while a checkpoint loads: each MoE layer, once complete, is written (in the compute
-    layout) and its RAM given back, so peak memory stays near the layers being filled, not all experts."""
+    layout) and its staging buffer freed, so peak memory stays near the layers being filled, not all experts."""
 
-    def __init__(self, store: ExpertStore, writer: StoreWriter, manifest: Manifest, dtype: torch.dtype) -> None:
+    def __init__(self, store: StagingStore, writer: StoreWriter, manifest: Manifest, dtype: torch.dtype) -> None:
         self.store, self.writer, self.manifest = store, writer, manifest
         self.kernel = None if manifest.layout_id == store.format.layout_id else layout_format(manifest.layout_id, manifest.format.get("group_size") or 0, dtype)
         self.layout = None if self.kernel is None else ExpertLayout(store.shape, self.kernel, nbytes=store.expert_bytes)
@@ -272,7 +292,7 @@ class LayerFlusher:
             return
         kernel, layout = self.kernel, self.layout
         convert = None if kernel is None or layout is None else (lambda buffer: self.store.converted(buffer, kernel, layout))
-        self.writer.write_layer(layer, self.store.layers[layer], convert)
+        self.writer.write_layer(layer, self.store.layer_block(layer), convert)
         self.store.release_layer(layer)
 
     def finish(self, direct_io: bool) -> DiskStore:
@@ -333,7 +353,7 @@ def _place(
     key: str,
     tensor: torch.Tensor,
     cfg: PretrainedConfig,
-    store: ExpertStore | None,
+    store: ExpertPacker | None,
     dense: dict[str, torch.Tensor],
     device: torch.device,
     dtype: torch.dtype,
@@ -360,7 +380,7 @@ def place_expert(
     key: str,
     kind: ExpertTensor | FusedExpertTensor | PackedExpertTensor | HubExpertField,
     tensor: torch.Tensor,
-    store: ExpertStore,
+    store: ExpertPacker,
     interleaved: bool = False,
 ) -> None:
     """Pack one expert tensor of the checkpoint into the store; a tensor that does not fit is a CheckpointError.
@@ -393,7 +413,7 @@ def _gate_rows_first(t: torch.Tensor, part: str) -> torch.Tensor:
     return torch.cat((t[:, 0::2], t[:, 1::2]), dim=1) if part == "gate_up" else t
 
 
-def _finish(model: CausalLM, dense: dict[str, torch.Tensor], store: ExpertStore | None, cfg: PretrainedConfig, device: torch.device) -> None:
+def _finish(model: CausalLM, dense: dict[str, torch.Tensor], store: ExpertPacker | None, cfg: PretrainedConfig, device: torch.device) -> None:
     """Assign dense weights, tie the LM head if asked, and check nothing is missing."""
     if "lm_head.weight" not in dense and getattr(cfg, "tie_word_embeddings", False) and "model.embed_tokens.weight" in dense:
         dense["lm_head.weight"] = dense["model.embed_tokens.weight"]

@@ -1,7 +1,8 @@
 """`mobile-moe quantize`: a checkpoint directory whose routed experts are stored packed (int8 / int4).
 
-The source streams tensor by tensor into a quantized host store (host RAM stays near the packed size); the
-output holds the dense weights unchanged, each MoE layer's packed fields in their own shard, a config with a
+The source streams tensor by tensor, layer by layer, into a staging store that holds the layer being packed; each
+layer's shard is written once the layer is complete (host RAM stays near the dense weights plus one layer). The output
+holds the dense weights unchanged, each MoE layer's packed fields in their own shard, a config with a
 `quantization_config` block naming the format, and every other file of the source (tokenizer, calibration).
 It is written into a temporary directory beside the target and renamed into place only when complete.
 """
@@ -16,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from mobile_moe.errors import CheckpointError, InvalidParameter
 from mobile_moe.experts.formats import ExpertFormat, make_format
-from mobile_moe.experts.store import ExpertShape, ExpertStore
+from mobile_moe.experts.store import ExpertShape, StagingStore
 from mobile_moe.loading.checkpoint import canonical_key, classify, count_tensors, iter_tensors, packed_key, read_config, shard_files, unused
 from mobile_moe.loading.loader import place_expert, stored_format
 from mobile_moe.models.registry import build_model
@@ -51,7 +53,8 @@ def _check_writable(out: Path) -> None:
 
 
 def quantize_checkpoint(src: Path, out: Path, to: str, group_size: int | None = None, progress: bool = True) -> QuantizeReport:
-    """Write `src` with its routed experts packed as `to` (int8 | int4 | mxfp4) into the new directory `out`."""
+    """Write `src` with its routed experts packed as `to` (int8 | int4 | mxfp4) into the new directory `out`, one MoE layer
+    at a time (RAM holds the dense weights and the layer being packed, never every expert)."""
     if to not in ("int8", "int4", "mxfp4"):
         raise InvalidParameter(f"--to must be int8, int4 or mxfp4, got {to!r}")
     if out.exists():
@@ -65,25 +68,74 @@ def quantize_checkpoint(src: Path, out: Path, to: str, group_size: int | None = 
     with torch.device("meta"):
         info = build_model(cfg).info
     shape = ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias)
-    store = ExpertStore(list(info.moe_layers), info.num_experts, shape, fmt, pin=False)
-    dense, source_bytes = _read(files, cfg, store, progress, info.interleaved_experts)
-    lacking = store.missing()
-    if lacking:
-        raise CheckpointError(f"checkpoint lacks {len(lacking)} expert weights, e.g. {lacking[0]}")
+    store = StagingStore(list(info.moe_layers), info.num_experts, shape, fmt)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        _write(tmp, src, dense, store, fmt)
+        shards = LayerShards(tmp, store, progress)
+        dense, source_bytes = _read(files, cfg, store, shards, progress, info.interleaved_experts)
+        lacking = store.missing()
+        if lacking:
+            raise CheckpointError(f"checkpoint lacks {len(lacking)} expert weights, e.g. {lacking[0]}")
+        _write_rest(tmp, src, dense, shards, fmt)
         _usual_permissions(tmp)
         tmp.rename(out)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise InvalidParameter(f"cannot write {out}: {_one_line(e)}; nothing was kept") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return QuantizeReport(out, fmt.config(), store.total_experts, source_bytes, store.nbytes)
 
 
-def _read(files: list[Path], cfg, store: ExpertStore, progress: bool, interleaved: bool = False) -> tuple[dict[str, torch.Tensor], int]:
-    """Pack experts into `store` as they stream by; returns the dense tensors (keys and dtypes as stored) and the source expert bytes."""
+def _one_line(e: BaseException) -> str:
+    """An OS or safetensors error in one line."""
+    return getattr(e, "strerror", None) or " ".join(str(e).split()) or type(e).__name__
+
+
+class LayerShards:
+    """The output's shards: the dense weights in the first, each MoE layer's packed fields in one of its own, written (and
+    its staging buffer freed) as soon as the layer is complete."""
+
+    def __init__(self, directory: Path, store: StagingStore, progress: bool) -> None:
+        self.directory, self.store = directory, store
+        self.count = 1 + len(store.layers)
+        self.weight_map: dict[str, str] = {}
+        self.bar = tqdm(
+            total=store.nbytes, desc=f"writing packed experts to {directory.parent}", unit="B", unit_scale=True, disable=(not progress) or None, leave=False
+        )
+
+    def name(self, i: int) -> str:
+        """File name of shard i (0: the dense weights)."""
+        return f"model-{i + 1:05d}-of-{self.count:05d}.safetensors"
+
+    def flush(self, layer: int) -> None:
+        """Write a complete layer's shard and free its buffer."""
+        if layer in self.store.released or not self.store.layer_complete(layer):
+            return
+        tensors = {}
+        for matrix, placed in self.store.layout.fields.items():
+            for (field, _), view in zip(placed, self.store.layer_fields(layer)[matrix]):
+                tensors[packed_key(layer, matrix, field.name)] = view.contiguous()  # one field of one layer at a time
+        name = self.name(1 + self.store.layers[layer])
+        save_file(tensors, str(self.directory / name), metadata={"format": "pt"})
+        del tensors
+        self.weight_map.update(dict.fromkeys((packed_key(layer, m, f.name) for m, placed in self.store.layout.fields.items() for f, _ in placed), name))
+        self.store.release_layer(layer)
+        self.bar.update(self.store.layer_bytes)
+        self.bar.set_postfix_str(f"layer {len(self.store.released)}/{len(self.store.layers)}", refresh=False)
+
+    def write_dense(self, dense: dict[str, torch.Tensor]) -> None:
+        """The first shard: the dense tensors as stored."""
+        save_file({k: t.contiguous() for k, t in dense.items()}, str(self.directory / self.name(0)), metadata={"format": "pt"})
+        self.weight_map.update(dict.fromkeys(dense, self.name(0)))
+        self.bar.close()
+
+
+def _read(files: list[Path], cfg, store: StagingStore, shards: LayerShards, progress: bool, interleaved: bool = False) -> tuple[dict[str, torch.Tensor], int]:
+    """Pack experts into `store` as they stream by (each layer written by `shards` once complete); returns the dense tensors
+    (keys and dtypes as stored) and the source expert bytes."""
     dense: dict[str, torch.Tensor] = {}
     source_bytes = 0
     bar = tqdm(total=count_tensors(files), desc="quantizing experts", unit="tensor", disable=(not progress) or None, leave=False)
@@ -97,6 +149,7 @@ def _read(files: list[Path], cfg, store: ExpertStore, progress: bool, interleave
             continue
         place_expert(key, kind, tensor, store, interleaved)
         source_bytes += tensor.numel() * tensor.element_size()
+        shards.flush(kind.layer)
     bar.close()
     return dense, source_bytes
 
@@ -110,21 +163,11 @@ def _usual_permissions(directory: Path) -> None:
         file.chmod(0o666 & ~umask)
 
 
-def _write(tmp: Path, src: Path, dense: dict[str, torch.Tensor], store: ExpertStore, fmt: ExpertFormat) -> None:
-    """Shards (dense, then one per MoE layer), their index, the config with quantization_config, and the source's other files."""
-    layers = list(store.layers)
-    count = 1 + len(layers)
-    name = lambda i: f"model-{i + 1:05d}-of-{count:05d}.safetensors"  # noqa: E731
-    weight_map = {key: name(0) for key in dense}
-    save_file({k: t.contiguous() for k, t in dense.items()}, str(tmp / name(0)), metadata={"format": "pt"})
-    for i, layer in enumerate(layers, start=1):
-        tensors = {}
-        for matrix, placed in store.layout.fields.items():
-            for (field, _), view in zip(placed, store.fields[layer][matrix]):
-                tensors[packed_key(layer, matrix, field.name)] = view.contiguous()  # one layer's fields at a time
-        save_file(tensors, str(tmp / name(i)), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, name(i)))
-    index = {"metadata": {"total_size": sum((tmp / name(i)).stat().st_size for i in range(count))}, "weight_map": weight_map}
+def _write_rest(tmp: Path, src: Path, dense: dict[str, torch.Tensor], shards: LayerShards, fmt: ExpertFormat) -> None:
+    """The dense shard, the shards' index, the config with quantization_config, and the source's other files."""
+    shards.write_dense(dense)
+    total = sum((tmp / shards.name(i)).stat().st_size for i in range(shards.count))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(shards.weight_map.items()))}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = fmt.config()
