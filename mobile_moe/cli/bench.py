@@ -90,6 +90,12 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     )
     b.add_argument("--plot", type=Path, metavar="FILE", help="with --batch: a PNG of speed and expert traffic against batch size")
     b.add_argument(
+        "--drafts",
+        action="store_true",
+        help="instead: what exact mode's draft-and-verify cycle costs (little's acceptance, big passes over 1..9 positions, "
+        "the experts they touch), its modelled and measured speed over big for drafts of 1..8 tokens, and predicted per GPU and disk profile",
+    )
+    b.add_argument(
         "--plan-only", action="store_true", help="print how the budget splits into dense weights, KV cache and expert slots, then exit without loading"
     )
     add_engine_args(b)
@@ -135,8 +141,8 @@ def bench_plan(args: argparse.Namespace, model_cfg: PretrainedConfig, plan: Slot
     return dataclasses.replace(plan, slots=slots), " (bench's default on cpu without a budget: three quarters offloaded)"
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    """`mobile-moe bench`."""
+def check_bench_args(args: argparse.Namespace) -> None:
+    """bench's flags, in one line each, before anything loads."""
     if args.prompts < 1 or args.new_tokens < 2 or args.rounds < 1 or (args.prompt_tokens is not None and args.prompt_tokens < 1):
         raise InvalidParameter("--prompts, --prompt-tokens and --rounds must be >= 1 and --new-tokens >= 2")
     if args.layers is not None and not args.synthetic:
@@ -149,10 +155,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise InvalidParameter("bench --plot draws the --batch sweep; give --batch too")
     if args.accelerate_only and args.batch:
         raise InvalidParameter("give --accelerate-only or --batch, not both")
-    args.max_batch = max(args.batch) if args.batch else 1  # the memory plan holds the KV of the largest batch
-    set_threads(args.threads)
+    if args.drafts and (args.synthetic or args.batch or args.accelerate_only):
+        raise InvalidParameter(
+            "bench --drafts measures greedy drafts on real weights: give --model (or the demo model), without --synthetic, --batch or --accelerate-only"
+        )
     if args.synthetic and args.model:
         raise InvalidParameter("give --model or --synthetic, not both")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """`mobile-moe bench`."""
+    check_bench_args(args)
+    args.max_batch = max(args.batch) if args.batch else 1  # the memory plan holds the KV of the largest batch
+    set_threads(args.threads)
     config = engine_config_from(args)
     model_cfg = synthetic_config(args.synthetic, args.shrink, args.layers) if args.synthetic else read_config(model_dir(args.model, args.quiet))
     plan, why = bench_plan(args, model_cfg, plan_for_config(model_cfg, config))
@@ -175,6 +190,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     policy = dataclasses.replace(policy_from(args, llm), name="mobile", forced_fallback_rate=rate, lookahead=args.lookahead)
     if args.batch:
         return bench_batches(args, llm, policy)
+    if args.drafts:
+        return bench_drafts(args, llm)
     cost = full_size_cost(args.synthetic, full_size_format(args), args.layers) if args.synthetic and args.shrink > 1 else None  # the real widths
     settings = BenchSettings(
         bench_prompts(args, llm, args.prompts),
@@ -241,6 +258,20 @@ def bench_prompts(args: argparse.Namespace, llm: LLM, count: int) -> list[list[i
     if args.prompt_tokens is None:
         return default_prompts(llm, count)
     return default_prompts(llm, count, max_len=args.prompt_tokens, random_len=args.prompt_tokens)
+
+
+def bench_drafts(args: argparse.Namespace, llm: LLM) -> int:
+    """`bench --drafts`: exact mode's cycle measured and modelled (greedy: real weights, not --synthetic)."""
+    from mobile_moe.bench.costinputs import count_decode_ops, dequant_traffic, model_cost
+    from mobile_moe.bench.drafts import drafts_json, drafts_table, run_drafts
+    from mobile_moe.bench.profiles import PROFILES
+
+    store = llm.loaded.store
+    cost = model_cost(llm.loaded.model, store.expert_bytes, count_decode_ops(llm), dequant_bytes=dequant_traffic(store.layout, llm.loaded.dtype))
+    costs = run_drafts(llm, bench_prompts(args, llm, args.prompts), args.new_tokens, llm.planned_slots, cost, dict(PROFILES))
+    print(drafts_table(costs))
+    report = drafts_json(costs) | {"threads": torch.get_num_threads(), "cache_slots": llm.planned_slots, "total_experts": store.total_experts}
+    return _write(args.json, report)
 
 
 def bench_batches(args: argparse.Namespace, llm: LLM, mobile: PolicyConfig) -> int:
