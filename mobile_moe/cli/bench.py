@@ -174,6 +174,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             offload_dir=None if args.offload_dir is None else Path(args.offload_dir),
             direct_io=not args.buffered_io,
             layers=args.layers,
+            dense_dtype=args.dense_dtype,
         )
         llm = LLM(loaded, config)
     else:

@@ -82,6 +82,7 @@ class LLM:
                 self.config.fused_kernels,
                 offload,
                 self.config.direct_io,
+                self.config.dense_dtype,
             )
         self.path = self.loaded.path
         self.info = self.loaded.model.info
@@ -200,6 +201,7 @@ class LLM:
         with self._lock:
             result = generate(self.runner, ids, sampling, Policy(policy), self.eos_token_ids, on_token)
         result.text = self.decode(result.token_ids)
+        result.stats.dense_path = self.loaded.dense_path
         return result
 
     def generate_many(
@@ -232,6 +234,7 @@ class LLM:
         for result in results:
             assert result is not None
             result.text = self.decode(result.token_ids)
+            result.stats.dense_path = self.loaded.dense_path
         return results  # type: ignore[return-value]
 
     def prepare(self, prompt: str | list[int], sampling: SamplingParams | None, policy: PolicyConfig | None) -> tuple[list[int], SamplingParams, PolicyConfig]:
@@ -316,7 +319,7 @@ class LLM:
         """Reject empty, out-of-vocabulary or over-long prompts."""
         if not ids:
             raise InvalidParameter("the prompt is empty")
-        vocab = self.loaded.model.lm_head.weight.shape[0]
+        vocab = self.loaded.model.vocab_size
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
             raise InvalidParameter(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
@@ -376,6 +379,7 @@ def engine_config(  # noqa: PLR0913 - every engine setting, by keyword
     max_batch: int = 1,
     batch_little: str = "auto",
     cuda_graphs: bool = False,
+    dense_dtype: str = "auto",
 ) -> EngineConfig:
     """EngineConfig from flat keyword arguments (what the CLI and API users pass)."""
     return EngineConfig(
@@ -393,4 +397,5 @@ def engine_config(  # noqa: PLR0913 - every engine setting, by keyword
         max_batch=max_batch,
         batch_little=batch_little,
         cuda_graphs=cuda_graphs,  # type: ignore[arg-type]
+        dense_dtype=dense_dtype,
     )
