@@ -18,7 +18,7 @@ from mobile_moe.experts.formats import ExpertFormat, FloatFormat, make_format
 from mobile_moe.experts.kernels import use_fused_kernels
 from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertShape, ExpertStore, pins_host_store
 from mobile_moe.loading.dense import dense_formats, pack_dense, replace_linears, resolve_dense
-from mobile_moe.loading.loader import LayerFlusher, LoadedModel, matching_manifest, open_store, resolve_dtype, store_manifest
+from mobile_moe.loading.loader import LayerFlusher, LoadedModel, matching_manifest, model_params, open_store, resolve_dtype, store_manifest
 from mobile_moe.models.registry import build_model
 from mobile_moe.models.transformer import ModelInfo
 
@@ -239,7 +239,7 @@ def build_synthetic(  # noqa: PLR0913 - the bench's model flags, by keyword
     model.rotary.inv_freq = inv_freq.to(device)  # rotary frequencies stay float32
     info = model.info
     fmt = make_format(expert_dtype, dtype, group_size if expert_dtype == "int4" else None)
-    dense = resolve_dense(cfg, dense_dtype, group_size, device, dtype)
+    dense = resolve_dense(cfg, dense_dtype, group_size, device, dtype, model_params(model))
     replace_linears(model, dense_formats(model, dense), quantize=True)
     model.prepare_weights()
     dense_path = pack_dense(model, dtype, device, fused_kernels)

@@ -59,8 +59,9 @@ def stored_dense(cfg: PretrainedConfig) -> DenseChoice | None:
     return DenseChoice(name, group, f"{name}: as the checkpoint stores it")
 
 
-def resolve_dense(cfg: PretrainedConfig, name: str, group_size: int | None, device: torch.device, dtype: torch.dtype) -> DenseChoice:
-    """The dense format for `--dense-dtype` (see `auto_dense`); a quantized checkpoint's own, which only auto or its name accepts."""
+def resolve_dense(cfg: PretrainedConfig, name: str, group_size: int | None, device: torch.device, dtype: torch.dtype, params: int = 0) -> DenseChoice:
+    """The dense format for `--dense-dtype` (auto: `auto_dense` for a model of `params` parameters); a quantized checkpoint's
+    own, which only auto or its name accepts."""
     stored = stored_dense(cfg)
     if stored is not None:
         if name not in ("auto", stored.name):
@@ -75,11 +76,18 @@ def resolve_dense(cfg: PretrainedConfig, name: str, group_size: int | None, devi
         return DenseChoice(name, group_size or DEFAULT_GROUP_SIZE, f"{name}: as asked")
     if name != "auto":
         raise InvalidParameter(f"dense dtype must be one of auto, {', '.join(FLOAT_DTYPES)}, {', '.join(QUANTIZED)}, got {name!r}")
-    return auto_dense(device, dtype)
+    return auto_dense(device, dtype, params)
 
 
-def auto_dense(device: torch.device, dtype: torch.dtype) -> DenseChoice:
-    """`--dense-dtype auto`: float dense weights in the compute dtype (see docs/performance.md for the measurements)."""
+AUTO_INT8_MIN_PARAMS = 200_000_000  # as `--dtype auto`: below this a model is dispatch-bound on CPU, not bound by bytes
+
+
+def auto_dense(device: torch.device, dtype: torch.dtype, params: int) -> DenseChoice:
+    """`--dense-dtype auto` (measurements: docs/performance.md): on CPU, int8 for a model big enough to be bound by
+    memory (no quality cost measured; int4 reads fewer bytes still, at a measured cost, and is asked for by name); else,
+    and on CUDA (no int8 kernel there), float dense weights in the compute dtype."""
+    if device.type == "cpu" and params >= AUTO_INT8_MIN_PARAMS:
+        return DenseChoice("int8", reason=f"int8: {params / 1e9:.1f}B parameters on CPU read fewer bytes per token")
     return DenseChoice(None, reason=f"{str(dtype).removeprefix('torch.')}: the compute dtype")
 
 

@@ -105,7 +105,7 @@ def plan_load(cfg: PretrainedConfig, device: torch.device, dtype_name: str, expe
     dtype, why = resolve_dtype(dtype_name, cfg, device, model)
     info = model.info
     fmt = resolve_format(cfg, expert_dtype, group_size if expert_dtype == "int4" or dense_dtype != "int4" else None, dtype)
-    dense = resolve_dense(cfg, dense_dtype, group_size, device, dtype)
+    dense = resolve_dense(cfg, dense_dtype, group_size, device, dtype, model_params(model))
     packed = dense_formats(model, dense)
     replace_linears(model, packed, quantize=False)
     return LoadPlan(cfg, model, dtype, why, fmt, ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias), dense, packed)
