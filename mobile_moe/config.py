@@ -11,6 +11,7 @@ from typing import Literal
 from mobile_moe.errors import InvalidParameter
 
 EXPERT_DTYPES: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32", "int8", "int4", "mxfp4")
+DENSE_DTYPES: tuple[str, ...] = ("auto", "bf16", "fp16", "fp32", "int8", "int4")  # attention, shared experts, dense MLPs, LM head
 
 PolicyName = Literal["big", "little", "mobile", "exact"]
 LittleWeights = Literal["native", "rescale"]
@@ -225,6 +226,7 @@ class EngineConfig:
     max_context: int = 4096  # longest prompt + generation served; a memory budget reserves its KV cache
     expert_dtype: str = "auto"  # auto | bf16 | fp16 | fp32 | int8 | int4: how routed experts are stored and moved
     group_size: int | None = None  # int4 only: weights per (scale, zero) group along the input dim
+    dense_dtype: str = "auto"  # auto | bf16 | fp16 | fp32 | int8 | int4: how dense linears are stored and computed (loading/dense.py)
     fused_kernels: bool = True  # quantized experts through fused weight-only kernels where the device has them (experts/kernels.py)
     compile: bool = False  # decode through torch.compile'd layer segments (CPU; the first generate pays the warm-up)
     cuda_graphs: bool = False  # CUDA: decode passes with every expert resident replayed from captured CUDA graphs (engine/graphs.py)
@@ -240,8 +242,10 @@ class EngineConfig:
             raise InvalidParameter(f"device must be cpu or cuda, got {self.device!r}")
         if self.expert_dtype not in EXPERT_DTYPES:
             raise InvalidParameter(f"expert dtype must be one of {', '.join(EXPERT_DTYPES)}, got {self.expert_dtype!r}")
-        if self.group_size is not None and self.expert_dtype != "int4":
-            raise InvalidParameter(f"--group-size applies to int4 experts only, not {self.expert_dtype}")
+        if self.dense_dtype not in DENSE_DTYPES:
+            raise InvalidParameter(f"dense dtype must be one of {', '.join(DENSE_DTYPES)}, got {self.dense_dtype!r}")
+        if self.group_size is not None and "int4" not in (self.expert_dtype, self.dense_dtype):
+            raise InvalidParameter(f"--group-size applies to int4 experts only (or int4 dense weights), not {self.expert_dtype}")
         if self.cache.host_memory_gb is not None and self.offload_dir is None:
             raise InvalidParameter("--host-memory bounds the experts held in RAM when they live on disk: give --offload-dir too")
         if self.max_batch < 1:

@@ -25,7 +25,7 @@ from mobile_moe.bench.costinputs import OpCounts, count_decode_ops, dequant_traf
 from mobile_moe.bench.costmodel import ModelCost, predict
 from mobile_moe.bench.hf_baseline import HFBaseline, run_baseline
 from mobile_moe.bench.profiles import PROFILES, HardwareProfile, device_profile, disk_profiles
-from mobile_moe.bench.roofline import bytes_per_token, memory_probe_gb_s
+from mobile_moe.bench.roofline import bytes_per_token, dense_read_bytes, memory_probe_gb_s
 from mobile_moe.config import PolicyConfig, SamplingParams
 from mobile_moe.engine.llm import LLM
 from mobile_moe.eval.data import read_texts
@@ -71,6 +71,8 @@ class SystemResult:
     host_syncs_per_token: float = float("nan")
     experts_per_token: float = float("nan")  # routed experts computed per decode step (fallback passes included)
     bytes_per_token: float = float("nan")  # weights and KV read per decode step (bench/roofline.py)
+    dense_bytes_per_token: float = float("nan")  # of which dense weights (quantized ones as packed; one embedding row)
+    expert_bytes_per_token: float = float("nan")  # of which routed experts
     roofline: float = float("nan")  # tok/s x bytes/token / the memory probe's GB/s: the share of the memory-bound speed reached
     ratio_to_big: float = 0.0
     same_tokens_as_big: float | None = None  # share of prompts whose generated ids equal big's (greedy runs)
@@ -81,6 +83,7 @@ class SystemResult:
     lookahead_precision: float = float("nan")  # lookahead loads the next layer then used / lookahead loads (with --lookahead)
     host_tier_hit_rate: float = float("nan")  # three tiers: loads of the compute cache the host tier served without a disk read
     expert_path: str = ""  # how routed experts were computed (checks.expert_path): grouped, pooled, tinygemm, reference, ...
+    dense_path: str = ""  # how dense linears were computed (`loading.dense.pack_dense`): count per kernel layout or float dtype
     launches_per_token: float = float("nan")  # kernel launches per decode token from one eager pass's counts (a replay: one)
     peak_gpu_mb: float | None = None  # peak allocated device memory during this system's run (CUDA; None elsewhere)
     predicted_tok_s: float = float("nan")  # the cost model on this run's trace and this device's probes (report's prediction_profile)
@@ -160,6 +163,9 @@ def _run_system(
             **extra_fields,
             note=note,
             expert_path=llm.runner.executor.path(preload),
+            dense_path=llm.loaded.dense_path,
+            dense_bytes_per_token=dense_read_bytes(llm.loaded.model),
+            expert_bytes_per_token=(hits + misses) / max(steps, 1) * llm.loaded.store.expert_bytes,
             peak_gpu_mb=peak_mb(llm.device),
             name=name,
             decode_tok_s=steps / decode_s if decode_s else 0.0,
@@ -187,7 +193,7 @@ def default_prompts(llm: LLM, count: int, max_len: int = 128, random_len: int = 
         if len(prompts) == count:
             return prompts
     gen = torch.Generator().manual_seed(0)
-    vocab = llm.loaded.model.lm_head.weight.shape[0]
+    vocab = llm.loaded.model.vocab_size
     return [torch.randint(2, vocab, (random_len,), generator=gen).tolist() for _ in range(count)]
 
 
@@ -401,6 +407,8 @@ def _report(
         "total_experts": store.total_experts,
         "expert_mb": store.expert_bytes / 2**20,
         "dense_gb": dense_bytes(llm.loaded.model) / 1e9,
+        "dense_dtype": llm.loaded.dense.name or str(llm.loaded.dtype).removeprefix("torch."),
+        "dense_path": llm.loaded.dense_path,
         "cost_model_sizes": None if cost is None else asdict(cost),
         "prompts": len(settings.prompts),
         "new_tokens": settings.new_tokens,
@@ -528,7 +536,7 @@ def table(report: dict) -> str:
         f"{report['model']} on {report['device']}, {report['dtype']}, {report['threads']} threads, memory probe {report['memory_probe_gb_s']:.1f} GB/s, "
         f"experts {report['expert_dtype']} "
         f"({report['expert_bytes'] / 2**20:.3f} MiB each), {report['cache_slots']} of {report['total_experts']} slots; "
-        f"median of {report['rounds']} interleaved rounds"
+        f"median of {report['rounds']} interleaved rounds\ndense {report.get('dense_dtype', '-')}: {report.get('dense_path', '-')}"
     )
     rows = [title, head, "-" * len(head)]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731

@@ -132,7 +132,7 @@ def _count_pass(llm: LLM, prompt: Sequence[int]) -> Counter[str]:
 def _count_expert_call(llm: LLM, n: int) -> int:
     """Launches of one routed-expert call of the first MoE layer on one token with `n` (resident) experts."""
     runner, cache, model = llm.runner, llm.cache, llm.loaded.model
-    x = torch.randn(1, llm.info.hidden, device=llm.device, dtype=model.lm_head.weight.dtype)
+    x = torch.randn(1, llm.info.hidden, device=llm.device, dtype=model.dtype)
     indices = torch.arange(n, device=llm.device)[None]
     weights = torch.full((1, n), 1.0 / n, device=llm.device)
     saved, cache.trace = cache.trace, None
@@ -176,7 +176,7 @@ def model_cost(model: CausalLM, expert_bytes: int, ops: OpCounts | None = None, 
         dense_bytes=size(weights(model)),
         expert_bytes=expert_bytes,
         dequant_bytes=dequant_bytes,
-        embedding_bytes=0 if embed is model.lm_head.weight else size([embed]),
+        embedding_bytes=0 if embed is getattr(model.lm_head, "weight", None) else size([embed]),
         layer_bytes=tuple(size(weights(layer)) for layer in model.model.layers),
     )
     return cost if ops is None else with_counts(cost, ops)

@@ -32,12 +32,13 @@ def memory_probe_gb_s(nbytes: int = PROBE_BYTES, device: torch.device | None = N
 
 
 def dense_read_bytes(model: CausalLM) -> int:
-    """Dense bytes one decode step reads: every weight, but of an untied embedding table only one row."""
-    emb, head = model.model.embed_tokens.weight, model.lm_head.weight
-    unread = 0 if emb.data_ptr() == head.data_ptr() else (emb.shape[0] - 1) * emb.shape[1] * emb.element_size()
+    """Dense bytes one decode step reads: every weight (quantized ones as packed), but of an untied embedding table only one row."""
+    emb, head = model.model.embed_tokens.weight, getattr(model.lm_head, "weight", None)
+    tied = head is not None and emb.data_ptr() == head.data_ptr()
+    unread = 0 if tied else (emb.shape[0] - 1) * emb.shape[1] * emb.element_size()
     return dense_bytes(model) - unread
 
 
 def bytes_per_token(model: CausalLM, expert_bytes: int, experts_per_token: float, mean_context: float) -> float:
     """Weight and KV bytes one decode step reads, given the experts it computed and its mean attended length."""
-    return dense_read_bytes(model) + experts_per_token * expert_bytes + mean_context * kv_bytes_per_token(model, model.lm_head.weight.dtype)
+    return dense_read_bytes(model) + experts_per_token * expert_bytes + mean_context * kv_bytes_per_token(model, model.dtype)

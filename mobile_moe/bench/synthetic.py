@@ -17,7 +17,8 @@ from mobile_moe.experts.disk import DiskStore, StoreWriter
 from mobile_moe.experts.formats import ExpertFormat, FloatFormat, make_format
 from mobile_moe.experts.kernels import INT4_OFFSET, layout_format, use_fused_kernels
 from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertPacker, ExpertShape, ExpertStore, StagingStore, pins_host_store
-from mobile_moe.loading.loader import LayerFlusher, LoadedModel, matching_manifest, open_store, resolve_dtype, store_manifest
+from mobile_moe.loading.dense import dense_formats, pack_dense, replace_linears, resolve_dense
+from mobile_moe.loading.loader import LayerFlusher, LoadedModel, matching_manifest, model_params, open_store, resolve_dtype, store_manifest
 from mobile_moe.models.registry import build_model
 from mobile_moe.models.transformer import CausalLM, ModelInfo
 
@@ -236,6 +237,7 @@ def build_synthetic(  # noqa: PLR0913 - the bench's model flags, by keyword
     offload_dir: Path | None = None,
     direct_io: bool = True,
     layers: int | None = None,
+    dense_dtype: str = "auto",
 ) -> LoadedModel:
     """Random dense weights made on the device in the compute dtype, random experts made there (already packed: random codes and scales) and
     copied into (pinned) host memory.
@@ -244,7 +246,8 @@ def build_synthetic(  # noqa: PLR0913 - the bench's model flags, by keyword
     routed by its own identity; with small random embeddings the shared part of the residual stream
     would send every token to the same few experts and make caching look far better than it is.
     With `offload_dir` the experts go to an on-disk store instead, one layer at a time (reused when it matches).
-    `layers`: only the first that many decoder layers (see `synthetic_config`).
+    `layers`: only the first that many decoder layers (see `synthetic_config`). `dense_dtype`: the dense linears are
+    quantized from their random float weights as a checkpoint's would be (loading/dense.py).
     """
     cfg = synthetic_config(name, shrink, layers)
     with torch.device("meta"):
@@ -259,12 +262,15 @@ def build_synthetic(  # noqa: PLR0913 - the bench's model flags, by keyword
     gen = torch.Generator(device=device).manual_seed(seed)
     _random_dense(model, gen)
     info = model.info
-    fmt = make_format(expert_dtype, dtype, group_size)
+    fmt = make_format(expert_dtype, dtype, group_size if expert_dtype == "int4" else None)
+    dense = resolve_dense(cfg, dense_dtype, group_size, device, dtype, model_params(model))
+    replace_linears(model, dense_formats(model, dense), quantize=True)
     model.prepare_weights()
+    dense_path = pack_dense(model, dtype, device, fused_kernels)
     model.eval()
     fingerprint = f"synthetic:{name}:shrink={shrink}:seed={seed}" + ("" if layers is None else f":layers={layers}")
     store = _random_experts(info, fmt, dtype, device, gen, fused_kernels, offload_dir, direct_io, fingerprint)
-    return LoadedModel(model=model, store=store, config=cfg, path=Path(f"synthetic:{name}"), dtype=dtype, dtype_reason=why)
+    return LoadedModel(model=model, store=store, config=cfg, path=Path(f"synthetic:{name}"), dtype=dtype, dtype_reason=why, dense_path=dense_path, dense=dense)
 
 
 def _random_experts(

@@ -235,6 +235,7 @@ def bench_llm(args: argparse.Namespace, config: EngineConfig, model_cfg: Pretrai
         offload_dir=None if args.offload_dir is None else Path(args.offload_dir),
         direct_io=not args.buffered_io,
         layers=args.layers,
+        dense_dtype=args.dense_dtype,
     )
     return LLM(loaded, config)
 

@@ -11,7 +11,7 @@ from typing import NoReturn
 
 import torch
 
-from mobile_moe.config import CRITERIA, EXPERT_DTYPES, POLICIES, EngineConfig, PolicyConfig, check_options, flag_name
+from mobile_moe.config import CRITERIA, DENSE_DTYPES, EXPERT_DTYPES, POLICIES, EngineConfig, PolicyConfig, check_options, flag_name
 from mobile_moe.engine.calibration import DEFAULT_TAU, DEMO_MODEL
 from mobile_moe.engine.llm import LLM, engine_config, ram_check
 from mobile_moe.errors import CheckpointError, InvalidParameter
@@ -44,6 +44,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="how routed experts are stored in host memory and moved (default auto: the compute dtype, or what a quantized checkpoint holds)",
     )
     p.add_argument(
+        "--dense-dtype",
+        default="auto",
+        choices=DENSE_DTYPES,
+        help="attention, shared experts, dense MLPs and the LM head: int8 / int4 through weight-only kernels, or float "
+        "(default auto: the compute dtype, or what a quantized checkpoint holds)",
+    )
+    p.add_argument(
         "--reference-kernels",
         action="store_true",
         help="quantized experts: dequantize then matmul (the tested reference path) instead of fused weight-only kernels",
@@ -58,7 +65,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="cuda, every expert resident: replay each decode pass from a captured CUDA graph (one launch instead of hundreds)",
     )
-    p.add_argument("--group-size", type=int, metavar="G", help=f"int4 experts: weights per scale/zero group along the input dim (default {DEFAULT_GROUP_SIZE})")
+    p.add_argument(
+        "--group-size",
+        type=int,
+        metavar="G",
+        help=f"int4 experts / dense weights: weights per scale/zero group along the input dim (default {DEFAULT_GROUP_SIZE})",
+    )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--expert-cache", type=int, metavar="N", help="device expert cache size, in experts")
     size.add_argument("--gpu-memory", type=float, metavar="GB", help="device memory budget for dense weights + KV cache + expert slots")
@@ -300,6 +312,7 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
         getattr(args, "max_batch", 1),
         getattr(args, "batch_little", "auto"),
         args.cuda_graphs,
+        args.dense_dtype,
     )
 
 

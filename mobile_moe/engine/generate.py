@@ -169,7 +169,7 @@ class Decoder:
 
 def new_decoder(runner: Runner, kv: KVCache, prompt: list[int], sampling: SamplingParams, policy: Policy) -> Decoder:
     """The state of one generation over a fresh KV cache (its own sampler seeded from `sampling.seed`) and its passes."""
-    device = runner.model.lm_head.weight.device
+    device = runner.model.device
     generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
     first = for_policy(policy.config, policy.decode_mode, runner.little_k_of(policy.config.little_k), policy.may_fall_back)
     result = GenerationResult(token_ids=[], stats=GenerationStats(prompt_tokens=len(prompt)), logprobs=None if sampling.logprobs is None else [])
@@ -193,9 +193,8 @@ def enable_partial(dec: Decoder) -> None:
     if share is None or dec.kv.recurrent or not dec.policy.may_fall_back:
         return
     model = dec.runner.model
-    weight = model.lm_head.weight
     rows = (dec.policy.config.kv_repair or 0) + 1  # this step and the positions a fallback may repair
-    inputs = torch.zeros(rows, len(model.model.layers), model.info.hidden, dtype=weight.dtype, device=weight.device)
+    inputs = torch.zeros(rows, len(model.model.layers), model.info.hidden, dtype=model.dtype, device=model.device)
     dec.partial = PartialFallback(share, inputs, model.info.moe_layers)
 
 
@@ -264,7 +263,7 @@ def generate(
     on_token: TokenCallback | None = None,
 ) -> GenerationResult:
     """Prefill the prompt, then decode token by token under the policy; stops at EOS, the token limit, or when `on_token` says so."""
-    device = runner.model.lm_head.weight.device
+    device = runner.model.device
     dec = new_decoder(runner, runner.decode_kv(len(prompt) + sampling.max_new_tokens), prompt, sampling, policy)
     dec.rollback = rolls_back(policy, sampling, dec.kv)
     enable_partial(dec)

@@ -92,6 +92,7 @@ class LLM:
                 self.config.fused_kernels,
                 offload,
                 self.config.direct_io,
+                self.config.dense_dtype,
             )
         self.path = self.loaded.path
         self.info = self.loaded.model.info
@@ -215,6 +216,7 @@ class LLM:
             result = generate(self.runner, ids, sampling, Policy(policy), self.eos_token_ids, on_token)
         result.text = self.decode(result.token_ids)
         self._time(result, started)
+        result.stats.dense_path = self.loaded.dense_path
         return result
 
     def generate_many(
@@ -248,6 +250,7 @@ class LLM:
             assert result is not None
             result.text = self.decode(result.token_ids)
             self._time(result, started)
+            result.stats.dense_path = self.loaded.dense_path
         return results  # type: ignore[return-value]
 
     def _time(self, result: GenerationResult, started: float) -> None:
@@ -340,7 +343,7 @@ class LLM:
         """Reject empty, out-of-vocabulary or over-long prompts."""
         if not ids:
             raise InvalidParameter("the prompt is empty")
-        vocab = self.loaded.model.lm_head.weight.shape[0]
+        vocab = self.loaded.model.vocab_size
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
             raise InvalidParameter(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
@@ -421,6 +424,7 @@ def engine_config(  # noqa: PLR0913 - every engine setting, by keyword
     max_batch: int = 1,
     batch_little: str = "auto",
     cuda_graphs: bool = False,
+    dense_dtype: str = "auto",
 ) -> EngineConfig:
     """EngineConfig from flat keyword arguments (what the CLI and API users pass)."""
     return EngineConfig(
@@ -438,4 +442,5 @@ def engine_config(  # noqa: PLR0913 - every engine setting, by keyword
         max_batch=max_batch,
         batch_little=batch_little,
         cuda_graphs=cuda_graphs,  # type: ignore[arg-type]
+        dense_dtype=dense_dtype,
     )

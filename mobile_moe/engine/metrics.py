@@ -33,6 +33,7 @@ class GenerationStats:
     host_tier_hits: int = 0  # three tiers: misses of the compute cache served by the host tier without a disk read
     rolled_back_tokens: int = 0  # little tokens a rollback took back (`PolicyConfig.rollback`): decoded, then replaced
     expert_path: str = ""  # how routed experts were computed (`ExpertExecutor.path`): in-place, grouped, tinygemm, reference, ...
+    dense_path: str = ""  # how dense linears were computed (`loading.dense.pack_dense`): their count per kernel layout or float dtype
     graph_captures: int = 0  # decode passes captured as CUDA graphs during the request (`--cuda-graphs`)
     graph_replays: int = 0  # decode passes replayed from captured graphs
     big_instead_tokens: int = 0  # mobile decode steps run big because, at that batch size, little did not pay (policy/governor.py)

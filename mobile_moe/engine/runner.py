@@ -60,14 +60,14 @@ class Runner:
         device_indexed = options.device_indexed if options.device_indexed is not None else (graphs is not None or cache.device.type != "cpu")
         self.model = model
         self.cache = cache
-        dtype = model.lm_head.weight.dtype
+        dtype = model.dtype
         self.executor = ExpertExecutor(
             cache, activation(model.info.hidden_act), dtype, grouped=options.grouped, compiled=compile_layers, device_indexed=device_indexed
         )
         moe = list(model.info.moe_layers)
         self.next_moe_layer = dict(zip(moe, moe[1:]))
         self.moe_row = {layer: row for row, layer in enumerate(moe)}
-        device, k = model.lm_head.weight.device, model.info.top_k
+        device, k = model.device, model.info.top_k
         self.routing_buf = torch.zeros(len(moe), k, dtype=torch.int64, device=device)  # [L, k] a recording pass's last top-k per MoE layer
         self.weight_buf = torch.zeros(len(moe), k, dtype=torch.float32, device=device)  # [L, k] its raw gate values
         # decode passes read a fixed span of keys, rounded up to this many (None: the exact length); one capture per bucket of spans
@@ -120,13 +120,13 @@ class Runner:
     def new_kv(self, max_len: int) -> KVCache:
         """An empty KV cache for one sequence of up to max_len positions."""
         k_shapes, v_shapes = self.model.kv_shapes()
-        device, dtype = self.model.lm_head.weight.device, self.model.lm_head.weight.dtype
+        device, dtype = self.model.device, self.model.dtype
         return KVCache(k_shapes, v_shapes, max_len, device, dtype, self.new_recurrent(), rings=self.rings(max_len))
 
     def new_pool(self, rows: int, max_len: int) -> KVPool:
         """KV buffers for `rows` sequences of up to max_len positions, decoded together."""
         k_shapes, v_shapes = self.model.kv_shapes()
-        return KVPool(k_shapes, v_shapes, rows, max_len, self.model.lm_head.weight.device, self.model.lm_head.weight.dtype, self.rings(max_len))
+        return KVPool(k_shapes, v_shapes, rows, max_len, self.model.device, self.model.dtype, self.rings(max_len))
 
     def rings(self, max_len: int) -> list[int | None]:
         """Per layer, the ring slots of a sliding-window layer (window + kv_slack, when under max_len), else None."""
@@ -134,7 +134,7 @@ class Runner:
 
     def new_recurrent(self) -> dict:
         """Fresh recurrent states of one sequence (empty for attention-only models)."""
-        device, dtype = self.model.lm_head.weight.device, self.model.lm_head.weight.dtype
+        device, dtype = self.model.device, self.model.dtype
         return {m.layer: m.new_state(device, dtype) for m in self.model.modules() if hasattr(m, "new_state")}
 
     def ids(self, tokens: list[int]) -> torch.Tensor:

@@ -208,6 +208,7 @@ class MLAttention(nn.Module):
     """
 
     absorb: bool | None = None  # None: choose by cost
+    float_linears = ("kv_b_proj",)  # its weight is read as a matrix (the absorbed path): never quantized
 
     def __init__(self, layer: int, d: MLADims, *, bias: bool, eps: float, scale: float, rope_layout: RopeLayout) -> None:
         super().__init__()

@@ -1,4 +1,6 @@
-"""One matmul for several linears that read the same input (q/k/v, gate/up): fewer launches per decode token."""
+"""One matmul for several linears that read the same input (q/k/v, gate/up): fewer launches per decode token.
+
+Quantized linears (layers/qlinear.py) fuse too: their packed rows are concatenated into one QuantLinear."""
 
 from __future__ import annotations
 
@@ -8,18 +10,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mobile_moe.layers.qlinear import QuantLinear, fuse_quantized
+
 
 @dataclass(frozen=True)
 class FusedLinear:
     """The concatenated weights of linears sharing an input; each original linear now views its rows."""
 
-    weight: torch.Tensor  # [sum(out), in]
+    weight: torch.Tensor | None  # [sum(out), in]; None when quantized
     bias: torch.Tensor | None  # [sum(out)]
     sizes: tuple[int, ...]
+    quantized: QuantLinear | None = None  # the fused quantized linear (its members read their rows of it)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x: [T, in] -> one output [T, out_i] per original linear."""
-        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        y = F.linear(x, self.weight, self.bias) if self.quantized is None else self.quantized(x)  # [T, sum(out)]
+        return y.split(self.sizes, dim=-1)
 
 
 def to_column_major(weight: torch.Tensor) -> torch.Tensor:
@@ -27,10 +33,13 @@ def to_column_major(weight: torch.Tensor) -> torch.Tensor:
     return weight.t().contiguous().t()
 
 
-def fuse_linears(linears: list[nn.Linear], column_major: bool = False) -> FusedLinear:
+def fuse_linears(linears: list[nn.Module], column_major: bool = False) -> FusedLinear | None:
     """Concatenate the linears' weights (and biases), optionally stored column-major, and rebind each linear to its
-    rows: no extra memory stays allocated."""
+    rows: no extra memory stays allocated. None when they cannot fuse (quantized in different formats, or mixed)."""
     sizes = tuple(lin.out_features for lin in linears)
+    if any(isinstance(lin, QuantLinear) for lin in linears):
+        fused = fuse_quantized(linears) if all(isinstance(lin, QuantLinear) for lin in linears) else None  # type: ignore[arg-type]
+        return None if fused is None else FusedLinear(None, None, sizes, fused)
     weight = torch.cat([lin.weight.detach() for lin in linears])
     weight = to_column_major(weight) if column_major else weight
     has_bias = [lin.bias is not None for lin in linears]

@@ -14,7 +14,9 @@ from mobile_moe.errors import CacheTooSmall, InvalidParameter
 from mobile_moe.experts.disk import DiskStore, record_bytes
 from mobile_moe.experts.host_memory import available_memory_bytes
 from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertShape
-from mobile_moe.loading.loader import dense_bytes, resolve_dtype, resolve_format
+from mobile_moe.layers.qlinear import QuantLinear
+from mobile_moe.loading.dense import quantized_modules
+from mobile_moe.loading.loader import dense_bytes, plan_load, resolve_dtype, resolve_format
 from mobile_moe.models.registry import build_model
 from mobile_moe.models.transformer import CausalLM
 
@@ -46,9 +48,16 @@ def recurrent_bytes(model: CausalLM, dtype: torch.dtype) -> int:
 def scratch_bytes(model: CausalLM, dtype: torch.dtype, context: int) -> int:
     """Estimate of the largest transient activations: one prefill chunk through a layer (expert pairs, MLP widths, mask)."""
     info, chunk = model.info, min(PREFILL_CHUNK, context)
-    widest = max((m.out_features for m in model.model.layers.modules() if isinstance(m, nn.Linear)), default=0)
+    widest = max((m.out_features for m in model.model.layers.modules() if isinstance(m, (nn.Linear, QuantLinear))), default=0)
     per_token = info.top_k * (2 * info.hidden + 3 * info.expert_intermediate) + 3 * widest + 8 * info.hidden
     return chunk * per_token * dtype.itemsize + chunk * context  # + boolean causal mask
+
+
+def dense_dequant_bytes(model: CausalLM, dtype: torch.dtype) -> int:
+    """Transient bytes of the largest quantized dense matrix a prompt chunk dequantizes (above its kernel's row threshold);
+    the LM head is left out: a prompt runs it on its last position only (scoring every position, as `eval` does, is not planned)."""
+    mats = [m for m in quantized_modules(model) if m is not model.lm_head]
+    return max((m.fmt.dequant_bytes(m.out_features, m.in_features, dtype) for m in mats), default=0)  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -110,7 +119,7 @@ def plan_slots(
         context = min(model.info.max_context, max_context)
         dense = dense_bytes(model, dtype)
         kv = rows * (kv_bytes(model, dtype, context) + recurrent_bytes(model, dtype))
-        scratch = scratch_bytes(model, dtype, context) + dequant_bytes
+        scratch = scratch_bytes(model, dtype, context) + max(dequant_bytes, dense_dequant_bytes(model, dtype))  # one at a time
         slots = max(0, (budget - dense - kv - scratch) // expert_bytes)
         plan = SlotPlan(min(slots, total_experts), total_experts, expert_bytes, budget, dense, kv, scratch, context, rows)
         reason = plan.describe()
@@ -149,13 +158,9 @@ def plan_for_config(model_cfg: PretrainedConfig, config: EngineConfig) -> SlotPl
     device = torch.device(config.device)
     if device.type == "cuda" and config.cache.slots is None and config.cache.gpu_memory_gb is None and not torch.cuda.is_available():
         raise InvalidParameter("planning for cuda on a machine without CUDA needs --gpu-memory or --expert-cache")
-    with torch.device("meta"):
-        model = build_model(model_cfg)
-    dtype, _ = resolve_dtype(config.dtype, model_cfg, device, model)
-    info = model.info
-    layout = ExpertLayout(
-        ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias), resolve_format(model_cfg, config.expert_dtype, config.group_size, dtype)
-    )
+    plan = plan_load(model_cfg, device, config.dtype, config.expert_dtype, config.group_size, config.dense_dtype)  # dense linears as they will be stored
+    model, dtype, info = plan.model, plan.dtype, plan.model.info
+    layout = ExpertLayout(plan.shape, plan.fmt)
     total = info.num_experts * len(info.moe_layers)
     return plan_slots(config.cache, model, layout.nbytes, total, device, dtype, config.max_context, dequant_scratch_bytes(layout, dtype), config.max_batch)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ from mobile_moe.experts.host_memory import available_memory_bytes
 from mobile_moe.experts.kernels import compute_format, layout_format, use_fused_kernels
 from mobile_moe.experts.store import MATRICES, ExpertLayout, ExpertPacker, ExpertShape, ExpertStore, StagingStore, pins_host_store
 from mobile_moe.layers.moe import Router
+from mobile_moe.layers.qlinear import QuantLinear
 from mobile_moe.loading.checkpoint import (
     ExpertTensor,
     FusedExpertTensor,
@@ -32,6 +33,7 @@ from mobile_moe.loading.checkpoint import (
     shard_files,
     unused,
 )
+from mobile_moe.loading.dense import DenseChoice, dense_formats, pack_dense, quantized_fields, replace_linears, resolve_dense, unregistered_bytes
 from mobile_moe.models.registry import build_model
 from mobile_moe.models.transformer import CausalLM, ModelInfo
 
@@ -50,6 +52,8 @@ class LoadedModel:
     path: Path
     dtype: torch.dtype
     dtype_reason: str = ""  # why this compute dtype (`--dtype auto` says which it chose)
+    dense_path: str = ""  # how dense linears are computed (`pack_dense`): e.g. '49 int4:_weight_int4pack_mm_for_cpu, 3 bf16'
+    dense: DenseChoice = DenseChoice(None)  # the dense weights' format (`--dense-dtype`)
 
 
 def fp32_names(model: CausalLM) -> frozenset[str]:
@@ -61,12 +65,14 @@ def fp32_names(model: CausalLM) -> frozenset[str]:
 
 
 def dense_bytes(model: CausalLM, dtype: torch.dtype | None = None) -> int:
-    """Bytes of every weight on the device (routed experts are not parameters); `dtype`: as if stored in it (planning on meta)."""
-    total, fp32 = 0, fp32_names(model)
+    """Bytes of every weight on the device (routed experts are not parameters); `dtype`: as if stored in it (planning on meta).
+    Quantized linears count their packed fields as they are."""
+    total, fp32 = unregistered_bytes(model), fp32_names(model)
+    packed = {f"{prefix}.{n}".lstrip(".") for prefix, m in model.named_modules() if isinstance(m, QuantLinear) for n in m.names}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if name.endswith("rotary.inv_freq"):
             size = 4
-        elif dtype is None or name in fp32:
+        elif dtype is None or name in fp32 or name in packed:
             size = t.element_size()
         else:
             size = dtype.itemsize
@@ -87,17 +93,22 @@ class LoadPlan:
     dtype_reason: str
     fmt: ExpertFormat
     shape: ExpertShape
+    dense: DenseChoice = DenseChoice(None)
+    packed: dict[str, ExpertFormat] = field(default_factory=dict)  # dense linears stored packed, by module name, in their format
 
 
-def plan_load(cfg: PretrainedConfig, device: torch.device, dtype_name: str, expert_dtype: str, group_size: int | None) -> LoadPlan:
-    """The model built on meta, its compute dtype (and why) and its experts' format and shape."""
+def plan_load(cfg: PretrainedConfig, device: torch.device, dtype_name: str, expert_dtype: str, group_size: int | None, dense_dtype: str = "auto") -> LoadPlan:
+    """The model built on meta (its quantized dense linears already QuantLinears), its compute dtype (and why), its
+    experts' format and shape and its dense format."""
     with torch.device("meta"):
         model = build_model(cfg)
     dtype, why = resolve_dtype(dtype_name, cfg, device, model)
     info = model.info
-    return LoadPlan(
-        cfg, model, dtype, why, resolve_format(cfg, expert_dtype, group_size, dtype), ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias)
-    )
+    fmt = resolve_format(cfg, expert_dtype, group_size if expert_dtype == "int4" or dense_dtype != "int4" else None, dtype)
+    dense = resolve_dense(cfg, dense_dtype, group_size, device, dtype, model_params(model))
+    packed = dense_formats(model, dense)
+    replace_linears(model, packed, quantize=False)
+    return LoadPlan(cfg, model, dtype, why, fmt, ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias), dense, packed)
 
 
 def check_host_memory(plan: LoadPlan, device: torch.device) -> None:
@@ -203,6 +214,7 @@ def load(
     fused_kernels: bool = True,
     offload_dir: Path | None = None,
     direct_io: bool = True,
+    dense_dtype: str = "auto",
 ) -> LoadedModel:
     """Read config and weights, packing experts into the host store as they stream by; never materialise all experts on the device.
 
@@ -211,7 +223,7 @@ def load(
     path = Path(path)
     cfg = read_config(path)
     files = shard_files(path)
-    plan = plan_load(cfg, device, dtype_name, expert_dtype, group_size)
+    plan = plan_load(cfg, device, dtype_name, expert_dtype, group_size, dense_dtype)
     model, dtype, why, fmt, shape, info = plan.model, plan.dtype, plan.dtype_reason, plan.fmt, plan.shape, plan.model.info
     check_runnable(info, path)
     disk: DiskStore | None = None
@@ -227,17 +239,20 @@ def load(
         staging = StagingStore(list(info.moe_layers), info.num_experts, shape, fmt)
         with StoreWriter(offload_dir, wanted, progress) as writer:
             flusher = LayerFlusher(staging, writer, wanted, dtype)
-            _finish(model, _read_weights(files, cfg, staging, flusher, device, dtype, fp32, interleaved, progress), staging, cfg, device)
+            dense = _read_weights(files, cfg, staging, flusher, device, dtype, fp32, interleaved, progress, plan.packed)
+            _finish(model, dense, staging, cfg, device, plan.packed)
             disk = flusher.finish(direct_io)  # the experts live on disk only
         store: ExpertStore | None = None
     else:
         store = None if disk is not None else ExpertStore(list(info.moe_layers), info.num_experts, shape, fmt, pin=pins_host_store(device, False))
-        _finish(model, _read_weights(files, cfg, store, None, device, dtype, fp32, interleaved, progress), store, cfg, device)
+        _finish(model, _read_weights(files, cfg, store, None, device, dtype, fp32, interleaved, progress, plan.packed), store, cfg, device, plan.packed)
         if store is not None and fused_kernels:
             use_fused_kernels(store, dtype, device, progress)
     model.prepare_weights()
+    dense_path = pack_dense(model, dtype, device, fused_kernels)
     model.eval()
-    return LoadedModel(model=model, store=disk if disk is not None else store, config=cfg, path=path, dtype=dtype, dtype_reason=why)
+    store = disk if disk is not None else store
+    return LoadedModel(model=model, store=store, config=cfg, path=path, dtype=dtype, dtype_reason=why, dense_path=dense_path, dense=plan.dense)
 
 
 def check_runnable(info: ModelInfo, path: Path) -> None:
@@ -258,6 +273,7 @@ def _read_weights(  # noqa: PLR0913 - the loader's state, passed down
     fp32: frozenset[str],
     interleaved: bool,
     progress: bool,
+    packed: dict[str, ExpertFormat] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Stream every checkpoint tensor into the expert store (each layer written out by `flusher` once complete) or the
     dense state dict, which is returned."""
@@ -265,7 +281,7 @@ def _read_weights(  # noqa: PLR0913 - the loader's state, passed down
     bar = tqdm(total=count_tensors(files), desc="loading weights", unit="tensor", disable=(not progress) or None, leave=False)
     for key, tensor in iter_tensors(files):
         bar.update()
-        layer = _place(key, tensor, cfg, store, dense, device, dtype, fp32, interleaved)
+        layer = _place(key, tensor, cfg, store, dense, device, dtype, fp32, interleaved, packed)
         if flusher is not None and layer is not None:
             flusher.flush(layer)
     bar.close()
@@ -359,9 +375,11 @@ def _place(
     dtype: torch.dtype,
     fp32: frozenset[str],
     interleaved: bool = False,
-) -> None:
+    packed: dict[str, ExpertFormat] | None = None,
+) -> int | None:
     """Route one checkpoint tensor to the expert store (packed there; skipped when None: the experts are on disk already) or the
-    dense state dict (`fp32` names stay float32). Returns the MoE layer of an expert tensor, else None."""
+    dense state dict (`fp32` names stay float32; the weights of `packed` linears are quantized, or taken packed as stored).
+    Returns the MoE layer of an expert tensor, else None."""
     key = canonical_key(key)
     if unused(key, cfg.get_text_config().num_hidden_layers):
         return None
@@ -372,7 +390,14 @@ def _place(
         return kind.layer
     if not key.endswith("rotary_emb.inv_freq"):
         name = dense_name(key)
-        dense[name] = dense_tensor(name, tensor).to(device=device, dtype=torch.float32 if name in fp32 else dtype)
+        prefix, _, leaf = name.rpartition(".")
+        fmt = (packed or {}).get(prefix)
+        if fmt is not None and leaf == "weight":
+            dense.update(quantized_fields(prefix, fmt, tensor, device))
+        elif fmt is not None and leaf != "bias":
+            dense[name] = tensor.to(device)  # a packed field, as `quantize --dense-dtype` wrote it
+        else:
+            dense[name] = dense_tensor(name, tensor).to(device=device, dtype=torch.float32 if name in fp32 else dtype)
     return None
 
 
@@ -413,9 +438,15 @@ def _gate_rows_first(t: torch.Tensor, part: str) -> torch.Tensor:
     return torch.cat((t[:, 0::2], t[:, 1::2]), dim=1) if part == "gate_up" else t
 
 
-def _finish(model: CausalLM, dense: dict[str, torch.Tensor], store: ExpertPacker | None, cfg: PretrainedConfig, device: torch.device) -> None:
-    """Assign dense weights, tie the LM head if asked, and check nothing is missing."""
-    if "lm_head.weight" not in dense and getattr(cfg, "tie_word_embeddings", False) and "model.embed_tokens.weight" in dense:
+def _finish(
+    model: CausalLM, dense: dict[str, torch.Tensor], store: ExpertPacker | None, cfg: PretrainedConfig, device: torch.device, packed: dict | None = None
+) -> None:
+    """Assign dense weights, tie the LM head if asked (a quantized head: the embedding's packed copy), and check nothing is missing."""
+    head = (packed or {}).get("lm_head")
+    tied = getattr(cfg, "tie_word_embeddings", False) and "model.embed_tokens.weight" in dense
+    if tied and head is not None and not any(k.startswith("lm_head.") and k != "lm_head.bias" for k in dense):
+        dense.update(quantized_fields("lm_head", head, dense["model.embed_tokens.weight"], device))
+    elif "lm_head.weight" not in dense and tied and head is None:
         dense["lm_head.weight"] = dense["model.embed_tokens.weight"]
     expected = set(model.state_dict().keys())
     missing = sorted(expected - dense.keys())

@@ -2,7 +2,8 @@
 
 The source streams tensor by tensor, layer by layer, into a staging store that holds the layer being packed; each
 layer's shard is written once the layer is complete (host RAM stays near the dense weights plus one layer). The output
-holds the dense weights unchanged, each MoE layer's packed fields in their own shard, a config with a
+holds the dense weights unchanged (or, with `dense`, the linears loading/dense.py quantizes as packed fields
+`<linear>.qweight` / `.scales` / `.zeros` beside their float biases), each MoE layer's packed fields in their own shard, a config with a
 `quantization_config` block naming the format, and every other file of the source (tokenizer, calibration).
 It is written into a temporary directory beside the target and renamed into place only when complete.
 """
@@ -22,9 +23,10 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from mobile_moe.errors import CheckpointError, InvalidParameter
-from mobile_moe.experts.formats import ExpertFormat, make_format
+from mobile_moe.experts.formats import DEFAULT_GROUP_SIZE, ExpertFormat, make_format
 from mobile_moe.experts.store import ExpertShape, StagingStore
-from mobile_moe.loading.checkpoint import canonical_key, classify, count_tensors, iter_tensors, packed_key, read_config, shard_files, unused
+from mobile_moe.loading.checkpoint import canonical_key, classify, count_tensors, dense_name, iter_tensors, packed_key, read_config, shard_files, unused
+from mobile_moe.loading.dense import QUANTIZED, DenseChoice, dense_formats, quantized_fields
 from mobile_moe.loading.loader import place_expert, stored_format
 from mobile_moe.models.registry import build_model
 
@@ -40,6 +42,8 @@ class QuantizeReport:
     experts: int
     source_expert_bytes: int
     packed_expert_bytes: int
+    dense: DenseChoice = DenseChoice(None)
+    packed_dense: int = 0  # dense linears written packed
 
 
 def _check_writable(out: Path) -> None:
@@ -52,32 +56,37 @@ def _check_writable(out: Path) -> None:
         raise InvalidParameter(f"cannot write {out}: {e.strerror or e}") from None
 
 
-def quantize_checkpoint(src: Path, out: Path, to: str, group_size: int | None = None, progress: bool = True) -> QuantizeReport:
-    """Write `src` with its routed experts packed as `to` (int8 | int4 | mxfp4) into the new directory `out`, one MoE layer
-    at a time (RAM holds the dense weights and the layer being packed, never every expert)."""
+def quantize_checkpoint(src: Path, out: Path, to: str, group_size: int | None = None, progress: bool = True, dense_dtype: str | None = None) -> QuantizeReport:
+    """Write `src` with its routed experts packed as `to` (int8 | int4 | mxfp4), and its dense linears as `dense_dtype`
+    (int8 | int4; None: unchanged), into the new directory `out`, one MoE layer at a time (RAM holds the dense weights and
+    the layer being packed, never every expert)."""
     if to not in ("int8", "int4", "mxfp4"):
         raise InvalidParameter(f"--to must be int8, int4 or mxfp4, got {to!r}")
+    if dense_dtype is not None and dense_dtype not in QUANTIZED:
+        raise InvalidParameter(f"--dense-dtype must be int8 or int4, got {dense_dtype!r}")
     if out.exists():
         raise InvalidParameter(f"output directory {out} already exists; choose a new --out")
     _check_writable(out)  # before the long read, not after
     cfg = read_config(src)
     if stored_format(cfg) is not None:
         raise InvalidParameter(f"{src} is already quantized ({cfg.quantization_config}); quantize the original checkpoint")
-    fmt = make_format(to, torch.float32, group_size)
+    fmt = make_format(to, torch.float32, group_size if to == "int4" or dense_dtype != "int4" else None)
+    dense_choice = DenseChoice(dense_dtype, group_size or DEFAULT_GROUP_SIZE) if dense_dtype else DenseChoice(None)
     files = shard_files(src)
     with torch.device("meta"):
-        info = build_model(cfg).info
+        model = build_model(cfg)
+    info, packed = model.info, dense_formats(model, dense_choice)
     shape = ExpertShape(info.hidden, info.expert_intermediate, info.expert_bias)
     store = StagingStore(list(info.moe_layers), info.num_experts, shape, fmt)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         shards = LayerShards(tmp, store, progress)
-        dense, source_bytes = _read(files, cfg, store, shards, progress, info.interleaved_experts)
+        dense, source_bytes = _read(files, cfg, store, shards, progress, info.interleaved_experts, packed)
         lacking = store.missing()
         if lacking:
             raise CheckpointError(f"checkpoint lacks {len(lacking)} expert weights, e.g. {lacking[0]}")
-        _write_rest(tmp, src, dense, shards, fmt)
+        _write_rest(tmp, src, dense, shards, fmt, dense_choice)
         _usual_permissions(tmp)
         tmp.rename(out)
     except (OSError, SafetensorError) as e:
@@ -86,7 +95,7 @@ def quantize_checkpoint(src: Path, out: Path, to: str, group_size: int | None = 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return QuantizeReport(out, fmt.config(), store.total_experts, source_bytes, store.nbytes)
+    return QuantizeReport(out, fmt.config(), store.total_experts, source_bytes, store.nbytes, dense_choice, len(packed))
 
 
 def _one_line(e: BaseException) -> str:
@@ -133,9 +142,18 @@ class LayerShards:
         self.bar.close()
 
 
-def _read(files: list[Path], cfg, store: StagingStore, shards: LayerShards, progress: bool, interleaved: bool = False) -> tuple[dict[str, torch.Tensor], int]:
+def _read(  # noqa: PLR0913 - the source, where it goes, how
+    files: list[Path],
+    cfg,
+    store: StagingStore,
+    shards: LayerShards,
+    progress: bool,
+    interleaved: bool = False,
+    packed: dict[str, ExpertFormat] | None = None,
+) -> tuple[dict[str, torch.Tensor], int]:
     """Pack experts into `store` as they stream by (each layer written by `shards` once complete); returns the dense tensors
-    (keys and dtypes as stored) and the source expert bytes."""
+    (keys and dtypes as stored; the weights of `packed` linears, by module name, as their packed fields) and the source
+    expert bytes."""
     dense: dict[str, torch.Tensor] = {}
     source_bytes = 0
     bar = tqdm(total=count_tensors(files), desc="quantizing experts", unit="tensor", disable=(not progress) or None, leave=False)
@@ -145,13 +163,22 @@ def _read(files: list[Path], cfg, store: StagingStore, shards: LayerShards, prog
             continue  # e.g. DeepSeek-V3's multi-token-prediction layers
         kind = classify(canonical_key(key))  # dense tensors keep their stored keys
         if kind is None:
-            dense[key] = tensor
+            dense.update(_dense_entry(key, tensor, packed or {}))
             continue
         place_expert(key, kind, tensor, store, interleaved)
         source_bytes += tensor.numel() * tensor.element_size()
         shards.flush(kind.layer)
     bar.close()
     return dense, source_bytes
+
+
+def _dense_entry(key: str, tensor: torch.Tensor, packed: dict[str, ExpertFormat]) -> dict[str, torch.Tensor]:
+    """One dense tensor under its stored key, or, the weight of a linear in `packed`, its packed fields under the stored prefix."""
+    prefix, _, leaf = key.rpartition(".")
+    fmt = packed.get(dense_name(canonical_key(prefix)))
+    if fmt is None or leaf != "weight":
+        return {key: tensor}
+    return quantized_fields(prefix, fmt, tensor, torch.device("cpu"))
 
 
 def _usual_permissions(directory: Path) -> None:
@@ -163,14 +190,14 @@ def _usual_permissions(directory: Path) -> None:
         file.chmod(0o666 & ~umask)
 
 
-def _write_rest(tmp: Path, src: Path, dense: dict[str, torch.Tensor], shards: LayerShards, fmt: ExpertFormat) -> None:
+def _write_rest(tmp: Path, src: Path, dense: dict[str, torch.Tensor], shards: LayerShards, fmt: ExpertFormat, dense_choice: DenseChoice) -> None:
     """The dense shard, the shards' index, the config with quantization_config, and the source's other files."""
     shards.write_dense(dense)
     total = sum((tmp / shards.name(i)).stat().st_size for i in range(shards.count))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(shards.weight_map.items()))}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = fmt.config()
+    config["quantization_config"] = {**fmt.config(), **dense_choice.config()}
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for file in src.iterdir():
         if file.is_file() and file.suffix != ".safetensors" and file.name not in WEIGHT_FILES:

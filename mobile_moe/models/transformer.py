@@ -105,13 +105,28 @@ class CausalLM(nn.Module):
         self.rotary = rotary
         self.info = info
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: the embedding's (the LM head may be quantized)."""
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device the dense weights live on."""
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the LM head's output."""
+        return self.lm_head.out_features
+
     def prepare_weights(self) -> None:
         """Call once the weights are final (loaded and placed): fuse linears that share an input (q/k/v, gate/up) in
         every layer and, for float32 on CPU, store every linear's weight column-major (its [out, in] values unchanged):
         there single-row matmuls read it up to 2x faster (a 6144 x 256 head, 1 thread: 0.46 vs 0.96 ms) and many-row
         ones are no slower; half-precision gemv is far slower that way, so those stay row-major (as do modules that
         declare `row_major_weights`)."""
-        column_major = self.lm_head.weight.device.type == "cpu" and self.lm_head.weight.dtype == torch.float32
+        column_major = self.device.type == "cpu" and self.dtype == torch.float32
         for module in self.modules():
             if module is not self and hasattr(module, "fuse_projections"):
                 module.fuse_projections(column_major)
@@ -177,15 +192,15 @@ class CausalLM(nn.Module):
                 raise ValueError(f"a decode span of {span} keys cannot hold position {start}")
             mask = None if span is None else (torch.arange(span, device=ids.device) <= kv.position)[None]  # [1, S]
             cos, sin = self.rotary(kv.position)
-            return AttentionInput.of(cos, sin, mask, self.lm_head.weight.dtype)
+            return AttentionInput.of(cos, sin, mask, self.dtype)
         cos, sin = self.rotary(torch.arange(start, start + T, device=ids.device))
-        return AttentionInput.of(cos, sin, causal_mask(start, T, ids.device), self.lm_head.weight.dtype)
+        return AttentionInput.of(cos, sin, causal_mask(start, T, ids.device), self.dtype)
 
     def forward_rows(self, ids: torch.Tensor, batch: BatchKV, runner: ExpertRunner) -> torch.Tensor:
         """ids: [B], row b's next token at position batch.starts[b] -> logits [B, V]; writes one position of every row."""
         batch.check_room()
         cos, sin = self.rotary(batch.start_index)  # [B, rot/2]: each row at its own position
-        inp = AttentionInput.of(cos, sin, None, self.lm_head.weight.dtype)
+        inp = AttentionInput.of(cos, sin, None, self.dtype)
         x = self.model.embed_tokens(ids)  # [B, H]
         for index, layer in enumerate(self.model.layers):
             x = layer(x, inp, batch.layer(index), runner.at(index))
