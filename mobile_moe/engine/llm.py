@@ -129,7 +129,7 @@ class LLM:
         self.governor = LittleGovernor(self.config.batch_little == "auto")  # its step costs persist across batches
         self.reset_cache(self.planned_slots)
         self.tokenizer = _load_tokenizer(self.path) if self.path.is_dir() else None
-        self.grammars = Grammars(self.tokenizer, self.loaded.model.lm_head.weight.shape[0], self.eos_token_ids)  # compiles on first use
+        self.grammars = Grammars(self.tokenizer, self.loaded.model.vocab_size, self.eos_token_ids)  # compiles on first use
         self.calibration = read_calibration(self.path)  # not re-read per request
         fitted, running = self.calibration.get("dtype"), str(self.loaded.dtype).removeprefix("torch.")
         if fitted is not None and fitted != running:
