@@ -35,6 +35,8 @@ class GenerationStats:
     expert_path: str = ""  # how routed experts were computed (`ExpertExecutor.path`): in-place, grouped, tinygemm, reference, ...
     graph_captures: int = 0  # decode passes captured as CUDA graphs during the request (`--cuda-graphs`)
     graph_replays: int = 0  # decode passes replayed from captured graphs
+    reused_tokens: int = 0  # prompt positions taken from a held sequence instead of prefilled (engine/prefix.py)
+    prefix_hits: int = 0  # 1 when the request reused a held prefix
     big_instead_tokens: int = 0  # mobile decode steps run big because, at that batch size, little did not pay (policy/governor.py)
 
     @property
