@@ -86,6 +86,13 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="with --batch: mobile rows decode little first only where measured cheaper (auto), or always (default: auto)",
     )
+    b.add_argument(
+        "--shared-prefix",
+        type=int,
+        metavar="N",
+        help="instead: time to first token of an N-token prompt plus 24 new tokens, cold and after the N-token prompt was served "
+        "(prefix reuse), through generate and the server's engine worker",
+    )
     b.add_argument("--plot", type=Path, metavar="FILE", help="with --batch: a PNG of speed and expert traffic against batch size")
     b.add_argument(
         "--plan-only", action="store_true", help="print how the budget splits into dense weights, KV cache and expert slots, then exit without loading"
@@ -133,8 +140,8 @@ def bench_plan(args: argparse.Namespace, model_cfg: PretrainedConfig, plan: Slot
     return dataclasses.replace(plan, slots=slots), " (bench's default on cpu without a budget: three quarters offloaded)"
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    """`mobile-moe bench`."""
+def check_bench_args(args: argparse.Namespace) -> None:
+    """Refuse, in one line, bench flags that do not go together."""
     if args.prompts < 1 or args.new_tokens < 2 or args.rounds < 1 or (args.prompt_tokens is not None and args.prompt_tokens < 1):
         raise InvalidParameter("--prompts, --prompt-tokens and --rounds must be >= 1 and --new-tokens >= 2")
     if args.layers is not None and not args.synthetic:
@@ -146,10 +153,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise InvalidParameter("bench --plot draws the --batch sweep; give --batch too")
     if args.accelerate_only and args.batch:
         raise InvalidParameter("give --accelerate-only or --batch, not both")
-    args.max_batch = max(args.batch) if args.batch else 1  # the memory plan holds the KV of the largest batch
-    set_threads(args.threads)
+    if args.shared_prefix is not None and (args.shared_prefix < 1 or args.batch or args.accelerate_only):
+        raise InvalidParameter("--shared-prefix N needs N >= 1 and neither --batch nor --accelerate-only")
     if args.synthetic and args.model:
         raise InvalidParameter("give --model or --synthetic, not both")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """`mobile-moe bench`."""
+    check_bench_args(args)
+    args.max_batch = max(args.batch) if args.batch else 1  # the memory plan holds the KV of the largest batch
+    set_threads(args.threads)
     config = engine_config_from(args)
     model_cfg = synthetic_config(args.synthetic, args.shrink, args.layers) if args.synthetic else read_config(model_dir(args.model, args.quiet))
     plan, why = bench_plan(args, model_cfg, plan_for_config(model_cfg, config))
@@ -186,6 +200,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     policy = dataclasses.replace(policy_from(args, llm), name="mobile", forced_fallback_rate=rate, lookahead=args.lookahead)
     if args.batch:
         return bench_batches(args, llm, policy)
+    if args.shared_prefix is not None:
+        return bench_shared_prefix(args, llm, policy)
     cost = full_size_cost(args.synthetic, full_size_format(args), args.layers) if args.synthetic and args.shrink > 1 else None  # the real widths
     settings = BenchSettings(
         bench_prompts(args, llm, args.prompts),
@@ -228,6 +244,15 @@ def bench_prompts(args: argparse.Namespace, llm: LLM, count: int) -> list[list[i
     if args.prompt_tokens is None:
         return default_prompts(llm, count)
     return default_prompts(llm, count, max_len=args.prompt_tokens, random_len=args.prompt_tokens)
+
+
+def bench_shared_prefix(args: argparse.Namespace, llm: LLM, policy: PolicyConfig) -> int:
+    """`bench --shared-prefix N`: time to first token with and without prefix reuse, as lines (and JSON)."""
+    from mobile_moe.bench.shared_prefix import run_shared_prefix, shared_prefix_table
+
+    report = run_shared_prefix(llm, args.shared_prefix, args.new_tokens, llm.resolve_policy(policy), args.rounds)
+    print(shared_prefix_table(report))
+    return _write(args.json, report)
 
 
 def bench_batches(args: argparse.Namespace, llm: LLM, mobile: PolicyConfig) -> int:
