@@ -1,4 +1,4 @@
-"""Prefix reuse (docs/design.md §11): a held sequence remembers which token ids its leading positions hold and who wrote
+"""Prefix reuse (docs/design.md §10): a held sequence remembers which token ids its leading positions hold and who wrote
 them, so that the next request sharing that prefix prefills only the rest.
 
 A position's KV entries may serve a request only if that request, run cold, would write the same entries there: prompt

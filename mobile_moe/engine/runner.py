@@ -89,13 +89,15 @@ class Runner:
         self.held_kv: KVCache | None = None  # one sequence's KV cache, reused by every request (`decode_kv`)
         self.held_pool: KVPool | None = None  # the batch KV pool, lent to one batch at a time (`decode_pool`)
         self.pool_holder: weakref.ref | None = None  # the batch it is lent to
-        self.prefixes = prefixes or PrefixIndex(False, 0)  # what the held sequences hold for the next requests (None: no reuse)
+        self.prefixes = prefixes or PrefixIndex(False, 0)  # what the held sequences hold for the next requests (none given: no reuse)
         self.observe = options.observe
 
     def decode_kv(self, max_len: int) -> KVCache:
         """The KV cache of one sequence of up to max_len positions, held across requests and reset in place (its tensors are
         the ones captured graphs read, so they survive the request); made anew only for a longer request or another ring
-        layout, rounded up to KV_BLOCK positions when that keeps the layout."""
+        layout, rounded up to KV_BLOCK positions when that keeps the layout. What it held is no longer offered for reuse
+        (`sequence_kv` keeps a prefix)."""
+        self.prefixes.take(SINGLE)
         held = self.held_kv
         if held is not None and held.max_len >= max_len and held.rings == self.rings(held.max_len) == self.rings(max_len):
             held.reset()
