@@ -21,6 +21,7 @@ POLICIES: tuple[str, ...] = ("big", "little", "mobile", "exact")
 DRAFT_MAX = 4  # exact: little tokens drafted before big verifies them, unless a policy sets it
 CRITERIA: tuple[str, ...] = ("max_prob", "entropy", "margin", "learned")
 LEARNED_VERSION = 1
+DEFAULT_PREFIX_CACHE_GB = 1.0  # prefix reuse on: attention-only models hold nothing beyond their KV caches, a hybrid's snapshots are small
 
 
 @dataclass(frozen=True)
@@ -234,6 +235,8 @@ class EngineConfig:
     direct_io: bool = True  # read the store with O_DIRECT where the file system allows it (False: buffered + fadvise)
     max_batch: int = 1  # sequences decoded together (LLM.generate with many prompts, the server); the memory plan reserves their KV
     batch_little: Literal["auto", "always"] = "auto"  # at batch >= 2, mobile rows decode little first only where measured cheaper (auto)
+    prefix_cache_gb: float = DEFAULT_PREFIX_CACHE_GB  # prefix reuse: held sequences keep their prompts for the next requests (0: off);
+    # the KV entries are the held caches' own, this bounds the recurrent-state snapshots kept beside them
 
     def __post_init__(self) -> None:
         if self.max_context < 2:
@@ -248,6 +251,8 @@ class EngineConfig:
             raise InvalidParameter(f"--group-size applies to int4 experts only (or int4 dense weights), not {self.expert_dtype}")
         if self.cache.host_memory_gb is not None and self.offload_dir is None:
             raise InvalidParameter("--host-memory bounds the experts held in RAM when they live on disk: give --offload-dir too")
+        if not (math.isfinite(self.prefix_cache_gb) and self.prefix_cache_gb >= 0):
+            raise InvalidParameter(f"--prefix-cache must be a finite number of GB >= 0, got {self.prefix_cache_gb}")
         if self.max_batch < 1:
             raise InvalidParameter(f"max batch must be >= 1, got {self.max_batch}")
         if self.batch_little not in ("auto", "always"):

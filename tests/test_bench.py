@@ -230,3 +230,16 @@ def test_bench_batch_sweep_reports_each_size_and_system(tmp_path, capsys):
         assert r["little_steps"] + r["big_steps"] == (r["steps"] if r["batch"] > 1 and r["system"] == "mobile" else 0)
     assert "fallbacks driven at rate" in report["mobile_note"] and "agg tok/s" in capsys.readouterr().out
     assert main(["bench", "--plot", str(plot)]) == 2  # --plot draws the batch sweep only
+
+
+def test_bench_shared_prefix_reports_cold_and_reused_time_to_first_token(tmp_path, capsys):
+    out = tmp_path / "prefix.json"
+    common = ["bench", "--synthetic", "olmoe-1b-7b", "--shrink", "16", "--layers", "2", "--new-tokens", "3", "--rounds", "1", "--quiet"]
+    assert main([*common, "--shared-prefix", "40", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for path in ("generate", "server"):
+        r = report[path]
+        assert r["reused_tokens"] == 40 and r["same_tokens"] and r["cold_ttft_s"] > 0 and r["reused_ttft_s"] > 0
+    assert "reused TTFT s" in capsys.readouterr().out
+    assert main([*common, "--shared-prefix", "40", "--prefix-cache", "0", "--json", str(out)]) == 0
+    assert [json.loads(out.read_text())[p]["reused_tokens"] for p in ("generate", "server")] == [0, 0]

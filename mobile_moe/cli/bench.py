@@ -88,6 +88,13 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="with --batch: mobile rows decode little first only where measured cheaper (auto), or always (default: auto)",
     )
+    b.add_argument(
+        "--shared-prefix",
+        type=int,
+        metavar="N",
+        help="instead: time to first token of an N-token prompt plus 24 new tokens, cold and after the N-token prompt was served "
+        "(prefix reuse), through generate and the server's engine worker",
+    )
     b.add_argument("--plot", type=Path, metavar="FILE", help="with --batch: a PNG of speed and expert traffic against batch size")
     b.add_argument(
         "--drafts",
@@ -159,6 +166,8 @@ def check_bench_args(args: argparse.Namespace) -> None:
         raise InvalidParameter(
             "bench --drafts measures greedy drafts on real weights: give --model (or the demo model), without --synthetic, --batch or --accelerate-only"
         )
+    if args.shared_prefix is not None and (args.shared_prefix < 1 or args.batch or args.accelerate_only):
+        raise InvalidParameter("--shared-prefix N needs N >= 1 and neither --batch nor --accelerate-only")
     if args.synthetic and args.model:
         raise InvalidParameter("give --model or --synthetic, not both")
 
@@ -192,6 +201,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return bench_batches(args, llm, policy)
     if args.drafts:
         return bench_drafts(args, llm)
+    if args.shared_prefix is not None:
+        return bench_shared_prefix(args, llm, policy)
     cost = full_size_cost(args.synthetic, full_size_format(args), args.layers) if args.synthetic and args.shrink > 1 else None  # the real widths
     settings = BenchSettings(
         bench_prompts(args, llm, args.prompts),
@@ -272,6 +283,15 @@ def bench_drafts(args: argparse.Namespace, llm: LLM) -> int:
     costs = run_drafts(llm, bench_prompts(args, llm, args.prompts), args.new_tokens, llm.planned_slots, cost, dict(PROFILES))
     print(drafts_table(costs))
     report = drafts_json(costs) | {"threads": torch.get_num_threads(), "cache_slots": llm.planned_slots, "total_experts": store.total_experts}
+    return _write(args.json, report)
+
+
+def bench_shared_prefix(args: argparse.Namespace, llm: LLM, policy: PolicyConfig) -> int:
+    """`bench --shared-prefix N`: time to first token with and without prefix reuse, as lines (and JSON)."""
+    from mobile_moe.bench.shared_prefix import run_shared_prefix, shared_prefix_table
+
+    report = run_shared_prefix(llm, args.shared_prefix, args.new_tokens, llm.resolve_policy(policy), args.rounds)
+    print(shared_prefix_table(report))
     return _write(args.json, report)
 
 

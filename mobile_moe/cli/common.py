@@ -11,7 +11,7 @@ from typing import NoReturn
 
 import torch
 
-from mobile_moe.config import CRITERIA, DENSE_DTYPES, EXPERT_DTYPES, POLICIES, EngineConfig, PolicyConfig, check_options, flag_name
+from mobile_moe.config import CRITERIA, DEFAULT_PREFIX_CACHE_GB, DENSE_DTYPES, EXPERT_DTYPES, POLICIES, EngineConfig, PolicyConfig, check_options, flag_name
 from mobile_moe.engine.calibration import DEFAULT_TAU, DEMO_MODEL
 from mobile_moe.engine.llm import LLM, engine_config, ram_check
 from mobile_moe.errors import CheckpointError, InvalidParameter
@@ -86,6 +86,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=4096,
         metavar="N",
         help="longest prompt + generation; a --gpu-memory budget reserves this many tokens of KV cache (default: 4096)",
+    )
+    p.add_argument(
+        "--prefix-cache",
+        type=float,
+        default=DEFAULT_PREFIX_CACHE_GB,
+        metavar="GB",
+        help="prefix reuse: a request sharing a held sequence's prefix prefills only the rest; GB bounds the recurrent-state "
+        f"snapshots of hybrid models (the KV entries are the held caches' own); 0 turns reuse off (default: {DEFAULT_PREFIX_CACHE_GB:g})",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -313,6 +321,7 @@ def engine_config_from(args: argparse.Namespace) -> EngineConfig:
         getattr(args, "batch_little", "auto"),
         args.cuda_graphs,
         args.dense_dtype,
+        args.prefix_cache,
     )
 
 

@@ -24,13 +24,15 @@ from mobile_moe.engine.generate import (
     enable_partial,
     fill_counters,
     new_decoder,
+    prompt_boundary,
     rolls_back,
     stream_for,
 )
+from mobile_moe.engine.prefix import Writer, held_prefix, prefill_writer
 from mobile_moe.engine.runner import Runner
 from mobile_moe.engine.step import Batcher, StepRow, decode_step, verify_tail
 from mobile_moe.errors import InvalidParameter
-from mobile_moe.layers.kv_cache import BatchKV
+from mobile_moe.layers.kv_cache import BatchKV, SequenceSnapshot
 from mobile_moe.loading.budget import PREFILL_CHUNK
 from mobile_moe.policy.governor import LittleGovernor
 from mobile_moe.policy.policies import Policy
@@ -53,6 +55,8 @@ class Row:
     decode_start: float = 0.0
     joined: Counters | None = None  # the engine's counters when the row joined
     prefilled_at: Counters | None = None  # and when its prompt was through
+    writer: Writer = None  # who writes its prompt positions (engine/prefix.py)
+    boundary: SequenceSnapshot | None = None  # its recurrent states right after the prompt, for a later request to resume from
 
     @property
     def policy(self) -> Policy:
@@ -95,12 +99,14 @@ class BatchDecoder:
             raise InvalidParameter(f"the batch is full ({self.max_rows} rows)")
         if len(prompt) + sampling.max_new_tokens > self.pool.max_len:
             raise InvalidParameter(f"{len(prompt)} prompt + {sampling.max_new_tokens} new tokens exceed the {self.pool.max_len}-token rows")
-        slot = self.free.pop(0)
-        kv = self.pool.row(slot, self.runner.new_recurrent())
+        writer = prefill_writer(policy, self.runner.little_k_of(policy.config.little_k))
+        slot, kv, reused = self.runner.pool_row(self.pool, self.free, prompt, writer)  # the free row holding the longest reusable prefix
+        self.free.remove(slot)
         dec = new_decoder(self.runner, kv, prompt, sampling, policy)
         dec.rollback = rolls_back(policy, sampling, kv)
         enable_partial(dec)  # its lone-row steps (`step.decode_step` with one row); batched fallbacks run every layer
-        row = Row(slot, list(prompt), dec, stream_for(dec, on_token), tag)
+        row = Row(slot, list(prompt), dec, stream_for(dec, on_token), tag, writer=writer, prefilled=reused)
+        row.result.stats.reused_tokens, row.result.stats.prefix_hits = reused, int(reused > 0)
         row.joined = Counters.now(self.runner)
         self.rows.append(row)
         return row
@@ -138,6 +144,7 @@ class BatchDecoder:
             return len(chunk)
         token, _, _, _ = row.dec.read(logits, with_confidence=False)
         row.result.stats.prefill_s += time.perf_counter() - start
+        row.boundary = prompt_boundary(self.runner, row.dec.kv)
         row.result.steps.append(StepRecord(token, None, False, token))
         row.prefilled_at = Counters.now(self.runner)
         row.decode_start = time.perf_counter()
@@ -189,5 +196,6 @@ class BatchDecoder:
             stats.decode_s = time.perf_counter() - row.decode_start
         assert row.joined is not None
         fill_counters(stats, self.runner, row.joined, row.prefilled_at or row.joined)
+        self.runner.remember(row.dec.kv, held_prefix(row.prompt, row.result.steps, row.dec.kv, row.writer, row.policy, row.boundary), self.pool, row.slot)
         self.free.append(row.slot)
         self.free.sort()  # the lowest free slots first: rows stay adjacent in the pool, so a batch reads them as a view

@@ -12,12 +12,13 @@ from mobile_moe.config import SamplingParams
 from mobile_moe.engine.metrics import GenerationStats
 from mobile_moe.engine.partial import PartialFallback
 from mobile_moe.engine.passes import PassSpec, for_policy
+from mobile_moe.engine.prefix import held_prefix, prefill_writer
 from mobile_moe.engine.processors import Processors, TokenLogprob, for_sampling
 from mobile_moe.engine.runner import Runner
 from mobile_moe.engine.step import StepRow, decode_step, verify_tail
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.experts.cache import CacheStats
-from mobile_moe.layers.kv_cache import KVCache
+from mobile_moe.layers.kv_cache import KVCache, SequenceSnapshot
 from mobile_moe.layers.sampler import sample
 from mobile_moe.loading.budget import PREFILL_CHUNK
 from mobile_moe.policy.policies import Policy
@@ -264,16 +265,20 @@ def generate(
 ) -> GenerationResult:
     """Prefill the prompt, then decode token by token under the policy; stops at EOS, the token limit, or when `on_token` says so."""
     device = runner.model.device
-    dec = new_decoder(runner, runner.decode_kv(len(prompt) + sampling.max_new_tokens), prompt, sampling, policy)
+    writer = prefill_writer(policy, runner.little_k_of(policy.config.little_k))
+    kv, reused = runner.sequence_kv(prompt, writer, len(prompt) + sampling.max_new_tokens)
+    dec = new_decoder(runner, kv, prompt, sampling, policy)
     dec.rollback = rolls_back(policy, sampling, dec.kv)
     enable_partial(dec)
     stream = stream_for(dec, on_token)
     stats, before = dec.result.stats, Counters.now(runner)
+    stats.reused_tokens, stats.prefix_hits = reused, int(reused > 0)
 
     start = time.perf_counter()
-    token, _, _, _ = dec.read(_prefill(runner, prompt, dec.kv, dec.first.with_mode(policy.prefill_mode)), with_confidence=False)
+    token, _, _, _ = dec.read(_prefill(runner, prompt[reused:], dec.kv, dec.first.with_mode(policy.prefill_mode)), with_confidence=False)
     _synchronize(device)
     stats.prefill_s = time.perf_counter() - start
+    boundary = prompt_boundary(runner, dec.kv)
     dec.result.steps.append(StepRecord(token, None, False, token))
     after_prefill = Counters.now(runner)
 
@@ -292,7 +297,14 @@ def generate(
     stats.decode_s = time.perf_counter() - start
     stats.tokens = len(dec.result.token_ids)
     fill_counters(stats, runner, before, after_prefill)
+    runner.remember(dec.kv, held_prefix(prompt, dec.result.steps, dec.kv, writer, policy, boundary))
     return dec.result
+
+
+def prompt_boundary(runner: Runner, kv: KVCache) -> SequenceSnapshot | None:
+    """A copy of the recurrent states right after a prompt, where a later request sharing the prompt resumes (None: no
+    recurrent layers, or no reuse)."""
+    return kv.snapshot() if kv.recurrent and runner.prefixes.enabled else None
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,13 @@ from typing import TypeVar, overload
 
 import torch
 
-from mobile_moe.config import CacheConfig, EngineConfig, PolicyConfig, SamplingParams
+from mobile_moe.config import DEFAULT_PREFIX_CACHE_GB, CacheConfig, EngineConfig, PolicyConfig, SamplingParams
 from mobile_moe.engine.batch import BatchDecoder
 from mobile_moe.engine.calibration import CALIBRATION_FILE, DEMO_MODEL, read_calibration, resolve_policy
 from mobile_moe.engine.generate import GenerationResult, TokenCallback, generate
 from mobile_moe.engine.grammar import Grammars
 from mobile_moe.engine.passes import PassSpec
+from mobile_moe.engine.prefix import PrefixIndex
 from mobile_moe.engine.processors import check_processing
 from mobile_moe.engine.runner import Runner, RunnerOptions
 from mobile_moe.errors import CheckpointError, InvalidParameter, PromptTooLong
@@ -117,6 +118,7 @@ class LLM:
             self.config.max_context,
             dequant_scratch_bytes(store.layout, self.loaded.dtype),
             self.config.max_batch,
+            self.config.prefix_cache_gb,
         )
         self.planned_slots = self.plan.slots
         if self.config.compile and self.device.type != "cpu":
@@ -170,7 +172,8 @@ class LLM:
                 store, slots, self.device, TransferEngine(self.device), eviction, trace=trace, reader=self.reader if host is None else None, host=host
             )
             options = self.options if graphs else self.options.without_graphs()
-            self.runner = Runner(self.loaded.model, self.cache, compile_layers=self.compiles, options=options)
+            prefixes = PrefixIndex(self.config.prefix_cache_gb > 0, self.plan.prefix_snapshots)  # a new runner holds no prefix
+            self.runner = Runner(self.loaded.model, self.cache, compile_layers=self.compiles, options=options, prefixes=prefixes)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -425,6 +428,7 @@ def engine_config(  # noqa: PLR0913 - every engine setting, by keyword
     batch_little: str = "auto",
     cuda_graphs: bool = False,
     dense_dtype: str = "auto",
+    prefix_cache: float = DEFAULT_PREFIX_CACHE_GB,
 ) -> EngineConfig:
     """EngineConfig from flat keyword arguments (what the CLI and API users pass)."""
     return EngineConfig(
@@ -443,4 +447,5 @@ def engine_config(  # noqa: PLR0913 - every engine setting, by keyword
         batch_little=batch_little,
         cuda_graphs=cuda_graphs,  # type: ignore[arg-type]
         dense_dtype=dense_dtype,
+        prefix_cache_gb=prefix_cache,
     )

@@ -36,6 +36,8 @@ class GenerationStats:
     dense_path: str = ""  # how dense linears were computed (`loading.dense.pack_dense`): their count per kernel layout or float dtype
     graph_captures: int = 0  # decode passes captured as CUDA graphs during the request (`--cuda-graphs`)
     graph_replays: int = 0  # decode passes replayed from captured graphs
+    reused_tokens: int = 0  # prompt positions taken from a held sequence instead of prefilled (engine/prefix.py)
+    prefix_hits: int = 0  # 1 when the request reused a held prefix
     big_instead_tokens: int = 0  # mobile decode steps run big because, at that batch size, little did not pay (policy/governor.py)
     threads: int = 0  # torch CPU threads the request ran on
     load_s: float = 0.0  # how long loading the model took (once per LLM, repeated in each request's stats)

@@ -12,6 +12,7 @@ import torch
 
 from mobile_moe.engine.graphs import GRAPH_SPAN_BUCKET, DecodeGraphs, GraphCapture
 from mobile_moe.engine.passes import PassSpec
+from mobile_moe.engine.prefix import SINGLE, HeldPrefix, PrefixIndex, Writer
 from mobile_moe.experts.cache import ExpertCache
 from mobile_moe.experts.dispatch import pool_experts
 from mobile_moe.experts.executor import ExpertExecutor
@@ -20,7 +21,7 @@ from mobile_moe.layers.attention import AttentionInput
 from mobile_moe.layers.kv_cache import BatchKV, KVCache, KVPool, LayerKV
 from mobile_moe.layers.mlp import Activation, activation
 from mobile_moe.layers.moe import ExpertMode, LayerExperts, MoEBlock, RouterSpec, Routing, half_of, select
-from mobile_moe.loading.budget import PREFILL_CHUNK
+from mobile_moe.loading.budget import PREFILL_CHUNK, kv_bytes_per_token
 from mobile_moe.models.transformer import CausalLM, DecoderLayer, LayerStep, Segment, before_experts
 from mobile_moe.policy.little import prefer_resident, runs_big_here
 
@@ -54,7 +55,9 @@ class Runner:
     """The long-lived parts of the engine's passes: the model, the expert cache and executor, compiled calls, captured
     graphs and static buffers. Each pass gets its own `PassContext`; nothing about a pass is written onto the runner."""
 
-    def __init__(self, model: CausalLM, cache: ExpertCache, compile_layers: bool = False, options: RunnerOptions | None = None) -> None:
+    def __init__(
+        self, model: CausalLM, cache: ExpertCache, compile_layers: bool = False, options: RunnerOptions | None = None, prefixes: PrefixIndex | None = None
+    ) -> None:
         options = options or RunnerOptions()
         graphs = DecodeGraphs(options.graph_capture) if options.graph_capture is not None else None
         device_indexed = options.device_indexed if options.device_indexed is not None else (graphs is not None or cache.device.type != "cpu")
@@ -86,12 +89,15 @@ class Runner:
         self.held_kv: KVCache | None = None  # one sequence's KV cache, reused by every request (`decode_kv`)
         self.held_pool: KVPool | None = None  # the batch KV pool, lent to one batch at a time (`decode_pool`)
         self.pool_holder: weakref.ref | None = None  # the batch it is lent to
+        self.prefixes = prefixes or PrefixIndex(False, 0)  # what the held sequences hold for the next requests (none given: no reuse)
         self.observe = options.observe
 
     def decode_kv(self, max_len: int) -> KVCache:
         """The KV cache of one sequence of up to max_len positions, held across requests and reset in place (its tensors are
         the ones captured graphs read, so they survive the request); made anew only for a longer request or another ring
-        layout, rounded up to KV_BLOCK positions when that keeps the layout."""
+        layout, rounded up to KV_BLOCK positions when that keeps the layout. What it held is no longer offered for reuse
+        (`sequence_kv` keeps a prefix)."""
+        self.prefixes.take(SINGLE)
         held = self.held_kv
         if held is not None and held.max_len >= max_len and held.rings == self.rings(held.max_len) == self.rings(max_len):
             held.reset()
@@ -114,8 +120,53 @@ class Runner:
         pool = self.new_pool(rows, rounded if self.rings(rounded) == self.rings(max_len) else max_len)
         if owner is None:
             self.held_pool = None  # free the old buffers first
+            self.prefixes.forget_rows()
             self.held_pool, self.pool_holder = pool, weakref.ref(holder)
         return pool
+
+    def sequence_kv(self, prompt: list[int], writer: Writer, max_len: int) -> tuple[KVCache, int]:
+        """The held KV cache of one sequence (`decode_kv`) for a request whose prefill `writer` writes, keeping the longest
+        prefix of `prompt` it holds that the request may reuse (copied over when a longer request needs a new cache):
+        (the cache, positions kept)."""
+        held = self.prefixes.take(SINGLE)  # forgotten until this request finishes: it overwrites what follows the prefix
+        n = 0 if held is None or self.held_kv is None else held.reusable(prompt, writer, self.ring_slack(self.held_kv.rings))
+        old = self.held_kv if n else None  # kept alive through `decode_kv` only when there is a prefix to copy
+        kv = self.decode_kv(max_len)
+        if held is None or old is None or (kv is not old and kv.rings != old.rings):
+            return kv, 0
+        if kv is not old:
+            kv.copy_prefix(old, n)
+        kv.keep(n, held.boundary)
+        return kv, n
+
+    def pool_row(self, pool: KVPool, free: list[int], prompt: list[int], writer: Writer) -> tuple[int, KVCache, int]:
+        """A free row of `pool` for a request and the positions of `prompt` it keeps: the row holding the longest prefix
+        the request may reuse, else the first free one (only the held pool's rows are remembered)."""
+        slack, held = self.ring_slack(pool.rings), pool is self.held_pool
+        reusable = {s: p.reusable(prompt, writer, slack) for s in free if held and (p := self.prefixes.peek(s)) is not None}
+        slot = max(free, key=lambda s: reusable.get(s, 0))  # the first of equals: the lowest free row when none holds the prefix
+        n, prefix = reusable.get(slot, 0), self.prefixes.take(slot) if held else None
+        kv = pool.row(slot, self.new_recurrent())
+        if n and prefix is not None:
+            kv.keep(n, prefix.boundary)
+        return slot, kv, n
+
+    def remember(self, kv: KVCache, prefix: HeldPrefix, pool: KVPool | None = None, slot: int = 0) -> None:
+        """Keep what a finished request's sequence holds for the next requests: the held single-sequence cache, or a row
+        of the held pool (another cache or pool is not kept)."""
+        if pool is None and kv is self.held_kv:
+            self.prefixes.remember(SINGLE, prefix)
+        elif pool is not None and pool is self.held_pool:
+            self.prefixes.remember(slot, prefix)
+
+    def ring_slack(self, rings: list[int | None]) -> int | None:
+        """Positions a ring layer holds past its window (None: no ring layers): how far back a reused prefix may end."""
+        return None if all(r is None for r in rings) else self.kv_slack
+
+    @property
+    def prefix_bytes(self) -> int:
+        """Bytes the held prefixes occupy (KV entries of their positions, recurrent snapshots): memory the plan reserves anyway."""
+        return self.prefixes.positions() * kv_bytes_per_token(self.model, self.model.dtype) + self.prefixes.snapshot_bytes()
 
     def new_kv(self, max_len: int) -> KVCache:
         """An empty KV cache for one sequence of up to max_len positions."""

@@ -144,6 +144,24 @@ class KVCache:
             for t in state.tensors.values():
                 t.zero_()
 
+    def keep(self, length: int, boundary: SequenceSnapshot | None = None) -> None:
+        """Take up, in an emptied cache, the first `length` positions its buffers already hold (a reused prefix): the length
+        set, the recurrent states copied from `boundary` (their snapshot at that length)."""
+        self.length = length
+        self.position.fill_(length)
+        if boundary is not None:
+            for layer, tensors in boundary.recurrent.items():
+                self.recurrent[layer].restore(tensors)
+
+    def copy_prefix(self, other: KVCache, length: int) -> None:
+        """Copy the first `length` positions of `other`'s buffers into this cache's (same layers and ring sizes; a ring
+        layer's whole ring is copied, its slots being positions modulo the ring)."""
+        for dst, src, ring in zip(self.k + self.v, other.k + other.v, self.rings + self.rings):
+            if ring is None:
+                dst[:, :length].copy_(src[:, :length])  # [H, length, D]
+            else:
+                dst.copy_(src)  # [H, ring, D]
+
     def check_room(self, n: int) -> None:
         """Raise unless n more positions fit."""
         if self.length + n > self.max_len:

@@ -45,6 +45,25 @@ def recurrent_bytes(model: CausalLM, dtype: torch.dtype) -> int:
     return 2 * sum(t.numel() * t.element_size() for state in states for t in state.tensors.values())
 
 
+def snapshot_bytes(model: CausalLM, dtype: torch.dtype) -> int:
+    """Bytes of one copy of a sequence's recurrent states: what prefix reuse keeps per held prompt (0 for attention-only models)."""
+    return recurrent_bytes(model, dtype) // 2
+
+
+def prefix_snapshots(gb: float, model: CausalLM, dtype: torch.dtype) -> int:
+    """Recurrent-state snapshots a `--prefix-cache GB` budget keeps (a large number for attention-only models, 0 when off);
+    raises InvalidParameter, in one line, for a budget on but under one sequence's snapshot."""
+    if gb <= 0:
+        return 0
+    size = snapshot_bytes(model, dtype)
+    if not size:
+        return 1 << 30
+    if gb * GIB < size:
+        need = f"{size / 2**20:.1f} MiB; give at least {size / GIB:.4f} GB, or 0 to turn reuse off"
+        raise InvalidParameter(f"--prefix-cache {gb:g} GB cannot hold one sequence's recurrent states ({need})")
+    return int(gb * GIB // size)
+
+
 def scratch_bytes(model: CausalLM, dtype: torch.dtype, context: int) -> int:
     """Estimate of the largest transient activations: one prefill chunk through a layer (expert pairs, MLP widths, mask)."""
     info, chunk = model.info, min(PREFILL_CHUNK, context)
@@ -73,6 +92,8 @@ class SlotPlan:
     scratch_bytes: int = 0
     context: int = 0
     rows: int = 1  # sequences whose KV cache the plan holds
+    prefix_snapshots: int = 0  # recurrent-state snapshots prefix reuse may keep (`prefix_snapshots`)
+    prefix_bytes: int = 0  # what they take of the budget: one per held sequence (the pool's rows and the single one), at most
 
     def describe(self) -> str:
         """One line: budget split and resulting slots."""
@@ -80,9 +101,13 @@ class SlotPlan:
             return f"{self.slots} of {self.total_experts} expert slots ({self.expert_bytes / 2**20:.1f} MiB each)"
         return (
             f"a {self.budget_bytes / GIB:.2f} GiB budget = {self.dense_bytes / GIB:.2f} GiB dense weights + "
-            f"{self.kv_bytes / GIB:.2f} GiB KV cache ({self._kv_shape()}) + {self.scratch_bytes / GIB:.2f} GiB activations + "
+            f"{self.kv_bytes / GIB:.2f} GiB KV cache ({self._kv_shape()}) + {self._prefix()}{self.scratch_bytes / GIB:.2f} GiB activations + "
             f"{self.slots} of {self.total_experts} expert slots ({self.expert_bytes / 2**20:.1f} MiB each)"
         )
+
+    def _prefix(self) -> str:
+        """'X GiB prefix snapshots + ' when prefix reuse keeps recurrent states, else nothing."""
+        return f"{self.prefix_bytes / GIB:.2f} GiB prefix snapshots + " if self.prefix_bytes else ""
 
     def _kv_shape(self) -> str:
         """'C tokens' or 'R rows x C tokens'."""
@@ -99,29 +124,33 @@ def plan_slots(
     max_context: int,
     dequant_bytes: int = 0,
     rows: int = 1,
+    prefix_gb: float = 0.0,
 ) -> SlotPlan:
     """The slot plan; raises CacheTooSmall when one layer's top-k would not fit. `model` may live on the meta device.
 
     `dequant_bytes`: transient memory for dequantizing one packed expert matrix, counted with the activations;
-    `rows`: sequences decoded together, each with its own KV cache of the full context.
+    `rows`: sequences decoded together, each with its own KV cache of the full context; `prefix_gb`: `--prefix-cache`
+    (prefix reuse reads the KV caches in place; the recurrent-state snapshots it keeps are counted beside them).
     """
     top_k = model.info.top_k
+    snapshots = prefix_snapshots(prefix_gb, model, dtype)
+    prefix = min(rows + 1, snapshots) * snapshot_bytes(model, dtype)
     if cfg.slots is not None:
-        plan = SlotPlan(min(cfg.slots, total_experts), total_experts, expert_bytes)
+        plan = SlotPlan(min(cfg.slots, total_experts), total_experts, expert_bytes, prefix_snapshots=snapshots)
         reason = f"--expert-cache {cfg.slots}"
     elif cfg.host_memory_gb is not None and device.type == "cpu":  # the host cache is the compute cache
-        plan = SlotPlan(min(int(cfg.host_memory_gb * GIB) // expert_bytes, total_experts), total_experts, expert_bytes)
+        plan = SlotPlan(min(int(cfg.host_memory_gb * GIB) // expert_bytes, total_experts), total_experts, expert_bytes, prefix_snapshots=snapshots)
         reason = f"--host-memory {cfg.host_memory_gb:g} GB ({expert_bytes / 2**20:.2f} MiB per expert record)"
     else:
         budget = _budget_bytes(cfg, model, device)
         if budget is None:
-            return SlotPlan(total_experts, total_experts, expert_bytes)  # CPU without a budget: every expert gets a slot
+            return SlotPlan(total_experts, total_experts, expert_bytes, prefix_snapshots=snapshots)  # CPU without a budget: every expert gets a slot
         context = min(model.info.max_context, max_context)
         dense = dense_bytes(model, dtype)
         kv = rows * (kv_bytes(model, dtype, context) + recurrent_bytes(model, dtype))
         scratch = scratch_bytes(model, dtype, context) + max(dequant_bytes, dense_dequant_bytes(model, dtype))  # one at a time
-        slots = max(0, (budget - dense - kv - scratch) // expert_bytes)
-        plan = SlotPlan(min(slots, total_experts), total_experts, expert_bytes, budget, dense, kv, scratch, context, rows)
+        slots = max(0, (budget - dense - kv - prefix - scratch) // expert_bytes)
+        plan = SlotPlan(min(slots, total_experts), total_experts, expert_bytes, budget, dense, kv, scratch, context, rows, snapshots, prefix)
         reason = plan.describe()
     if plan.slots < top_k:
         raise CacheTooSmall(f"{reason}: too small for one layer's top-{top_k} experts (need >= {top_k} slots)")
@@ -162,7 +191,8 @@ def plan_for_config(model_cfg: PretrainedConfig, config: EngineConfig) -> SlotPl
     model, dtype, info = plan.model, plan.dtype, plan.model.info
     layout = ExpertLayout(plan.shape, plan.fmt)
     total = info.num_experts * len(info.moe_layers)
-    return plan_slots(config.cache, model, layout.nbytes, total, device, dtype, config.max_context, dequant_scratch_bytes(layout, dtype), config.max_batch)
+    scratch = dequant_scratch_bytes(layout, dtype)
+    return plan_slots(config.cache, model, layout.nbytes, total, device, dtype, config.max_context, scratch, config.max_batch, config.prefix_cache_gb)
 
 
 def dequant_scratch_bytes(layout: ExpertLayout, dtype: torch.dtype) -> int:

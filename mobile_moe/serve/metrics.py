@@ -17,6 +17,8 @@ COUNTERS = {  # name -> help; each exported as mobile_moe_<name>_total
     "prompt_tokens": "Prompt tokens",
     "completion_tokens": "Generated tokens",
     "fallback_tokens": "Decode steps recomputed with big",
+    "prefix_hits": "Generations that reused a held prompt prefix",
+    "reused_tokens": "Prompt tokens taken from a held prefix instead of prefilled",
 }
 
 
@@ -68,6 +70,9 @@ class Metrics:
         worker.on_admit = self.queue_seconds.observe
         self.registry.register(EngineCounters(worker.llm))
         Gauge("mobile_moe_decode_tokens_per_second", "Generated tokens per second of decoding, all requests", registry=self.registry).set_function(self._tok_s)
+        Gauge(
+            "mobile_moe_prefix_cache_bytes", "Bytes the held prefixes occupy (KV entries of their positions, recurrent snapshots)", registry=self.registry
+        ).set_function(lambda: worker.llm.runner.prefix_bytes)
         Gauge("mobile_moe_fallback_rate", "Share of generated tokens recomputed with big", registry=self.registry).set_function(self._fallback_rate)
 
     def record(self, result: GenerationResult | None, prompt_tokens: int) -> None:
@@ -80,6 +85,8 @@ class Metrics:
         self._add("prompt_tokens", prompt_tokens)
         self._add("completion_tokens", len(result.token_ids))
         self._add("fallback_tokens", s.fallback_tokens)
+        self._add("prefix_hits", s.prefix_hits)
+        self._add("reused_tokens", s.reused_tokens)
         self.decode_s += s.decode_s
 
     def _add(self, name: str, amount: float) -> None:
