@@ -111,9 +111,11 @@ def run_drafts(  # noqa: PLR0913 - what the run measures, on what
     cost: ModelCost,
     profiles: dict[str, HardwareProfile],
     drafts: tuple[int, ...] = DRAFTS,
+    scaled: tuple[ModelCost, int] | None = None,
 ) -> DraftCosts:
     """Measure the cycle's parts at `slots` cache slots, model exact mode over big for each draft length, and run exact
-    mode (tau 0: drafts end only when full) beside big, traced, predicting both on each profile."""
+    mode (tau 0: drafts end only when full) beside big, traced, predicting both on each profile (and, with `scaled`,
+    the same traces replayed with another model's sizes and cache slots: this model's routing at real widths)."""
     sampling = SamplingParams(max_new_tokens=new_tokens, stop_at_eos=False)
     big_trace = Trace()
     llm.reset_cache(slots, big_trace)
@@ -128,9 +130,10 @@ def run_drafts(  # noqa: PLR0913 - what the run measures, on what
         union=[expected_union(routed, m) for m in range(1, POSITIONS + 1)],
         big_tok_s=big_tok_s,
     )
-    big_predicted = {hw.name: predict(big_trace.accesses, cost, hw, slots).tok_s for hw in profiles.values()}
+    plans = {"": (cost, slots)} | ({} if scaled is None else {"scaled": scaled})
+    big_predicted = {(tag, name): predict(big_trace.accesses, c, hw, n).tok_s for tag, (c, n) in plans.items() for name, hw in profiles.items()}
     for n in drafts:
-        costs.rows.append(_exact_row(llm, prompts, sampling, slots, n, costs, cost, profiles, big_predicted))
+        costs.rows.append(_exact_row(llm, prompts, sampling, slots, n, costs, plans, profiles, big_predicted))
     return costs
 
 
@@ -141,11 +144,12 @@ def _exact_row(
     slots: int,
     n: int,
     costs: DraftCosts,
-    cost: ModelCost,
+    plans: dict[str, tuple[ModelCost, int]],
     profiles: dict[str, HardwareProfile],
-    big_predicted: dict[str, float],
+    big_predicted: dict[tuple[str, str], float],
 ) -> dict:
-    """Exact mode with draft length n: modelled and measured speed over big, and its trace replayed on each profile."""
+    """Exact mode with draft length n: modelled and measured speed over big, and its trace replayed on each profile
+    under each plan of sizes and slots ('': this model's; 'scaled': real widths)."""
     trace = Trace()
     llm.reset_cache(slots, trace)
     results = [llm.generate(p, sampling, PolicyConfig("exact", tau=0.0, criterion="max_prob", draft_max=n)) for p in prompts]
@@ -157,7 +161,12 @@ def _exact_row(
         "measured_speedup": tok_s / costs.big_tok_s,
         "tok_s": tok_s,
         "rolled_back_per_token": drafted / sum(len(r.token_ids) for r in results),
-        "predicted_speedup": {name: predict(trace.accesses, cost, hw, slots).tok_s / big_predicted[name] for name, hw in profiles.items()},
+        **{
+            f"predicted_speedup{'_' + tag if tag else ''}": {
+                name: predict(trace.accesses, c, hw, m).tok_s / big_predicted[tag, name] for name, hw in profiles.items()
+            }
+            for tag, (c, m) in plans.items()
+        },
     }
 
 
@@ -174,6 +183,10 @@ def drafts_table(costs: DraftCosts) -> str:
     for row in costs.rows:
         profiles = "  ".join(f"{v:>{len(k)}.2f}" for k, v in row["predicted_speedup"].items())
         lines.append(f"{row['draft']:>5}  {row['modelled_speedup']:8.2f}  {row['measured_speedup']:8.2f}  {profiles}")
+    if costs.rows and "predicted_speedup_scaled" in costs.rows[0]:
+        lines += ["", "at real widths (this model's routing, the scaled sizes and slots): draft  " + "  ".join(costs.rows[0]["predicted_speedup_scaled"])]
+        for row in costs.rows:
+            lines.append(f"{row['draft']:>5}  " + "  ".join(f"{v:>{len(k)}.2f}" for k, v in row["predicted_speedup_scaled"].items()))
     return "\n".join(lines)
 
 

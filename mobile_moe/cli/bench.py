@@ -276,11 +276,17 @@ def bench_drafts(args: argparse.Namespace, llm: LLM) -> int:
     """`bench --drafts`: exact mode's cycle measured and modelled (greedy: real weights, not --synthetic)."""
     from mobile_moe.bench.costinputs import count_decode_ops, dequant_traffic, model_cost
     from mobile_moe.bench.drafts import drafts_json, drafts_table, run_drafts
-    from mobile_moe.bench.profiles import PROFILES
+    from mobile_moe.bench.profiles import PROFILES, disk_profiles
+    from mobile_moe.bench.roofline import memory_probe_gb_s
 
-    store = llm.loaded.store
+    store, info = llm.loaded.store, llm.info
     cost = model_cost(llm.loaded.model, store.expert_bytes, count_decode_ops(llm), dequant_bytes=dequant_traffic(store.layout, llm.loaded.dtype))
-    costs = run_drafts(llm, bench_prompts(args, llm, args.prompts), args.new_tokens, llm.planned_slots, cost, dict(PROFILES))
+    profiles = dict(PROFILES) | {k: v for k, v in disk_profiles(float("nan"), memory_probe_gb_s()).items() if k != "this-disk"}
+    scaled = None
+    if (info.num_experts, info.top_k) == (64, 8):  # OLMoE-1B-7B's routing shape: replay at its widths, int4, a quarter cached
+        layers = len(llm.loaded.model.model.layers)
+        scaled = (full_size_cost("olmoe-1b-7b", make_format("int4", torch.bfloat16, None), layers), store.total_experts // 4)
+    costs = run_drafts(llm, bench_prompts(args, llm, args.prompts), args.new_tokens, llm.planned_slots, cost, profiles, scaled=scaled)
     print(drafts_table(costs))
     report = drafts_json(costs) | {"threads": torch.get_num_threads(), "cache_slots": llm.planned_slots, "total_experts": store.total_experts}
     return _write(args.json, report)
