@@ -19,6 +19,7 @@ import openai
 import pytest
 import torch
 import uvicorn
+from test_processors import SCHEMA
 
 from mobile_moe import LLM, PolicyConfig, SamplingParams, engine_config
 from mobile_moe.cli import main
@@ -396,15 +397,7 @@ def test_penalties_are_those_of_the_python_api(demo, server):
     assert got == want and got != solo(demo, demo.encode(PROMPT), 24)
 
 
-PET = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 16},
-        "kind": {"enum": ["cat", "dog", "bird"]},
-        "size": {"type": "object", "properties": {"w": {"type": "integer", "minimum": 0, "maximum": 999}}, "required": ["w"]},
-    },
-    "required": ["name", "kind", "size"],
-}
+PET = SCHEMA  # required keys, an enum and a nested object
 
 
 def test_response_format_json_schema_and_json_object(demo):
