@@ -283,22 +283,28 @@ def generate(
     after_prefill = Counters.now(runner)
 
     start = time.perf_counter()
-    step = 0
-    while True:
-        while emit(dec.result, token, sampling, eos, dec.processor) and stream.send(dec.result):
-            step += 1
-            token = decode_step(runner, [StepRow(dec, token, step)])[0]
-        late = verify_tail(runner, dec) if policy.verifies and dec.result.finish_reason != "cancelled" else None
-        if late is None:
-            break
-        token, dec.result.finish_reason = late, "length"  # big took back drafted tokens: go on from its own
-    stream.finish(dec.result)
+    decode(runner, dec, token, eos, stream)
     _synchronize(device)
     stats.decode_s = time.perf_counter() - start
     stats.tokens = len(dec.result.token_ids)
     fill_counters(stats, runner, before, after_prefill)
     runner.remember(dec.kv, held_prefix(prompt, dec.result.steps, dec.kv, writer, policy, boundary))
     return dec.result
+
+
+def decode(runner: Runner, dec: Decoder, token: int, eos: tuple[int, ...], stream: Stream) -> None:
+    """Emit `token` (the prompt's) and decode step by step until EOS, the token limit or the callback stops it; exact mode
+    verifies an open draft before stopping, and goes on where big took drafted tokens back."""
+    step = 0
+    while True:
+        while emit(dec.result, token, dec.sampling, eos, dec.processor) and stream.send(dec.result):
+            step += 1
+            token = decode_step(runner, [StepRow(dec, token, step)])[0]
+        late = verify_tail(runner, dec) if dec.policy.verifies and dec.result.finish_reason != "cancelled" else None
+        if late is None:
+            break
+        token, dec.result.finish_reason = late, "length"  # big took back drafted tokens: go on from its own
+    stream.finish(dec.result)
 
 
 def prompt_boundary(runner: Runner, kv: KVCache) -> SequenceSnapshot | None:
