@@ -57,7 +57,7 @@ def main() -> None:
     p.add_argument("--variants", default="bf16,int8,int4")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    base = build_synthetic(args.synthetic, torch.device("cpu"), "bfloat16", expert_dtype=args.expert_dtype)
+    base = build_synthetic(args.synthetic, torch.device("cpu"), "bfloat16", expert_dtype=args.expert_dtype, dense_dtype="bf16")
     variants = {v: base if v == "bf16" else requantized(base, v, args.group_size) for v in args.variants.split(",")}
     llms = {v: LLM(loaded, engine_config(dtype="bfloat16", expert_cache=loaded.store.total_experts, progress=False)) for v, loaded in variants.items()}
     for llm in llms.values():
