@@ -154,13 +154,13 @@ def _exact_row(
     llm.reset_cache(slots, trace)
     results = [llm.generate(p, sampling, PolicyConfig("exact", tau=0.0, criterion="max_prob", draft_max=n)) for p in prompts]
     tok_s = sum(len(r.token_ids) - 1 for r in results) / sum(r.stats.decode_s for r in results)
-    drafted = sum(r.stats.rolled_back_tokens for r in results)
+    rolled_back = sum(r.stats.rolled_back_tokens for r in results)
     return {
         "draft": n,
         "modelled_speedup": modelled_speedup(costs.acceptance, n, costs.little_s, costs.big_s),
         "measured_speedup": tok_s / costs.big_tok_s,
         "tok_s": tok_s,
-        "rolled_back_per_token": drafted / sum(len(r.token_ids) for r in results),
+        "rolled_back_per_token": rolled_back / sum(len(r.token_ids) for r in results),
         **{
             f"predicted_speedup{'_' + tag if tag else ''}": {
                 name: predict(trace.accesses, c, hw, m).tok_s / big_predicted[tag, name] for name, hw in profiles.items()

@@ -78,7 +78,7 @@ def verify(runner: Runner, rows: list[StepRow], full: list[bool], batch: Batcher
     step's input keeps the longest agreeing prefix and emits big's token after it (a bonus token when all agree); the
     other rows take the step as usual."""
     backs = [Fallback(r, None, None) for r, f in zip(rows, full) if f]
-    tokens = dict(zip((id(b.row) for b in backs), fall_back(runner, backs, [b.row.dec.kv.snapshot() for b in backs], len(rows) == 1, batch)))
+    tokens = dict(zip((id(b.row) for b in backs), fall_back(runner, backs, [None] * len(backs), len(rows) == 1, batch)))  # no pass to undo
     rest = [r for r, f in zip(rows, full) if not f]
     if rest:
         tokens.update(zip((id(r) for r in rest), decode_step(runner, rest, batch, little_first)))
@@ -150,12 +150,13 @@ def fall_back(runner: Runner, backs: list[Fallback], befores: list[SequenceSnaps
 
 
 def prepare(runner: Runner, back: Fallback, before: SequenceSnapshot | None) -> None:
-    """Put the row's sequence back to before the step (and `repair` positions further), and prefetch what big will add."""
+    """Put the row's sequence back to before the step (before None: no first pass ran this step) and `repair` positions
+    further, and prefetch what big will add."""
     dec = back.row.dec
-    assert before is not None
     back.repair = 0 if dec.kv.recurrent else min(dec.policy.config.kv_repair or 0, dec.little_positions)
     back.first_layer = dec.partial.resume_layer(back.repair) if dec.partial is not None else 0  # 0: a full big pass
-    dec.kv.restore(before)  # forget this step: KV length back, recurrent states copied back
+    if before is not None:
+        dec.kv.restore(before)  # forget this step: KV length back, recurrent states copied back
     dec.kv.rewind(back.repair)
     if dec.policy.config.prefetch_on_fallback and back.routing is not None:
         assert dec.first.little_k is not None  # resolved when the decoder was made
