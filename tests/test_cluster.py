@@ -228,3 +228,14 @@ def test_health_answers_and_serve_options_from_flags():
     gpu = engine_options(serve_args("--replicas", "2", "--max-replicas", "4", "--device", "cuda"))
     assert gpu["ray_actor_options"] == {"num_gpus": 1, "num_cpus": 1} and "num_replicas" not in gpu
     assert gpu["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 4, "target_ongoing_requests": 12}
+
+
+def test_a_config_file_s_args_are_the_cli_flags():
+    from mobile_moe.errors import InvalidParameter
+    from mobile_moe.serve.cluster import app_builder
+
+    assert isinstance(app_builder({"max-batch": 4, "policy": "mobile", "quiet": True, "offload_dir": None}), serve.Application)
+    with pytest.raises(InvalidParameter, match="--replicas must be >= 1"):
+        app_builder({"replicas": 0})
+    with pytest.raises(SystemExit):  # argparse's one line: an unknown choice
+        app_builder({"policy": "fast"})

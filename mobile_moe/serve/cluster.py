@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -90,7 +91,9 @@ def serve_replicas(args: argparse.Namespace) -> int:
     if local:
         check_bindable(args.host, args.port)
     started = time.perf_counter()
-    ray.init(address=args.ray_address, **({"num_cpus": local_cpus(args), "include_dashboard": False} if local else {}), logging_level="warning")
+    context = ray.init(
+        address="local" if local else args.ray_address, **({"num_cpus": local_cpus(args), "include_dashboard": False} if local else {}), logging_level="warning"
+    )
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")
@@ -99,10 +102,11 @@ def serve_replicas(args: argparse.Namespace) -> int:
         ray.shutdown()
         last = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise MobileMoeError(f"the replicas did not start: {last[-1] if last else type(e).__name__}") from None
-    where = "a local Ray instance" if local else f"the Ray cluster at {args.ray_address}"
+    where = f"a local Ray instance ({context.address_info['gcs_address']})" if local else f"the Ray cluster at {context.address_info['gcs_address']}"
     scale = f"{args.replicas} replicas" if args.max_replicas is None else f"{args.replicas} to {args.max_replicas} replicas (autoscaling)"
     print(summary.replace("mobile-moe serve:", f"mobile-moe serve: {scale} on {where}, router {args.request_router};", 1), file=sys.stderr)
     print(f"  ready in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop: as Ctrl-C, the application taken down
     try:
         while True:
             time.sleep(3600)

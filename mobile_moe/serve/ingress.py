@@ -19,7 +19,6 @@ from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from ray.serve.schema import DeploymentStatusOverview
 
-from mobile_moe.cli.serve import log_requests
 from mobile_moe.serve.affinity import KEY, conversation_key
 from mobile_moe.serve.app import add_error_handlers, add_guard
 from mobile_moe.serve.cluster_metrics import replica_metrics
@@ -106,10 +105,9 @@ class Ingress:
     def __init__(self, engine: DeploymentHandle, api_key: str | None, app_name: str) -> None:
         self.engine = engine.options(stream=True)
         self.api_key, self.app_name = api_key, app_name
-        log_requests()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        app = FastAPI(title="mobile-moe", docs_url=None, redoc_url=None)
+        app = FastAPI(title="mobile-moe", docs_url=None, redoc_url=None, openapi_url=None)  # /openapi.json: the replicas' own
         add_guard(app, self.api_key)
         add_error_handlers(app)
 

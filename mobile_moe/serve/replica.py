@@ -14,7 +14,7 @@ from filelock import FileLock
 from ray import serve
 
 from mobile_moe.cli.common import open_llm, policy_flags
-from mobile_moe.cli.serve import SERVE_SWITCH_INTERVAL_S, served_name, startup_summary
+from mobile_moe.cli.serve import SERVE_SWITCH_INTERVAL_S, log_requests, served_name, startup_summary
 from mobile_moe.engine.llm import LLM
 from mobile_moe.serve.app import create_app
 from mobile_moe.serve.cluster_metrics import RayMirror
@@ -49,6 +49,7 @@ class EngineReplica:
         self.summary = startup_summary(self.llm, self.llm.resolve_policy(defaults), name, args)
         self.mirror = RayMirror(self.app.state.metrics.registry)
         self.mirror.start()
+        log_requests()  # the access-log lines (with token counts) on the replica's stderr, which Ray forwards to the driver
 
     async def asgi(self, scope: dict, body: bytes, conversation: str | None = None) -> AsyncIterator[dict]:
         """One forwarded HTTP request through the app: yields its ASGI response messages (the start, then body parts).
