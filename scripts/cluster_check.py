@@ -4,7 +4,7 @@
 1. the single server: every prompt's stream (the reference);
 2. the cluster (local Ray, 2 replicas, conversation router): seconds from launch to the first answer; `--streams`
    concurrent streams (lost ones, outputs equal to the reference, share per replica); 16 two-turn chats (second turns on
-   their first turn's replica, prefix hits); then 1.5x `--streams` streams, one replica killed (ray.kill of its actor)
+   their first turn's replica, prompt tokens reused); then 1.5x `--streams` streams, one replica killed (ray.kill of its actor)
    once the first answer starts: streams that hang, end with an error event, complete equal to the reference; seconds
    until Serve runs 2 replicas again;
 3. the cluster with Serve's power-of-two-choices router: the same 16 two-turn chats.
@@ -90,16 +90,17 @@ async def streams(url: str, prompts: list[str], tokens: int, on_start=None) -> l
         return await asyncio.gather(*tasks)
 
 
-def prefix_hits(url: str) -> float:
-    """mobile_moe_prefix_hits_total summed over the replicas (as Ray exported it last)."""
+def reused(url: str) -> float:
+    """mobile_moe_reused_tokens_total summed over the replicas (as Ray exported it last)."""
     metrics = httpx.get(url + "/metrics", timeout=30).text
-    return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("mobile_moe_prefix_hits_total{"))
+    return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("mobile_moe_reused_tokens_total{"))
 
 
 def chats(url: str) -> tuple[int, float]:
-    """16 two-turn chats: (second turns served by their first turn's replica, prefix hits they added over the replicas)."""
+    """16 two-turn chats: (second turns served by their first turn's replica, prompt tokens the chats took from held
+    prefixes instead of prefilling, over the replicas)."""
     time.sleep(12)  # Ray exports the replicas' metrics every 10 s by default
-    same, before = 0, prefix_hits(url)
+    same, before = 0, reused(url)
     for i in range(16):
         first = [{"role": "user", "content": f"def task_{i}(items):"}]
         r1 = httpx.post(url + "/v1/chat/completions", json={"messages": first, "max_tokens": 16, "temperature": 0}, timeout=60)
@@ -107,7 +108,7 @@ def chats(url: str) -> tuple[int, float]:
         r2 = httpx.post(url + "/v1/chat/completions", json={"messages": turn, "max_tokens": 16, "temperature": 0}, timeout=60)
         same += r1.headers[HEADER] == r2.headers[HEADER]
     time.sleep(12)
-    return same, prefix_hits(url) - before
+    return same, reused(url) - before
 
 
 def connect(log: str) -> None:
@@ -171,7 +172,7 @@ def main() -> None:
     pow2, _, _ = launch(8312, "--replicas", "2", "--request-router", "power-of-two", *batch)
     try:
         same, hits = chats("http://127.0.0.1:8312")
-        print(f"power-of-two router: {same} of 16 second turns on their first turn's replica; they added {hits:g} prefix hits", flush=True)
+        print(f"power-of-two router: {same} of 16 second turns on their first turn's replica; prompt tokens reused {hits:g}", flush=True)
     finally:
         stop(pow2)
 
@@ -180,13 +181,16 @@ def measure_cluster(url: str, log: str, prompts: list[str], want: list[str], a: 
     """Streams, chats, then a replica killed mid-run."""
     report("2 replicas", asyncio.run(streams(url, prompts[: a.streams], a.tokens)), want)
     same, hits = chats(url)
-    print(f"conversation router: {same} of 16 second turns on their first turn's replica; they added {hits:g} prefix hits", flush=True)
+    print(f"conversation router: {same} of 16 second turns on their first turn's replica; prompt tokens reused {hits:g}", flush=True)
     connect(log)
     killed: list = []
     results = asyncio.run(streams(url, prompts, a.tokens, lambda replica: killed.extend([replica, kill(url, replica)])))
     report(f"replica {killed[0].rsplit('#', 1)[-1]} killed", results, want)
     print(f"  errors on the killed replica: {sum(end == 'error' and r == killed[0] for r, _, end in results)}", flush=True)
     print(f"  2 replicas running again {restored(killed[1], 2):.1f} s after the kill", flush=True)
+    import ray
+
+    ray.shutdown()  # leave the cluster before it stops (a driver whose cluster is gone exits)
 
 
 if __name__ == "__main__":

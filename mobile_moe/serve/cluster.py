@@ -71,7 +71,7 @@ def app_builder(config: dict) -> serve.Application:
     argv = ["serve"]
     for key, value in config.items():
         flag = "--" + str(key).replace("_", "-")
-        argv += [flag] if value is True else [] if value in (False, None) else [flag, str(value)]
+        argv += [flag] if value is True else [] if value is False or value is None else [flag, str(value)]
     args = build_parser().parse_args(argv)
     args.replicas = 1 if args.replicas is None else args.replicas
     check_cluster_flags(args)
