@@ -67,9 +67,34 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="at batch >= 2, mobile requests decode little first only where measured cheaper than big (auto), or always (default: auto)",
     )
+    add_replica_args(s)
     add_engine_args(s)
     add_policy_args(s)
     s.set_defaults(handler=cmd_serve)
+
+
+def add_replica_args(s: argparse.ArgumentParser) -> None:
+    """Replicas on Ray Serve (the [cluster] extra): docs/serving.md#replicas-on-ray-serve."""
+    s.add_argument(
+        "--replicas",
+        type=int,
+        metavar="N",
+        help="run N engine replicas on Ray Serve behind this one endpoint, each with its own model and batch (needs the [cluster] extra) "
+        "(default: one engine in this process, no Ray)",
+    )
+    s.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="with --replicas: join this Ray cluster (the address `ray start --head` prints, or `auto`) (default: start a local Ray instance)",
+    )
+    s.add_argument("--max-replicas", type=int, metavar="M", help="with --replicas: autoscale between N and M replicas on ongoing requests (default: N, fixed)")
+    s.add_argument(
+        "--request-router",
+        choices=["conversation", "power-of-two"],
+        default="conversation",
+        help="with --replicas: a chat's later turns to the replica that served it (its held prefix), else the shorter queue of two; "
+        "or Serve's default power of two choices only (default: conversation)",
+    )
 
 
 def check_bindable(host: str, port: int) -> None:
@@ -94,6 +119,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_queue < 1 or args.max_tokens_cap < 1 or args.max_batch < 1:
         raise InvalidParameter("--max-queue, --max-tokens-cap and --max-batch must be >= 1")
     check_flags(args)  # the defaults a request's policy starts from
+    if args.replicas is not None or args.ray_address is not None or args.max_replicas is not None:
+        return serve_replicas(args)
     set_threads(args.threads)
     try:
         import prometheus_client  # noqa: F401 (the server's /metrics)
@@ -113,6 +140,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(startup_summary(llm, llm.resolve_policy(defaults), name, args), file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def serve_replicas(args: argparse.Namespace) -> int:
+    """--replicas: the same server as engine replicas on Ray Serve (serve/cluster.py)."""
+    check_cluster_flags(args)
+    if args.threads is not None and args.threads < 1:
+        raise InvalidParameter(f"--threads must be >= 1, got {args.threads}")
+    try:
+        import prometheus_client  # noqa: F401 (the server's /metrics)
+
+        from mobile_moe.serve.cluster import serve_replicas as deploy
+    except ImportError as e:
+        raise InvalidParameter(f"--replicas needs the [cluster] extra: pip install 'mobile-moe[cluster]' ({e.name} is missing)") from None
+    return deploy(args)
+
+
+def check_cluster_flags(args: argparse.Namespace) -> None:
+    """The replica flags' own rules (one line each, before Ray starts)."""
+    if args.replicas is None:
+        raise InvalidParameter("--ray-address and --max-replicas need --replicas")
+    if args.replicas < 1:
+        raise InvalidParameter(f"--replicas must be >= 1, got {args.replicas}")
+    if args.max_replicas is not None and args.max_replicas < args.replicas:
+        raise InvalidParameter(f"--max-replicas {args.max_replicas} is below --replicas {args.replicas}")
 
 
 def served_name(args: argparse.Namespace, llm: LLM) -> str:
