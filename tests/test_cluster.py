@@ -18,12 +18,12 @@ from test_serve import free_port, serving  # noqa: E402
 
 from mobile_moe import LLM, engine_config  # noqa: E402
 from mobile_moe.cli import build_parser  # noqa: E402
+from mobile_moe.cluster.affinity import PROMPT_KEY_CHARS, conversation_key  # noqa: E402
+from mobile_moe.cluster.app import APP_NAME, build_app, engine_options  # noqa: E402
+from mobile_moe.cluster.ingress import ENGINE, health_answer  # noqa: E402
+from mobile_moe.cluster.metrics import replica_metrics  # noqa: E402
+from mobile_moe.cluster.replica import STORE_LOCK  # noqa: E402
 from mobile_moe.engine.calibration import DEMO_MODEL  # noqa: E402
-from mobile_moe.serve.affinity import PROMPT_KEY_CHARS, conversation_key  # noqa: E402
-from mobile_moe.serve.cluster import APP_NAME, build_app, engine_options  # noqa: E402
-from mobile_moe.serve.cluster_metrics import replica_metrics  # noqa: E402
-from mobile_moe.serve.ingress import ENGINE, health_answer  # noqa: E402
-from mobile_moe.serve.replica import STORE_LOCK  # noqa: E402
 
 PROMPT = "def add(a, b):"
 MSGS = [{"role": "user", "content": PROMPT}]
@@ -231,8 +231,8 @@ def test_health_answers_and_serve_options_from_flags():
 
 
 def test_a_config_file_s_args_are_the_cli_flags():
+    from mobile_moe.cluster.app import app_builder
     from mobile_moe.errors import InvalidParameter
-    from mobile_moe.serve.cluster import app_builder
 
     assert isinstance(app_builder({"max-batch": 4, "policy": "mobile", "quiet": True, "offload_dir": None}), serve.Application)
     with pytest.raises(InvalidParameter, match="--replicas must be >= 1"):

@@ -14,7 +14,7 @@ RANK = {  # a module may import only from packages of its rank or below
     "loading": 3,
     "engine": 4,
     "eval": 5, "bench": 5, "serve": 5, "chat": 5,
-    "cli": 6,
+    "cli": 6, "cluster": 6,  # cluster: Ray Serve replicas of the server, built from the CLI's flags
 }  # fmt: skip
 
 

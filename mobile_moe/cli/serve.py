@@ -143,14 +143,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def serve_replicas(args: argparse.Namespace) -> int:
-    """--replicas: the same server as engine replicas on Ray Serve (serve/cluster.py)."""
+    """--replicas: the same server as engine replicas on Ray Serve (cluster/app.py)."""
     check_cluster_flags(args)
     if args.threads is not None and args.threads < 1:
         raise InvalidParameter(f"--threads must be >= 1, got {args.threads}")
     try:
         import prometheus_client  # noqa: F401 (the server's /metrics)
 
-        from mobile_moe.serve.cluster import serve_replicas as deploy
+        from mobile_moe.cluster.app import serve_replicas as deploy
     except ImportError as e:
         raise InvalidParameter(f"--replicas needs the [cluster] extra: pip install 'mobile-moe[cluster]' ({e.name} is missing)") from None
     return deploy(args)

@@ -82,7 +82,7 @@ def create_app(llm: LLM, worker: EngineWorker, model_name: str, api_key: str | N
     """The FastAPI application; `model_name` is the name clients send and /v1/models lists."""
     app = FastAPI(title="mobile-moe", docs_url=None, redoc_url=None)
     metrics = Metrics(worker)
-    app.state.metrics = metrics  # a Ray Serve replica mirrors it into Ray's metrics (serve/replica.py)
+    app.state.metrics = metrics  # a Ray Serve replica mirrors it into Ray's metrics (cluster/replica.py)
     add_guard(app, api_key)
     add_error_handlers(app)
 

@@ -15,9 +15,9 @@ from ray import serve
 
 from mobile_moe.cli.common import open_llm, policy_flags
 from mobile_moe.cli.serve import SERVE_SWITCH_INTERVAL_S, log_requests, served_name, startup_summary
+from mobile_moe.cluster.metrics import RayMirror
 from mobile_moe.engine.llm import LLM
 from mobile_moe.serve.app import create_app
-from mobile_moe.serve.cluster_metrics import RayMirror
 from mobile_moe.serve.worker import EngineWorker
 
 STORE_LOCK = ".mobile-moe-store.lock"  # in the --offload-dir: held while a replica opens (and maybe builds) the store

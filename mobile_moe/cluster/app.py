@@ -16,10 +16,10 @@ from ray.exceptions import RayError
 from ray.serve.exceptions import RayServeException
 
 from mobile_moe.cli.serve import check_bindable, check_cluster_flags
+from mobile_moe.cluster.affinity import ConversationRouter
+from mobile_moe.cluster.ingress import ENGINE, Ingress
+from mobile_moe.cluster.replica import EngineReplica
 from mobile_moe.errors import MobileMoeError
-from mobile_moe.serve.affinity import ConversationRouter
-from mobile_moe.serve.ingress import ENGINE, Ingress
-from mobile_moe.serve.replica import EngineReplica
 
 APP_NAME = "mobile-moe"
 ROUTERS = {"conversation": ConversationRouter, "power-of-two": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter"}

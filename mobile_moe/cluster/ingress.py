@@ -19,9 +19,9 @@ from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from ray.serve.schema import DeploymentStatusOverview
 
-from mobile_moe.serve.affinity import KEY, conversation_key
+from mobile_moe.cluster.affinity import KEY, conversation_key
+from mobile_moe.cluster.metrics import replica_metrics
 from mobile_moe.serve.app import add_error_handlers, add_guard
-from mobile_moe.serve.cluster_metrics import replica_metrics
 from mobile_moe.serve.handlers import RETRY_AFTER_S
 from mobile_moe.serve.schemas import error
 
