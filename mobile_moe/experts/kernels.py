@@ -12,7 +12,8 @@ the cache and the copies are unchanged. On CPU with bf16 / fp16 activations:
 
 Both kernels are matrix-vector kernels: their time grows with the rows, so a call with more than the format's
 `max_rows` (a long prompt's rows of one expert) dequantizes once and runs a dense matmul instead. The crossovers
-were measured on a 2048 x 2048 matrix with 2 threads (AVX512-BF16): int8 ~24 rows, int4 ~64.
+were measured on a 2048 x 2048 matrix with 2 threads (AVX512-BF16): int8 ~24 rows, int4 ~64; and again on OLMoE expert
+shapes with 1 thread (`scripts/kernel_rows.py`, AVX512 bf16 and AVX2 float32): int8 8-32 rows, int4 64-128.
 float32 compute uses the same kernels with bf16 activations (x is rounded to bf16 for the call, the result cast
 back): the kernels take no float32 input worth using, and even where bf16 is emulated (an AVX2 CPU without
 AVX512-BF16) the int4 kernel took 0.38 ms against 14 ms for dequantize-then-matmul on a 2048 x 2048 matrix (2 threads),
