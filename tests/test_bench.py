@@ -154,6 +154,7 @@ def test_bench_cli_reports_every_system(tmp_path, capsys):
     assert report["systems"][0]["ratio_to_big"] == 1.0
     assert set(report["predicted"]) == set(PROFILES) and all(set(p) == {"big", "mobile", "little"} for p in report["predicted"].values())
     assert "driven at rate 0.5" in report["mobile"]["note"]
+    assert report["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()  # the feature set the kernel measurements ran
     assert sorted(p.name for p in (tmp_path / "tr").iterdir()) == ["big.jsonl", "little.jsonl", "mobile.jsonl", "resident.jsonl"]
 
 

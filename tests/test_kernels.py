@@ -3,6 +3,11 @@ all-resident decode step (no host read per MoE layer)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import open_llm
@@ -11,7 +16,7 @@ from mobile_moe import LLM, engine_config
 from mobile_moe.bench.synthetic import build_synthetic
 from mobile_moe.config import PolicyConfig, SamplingParams
 from mobile_moe.experts.formats import Int4Format, Int8Format, Mxfp4Format
-from mobile_moe.experts.kernels import FusedInt4, FusedInt8, compute_format, int4_block_rows, layout_format, unpack_kernel_int4
+from mobile_moe.experts.kernels import INT4_OFFSET, FusedInt4, FusedInt8, compute_format, int4_block_rows, layout_format, unpack_kernel_int4
 
 CPU = torch.device("cpu")
 # bf16 rounds every (scale, zero) and activation once: 1e-2 of the output's norm; fp16 keeps 10 mantissa bits
@@ -53,6 +58,55 @@ def test_int4_kernel_layout_unpacks_exactly():
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
         assert torch.equal(unpack_kernel_int4(packed, out, 64, block).int(), codes)
         assert int4_block_rows(out, 64) == block
+
+
+ODD_SHAPES = [(80, 384), (48, 256), (208, 128), (16, 512)]  # row tails off the 32- and 64-row blocks, and a matrix of no full block
+DEQUANT_EXACT = 1e-6  # the prompt path's dequantization against the row-major unpacking, both in float32: rounding only
+
+
+def prompt_path_errors() -> list[tuple[str, float, float]]:
+    """(case, weight error, output error) of the int4 kernel layout's prompt path (dequantize, then one matmul) on odd
+    shapes and groups 32 / 64 / 128, in this process's CPU feature set: the weights against the same layout unpacked row
+    by row (`unpack_kernel_int4`, then (q - 8) * scale + zero), relative to their largest; the output of `linear` above
+    `max_rows` against x @ that matrix.T."""
+    found = []
+    for group in (32, 64, 128):
+        for out, inp in ODD_SHAPES:
+            if inp % group:
+                continue
+            gen = torch.Generator().manual_seed(out * inp + group)
+            fused = FusedInt4(Int4Format(group), torch.bfloat16, int4_block_rows(out, inp))
+            kernel = fused.quantize(torch.randn(out, inp, generator=gen))
+            packed, sz = kernel
+            codes = unpack_kernel_int4(packed, out, inp, fused.block).float().view(out, -1, group)  # [out, G, g]
+            scale, zero = sz.float().transpose(0, 1).unbind(-1)  # [out, G]
+            want = ((codes - INT4_OFFSET) * scale[..., None] + zero[..., None]).view(out, inp)
+            got = fused.dequantize(kernel, torch.float32)
+            x = torch.randn(fused.max_rows + 3, inp, generator=gen).bfloat16()
+            y = fused.linear(x, kernel, torch.bfloat16).float()
+            y_want = x.float() @ want.t()
+            found.append((f"int4 g{group} {out}x{inp} block {fused.block}", float((got - want).abs().max() / want.abs().max()), _rel(y, y_want)))
+    return found
+
+
+def test_int4_prompt_path_equals_the_layout_unpacked_row_by_row():
+    for case, weights, output in prompt_path_errors():
+        assert weights < DEQUANT_EXACT and output < TOLERANCE[torch.bfloat16], (case, weights, output)
+
+
+def test_int4_prompt_path_under_avx2():
+    """The same under torch's AVX2 kernels (ATEN_CPU_CAPABILITY=avx2, set before torch starts: a subprocess), whose
+    int4 packing interleaves rows in blocks of 32 where AVX512's does in 64."""
+    script = (
+        "import sys; sys.path[:0] = sys.argv[1:]\nfrom test_kernels import prompt_path_errors\nfor c, w, y in prompt_path_errors(): print(c, w, y, sep='|')"
+    )
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    done = subprocess.run([sys.executable, "-c", script, tests, str(Path(tests).parent)], env=env, capture_output=True, text=True, check=True, timeout=300)
+    rows = [line.split("|") for line in done.stdout.splitlines()]
+    assert len(rows) == len(prompt_path_errors()) and all("block 32" in case for case, _, _ in rows)
+    for case, weights, output in rows:
+        assert float(weights) < DEQUANT_EXACT and float(output) < TOLERANCE[torch.bfloat16], (case, weights, output)
 
 
 def test_kernel_layouts_only_where_a_kernel_runs():

@@ -394,6 +394,7 @@ def _report(
     return {
         "disk": disk,
         "device": torch.cuda.get_device_name(llm.device) if llm.device.type == "cuda" else "cpu",
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),  # the feature set torch's CPU kernels run (AVX512, AVX2, ...)
         "threads": torch.get_num_threads(),
         "rounds": settings.rounds,
         "memory_probe_gb_s": probe,
@@ -532,8 +533,10 @@ def table(report: dict) -> str:
         f"{'system':<12} {'tok/s':>8} {'x big':>6} {'TTFT s':>7} {'MB/tok':>7} {'GB/s':>6} {'hit':>6} {'fallbk':>7} {'wait':>6} {'sync/t':>6} "
         f"{'read MB/t':>9} {'roof':>5}  note"
     )
+    cpu_kernels = f" ({report['cpu_kernels']} kernels)" if report["device"] == "cpu" and report.get("cpu_kernels") else ""
     title = (
-        f"{report['model']} on {report['device']}, {report['dtype']}, {report['threads']} threads, memory probe {report['memory_probe_gb_s']:.1f} GB/s, "
+        f"{report['model']} on {report['device']}{cpu_kernels}, {report['dtype']}, {report['threads']} threads, "
+        f"memory probe {report['memory_probe_gb_s']:.1f} GB/s, "
         f"experts {report['expert_dtype']} "
         f"({report['expert_bytes'] / 2**20:.3f} MiB each), {report['cache_slots']} of {report['total_experts']} slots; "
         f"median of {report['rounds']} interleaved rounds\ndense {report.get('dense_dtype', '-')}: {report.get('dense_path', '-')}"

@@ -6,13 +6,14 @@ layout (`compute_format` + `ExpertStore.repack`); every expert keeps one contigu
 the cache and the copies are unchanged. On CPU with bf16 / fp16 activations:
 
 - int8 -> torch's `_weight_int8pack_mm` (codes as stored, scales in the compute dtype);
-- int4 -> torch's `_weight_int4pack_mm_for_cpu` (codes in the kernel's blocked layout, whose block of rows changed
-  between torch releases and is probed; (scale, zero) pairs [in / group, out, 2] in the compute dtype,
-  w = (q - 8) * scale + zero).
+- int4 -> torch's `_weight_int4pack_mm_for_cpu` (codes in the kernel's blocked layout, whose block of rows follows the
+  CPU feature set torch's kernels run (torch 2.14.1: 64 rows under AVX512, 32 under AVX2) and is probed; (scale, zero)
+  pairs [in / group, out, 2] in the compute dtype, w = (q - 8) * scale + zero).
 
 Both kernels are matrix-vector kernels: their time grows with the rows, so a call with more than the format's
 `max_rows` (a long prompt's rows of one expert) dequantizes once and runs a dense matmul instead. The crossovers
-were measured on a 2048 x 2048 matrix with 2 threads (AVX512-BF16): int8 ~24 rows, int4 ~64.
+were measured on a 2048 x 2048 matrix with 2 threads (AVX512-BF16): int8 ~24 rows, int4 ~64; and again on OLMoE expert
+shapes with 1 thread (`scripts/kernel_rows.py`, AVX512 bf16 and AVX2 float32): int8 8-32 rows, int4 64-128.
 float32 compute uses the same kernels with bf16 activations (x is rounded to bf16 for the call, the result cast
 back): the kernels take no float32 input worth using, and even where bf16 is emulated (an AVX2 CPU without
 AVX512-BF16) the int4 kernel took 0.38 ms against 14 ms for dequantize-then-matmul on a 2048 x 2048 matrix (2 threads),
@@ -42,7 +43,7 @@ from mobile_moe.experts.store import MATRICES, ExpertStore
 
 FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # compute dtypes with a fused path (float32: through bf16)
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes _weight_int4pack_mm_for_cpu accepts
-INT4_BLOCKS = (64, 32)  # the CPU kernel's packing interleaves output rows in blocks of this many: 64 in torch 2.13, 32 in 2.14
+INT4_BLOCKS = (64, 32)  # the CPU kernel's packing interleaves output rows in blocks of this many: 64 under torch's AVX512 kernels, 32 under AVX2
 INT4_OFFSET = 8  # the kernel's codes are centred: w = (q - 8) * scale + zero
 
 log = logging.getLogger("mobile_moe")
@@ -89,7 +90,7 @@ class FusedFormat(ExpertFormat):
         return f"{self.name}:{self.kernel}"
 
     def dequant_bytes(self, out: int, inp: int, dtype: torch.dtype) -> int:
-        return out * inp * (4 + dtype.itemsize)  # prompts: one int32/float code copy and the matrix
+        return out * inp * (4 + dtype.itemsize)  # prompts: one float32 copy of the codes, dequantized in place, and the matrix
 
     def __repr__(self) -> str:
         return f"{self.portable!r}, fused {self.kernel} kernel"
@@ -145,13 +146,14 @@ class FusedInt4(FusedFormat):
         return [torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2), centred_scale_zeros(scale, zero, self.dtype)]
 
     def dequantize(self, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The matrix [out, in] in `dtype`, as a transposed view of its [in, out] copy: the kernel's layout unpacks to
+        input-major codes without a byte transpose, and (q - 8) * scale + zero is one float32 pass, rounded once."""
         packed, sz = parts  # [out, in/2], [G, out, 2]
         out, inp = packed.shape[0], 2 * packed.shape[1]
-        codes = unpack_kernel_int4(packed, out, inp, self.block).view(out, -1, self.group_size).to(dtype)  # [out, G, g]
-        scale, zero = sz.transpose(0, 1).to(dtype).unbind(-1)  # [out, G] each
-        # (codes - 8) * scale + zero, in place: on a 2048 x 2048 matrix in float32 7.9 ms against 40.8 ms with a fresh
-        # temporary per step (2 threads, AVX2), bit for bit the same
-        return codes.sub_(INT4_OFFSET).mul_(scale[..., None]).add_(zero[..., None]).view(out, inp)
+        w = unpack_kernel_int4_columns(packed, out, inp, self.block).view(-1, self.group_size, out).float()  # [G, g, out] codes
+        scale, zero = sz.float().unbind(-1)  # [G, out] each
+        torch.addcmul((zero - INT4_OFFSET * scale)[:, None], w, scale[:, None], out=w)  # in place: q * scale + (zero - 8 scale)
+        return w.view(inp, out).to(dtype).t()
 
     def fused(self, x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
         packed, sz = parts
@@ -181,6 +183,19 @@ def unpack_kernel_int4(packed: torch.Tensor, out: int, inp: int, block: int) -> 
     tail = flat[full * inp // 2 :].view(inp, (out - full) // 2)  # [in, rest/2]
     rest = torch.stack((tail & 15, tail >> 4), -1).view(inp, out - full).t()  # [rest, in]
     return torch.cat((head, rest))
+
+
+def unpack_kernel_int4_columns(packed: torch.Tensor, out: int, inp: int, block: int) -> torch.Tensor:
+    """The CPU kernel's packed codes [out, in / 2] -> codes uint8 [in, out] (`unpack_kernel_int4` transposed): a full block's
+    bytes for one column are contiguous, so input-major codes need no byte-wise transpose."""
+    full = out // block * block
+    flat = packed.reshape(-1)
+    blocks = flat[: full * inp // 2].view(-1, inp, block // 2).transpose(0, 1)  # [in, B, block / 2]
+    head = torch.cat((blocks & 15, blocks >> 4), -1).view(inp, full)  # [in, full]
+    if full == out:
+        return head
+    tail = flat[full * inp // 2 :].view(inp, (out - full) // 2)  # [in, rest/2]
+    return torch.cat((head, torch.stack((tail & 15, tail >> 4), -1).view(inp, out - full)), 1)  # [in, out]
 
 
 def int4_block_rows(out: int, inp: int) -> int | None:
