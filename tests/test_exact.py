@@ -72,6 +72,15 @@ def test_exact_rows_in_a_batch_equal_big_alone(checkpoints):
     assert [r.token_ids for r in together] == [llm.generate(p, SAMPLING, PolicyConfig("big")).token_ids for p in prompts]
 
 
+def test_a_batch_step_run_big_first_verifies_the_open_drafts(checkpoints):
+    """At batch >= 2 the governor may run a step big first (`--batch-little auto` tries it on its second step): an exact
+    row's open draft is verified there, not taken as big's."""
+    llm = open_llm(checkpoints["qwen3_moe"], expert_cache=12, dtype="float32", max_batch=2, batch_little="auto")
+    got = llm.generate(PROMPTS, SAMPLING, PolicyConfig("exact", tau=0.0, criterion="max_prob", draft_max=4))
+    assert [r.token_ids for r in got] == [llm.generate(p, SAMPLING, PolicyConfig("big")).token_ids for p in PROMPTS]
+    assert llm.governor.big_steps > 0
+
+
 @pytest.mark.parametrize(
     "arch, sampling, message",
     [

@@ -50,8 +50,9 @@ class Fallback:
 
 def decode_step(runner: Runner, rows: list[StepRow], batch: Batcher | None = None, little_first: bool = True) -> list[int]:
     """Each row's token of this step. little_first False: mobile rows run big at once (a batch where little does not pay).
-    An exact row whose draft is full drafts nothing: big verifies its draft at once (`verify`)."""
-    full = [r.dec.policy.verifies and r.dec.little_positions >= r.dec.policy.draft_max for r in rows]
+    An exact row whose draft is full drafts nothing: big verifies its draft at once (`verify`), as it does an open draft
+    when this step runs big first."""
+    full = [r.dec.policy.verifies and r.dec.little_positions >= (r.dec.policy.draft_max if little_first else 1) for r in rows]
     if any(full):
         return verify(runner, rows, full, batch, little_first)
     firsts = [r.dec.first if little_first or not r.dec.policy.may_fall_back else r.dec.fallback for r in rows]
