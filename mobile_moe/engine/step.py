@@ -95,14 +95,18 @@ def verify_tail(runner: Runner, dec: Decoder) -> int | None:
         return None
     dec.kv.rewind(n)  # the drafts' inputs: the last verified token and every drafted one but the newest
     logits = runner.forward(runner.ids(result.token_ids[-(n + 1) : -1]), dec.kv, dec.fallback, all_logits=True)  # [n, V]
-    big = [int(v) for v in runner.cache.transfer.to_host(logits.argmax(-1).double())]
+    if dec.speculative:
+        wrong, token = dec.verify_draft(logits, n)
+    else:
+        big = [int(v) for v in runner.cache.transfer.to_host(logits.argmax(-1).double())]
+        wrong = next((i for i, (b, t) in enumerate(zip(big, result.token_ids[-n:])) if b != t), None)
+        token = -1 if wrong is None else big[wrong]
     dec.little_positions = 0
-    wrong = next((i for i, (b, t) in enumerate(zip(big, result.token_ids[-n:])) if b != t), None)
     if wrong is None:
         return None
     taken = n - wrong  # the first wrong token and every later one
     dec.kv.rewind(taken - 1)  # the positions of the inputs after the wrong token's
-    return dec.take_back(taken, big[wrong])
+    return dec.take_back(taken, token)
 
 
 def first_pass(
