@@ -136,8 +136,8 @@ def test_sampled_exact_mode_draws_from_big_s_distribution(checkpoints, one_threa
 
 
 def test_a_forced_acceptance_rate_keeps_drafts_big_disagrees_with(checkpoints, one_thread):
-    """Benchmarks on random weights force acceptance (a Policy's own field, never a PolicyConfig's): rate 0 keeps only
-    big's own tokens, rate 1 every drafted one (nothing taken back, big's token after each full draft)."""
+    """Benchmarks on random weights force acceptance (a Policy's own field, never a PolicyConfig's): rate 0 rejects every
+    drafted token (big's token in its place: big's output), rate 1 keeps every one (nothing taken back)."""
     llm = open_llm(checkpoints["qwen3_moe"], expert_cache=6, dtype="float32")
     config = llm.resolve_policy(PolicyConfig("exact", tau=0.0, criterion="max_prob", draft_max=3))
     big = llm.generate(PROMPTS[1], SAMPLING, PolicyConfig("big")).token_ids

@@ -2,7 +2,8 @@
 own; sampling, speculative sampling keeps drafted token x with probability min(1, p_big(x) / p_little(x)) and draws the
 token after a rejection from normalize(max(0, p_big - p_little)), so every emitted token follows big's distribution.
 
-Benchmarks on random weights (where little never agrees with big) can force the rate instead (`forced`): bench only.
+Benchmarks on random weights (where little's agreement with big says nothing of a trained model's) force the rate
+instead (`forced`, bench only): each drafted token is kept with exactly that probability, whatever big says of it.
 """
 
 from __future__ import annotations
@@ -26,16 +27,13 @@ def verdict_parts(
     device: 1.0 where big keeps each drafted token if all before it were kept [n], then the token big emits after a
     first rejection at each drafted position and, with R = n + 1, after a full accept [R].
 
-    forced (benchmarks on random weights only): a drafted token is also kept with this probability (greedy), or kept
-    with exactly it (sampling), drawn from `generator`."""
+    forced (benchmarks on random weights only): a drafted token is kept with exactly this probability, drawn from
+    `generator`, agreeing with big or not; a rejected one is replaced as usual."""
     n = drafted.shape[0]
     draws = torch.rand(n, generator=generator, device=logits.device) if forced is not None or temperature > 0 else None  # [n]
     if temperature == 0.0:
         tokens = logits.argmax(-1)  # [R]
-        keep = tokens[:n] == drafted
-        if forced is not None:
-            assert draws is not None
-            keep |= draws < forced
+        keep = tokens[:n] == drafted if forced is None or draws is None else draws < forced
         return torch.cat([keep.double(), tokens.double()])
     assert little_probs is not None and draws is not None, "sampled drafts keep little's distributions"
     big = probabilities(logits, temperature, top_p)  # [R, V]
