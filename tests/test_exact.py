@@ -93,15 +93,6 @@ def test_exact_mode_refuses_recurrent_layers(checkpoints):
             llm.generate(PROMPTS[0], sampling, PolicyConfig("exact", tau=0.5, criterion="max_prob"))
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread for a test of many tiny passes (two threads only add synchronisation to them)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _chi_square_p(observed: torch.Tensor, expected: torch.Tensor) -> float:
     """Pearson's chi-square test of counts against expected counts (the cells under 5 pooled into one): its p-value."""
     order = expected.argsort(descending=True)
