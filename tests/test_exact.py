@@ -59,6 +59,17 @@ def test_a_draft_crossing_eos_is_verified_before_the_request_ends(checkpoints):
     assert got.finish_reason == "stop"
 
 
+def test_drafting_prefetches_what_the_verify_will_load(checkpoints, one_thread):
+    """Each drafted position's other-half experts are loaded while little drafts on (not with --no-prefetch); the output
+    stays big's."""
+    llm = open_llm(checkpoints["olmoe"], expert_cache=small_cache("olmoe") * 2, dtype="float32")
+    big = llm.generate(PROMPTS[0], SAMPLING, PolicyConfig("big")).token_ids
+    for prefetch in (True, False):
+        config = PolicyConfig("exact", tau=0.0, criterion="max_prob", draft_max=3, prefetch_on_fallback=prefetch)
+        exact = llm.generate(PROMPTS[0], SAMPLING, config)
+        assert exact.token_ids == big and (exact.stats.prefetched > 0) == prefetch
+
+
 def test_a_cancelled_draft_leaves_the_engine_usable(checkpoints):
     llm = open_llm(checkpoints["deepseek_v2"], expert_cache=6, dtype="float32")
     prompt, config = PROMPTS[0], PolicyConfig("exact", tau=0.0, criterion="max_prob", draft_max=4)

@@ -66,12 +66,25 @@ def decode_step(runner: Runner, rows: list[StepRow], batch: Batcher | None = Non
         if i not in falls:
             r.dec.accept(read[0], read[0], read[2], read[3], fell_back=False, little_pass=firsts[i].mode is ExpertMode.LITTLE)
     tokens = [read[0] for read in reads]
+    prefetch_drafts(runner, rows, [m and i not in falls for i, m in enumerate(mobile)], routing)
     if falls:
         logs = [runner.routing_buf] if routing is None else [row_log(routing, i) for i in falls]  # before any other pass
         backs = [Fallback(rows[i], reads[i], log, ids=ids) for i, log in zip(falls, logs)]
         for i, token in zip(falls, fall_back(runner, backs, befores=[befores[i] for i in falls], lone=len(rows) == 1, batch=batch)):
             tokens[i] = token
     return tokens
+
+
+def prefetch_drafts(runner: Runner, rows: list[StepRow], drafted: list[bool], routing: dict[int, Routing] | None) -> None:
+    """Exact rows whose little pass just drafted a token: start loading the other-half experts big's verify will need at
+    that position (as a fallback prefetches them), each position its share of the cache so a full draft's loads fit."""
+    if routing is None and len(rows) > 1:
+        return  # a batched pass that recorded no routing
+    for i, (row, kept) in enumerate(zip(rows, drafted)):
+        dec = row.dec
+        if kept and dec.policy.verifies and dec.policy.config.prefetch_on_fallback:
+            assert dec.first.little_k is not None
+            runner.prefetch_other_half(runner.routing_buf if routing is None else row_log(routing, i), dec.first.little_k, share=dec.policy.draft_max)
 
 
 def verify(runner: Runner, rows: list[StepRow], full: list[bool], batch: Batcher | None, little_first: bool) -> list[int]:
