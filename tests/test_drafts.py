@@ -79,8 +79,9 @@ def test_forced_acceptance_rates_run_beside_big(checkpoints, one_thread):
     cost = model_cost(llm.loaded.model, llm.loaded.store.expert_bytes)
     settings = BenchSettings([[7, 3, 44, 19, 28]], 9, PolicyConfig("big"), None, rounds=1)
     report = run_accept_rates(llm, settings, [0.0, 1.0], 3, cost, {"rtx4090": PROFILES["rtx4090"]}, probe=False)
-    big, never, always = report["systems"]
-    assert [big["name"], never["name"], always["name"]] == ["big", "exact@0", "exact@1"]
+    big, never, always, unfetched = report["systems"]
+    assert [big["name"], never["name"], always["name"], unfetched["name"]] == ["big", "exact@0", "exact@1", "exact@0 no-prefetch"]
+    assert unfetched["same_tokens_as_big"] == 1.0
     assert never["same_tokens_as_big"] == 1.0 and never["tokens_per_big_pass"] == pytest.approx(1.0)
     assert always["tokens_per_big_pass"] == pytest.approx(4.0)  # 8 decode tokens: 2 cycles of 3 drafts and big's token
     assert never["modelled_x_big"] < always["modelled_x_big"] and never["x_big"] > 0

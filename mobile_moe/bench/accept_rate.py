@@ -16,15 +16,25 @@ from mobile_moe.config import PolicyConfig, SamplingParams
 from mobile_moe.engine.llm import LLM
 
 
-def run_accept_rates(
-    llm: LLM, settings: BenchSettings, rates: list[float], draft: int, cost: ModelCost, profiles: dict[str, HardwareProfile], probe: bool
+def run_accept_rates(  # noqa: PLR0913 - what the run measures, on what
+    llm: LLM,
+    settings: BenchSettings,
+    rates: list[float],
+    draft: int,
+    cost: ModelCost,
+    profiles: dict[str, HardwareProfile],
+    probe: bool,
+    prefetch: bool = True,
 ) -> dict:
-    """Big and exact mode (draft `draft`, tau 0) at each forced rate, greedy, once per round in turn; then one pass of
-    each kind timed for the formula. `probe`: the disk tier's probe before each system's run."""
+    """Big and exact mode (draft `draft`, tau 0) at each forced rate, greedy, once per round in turn (prefetching while
+    drafting; with `prefetch`, the first rate also without: what it buys); then one pass of each kind timed for the
+    formula. `probe`: the disk tier's probe before each system's run."""
     slots = llm.planned_slots
     llm.reset_cache(slots)
     llm.generate(settings.prompts[0], SamplingParams(max_new_tokens=4, stop_at_eos=False))  # warm-up: kernels, allocator
-    systems = {"big": None} | {f"exact@{r:g}": forced_exact(llm, draft, r) for r in rates}
+    systems = {"big": None} | {f"exact@{r:g}{'' if prefetch else ' no-prefetch'}": forced_exact(llm, draft, r, prefetch) for r in rates}
+    if prefetch:
+        systems[f"exact@{rates[0]:g} no-prefetch"] = forced_exact(llm, draft, rates[0], prefetch=False)
     rounds: dict[str, list[SystemResult]] = {name: [] for name in systems}
     traces, outputs = {}, {}
     for _ in range(settings.rounds):
@@ -47,7 +57,7 @@ def run_accept_rates(
         "systems": [],
     }
     for name, results in rounds.items():
-        rate = None if systems[name] is None else float(name.split("@")[1])
+        rate = None if systems[name] is None else float(name.split("@")[1].split()[0])
         row = asdict(_median_of_rounds(results)) | {
             "rounds_tok_s": [r.decode_tok_s for r in results],
             "x_big": median(r.decode_tok_s / b.decode_tok_s for r, b in zip(results, rounds["big"])),  # per round, then the median
@@ -70,13 +80,13 @@ def accept_rates_table(report: dict) -> str:
         f"draft {n}, acceptance forced; little pass {report['little_s'] * 1e3:.1f} ms, big pass over 1 / {n + 1} positions "
         f"{report['big_s']['1'] * 1e3:.1f} / {report['big_s'][str(n + 1)] * 1e3:.1f} ms; experts per layer over 1 / {n + 1} tokens "
         f"{report['union']['1']:.1f} / {report['union'][str(n + 1)]:.1f}",
-        f"{'system':<12} {'tok/s':>7} {'x big':>6} {'modelled':>8} " + " ".join(f"{p:>{max(len(p), 6)}}" for p in profiles) + "  tok/big pass  disk MB/tok",
+        f"{'system':<22} {'tok/s':>7} {'x big':>6} {'modelled':>8} " + " ".join(f"{p:>{max(len(p), 6)}}" for p in profiles) + "  tok/big pass  disk MB/tok",
     ]
     for row in report["systems"]:
         predicted = " ".join(f"{row['predicted_x_big'][p]:>{max(len(p), 6)}.2f}" for p in profiles)
         modelled = f"{row['modelled_x_big']:8.2f}" if "modelled_x_big" in row else f"{'':>8}"
         lines.append(
-            f"{row['name']:<12} {row['decode_tok_s']:7.2f} {row['x_big']:6.2f} {modelled} {predicted}  {row['tokens_per_big_pass']:12.2f}"
+            f"{row['name']:<22} {row['decode_tok_s']:7.2f} {row['x_big']:6.2f} {modelled} {predicted}  {row['tokens_per_big_pass']:12.2f}"
             f"  {row['disk_bytes_per_token'] / 1e6:11.1f}"
         )
     return "\n".join(lines)

@@ -187,10 +187,12 @@ def replayed_tok_s(trace: list[Access], cost: ModelCost, hw: HardwareProfile, sl
     return tokens / seconds if seconds else 0.0
 
 
-def forced_exact(llm: LLM, draft: int, rate: float) -> Callable[[list[int], SamplingParams], GenerationResult]:
+def forced_exact(llm: LLM, draft: int, rate: float, prefetch: bool = True) -> Callable[[list[int], SamplingParams], GenerationResult]:
     """A prompt's generation by exact mode (tau 0: drafts end only when full) keeping each drafted token with probability
-    `rate` (random weights only: the engine's Policy made here, as no request can make it)."""
-    policy = Policy(llm.resolve_policy(PolicyConfig("exact", tau=0.0, criterion="max_prob", draft_max=draft)), forced_acceptance=rate)
+    `rate` (random weights only: the engine's Policy made here, as no request can make it); prefetch: drafting loads the
+    verify's experts."""
+    config = PolicyConfig("exact", tau=0.0, criterion="max_prob", draft_max=draft, prefetch_on_fallback=prefetch)
+    policy = Policy(llm.resolve_policy(config), forced_acceptance=rate)
 
     def run(ids: list[int], sampling: SamplingParams) -> GenerationResult:
         llm.check_prompt(ids)

@@ -107,7 +107,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         type=parse_rates,
         metavar="RATES",
         help="with --drafts --synthetic: run exact mode (--draft-max tokens, default 8) beside big with each drafted token kept at each "
-        "rate, e.g. 0.91,0.8 (random weights: little's agreement says nothing), measured, modelled and replayed",
+        "rate, e.g. 0.91,0.8 (random weights: little's agreement says nothing), and the first rate without prefetching while drafting; "
+        "measured, modelled and replayed",
     )
     b.add_argument(
         "--plan-only", action="store_true", help="print how the budget splits into dense weights, KV cache and expert slots, then exit without loading"
@@ -302,7 +303,7 @@ def bench_accept_rates(args: argparse.Namespace, llm: LLM, load_rss: int) -> int
     settings = BenchSettings(
         bench_prompts(args, llm, args.prompts), args.new_tokens, PolicyConfig("big"), None, rounds=args.rounds, load_peak_rss_bytes=load_rss
     )
-    report = run_accept_rates(llm, settings, args.accept_rate, args.draft_max or 8, cost, profiles, probe=disk)
+    report = run_accept_rates(llm, settings, args.accept_rate, args.draft_max or 8, cost, profiles, probe=disk, prefetch=not args.no_prefetch)
     print(accept_rates_table(report))
     report |= {"threads": torch.get_num_threads(), "cache_slots": llm.planned_slots, "total_experts": store.total_experts, "synthetic": args.synthetic}
     if disk:
