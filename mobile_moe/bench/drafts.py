@@ -19,6 +19,8 @@ reachable from a request) and runs beside big in interleaved rounds: measured, m
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -193,11 +195,12 @@ def forced_exact(llm: LLM, draft: int, rate: float, prefetch: bool = True) -> Ca
     verify's experts."""
     config = PolicyConfig("exact", tau=0.0, criterion="max_prob", draft_max=draft, prefetch_on_fallback=prefetch)
     policy = Policy(llm.resolve_policy(config), forced_acceptance=rate)
+    calls = itertools.count()  # each call its own seed for the draws (bench gives every prompt seed 0): rounds differ
 
     def run(ids: list[int], sampling: SamplingParams) -> GenerationResult:
         llm.check_prompt(ids)
         with llm.lock:
-            return generate(llm.runner, ids, sampling, policy, llm.eos_token_ids)
+            return generate(llm.runner, ids, dataclasses.replace(sampling, seed=next(calls)), policy, llm.eos_token_ids)
 
     return run
 
