@@ -279,8 +279,9 @@ POLICY_KNOBS: Mapping[str, tuple[str, ...]] = MappingProxyType(
 def check_options(policy: PolicyConfig, temperature: float = 0.0, name: Callable[[str], str] = str) -> None:
     """The rules a user's options follow, one for every front end (generate, chat, eval, bench, the server): tau in [0, 1]
     (every criterion's confidence is; PolicyConfig itself takes a larger tau, always falling back, for tests), a knob
-    set for a policy it does not apply to, or rollback with sampling, is an InvalidParameter naming it (`name` spells a
-    field as the caller's user knows it: a command-line flag, or the request's JSON field)."""
+    set for a policy it does not apply to, or rollback with sampling (exact mode samples by speculative sampling), is an
+    InvalidParameter naming it (`name` spells a field as the caller's user knows it: a command-line flag, or the request's
+    JSON field)."""
     if policy.tau is not None and not 0.0 <= policy.tau <= 1.0:
         raise InvalidParameter(f"{name('tau')} must be in [0, 1] (a confidence), got {policy.tau:g}")
     for knob, policies in POLICY_KNOBS.items():
@@ -290,10 +291,6 @@ def check_options(policy: PolicyConfig, temperature: float = 0.0, name: Callable
             raise InvalidParameter(f"{name(knob)} applies to {name('policy')} {listed} only, not {policy.name}")
     if policy.rollback and temperature > 0:
         raise InvalidParameter(f"{name('rollback')} checks little's tokens against big's greedy choice: it needs {name('temperature')} 0, got {temperature:g}")
-    if policy.name == "exact" and temperature > 0:
-        raise InvalidParameter(
-            f"{name('policy')} exact checks little's tokens against big's greedy choice: it needs {name('temperature')} 0, got {temperature:g}"
-        )
 
 
 def flag_name(field: str) -> str:

@@ -72,3 +72,12 @@ def open_llm(path: Path, options: RunnerOptions | None = None, **cache) -> LLM:
 def little_k(arch: str) -> int:
     """Experts per token of the little model."""
     return math.ceil(configs()[arch].get_text_config().num_experts_per_tok / 2)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test of many tiny passes (more threads only add synchronisation to them)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

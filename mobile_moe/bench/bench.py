@@ -27,6 +27,7 @@ from mobile_moe.bench.hf_baseline import HFBaseline, run_baseline
 from mobile_moe.bench.profiles import PROFILES, HardwareProfile, device_profile, disk_profiles
 from mobile_moe.bench.roofline import bytes_per_token, dense_read_bytes, memory_probe_gb_s
 from mobile_moe.config import PolicyConfig, SamplingParams
+from mobile_moe.engine.generate import GenerationResult
 from mobile_moe.engine.llm import LLM
 from mobile_moe.eval.data import read_texts
 from mobile_moe.eval.prompts import cut_prompts
@@ -35,6 +36,7 @@ from mobile_moe.experts.reader import DEFAULT_READERS, Priority, ReadPool
 from mobile_moe.experts.trace import Access, Trace
 from mobile_moe.loading.budget import dense_bytes
 
+Generate = Callable[[list[int], SamplingParams], GenerationResult]  # one prompt's generation, as a system runs it
 ROUND_PROBE_RECORDS = 64  # disk tier: records of the probe read right before each system's run (the disk's speed drifts)
 
 
@@ -98,13 +100,22 @@ class SystemResult:
     note: str = ""
 
 
-def _run_system(
-    llm: LLM, name: str, policy: PolicyConfig, settings: BenchSettings, slots: int, preload: bool = False, graphs: bool = False, ops: OpCounts | None = None
+def _run_system(  # noqa: PLR0913 - what a system is and how it runs
+    llm: LLM,
+    name: str,
+    policy: PolicyConfig,
+    settings: BenchSettings,
+    slots: int,
+    preload: bool = False,
+    graphs: bool = False,
+    ops: OpCounts | None = None,
+    run: Generate | None = None,
 ) -> tuple[SystemResult, list[Access], list[list[int]]]:
     """Fresh cache of `slots`, then every prompt under `policy`; sums decode-phase counters; also returns the generated ids.
     The all-resident reference runs untraced: tracing reads each layer's choice on the host, which it otherwise never does.
     graphs: keep the CUDA graphs `--cuda-graphs` gave the runner (every other system runs eagerly, for the comparison).
-    ops: one eager pass's launch counts, for launches per token."""
+    ops: one eager pass's launch counts, for launches per token. run: how a prompt is generated (default: `llm.generate`
+    under `policy`; bench --drafts on random weights: exact mode with a forced acceptance rate)."""
     trace = Trace()
     llm.reset_cache(slots, None if preload else trace, graphs=graphs)
     if preload:
@@ -118,7 +129,7 @@ def _run_system(
     reader = llm.reader
     read0 = (reader.bytes_read, reader.busy_wall_s) if reader is not None else None
     for ids in settings.prompts:
-        result = llm.generate(ids, sampling, policy)
+        result = llm.generate(ids, sampling, policy) if run is None else run(ids, sampling)
         s = result.stats
         outputs.append(result.token_ids)
         decode_s, ttft, wait = decode_s + s.decode_s, ttft + s.prefill_s, wait + s.decode_transfer_wait_s

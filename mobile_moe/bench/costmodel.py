@@ -151,7 +151,8 @@ def _issue_layers(body: list[Access]) -> dict[int, list[Access]]:
 def predict(trace: list[Access], cost: ModelCost, hw: HardwareProfile, slots: int) -> Prediction:
     """Replay every pass on one timeline (prefills warm the cache, untimed); decode passes (step > 0) are timed.
 
-    A decode step is one token: its little pass and, after a fallback, its big pass share the step number. Prefetches
+    A decode step is one token: its little pass and, after a fallback, its big pass share the step number (exact mode's
+    steps whose tokens big takes back emit none: its speed is its tokens over `decode_s`, `drafts.replayed_tok_s`). Prefetches
     recorded after a pass's last demand (fallback prefetches) are issued at the start of the next pass.
     """
     if any(a.layer >= cost.num_layers for a in trace):

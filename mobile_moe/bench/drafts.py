@@ -9,12 +9,20 @@ little's greedy token equal to big's with probability p at each position (indepe
 
 t_big(m) being a big pass over m positions. Offloaded, t_big(m) grows with the union of the experts m consecutive
 positions route to (measured here from big's own routing); the same replay of expert accesses the bench's other
-systems use (`costmodel.predict`) predicts each cycle on the consumer-GPU and disk profiles from exact mode's traces.
+systems use (`costmodel.predict`) predicts each cycle on the consumer-GPU and disk profiles from exact mode's traces
+(tokens over the replayed decode seconds: a step whose token big takes back emits nothing).
+
+On random weights (`bench --drafts --synthetic S --accept-rate P`) little's agreement with big says nothing of a trained
+model's, so exact mode keeps each drafted token with probability P (a bench-only field of the engine's Policy, never
+reachable from a request) and runs beside big in interleaved rounds: measured, modelled at P, and replayed.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from statistics import median
 
@@ -23,9 +31,11 @@ import torch
 from mobile_moe.bench.costmodel import ModelCost, predict
 from mobile_moe.bench.profiles import HardwareProfile
 from mobile_moe.config import PolicyConfig, SamplingParams
+from mobile_moe.engine.generate import GenerationResult, generate
 from mobile_moe.engine.llm import LLM
 from mobile_moe.engine.passes import BIG, LITTLE
 from mobile_moe.experts.trace import Access, Trace
+from mobile_moe.policy.policies import Policy
 
 POSITIONS = 9  # big passes over 1..9 positions: verifying drafts of 1..8 tokens
 DRAFTS = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -131,7 +141,8 @@ def run_drafts(  # noqa: PLR0913 - what the run measures, on what
         big_tok_s=big_tok_s,
     )
     plans = {"": (cost, slots)} | ({} if scaled is None else {"scaled": scaled})
-    big_predicted = {(tag, name): predict(big_trace.accesses, c, hw, n).tok_s for tag, (c, n) in plans.items() for name, hw in profiles.items()}
+    big_tokens = sum(len(r.token_ids) - 1 for r in bigs)
+    big_predicted = {(tag, name): replayed_tok_s(big_trace.accesses, c, hw, n, big_tokens) for tag, (c, n) in plans.items() for name, hw in profiles.items()}
     for n in drafts:
         costs.rows.append(_exact_row(llm, prompts, sampling, slots, n, costs, plans, profiles, big_predicted))
     return costs
@@ -153,7 +164,8 @@ def _exact_row(
     trace = Trace()
     llm.reset_cache(slots, trace)
     results = [llm.generate(p, sampling, PolicyConfig("exact", tau=0.0, criterion="max_prob", draft_max=n)) for p in prompts]
-    tok_s = sum(len(r.token_ids) - 1 for r in results) / sum(r.stats.decode_s for r in results)
+    tokens = sum(len(r.token_ids) - 1 for r in results)
+    tok_s = tokens / sum(r.stats.decode_s for r in results)
     rolled_back = sum(r.stats.rolled_back_tokens for r in results)
     return {
         "draft": n,
@@ -163,11 +175,34 @@ def _exact_row(
         "rolled_back_per_token": rolled_back / sum(len(r.token_ids) for r in results),
         **{
             f"predicted_speedup{'_' + tag if tag else ''}": {
-                name: predict(trace.accesses, c, hw, m).tok_s / big_predicted[tag, name] for name, hw in profiles.items()
+                name: replayed_tok_s(trace.accesses, c, hw, m, tokens) / big_predicted[tag, name] for name, hw in profiles.items()
             }
             for tag, (c, m) in plans.items()
         },
     }
+
+
+def replayed_tok_s(trace: list[Access], cost: ModelCost, hw: HardwareProfile, slots: int, tokens: int) -> float:
+    """Decode tokens per second of a traced run replayed on `hw`: its `tokens` over the replay's decode seconds (not the
+    replay's steps: exact mode's rolled-back steps cost passes and emit nothing)."""
+    seconds = predict(trace, cost, hw, slots).decode_s
+    return tokens / seconds if seconds else 0.0
+
+
+def forced_exact(llm: LLM, draft: int, rate: float, prefetch: bool = True) -> Callable[[list[int], SamplingParams], GenerationResult]:
+    """A prompt's generation by exact mode (tau 0: drafts end only when full) keeping each drafted token with probability
+    `rate` (random weights only: the engine's Policy made here, as no request can make it); prefetch: drafting loads the
+    verify's experts."""
+    config = PolicyConfig("exact", tau=0.0, criterion="max_prob", draft_max=draft, prefetch_on_fallback=prefetch)
+    policy = Policy(llm.resolve_policy(config), forced_acceptance=rate)
+    calls = itertools.count()  # each call its own seed for the draws (bench gives every prompt seed 0): rounds differ
+
+    def run(ids: list[int], sampling: SamplingParams) -> GenerationResult:
+        llm.check_prompt(ids)
+        with llm.lock:
+            return generate(llm.runner, ids, dataclasses.replace(sampling, seed=next(calls)), policy, llm.eos_token_ids)
+
+    return run
 
 
 def drafts_table(costs: DraftCosts) -> str:

@@ -103,6 +103,14 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "the experts they touch), its modelled and measured speed over big for drafts of 1..8 tokens, and predicted per GPU and disk profile",
     )
     b.add_argument(
+        "--accept-rate",
+        type=parse_rates,
+        metavar="RATES",
+        help="with --drafts --synthetic: run exact mode (--draft-max tokens, default 8) beside big with each drafted token kept at each "
+        "rate, e.g. 0.91,0.8 (random weights: little's agreement says nothing), and the first rate without prefetching while drafting; "
+        "measured, modelled and replayed",
+    )
+    b.add_argument(
         "--plan-only", action="store_true", help="print how the budget splits into dense weights, KV cache and expert slots, then exit without loading"
     )
     add_engine_args(b)
@@ -156,16 +164,20 @@ def check_bench_args(args: argparse.Namespace) -> None:
         raise InvalidParameter("--layers cuts a --synthetic shape; give --synthetic too")
     check_writable_file(args.json, "--json")
     check_plot_file(args.plot)
-    check_flags(args, configures="mobile")
+    check_flags(args, configures="exact" if args.drafts else "mobile")
     check_writable_dir(args.trace_dir, "--trace-dir")
     if args.plot is not None and args.batch is None:
         raise InvalidParameter("bench --plot draws the --batch sweep; give --batch too")
     if args.accelerate_only and args.batch:
         raise InvalidParameter("give --accelerate-only or --batch, not both")
-    if args.drafts and (args.synthetic or args.batch or args.accelerate_only):
+    if args.drafts and (args.batch or args.accelerate_only):
+        raise InvalidParameter("bench --drafts is a run of its own: give it without --batch or --accelerate-only")
+    if args.drafts and bool(args.synthetic) != (args.accept_rate is not None):
         raise InvalidParameter(
-            "bench --drafts measures greedy drafts on real weights: give --model (or the demo model), without --synthetic, --batch or --accelerate-only"
+            "bench --drafts measures little's acceptance on real weights; on --synthetic (random) weights give the rates to force with --accept-rate"
         )
+    if args.accept_rate is not None and not args.drafts:
+        raise InvalidParameter("--accept-rate forces exact mode's acceptance in bench --drafts: give --drafts --synthetic too")
     if args.shared_prefix is not None and (args.shared_prefix < 1 or args.batch or args.accelerate_only):
         raise InvalidParameter("--shared-prefix N needs N >= 1 and neither --batch nor --accelerate-only")
     if args.synthetic and args.model:
@@ -200,7 +212,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.batch:
         return bench_batches(args, llm, policy)
     if args.drafts:
-        return bench_drafts(args, llm)
+        return bench_accept_rates(args, llm, load_rss) if args.synthetic else bench_drafts(args, llm)
     if args.shared_prefix is not None:
         return bench_shared_prefix(args, llm, policy)
     cost = full_size_cost(args.synthetic, full_size_format(args), args.layers) if args.synthetic and args.shrink > 1 else None  # the real widths
@@ -270,6 +282,44 @@ def bench_prompts(args: argparse.Namespace, llm: LLM, count: int) -> list[list[i
     if args.prompt_tokens is None:
         return default_prompts(llm, count)
     return default_prompts(llm, count, max_len=args.prompt_tokens, random_len=args.prompt_tokens)
+
+
+def bench_accept_rates(args: argparse.Namespace, llm: LLM, load_rss: int) -> int:
+    """`bench --drafts --synthetic S --accept-rate P,...`: big and exact mode at each forced rate, interleaved (and JSON)."""
+    from mobile_moe.bench.accept_rate import accept_rates_table, run_accept_rates
+    from mobile_moe.bench.costinputs import count_decode_ops, dequant_traffic, model_cost
+    from mobile_moe.bench.profiles import PROFILES, disk_profiles
+    from mobile_moe.bench.roofline import memory_probe_gb_s
+
+    store = llm.loaded.store
+    cost = model_cost(llm.loaded.model, store.expert_bytes, count_decode_ops(llm), dequant_bytes=dequant_traffic(store.layout, llm.loaded.dtype))
+    disk = llm.reader is not None
+    if disk:
+        from mobile_moe.bench.bench import disk_probe_gb_s
+
+        profiles = disk_profiles(disk_probe_gb_s(store), memory_probe_gb_s())  # type: ignore[arg-type]
+    else:
+        profiles = dict(PROFILES)
+    settings = BenchSettings(
+        bench_prompts(args, llm, args.prompts), args.new_tokens, PolicyConfig("big"), None, rounds=args.rounds, load_peak_rss_bytes=load_rss
+    )
+    report = run_accept_rates(llm, settings, args.accept_rate, args.draft_max or 8, cost, profiles, probe=disk, prefetch=not args.no_prefetch)
+    print(accept_rates_table(report))
+    report |= {"threads": torch.get_num_threads(), "cache_slots": llm.planned_slots, "total_experts": store.total_experts, "synthetic": args.synthetic}
+    if disk:
+        report["disk_probe_gb_s"] = profiles["this-disk"].link_gbps
+    return _write(args.json, report)
+
+
+def parse_rates(text: str) -> list[float]:
+    """'0.91,0.8' -> [0.91, 0.8], each in [0, 1]."""
+    try:
+        rates = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"acceptance rates must be comma-separated numbers, got {text!r}") from None
+    if not rates or not all(0.0 <= r <= 1.0 for r in rates):
+        raise argparse.ArgumentTypeError(f"acceptance rates must be in [0, 1], got {text!r}")
+    return rates
 
 
 def bench_drafts(args: argparse.Namespace, llm: LLM) -> int:

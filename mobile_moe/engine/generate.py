@@ -19,8 +19,9 @@ from mobile_moe.engine.step import StepRow, decode_step, verify_tail
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.experts.cache import CacheStats
 from mobile_moe.layers.kv_cache import KVCache, SequenceSnapshot
-from mobile_moe.layers.sampler import sample
+from mobile_moe.layers.sampler import exponential_race, probabilities, sample
 from mobile_moe.loading.budget import PREFILL_CHUNK
+from mobile_moe.policy.acceptance import first_rejected, verdict_parts
 from mobile_moe.policy.policies import Policy
 
 TokenCallback = Callable[[int], bool]  # called with each emitted token; returning False stops generation after it
@@ -69,6 +70,14 @@ class Decoder:
     next_row: int = 0  # the row of `sampled` holding it
     partial: PartialFallback | None = None  # partial fallbacks, when its policy asks for them (`enable_partial`)
     processor: Processors | None = None  # the request's logits processing (engine/processors.py): applied on every read
+    draft_probs: torch.Tensor | None = None  # exact, sampling: [draft_max + 1, V] the distribution each drafted token was drawn
+    # from, in row little_positions (speculative sampling's p_little)
+
+    @property
+    def speculative(self) -> bool:
+        """Whether big's verdict on a draft comes from `verify_draft` (exact mode sampling, or a forced acceptance rate);
+        greedy exact mode compares big's greedy tokens (`read_checked`)."""
+        return self.policy.verifies and (self.sampling.temperature > 0.0 or self.policy.forced_acceptance is not None)
 
     def read(self, logits: torch.Tensor, with_confidence: bool) -> tuple[int, int, float | None, tuple[float, ...]]:
         """(sampled token, greedy token, confidence or None, signals) of one pass's logits [V], in one host sync; the
@@ -106,7 +115,12 @@ class Decoder:
         """What `read` brings to the host for logits [V], still on the device: token, greedy token[, confidence, signals]."""
         if self.processor is not None:
             self.processor.apply(logits)  # in place: penalties and a grammar's mask, before anything reads them
-        token = sample(logits, self.sampling.temperature, self.sampling.top_p, self.generator)
+        if self.draft_probs is not None:  # a drafted token's distribution is kept for big's verdict
+            probs = probabilities(logits, self.sampling.temperature, self.sampling.top_p)  # [V]
+            self.draft_probs[self.little_positions].copy_(probs)
+            token = exponential_race(probs, self.generator)
+        else:
+            token = sample(logits, self.sampling.temperature, self.sampling.top_p, self.generator)
         greedy = token if self.sampling.temperature == 0.0 else logits.argmax()
         parts = [token.double()[None], greedy.double()[None]]
         if with_confidence:
@@ -145,13 +159,27 @@ class Decoder:
         emitted at a repaired position, take back that token and every later one (their KV positions too) and put big's
         in its place; else this step's big token, as a plain fallback (greedy None: the step ran no first pass).
         Returns the token emitted last."""
-        nxt, wrong, big = self.read_checked(logits, self.result.token_ids[-repair:])
+        if self.speculative:
+            wrong, big = self.verify_draft(logits, repair)
+            nxt = big
+        else:
+            nxt, wrong, big = self.read_checked(logits, self.result.token_ids[-repair:])
         if wrong is None:
             self.accept(nxt, nxt if greedy is None else greedy, conf, signals, fell_back=True, little_pass=False)
             return nxt
         taken = repair - wrong  # tokens after the first wrong one's input, the wrong one included
         self.kv.rewind(taken)  # their positions: the inputs after the wrong token's
         return self.take_back(taken, big)
+
+    def verify_draft(self, logits: torch.Tensor, n: int) -> tuple[int | None, int]:
+        """Big's verdict on the last n emitted (drafted) tokens from its logits [R, V] over them (R = n, or n + 1 with the
+        position after them), in one host sync: (the first one it rejects, None when it keeps all; the token it emits
+        there or after them, -1 for R = n and none rejected). Sampling: speculative sampling (policy/acceptance.py)."""
+        drafted = self.runner.ids(self.result.token_ids[-n:])  # [n]
+        sampling = self.sampling
+        parts = verdict_parts(logits, drafted, self.draft_probs, sampling.temperature, sampling.top_p, self.generator, self.policy.forced_acceptance)
+        self.next_token = None  # the token is chosen on the host: the next pass uploads its input
+        return first_rejected(self.runner.cache.transfer.to_host(parts), n)
 
     def take_back(self, taken: int, big: int) -> int:
         """Take back the last `taken` emitted tokens, the first of them one big disagrees with, and record big's token
@@ -171,20 +199,22 @@ class Decoder:
 def new_decoder(runner: Runner, kv: KVCache, prompt: list[int], sampling: SamplingParams, policy: Policy) -> Decoder:
     """The state of one generation over a fresh KV cache (its own sampler seeded from `sampling.seed`) and its passes."""
     device = runner.model.device
-    generator = torch.Generator(device=device).manual_seed(sampling.seed) if sampling.seed is not None else None
+    seed = 0 if sampling.seed is None and policy.forced_acceptance is not None else sampling.seed  # a forced rate's draws: seeded
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     first = for_policy(policy.config, policy.decode_mode, runner.little_k_of(policy.config.little_k), policy.may_fall_back)
     result = GenerationResult(token_ids=[], stats=GenerationStats(prompt_tokens=len(prompt)), logprobs=None if sampling.logprobs is None else [])
-    return Decoder(runner, kv, sampling, policy, generator, result, first, first.big(), processor=for_sampling(sampling, result.logprobs))
+    dec = Decoder(runner, kv, sampling, policy, generator, result, first, first.big(), processor=for_sampling(sampling, result.logprobs))
+    if policy.verifies and sampling.temperature > 0.0:
+        dec.draft_probs = torch.zeros(policy.draft_max + 1, runner.model.vocab_size, device=device)
+    return dec
 
 
 def rolls_back(policy: Policy, sampling: SamplingParams, kv: KVCache) -> bool:
-    """Whether repairing fallbacks also check little's tokens: asked for, greedy (a sampled token has no single right
-    answer to check), and with repair possible (no recurrent layers)."""
-    if policy.verifies and sampling.temperature != 0.0:
-        raise InvalidParameter("exact mode verifies greedy tokens: it needs temperature 0 (sampling: use policy big or mobile)")
+    """Whether repairing fallbacks also check little's tokens: exact mode (greedy, or by speculative sampling), else asked
+    for and greedy (a sampled token has no single right answer to check), and with repair possible (no recurrent layers)."""
     if policy.verifies and kv.recurrent:
         raise InvalidParameter("exact mode needs every drafted position rewound, and this model's recurrent layers cannot be: use policy big")
-    return policy.config.rollback_window > 0 and sampling.temperature == 0.0 and not kv.recurrent
+    return policy.config.rollback_window > 0 and (policy.verifies or sampling.temperature == 0.0) and not kv.recurrent
 
 
 def enable_partial(dec: Decoder) -> None:

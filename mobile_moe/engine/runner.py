@@ -275,10 +275,11 @@ class Runner:
         """`spec` with its little_k set for this model."""
         return spec if spec.little_k is not None else replace(spec, little_k=self.default_little_k)
 
-    def prefetch_other_half(self, routing: torch.Tensor, little_k: int, first_layer: int = 0) -> int:
+    def prefetch_other_half(self, routing: torch.Tensor, little_k: int, first_layer: int = 0, share: int = 1) -> int:
         """Before a fallback pass (starting at decoder layer `first_layer`): start loading, in layer order, the top-k
-        experts a little pass (of little_k experts) with this routing did not use; routing: [L, k], one row per MoE layer."""
-        budget = self.cache.num_slots - self.model.info.top_k  # leave room for the layer being computed
+        experts a little pass (of little_k experts) with this routing did not use; routing: [L, k], one row per MoE layer.
+        share: the loads of this many positions are to fit in the cache together (an exact-mode draft's), each its part."""
+        budget = (self.cache.num_slots - self.model.info.top_k) // share  # leave room for the layer being computed
         rows = [row for layer, row in self.moe_row.items() if layer >= first_layer]
         if not rows or budget <= 0 or self.cache.all_resident:  # nothing to load: no host read either
             return 0

@@ -50,8 +50,9 @@ class Fallback:
 
 def decode_step(runner: Runner, rows: list[StepRow], batch: Batcher | None = None, little_first: bool = True) -> list[int]:
     """Each row's token of this step. little_first False: mobile rows run big at once (a batch where little does not pay).
-    An exact row whose draft is full drafts nothing: big verifies its draft at once (`verify`)."""
-    full = [r.dec.policy.verifies and r.dec.little_positions >= r.dec.policy.draft_max for r in rows]
+    An exact row whose draft is full drafts nothing: big verifies its draft at once (`verify`), as it does an open draft
+    when this step runs big first."""
+    full = [r.dec.policy.verifies and r.dec.little_positions >= (r.dec.policy.draft_max if little_first else 1) for r in rows]
     if any(full):
         return verify(runner, rows, full, batch, little_first)
     firsts = [r.dec.first if little_first or not r.dec.policy.may_fall_back else r.dec.fallback for r in rows]
@@ -65,12 +66,25 @@ def decode_step(runner: Runner, rows: list[StepRow], batch: Batcher | None = Non
         if i not in falls:
             r.dec.accept(read[0], read[0], read[2], read[3], fell_back=False, little_pass=firsts[i].mode is ExpertMode.LITTLE)
     tokens = [read[0] for read in reads]
+    prefetch_drafts(runner, rows, [m and i not in falls for i, m in enumerate(mobile)], routing)
     if falls:
         logs = [runner.routing_buf] if routing is None else [row_log(routing, i) for i in falls]  # before any other pass
         backs = [Fallback(rows[i], reads[i], log, ids=ids) for i, log in zip(falls, logs)]
         for i, token in zip(falls, fall_back(runner, backs, befores=[befores[i] for i in falls], lone=len(rows) == 1, batch=batch)):
             tokens[i] = token
     return tokens
+
+
+def prefetch_drafts(runner: Runner, rows: list[StepRow], drafted: list[bool], routing: dict[int, Routing] | None) -> None:
+    """Exact rows whose little pass just drafted a token: start loading the other-half experts big's verify will need at
+    that position (as a fallback prefetches them), each position its share of the cache so a full draft's loads fit."""
+    if routing is None and len(rows) > 1:
+        return  # a batched pass that recorded no routing
+    for i, (row, kept) in enumerate(zip(rows, drafted)):
+        dec = row.dec
+        if kept and dec.policy.verifies and dec.policy.config.prefetch_on_fallback:
+            assert dec.first.little_k is not None
+            runner.prefetch_other_half(runner.routing_buf if routing is None else row_log(routing, i), dec.first.little_k, share=dec.policy.draft_max)
 
 
 def verify(runner: Runner, rows: list[StepRow], full: list[bool], batch: Batcher | None, little_first: bool) -> list[int]:
@@ -94,14 +108,18 @@ def verify_tail(runner: Runner, dec: Decoder) -> int | None:
         return None
     dec.kv.rewind(n)  # the drafts' inputs: the last verified token and every drafted one but the newest
     logits = runner.forward(runner.ids(result.token_ids[-(n + 1) : -1]), dec.kv, dec.fallback, all_logits=True)  # [n, V]
-    big = [int(v) for v in runner.cache.transfer.to_host(logits.argmax(-1).double())]
+    if dec.speculative:
+        wrong, token = dec.verify_draft(logits, n)
+    else:
+        big = [int(v) for v in runner.cache.transfer.to_host(logits.argmax(-1).double())]
+        wrong = next((i for i, (b, t) in enumerate(zip(big, result.token_ids[-n:])) if b != t), None)
+        token = -1 if wrong is None else big[wrong]
     dec.little_positions = 0
-    wrong = next((i for i, (b, t) in enumerate(zip(big, result.token_ids[-n:])) if b != t), None)
     if wrong is None:
         return None
     taken = n - wrong  # the first wrong token and every later one
     dec.kv.rewind(taken - 1)  # the positions of the inputs after the wrong token's
-    return dec.take_back(taken, big[wrong])
+    return dec.take_back(taken, token)
 
 
 def first_pass(

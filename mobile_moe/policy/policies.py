@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mobile_moe.config import PolicyConfig
+from mobile_moe.errors import InvalidParameter
 from mobile_moe.layers.moe import ExpertMode
 from mobile_moe.policy.importance import confidence_tensor, signal_confidence, step_signals
 
@@ -25,9 +26,13 @@ class Policy:
     needs_signals: bool = field(init=False)  # whether they measure every importance signal (the learned criterion, or recording them)
     verifies: bool = field(init=False)  # exact: every little token is checked by big before it is final
     draft_max: int = field(init=False)  # exact: little tokens drafted before big must verify them
+    forced_acceptance: float | None = None  # exact, benchmarks on random weights only (bench --accept-rate): big also keeps a
+    # drafted token at this rate (policy/acceptance.py); set where bench makes its Policy, never from a PolicyConfig
 
     def __post_init__(self) -> None:
         config = self.config
+        if self.forced_acceptance is not None and not (config.name == "exact" and 0.0 <= self.forced_acceptance <= 1.0):
+            raise InvalidParameter(f"a forced acceptance rate needs policy exact and a rate in [0, 1], got {config.name} {self.forced_acceptance}")
         mobile = config.name in ("mobile", "exact")  # exact: mobile's fallback, where big also checks the draft
         confidence = mobile and config.forced_fallback_rate is None
         facts = {
