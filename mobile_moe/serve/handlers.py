@@ -68,7 +68,7 @@ class Handlers:
             if not tokens:
                 return policy, None
             sampling = self.sampling(body, tokens, logprobs)
-            check_options(PolicyConfig(policy.name), sampling.temperature)  # what the policy asks of sampling (exact: greedy)
+            check_options(PolicyConfig(policy.name), sampling.temperature)  # what the policy asks of sampling
             check_processing(sampling, policy)
             return policy, sampling
         except MobileMoeError as e:
