@@ -66,7 +66,9 @@ def decode_step(runner: Runner, rows: list[StepRow], batch: Batcher | None = Non
         if i not in falls:
             r.dec.accept(read[0], read[0], read[2], read[3], fell_back=False, little_pass=firsts[i].mode is ExpertMode.LITTLE)
     tokens = [read[0] for read in reads]
-    prefetch_drafts(runner, rows, [m and i not in falls for i, m in enumerate(mobile)], routing)
+    drafted = [m and i not in falls and rows[i].dec.policy.verifies for i, m in enumerate(mobile)]
+    if any(drafted):  # exact rows only: a mobile step never enters it
+        prefetch_drafts(runner, rows, drafted, routing)
     if falls:
         logs = [runner.routing_buf] if routing is None else [row_log(routing, i) for i in falls]  # before any other pass
         backs = [Fallback(rows[i], reads[i], log, ids=ids) for i, log in zip(falls, logs)]
@@ -82,7 +84,7 @@ def prefetch_drafts(runner: Runner, rows: list[StepRow], drafted: list[bool], ro
         return  # a batched pass that recorded no routing
     for i, (row, kept) in enumerate(zip(rows, drafted)):
         dec = row.dec
-        if kept and dec.policy.verifies and dec.policy.config.prefetch_on_fallback:
+        if kept and dec.policy.config.prefetch_on_fallback:
             assert dec.first.little_k is not None
             runner.prefetch_other_half(runner.routing_buf if routing is None else row_log(routing, i), dec.first.little_k, share=dec.policy.draft_max)
 
