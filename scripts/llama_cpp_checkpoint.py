@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from safetensors.torch import save_file
@@ -22,6 +23,12 @@ from mobile_moe.bench.synthetic import INIT_STD, synthetic_config
 
 VOCAB_GGUF = "models/ggml-vocab-gpt-neox.gguf"
 EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")
+
+
+def refuse(message: str) -> NoReturn:
+    """Bad input: one line on stderr, exit status 2."""
+    print(f"llama_cpp_checkpoint: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def write_tokenizer(llama_src: Path, out: Path) -> int:
@@ -101,7 +108,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if not (args.llama_src / VOCAB_GGUF).is_file():
-        sys.exit(f"llama_cpp_checkpoint: error: no {VOCAB_GGUF} under {args.llama_src} (give llama.cpp's source tree)")
+        refuse(f"no {VOCAB_GGUF} under {args.llama_src} (give llama.cpp's source tree)")
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"tokenizer: {write_tokenizer(args.llama_src, args.out)} tokens")
     write_checkpoint(args.out, args.layers, args.seed)

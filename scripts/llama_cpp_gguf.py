@@ -14,6 +14,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NoReturn
+
+
+def refuse(message: str) -> NoReturn:
+    """Bad input: one line on stderr, exit status 2."""
+    print(f"llama_cpp_gguf: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def main() -> None:
@@ -23,10 +30,10 @@ def main() -> None:
     p.add_argument("--pre", default="gpt-2", help="pre-tokenizer name for a tokenizer the converter has no hash for")
     args, rest = p.parse_known_args()
     if not (args.llama_src / "convert_hf_to_gguf.py").is_file():
-        sys.exit(f"llama_cpp_gguf: error: no convert_hf_to_gguf.py in {args.llama_src} (give llama.cpp's source tree)")
+        refuse(f"no convert_hf_to_gguf.py in {args.llama_src} (give llama.cpp's source tree)")
     model = next((Path(a) for a in rest if not a.startswith("-") and Path(a).is_dir()), None)
     if model is None:
-        sys.exit("llama_cpp_gguf: error: give the checkpoint directory to convert")
+        refuse("give the checkpoint directory to convert")
     sys.path[:0] = [str(args.llama_src), str(args.llama_src / "gguf-py")]
     import convert_hf_to_gguf
     from conversion import get_model_class
