@@ -180,6 +180,8 @@ class AotLayers:
         """One decode layer, every expert resident: x [1, H] -> (x [1, H], top-k indices [1, k], raw gate values [1, k])."""
         if kv.ring is not None or kv.span is not None or kv.recurrent is not None or kv.position is None:
             return self.fallback(layer, x, inp, kv, slot_of, mode, little_weights, little_k, act, *pool)
+        if mode is ExpertMode.BIG:
+            little_weights, little_k = "native", 0  # big ignores the little settings: one package whatever they are
         call = self.calls.get((id(layer), mode, little_weights, little_k))
         if call is None:
             example = [x, *_rotary(inp), kv.k, kv.v, slot_of, *pool]
