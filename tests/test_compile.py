@@ -134,8 +134,19 @@ def test_default_build_compiles_once_per_machine_then_loads_the_cached_package(c
         assert llm.compiled_dir == tmp_path and isinstance(llm.runner.resident_layer, AotLayers)
         capsys.readouterr()
         assert llm.generate([3, 4, 5], sampling, big).token_ids == want
-        assert llm.runner.resident_layer.loaders  # the decode passes went through a package
+        assert all(llm.runner.resident_layer.loaders.values())  # the decode passes went through a package
         built.append([line for line in capsys.readouterr().err.splitlines() if "compiling the decode step" in line])
         assert sorted(p.name for p in tmp_path.iterdir()) == [f"{stem}.pt2" for stem in sorted(llm.runner.resident_layer.loaders)]
     assert [len(lines) for lines in built] == [1, 0]
     assert str(tmp_path) in built[0][0]
+
+
+def test_default_build_decodes_eagerly_where_no_package_can_be_built(checkpoints, tmp_path, monkeypatch, caplog):
+    """A cache dir that cannot be made (here: a file's place) leaves the default path eager, with one warning, same tokens."""
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "file" / "compiled"))
+    sampling = SamplingParams(max_new_tokens=4, temperature=0.0, stop_at_eos=False)
+    want = LLM(checkpoints["olmoe"], engine_config(progress=False, dtype="float32", compile=False)).generate([3, 4, 5], sampling).token_ids
+    llm = LLM(checkpoints["olmoe"], engine_config(progress=False, dtype="float32"))
+    assert llm.generate([3, 4, 5], sampling).token_ids == want
+    assert list(llm.runner.resident_layer.loaders.values()) == [None] and caplog.text.count("decoding eagerly") == 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import logging
 import os
 import platform
 import sys
@@ -25,6 +26,7 @@ from mobile_moe.layers.moe import ExpertMode
 from mobile_moe.loading.dense import AUTO_INT8_MIN_PARAMS
 from mobile_moe.models.transformer import DecoderLayer
 
+log = logging.getLogger(__name__)
 CACHE_ENV = "MOBILE_MOE_COMPILED_DIR"  # where the packages live (default: the user cache dir's mobile-moe/compiled; `off`: none)
 PACKAGE = Path(__file__).resolve().parents[1]  # the traced code's sources are part of every key
 TRACED = ("models", "layers", "experts/dispatch.py", "engine/runner.py", "engine/aot.py")
@@ -155,14 +157,16 @@ class _Flat(nn.Module):
 class AotLayers:
     """The all-resident whole-layer decode call (`pooled_layer`'s signature) through AOTInductor packages: one per layer
     type and choice of experts, built on first use and cached in `directory`; a pass it does not cover (a ring or a
-    fixed span of keys, recurrent state, float32 rotary tables beside half ones) goes to `fallback`."""
+    fixed span of keys, recurrent state) or whose package cannot be built (no C++ compiler, an unwritable directory)
+    goes to `fallback`."""
 
     def __init__(self, directory: Path, fallback: Callable[..., LayerOut], progress: bool = True) -> None:
         self.directory, self.fallback, self.progress = directory, fallback, progress
         self.machine = machine_key()
         self.widths = torch.empty(0)  # [S] sliced to a pass's key count (the one dynamic dimension), grown to the KV buffers
-        self.calls: dict[tuple[int, ExpertMode, str, int], tuple[object, list[torch.Tensor]]] = {}  # (layer, choice) -> (loader, weights)
-        self.loaders: dict[str, object] = {}  # package stem -> its loader
+        self.calls: dict[tuple[int, ExpertMode, str, int], tuple[object, list[torch.Tensor]] | None] = {}  # (layer, choice) ->
+        # (loader, weights), or None: eager
+        self.loaders: dict[str, object | None] = {}  # package stem -> its loader (None: it could not be built)
 
     def __call__(
         self,
@@ -182,10 +186,12 @@ class AotLayers:
             return self.fallback(layer, x, inp, kv, slot_of, mode, little_weights, little_k, act, *pool)
         if mode is ExpertMode.BIG:
             little_weights, little_k = "native", 0  # big ignores the little settings: one package whatever they are
-        call = self.calls.get((id(layer), mode, little_weights, little_k))
+        key = (id(layer), mode, little_weights, little_k)
+        if key not in self.calls:
+            self.calls[key] = self.load(layer, mode, little_weights, little_k, act, [x, *_rotary(inp), kv.k, kv.v, slot_of, *pool])
+        call = self.calls[key]
         if call is None:
-            example = [x, *_rotary(inp), kv.k, kv.v, slot_of, *pool]
-            call = self.calls[(id(layer), mode, little_weights, little_k)] = self.load(layer, mode, little_weights, little_k, act, example)
+            return self.fallback(layer, x, inp, kv, slot_of, mode, little_weights, little_k, act, *pool)
         loader, weights = call
         if self.widths.shape[0] < kv.k.shape[1]:
             self.widths = kv.k.new_empty(kv.k.shape[1])
@@ -195,24 +201,30 @@ class AotLayers:
 
     def load(
         self, layer: DecoderLayer, mode: ExpertMode, little_weights: str, little_k: int, act: Activation, example: list
-    ) -> tuple[object, list[torch.Tensor]]:
+    ) -> tuple[object, list[torch.Tensor]] | None:
         """The loader of this layer's package (built and cached first if missing; `example`: this call's x, cos, sin, k, v,
-        slot_of and pool fields) and the layer's weights in input order."""
+        slot_of and pool fields) and the layer's weights in input order; None (with a warning) where that fails."""
         pool, rope32 = example[8:], example[3] is not example[1]
         shapes = tuple(None if p is None else (tuple(p.shape), p.stride(), p.dtype) for p in pool)
         variant = Variant(layer_fingerprint(layer), mode, little_weights, little_k, getattr(act, "__qualname__", repr(act)), rope32, shapes)
         stem = variant.key(self.machine)
         if stem not in self.loaders:
             path = self.directory / f"{stem}.pt2"
-            if not path.exists():
-                self.build(path, layer, variant, act, example)
-            self.loaders[stem] = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
-        return self.loaders[stem], [t for _, t in _tensors(layer)]
+            try:
+                if not path.exists():
+                    self.build(path, layer, variant, act, example)
+                self.loaders[stem] = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+            except Exception as e:  # noqa: BLE001 - a toolchain or file system failure of any kind: decode eagerly instead
+                log.warning("could not compile the decode step into %s (%s: %s); decoding eagerly", self.directory, type(e).__name__, str(e)[:200])
+                self.loaders[stem] = None  # not tried again for the other layers of this type
+        loader = self.loaders[stem]
+        return None if loader is None else (loader, [t for _, t in _tensors(layer)])
 
     def build(self, path: Path, layer: DecoderLayer, variant: Variant, act: Activation, example: list) -> None:
         """Export this layer type's decode call and compile it to a package at `path` (written whole, then renamed)."""
         if self.progress:
             print(f"mobile-moe: compiling the decode step once for this machine ... (cached in {self.directory})", file=sys.stderr, flush=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
         from torch._inductor import aoti_compile_and_package  # the compiler stack, imported only to build
         from torch.export import Dim, export
 
@@ -222,7 +234,6 @@ class AotLayers:
         dynamic = (None,) * 5 + ({1: cap}, {1: cap}, None, {0: width}, None, (None,) * (len(args) - 10))  # the last: *rest
         with torch.inference_mode(False), torch.no_grad():
             program = export(flat, tuple(args), dynamic_shapes=dynamic)
-        self.directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=self.directory)
         os.close(fd)
         try:
