@@ -229,7 +229,8 @@ class EngineConfig:
     group_size: int | None = None  # int4 only: weights per (scale, zero) group along the input dim
     dense_dtype: str = "auto"  # auto | bf16 | fp16 | fp32 | int8 | int4: how dense linears are stored and computed (loading/dense.py)
     fused_kernels: bool = True  # quantized experts through fused weight-only kernels where the device has them (experts/kernels.py)
-    compile: bool = False  # decode through torch.compile'd layer segments (CPU; the first generate pays the warm-up)
+    compile: bool | None = None  # True: torch.compile'd layer segments (CPU; each start's first request pays seconds of warm-up);
+    # None: a CPU model under 200M parameters decodes through layers compiled ahead of time once per machine (engine/aot.py); False: eager
     cuda_graphs: bool = False  # CUDA: decode passes with every expert resident replayed from captured CUDA graphs (engine/graphs.py)
     offload_dir: str | None = None  # an on-disk expert store (built there on first use): experts are read from it on demand
     direct_io: bool = True  # read the store with O_DIRECT where the file system allows it (False: buffered + fadvise)

@@ -21,8 +21,10 @@ from mobile_moe.engine.runner import RunnerOptions  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist the workers share the cores: each runs torch on its share (oversubscribed threads run slower), also in
+    """Engines decode eagerly unless a test asks otherwise (no compilation by default). Under pytest-xdist the workers
+    share the cores: each runs torch on its share (oversubscribed threads run slower), also in
     the commands it runs (through OMP_NUM_THREADS, which the CLI's default thread count defers to)."""
+    os.environ.setdefault("MOBILE_MOE_COMPILED_DIR", "off")  # no default ahead-of-time compilation (tests/test_compile.py turns it on)
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         share = max(1, (os.cpu_count() or 1) // workers)

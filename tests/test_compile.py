@@ -10,6 +10,7 @@ from conftest import open_llm, small_cache
 
 from mobile_moe import LLM, engine_config
 from mobile_moe.config import PolicyConfig, SamplingParams
+from mobile_moe.engine.aot import CACHE_ENV, AotLayers
 from mobile_moe.engine.passes import PassSpec
 from mobile_moe.engine.runner import RunnerOptions
 from mobile_moe.experts.dispatch import combine, pool_experts
@@ -118,3 +119,34 @@ def test_fixed_span_decode_reuses_one_compiled_graph_per_bucket_and_decodes_like
         for t in want.token_ids[1:-1]:
             got.append(int(runner.forward(runner.ids([t]), kv, PassSpec(ExpertMode.BIG)).argmax()))
     assert got == want.token_ids[1:]
+
+
+def test_default_build_compiles_once_per_machine_then_loads_the_cached_package(checkpoints, tmp_path, monkeypatch, capsys):
+    """By default a small CPU model decodes through whole layers compiled ahead of time: the first build compiles them
+    (saying so, once), a later build loads the package from the cache dir without compiling, and both decode as eager."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    sampling, big = SamplingParams(max_new_tokens=8, temperature=0.0, stop_at_eos=False), PolicyConfig("big")
+    eager = LLM(checkpoints["olmoe"], engine_config(progress=False, dtype="float32", compile=False))
+    want = eager.generate([3, 4, 5], sampling, big).token_ids
+    built: list[list[str]] = []
+    for _ in range(2):  # the cold build, then a fresh engine on the warm cache
+        llm = LLM(checkpoints["olmoe"], engine_config(dtype="float32"))
+        assert llm.compiled_dir == tmp_path and isinstance(llm.runner.resident_layer, AotLayers)
+        capsys.readouterr()
+        assert llm.generate([3, 4, 5], sampling, big).token_ids == want
+        assert all(llm.runner.resident_layer.loaders.values())  # the decode passes went through a package
+        built.append([line for line in capsys.readouterr().err.splitlines() if "compiling the decode step" in line])
+        assert sorted(p.name for p in tmp_path.iterdir()) == [f"{stem}.pt2" for stem in sorted(llm.runner.resident_layer.loaders)]
+    assert [len(lines) for lines in built] == [1, 0]
+    assert str(tmp_path) in built[0][0]
+
+
+def test_default_build_decodes_eagerly_where_no_package_can_be_built(checkpoints, tmp_path, monkeypatch, caplog):
+    """A cache dir that cannot be made (here: a file's place) leaves the default path eager, with one warning, same tokens."""
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "file" / "compiled"))
+    sampling = SamplingParams(max_new_tokens=4, temperature=0.0, stop_at_eos=False)
+    want = LLM(checkpoints["olmoe"], engine_config(progress=False, dtype="float32", compile=False)).generate([3, 4, 5], sampling).token_ids
+    llm = LLM(checkpoints["olmoe"], engine_config(progress=False, dtype="float32"))
+    assert llm.generate([3, 4, 5], sampling).token_ids == want
+    assert list(llm.runner.resident_layer.loaders.values()) == [None] and caplog.text.count("decoding eagerly") == 1

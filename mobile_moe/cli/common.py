@@ -57,8 +57,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--compile",
-        action="store_true",
-        help="decode through torch.compile'd layer segments (CPU): faster decoding after a warm-up of seconds on the first request",
+        action=argparse.BooleanOptionalAction,
+        help="--compile: decode through torch.compile'd layer segments (CPU; seconds of warm-up on each start's first request); "
+        "--no-compile: eager; default: a CPU model under 200M parameters decodes through layers compiled once per machine and cached "
+        "($MOBILE_MOE_COMPILED_DIR, else ~/.cache/mobile-moe/compiled; `off`: eager)",
     )
     p.add_argument(
         "--cuda-graphs",

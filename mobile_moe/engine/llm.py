@@ -14,6 +14,8 @@ from typing import TypeVar, overload
 import torch
 
 from mobile_moe.config import DEFAULT_PREFIX_CACHE_GB, CacheConfig, EngineConfig, PolicyConfig, SamplingParams
+from mobile_moe.engine.aot import AUTO_MAX_PARAMS
+from mobile_moe.engine.aot import cache_dir as aot_cache_dir
 from mobile_moe.engine.batch import BatchDecoder
 from mobile_moe.engine.calibration import CALIBRATION_FILE, DEMO_MODEL, read_calibration, resolve_policy
 from mobile_moe.engine.generate import GenerationResult, TokenCallback, generate
@@ -33,7 +35,7 @@ from mobile_moe.layers.moe import ExpertMode
 from mobile_moe.loading.budget import dequant_scratch_bytes, host_plan_for_config, host_tier_slots, plan_slots
 from mobile_moe.loading.checkpoint import read_config
 from mobile_moe.loading.hub import ConfigCheck, resolve_model
-from mobile_moe.loading.loader import LoadedModel, check_fits_in_ram, load
+from mobile_moe.loading.loader import LoadedModel, check_fits_in_ram, load, model_params
 from mobile_moe.policy.governor import LittleGovernor
 from mobile_moe.policy.policies import Policy
 
@@ -128,6 +130,8 @@ class LLM:
         # how passes run (`RunnerOptions`): by default what the device calls for, CUDA graphs with `--cuda-graphs` on CUDA
         graphs = self.config.cuda_graphs and self.device.type == "cuda"
         self.options = options if options is not None else RunnerOptions(graph_capture=cuda_capture(self.device) if graphs else None)
+        small = self.device.type == "cpu" and model_params(self.loaded.model) < AUTO_MAX_PARAMS
+        self.compiled_dir = aot_cache_dir() if self.config.compile is None and small else None  # default: compiled once per machine
         self.governor = LittleGovernor(self.config.batch_little == "auto")  # its step costs persist across batches
         self.reset_cache(self.planned_slots)
         self.tokenizer = _load_tokenizer(self.path) if self.path.is_dir() else None
@@ -147,8 +151,9 @@ class LLM:
 
     @property
     def compiles(self) -> bool:
-        """Whether decode runs compiled layer segments (`EngineConfig.compile`; CPU only until a GPU run measures CUDA)."""
-        return self.config.compile and self.device.type == "cpu"
+        """Whether decode runs compiled layers (`EngineConfig.compile`, or by default the ahead-of-time compiled ones of
+        `compiled_dir`; CPU only until a GPU run measures CUDA)."""
+        return self.device.type == "cpu" and (self.config.compile is True or self.compiled_dir is not None)
 
     def reset_cache(self, slots: int, trace: Trace | None = None, graphs: bool = True) -> None:
         """Start over with an empty expert cache of `slots` slots (benchmarks compare systems from the same state); without
@@ -172,6 +177,8 @@ class LLM:
                 store, slots, self.device, TransferEngine(self.device), eviction, trace=trace, reader=self.reader if host is None else None, host=host
             )
             options = self.options if graphs else self.options.without_graphs()
+            if self.compiled_dir is not None:
+                options = replace(options, compiled_dir=self.compiled_dir, progress=self.config.progress)
             prefixes = PrefixIndex(self.config.prefix_cache_gb > 0, self.plan.prefix_snapshots)  # a new runner holds no prefix
             self.runner = Runner(self.loaded.model, self.cache, compile_layers=self.compiles, options=options, prefixes=prefixes)
 
@@ -420,7 +427,7 @@ def engine_config(  # noqa: PLR0913 - every engine setting, by keyword
     expert_dtype: str = "auto",
     group_size: int | None = None,
     fused_kernels: bool = True,
-    compile: bool = False,
+    compile: bool | None = None,
     offload_dir: str | None = None,
     host_memory: float | None = None,
     direct_io: bool = True,

@@ -7,9 +7,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 
 import torch
 
+from mobile_moe.engine.aot import AotLayers
 from mobile_moe.engine.graphs import GRAPH_SPAN_BUCKET, DecodeGraphs, GraphCapture
 from mobile_moe.engine.passes import PassSpec
 from mobile_moe.engine.prefix import SINGLE, HeldPrefix, PrefixIndex, Writer
@@ -41,6 +43,9 @@ class RunnerOptions:
     fullgraph: bool = False  # compiled calls refuse graph breaks (a break or a host read inside raises: tests)
     dynamic: bool | None = None  # torch.compile's `dynamic` for the whole-layer calls (None: dynamic after a shape changes)
     observe: Callable[[PassContext], None] | None = None  # sees every pass's context before it runs (tests, tracing tools)
+    compiled_dir: Path | None = None  # with compile_layers on the CPU: all-resident decode layers from ahead-of-time compiled packages
+    # built once into this directory (engine/aot.py), nothing else compiled, no torch.compile (None: torch.compile'd calls)
+    progress: bool = True  # say so on stderr when a package is built
 
     def without_graphs(self) -> RunnerOptions:
         """The same passes decoded eagerly: the key spans and on-device slot indexing that graphs need are kept, so an eager
@@ -64,8 +69,9 @@ class Runner:
         self.model = model
         self.cache = cache
         dtype = model.dtype
+        aot = compile_layers and options.compiled_dir is not None and cache.device.type == "cpu"
         self.executor = ExpertExecutor(
-            cache, activation(model.info.hidden_act), dtype, grouped=options.grouped, compiled=compile_layers, device_indexed=device_indexed
+            cache, activation(model.info.hidden_act), dtype, grouped=options.grouped, compiled=compile_layers and not aot, device_indexed=device_indexed
         )
         moe = list(model.info.moe_layers)
         self.next_moe_layer = dict(zip(moe, moe[1:]))
@@ -77,20 +83,32 @@ class Runner:
         self.span_bucket = options.span_bucket if options.span_bucket is not None else (GRAPH_SPAN_BUCKET if graphs is not None else None)
         self.kv_slack = options.kv_slack
         self.half_cpu = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)  # single rows skip oneDNN (`native_cpu_gemv`)
-        compile_fn = partial(torch.compile, fullgraph=options.fullgraph)
-        self.compiled: Segment | None = compile_fn(before_experts, dynamic=None) if compile_layers else None
-        # compiled, experts read in place from a float pool: an offloaded MoE layer is two compiled calls around the host's
-        # one read of its choice (`PassContext.offloaded_step`); with every expert resident, one call (`resident_step`)
-        pooled = self.executor.pooled is not None
-        self.routed_segment = compile_fn(routed_segment, dynamic=options.dynamic) if pooled else None
-        self.pooled_finish = compile_fn(pooled_finish, dynamic=False) if pooled else None
-        self.resident_layer = compile_fn(pooled_layer, dynamic=options.dynamic) if pooled else None
+        self.compiled: Segment | None = None
+        self.routed_segment: Callable | None = None
+        self.pooled_finish: Callable | None = None
+        self.resident_layer: Callable | None = None
+        if aot and self.executor.in_place and not self.executor.grouped:
+            assert options.compiled_dir is not None
+            self.resident_layer = AotLayers(options.compiled_dir, pooled_layer, options.progress)  # the rest runs eagerly
+        elif compile_layers and not aot:
+            self.compile_calls(options)
         self.graphs = graphs  # resident decode passes replayed from captured graphs (`--cuda-graphs`)
         self.held_kv: KVCache | None = None  # one sequence's KV cache, reused by every request (`decode_kv`)
         self.held_pool: KVPool | None = None  # the batch KV pool, lent to one batch at a time (`decode_pool`)
         self.pool_holder: weakref.ref | None = None  # the batch it is lent to
         self.prefixes = prefixes or PrefixIndex(False, 0)  # what the held sequences hold for the next requests (none given: no reuse)
         self.observe = options.observe
+
+    def compile_calls(self, options: RunnerOptions) -> None:
+        """The torch.compile'd decode calls: the layer segment, and with experts read in place from a float pool an
+        offloaded MoE layer as two calls around the host's one read of its choice (`PassContext.offloaded_step`), with
+        every expert resident one call (`resident_step`)."""
+        compile_fn = partial(torch.compile, fullgraph=options.fullgraph)
+        self.compiled = compile_fn(before_experts, dynamic=None)
+        if self.executor.pooled is not None:
+            self.routed_segment = compile_fn(routed_segment, dynamic=options.dynamic)
+            self.pooled_finish = compile_fn(pooled_finish, dynamic=False)
+            self.resident_layer = compile_fn(pooled_layer, dynamic=options.dynamic)
 
     def decode_kv(self, max_len: int) -> KVCache:
         """The KV cache of one sequence of up to max_len positions, held across requests and reset in place (its tensors are
@@ -378,6 +396,8 @@ class PassContext:
         if self.resident:
             return self.resident_step
         runner = self.runner
+        if runner.routed_segment is None:  # ahead-of-time compiled: offloaded layers run eagerly
+            return None
         return None if self.spec.host_knobs or runner.model.info.top_k > runner.cache.num_slots else self.offloaded_step
 
     def offloaded_step(self, index: int, layer: DecoderLayer, x: torch.Tensor, inp: AttentionInput, kv: LayerKV) -> torch.Tensor:
@@ -403,9 +423,9 @@ class PassContext:
         """One decode layer, every expert resident, compiled: a `LayerStep` with no host read (the slots come from the
         cache's device-side expert-to-slot table). x: [1, H] -> [1, H]."""
         runner, spec = self.runner, self.spec
-        assert runner.routed_segment is not None and runner.resident_layer is not None
-        if not isinstance(layer.mlp, MoEBlock):  # a dense layer, whole: the graph `offloaded_step` uses
-            return runner.routed_segment(layer, x, inp, kv, spec.mode, spec.little_weights, spec.little_k)[0]
+        assert runner.resident_layer is not None
+        if not isinstance(layer.mlp, MoEBlock):  # a dense layer, whole: the graph `offloaded_step` uses (eager ahead of time)
+            return (runner.routed_segment or routed_segment)(layer, x, inp, kv, spec.mode, spec.little_weights, spec.little_k)[0]
         cache, executor = runner.cache, runner.executor
         x, indices, raw_weights = runner.resident_layer(
             layer, x, inp, kv, cache.slot_rows[index], spec.mode, spec.little_weights, spec.little_k, executor.act, *executor.pool_fields
