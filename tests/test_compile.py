@@ -94,13 +94,15 @@ def test_compiled_expert_call_matches_each_expert_computed_alone(checkpoints):
     executor = llm.runner.executor
     torch._dynamo.reset()
     executor.pooled = torch.compile(pool_experts, fullgraph=True, dynamic=False)
-    x = torch.randn(1, llm.info.hidden)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, llm.info.hidden, generator=gen)
     slots, weights = [3, 0, 11, 7], torch.tensor([[0.4, 0.3, 0.2, 0.1]])
     for slot in range(16):
-        executor.cache.fields["gate_up"][0][slot].normal_(0.0, 0.05)
-        executor.cache.fields["down"][0][slot].normal_(0.0, 0.05)
+        executor.cache.fields["gate_up"][0][slot].normal_(0.0, 0.05, generator=gen)
+        executor.cache.fields["down"][0][slot].normal_(0.0, 0.05, generator=gen)
     want = combine([executor._expert(x, s) for s in slots], weights, x.dtype)
-    torch.testing.assert_close(executor._pooled(x, torch.tensor(slots), weights), want, rtol=1e-5, atol=1e-6)
+    # sums in another order: float32 rounding relative to the output's scale (an entry near zero has no relative bound)
+    torch.testing.assert_close(executor._pooled(x, torch.tensor(slots), weights), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("arch", ["olmoe", "gpt_oss"])  # plain GQA; sinks, a sliding-window ring, biases

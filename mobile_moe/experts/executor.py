@@ -19,7 +19,7 @@ from mobile_moe.errors import InvalidParameter
 from mobile_moe.experts.cache import ExpertCache
 from mobile_moe.experts.dispatch import combine, expert_output, pool_experts, split_bias
 from mobile_moe.experts.formats import ExpertFormat, FloatFormat, Mxfp4Format
-from mobile_moe.experts.kernels import CudaInt4, FusedFormat
+from mobile_moe.experts.kernels import CudaInt4, FusedFormat, TiledInt4
 from mobile_moe.experts.store import MATRICES, ExpertShape, ExpertStore
 from mobile_moe.experts.transfer import TransferEngine
 from mobile_moe.layers.mlp import Activation, gated
@@ -73,6 +73,8 @@ class ExpertExecutor:
         # per slot: (gate_up fields, down fields, gate_up bias, down bias) as views, made once (indexing the pool per call
         # costs a dispatch each); a matrix's bias, when experts have one, is its last packed field
         self.slot_fields = [self._split(tuple([f[slot] for f in cache.fields[m]] for m in MATRICES)) for slot in range(cache.num_slots)]
+        # tiled int4 experts without biases: a resident token's experts in two kernel calls over the pool, not two per expert
+        self.tiled = cache.store.format if isinstance(cache.store.format, TiledInt4) and not self.bias and cache.device.type == "cpu" else None
 
     def path(self, resident: bool) -> str:
         """How routed experts are computed, chosen when this executor was built: `pooled` (one compiled call over the pool),
@@ -80,6 +82,8 @@ class ExpertExecutor:
         its format's matmul (`matmul_path`)."""
         if self.pooled is not None:
             return "pooled"
+        if self.tiled is not None and resident:
+            return "tiled-int4-experts"
         if self.grouped and (not resident or self.device_indexed):
             return "grouped"
         return matmul_path(self.cache.store.format, self.dtype)
@@ -115,8 +119,19 @@ class ExpertExecutor:
         if self.device_indexed:
             slots = cache.slot_rows[layer][indices[0]]  # [n] on the device
             return self._grouped_in_place(x, slots, weights) if self.grouped else self._gathered(x, slots, weights)
+        if self.tiled is not None:
+            return self._tiled_experts(x, cache.slot_rows[layer][indices[0]], weights)
         slots = cache.slot_rows[layer][indices[0]].tolist()  # rank order
         return combine([self._expert(x, slot) for slot in slots], weights, x.dtype)
+
+    def _tiled_experts(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x: [1, H], slots [n] (rank order), weights [1, n] -> [1, H]: the n experts' gate_up in one kernel call over the
+        pool, then their down projections in another; each row as `_expert` computes it, so results equal the loop's."""
+        assert self.tiled is not None
+        gate_up = self.tiled.pool_linear(x, self.cache.fields["gate_up"], slots, x.dtype)  # [n, 2I]
+        gate, up = gate_up.chunk(2, dim=-1)
+        y = self.tiled.pool_linear(gated(self.act, gate, up), self.cache.fields["down"], slots, x.dtype)  # [n, H]
+        return combine([y], weights, x.dtype)
 
     def _grouped_in_place(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [1, H], slots [n] on the device (rank order, distinct), weights [1, n] -> [1, H]: float experts read in place by

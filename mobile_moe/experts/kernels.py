@@ -34,17 +34,22 @@ MXFP4 has no fused kernel in torch on either device; it keeps the reference path
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from mobile_moe.errors import InvalidParameter
 from mobile_moe.experts.formats import ExpertFormat, Field, Int4Format, Int8Format, make_format, unpack_int4
+from mobile_moe.experts.native import int4_tiles_ops
 from mobile_moe.experts.store import MATRICES, ExpertStore
 
 FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # compute dtypes with a fused path (float32: through bf16)
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes _weight_int4pack_mm_for_cpu accepts
 INT4_BLOCKS = (64, 32)  # the CPU kernel's packing interleaves output rows in blocks of this many: 64 under torch's AVX512 kernels, 32 under AVX2
 INT4_OFFSET = 8  # the kernel's codes are centred: w = (q - 8) * scale + zero
+TILE_ROWS, TILE_COLUMNS = 16, 8  # the tiled int4 kernel: rows per tile (one float lane each), input columns per 64-byte block
 
 log = logging.getLogger("mobile_moe")
 
@@ -158,6 +163,71 @@ class FusedInt4(FusedFormat):
     def fused(self, x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
         packed, sz = parts
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, self.group_size, sz)
+
+
+class TiledInt4(FusedFormat):
+    """Group-wise int4 for the project's AVX512-BF16 kernel (experts/native/int4_tiles.cpp): codes in tiles of 16 rows
+    [out, in / 2] (the same bytes as the portable layout, reordered) and (scale, zero) [in / g, out, 2] in bf16."""
+
+    name = "int4"
+    kernel = "int4_tiles_mm"
+    max_rows = 1 << 30  # a GEMM on the codes: each block is unpacked once per 4 rows; it beat dequantize-then-matmul at every row count measured (1-512)
+
+    def __init__(self, portable: Int4Format, ops: Any) -> None:
+        self.portable, self.dtype, self.group_size = portable, torch.bfloat16, portable.group_size
+        self.mm: Callable[..., torch.Tensor] = ops.int4_tiles_mm  # x [M, in] bf16 -> [M, out] float32
+        self.experts: Callable[..., torch.Tensor] = ops.int4_tiles_experts  # x [1 or n, in], pools, slots [n] -> [n, out] float32
+
+    def fields(self, out: int, inp: int) -> list[Field]:
+        return [Field("packed", torch.uint8, (out, inp // 2)), Field("scale_zeros", self.dtype, (inp // self.group_size, out, 2))]
+
+    def from_portable(self, parts: list[torch.Tensor], out: int, inp: int) -> list[torch.Tensor]:
+        packed, scale, zero = parts  # [out, in/2] uint8, [out, G] fp16, [out, G] fp16: w = (q - zero) * scale
+        return [tile_int4(unpack_int4(packed)), centred_scale_zeros(scale, zero, self.dtype)]
+
+    def dequantize(self, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The matrix [out, in] in `dtype`, as a transposed view of its [in, out] copy (the layout unpacks input-major as
+        cheaply), (q - 8) * scale + zero in one float32 pass, rounded once."""
+        packed, sz = parts  # [out, in/2], [G, out, 2]
+        out, inp = packed.shape[0], 2 * packed.shape[1]
+        w = untile_int4_columns(packed).view(-1, self.group_size, out).float()  # [G, g, out] codes
+        scale, zero = sz.float().unbind(-1)  # [G, out] each
+        torch.addcmul((zero - INT4_OFFSET * scale)[:, None], w, scale[:, None], out=w)  # in place: q * scale + (zero - 8 scale)
+        return w.view(inp, out).to(dtype).t()
+
+    def dequant_bytes(self, out: int, inp: int, dtype: torch.dtype) -> int:
+        return 0  # every row count runs on the codes
+
+    def fused(self, x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+        packed, sz = parts
+        return self.mm(x, packed, sz, self.group_size)  # [M, out] float32
+
+    def pool_linear(self, x: torch.Tensor, pool: list[torch.Tensor], slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x: [1 or n, in], pool: a matrix's fields over every slot [S, ...], slots [n] int64 -> [n, out] in `dtype`:
+        row i is x's row (or its only row) times slot slots[i]'s matrix, all n in one kernel call."""
+        packed, sz = pool
+        return self.experts(x.to(self.dtype).contiguous(), packed, sz, slots, self.group_size).to(dtype)
+
+    def linear(self, x: torch.Tensor, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        if x.shape[0] <= self.max_rows:
+            return self.fused(x.to(self.dtype).contiguous(), parts).to(x.dtype)
+        return F.linear(x, self.dequantize(parts, dtype))
+
+
+def tile_int4(codes: torch.Tensor) -> torch.Tensor:
+    """codes uint8 [out, in] (out % 16 == 0, in % 8 == 0) -> the tiled kernel's bytes [out, in / 2]: 64-byte blocks of 16
+    rows x 8 columns, whose 16-bit word 2r + c holds, in nibble j, row r's code of column 2j + c (little-endian)."""
+    out, inp = codes.shape
+    q = codes.view(out // TILE_ROWS, TILE_ROWS, inp // TILE_COLUMNS, 4, 2).permute(0, 2, 1, 4, 3)  # [T, in/8, 16 (r), 2 (c), 4 (j)]
+    return torch.stack((q[..., 0] | (q[..., 1] << 4), q[..., 2] | (q[..., 3] << 4)), -1).view(out, inp // 2)  # bytes: j = 0, 1 | 2, 3
+
+
+def untile_int4_columns(packed: torch.Tensor) -> torch.Tensor:
+    """The tiled kernel's bytes [out, in / 2] -> codes uint8 [in, out] (`tile_int4` undone, transposed)."""
+    out, inp = packed.shape[0], 2 * packed.shape[1]
+    b = packed.view(out // TILE_ROWS, inp // TILE_COLUMNS, TILE_ROWS, 2, 2)  # [T, in/8, 16 (r), 2 (c), 2 (byte: j // 2)]
+    nibbles = torch.stack((b & 15, b >> 4), -1)  # [T, in/8, r, c, j // 2, j % 2]
+    return nibbles.permute(1, 4, 5, 3, 0, 2).reshape(inp, out)  # [in/8, j, c, T, r]: column 8b + 2j + c, row 16T + r
 
 
 def centred_scale_zeros(scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -311,6 +381,9 @@ def compute_format(fmt: ExpertFormat, dtype: torch.dtype, device: torch.device, 
         return None
     if type(fmt) is Int8Format:  # the kernel reads inputs in steps of 16: other widths give inf/NaN or crash
         return FusedInt8(kernel_dtype(dtype)) if all(inp % INT8_KERNEL_STEP == 0 for _, inp in shapes) else None
+    tiled = tiled_int4(fmt, dtype, shapes) if type(fmt) is Int4Format else None
+    if tiled is not None:
+        return tiled
     if type(fmt) is Int4Format and fmt.group_size in INT4_KERNEL_GROUPS:
         if not all(inp % fmt.group_size == 0 and out % 2 == 0 for out, inp in shapes):
             return None
@@ -320,12 +393,27 @@ def compute_format(fmt: ExpertFormat, dtype: torch.dtype, device: torch.device, 
     return None
 
 
+def tiled_int4(fmt: Int4Format, dtype: torch.dtype, shapes: list[tuple[int, int]]) -> TiledInt4 | None:
+    """The tiled AVX512-BF16 layout for these shapes (rows in tiles of 16, groups of whole blocks), where the kernel runs here."""
+    if dtype not in (torch.bfloat16, torch.float32) or fmt.group_size % TILE_COLUMNS:
+        return None
+    if not all(out % TILE_ROWS == 0 and inp % fmt.group_size == 0 for out, inp in shapes):
+        return None
+    ops = int4_tiles_ops()
+    return None if ops is None else TiledInt4(fmt, ops)
+
+
 def layout_format(layout_id: str, group_size: int, dtype: torch.dtype) -> ExpertFormat:
     """The format whose `layout_id` this is (group_size: int4 only; dtype: the compute dtype a kernel layout was packed for)."""
     if layout_id == f"int8:{FusedInt8.kernel}":
         return FusedInt8(kernel_dtype(dtype))
     if layout_id.startswith(f"int4:{CudaInt4.kernel}:t"):
         return CudaInt4(Int4Format(group_size), torch.device("cuda"), int(layout_id.removeprefix(f"int4:{CudaInt4.kernel}:t")))
+    if layout_id == f"int4:{TiledInt4.kernel}":
+        ops = int4_tiles_ops()
+        if ops is None:
+            raise InvalidParameter("this store is packed for the AVX512-BF16 int4 kernel, which does not run here; rebuild the store on this machine")
+        return TiledInt4(Int4Format(group_size), ops)
     if layout_id.startswith(f"int4:{FusedInt4.kernel}"):
         block = layout_id.removeprefix(f"int4:{FusedInt4.kernel}").removeprefix(":b") or INT4_BLOCKS[0]
         return FusedInt4(Int4Format(group_size), kernel_dtype(dtype), int(block))

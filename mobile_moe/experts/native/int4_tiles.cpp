@@ -1,0 +1,175 @@
+// int4 weight-only matrix-vector products on CPUs with AVX512-BF16, for mobile-moe (experts/kernels.py, TiledInt4).
+//
+// Layout (written by TiledInt4.from_portable): output rows in tiles of 16, one float lane per row. A tile's codes are
+// [in / 8] blocks of 64 bytes; 16-bit word 2r + c of block b holds, in nibble j, the code of row r, column 8b + 2j + c.
+// (scale, zero) pairs: bf16 [in / group, out, 2], w = (q - 8) * scale + zero (torch's int4 kernels' convention).
+//
+// A code q becomes the bf16 value 128 + q by OR-ing it into 0x4300, so one AND/OR and one VDPBF16PS per 32 weights
+// multiply 16 rows by two columns of bf16 activations; per group, sum((q - 8) * s + z) x = s * sum((128 + q) x)
+// + (z - 136 s) * sum(x). Products of bf16 values are exact in float32; sums are float32.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kTile = 16;       // output rows per tile
+constexpr int64_t kBlockCols = 8;   // input columns per 64-byte block
+constexpr int64_t kGrain = 4;       // tiles per parallel work item
+
+struct Problem {
+  const uint8_t* codes;     // [tiles, in / 8, 64]
+  const uint32_t* pairs;    // [groups, out] (scale, zero) bf16 pairs
+  const uint16_t* x;        // [rows, in] bf16
+  const float* xsum;        // [rows, groups]
+  float* y;                 // [rows, out]
+  int64_t rows, in, out, group;
+};
+
+// Rows m0 .. m0 + R - 1 of x times one tile: each 64-byte block is unpacked once and used by all R rows.
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void tile_rows(const Problem& p, int64_t tile, int64_t m0) {
+  const __m512i mask = _mm512_set1_epi16(0x000F);
+  const __m512i bias = _mm512_set1_epi16(0x4300);
+  const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  const __m512 offset = _mm512_set1_ps(136.0f);
+  const int64_t groups = p.in / p.group, blocks = p.group / kBlockCols;
+  const uint8_t* c = p.codes + tile * (p.in / kBlockCols) * 64;
+  const uint32_t* xpairs[R];
+  __m512 total[R];
+  for (int r = 0; r < R; ++r) {
+    xpairs[r] = reinterpret_cast<const uint32_t*>(p.x + (m0 + r) * p.in);
+    total[r] = _mm512_setzero_ps();
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 acc[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int a = 0; a < 4; ++a) acc[r][a] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b, c += 64) {
+      const __m512i v = _mm512_loadu_si512(c);
+      const __m512i codes[4] = {
+          _mm512_ternarylogic_epi32(v, mask, bias, 0xEA),  // (v & mask) | bias
+          _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), mask, bias, 0xEA),
+          _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), mask, bias, 0xEA),
+          _mm512_or_si512(_mm512_srli_epi16(v, 12), bias),
+      };
+      const int64_t pair = (g * blocks + b) * 4;  // the block's first column pair
+      for (int r = 0; r < R; ++r)
+        for (int a = 0; a < 4; ++a)
+          acc[r][a] = _mm512_dpbf16_ps(acc[r][a], (__m512bh)codes[a], (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(xpairs[r][pair + a])));
+    }
+    const __m512i sz = _mm512_loadu_si512(p.pairs + g * p.out + tile * kTile);
+    const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(sz, 16));
+    const __m512 corr = _mm512_fnmadd_ps(offset, scale, _mm512_castsi512_ps(_mm512_and_si512(sz, high)));  // zero - 136 scale
+    for (int r = 0; r < R; ++r) {
+      const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3]));
+      total[r] = _mm512_fmadd_ps(sum, scale, total[r]);
+      total[r] = _mm512_fmadd_ps(corr, _mm512_set1_ps(p.xsum[(m0 + r) * groups + g]), total[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(p.y + (m0 + r) * p.out + tile * kTile, total[r]);
+}
+
+void tile(const Problem& p, int64_t t) {
+  int64_t m = 0;
+  for (; m + 4 <= p.rows; m += 4) tile_rows<4>(p, t, m);
+  switch (p.rows - m) {
+    case 3: tile_rows<3>(p, t, m); break;
+    case 2: tile_rows<2>(p, t, m); break;
+    case 1: tile_rows<1>(p, t, m); break;
+    default: break;
+  }
+}
+
+float bf16_to_float(uint16_t bits) {
+  uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float value;
+  __builtin_memcpy(&value, &wide, sizeof value);
+  return value;
+}
+
+void check(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale_zeros, int64_t group) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "int4_tiles_mm: x must be contiguous bf16 [M, in]");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(), "int4_tiles_mm: codes must be contiguous uint8 [out, in / 2]");
+  TORCH_CHECK(scale_zeros.scalar_type() == at::kBFloat16 && scale_zeros.is_contiguous(), "int4_tiles_mm: scale_zeros must be contiguous bf16");
+  const int64_t in = x.size(1), out = codes.size(0);
+  TORCH_CHECK(codes.size(1) * 2 == in && out % kTile == 0 && group % kBlockCols == 0 && in % group == 0, "int4_tiles_mm: shapes do not fit the tiles");
+  TORCH_CHECK(scale_zeros.dim() == 3 && scale_zeros.size(0) == in / group && scale_zeros.size(1) == out && scale_zeros.size(2) == 2, "int4_tiles_mm: scale_zeros must be [in / group, out, 2]");
+}
+
+// x [M, in] bf16, codes [out, in / 2] uint8 in the tile layout, scale_zeros [in / group, out, 2] bf16 -> x @ w.T [M, out] float32
+at::Tensor int4_tiles_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale_zeros, int64_t group) {
+  check(x, codes, scale_zeros, group);
+  const int64_t rows = x.size(0), in = x.size(1), out = codes.size(0), groups = in / group;
+  at::Tensor y = at::empty({rows, out}, x.options().dtype(at::kFloat));
+  const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  std::vector<float> xsum(rows * groups, 0.0f);
+  for (int64_t i = 0; i < rows * groups; ++i)
+    for (int64_t k = 0; k < group; ++k) xsum[i] += bf16_to_float(xb[i * group + k]);
+  const Problem p{codes.data_ptr<uint8_t>(), reinterpret_cast<const uint32_t*>(scale_zeros.data_ptr()), xb, xsum.data(),
+                  y.data_ptr<float>(), rows, in, out, group};
+  at::parallel_for(0, out / kTile, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) tile(p, t);
+  });
+  return y;
+}
+
+// One token's experts from a slot pool: x [1 or n, in] bf16 (row i, or the one row, for expert i), codes [S, out, in / 2],
+// scale_zeros [S, in / group, out, 2], slots [n] int64 -> y [n, out] float32, y[i] = x_i @ w_{slots[i]}.T; one parallel
+// region over every (expert, tile) instead of one per expert.
+at::Tensor int4_tiles_experts(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale_zeros, const at::Tensor& slots, int64_t group) {
+  TORCH_CHECK(codes.dim() == 3 && scale_zeros.dim() == 4 && slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_contiguous(),
+              "int4_tiles_experts: pools [S, ...] and slots [n] int64");
+  TORCH_CHECK(scale_zeros.stride(0) % 2 == 0, "int4_tiles_experts: each slot's (scale, zero) pairs must start on a pair");
+  check(x, codes[0], scale_zeros[0], group);
+  const int64_t n = slots.size(0), in = x.size(1), out = codes.size(1), groups = in / group, tiles = out / kTile;
+  TORCH_CHECK(x.size(0) == 1 || x.size(0) == n, "int4_tiles_experts: x must have one row or one per expert");
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(slot[i] >= 0 && slot[i] < codes.size(0), "int4_tiles_experts: slot out of range");
+  at::Tensor y = at::empty({n, out}, x.options().dtype(at::kFloat));
+  const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  std::vector<float> xsum(x.size(0) * groups, 0.0f);
+  for (int64_t i = 0; i < x.size(0) * groups; ++i)
+    for (int64_t k = 0; k < group; ++k) xsum[i] += bf16_to_float(xb[i * group + k]);
+  // a slot pool's fields are views into one buffer per slot: slots are stride(0) apart, each slot's field contiguous
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale_zeros.data_ptr());
+  const int64_t row = x.size(0) == 1 ? 0 : 1, code_stride = codes.stride(0), pair_stride = scale_zeros.stride(0);
+  at::parallel_for(0, n * tiles, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t i = item / tiles, s = slot[i];
+      const uint32_t* pairs = reinterpret_cast<const uint32_t*>(sp + s * pair_stride);
+      const Problem p{cp + s * code_stride, pairs, xb + i * row * in, xsum.data() + i * row * groups, y.data_ptr<float>() + i * out, 1, in, out, group};
+      tile_rows<1>(p, item % tiles, 0);
+    }
+  });
+  return y;
+}
+
+at::Tensor int4_tiles_experts_meta(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&, const at::Tensor& slots, int64_t) {
+  return at::empty({slots.size(0), codes.size(1)}, x.options().dtype(at::kFloat));
+}
+
+at::Tensor int4_tiles_mm_meta(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&, int64_t) {
+  return at::empty({x.size(0), codes.size(0)}, x.options().dtype(at::kFloat));
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mobile_moe_native, m) {
+  m.def("int4_tiles_mm(Tensor x, Tensor codes, Tensor scale_zeros, int group) -> Tensor");
+  m.def("int4_tiles_experts(Tensor x, Tensor codes, Tensor scale_zeros, Tensor slots, int group) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(mobile_moe_native, CPU, m) {
+  m.impl("int4_tiles_mm", &int4_tiles_mm);
+  m.impl("int4_tiles_experts", &int4_tiles_experts);
+}
+TORCH_LIBRARY_IMPL(mobile_moe_native, Meta, m) {
+  m.impl("int4_tiles_mm", &int4_tiles_mm_meta);
+  m.impl("int4_tiles_experts", &int4_tiles_experts_meta);
+}

@@ -1,0 +1,155 @@
+"""The project's tiled int4 CPU kernel (experts/native/int4_tiles.cpp): built once into the compiled-code cache, equal to
+dequantize-then-matmul on odd shapes and every group size, a token's experts in one call equal to the per-expert loop,
+and torch's kernel wherever it cannot run (AVX2, switched off, no compiler)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import shared_dir
+
+from mobile_moe import LLM, engine_config
+from mobile_moe.bench.synthetic import build_synthetic
+from mobile_moe.experts import native
+from mobile_moe.experts.formats import Int4Format, unpack_int4
+from mobile_moe.experts.kernels import FusedInt4, TiledInt4, compute_format, layout_format, tile_int4, untile_int4_columns
+from mobile_moe.experts.store import ExpertLayout, ExpertShape
+
+CPU = torch.device("cpu")
+needs_avx512_bf16 = pytest.mark.skipif(not native.avx512_bf16(), reason="the tiled int4 kernel runs on AVX512-BF16 CPUs (this one has not)")
+
+
+@pytest.fixture
+def kernel_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The compiled-code cache, shared by this run's workers (the kernel is built once per run)."""
+    root = shared_dir(tmp_path_factory, "compiled")
+    monkeypatch.setenv(native.CACHE_ENV, str(root))
+    monkeypatch.delenv(native.NATIVE_ENV, raising=False)
+    return root
+
+
+def _tiled(group: int, shapes: list[tuple[int, int]], dtype: torch.dtype = torch.bfloat16) -> TiledInt4:
+    fmt = compute_format(Int4Format(group), dtype, CPU, shapes)
+    assert isinstance(fmt, TiledInt4), fmt
+    return fmt
+
+
+@needs_avx512_bf16
+@pytest.mark.usefixtures("kernel_cache")
+@pytest.mark.parametrize(("out", "inp", "group"), [(48, 96, 32), (80, 256, 64), (32, 384, 128), (16, 8 * 33, 8)])
+def test_the_kernel_equals_dequantize_then_matmul(out: int, inp: int, group: int):
+    kernel = _tiled(group, [(out, inp)])
+    gen = torch.Generator().manual_seed(out + inp)
+    portable = kernel.portable.quantize(torch.randn(out, inp, generator=gen))
+    parts = kernel.from_portable(portable, out, inp)
+    w = kernel.dequantize(parts, torch.float32).double()  # [out, in]: the kernel's own (scale, zero) pairs, exact in float32
+    for rows in (1, 2, 3, 4, 5, 9):  # every register block of rows (4, 3, 2, 1) and their mixes
+        x = torch.randn(rows, inp, generator=gen).to(torch.bfloat16)
+        want = x.double() @ w.t()  # [rows, out]
+        got = kernel.fused(x, parts)  # float32
+        assert got.dtype == torch.float32 and got.shape == (rows, out)
+        assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()  # float32 sums in another order, nothing more
+
+
+@needs_avx512_bf16
+@pytest.mark.usefixtures("kernel_cache")
+def test_the_tiled_layout_holds_the_same_codes_and_dequantizes_like_torchs():
+    out, inp, group = 64, 128, 32
+    portable = Int4Format(group).quantize(torch.randn(out, inp, generator=torch.Generator().manual_seed(1)))
+    codes = unpack_int4(portable[0])  # [out, in]
+    tiled = tile_int4(codes)
+    assert tiled.shape == (out, inp // 2) and tiled.dtype == torch.uint8  # the portable layout's bytes, reordered
+    assert torch.equal(untile_int4_columns(tiled), codes.t())
+    ours, torchs = _tiled(group, [(out, inp)]), FusedInt4(Int4Format(group), torch.bfloat16)
+    assert torch.equal(ours.dequantize(ours.from_portable(portable, out, inp), torch.float32), torchs.dequantize(torchs.from_portable(portable, out, inp), torch.float32))
+    assert ours.dequant_bytes(out, inp, torch.bfloat16) == 0  # prompts run on the codes too: no float copy to plan for
+
+
+@needs_avx512_bf16
+@pytest.mark.usefixtures("kernel_cache")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_tokens_experts_in_one_call_equal_the_per_expert_calls(dtype: torch.dtype):
+    shape = ExpertShape(hidden=128, intermediate=64)
+    kernel = _tiled(32, [shape.matrix_shape("gate_up"), shape.matrix_shape("down")], dtype)
+    layout = ExpertLayout(shape, kernel)
+    gen = torch.Generator().manual_seed(2)
+    slots = 6
+    block = torch.empty(slots, layout.nbytes, dtype=torch.uint8)  # the cache's pool: one buffer per slot, fields are strided views
+    views = layout.views(block)
+    for s in range(slots):
+        for matrix, fields in views.items():
+            out, inp = shape.matrix_shape(matrix)
+            for field, part in zip(fields, kernel.from_portable(kernel.portable.quantize(torch.randn(out, inp, generator=gen)), out, inp), strict=True):
+                field[s].copy_(part)
+    chosen = torch.tensor([4, 0, 5])
+    x = torch.randn(1, 128, generator=gen).to(dtype)
+    got = kernel.pool_linear(x, views["gate_up"], chosen, dtype)  # [3, 128]: one row shared by every expert
+    want = torch.cat([kernel.linear(x, [f[s] for f in views["gate_up"]], dtype) for s in chosen.tolist()])
+    assert torch.equal(got, want)
+    rows = torch.randn(3, 64, generator=gen).to(dtype)
+    got = kernel.pool_linear(rows, views["down"], chosen, dtype)  # row i for expert i
+    want = torch.cat([kernel.linear(rows[i : i + 1], [f[s] for f in views["down"]], dtype) for i, s in enumerate(chosen.tolist())])
+    assert torch.equal(got, want)
+
+
+def _synthetic(native_on: bool, dtype: str, monkeypatch: pytest.MonkeyPatch) -> LLM:
+    """A small OLMoE-shaped model (widths / 16), int4 experts and dense weights, every expert resident."""
+    monkeypatch.setenv(native.NATIVE_ENV, "on" if native_on else "off")
+    loaded = build_synthetic("olmoe-1b-7b", CPU, dtype, shrink=16, expert_dtype="int4", group_size=32, dense_dtype="int4", layers=3)
+    llm = LLM(loaded, engine_config(progress=False, expert_cache=loaded.store.total_experts))
+    llm.cache.load_all()
+    return llm
+
+
+@needs_avx512_bf16
+@pytest.mark.usefixtures("kernel_cache")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_model_on_the_tiled_kernel_matches_torchs_kernel(dtype: str, monkeypatch: pytest.MonkeyPatch):
+    ours, torchs = _synthetic(True, dtype, monkeypatch), _synthetic(False, dtype, monkeypatch)
+    assert ours.loaded.store.format.layout_id == "int4:int4_tiles_mm" and "int4:int4_tiles_mm" in ours.loaded.dense_path
+    assert torchs.loaded.store.format.layout_id.startswith("int4:_weight_int4pack_mm_for_cpu")
+    assert ours.runner.executor.path(resident=True) == "tiled-int4-experts"
+    ids = list(range(3, 40))
+    for rows in (ids, ids[:1]):  # a prompt (a GEMM on the codes) and a decode row
+        want, got = torchs.logits(rows).float(), ours.logits(rows).float()
+        assert (got - want).abs().max() < 2e-2 * want.abs().max()
+
+
+@pytest.mark.usefixtures("kernel_cache")
+def test_torchs_kernel_runs_where_the_tiled_one_cannot(monkeypatch: pytest.MonkeyPatch):
+    shapes = [(64, 128)]
+    monkeypatch.setenv(native.NATIVE_ENV, "off")
+    assert isinstance(compute_format(Int4Format(32), torch.bfloat16, CPU, shapes), FusedInt4)
+    monkeypatch.delenv(native.NATIVE_ENV)
+    assert isinstance(compute_format(Int4Format(32), torch.float16, CPU, shapes), FusedInt4)  # fp16 activations: torch's
+    assert not isinstance(compute_format(Int4Format(32), torch.bfloat16, CPU, [(40, 128)]), TiledInt4)  # rows not in tiles of 16
+    script = "import torch; from mobile_moe.experts.formats import Int4Format; from mobile_moe.experts.kernels import compute_format;" \
+        "print(type(compute_format(Int4Format(32), torch.bfloat16, torch.device('cpu'), [(64, 128)])).__name__)"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert run.stdout.strip() == "FusedInt4"  # torch's kernels under AVX2: the AVX512-BF16 kernel is not chosen
+
+
+def test_a_kernel_that_cannot_be_built_leaves_torchs_with_one_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    broken = tmp_path / "int4_tiles.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="mobile_moe"):
+        assert native.build_and_load() is False
+    assert [r.getMessage() for r in caplog.records if "could not be built" in r.getMessage()]
+    monkeypatch.setenv(native.CACHE_ENV, "off")
+    assert native.build_and_load() is False  # nothing is compiled when the cache is off
+
+
+@needs_avx512_bf16
+def test_a_store_packed_for_the_tiled_kernel_is_refused_where_it_cannot_run(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(native.NATIVE_ENV, "off")
+    with pytest.raises(Exception, match="AVX512-BF16 int4 kernel"):
+        layout_format("int4:int4_tiles_mm", 32, torch.bfloat16)
