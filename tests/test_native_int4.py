@@ -67,7 +67,8 @@ def test_the_tiled_layout_holds_the_same_codes_and_dequantizes_like_torchs():
     assert tiled.shape == (out, inp // 2) and tiled.dtype == torch.uint8  # the portable layout's bytes, reordered
     assert torch.equal(untile_int4_columns(tiled), codes.t())
     ours, torchs = _tiled(group, [(out, inp)]), FusedInt4(Int4Format(group), torch.bfloat16)
-    assert torch.equal(ours.dequantize(ours.from_portable(portable, out, inp), torch.float32), torchs.dequantize(torchs.from_portable(portable, out, inp), torch.float32))
+    want = torchs.dequantize(torchs.from_portable(portable, out, inp), torch.float32)
+    assert torch.equal(ours.dequantize(ours.from_portable(portable, out, inp), torch.float32), want)
     assert ours.dequant_bytes(out, inp, torch.bfloat16) == 0  # prompts run on the codes too: no float copy to plan for
 
 
@@ -129,8 +130,10 @@ def test_torchs_kernel_runs_where_the_tiled_one_cannot(monkeypatch: pytest.Monke
     monkeypatch.delenv(native.NATIVE_ENV)
     assert isinstance(compute_format(Int4Format(32), torch.float16, CPU, shapes), FusedInt4)  # fp16 activations: torch's
     assert not isinstance(compute_format(Int4Format(32), torch.bfloat16, CPU, [(40, 128)]), TiledInt4)  # rows not in tiles of 16
-    script = "import torch; from mobile_moe.experts.formats import Int4Format; from mobile_moe.experts.kernels import compute_format;" \
+    script = (
+        "import torch; from mobile_moe.experts.formats import Int4Format; from mobile_moe.experts.kernels import compute_format;"
         "print(type(compute_format(Int4Format(32), torch.bfloat16, torch.device('cpu'), [(64, 128)])).__name__)"
+    )
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
     assert run.stdout.strip() == "FusedInt4"  # torch's kernels under AVX2: the AVX512-BF16 kernel is not chosen
