@@ -17,6 +17,7 @@ from conftest import shared_dir
 from mobile_moe import LLM, engine_config
 from mobile_moe.bench.synthetic import build_synthetic
 from mobile_moe.experts import native
+from mobile_moe.experts.dispatch import int4_pool_linear
 from mobile_moe.experts.formats import Int4Format, unpack_int4
 from mobile_moe.experts.kernels import FusedInt4, TiledInt4, compute_format, layout_format, tile_int4, untile_int4_columns
 from mobile_moe.experts.store import ExpertLayout, ExpertShape
@@ -90,11 +91,11 @@ def test_a_tokens_experts_in_one_call_equal_the_per_expert_calls(dtype: torch.dt
                 field[s].copy_(part)
     chosen = torch.tensor([4, 0, 5])
     x = torch.randn(1, 128, generator=gen).to(dtype)
-    got = kernel.pool_linear(x, views["gate_up"], chosen, dtype)  # [3, 128]: one row shared by every expert
+    got = int4_pool_linear(x, *views["gate_up"], chosen).to(dtype)  # [3, 128]: one row shared by every expert
     want = torch.cat([kernel.linear(x, [f[s] for f in views["gate_up"]], dtype) for s in chosen.tolist()])
     assert torch.equal(got, want)
     rows = torch.randn(3, 64, generator=gen).to(dtype)
-    got = kernel.pool_linear(rows, views["down"], chosen, dtype)  # row i for expert i
+    got = int4_pool_linear(rows, *views["down"], chosen).to(dtype)  # row i for expert i
     want = torch.cat([kernel.linear(rows[i : i + 1], [f[s] for f in views["down"]], dtype) for i, s in enumerate(chosen.tolist())])
     assert torch.equal(got, want)
 

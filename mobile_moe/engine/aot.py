@@ -81,27 +81,42 @@ def _plain(value: object) -> bool:
     return value is None or isinstance(value, bool | int | float | str | ExpertMode | torch.dtype)
 
 
-Place = tuple[str, str, str | None]  # (submodule, attribute, dataclass field or None): where a layer holds a tensor
+Place = tuple[str, str, str | None, str | None]  # (submodule, attribute, dataclass field, tensor of a module in that field):
+# where a layer holds a tensor
+
+
+def _own(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """A module's own parameters and buffers (not its children's)."""
+    return [(attr, t) for attr, t in [*module._parameters.items(), *module._buffers.items()] if t is not None]
 
 
 def _tensors(layer: nn.Module) -> list[tuple[Place, torch.Tensor]]:
     """Every tensor the layer holds, in a fixed order (the package's trailing inputs): parameters, buffers, and tensors
-    inside dataclass attributes (a fused q/k/v weight)."""
+    inside dataclass attributes (a fused q/k/v weight, or the buffers of the fused quantized linear one holds)."""
     found: list[tuple[Place, torch.Tensor]] = []
     for name, module in layer.named_modules():
-        found += [((name, attr, None), t) for attr, t in [*module._parameters.items(), *module._buffers.items()] if t is not None]
+        found += [((name, attr, None, None), t) for attr, t in _own(module)]
         for attr, value in vars(module).items():
-            if dataclasses.is_dataclass(value) and not isinstance(value, type):
-                found += [((name, attr, f.name), getattr(value, f.name)) for f in dataclasses.fields(value) if isinstance(getattr(value, f.name), torch.Tensor)]
+            if not dataclasses.is_dataclass(value) or isinstance(value, type):
+                continue
+            for f in dataclasses.fields(value):
+                held = getattr(value, f.name)
+                if isinstance(held, torch.Tensor):
+                    found.append(((name, attr, f.name, None), held))
+                elif isinstance(held, nn.Module):
+                    found += [((name, attr, f.name, inner), t) for inner, t in _own(held)]
     return found
 
 
 def _with_tensors(layer: nn.Module, tensors: list[tuple[Place, torch.Tensor]]) -> nn.Module:
     """A copy of the layer holding the given tensors in their places (for the export: they become its inputs)."""
     copy = copy_module(layer)
-    for (name, attr, field), t in tensors:
+    for (name, attr, field, inner), t in tensors:
         module = copy.get_submodule(name)
-        if field is not None:
+        if inner is not None:  # a module held in a dataclass field (copied with the layer): its tensor in its place
+            held = getattr(getattr(module, attr), field)
+            (held._parameters if inner in held._parameters else held._buffers)[inner] = t
+        elif field is not None:
             object.__setattr__(module, attr, dataclasses.replace(getattr(module, attr), **{field: t}))
         elif attr in module._parameters:
             module._parameters[attr] = t  # type: ignore[assignment]  # a plain tensor in a parameter's place: the copy is traced only

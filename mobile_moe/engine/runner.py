@@ -16,7 +16,7 @@ from mobile_moe.engine.graphs import GRAPH_SPAN_BUCKET, DecodeGraphs, GraphCaptu
 from mobile_moe.engine.passes import PassSpec
 from mobile_moe.engine.prefix import SINGLE, HeldPrefix, PrefixIndex, Writer
 from mobile_moe.experts.cache import ExpertCache
-from mobile_moe.experts.dispatch import pool_experts
+from mobile_moe.experts.dispatch import pool_experts, tiled_experts
 from mobile_moe.experts.executor import ExpertExecutor
 from mobile_moe.experts.reader import Priority
 from mobile_moe.layers.attention import AttentionInput
@@ -87,7 +87,7 @@ class Runner:
         self.routed_segment: Callable | None = None
         self.pooled_finish: Callable | None = None
         self.resident_layer: Callable | None = None
-        if aot and self.executor.in_place and not self.executor.grouped:
+        if aot and (self.executor.in_place or self.executor.tiled is not None) and not self.executor.grouped:
             assert options.compiled_dir is not None
             self.resident_layer = AotLayers(options.compiled_dir, pooled_layer, options.progress)  # the rest runs eagerly
         elif compile_layers and not aot:
@@ -484,14 +484,13 @@ def pooled_finish(
     shared: torch.Tensor | None,
     slots: torch.Tensor,
     weights: torch.Tensor,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
-    gate_up_bias: torch.Tensor | None,
-    down_bias: torch.Tensor | None,
+    *pool: torch.Tensor | None,
 ) -> torch.Tensor:
     """The rest of an MoE layer, for torch.compile: the chosen experts read from the slot pool (slots [n], weights [1, n])
-    on h [1, H], plus the shared experts and the residual x [1, H] -> [1, H]."""
-    out = pool_experts(act, h, slots, weights, gate_up, down, gate_up_bias, down_bias)
+    on h [1, H], plus the shared experts and the residual x [1, H] -> [1, H]. pool (`ExpertExecutor.pool_fields`): a float
+    pool's (gate_up [S, 2I, H], down [S, H, I], biases or None), or a tiled int4 pool's codes and pairs of each matrix."""
+    experts = tiled_experts if pool[0] is not None and pool[0].dtype == torch.uint8 else pool_experts  # fixed when traced
+    out = experts(act, h, slots, weights, *pool)  # type: ignore[arg-type]
     return x + (out if shared is None else out + shared)
 
 

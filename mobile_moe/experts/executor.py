@@ -17,7 +17,7 @@ import torch
 
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.experts.cache import ExpertCache
-from mobile_moe.experts.dispatch import combine, expert_output, pool_experts, split_bias
+from mobile_moe.experts.dispatch import combine, expert_output, pool_experts, split_bias, tiled_experts
 from mobile_moe.experts.formats import ExpertFormat, FloatFormat, Mxfp4Format
 from mobile_moe.experts.kernels import CudaInt4, FusedFormat, TiledInt4
 from mobile_moe.experts.store import MATRICES, ExpertShape, ExpertStore
@@ -75,6 +75,8 @@ class ExpertExecutor:
         self.slot_fields = [self._split(tuple([f[slot] for f in cache.fields[m]] for m in MATRICES)) for slot in range(cache.num_slots)]
         # tiled int4 experts without biases: a resident token's experts in two kernel calls over the pool, not two per expert
         self.tiled = cache.store.format if isinstance(cache.store.format, TiledInt4) and not self.bias and cache.device.type == "cpu" else None
+        if self.tiled is not None:  # the compiled resident layer reads the tiled pool: (codes, pairs) of gate_up, then of down
+            self.pool_fields = (*self.cache.fields["gate_up"], *self.cache.fields["down"])
 
     def path(self, resident: bool) -> str:
         """How routed experts are computed, chosen when this executor was built: `pooled` (one compiled call over the pool),
@@ -127,11 +129,7 @@ class ExpertExecutor:
     def _tiled_experts(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [1, H], slots [n] (rank order), weights [1, n] -> [1, H]: the n experts' gate_up in one kernel call over the
         pool, then their down projections in another; each row as `_expert` computes it, so results equal the loop's."""
-        assert self.tiled is not None
-        gate_up = self.tiled.pool_linear(x, self.cache.fields["gate_up"], slots, x.dtype)  # [n, 2I]
-        gate, up = gate_up.chunk(2, dim=-1)
-        y = self.tiled.pool_linear(gated(self.act, gate, up), self.cache.fields["down"], slots, x.dtype)  # [n, H]
-        return combine([y], weights, x.dtype)
+        return tiled_experts(self.act, x, slots, weights, *self.pool_fields)
 
     def _grouped_in_place(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [1, H], slots [n] on the device (rank order, distinct), weights [1, n] -> [1, H]: float experts read in place by

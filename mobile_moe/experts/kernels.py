@@ -175,8 +175,7 @@ class TiledInt4(FusedFormat):
 
     def __init__(self, portable: Int4Format, ops: Any) -> None:
         self.portable, self.dtype, self.group_size = portable, torch.bfloat16, portable.group_size
-        self.mm: Callable[..., torch.Tensor] = ops.int4_tiles_mm  # x [M, in] bf16 -> [M, out] float32
-        self.experts: Callable[..., torch.Tensor] = ops.int4_tiles_experts  # x [1 or n, in], pools, slots [n] -> [n, out] float32
+        self.mm: Callable[..., torch.Tensor] = ops.int4_tiles_mm  # x [M, in] bf16 -> [M, out] float32 (a slot pool's: experts/dispatch.py)
 
     def fields(self, out: int, inp: int) -> list[Field]:
         return [Field("packed", torch.uint8, (out, inp // 2)), Field("scale_zeros", self.dtype, (inp // self.group_size, out, 2))]
@@ -202,16 +201,8 @@ class TiledInt4(FusedFormat):
         packed, sz = parts
         return self.mm(x, packed, sz, self.group_size)  # [M, out] float32
 
-    def pool_linear(self, x: torch.Tensor, pool: list[torch.Tensor], slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """x: [1 or n, in], pool: a matrix's fields over every slot [S, ...], slots [n] int64 -> [n, out] in `dtype`:
-        row i is x's row (or its only row) times slot slots[i]'s matrix, all n in one kernel call."""
-        packed, sz = pool
-        return self.experts(x.to(self.dtype).contiguous(), packed, sz, slots, self.group_size).to(dtype)
-
     def linear(self, x: torch.Tensor, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        if x.shape[0] <= self.max_rows:
-            return self.fused(x.to(self.dtype).contiguous(), parts).to(x.dtype)
-        return F.linear(x, self.dequantize(parts, dtype))
+        return self.fused(x.to(self.dtype).contiguous(), parts).to(x.dtype)  # every row count: float32 sums, rounded once
 
 
 def tile_int4(codes: torch.Tensor) -> torch.Tensor:
