@@ -58,7 +58,7 @@ def tiled_experts(
     down_pairs: torch.Tensor,
 ) -> torch.Tensor:
     """One token's experts from a pool in the tiled int4 layout (experts/kernels.py `TiledInt4`): x [1, H], slots [n]
-    (rank order), weights [1, n], codes [S, out, in / 2] and (scale, zero) pairs [S, in / g, out, 2] per matrix -> the
+    (rank order), weights [1, n], codes [S, out, in / 2] and (scale, zero) pairs [S, out / 16, in / g, 16, 2] per matrix -> the
     weighted sum [1, H]: two kernel calls, rows rounded as the per-expert path rounds them."""
     gate_up = int4_pool_linear(x, gate_up_codes, gate_up_pairs, slots).to(x.dtype)  # [n, 2I]
     gate, up = gate_up.chunk(2, dim=-1)
@@ -67,9 +67,9 @@ def tiled_experts(
 
 
 def int4_pool_linear(x: torch.Tensor, codes: torch.Tensor, pairs: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """x [1 or n, in], a tiled int4 pool's codes [S, out, in / 2] and pairs [S, in / g, out, 2], slots [n] -> [n, out] float32
-    (`torch.ops.mobile_moe_native.int4_tiles_experts`, registered when the pool was packed)."""
-    group = codes.shape[2] * 2 // pairs.shape[1]
+    """x [1 or n, in], a tiled int4 pool's codes [S, out, in / 2] and pairs [S, out / 16, in / g, 16, 2], slots [n] -> [n, out]
+    float32 (`torch.ops.mobile_moe_native.int4_tiles_experts`, registered when the pool was packed)."""
+    group = codes.shape[2] * 2 // pairs.shape[2]
     return torch.ops.mobile_moe_native.int4_tiles_experts(x.to(torch.bfloat16).contiguous(), codes, pairs, slots, group)
 
 

@@ -167,7 +167,8 @@ class FusedInt4(FusedFormat):
 
 class TiledInt4(FusedFormat):
     """Group-wise int4 for the project's AVX512-BF16 kernel (experts/native/int4_tiles.cpp): codes in tiles of 16 rows
-    [out, in / 2] (the same bytes as the portable layout, reordered) and (scale, zero) [in / g, out, 2] in bf16."""
+    [out, in / 2] (the same bytes as the portable layout, reordered) and (scale, zero) pairs in bf16, tile-major
+    [out / 16, in / g, 16, 2], so a thread streams its tiles' codes and pairs front to back."""
 
     name = "int4"
     kernel = "int4_tiles_mm"
@@ -178,19 +179,20 @@ class TiledInt4(FusedFormat):
         self.mm: Callable[..., torch.Tensor] = ops.int4_tiles_mm  # x [M, in] bf16 -> [M, out] float32 (a slot pool's: experts/dispatch.py)
 
     def fields(self, out: int, inp: int) -> list[Field]:
-        return [Field("packed", torch.uint8, (out, inp // 2)), Field("scale_zeros", self.dtype, (inp // self.group_size, out, 2))]
+        return [Field("packed", torch.uint8, (out, inp // 2)), Field("scale_zeros", self.dtype, (out // TILE_ROWS, inp // self.group_size, TILE_ROWS, 2))]
 
     def from_portable(self, parts: list[torch.Tensor], out: int, inp: int) -> list[torch.Tensor]:
         packed, scale, zero = parts  # [out, in/2] uint8, [out, G] fp16, [out, G] fp16: w = (q - zero) * scale
-        return [tile_int4(unpack_int4(packed)), centred_scale_zeros(scale, zero, self.dtype)]
+        pairs = centred_scale_zeros(scale, zero, self.dtype)  # [G, out, 2]
+        return [tile_int4(unpack_int4(packed)), pairs.view(-1, out // TILE_ROWS, TILE_ROWS, 2).transpose(0, 1).contiguous()]
 
     def dequantize(self, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """The matrix [out, in] in `dtype`, as a transposed view of its [in, out] copy (the layout unpacks input-major as
         cheaply), (q - 8) * scale + zero in one float32 pass, rounded once."""
-        packed, sz = parts  # [out, in/2], [G, out, 2]
+        packed, sz = parts  # [out, in/2], [T, G, 16, 2]
         out, inp = packed.shape[0], 2 * packed.shape[1]
         w = untile_int4_columns(packed).view(-1, self.group_size, out).float()  # [G, g, out] codes
-        scale, zero = sz.float().unbind(-1)  # [G, out] each
+        scale, zero = sz.float().transpose(0, 1).reshape(-1, out, 2).unbind(-1)  # [G, out] each
         torch.addcmul((zero - INT4_OFFSET * scale)[:, None], w, scale[:, None], out=w)  # in place: q * scale + (zero - 8 scale)
         return w.view(inp, out).to(dtype).t()
 

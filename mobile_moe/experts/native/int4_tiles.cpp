@@ -2,7 +2,8 @@
 //
 // Layout (written by TiledInt4.from_portable): output rows in tiles of 16, one float lane per row. A tile's codes are
 // [in / 8] blocks of 64 bytes; 16-bit word 2r + c of block b holds, in nibble j, the code of row r, column 8b + 2j + c.
-// (scale, zero) pairs: bf16 [in / group, out, 2], w = (q - 8) * scale + zero (torch's int4 kernels' convention).
+// (scale, zero) pairs: bf16 [out / 16, in / group, 16, 2], tile-major so each thread streams its tiles' codes and pairs
+// front to back; w = (q - 8) * scale + zero (torch's int4 kernels' convention).
 //
 // A code q becomes the bf16 value 128 + q by OR-ing it into 0x4300, so one AND/OR and one VDPBF16PS per 32 weights
 // multiply 16 rows by two columns of bf16 activations; per group, sum((q - 8) * s + z) x = s * sum((128 + q) x)
@@ -24,7 +25,7 @@ constexpr int64_t kGrain = 4;       // tiles per parallel work item
 
 struct Problem {
   const uint8_t* codes;     // [tiles, in / 8, 64]
-  const uint32_t* pairs;    // [groups, out] (scale, zero) bf16 pairs
+  const uint32_t* pairs;    // [tiles, groups, 16] (scale, zero) bf16 pairs
   const uint16_t* x;        // [rows, in] bf16
   const float* xsum;        // [rows, groups]
   float* y;                 // [rows, out]
@@ -63,7 +64,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void tile_rows(const Prob
         for (int a = 0; a < 4; ++a)
           acc[r][a] = _mm512_dpbf16_ps(acc[r][a], (__m512bh)codes[a], (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(xpairs[r][pair + a])));
     }
-    const __m512i sz = _mm512_loadu_si512(p.pairs + g * p.out + tile * kTile);
+    const __m512i sz = _mm512_loadu_si512(p.pairs + (tile * groups + g) * kTile);
     const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(sz, 16));
     const __m512 corr = _mm512_fnmadd_ps(offset, scale, _mm512_castsi512_ps(_mm512_and_si512(sz, high)));  // zero - 136 scale
     for (int r = 0; r < R; ++r) {
@@ -99,10 +100,11 @@ void check(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale
   TORCH_CHECK(scale_zeros.scalar_type() == at::kBFloat16 && scale_zeros.is_contiguous(), "int4_tiles_mm: scale_zeros must be contiguous bf16");
   const int64_t in = x.size(1), out = codes.size(0);
   TORCH_CHECK(codes.size(1) * 2 == in && out % kTile == 0 && group % kBlockCols == 0 && in % group == 0, "int4_tiles_mm: shapes do not fit the tiles");
-  TORCH_CHECK(scale_zeros.dim() == 3 && scale_zeros.size(0) == in / group && scale_zeros.size(1) == out && scale_zeros.size(2) == 2, "int4_tiles_mm: scale_zeros must be [in / group, out, 2]");
+  TORCH_CHECK(scale_zeros.dim() == 4 && scale_zeros.size(0) == out / kTile && scale_zeros.size(1) == in / group && scale_zeros.size(2) == kTile && scale_zeros.size(3) == 2,
+              "int4_tiles_mm: scale_zeros must be [out / 16, in / group, 16, 2]");
 }
 
-// x [M, in] bf16, codes [out, in / 2] uint8 in the tile layout, scale_zeros [in / group, out, 2] bf16 -> x @ w.T [M, out] float32
+// x [M, in] bf16, codes [out, in / 2] uint8 in the tile layout, scale_zeros [out / 16, in / group, 16, 2] bf16 -> x @ w.T [M, out] float32
 at::Tensor int4_tiles_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale_zeros, int64_t group) {
   check(x, codes, scale_zeros, group);
   const int64_t rows = x.size(0), in = x.size(1), out = codes.size(0), groups = in / group;
@@ -120,10 +122,10 @@ at::Tensor int4_tiles_mm(const at::Tensor& x, const at::Tensor& codes, const at:
 }
 
 // One token's experts from a slot pool: x [1 or n, in] bf16 (row i, or the one row, for expert i), codes [S, out, in / 2],
-// scale_zeros [S, in / group, out, 2], slots [n] int64 -> y [n, out] float32, y[i] = x_i @ w_{slots[i]}.T; one parallel
+// scale_zeros [S, out / 16, in / group, 16, 2], slots [n] int64 -> y [n, out] float32, y[i] = x_i @ w_{slots[i]}.T; one parallel
 // region over every (expert, tile) instead of one per expert.
 at::Tensor int4_tiles_experts(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale_zeros, const at::Tensor& slots, int64_t group) {
-  TORCH_CHECK(codes.dim() == 3 && scale_zeros.dim() == 4 && slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_contiguous(),
+  TORCH_CHECK(codes.dim() == 3 && scale_zeros.dim() == 5 && slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_contiguous(),
               "int4_tiles_experts: pools [S, ...] and slots [n] int64");
   TORCH_CHECK(scale_zeros.stride(0) % 2 == 0, "int4_tiles_experts: each slot's (scale, zero) pairs must start on a pair");
   check(x, codes[0], scale_zeros[0], group);
