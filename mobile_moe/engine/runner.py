@@ -488,7 +488,7 @@ def pooled_finish(
 ) -> torch.Tensor:
     """The rest of an MoE layer, for torch.compile: the chosen experts read from the slot pool (slots [n], weights [1, n])
     on h [1, H], plus the shared experts and the residual x [1, H] -> [1, H]. pool (`ExpertExecutor.pool_fields`): a float
-    pool's (gate_up [S, 2I, H], down [S, H, I], biases or None), or a tiled int4 pool's codes and pairs of each matrix."""
+    pool's (gate_up [S, 2I, H], down [S, H, I], biases or None), or a tiled pool's codes and scales of each matrix."""
     experts = tiled_experts if pool[0] is not None and pool[0].dtype == torch.uint8 else pool_experts  # fixed when traced
     out = experts(act, h, slots, weights, *pool)  # type: ignore[arg-type]
     return x + (out if shared is None else out + shared)

@@ -53,24 +53,26 @@ def tiled_experts(
     slots: torch.Tensor,
     weights: torch.Tensor,
     gate_up_codes: torch.Tensor,
-    gate_up_pairs: torch.Tensor,
+    gate_up_scales: torch.Tensor,
     down_codes: torch.Tensor,
-    down_pairs: torch.Tensor,
+    down_scales: torch.Tensor,
 ) -> torch.Tensor:
-    """One token's experts from a pool in the tiled int4 layout (experts/kernels.py `TiledInt4`): x [1, H], slots [n]
-    (rank order), weights [1, n], codes [S, out, in / 2] and (scale, zero) pairs [S, out / 16, in / g, 16, 2] per matrix -> the
-    weighted sum [1, H]: two kernel calls, rows rounded as the per-expert path rounds them."""
-    gate_up = int4_pool_linear(x, gate_up_codes, gate_up_pairs, slots).to(x.dtype)  # [n, 2I]
+    """One token's experts from a pool in a tiled layout (experts/kernels.py `TiledInt4`, `TiledInt8`): x [1, H], slots [n]
+    (rank order), weights [1, n], each matrix's codes [S, ...] and scales (int4: (scale, zero) pairs [S, out / 16, in / g,
+    16, 2]; int8: [S, out]) -> the weighted sum [1, H]: two kernel calls, rows rounded as the per-expert path rounds them."""
+    gate_up = tiled_pool_linear(x, gate_up_codes, gate_up_scales, slots).to(x.dtype)  # [n, 2I]
     gate, up = gate_up.chunk(2, dim=-1)
-    y = int4_pool_linear(gated(act, gate, up), down_codes, down_pairs, slots).to(x.dtype)  # [n, H]
+    y = tiled_pool_linear(gated(act, gate, up), down_codes, down_scales, slots).to(x.dtype)  # [n, H]
     return (y * weights.view(-1, 1).to(x.dtype)).sum(0, keepdim=True)
 
 
-def int4_pool_linear(x: torch.Tensor, codes: torch.Tensor, pairs: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """x [1 or n, in], a tiled int4 pool's codes [S, out, in / 2] and pairs [S, out / 16, in / g, 16, 2], slots [n] -> [n, out]
-    float32 (`torch.ops.mobile_moe_native.int4_tiles_experts`, registered when the pool was packed)."""
-    group = codes.shape[2] * 2 // pairs.shape[2]
-    return torch.ops.mobile_moe_native.int4_tiles_experts(x.to(torch.bfloat16).contiguous(), codes, pairs, slots, group)
+def tiled_pool_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """x [1 or n, in], a tiled pool's codes [S, ...] and scales, slots [n] -> [n, out] float32 through
+    `torch.ops.mobile_moe_native` (registered when the pool was packed); the scales' rank tells int8 ([S, out]) from int4."""
+    xb = x.to(torch.bfloat16).contiguous()
+    if scales.dim() == 2:
+        return torch.ops.mobile_moe_native.int8_tiles_experts(xb, codes, scales, slots)
+    return torch.ops.mobile_moe_native.int4_tiles_experts(xb, codes, scales, slots, codes.shape[2] * 2 // scales.shape[2])
 
 
 def combine(outs: list[torch.Tensor], weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

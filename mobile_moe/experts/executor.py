@@ -19,7 +19,7 @@ from mobile_moe.errors import InvalidParameter
 from mobile_moe.experts.cache import ExpertCache
 from mobile_moe.experts.dispatch import combine, expert_output, pool_experts, split_bias, tiled_experts
 from mobile_moe.experts.formats import ExpertFormat, FloatFormat, Mxfp4Format
-from mobile_moe.experts.kernels import CudaInt4, FusedFormat, TiledInt4
+from mobile_moe.experts.kernels import CudaInt4, FusedFormat, TiledInt4, TiledInt8
 from mobile_moe.experts.store import MATRICES, ExpertShape, ExpertStore
 from mobile_moe.experts.transfer import TransferEngine
 from mobile_moe.layers.mlp import Activation, gated
@@ -73,9 +73,9 @@ class ExpertExecutor:
         # per slot: (gate_up fields, down fields, gate_up bias, down bias) as views, made once (indexing the pool per call
         # costs a dispatch each); a matrix's bias, when experts have one, is its last packed field
         self.slot_fields = [self._split(tuple([f[slot] for f in cache.fields[m]] for m in MATRICES)) for slot in range(cache.num_slots)]
-        # tiled int4 experts without biases: a resident token's experts in two kernel calls over the pool, not two per expert
-        self.tiled = cache.store.format if isinstance(cache.store.format, TiledInt4) and not self.bias and cache.device.type == "cpu" else None
-        if self.tiled is not None:  # the compiled resident layer reads the tiled pool: (codes, pairs) of gate_up, then of down
+        # tiled int4 / int8 experts without biases: a resident token's experts in two kernel calls over the pool, not two per expert
+        self.tiled = cache.store.format if isinstance(cache.store.format, TiledInt4 | TiledInt8) and not self.bias and cache.device.type == "cpu" else None
+        if self.tiled is not None:  # the compiled resident layer reads the tiled pool: (codes, scales) of gate_up, then of down
             self.pool_fields = (*self.cache.fields["gate_up"], *self.cache.fields["down"])
 
     def path(self, resident: bool) -> str:
@@ -85,7 +85,7 @@ class ExpertExecutor:
         if self.pooled is not None:
             return "pooled"
         if self.tiled is not None and resident:
-            return "tiled-int4-experts"
+            return f"tiled-{self.tiled.name}-experts"
         if self.grouped and (not resident or self.device_indexed):
             return "grouped"
         return matmul_path(self.cache.store.format, self.dtype)

@@ -42,13 +42,14 @@ import torch.nn.functional as F
 
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.experts.formats import ExpertFormat, Field, Int4Format, Int8Format, make_format, unpack_int4
-from mobile_moe.experts.native import int4_tiles_ops
+from mobile_moe.experts.native import tiled_ops
 from mobile_moe.experts.store import MATRICES, ExpertStore
 
 FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # compute dtypes with a fused path (float32: through bf16)
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes _weight_int4pack_mm_for_cpu accepts
 INT4_BLOCKS = (64, 32)  # the CPU kernel's packing interleaves output rows in blocks of this many: 64 under torch's AVX512 kernels, 32 under AVX2
 INT4_OFFSET = 8  # the kernel's codes are centred: w = (q - 8) * scale + zero
+INT8_OFFSET = 128  # the tiled int8 kernel's codes are offset binary: u = q + 128
 TILE_ROWS, TILE_COLUMNS = 16, 8  # the tiled int4 kernel: rows per tile (one float lane each), input columns per 64-byte block
 
 log = logging.getLogger("mobile_moe")
@@ -166,7 +167,7 @@ class FusedInt4(FusedFormat):
 
 
 class TiledInt4(FusedFormat):
-    """Group-wise int4 for the project's AVX512-BF16 kernel (experts/native/int4_tiles.cpp): codes in tiles of 16 rows
+    """Group-wise int4 for the project's AVX512-BF16 kernel (experts/native/tiled.cpp): codes in tiles of 16 rows
     [out, in / 2] (the same bytes as the portable layout, reordered) and (scale, zero) pairs in bf16, tile-major
     [out / 16, in / g, 16, 2], so a thread streams its tiles' codes and pairs front to back."""
 
@@ -205,6 +206,57 @@ class TiledInt4(FusedFormat):
 
     def linear(self, x: torch.Tensor, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return self.fused(x.to(self.dtype).contiguous(), parts).to(x.dtype)  # every row count: float32 sums, rounded once
+
+
+class TiledInt8(FusedFormat):
+    """Per-channel int8 for the project's AVX512-BF16 kernel (experts/native/tiled.cpp): codes + 128 as uint8 in tiles of
+    16 rows [out, in] (64-byte blocks of 16 rows x 4 columns) and scales [out] in bf16."""
+
+    name = "int8"
+    kernel = "int8_tiles_mm"
+    max_rows = 1 << 30  # a GEMM on the codes, as the int4 tiles
+
+    def __init__(self, ops: Any) -> None:
+        self.portable, self.dtype = Int8Format(), torch.bfloat16
+        self.mm: Callable[..., torch.Tensor] = ops.int8_tiles_mm  # x [M, in] bf16 -> [M, out] float32
+
+    def fields(self, out: int, inp: int) -> list[Field]:
+        return [Field("qweight", torch.uint8, (out, inp)), Field("scales", self.dtype, (out,))]
+
+    def from_portable(self, parts: list[torch.Tensor], out: int, inp: int) -> list[torch.Tensor]:
+        q, scale = parts  # [out, in] int8, [out]: w = q * scale
+        return [tile_int8(q), scale.to(self.dtype)]
+
+    def dequantize(self, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The matrix [out, in] in `dtype`, as a transposed view of its [in, out] copy, rounded once."""
+        codes, scale = parts
+        w = untile_int8_columns(codes).float().sub_(INT8_OFFSET)  # [in, out]
+        return w.mul_(scale.float()).to(dtype).t()
+
+    def dequant_bytes(self, out: int, inp: int, dtype: torch.dtype) -> int:
+        return 0  # every row count runs on the codes
+
+    def fused(self, x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+        codes, scale = parts
+        return self.mm(x, codes, scale)  # [M, out] float32
+
+    def linear(self, x: torch.Tensor, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return self.fused(x.to(self.dtype).contiguous(), parts).to(x.dtype)
+
+
+def tile_int8(q: torch.Tensor) -> torch.Tensor:
+    """codes int8 [out, in] (out % 16 == 0, in % 4 == 0) -> the tiled int8 kernel's bytes [out, in]: u = q + 128, 64-byte
+    blocks of 16 rows x 4 columns whose 16-bit word 2r + c holds row r's u of column c (low byte) and of column 2 + c."""
+    out, inp = q.shape
+    u = (q.view(torch.uint8) ^ INT8_OFFSET).view(out // TILE_ROWS, TILE_ROWS, inp // 4, 2, 2)  # [T, r, in/4, half, c]
+    return u.permute(0, 2, 1, 4, 3).contiguous().view(out, inp)  # [T, in/4, r, c, half]: the half is the word's byte
+
+
+def untile_int8_columns(codes: torch.Tensor) -> torch.Tensor:
+    """The tiled int8 kernel's bytes [out, in] -> u = q + 128 as uint8 [in, out] (`tile_int8` undone, transposed)."""
+    out, inp = codes.shape
+    b = codes.view(out // TILE_ROWS, inp // 4, TILE_ROWS, 2, 2)  # [T, in/4, r, c, half]
+    return b.permute(1, 4, 3, 0, 2).reshape(inp, out)  # [in/4, half, c, T, r]: column 4b + 2 half + c, row 16T + r
 
 
 def tile_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -372,6 +424,10 @@ def compute_format(fmt: ExpertFormat, dtype: torch.dtype, device: torch.device, 
         return cuda_int4(fmt, dtype, device, shapes)
     if device.type != "cpu" or dtype not in FUSED_DTYPES or not fused_kernels_available():
         return None
+    if type(fmt) is Int8Format and dtype in (torch.bfloat16, torch.float32) and all(out % TILE_ROWS == 0 and inp % 4 == 0 for out, inp in shapes):
+        ops = tiled_ops()
+        if ops is not None:
+            return TiledInt8(ops)
     if type(fmt) is Int8Format:  # the kernel reads inputs in steps of 16: other widths give inf/NaN or crash
         return FusedInt8(kernel_dtype(dtype)) if all(inp % INT8_KERNEL_STEP == 0 for _, inp in shapes) else None
     tiled = tiled_int4(fmt, dtype, shapes) if type(fmt) is Int4Format else None
@@ -392,7 +448,7 @@ def tiled_int4(fmt: Int4Format, dtype: torch.dtype, shapes: list[tuple[int, int]
         return None
     if not all(out % TILE_ROWS == 0 and inp % fmt.group_size == 0 for out, inp in shapes):
         return None
-    ops = int4_tiles_ops()
+    ops = tiled_ops()
     return None if ops is None else TiledInt4(fmt, ops)
 
 
@@ -402,11 +458,11 @@ def layout_format(layout_id: str, group_size: int, dtype: torch.dtype) -> Expert
         return FusedInt8(kernel_dtype(dtype))
     if layout_id.startswith(f"int4:{CudaInt4.kernel}:t"):
         return CudaInt4(Int4Format(group_size), torch.device("cuda"), int(layout_id.removeprefix(f"int4:{CudaInt4.kernel}:t")))
-    if layout_id == f"int4:{TiledInt4.kernel}":
-        ops = int4_tiles_ops()
+    if layout_id in (f"int4:{TiledInt4.kernel}", f"int8:{TiledInt8.kernel}"):
+        ops = tiled_ops()
         if ops is None:
-            raise InvalidParameter("this store is packed for the AVX512-BF16 int4 kernel, which does not run here; rebuild the store on this machine")
-        return TiledInt4(Int4Format(group_size), ops)
+            raise InvalidParameter("this store is packed for the AVX512-BF16 tiled kernels, which do not run here; rebuild the store on this machine")
+        return TiledInt8(ops) if layout_id.startswith("int8") else TiledInt4(Int4Format(group_size), ops)
     if layout_id.startswith(f"int4:{FusedInt4.kernel}"):
         block = layout_id.removeprefix(f"int4:{FusedInt4.kernel}").removeprefix(":b") or INT4_BLOCKS[0]
         return FusedInt4(Int4Format(group_size), kernel_dtype(dtype), int(block))

@@ -1,11 +1,12 @@
 """The project's own CPU kernels (C++ beside this file), built once per machine by torch's extension builder and cached.
 
 torch's int4 CPU kernel converts every code to float and is compute-bound (~11 GB/s per core on AVX512 at OLMoE's
-widths, docs/performance.md); `int4_tiles.cpp` reads the same bytes with one bf16 dot-product instruction per 32
-weights. It is built on first use into the compiled-code cache (`$MOBILE_MOE_COMPILED_DIR`, else the user cache
-dir's mobile-moe/compiled; `off`: never built, torch's kernels run), with a progress line, and loaded from there by
-every later process. Where it cannot be built (no compiler) or the CPU lacks AVX512-BF16, torch's kernels run; so they do
-with $MOBILE_MOE_NATIVE_KERNELS=off (read when a model loads).
+widths, docs/performance.md); `tiled.cpp` reads the same bytes with one bf16 dot-product instruction per 32 int4
+weights (per 16 int8 weights, whose nibbles it takes apart the same way). It is built on first use into the
+compiled-code cache (`$MOBILE_MOE_COMPILED_DIR`, else the user cache dir's mobile-moe/compiled; `off`: never built,
+torch's kernels run), with a progress line, and loaded from there by every later process. Where it cannot be built
+(no compiler) or the CPU lacks AVX512-BF16, torch's kernels run; so they do with $MOBILE_MOE_NATIVE_KERNELS=off (read
+when a model loads).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 log = logging.getLogger("mobile_moe")
 NATIVE_ENV = "MOBILE_MOE_NATIVE_KERNELS"  # `off`: torch's kernels only (read when a model loads)
 CACHE_ENV = "MOBILE_MOE_COMPILED_DIR"  # where compiled code lives (default: the user cache dir's mobile-moe/compiled; `off`: none)
-SOURCE = Path(__file__).with_name("int4_tiles.cpp")
+SOURCE = Path(__file__).with_name("tiled.cpp")
 NAMESPACE = "mobile_moe_native"
 FLAGS = ["-O3", "-fopenmp"]  # OpenMP: torch's parallel_for runs on torch's own thread pool only when compiled with it
 
@@ -48,9 +49,9 @@ def loaded() -> bool:
     return hasattr(getattr(torch.ops, NAMESPACE), "int4_tiles_mm")
 
 
-def int4_tiles_ops() -> object | None:
-    """The tiled int4 kernels (`torch.ops.mobile_moe_native`: int4_tiles_mm, int4_tiles_experts), built on first use;
-    None where they cannot run."""
+def tiled_ops() -> object | None:
+    """The tiled kernels (`torch.ops.mobile_moe_native`: int4_tiles_mm, int4_tiles_experts, int8_tiles_mm,
+    int8_tiles_experts), built on first use; None where they cannot run."""
     if os.environ.get(NATIVE_ENV) == "off" or cache_dir() is None or not avx512_bf16():  # cache `off`: no compiled code at all
         return None
     if not loaded() and not build_and_load():
@@ -66,14 +67,14 @@ def build_and_load() -> bool:
     key = hashlib.sha256(b"\0".join([torch.__version__.encode(), SOURCE.read_bytes(), " ".join(FLAGS).encode()])).hexdigest()[:16]
     name, directory = f"{NAMESPACE}_{key}", root / f"native-{key}"
     if not (directory / f"{name}.so").exists():
-        print(f"mobile-moe: building the int4 CPU kernel once for this machine ... (cached in {directory})", file=sys.stderr, flush=True)
+        print(f"mobile-moe: building the int4/int8 CPU kernels once for this machine ... (cached in {directory})", file=sys.stderr, flush=True)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         extension = _extension_builder()
         extension.load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False)
     except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        log.warning("the int4 CPU kernel could not be built (%s); torch's int4 kernel runs instead", reason)
+        log.warning("the int4/int8 CPU kernels could not be built (%s); torch's kernels run instead", reason)
         return False
     return loaded()
 

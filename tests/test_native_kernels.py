@@ -1,6 +1,6 @@
-"""The project's tiled int4 CPU kernel (experts/native/int4_tiles.cpp): built once into the compiled-code cache, equal to
-dequantize-then-matmul on odd shapes and every group size, a token's experts in one call equal to the per-expert loop,
-and torch's kernel wherever it cannot run (AVX2, switched off, no compiler)."""
+"""The project's tiled int4 / int8 CPU kernels (experts/native/tiled.cpp): built once into the compiled-code cache, equal
+to dequantize-then-matmul on odd shapes and every group size, a token's experts in one call equal to the per-expert loop,
+and torch's kernels wherever they cannot run (AVX2, switched off, no compiler)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,21 @@ from conftest import shared_dir
 from mobile_moe import LLM, engine_config
 from mobile_moe.bench.synthetic import build_synthetic
 from mobile_moe.experts import native
-from mobile_moe.experts.dispatch import int4_pool_linear
-from mobile_moe.experts.formats import Int4Format, unpack_int4
-from mobile_moe.experts.kernels import FusedInt4, TiledInt4, compute_format, layout_format, tile_int4, untile_int4_columns
+from mobile_moe.experts.dispatch import tiled_pool_linear
+from mobile_moe.experts.formats import Int4Format, Int8Format, unpack_int4
+from mobile_moe.experts.kernels import (
+    INT8_OFFSET,
+    FusedInt4,
+    FusedInt8,
+    TiledInt4,
+    TiledInt8,
+    compute_format,
+    layout_format,
+    tile_int4,
+    tile_int8,
+    untile_int4_columns,
+    untile_int8_columns,
+)
 from mobile_moe.experts.store import ExpertLayout, ExpertShape
 
 CPU = torch.device("cpu")
@@ -60,6 +72,26 @@ def test_the_kernel_equals_dequantize_then_matmul(out: int, inp: int, group: int
 
 @needs_avx512_bf16
 @pytest.mark.usefixtures("kernel_cache")
+@pytest.mark.parametrize(("out", "inp"), [(48, 96), (32, 260), (16, 4)])
+def test_the_int8_kernel_equals_dequantize_then_matmul(out: int, inp: int):
+    kernel = compute_format(Int8Format(), torch.bfloat16, CPU, [(out, inp)])
+    assert isinstance(kernel, TiledInt8)
+    gen = torch.Generator().manual_seed(out + inp)
+    portable = kernel.portable.quantize(torch.randn(out, inp, generator=gen))
+    parts = kernel.from_portable(portable, out, inp)
+    assert torch.equal(untile_int8_columns(tile_int8(portable[0])), (portable[0].view(torch.uint8) ^ INT8_OFFSET).t())
+    w = kernel.dequantize(parts, torch.float32)
+    torchs = FusedInt8(torch.bfloat16)
+    assert torch.equal(w, torchs.dequantize(torchs.from_portable(portable, out, inp), torch.float32))  # the same bf16 scales
+    for rows in (1, 2, 3, 4, 5, 9):
+        x = torch.randn(rows, inp, generator=gen).to(torch.bfloat16)
+        want = x.double() @ w.double().t()
+        got = kernel.fused(x, parts)
+        assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()  # float32 sums of offset codes over a whole row
+
+
+@needs_avx512_bf16
+@pytest.mark.usefixtures("kernel_cache")
 def test_the_tiled_layout_holds_the_same_codes_and_dequantizes_like_torchs():
     out, inp, group = 64, 128, 32
     portable = Int4Format(group).quantize(torch.randn(out, inp, generator=torch.Generator().manual_seed(1)))
@@ -76,9 +108,12 @@ def test_the_tiled_layout_holds_the_same_codes_and_dequantizes_like_torchs():
 @needs_avx512_bf16
 @pytest.mark.usefixtures("kernel_cache")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_a_tokens_experts_in_one_call_equal_the_per_expert_calls(dtype: torch.dtype):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_tokens_experts_in_one_call_equal_the_per_expert_calls(dtype: torch.dtype, bits: int):
     shape = ExpertShape(hidden=128, intermediate=64)
-    kernel = _tiled(32, [shape.matrix_shape("gate_up"), shape.matrix_shape("down")], dtype)
+    portable = Int4Format(32) if bits == 4 else Int8Format()
+    kernel = compute_format(portable, dtype, CPU, [shape.matrix_shape("gate_up"), shape.matrix_shape("down")])
+    assert isinstance(kernel, TiledInt4 | TiledInt8)
     layout = ExpertLayout(shape, kernel)
     gen = torch.Generator().manual_seed(2)
     slots = 6
@@ -91,19 +126,20 @@ def test_a_tokens_experts_in_one_call_equal_the_per_expert_calls(dtype: torch.dt
                 field[s].copy_(part)
     chosen = torch.tensor([4, 0, 5])
     x = torch.randn(1, 128, generator=gen).to(dtype)
-    got = int4_pool_linear(x, *views["gate_up"], chosen).to(dtype)  # [3, 128]: one row shared by every expert
+    got = tiled_pool_linear(x, *views["gate_up"], chosen).to(dtype)  # [3, 128]: one row shared by every expert
     want = torch.cat([kernel.linear(x, [f[s] for f in views["gate_up"]], dtype) for s in chosen.tolist()])
     assert torch.equal(got, want)
     rows = torch.randn(3, 64, generator=gen).to(dtype)
-    got = int4_pool_linear(rows, *views["down"], chosen).to(dtype)  # row i for expert i
+    got = tiled_pool_linear(rows, *views["down"], chosen).to(dtype)  # row i for expert i
     want = torch.cat([kernel.linear(rows[i : i + 1], [f[s] for f in views["down"]], dtype) for i, s in enumerate(chosen.tolist())])
     assert torch.equal(got, want)
 
 
-def _synthetic(native_on: bool, dtype: str, monkeypatch: pytest.MonkeyPatch) -> LLM:
-    """A small OLMoE-shaped model (widths / 16), int4 experts and dense weights, every expert resident."""
+def _synthetic(native_on: bool, dtype: str, bits: int, monkeypatch: pytest.MonkeyPatch) -> LLM:
+    """A small OLMoE-shaped model (widths / 16), int4 or int8 experts and dense weights, every expert resident."""
     monkeypatch.setenv(native.NATIVE_ENV, "on" if native_on else "off")
-    loaded = build_synthetic("olmoe-1b-7b", CPU, dtype, shrink=16, expert_dtype="int4", group_size=32, dense_dtype="int4", layers=3)
+    name, group = f"int{bits}", 32 if bits == 4 else None
+    loaded = build_synthetic("olmoe-1b-7b", CPU, dtype, shrink=16, expert_dtype=name, group_size=group, dense_dtype=name, layers=3)
     llm = LLM(loaded, engine_config(progress=False, expert_cache=loaded.store.total_experts))
     llm.cache.load_all()
     return llm
@@ -112,11 +148,13 @@ def _synthetic(native_on: bool, dtype: str, monkeypatch: pytest.MonkeyPatch) -> 
 @needs_avx512_bf16
 @pytest.mark.usefixtures("kernel_cache")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_a_model_on_the_tiled_kernel_matches_torchs_kernel(dtype: str, monkeypatch: pytest.MonkeyPatch):
-    ours, torchs = _synthetic(True, dtype, monkeypatch), _synthetic(False, dtype, monkeypatch)
-    assert ours.loaded.store.format.layout_id == "int4:int4_tiles_mm" and "int4:int4_tiles_mm" in ours.loaded.dense_path
-    assert torchs.loaded.store.format.layout_id.startswith("int4:_weight_int4pack_mm_for_cpu")
-    assert ours.runner.executor.path(resident=True) == "tiled-int4-experts"
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_model_on_the_tiled_kernels_matches_torchs_kernels(dtype: str, bits: int, monkeypatch: pytest.MonkeyPatch):
+    ours, torchs = _synthetic(True, dtype, bits, monkeypatch), _synthetic(False, dtype, bits, monkeypatch)
+    tiled = f"int{bits}:int{bits}_tiles_mm"
+    assert ours.loaded.store.format.layout_id == tiled and tiled in ours.loaded.dense_path
+    assert torchs.loaded.store.format.layout_id.startswith(f"int{bits}:_weight_int{bits}pack_mm")
+    assert ours.runner.executor.path(resident=True) == f"tiled-int{bits}-experts"
     ids = list(range(3, 40))
     for rows in (ids, ids[:1]):  # a prompt (a GEMM on the codes) and a decode row
         want, got = torchs.logits(rows).float(), ours.logits(rows).float()
@@ -141,7 +179,7 @@ def test_torchs_kernel_runs_where_the_tiled_one_cannot(monkeypatch: pytest.Monke
 
 
 def test_a_kernel_that_cannot_be_built_leaves_torchs_with_one_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
-    broken = tmp_path / "int4_tiles.cpp"
+    broken = tmp_path / "tiled.cpp"
     broken.write_text("this is not C++\n")
     monkeypatch.setattr(native, "SOURCE", broken)
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
@@ -155,5 +193,5 @@ def test_a_kernel_that_cannot_be_built_leaves_torchs_with_one_warning(tmp_path: 
 @needs_avx512_bf16
 def test_a_store_packed_for_the_tiled_kernel_is_refused_where_it_cannot_run(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv(native.NATIVE_ENV, "off")
-    with pytest.raises(Exception, match="AVX512-BF16 int4 kernel"):
+    with pytest.raises(Exception, match="AVX512-BF16 tiled kernels"):
         layout_format("int4:int4_tiles_mm", 32, torch.bfloat16)

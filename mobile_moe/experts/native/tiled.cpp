@@ -1,4 +1,4 @@
-// int4 weight-only matrix-vector products on CPUs with AVX512-BF16, for mobile-moe (experts/kernels.py, TiledInt4).
+// int4 and int8 weight-only matrix products on CPUs with AVX512-BF16, for mobile-moe (experts/kernels.py: TiledInt4, TiledInt8).
 //
 // Layout (written by TiledInt4.from_portable): output rows in tiles of 16, one float lane per row. A tile's codes are
 // [in / 8] blocks of 64 bytes; 16-bit word 2r + c of block b holds, in nibble j, the code of row r, column 8b + 2j + c.
@@ -87,6 +87,55 @@ void tile(const Problem& p, int64_t t) {
   }
 }
 
+// int8, per-row scales: a 64-byte block holds 16 rows x 4 columns, word 2r + c holding u(r, 4b + c) in its low byte and
+// u(r, 4b + 2 + c) in its high byte, u = q + 128. Each byte's nibbles go through the int4 trick: sum(u x) =
+// 16 sum((128 + hi) x) + sum((128 + lo) x) - 2176 sum(x), so w = s q = s (u - 128) gives s (16 acc_hi + acc_lo - 2304 sum(x)).
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void tile_rows_int8(const Problem& p, int64_t tile, int64_t m0) {
+  const __m512i mask = _mm512_set1_epi16(0x000F);
+  const __m512i bias = _mm512_set1_epi16(0x4300);
+  const uint8_t* c = p.codes + tile * (p.in / 4) * 64;
+  const uint32_t* xpairs[R];
+  __m512 hi[R][2], lo[R][2];
+  for (int r = 0; r < R; ++r) {
+    xpairs[r] = reinterpret_cast<const uint32_t*>(p.x + (m0 + r) * p.in);
+    hi[r][0] = hi[r][1] = lo[r][0] = lo[r][1] = _mm512_setzero_ps();
+  }
+  for (int64_t b = 0; b < p.in / 4; ++b, c += 64) {
+    const __m512i v = _mm512_loadu_si512(c);
+    const __m512i lo0 = _mm512_ternarylogic_epi32(v, mask, bias, 0xEA);  // column pair 2b: low byte's low nibble
+    const __m512i hi0 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), mask, bias, 0xEA);
+    const __m512i lo1 = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), mask, bias, 0xEA);  // column pair 2b + 1
+    const __m512i hi1 = _mm512_or_si512(_mm512_srli_epi16(v, 12), bias);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh x0 = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(xpairs[r][2 * b]));
+      const __m512bh x1 = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(xpairs[r][2 * b + 1]));
+      lo[r][0] = _mm512_dpbf16_ps(lo[r][0], (__m512bh)lo0, x0);
+      hi[r][0] = _mm512_dpbf16_ps(hi[r][0], (__m512bh)hi0, x0);
+      lo[r][1] = _mm512_dpbf16_ps(lo[r][1], (__m512bh)lo1, x1);
+      hi[r][1] = _mm512_dpbf16_ps(hi[r][1], (__m512bh)hi1, x1);
+    }
+  }
+  const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+      reinterpret_cast<const uint16_t*>(p.pairs) + tile * kTile))), 16));
+  for (int r = 0; r < R; ++r) {
+    const __m512 h = _mm512_add_ps(hi[r][0], hi[r][1]), l = _mm512_add_ps(lo[r][0], lo[r][1]);
+    const __m512 u = _mm512_fmadd_ps(_mm512_set1_ps(-2304.0f), _mm512_set1_ps(p.xsum[m0 + r]), _mm512_fmadd_ps(_mm512_set1_ps(16.0f), h, l));
+    _mm512_storeu_ps(p.y + (m0 + r) * p.out + tile * kTile, _mm512_mul_ps(u, scale));
+  }
+}
+
+void tile_int8(const Problem& p, int64_t t) {
+  int64_t m = 0;
+  for (; m + 4 <= p.rows; m += 4) tile_rows_int8<4>(p, t, m);
+  switch (p.rows - m) {
+    case 3: tile_rows_int8<3>(p, t, m); break;
+    case 2: tile_rows_int8<2>(p, t, m); break;
+    case 1: tile_rows_int8<1>(p, t, m); break;
+    default: break;
+  }
+}
+
 float bf16_to_float(uint16_t bits) {
   uint32_t wide = static_cast<uint32_t>(bits) << 16;
   float value;
@@ -153,6 +202,70 @@ at::Tensor int4_tiles_experts(const at::Tensor& x, const at::Tensor& codes, cons
   return y;
 }
 
+std::vector<float> row_sums(const at::Tensor& x) {
+  const int64_t rows = x.size(0), in = x.size(1);
+  const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  std::vector<float> sums(rows, 0.0f);
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t k = 0; k < in; ++k) sums[m] += bf16_to_float(xb[m * in + k]);
+  return sums;
+}
+
+void check_int8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "int8_tiles_mm: x must be contiguous bf16 [M, in]");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(), "int8_tiles_mm: codes must be contiguous uint8 [out, in]");
+  TORCH_CHECK(scales.dim() == 1 && scales.scalar_type() == at::kBFloat16 && scales.is_contiguous(), "int8_tiles_mm: scales must be contiguous bf16 [out]");
+  TORCH_CHECK(codes.size(1) == x.size(1) && x.size(1) % 4 == 0 && codes.size(0) % kTile == 0 && scales.size(0) == codes.size(0), "int8_tiles_mm: shapes do not fit the tiles");
+}
+
+// x [M, in] bf16, codes [out, in] uint8 (q + 128) in the int8 tile layout, scales [out] bf16 -> x @ w.T [M, out] float32
+at::Tensor int8_tiles_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
+  check_int8(x, codes, scales);
+  const int64_t out = codes.size(0);
+  at::Tensor y = at::empty({x.size(0), out}, x.options().dtype(at::kFloat));
+  const std::vector<float> xsum = row_sums(x);
+  const Problem p{codes.data_ptr<uint8_t>(), reinterpret_cast<const uint32_t*>(scales.data_ptr()), reinterpret_cast<const uint16_t*>(x.data_ptr()),
+                  xsum.data(), y.data_ptr<float>(), x.size(0), x.size(1), out, x.size(1)};
+  at::parallel_for(0, out / kTile, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) tile_int8(p, t);
+  });
+  return y;
+}
+
+// int8_tiles_mm for one token's experts from a slot pool (as int4_tiles_experts): codes [S, out, in], scales [S, out]
+at::Tensor int8_tiles_experts(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& slots) {
+  TORCH_CHECK(codes.dim() == 3 && scales.dim() == 2 && slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_contiguous(),
+              "int8_tiles_experts: pools [S, ...] and slots [n] int64");
+  check_int8(x, codes[0], scales[0]);
+  const int64_t n = slots.size(0), in = x.size(1), out = codes.size(1), tiles = out / kTile;
+  TORCH_CHECK(x.size(0) == 1 || x.size(0) == n, "int8_tiles_experts: x must have one row or one per expert");
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(slot[i] >= 0 && slot[i] < codes.size(0), "int8_tiles_experts: slot out of range");
+  at::Tensor y = at::empty({n, out}, x.options().dtype(at::kFloat));
+  const std::vector<float> xsum = row_sums(x);
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr());
+  const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  const int64_t row = x.size(0) == 1 ? 0 : 1;
+  at::parallel_for(0, n * tiles, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t i = item / tiles, s = slot[i];
+      const uint32_t* scale = reinterpret_cast<const uint32_t*>(sp + s * scales.stride(0));  // read as 16-bit values
+      const Problem p{cp + s * codes.stride(0), scale, xb + i * row * in, xsum.data() + i * row, y.data_ptr<float>() + i * out, 1, in, out, in};
+      tile_rows_int8<1>(p, item % tiles, 0);
+    }
+  });
+  return y;
+}
+
+at::Tensor int8_tiles_mm_meta(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&) {
+  return at::empty({x.size(0), codes.size(0)}, x.options().dtype(at::kFloat));
+}
+
+at::Tensor int8_tiles_experts_meta(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&, const at::Tensor& slots) {
+  return at::empty({slots.size(0), codes.size(1)}, x.options().dtype(at::kFloat));
+}
+
 at::Tensor int4_tiles_experts_meta(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&, const at::Tensor& slots, int64_t) {
   return at::empty({slots.size(0), codes.size(1)}, x.options().dtype(at::kFloat));
 }
@@ -166,12 +279,18 @@ at::Tensor int4_tiles_mm_meta(const at::Tensor& x, const at::Tensor& codes, cons
 TORCH_LIBRARY(mobile_moe_native, m) {
   m.def("int4_tiles_mm(Tensor x, Tensor codes, Tensor scale_zeros, int group) -> Tensor");
   m.def("int4_tiles_experts(Tensor x, Tensor codes, Tensor scale_zeros, Tensor slots, int group) -> Tensor");
+  m.def("int8_tiles_mm(Tensor x, Tensor codes, Tensor scales) -> Tensor");
+  m.def("int8_tiles_experts(Tensor x, Tensor codes, Tensor scales, Tensor slots) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(mobile_moe_native, CPU, m) {
   m.impl("int4_tiles_mm", &int4_tiles_mm);
   m.impl("int4_tiles_experts", &int4_tiles_experts);
+  m.impl("int8_tiles_mm", &int8_tiles_mm);
+  m.impl("int8_tiles_experts", &int8_tiles_experts);
 }
 TORCH_LIBRARY_IMPL(mobile_moe_native, Meta, m) {
   m.impl("int4_tiles_mm", &int4_tiles_mm_meta);
   m.impl("int4_tiles_experts", &int4_tiles_experts_meta);
+  m.impl("int8_tiles_mm", &int8_tiles_mm_meta);
+  m.impl("int8_tiles_experts", &int8_tiles_experts_meta);
 }
