@@ -2,7 +2,7 @@
 
 One decode row x [1, in] through one [out, in] matrix, for every candidate kernel: torch's float gemv (bf16, float32),
 the engine's int8 / int4 kernels (`experts/kernels.py`: `_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, and on
-AVX512-BF16 the project's tiled int4 kernel, built into the compiled-code cache on first use), and
+AVX512-BF16 the project's tiled int8 / int4 kernels, built into the compiled-code cache on first use), and
 candidates the engine does not use: inductor-compiled dequantize-and-reduce kernels written in torch ops (int8, int4),
 fbgemm's dynamic int8 linear (which also quantizes the activations to 8 bits: different numerics) and torch's
 `_dyn_quant_matmul_4bit`. Each candidate cycles through copies of its matrix totalling >= 128 MiB, so the weights come
@@ -28,12 +28,12 @@ import torch.nn.functional as F
 
 from mobile_moe.bench.roofline import memory_probe_gb_s
 from mobile_moe.experts.formats import Int4Format, Int8Format
-from mobile_moe.experts.kernels import FusedInt4, FusedInt8, TiledInt4, compute_format, int4_block_rows
+from mobile_moe.experts.kernels import FusedInt4, FusedInt8, TiledInt4, TiledInt8, compute_format, int4_block_rows
 
 SHAPES = {"head": (50304, 2048), "qkv": (6144, 2048), "o": (2048, 2048), "up": (1024, 2048), "down": (2048, 1024)}
 NAMES = {"head": "LM head", "qkv": "fused q/k/v", "o": "o_proj", "up": "OLMoE expert gate/up", "down": "OLMoE expert down"}
-KERNELS = ("bf16", "f32", "int8", "int4", "int4-tiled", "int8-compiled", "int4-compiled", "int8-fbgemm-dynamic", "int4-dyn-quant")
-DEFAULT_KERNELS = ("bf16", "f32", "int8", "int4", "int4-tiled", "int8-compiled", "int4-compiled", "int8-fbgemm-dynamic")
+KERNELS = ("bf16", "f32", "int8", "int8-tiled", "int4", "int4-tiled", "int8-compiled", "int4-compiled", "int8-fbgemm-dynamic", "int4-dyn-quant")
+DEFAULT_KERNELS = ("bf16", "f32", "int8", "int8-tiled", "int4", "int4-tiled", "int8-compiled", "int4-compiled", "int8-fbgemm-dynamic")
 ROTATE_BYTES = 128 << 20  # each candidate cycles through copies of its matrix totalling at least this many bytes
 PROBE_BYTES = 256 << 20
 
@@ -108,6 +108,12 @@ def make_candidate(kind: str, out: int, inp: int, group: int) -> Candidate | Non
             return None
         made = copies_of(lambda i: tuple(tiled.quantize(weight(out, inp, i))), out * inp // 2)
         return Candidate(f"int4 g{group} {tiled.kernel} (tiled)", made, lambda p, sz: tiled.fused(x, [p, sz]))
+    if kind == "int8-tiled":
+        tiled8 = compute_format(Int8Format(), torch.bfloat16, torch.device("cpu"), [(out, inp)])
+        if not isinstance(tiled8, TiledInt8):
+            return None
+        made = copies_of(lambda i: tuple(tiled8.quantize(weight(out, inp, i))), out * inp)
+        return Candidate(f"int8 {tiled8.kernel} (tiled)", made, lambda q, s: tiled8.fused(x, [q, s]))
     if kind == "int8-compiled":
         fn, fmt = torch.compile(int8_reduce, dynamic=False), FusedInt8(torch.bfloat16)
         return Candidate("int8 inductor reduce", copies_of(lambda i: tuple(fmt.quantize(weight(out, inp, i))), out * inp), lambda q, s: fn(x[0], q, s))
