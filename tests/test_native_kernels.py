@@ -16,6 +16,8 @@ from conftest import shared_dir
 
 from mobile_moe import LLM, engine_config
 from mobile_moe.bench.synthetic import build_synthetic
+from mobile_moe.config import SamplingParams
+from mobile_moe.engine.aot import AotLayers
 from mobile_moe.experts import native
 from mobile_moe.experts.dispatch import tiled_pool_linear
 from mobile_moe.experts.formats import Int4Format, Int8Format, unpack_int4
@@ -135,12 +137,12 @@ def test_a_tokens_experts_in_one_call_equal_the_per_expert_calls(dtype: torch.dt
     assert torch.equal(got, want)
 
 
-def _synthetic(native_on: bool, dtype: str, bits: int, monkeypatch: pytest.MonkeyPatch) -> LLM:
+def _synthetic(native_on: bool, dtype: str, bits: int, monkeypatch: pytest.MonkeyPatch, compile: bool | None = None) -> LLM:
     """A small OLMoE-shaped model (widths / 16), int4 or int8 experts and dense weights, every expert resident."""
     monkeypatch.setenv(native.NATIVE_ENV, "on" if native_on else "off")
     name, group = f"int{bits}", 32 if bits == 4 else None
     loaded = build_synthetic("olmoe-1b-7b", CPU, dtype, shrink=16, expert_dtype=name, group_size=group, dense_dtype=name, layers=3)
-    llm = LLM(loaded, engine_config(progress=False, expert_cache=loaded.store.total_experts))
+    llm = LLM(loaded, engine_config(progress=False, expert_cache=loaded.store.total_experts, compile=compile))
     llm.cache.load_all()
     return llm
 
@@ -159,6 +161,18 @@ def test_a_model_on_the_tiled_kernels_matches_torchs_kernels(dtype: str, bits: i
     for rows in (ids, ids[:1]):  # a prompt (a GEMM on the codes) and a decode row
         want, got = torchs.logits(rows).float(), ours.logits(rows).float()
         assert (got - want).abs().max() < 2e-2 * want.abs().max()
+
+
+@needs_avx512_bf16
+@pytest.mark.usefixtures("kernel_cache")
+def test_a_tiled_model_decodes_through_the_compiled_layer_as_eagerly(monkeypatch: pytest.MonkeyPatch):
+    compiled, eager = _synthetic(True, "float32", 4, monkeypatch), _synthetic(True, "float32", 4, monkeypatch, compile=False)
+    assert isinstance(compiled.runner.resident_layer, AotLayers) and eager.runner.resident_layer is None  # by default: compiled
+    sampling = SamplingParams(max_new_tokens=6, temperature=0.0, stop_at_eos=False)
+    got, want = compiled.generate([3, 4, 5], sampling), eager.generate([3, 4, 5], sampling)
+    loaders = list(compiled.runner.resident_layer.loaders.values())
+    assert loaders and None not in loaders  # the tiled experts call and the fused quantized q/k/v were compiled, not skipped
+    assert got.token_ids == want.token_ids
 
 
 @pytest.mark.usefixtures("kernel_cache")
@@ -183,9 +197,14 @@ def test_a_kernel_that_cannot_be_built_leaves_torchs_with_one_warning(tmp_path: 
     broken.write_text("this is not C++\n")
     monkeypatch.setattr(native, "SOURCE", broken)
     monkeypatch.setenv(native.CACHE_ENV, str(tmp_path / "cache"))
-    with caplog.at_level(logging.WARNING, logger="mobile_moe"):
-        assert native.build_and_load() is False
-    assert [r.getMessage() for r in caplog.records if "could not be built" in r.getMessage()]
+    project_log = logging.getLogger("mobile_moe")  # on the project's logger itself: it does not propagate once the CLI has set it up
+    project_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="mobile_moe"):
+            assert native.build_and_load() is False
+    finally:
+        project_log.removeHandler(caplog.handler)
+    assert len({id(r) for r in caplog.records if "could not be built" in r.getMessage()}) == 1  # one record, seen twice where it propagates
     monkeypatch.setenv(native.CACHE_ENV, "off")
     assert native.build_and_load() is False  # nothing is compiled when the cache is off
 
