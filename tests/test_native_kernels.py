@@ -157,6 +157,7 @@ def test_a_model_on_the_tiled_kernels_matches_torchs_kernels(dtype: str, bits: i
     assert ours.loaded.store.format.layout_id == tiled and tiled in ours.loaded.dense_path
     assert torchs.loaded.store.format.layout_id.startswith(f"int{bits}:_weight_int{bits}pack_mm")
     assert ours.runner.executor.path(resident=True) == f"tiled-int{bits}-experts"
+    assert ours.runner.executor.path(resident=False) == f"tiled-int{bits}" and torchs.runner.executor.path(resident=False) == f"cpu-int{bits}"
     ids = list(range(3, 40))
     for rows in (ids, ids[:1]):  # a prompt (a GEMM on the codes) and a decode row
         want, got = torchs.logits(rows).float(), ours.logits(rows).float()

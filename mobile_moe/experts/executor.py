@@ -232,10 +232,13 @@ class ExpertExecutor:
 
 
 def matmul_path(fmt: ExpertFormat, dtype: torch.dtype) -> str:
-    """One expert's matmul: tinygemm (CUDA int4), cpu-int4 / cpu-int8 (CPU weight-only kernels), mxfp4 or reference
-    (dequantized first), in-place (float experts read where they are)."""
+    """One expert's matmul: tinygemm (CUDA int4), tiled-int4 / tiled-int8 (the project's AVX512-BF16 kernels), cpu-int4 /
+    cpu-int8 (torch's CPU weight-only kernels), mxfp4 or reference (dequantized first), in-place (float experts read where
+    they are)."""
     if isinstance(fmt, CudaInt4):
         return "tinygemm"
+    if isinstance(fmt, TiledInt4 | TiledInt8):
+        return f"tiled-{fmt.name}"
     if isinstance(fmt, FusedFormat):
         return f"cpu-{fmt.name}"
     if isinstance(fmt, Mxfp4Format):
