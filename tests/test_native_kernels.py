@@ -37,7 +37,7 @@ from mobile_moe.experts.kernels import (
 from mobile_moe.experts.store import ExpertLayout, ExpertShape
 
 CPU = torch.device("cpu")
-needs_avx512_bf16 = pytest.mark.skipif(not native.avx512_bf16(), reason="the tiled int4 kernel runs on AVX512-BF16 CPUs (this one has not)")
+needs_tiled = pytest.mark.skipif(not native.tiled_supported(), reason="the tiled kernels need torch's AVX2 or AVX512 CPU kernels")
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def _tiled(group: int, shapes: list[tuple[int, int]], dtype: torch.dtype = torch
     return fmt
 
 
-@needs_avx512_bf16
+@needs_tiled
 @pytest.mark.usefixtures("kernel_cache")
 @pytest.mark.parametrize(("out", "inp", "group"), [(48, 96, 32), (80, 256, 64), (32, 384, 128), (16, 8 * 33, 8)])
 def test_the_kernel_equals_dequantize_then_matmul(out: int, inp: int, group: int):
@@ -72,7 +72,7 @@ def test_the_kernel_equals_dequantize_then_matmul(out: int, inp: int, group: int
         assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()  # float32 sums in another order, nothing more
 
 
-@needs_avx512_bf16
+@needs_tiled
 @pytest.mark.usefixtures("kernel_cache")
 @pytest.mark.parametrize(("out", "inp"), [(48, 96), (32, 260), (16, 4)])
 def test_the_int8_kernel_equals_dequantize_then_matmul(out: int, inp: int):
@@ -92,7 +92,7 @@ def test_the_int8_kernel_equals_dequantize_then_matmul(out: int, inp: int):
         assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()  # float32 sums of offset codes over a whole row
 
 
-@needs_avx512_bf16
+@needs_tiled
 @pytest.mark.usefixtures("kernel_cache")
 def test_the_tiled_layout_holds_the_same_codes_and_dequantizes_like_torchs():
     out, inp, group = 64, 128, 32
@@ -107,7 +107,7 @@ def test_the_tiled_layout_holds_the_same_codes_and_dequantizes_like_torchs():
     assert ours.dequant_bytes(out, inp, torch.bfloat16) == 0  # prompts run on the codes too: no float copy to plan for
 
 
-@needs_avx512_bf16
+@needs_tiled
 @pytest.mark.usefixtures("kernel_cache")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bits", [4, 8])
@@ -147,7 +147,7 @@ def _synthetic(native_on: bool, dtype: str, bits: int, monkeypatch: pytest.Monke
     return llm
 
 
-@needs_avx512_bf16
+@needs_tiled
 @pytest.mark.usefixtures("kernel_cache")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("bits", [4, 8])
@@ -164,7 +164,7 @@ def test_a_model_on_the_tiled_kernels_matches_torchs_kernels(dtype: str, bits: i
         assert (got - want).abs().max() < 2e-2 * want.abs().max()
 
 
-@needs_avx512_bf16
+@needs_tiled
 @pytest.mark.usefixtures("kernel_cache")
 def test_a_tiled_model_decodes_through_the_compiled_layer_as_eagerly(monkeypatch: pytest.MonkeyPatch):
     compiled, eager = _synthetic(True, "float32", 4, monkeypatch), _synthetic(True, "float32", 4, monkeypatch, compile=False)
@@ -177,7 +177,7 @@ def test_a_tiled_model_decodes_through_the_compiled_layer_as_eagerly(monkeypatch
 
 
 @pytest.mark.usefixtures("kernel_cache")
-def test_torchs_kernel_runs_where_the_tiled_one_cannot(monkeypatch: pytest.MonkeyPatch):
+def test_torchs_kernels_run_where_the_tiled_ones_cannot(monkeypatch: pytest.MonkeyPatch):
     shapes = [(64, 128)]
     monkeypatch.setenv(native.NATIVE_ENV, "off")
     assert isinstance(compute_format(Int4Format(32), torch.bfloat16, CPU, shapes), FusedInt4)
@@ -188,9 +188,35 @@ def test_torchs_kernel_runs_where_the_tiled_one_cannot(monkeypatch: pytest.Monke
         "import torch; from mobile_moe.experts.formats import Int4Format; from mobile_moe.experts.kernels import compute_format;"
         "print(type(compute_format(Int4Format(32), torch.bfloat16, torch.device('cpu'), [(64, 128)])).__name__)"
     )
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
-    assert run.stdout.strip() == "FusedInt4"  # torch's kernels under AVX2: the AVX512-BF16 kernel is not chosen
+    assert run.stdout.strip() != "TiledInt4"  # torch's kernels without AVX2 (or the reference path): the tiled ones are not chosen
+
+
+AVX2_CHECK = """
+import torch
+from mobile_moe.experts.formats import Int4Format, Int8Format
+from mobile_moe.experts.kernels import TiledInt4, TiledInt8, compute_format
+gen = torch.Generator().manual_seed(3)
+for fmt, out, inp in ((Int4Format(32), 48, 96), (Int4Format(64), 32, 384), (Int8Format(), 48, 100)):
+    kernel = compute_format(fmt, torch.bfloat16, torch.device("cpu"), [(out, inp)])
+    assert isinstance(kernel, TiledInt4 | TiledInt8), kernel
+    parts = kernel.from_portable(fmt.quantize(torch.randn(out, inp, generator=gen)), out, inp)
+    w = kernel.dequantize(parts, torch.float32).double()
+    for rows in (1, 2, 3):
+        x = torch.randn(rows, inp, generator=gen).to(torch.bfloat16)
+        want = x.double() @ w.t()
+        assert (kernel.fused(x, parts).double() - want).abs().max() <= 1e-5 * want.abs().max()
+print("ok", torch.backends.cpu.get_cpu_capability())
+"""
+
+
+@needs_tiled
+def test_the_avx2_kernels_equal_dequantize_then_matmul(kernel_cache: Path):
+    """Under ATEN_CPU_CAPABILITY=avx2 the library takes its AVX2 + FMA path (float codes times float activations)."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", native.CACHE_ENV: str(kernel_cache)}
+    run = subprocess.run([sys.executable, "-c", AVX2_CHECK], capture_output=True, text=True, env=env, check=True)
+    assert run.stdout.split() == ["ok", "AVX2"]
 
 
 def test_a_kernel_that_cannot_be_built_leaves_torchs_with_one_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
@@ -210,8 +236,8 @@ def test_a_kernel_that_cannot_be_built_leaves_torchs_with_one_warning(tmp_path: 
     assert native.build_and_load() is False  # nothing is compiled when the cache is off
 
 
-@needs_avx512_bf16
+@needs_tiled
 def test_a_store_packed_for_the_tiled_kernel_is_refused_where_it_cannot_run(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv(native.NATIVE_ENV, "off")
-    with pytest.raises(Exception, match="AVX512-BF16 tiled kernels"):
+    with pytest.raises(Exception, match="tiled CPU kernels"):
         layout_format("int4:int4_tiles_mm", 32, torch.bfloat16)

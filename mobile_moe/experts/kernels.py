@@ -167,7 +167,7 @@ class FusedInt4(FusedFormat):
 
 
 class TiledInt4(FusedFormat):
-    """Group-wise int4 for the project's AVX512-BF16 kernel (experts/native/tiled.cpp): codes in tiles of 16 rows
+    """Group-wise int4 for the project's tiled kernel (experts/native/tiled.cpp; AVX512-BF16, else AVX2): codes in tiles of 16 rows
     [out, in / 2] (the same bytes as the portable layout, reordered) and (scale, zero) pairs in bf16, tile-major
     [out / 16, in / g, 16, 2], so a thread streams its tiles' codes and pairs front to back."""
 
@@ -209,7 +209,7 @@ class TiledInt4(FusedFormat):
 
 
 class TiledInt8(FusedFormat):
-    """Per-channel int8 for the project's AVX512-BF16 kernel (experts/native/tiled.cpp): codes + 128 as uint8 in tiles of
+    """Per-channel int8 for the project's tiled kernel (experts/native/tiled.cpp): codes + 128 as uint8 in tiles of
     16 rows [out, in] (64-byte blocks of 16 rows x 4 columns) and scales [out] in bf16."""
 
     name = "int8"
@@ -443,7 +443,7 @@ def compute_format(fmt: ExpertFormat, dtype: torch.dtype, device: torch.device, 
 
 
 def tiled_int4(fmt: Int4Format, dtype: torch.dtype, shapes: list[tuple[int, int]]) -> TiledInt4 | None:
-    """The tiled AVX512-BF16 layout for these shapes (rows in tiles of 16, groups of whole blocks), where the kernel runs here."""
+    """The tiled int4 layout for these shapes (rows in tiles of 16, groups of whole blocks), where the tiled kernels run here."""
     if dtype not in (torch.bfloat16, torch.float32) or fmt.group_size % TILE_COLUMNS:
         return None
     if not all(out % TILE_ROWS == 0 and inp % fmt.group_size == 0 for out, inp in shapes):
@@ -461,7 +461,7 @@ def layout_format(layout_id: str, group_size: int, dtype: torch.dtype) -> Expert
     if layout_id in (f"int4:{TiledInt4.kernel}", f"int8:{TiledInt8.kernel}"):
         ops = tiled_ops()
         if ops is None:
-            raise InvalidParameter("this store is packed for the AVX512-BF16 tiled kernels, which do not run here; rebuild the store on this machine")
+            raise InvalidParameter("this store is packed for the tiled CPU kernels, which do not run here (they need AVX2 and a C++ compiler); rebuild it")
         return TiledInt8(ops) if layout_id.startswith("int8") else TiledInt4(Int4Format(group_size), ops)
     if layout_id.startswith(f"int4:{FusedInt4.kernel}"):
         block = layout_id.removeprefix(f"int4:{FusedInt4.kernel}").removeprefix(":b") or INT4_BLOCKS[0]

@@ -39,9 +39,10 @@ def cache_dir() -> Path | None:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "mobile-moe" / "compiled"
 
 
-def avx512_bf16() -> bool:
-    """Whether torch's CPU kernels run AVX512 here (not lowered by ATEN_CPU_CAPABILITY) on a CPU with the bf16 dot product."""
-    return torch.backends.cpu.get_cpu_capability() == "AVX512" and bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+def tiled_supported() -> bool:
+    """Whether the tiled kernels run here: torch's CPU kernels run AVX2 or AVX512 (the kernels take AVX512-BF16 where the
+    CPU has it and ATEN_CPU_CAPABILITY does not lower it, else AVX2 + FMA)."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def loaded() -> bool:
@@ -52,7 +53,7 @@ def loaded() -> bool:
 def tiled_ops() -> object | None:
     """The tiled kernels (`torch.ops.mobile_moe_native`: int4_tiles_mm, int4_tiles_experts, int8_tiles_mm,
     int8_tiles_experts), built on first use; None where they cannot run."""
-    if os.environ.get(NATIVE_ENV) == "off" or cache_dir() is None or not avx512_bf16():  # cache `off`: no compiled code at all
+    if os.environ.get(NATIVE_ENV) == "off" or cache_dir() is None or not tiled_supported():  # cache `off`: no compiled code at all
         return None
     if not loaded() and not build_and_load():
         return None

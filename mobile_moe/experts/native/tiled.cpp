@@ -15,9 +15,13 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 namespace {
+
+float bf16_to_float(uint16_t bits);
 
 constexpr int64_t kTile = 16;       // output rows per tile
 constexpr int64_t kBlockCols = 8;   // input columns per 64-byte block
@@ -27,6 +31,7 @@ struct Problem {
   const uint8_t* codes;     // [tiles, in / 8, 64]
   const uint32_t* pairs;    // [tiles, groups, 16] (scale, zero) bf16 pairs
   const uint16_t* x;        // [rows, in] bf16
+  const float* xf;          // the same rows in float32 (AVX2 path; null on AVX512)
   const float* xsum;        // [rows, groups]
   float* y;                 // [rows, out]
   int64_t rows, in, out, group;
@@ -136,6 +141,103 @@ void tile_int8(const Problem& p, int64_t t) {
   }
 }
 
+// AVX2 + FMA (no bf16 dot product): the same tiles, codes converted to float and multiplied by float activations, two rows
+// per register block and two accumulators per half tile (8 rows per ymm), so no chain of dependent FMAs is longer than 4.
+template <int R>
+__attribute__((target("avx2,fma"))) void tile_rows_avx2(const Problem& p, int64_t tile, int64_t m0) {
+  const __m256i mask = _mm256_set1_epi32(0xF);
+  const __m256i high = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  const int64_t groups = p.in / p.group, blocks = p.group / kBlockCols;
+  const uint8_t* c = p.codes + tile * (p.in / kBlockCols) * 64;
+  __m256 total[R][2];
+  for (int r = 0; r < R; ++r) total[r][0] = total[r][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 acc[R][2][2];
+    for (int r = 0; r < R; ++r) acc[r][0][0] = acc[r][0][1] = acc[r][1][0] = acc[r][1][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b, c += 64) {
+      const int64_t col = (g * blocks + b) * kBlockCols;
+      for (int h = 0; h < 2; ++h) {  // rows 8h .. 8h + 7: dword r holds column 2j (low word) and 2j + 1 (high word) in nibble j
+        const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * h));
+        for (int j = 0; j < 4; ++j)
+          for (int cc = 0; cc < 2; ++cc) {
+            const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(d, 16 * cc + 4 * j), mask));
+            for (int r = 0; r < R; ++r)
+              acc[r][h][cc] = _mm256_fmadd_ps(q, _mm256_broadcast_ss(p.xf + (m0 + r) * p.in + col + 2 * j + cc), acc[r][h][cc]);
+          }
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256i sz = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.pairs + (tile * groups + g) * kTile + 8 * h));
+      const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(sz, 16));
+      const __m256 corr = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), scale, _mm256_castsi256_ps(_mm256_and_si256(sz, high)));  // zero - 8 scale
+      for (int r = 0; r < R; ++r) {
+        total[r][h] = _mm256_fmadd_ps(_mm256_add_ps(acc[r][h][0], acc[r][h][1]), scale, total[r][h]);
+        total[r][h] = _mm256_fmadd_ps(corr, _mm256_set1_ps(p.xsum[(m0 + r) * groups + g]), total[r][h]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(p.y + (m0 + r) * p.out + tile * kTile + 8 * h, total[r][h]);
+}
+
+// int8 on AVX2: dword r of a half block holds, byte k, the u = q + 128 of column 4b + (0, 2, 1, 3)[k]; w = s (u - 128).
+template <int R>
+__attribute__((target("avx2,fma"))) void tile_rows_int8_avx2(const Problem& p, int64_t tile, int64_t m0) {
+  const __m256i mask = _mm256_set1_epi32(0xFF);
+  constexpr int kColumn[4] = {0, 2, 1, 3};
+  const uint8_t* c = p.codes + tile * (p.in / 4) * 64;
+  __m256 acc[R][2][2];
+  for (int r = 0; r < R; ++r) acc[r][0][0] = acc[r][0][1] = acc[r][1][0] = acc[r][1][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < p.in / 4; ++b, c += 64)
+    for (int h = 0; h < 2; ++h) {
+      const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * h));
+      for (int k = 0; k < 4; ++k) {
+        const __m256 u = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(d, 8 * k), mask));
+        for (int r = 0; r < R; ++r)
+          acc[r][h][k & 1] = _mm256_fmadd_ps(u, _mm256_broadcast_ss(p.xf + (m0 + r) * p.in + 4 * b + kColumn[k]), acc[r][h][k & 1]);
+      }
+    }
+  const uint16_t* scales = reinterpret_cast<const uint16_t*>(p.pairs) + tile * kTile;
+  for (int h = 0; h < 2; ++h) {
+    const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 8 * h))), 16));
+    for (int r = 0; r < R; ++r) {
+      const __m256 u = _mm256_fmadd_ps(_mm256_set1_ps(-128.0f), _mm256_set1_ps(p.xsum[m0 + r]), _mm256_add_ps(acc[r][h][0], acc[r][h][1]));
+      _mm256_storeu_ps(p.y + (m0 + r) * p.out + tile * kTile + 8 * h, _mm256_mul_ps(u, scale));
+    }
+  }
+}
+
+bool lowered_capability() {  // ATEN_CPU_CAPABILITY=avx2 / default: torch's kernels run below AVX512, and so do these
+  const char* capability = std::getenv("ATEN_CPU_CAPABILITY");
+  return capability != nullptr && (std::string(capability) == "avx2" || std::string(capability) == "default");
+}
+
+// Chosen once, when the library loads: AVX512-BF16 where the CPU has it and ATEN_CPU_CAPABILITY does not lower it.
+const bool kAvx512 = __builtin_cpu_supports("avx512bf16") && !lowered_capability();
+
+void tile_int4_any(const Problem& p, int64_t t) {
+  if (kAvx512) return tile(p, t);
+  int64_t m = 0;
+  for (; m + 2 <= p.rows; m += 2) tile_rows_avx2<2>(p, t, m);
+  if (m < p.rows) tile_rows_avx2<1>(p, t, m);
+}
+
+void tile_int8_any(const Problem& p, int64_t t) {
+  if (kAvx512) return tile_int8(p, t);
+  int64_t m = 0;
+  for (; m + 2 <= p.rows; m += 2) tile_rows_int8_avx2<2>(p, t, m);
+  if (m < p.rows) tile_rows_int8_avx2<1>(p, t, m);
+}
+
+std::vector<float> float_rows(const at::Tensor& x) {  // the AVX2 path's float32 activations (empty on AVX512)
+  std::vector<float> rows;
+  if (kAvx512) return rows;
+  const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  rows.resize(x.numel());
+  for (int64_t i = 0; i < x.numel(); ++i) rows[i] = bf16_to_float(xb[i]);
+  return rows;
+}
+
 float bf16_to_float(uint16_t bits) {
   uint32_t wide = static_cast<uint32_t>(bits) << 16;
   float value;
@@ -162,10 +264,11 @@ at::Tensor int4_tiles_mm(const at::Tensor& x, const at::Tensor& codes, const at:
   std::vector<float> xsum(rows * groups, 0.0f);
   for (int64_t i = 0; i < rows * groups; ++i)
     for (int64_t k = 0; k < group; ++k) xsum[i] += bf16_to_float(xb[i * group + k]);
-  const Problem p{codes.data_ptr<uint8_t>(), reinterpret_cast<const uint32_t*>(scale_zeros.data_ptr()), xb, xsum.data(),
+  const std::vector<float> xf = float_rows(x);
+  const Problem p{codes.data_ptr<uint8_t>(), reinterpret_cast<const uint32_t*>(scale_zeros.data_ptr()), xb, xf.data(), xsum.data(),
                   y.data_ptr<float>(), rows, in, out, group};
   at::parallel_for(0, out / kTile, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) tile(p, t);
+    for (int64_t t = begin; t < end; ++t) tile_int4_any(p, t);
   });
   return y;
 }
@@ -191,12 +294,14 @@ at::Tensor int4_tiles_experts(const at::Tensor& x, const at::Tensor& codes, cons
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale_zeros.data_ptr());
   const int64_t row = x.size(0) == 1 ? 0 : 1, code_stride = codes.stride(0), pair_stride = scale_zeros.stride(0);
+  const std::vector<float> xf = float_rows(x);
   at::parallel_for(0, n * tiles, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t i = item / tiles, s = slot[i];
       const uint32_t* pairs = reinterpret_cast<const uint32_t*>(sp + s * pair_stride);
-      const Problem p{cp + s * code_stride, pairs, xb + i * row * in, xsum.data() + i * row * groups, y.data_ptr<float>() + i * out, 1, in, out, group};
-      tile_rows<1>(p, item % tiles, 0);
+      const Problem p{cp + s * code_stride, pairs, xb + i * row * in, xf.data() + (xf.empty() ? 0 : i * row * in), xsum.data() + i * row * groups,
+                      y.data_ptr<float>() + i * out, 1, in, out, group};
+      tile_int4_any(p, item % tiles);
     }
   });
   return y;
@@ -223,11 +328,11 @@ at::Tensor int8_tiles_mm(const at::Tensor& x, const at::Tensor& codes, const at:
   check_int8(x, codes, scales);
   const int64_t out = codes.size(0);
   at::Tensor y = at::empty({x.size(0), out}, x.options().dtype(at::kFloat));
-  const std::vector<float> xsum = row_sums(x);
+  const std::vector<float> xsum = row_sums(x), xf = float_rows(x);
   const Problem p{codes.data_ptr<uint8_t>(), reinterpret_cast<const uint32_t*>(scales.data_ptr()), reinterpret_cast<const uint16_t*>(x.data_ptr()),
-                  xsum.data(), y.data_ptr<float>(), x.size(0), x.size(1), out, x.size(1)};
+                  xf.data(), xsum.data(), y.data_ptr<float>(), x.size(0), x.size(1), out, x.size(1)};
   at::parallel_for(0, out / kTile, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) tile_int8(p, t);
+    for (int64_t t = begin; t < end; ++t) tile_int8_any(p, t);
   });
   return y;
 }
@@ -242,7 +347,7 @@ at::Tensor int8_tiles_experts(const at::Tensor& x, const at::Tensor& codes, cons
   const int64_t* slot = slots.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) TORCH_CHECK(slot[i] >= 0 && slot[i] < codes.size(0), "int8_tiles_experts: slot out of range");
   at::Tensor y = at::empty({n, out}, x.options().dtype(at::kFloat));
-  const std::vector<float> xsum = row_sums(x);
+  const std::vector<float> xsum = row_sums(x), xf = float_rows(x);
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr());
   const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr());
@@ -251,8 +356,9 @@ at::Tensor int8_tiles_experts(const at::Tensor& x, const at::Tensor& codes, cons
     for (int64_t item = begin; item < end; ++item) {
       const int64_t i = item / tiles, s = slot[i];
       const uint32_t* scale = reinterpret_cast<const uint32_t*>(sp + s * scales.stride(0));  // read as 16-bit values
-      const Problem p{cp + s * codes.stride(0), scale, xb + i * row * in, xsum.data() + i * row, y.data_ptr<float>() + i * out, 1, in, out, in};
-      tile_rows_int8<1>(p, item % tiles, 0);
+      const Problem p{cp + s * codes.stride(0), scale, xb + i * row * in, xf.data() + (xf.empty() ? 0 : i * row * in), xsum.data() + i * row,
+                      y.data_ptr<float>() + i * out, 1, in, out, in};
+      tile_int8_any(p, item % tiles);
     }
   });
   return y;
