@@ -4,9 +4,9 @@ torch's int4 CPU kernel converts every code to float and is compute-bound (~11 G
 widths, docs/performance.md); `tiled.cpp` reads the same bytes with one bf16 dot-product instruction per 32 int4
 weights (per 16 int8 weights, whose nibbles it takes apart the same way). It is built on first use into the
 compiled-code cache (`$MOBILE_MOE_COMPILED_DIR`, else the user cache dir's mobile-moe/compiled; `off`: never built,
-torch's kernels run), with a progress line, and loaded from there by every later process. Where it cannot be built
-(no compiler) or the CPU lacks AVX512-BF16, torch's kernels run; so they do with $MOBILE_MOE_NATIVE_KERNELS=off (read
-when a model loads).
+torch's kernels run), with a progress line, and loaded from there by every later process. The library takes its
+AVX512-BF16 path where the CPU has it, else AVX2 + FMA. Where it cannot be built (no compiler) or torch runs below
+AVX2, torch's kernels run; so they do with $MOBILE_MOE_NATIVE_KERNELS=off (read when a model loads).
 """
 
 from __future__ import annotations
