@@ -11,10 +11,11 @@ from conftest import open_llm, small_cache
 
 from mobile_moe import LLM, engine_config
 from mobile_moe.config import PolicyConfig, SamplingParams
-from mobile_moe.engine.aot import CACHE_ENV, AotLayers
+from mobile_moe.engine.aot import AotLayers
 from mobile_moe.engine.passes import PassSpec
 from mobile_moe.engine.runner import RunnerOptions
 from mobile_moe.experts.dispatch import combine, pool_experts
+from mobile_moe.experts.native import CACHE_ENV
 from mobile_moe.layers.moe import ExpertMode
 
 STEPS = SamplingParams(max_new_tokens=3, temperature=0.0, stop_at_eos=False)  # two decode passes: the KV length changes once

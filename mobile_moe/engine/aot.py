@@ -27,7 +27,6 @@ from mobile_moe.loading.dense import AUTO_INT8_MIN_PARAMS
 from mobile_moe.models.transformer import DecoderLayer
 
 log = logging.getLogger(__name__)
-CACHE_ENV = "MOBILE_MOE_COMPILED_DIR"  # where the packages live (default: the user cache dir's mobile-moe/compiled; `off`: none)
 PACKAGE = Path(__file__).resolve().parents[1]  # the traced code's sources are part of every key
 TRACED = ("models", "layers", "experts/dispatch.py", "engine/runner.py", "engine/aot.py")
 UNTRACED = ("training", "layer")  # module attributes no forward reads: the mode flag, and the layer's index (kept for naming)
@@ -35,17 +34,6 @@ LayerOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (x [1, H], top-k i
 
 
 AUTO_MAX_PARAMS = AUTO_INT8_MIN_PARAMS  # by default, CPU models below this (dispatch-bound: per-op overhead dominates) compile
-
-
-def cache_dir() -> Path | None:
-    """The directory of compiled packages: $MOBILE_MOE_COMPILED_DIR, else $XDG_CACHE_HOME (or ~/.cache)/mobile-moe/compiled;
-    None when that variable is `off` (no compilation unless asked for)."""
-    chosen = os.environ.get(CACHE_ENV)
-    if chosen == "off":
-        return None
-    if chosen:
-        return Path(chosen).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "mobile-moe" / "compiled"
 
 
 def machine_key() -> str:

@@ -15,7 +15,6 @@ import torch
 
 from mobile_moe.config import DEFAULT_PREFIX_CACHE_GB, CacheConfig, EngineConfig, PolicyConfig, SamplingParams
 from mobile_moe.engine.aot import AUTO_MAX_PARAMS
-from mobile_moe.engine.aot import cache_dir as aot_cache_dir
 from mobile_moe.engine.batch import BatchDecoder
 from mobile_moe.engine.calibration import CALIBRATION_FILE, DEMO_MODEL, read_calibration, resolve_policy
 from mobile_moe.engine.generate import GenerationResult, TokenCallback, generate
@@ -28,6 +27,7 @@ from mobile_moe.errors import CheckpointError, InvalidParameter, PromptTooLong
 from mobile_moe.experts.cache import ExpertCache
 from mobile_moe.experts.disk import DiskStore
 from mobile_moe.experts.kernels import TiledInt4, TiledInt8
+from mobile_moe.experts.native import cache_dir as aot_cache_dir
 from mobile_moe.experts.reader import ReadPool
 from mobile_moe.experts.trace import Trace
 from mobile_moe.experts.transfer import TransferEngine, cuda_capture

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -81,17 +82,6 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void tile_rows(const Prob
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(p.y + (m0 + r) * p.out + tile * kTile, total[r]);
 }
 
-void tile(const Problem& p, int64_t t) {
-  int64_t m = 0;
-  for (; m + 4 <= p.rows; m += 4) tile_rows<4>(p, t, m);
-  switch (p.rows - m) {
-    case 3: tile_rows<3>(p, t, m); break;
-    case 2: tile_rows<2>(p, t, m); break;
-    case 1: tile_rows<1>(p, t, m); break;
-    default: break;
-  }
-}
-
 // int8, per-row scales: a 64-byte block holds 16 rows x 4 columns, word 2r + c holding u(r, 4b + c) in its low byte and
 // u(r, 4b + 2 + c) in its high byte, u = q + 128. Each byte's nibbles go through the int4 trick: sum(u x) =
 // 16 sum((128 + hi) x) + sum((128 + lo) x) - 2176 sum(x), so w = s q = s (u - 128) gives s (16 acc_hi + acc_lo - 2304 sum(x)).
@@ -127,17 +117,6 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void tile_rows_int8(const
     const __m512 h = _mm512_add_ps(hi[r][0], hi[r][1]), l = _mm512_add_ps(lo[r][0], lo[r][1]);
     const __m512 u = _mm512_fmadd_ps(_mm512_set1_ps(-2304.0f), _mm512_set1_ps(p.xsum[m0 + r]), _mm512_fmadd_ps(_mm512_set1_ps(16.0f), h, l));
     _mm512_storeu_ps(p.y + (m0 + r) * p.out + tile * kTile, _mm512_mul_ps(u, scale));
-  }
-}
-
-void tile_int8(const Problem& p, int64_t t) {
-  int64_t m = 0;
-  for (; m + 4 <= p.rows; m += 4) tile_rows_int8<4>(p, t, m);
-  switch (p.rows - m) {
-    case 3: tile_rows_int8<3>(p, t, m); break;
-    case 2: tile_rows_int8<2>(p, t, m); break;
-    case 1: tile_rows_int8<1>(p, t, m); break;
-    default: break;
   }
 }
 
@@ -215,18 +194,25 @@ bool lowered_capability() {  // ATEN_CPU_CAPABILITY=avx2 / default: torch's kern
 // Chosen once, when the library loads: AVX512-BF16 where the CPU has it and ATEN_CPU_CAPABILITY does not lower it.
 const bool kAvx512 = __builtin_cpu_supports("avx512bf16") && !lowered_capability();
 
+// block(R, m) over rows m .. rows - 1 in register blocks of Max rows, then of fewer for what is left.
+template <int Max, class Block>
+void by_row_blocks(int64_t m, int64_t rows, const Block& block) {
+  for (; m + Max <= rows; m += Max) block(std::integral_constant<int, Max>{}, m);
+  if constexpr (Max > 1) by_row_blocks<Max - 1>(m, rows, block);
+}
+
 void tile_int4_any(const Problem& p, int64_t t) {
-  if (kAvx512) return tile(p, t);
-  int64_t m = 0;
-  for (; m + 2 <= p.rows; m += 2) tile_rows_avx2<2>(p, t, m);
-  if (m < p.rows) tile_rows_avx2<1>(p, t, m);
+  if (kAvx512)
+    by_row_blocks<4>(0, p.rows, [&](auto r, int64_t m) { tile_rows<decltype(r)::value>(p, t, m); });
+  else
+    by_row_blocks<2>(0, p.rows, [&](auto r, int64_t m) { tile_rows_avx2<decltype(r)::value>(p, t, m); });
 }
 
 void tile_int8_any(const Problem& p, int64_t t) {
-  if (kAvx512) return tile_int8(p, t);
-  int64_t m = 0;
-  for (; m + 2 <= p.rows; m += 2) tile_rows_int8_avx2<2>(p, t, m);
-  if (m < p.rows) tile_rows_int8_avx2<1>(p, t, m);
+  if (kAvx512)
+    by_row_blocks<4>(0, p.rows, [&](auto r, int64_t m) { tile_rows_int8<decltype(r)::value>(p, t, m); });
+  else
+    by_row_blocks<2>(0, p.rows, [&](auto r, int64_t m) { tile_rows_int8_avx2<decltype(r)::value>(p, t, m); });
 }
 
 std::vector<float> float_rows(const at::Tensor& x) {  // the AVX2 path's float32 activations (empty on AVX512)
