@@ -104,7 +104,8 @@ def test_the_tiled_layout_holds_the_same_codes_and_dequantizes_like_torchs():
     ours, torchs = _tiled(group, [(out, inp)]), FusedInt4(Int4Format(group), torch.bfloat16)
     want = torchs.dequantize(torchs.from_portable(portable, out, inp), torch.float32)
     assert torch.equal(ours.dequantize(ours.from_portable(portable, out, inp), torch.float32), want)
-    assert ours.dequant_bytes(out, inp, torch.bfloat16) == 0  # prompts run on the codes too: no float copy to plan for
+    # AVX512-BF16: prompts run on the codes too, no float copy to plan for; AVX2: above 64 rows the copy is planned
+    assert (ours.dequant_bytes(out, inp, torch.bfloat16) == 0) == native.avx512_path()
 
 
 @needs_tiled
@@ -207,6 +208,10 @@ for fmt, out, inp in ((Int4Format(32), 48, 96), (Int4Format(64), 32, 384), (Int8
         x = torch.randn(rows, inp, generator=gen).to(torch.bfloat16)
         want = x.double() @ w.t()
         assert (kernel.fused(x, parts).double() - want).abs().max() <= 1e-5 * want.abs().max()
+    assert kernel.max_rows == 64 and kernel.dequant_bytes(out, inp, torch.float32) > 0
+    x = torch.randn(70, inp, generator=gen)  # above the AVX2 path's rows: dequantized, one float32 matmul
+    want = x.double() @ w.t()
+    assert (kernel.linear(x, parts, torch.float32).double() - want).abs().max() <= 1e-5 * want.abs().max()
 print("ok", torch.backends.cpu.get_cpu_capability())
 """
 

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.experts.formats import ExpertFormat, Field, Int4Format, Int8Format, make_format, unpack_int4
-from mobile_moe.experts.native import tiled_ops
+from mobile_moe.experts.native import avx512_path, tiled_ops
 from mobile_moe.experts.store import MATRICES, ExpertStore
 
 FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # compute dtypes with a fused path (float32: through bf16)
@@ -173,10 +173,10 @@ class TiledInt4(FusedFormat):
 
     name = "int4"
     kernel = "int4_tiles_mm"
-    max_rows = 1 << 30  # a GEMM on the codes: each block is unpacked once per 4 rows; it beat dequantize-then-matmul at every row count measured (1-512)
 
     def __init__(self, portable: Int4Format, ops: Any) -> None:
         self.portable, self.dtype, self.group_size = portable, torch.bfloat16, portable.group_size
+        self.max_rows = tiled_max_rows()
         self.mm: Callable[..., torch.Tensor] = ops.int4_tiles_mm  # x [M, in] bf16 -> [M, out] float32 (a slot pool's: experts/dispatch.py)
 
     def fields(self, out: int, inp: int) -> list[Field]:
@@ -198,14 +198,16 @@ class TiledInt4(FusedFormat):
         return w.view(inp, out).to(dtype).t()
 
     def dequant_bytes(self, out: int, inp: int, dtype: torch.dtype) -> int:
-        return 0  # every row count runs on the codes
+        return 0 if self.max_rows == ALL_ROWS else super().dequant_bytes(out, inp, dtype)  # AVX512: every row count on the codes
 
     def fused(self, x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
         packed, sz = parts
         return self.mm(x, packed, sz, self.group_size)  # [M, out] float32
 
     def linear(self, x: torch.Tensor, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        return self.fused(x.to(self.dtype).contiguous(), parts).to(x.dtype)  # every row count: float32 sums, rounded once
+        if x.shape[0] > self.max_rows:
+            return F.linear(x, self.dequantize(parts, dtype))
+        return self.fused(x.to(self.dtype).contiguous(), parts).to(x.dtype)  # float32 sums, rounded once
 
 
 class TiledInt8(FusedFormat):
@@ -214,10 +216,10 @@ class TiledInt8(FusedFormat):
 
     name = "int8"
     kernel = "int8_tiles_mm"
-    max_rows = 1 << 30  # a GEMM on the codes, as the int4 tiles
 
     def __init__(self, ops: Any) -> None:
         self.portable, self.dtype = Int8Format(), torch.bfloat16
+        self.max_rows = tiled_max_rows()
         self.mm: Callable[..., torch.Tensor] = ops.int8_tiles_mm  # x [M, in] bf16 -> [M, out] float32
 
     def fields(self, out: int, inp: int) -> list[Field]:
@@ -234,14 +236,16 @@ class TiledInt8(FusedFormat):
         return w.mul_(scale.float()).to(dtype).t()
 
     def dequant_bytes(self, out: int, inp: int, dtype: torch.dtype) -> int:
-        return 0  # every row count runs on the codes
+        return 0 if self.max_rows == ALL_ROWS else super().dequant_bytes(out, inp, dtype)  # AVX512: every row count on the codes
 
     def fused(self, x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
         codes, scale = parts
         return self.mm(x, codes, scale)  # [M, out] float32
 
     def linear(self, x: torch.Tensor, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        return self.fused(x.to(self.dtype).contiguous(), parts).to(x.dtype)
+        if x.shape[0] > self.max_rows:
+            return F.linear(x, self.dequantize(parts, dtype))
+        return self.fused(x.to(self.dtype).contiguous(), parts).to(x.dtype)  # float32 sums, rounded once
 
 
 def tile_int8(q: torch.Tensor) -> torch.Tensor:
@@ -257,6 +261,17 @@ def untile_int8_columns(codes: torch.Tensor) -> torch.Tensor:
     out, inp = codes.shape
     b = codes.view(out // TILE_ROWS, inp // 4, TILE_ROWS, 2, 2)  # [T, in/4, r, c, half]
     return b.permute(1, 4, 3, 0, 2).reshape(inp, out)  # [in/4, half, c, T, r]: column 4b + 2 half + c, row 16T + r
+
+
+ALL_ROWS = 1 << 30
+TILED_AVX2_MAX_ROWS = 64  # AVX2 path: dequantize-then-matmul wins above ~64-128 rows (2048 x 2048 and 1024 x 2048, 2 threads)
+
+
+def tiled_max_rows() -> int:
+    """Rows up to which the tiled kernels multiply on the codes: all on AVX512-BF16 (each block unpacked once per four
+    rows, a GEMM at the bf16 dot product's peak: it beat dequantize-then-matmul at every row count measured, 1-512), 64
+    on the AVX2 path (float conversions per code: a float32 GEMM on a dequantized copy wins above that)."""
+    return ALL_ROWS if avx512_path() else TILED_AVX2_MAX_ROWS
 
 
 def tile_int4(codes: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,11 @@ def tiled_supported() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
+def avx512_path() -> bool:
+    """Whether the library takes its AVX512-BF16 path (as it decides when it loads), rather than AVX2 + FMA."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+
+
 def loaded() -> bool:
     """Whether this process has the kernels registered."""
     return hasattr(getattr(torch.ops, NAMESPACE), "int4_tiles_mm")
