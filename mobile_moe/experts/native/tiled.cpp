@@ -191,8 +191,13 @@ bool lowered_capability() {  // ATEN_CPU_CAPABILITY=avx2 / default: torch's kern
   return capability != nullptr && (std::string(capability) == "avx2" || std::string(capability) == "default");
 }
 
+bool avx512_bf16_cpu() {
+  __builtin_cpu_init();  // this runs during the library's static initialisation: the CPU model may not be read yet
+  return __builtin_cpu_supports("avx512bf16");
+}
+
 // Chosen once, when the library loads: AVX512-BF16 where the CPU has it and ATEN_CPU_CAPABILITY does not lower it.
-const bool kAvx512 = __builtin_cpu_supports("avx512bf16") && !lowered_capability();
+const bool kAvx512 = avx512_bf16_cpu() && !lowered_capability();
 
 // block(R, m) over rows m .. rows - 1 in register blocks of Max rows, then of fewer for what is left.
 template <int Max, class Block>
