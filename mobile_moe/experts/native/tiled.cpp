@@ -1,4 +1,5 @@
-// int4 and int8 weight-only matrix products on CPUs with AVX512-BF16, for mobile-moe (experts/kernels.py: TiledInt4, TiledInt8).
+// int4 and int8 weight-only matrix products on x86 CPUs, for mobile-moe (experts/kernels.py: TiledInt4, TiledInt8): an
+// AVX512-BF16 path, and an AVX2 + FMA path over the same layout for CPUs without the bf16 dot product (chosen at load).
 //
 // Layout (written by TiledInt4.from_portable): output rows in tiles of 16, one float lane per row. A tile's codes are
 // [in / 8] blocks of 64 bytes; 16-bit word 2r + c of block b holds, in nibble j, the code of row r, column 8b + 2j + c.
@@ -29,11 +30,11 @@ constexpr int64_t kBlockCols = 8;   // input columns per 64-byte block
 constexpr int64_t kGrain = 4;       // tiles per parallel work item
 
 struct Problem {
-  const uint8_t* codes;     // [tiles, in / 8, 64]
-  const uint32_t* pairs;    // [tiles, groups, 16] (scale, zero) bf16 pairs
+  const uint8_t* codes;     // int4: [tiles, in / 8, 64]; int8: [tiles, in / 4, 64]
+  const uint32_t* pairs;    // int4: [tiles, groups, 16] (scale, zero) bf16 pairs; int8: [out] bf16 scales
   const uint16_t* x;        // [rows, in] bf16
   const float* xf;          // the same rows in float32 (AVX2 path; null on AVX512)
-  const float* xsum;        // [rows, groups]
+  const float* xsum;        // [rows, groups] sums of the bf16 activations (int8: one group, the whole row)
   float* y;                 // [rows, out]
   int64_t rows, in, out, group;
 };
