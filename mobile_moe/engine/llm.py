@@ -26,7 +26,7 @@ from mobile_moe.engine.runner import Runner, RunnerOptions
 from mobile_moe.errors import CheckpointError, InvalidParameter, PromptTooLong
 from mobile_moe.experts.cache import ExpertCache
 from mobile_moe.experts.disk import DiskStore
-from mobile_moe.experts.kernels import TiledInt4, TiledInt8
+from mobile_moe.experts.kernels import TiledFormat
 from mobile_moe.experts.native import cache_dir as aot_cache_dir
 from mobile_moe.experts.reader import ReadPool
 from mobile_moe.experts.trace import Trace
@@ -133,7 +133,7 @@ class LLM:
         self.options = options if options is not None else RunnerOptions(graph_capture=cuda_capture(self.device) if graphs else None)
         # by default on CPU, compiled once per machine: small models (per-op overhead dominates), and any whose experts are in
         # a tiled layout (the compiled layer is the glue around the project's kernels, ~0.5 ms a layer at OLMoE widths)
-        glue_bound = model_params(self.loaded.model) < AUTO_MAX_PARAMS or isinstance(store.format, TiledInt4 | TiledInt8)
+        glue_bound = model_params(self.loaded.model) < AUTO_MAX_PARAMS or isinstance(store.format, TiledFormat)
         self.compiled_dir = aot_cache_dir() if self.config.compile is None and self.device.type == "cpu" and glue_bound else None
         self.governor = LittleGovernor(self.config.batch_little == "auto")  # its step costs persist across batches
         self.reset_cache(self.planned_slots)

@@ -19,7 +19,7 @@ from mobile_moe.errors import InvalidParameter
 from mobile_moe.experts.cache import ExpertCache
 from mobile_moe.experts.dispatch import combine, expert_output, pool_experts, split_bias, tiled_experts
 from mobile_moe.experts.formats import ExpertFormat, FloatFormat, Mxfp4Format
-from mobile_moe.experts.kernels import CudaInt4, FusedFormat, TiledInt4, TiledInt8
+from mobile_moe.experts.kernels import CudaInt4, FusedFormat, TiledFormat
 from mobile_moe.experts.store import MATRICES, ExpertShape, ExpertStore
 from mobile_moe.experts.transfer import TransferEngine
 from mobile_moe.layers.mlp import Activation, gated
@@ -67,16 +67,14 @@ class ExpertExecutor:
         self.grouped = (self.in_place and grouped_mm_works(cache, act, dtype)) if grouped is None else grouped
         # compiled decode with experts read in place (a float pool): one fused call per token and layer instead of a loop
         self.pooled = torch.compile(pool_experts, fullgraph=True, dynamic=False) if compiled and self.in_place and not self.grouped else None
-        self.pool_fields = self._pool_fields() if self.in_place else ()  # what the compiled call reads, made once
         # resident decode off the CPU (or captured): slots indexed on the device (a host read would stall the stream each layer)
         self.device_indexed = cache.device.type != "cpu" if device_indexed is None else device_indexed
         # per slot: (gate_up fields, down fields, gate_up bias, down bias) as views, made once (indexing the pool per call
         # costs a dispatch each); a matrix's bias, when experts have one, is its last packed field
         self.slot_fields = [self._split(tuple([f[slot] for f in cache.fields[m]] for m in MATRICES)) for slot in range(cache.num_slots)]
         # tiled int4 / int8 experts without biases: a resident token's experts in two kernel calls over the pool, not two per expert
-        self.tiled = cache.store.format if isinstance(cache.store.format, TiledInt4 | TiledInt8) and not self.bias and cache.device.type == "cpu" else None
-        if self.tiled is not None:  # the compiled resident layer reads the tiled pool: (codes, scales) of gate_up, then of down
-            self.pool_fields = (*self.cache.fields["gate_up"], *self.cache.fields["down"])
+        self.tiled = cache.store.format if isinstance(cache.store.format, TiledFormat) and not self.bias and cache.device.type == "cpu" else None
+        self.pool_fields = self._pool_fields()  # what the compiled call reads, made once
 
     def path(self, resident: bool) -> str:
         """How routed experts are computed, chosen when this executor was built: `pooled` (one compiled call over the pool),
@@ -121,15 +119,10 @@ class ExpertExecutor:
         if self.device_indexed:
             slots = cache.slot_rows[layer][indices[0]]  # [n] on the device
             return self._grouped_in_place(x, slots, weights) if self.grouped else self._gathered(x, slots, weights)
-        if self.tiled is not None:
-            return self._tiled_experts(x, cache.slot_rows[layer][indices[0]], weights)
+        if self.tiled is not None:  # two kernel calls over the pool; each row as `_expert` computes it
+            return tiled_experts(self.act, x, cache.slot_rows[layer][indices[0]], weights, *self.pool_fields)
         slots = cache.slot_rows[layer][indices[0]].tolist()  # rank order
         return combine([self._expert(x, slot) for slot in slots], weights, x.dtype)
-
-    def _tiled_experts(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x: [1, H], slots [n] (rank order), weights [1, n] -> [1, H]: the n experts' gate_up in one kernel call over the
-        pool, then their down projections in another; each row as `_expert` computes it, so results equal the loop's."""
-        return tiled_experts(self.act, x, slots, weights, *self.pool_fields)
 
     def _grouped_in_place(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [1, H], slots [n] on the device (rank order, distinct), weights [1, n] -> [1, H]: float experts read in place by
@@ -192,8 +185,13 @@ class ExpertExecutor:
         assert self.pooled is not None
         return self.pooled(self.act, x, slots, weights, *self.pool_fields)
 
-    def _pool_fields(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """A float pool's (gate_up [S, 2I, H], down [S, H, I], their biases or None) as typed views of every slot."""
+    def _pool_fields(self) -> tuple[torch.Tensor | None, ...]:
+        """A float pool's (gate_up [S, 2I, H], down [S, H, I], their biases or None), a tiled pool's (codes, scales) of gate_up
+        then of down, as typed views of every slot; () for other formats."""
+        if self.tiled is not None:
+            return (*self.cache.fields["gate_up"], *self.cache.fields["down"])
+        if not self.in_place:
+            return ()
         (gate_up, *gate_up_b), (down, *down_b) = self.cache.fields["gate_up"], self.cache.fields["down"]  # weight [+ bias]
         return gate_up, down, gate_up_b[-1] if self.bias else None, down_b[-1] if self.bias else None
 
@@ -232,12 +230,12 @@ class ExpertExecutor:
 
 
 def matmul_path(fmt: ExpertFormat, dtype: torch.dtype) -> str:
-    """One expert's matmul: tinygemm (CUDA int4), tiled-int4 / tiled-int8 (the project's AVX512-BF16 kernels), cpu-int4 /
+    """One expert's matmul: tinygemm (CUDA int4), tiled-int4 / tiled-int8 (the project's tiled CPU kernels), cpu-int4 /
     cpu-int8 (torch's CPU weight-only kernels), mxfp4 or reference (dequantized first), in-place (float experts read where
     they are)."""
     if isinstance(fmt, CudaInt4):
         return "tinygemm"
-    if isinstance(fmt, TiledInt4 | TiledInt8):
+    if isinstance(fmt, TiledFormat):
         return f"tiled-{fmt.name}"
     if isinstance(fmt, FusedFormat):
         return f"cpu-{fmt.name}"

@@ -18,6 +18,9 @@ float32 compute uses the same kernels with bf16 activations (x is rounded to bf1
 back): the kernels take no float32 input worth using, and even where bf16 is emulated (an AVX2 CPU without
 AVX512-BF16) the int4 kernel took 0.38 ms against 14 ms for dequantize-then-matmul on a 2048 x 2048 matrix (2 threads),
 an error far below the 4-bit quantization's own.
+On CPUs where torch runs AVX2 or AVX512, int4 and int8 with bf16 or float32 compute go instead through the project's own
+tiled kernels (`TiledInt4`, `TiledInt8`; experts/native/tiled.cpp, built once per machine), which read the weights at
+the memory's speed where torch's convert every code to float; docs/design.md §4 has their layout.
 On CUDA with bf16 (or float32, through bf16) compute:
 
 - int4 -> torch's `_weight_int4pack_mm` (tinygemm; sm80+): the same (scale, zero) pairs and w = (q - 8) * scale + zero,
@@ -166,7 +169,22 @@ class FusedInt4(FusedFormat):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, self.group_size, sz)
 
 
-class TiledInt4(FusedFormat):
+class TiledFormat(FusedFormat):
+    """The project's tiled kernels (experts/native/tiled.cpp): bf16 activations, float32 sums rounded once to the
+    compute dtype; rows up to `max_rows` on the codes (`tiled_max_rows`), more through a dequantized copy."""
+
+    max_rows: int
+
+    def dequant_bytes(self, out: int, inp: int, dtype: torch.dtype) -> int:
+        return 0 if self.max_rows == ALL_ROWS else super().dequant_bytes(out, inp, dtype)  # AVX512: every row count on the codes
+
+    def linear(self, x: torch.Tensor, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        if x.shape[0] > self.max_rows:
+            return F.linear(x, self.dequantize(parts, dtype))
+        return self.fused(x.to(self.dtype).contiguous(), parts).to(x.dtype)  # float32 sums, rounded once
+
+
+class TiledInt4(TiledFormat):
     """Group-wise int4 for the project's tiled kernel (experts/native/tiled.cpp; AVX512-BF16, else AVX2): codes in tiles of 16 rows
     [out, in / 2] (the same bytes as the portable layout, reordered) and (scale, zero) pairs in bf16, tile-major
     [out / 16, in / g, 16, 2], so a thread streams its tiles' codes and pairs front to back."""
@@ -197,20 +215,12 @@ class TiledInt4(FusedFormat):
         torch.addcmul((zero - INT4_OFFSET * scale)[:, None], w, scale[:, None], out=w)  # in place: q * scale + (zero - 8 scale)
         return w.view(inp, out).to(dtype).t()
 
-    def dequant_bytes(self, out: int, inp: int, dtype: torch.dtype) -> int:
-        return 0 if self.max_rows == ALL_ROWS else super().dequant_bytes(out, inp, dtype)  # AVX512: every row count on the codes
-
     def fused(self, x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
         packed, sz = parts
         return self.mm(x, packed, sz, self.group_size)  # [M, out] float32
 
-    def linear(self, x: torch.Tensor, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        if x.shape[0] > self.max_rows:
-            return F.linear(x, self.dequantize(parts, dtype))
-        return self.fused(x.to(self.dtype).contiguous(), parts).to(x.dtype)  # float32 sums, rounded once
 
-
-class TiledInt8(FusedFormat):
+class TiledInt8(TiledFormat):
     """Per-channel int8 for the project's tiled kernel (experts/native/tiled.cpp): codes + 128 as uint8 in tiles of
     16 rows [out, in] (64-byte blocks of 16 rows x 4 columns) and scales [out] in bf16."""
 
@@ -235,17 +245,9 @@ class TiledInt8(FusedFormat):
         w = untile_int8_columns(codes).float().sub_(INT8_OFFSET)  # [in, out]
         return w.mul_(scale.float()).to(dtype).t()
 
-    def dequant_bytes(self, out: int, inp: int, dtype: torch.dtype) -> int:
-        return 0 if self.max_rows == ALL_ROWS else super().dequant_bytes(out, inp, dtype)  # AVX512: every row count on the codes
-
     def fused(self, x: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
         codes, scale = parts
         return self.mm(x, codes, scale)  # [M, out] float32
-
-    def linear(self, x: torch.Tensor, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        if x.shape[0] > self.max_rows:
-            return F.linear(x, self.dequantize(parts, dtype))
-        return self.fused(x.to(self.dtype).contiguous(), parts).to(x.dtype)  # float32 sums, rounded once
 
 
 def tile_int8(q: torch.Tensor) -> torch.Tensor:
@@ -439,15 +441,11 @@ def compute_format(fmt: ExpertFormat, dtype: torch.dtype, device: torch.device, 
         return cuda_int4(fmt, dtype, device, shapes)
     if device.type != "cpu" or dtype not in FUSED_DTYPES or not fused_kernels_available():
         return None
-    if type(fmt) is Int8Format and dtype in (torch.bfloat16, torch.float32) and all(out % TILE_ROWS == 0 and inp % 4 == 0 for out, inp in shapes):
-        ops = tiled_ops()
-        if ops is not None:
-            return TiledInt8(ops)
-    if type(fmt) is Int8Format:  # the kernel reads inputs in steps of 16: other widths give inf/NaN or crash
-        return FusedInt8(kernel_dtype(dtype)) if all(inp % INT8_KERNEL_STEP == 0 for _, inp in shapes) else None
-    tiled = tiled_int4(fmt, dtype, shapes) if type(fmt) is Int4Format else None
+    tiled = tiled_int8(dtype, shapes) if type(fmt) is Int8Format else tiled_int4(fmt, dtype, shapes) if type(fmt) is Int4Format else None
     if tiled is not None:
         return tiled
+    if type(fmt) is Int8Format:  # the kernel reads inputs in steps of 16: other widths give inf/NaN or crash
+        return FusedInt8(kernel_dtype(dtype)) if all(inp % INT8_KERNEL_STEP == 0 for _, inp in shapes) else None
     if type(fmt) is Int4Format and fmt.group_size in INT4_KERNEL_GROUPS:
         if not all(inp % fmt.group_size == 0 and out % 2 == 0 for out, inp in shapes):
             return None
@@ -465,6 +463,14 @@ def tiled_int4(fmt: Int4Format, dtype: torch.dtype, shapes: list[tuple[int, int]
         return None
     ops = tiled_ops()
     return None if ops is None else TiledInt4(fmt, ops)
+
+
+def tiled_int8(dtype: torch.dtype, shapes: list[tuple[int, int]]) -> TiledInt8 | None:
+    """The tiled int8 layout for these shapes (rows in tiles of 16, inputs in blocks of 4), where the tiled kernels run here."""
+    if dtype not in (torch.bfloat16, torch.float32) or not all(out % TILE_ROWS == 0 and inp % 4 == 0 for out, inp in shapes):
+        return None
+    ops = tiled_ops()
+    return None if ops is None else TiledInt8(ops)
 
 
 def layout_format(layout_id: str, group_size: int, dtype: torch.dtype) -> ExpertFormat:
