@@ -59,7 +59,7 @@ def test_each_dense_kernel_equals_dequantize_then_matmul():
     """On this CPU's features: each case runs through its fused kernel (the path names it) within the tolerance."""
     for case, path, error in kernel_errors():
         kernel = "_weight_int4pack_mm_for_cpu" if case.startswith("int4") else "_weight_int8pack_mm"
-        assert path == f"1 {case[:4]}:{kernel}", (case, path)
+        assert path.removesuffix(":b32") == f"1 {case[:4]}:{kernel}", (case, path)  # b32: torch's int4 blocks under AVX2
         assert error < KERNEL_TOLERANCE, (case, error)
 
 

@@ -4,10 +4,12 @@ and torch's kernels wherever they cannot run (AVX2, switched off, no compiler)."
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ from mobile_moe.experts.kernels import (
     TiledInt4,
     TiledInt8,
     compute_format,
+    int4_block_rows,
     layout_format,
     tile_int4,
     tile_int8,
@@ -49,6 +52,20 @@ def kernel_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     return root
 
 
+def q8_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x [M, in] quantized as the AVX2 path multiplies it (tiled.cpp `activations`): int8 per block of `block` columns,
+    d = max|x| / 127, q = round(x * (1 / d)) to nearest even, x^ = q d, in float32."""
+    xb = x.float().view(x.shape[0], -1, block)  # [M, blocks, block]
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    return (torch.round(xb * inverse) * d).view(x.shape)
+
+
+def multiplied(x: torch.Tensor, block: int) -> torch.Tensor:
+    """The activations the kernels multiply here: x itself on AVX512-BF16, else x quantized to int8 (q8_activations)."""
+    return x.float() if native.avx512_path() else q8_activations(x, block)
+
+
 def _tiled(group: int, shapes: list[tuple[int, int]], dtype: torch.dtype = torch.bfloat16) -> TiledInt4:
     fmt = compute_format(Int4Format(group), dtype, CPU, shapes)
     assert isinstance(fmt, TiledInt4), fmt
@@ -66,7 +83,7 @@ def test_the_kernel_equals_dequantize_then_matmul(out: int, inp: int, group: int
     w = kernel.dequantize(parts, torch.float32).double()  # [out, in]: the kernel's own (scale, zero) pairs, exact in float32
     for rows in (1, 2, 3, 4, 5, 9):  # every register block of rows (4, 3, 2, 1) and their mixes
         x = torch.randn(rows, inp, generator=gen).to(torch.bfloat16)
-        want = x.double() @ w.t()  # [rows, out]
+        want = multiplied(x, 32 if group % 32 == 0 else 8).double() @ w.t()  # [rows, out]
         got = kernel.fused(x, parts)  # float32
         assert got.dtype == torch.float32 and got.shape == (rows, out)
         assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()  # float32 sums in another order, nothing more
@@ -87,7 +104,7 @@ def test_the_int8_kernel_equals_dequantize_then_matmul(out: int, inp: int):
     assert torch.equal(w, torchs.dequantize(torchs.from_portable(portable, out, inp), torch.float32))  # the same bf16 scales
     for rows in (1, 2, 3, 4, 5, 9):
         x = torch.randn(rows, inp, generator=gen).to(torch.bfloat16)
-        want = x.double() @ w.double().t()
+        want = multiplied(x, 32 if inp % 32 == 0 else 4).double() @ w.double().t()
         got = kernel.fused(x, parts)
         assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()  # float32 sums of offset codes over a whole row
 
@@ -101,11 +118,10 @@ def test_the_tiled_layout_holds_the_same_codes_and_dequantizes_like_torchs():
     tiled = tile_int4(codes)
     assert tiled.shape == (out, inp // 2) and tiled.dtype == torch.uint8  # the portable layout's bytes, reordered
     assert torch.equal(untile_int4_columns(tiled), codes.t())
-    ours, torchs = _tiled(group, [(out, inp)]), FusedInt4(Int4Format(group), torch.bfloat16)
+    ours, torchs = _tiled(group, [(out, inp)]), FusedInt4(Int4Format(group), torch.bfloat16, int4_block_rows(out, inp) or 64)
     want = torchs.dequantize(torchs.from_portable(portable, out, inp), torch.float32)
     assert torch.equal(ours.dequantize(ours.from_portable(portable, out, inp), torch.float32), want)
-    # AVX512-BF16: prompts run on the codes too, no float copy to plan for; AVX2: above 64 rows the copy is planned
-    assert (ours.dequant_bytes(out, inp, torch.bfloat16) == 0) == native.avx512_path()
+    assert ours.dequant_bytes(out, inp, torch.bfloat16) == 0  # prompts run on the codes too: no float copy to plan for
 
 
 @needs_tiled
@@ -199,29 +215,31 @@ import torch
 from mobile_moe.experts.formats import Int4Format, Int8Format
 from mobile_moe.experts.kernels import TiledInt4, TiledInt8, compute_format
 gen = torch.Generator().manual_seed(3)
-for fmt, out, inp in ((Int4Format(32), 48, 96), (Int4Format(64), 32, 384), (Int8Format(), 48, 100)):
+cases = ((Int4Format(32), 48, 96, 32), (Int4Format(64), 32, 384, 32), (Int4Format(8), 16, 8 * 33, 8), (Int8Format(), 48, 100, 4), (Int8Format(), 32, 256, 32))
+for fmt, out, inp, block in cases:
     kernel = compute_format(fmt, torch.bfloat16, torch.device("cpu"), [(out, inp)])
     assert isinstance(kernel, TiledInt4 | TiledInt8), kernel
     parts = kernel.from_portable(fmt.quantize(torch.randn(out, inp, generator=gen)), out, inp)
     w = kernel.dequantize(parts, torch.float32).double()
-    for rows in (1, 2, 3):
+    for rows in (1, 2, 3, 70):  # 70: a prompt chunk runs on the codes too
         x = torch.randn(rows, inp, generator=gen).to(torch.bfloat16)
-        want = x.double() @ w.t()
-        assert (kernel.fused(x, parts).double() - want).abs().max() <= 1e-5 * want.abs().max()
-    assert kernel.max_rows == 64 and kernel.dequant_bytes(out, inp, torch.float32) > 0
-    x = torch.randn(70, inp, generator=gen)  # above the AVX2 path's rows: dequantized, one float32 matmul
-    want = x.double() @ w.t()
-    assert (kernel.linear(x, parts, torch.float32).double() - want).abs().max() <= 1e-5 * want.abs().max()
+        xq = q8_activations(x, block)
+        want, got = xq.double() @ w.t(), kernel.fused(x, parts).double()
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()  # exactly w times the quantized activations
+        bound = (x.double() - xq.double()).abs() @ w.abs().t()  # what quantizing the activations may cost, at most
+        assert ((got - x.double() @ w.t()).abs() <= bound + 1e-5 * want.abs().max()).all()
+    assert kernel.dequant_bytes(out, inp, torch.float32) == 0
 print("ok", torch.backends.cpu.get_cpu_capability())
 """
 
 
 @needs_tiled
-def test_the_avx2_kernels_equal_dequantize_then_matmul(kernel_cache: Path):
-    """Under ATEN_CPU_CAPABILITY=avx2 the library takes its AVX2 + FMA path (float codes times float activations)."""
+def test_the_avx2_kernels_equal_dequantize_then_matmul_on_int8_activations(kernel_cache: Path):
+    """Under ATEN_CPU_CAPABILITY=avx2 the library takes its AVX2 path: activations quantized to int8 per 32 columns."""
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", native.CACHE_ENV: str(kernel_cache)}
-    run = subprocess.run([sys.executable, "-c", AVX2_CHECK], capture_output=True, text=True, env=env, check=True)
-    assert run.stdout.split() == ["ok", "AVX2"]
+    script = "import torch\n" + textwrap.dedent(inspect.getsource(q8_activations)) + AVX2_CHECK
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=False)
+    assert run.stdout.split() == ["ok", "AVX2"], run.stderr[-2000:]
 
 
 def test_a_kernel_that_cannot_be_built_leaves_torchs_with_one_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from mobile_moe.errors import InvalidParameter
 from mobile_moe.experts.formats import ExpertFormat, Field, Int4Format, Int8Format, make_format, unpack_int4
-from mobile_moe.experts.native import avx512_path, tiled_ops
+from mobile_moe.experts.native import tiled_ops
 from mobile_moe.experts.store import MATRICES, ExpertStore
 
 FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # compute dtypes with a fused path (float32: through bf16)
@@ -171,16 +171,16 @@ class FusedInt4(FusedFormat):
 
 class TiledFormat(FusedFormat):
     """The project's tiled kernels (experts/native/tiled.cpp): bf16 activations, float32 sums rounded once to the
-    compute dtype; rows up to `max_rows` on the codes (`tiled_max_rows`), more through a dequantized copy."""
+    compute dtype; every row count on the codes (a prompt chunk is a GEMM on them: no dequantized copy to plan for).
+    On AVX512-BF16 they beat dequantize-then-matmul at every row count measured (1-512); on the AVX2 path, whose
+    activations are quantized to int8, by 1.5-20x at 16-512 rows (2048 x 2048 and 1024 x 2048, 2 threads)."""
 
-    max_rows: int
+    max_rows = 1 << 30
 
     def dequant_bytes(self, out: int, inp: int, dtype: torch.dtype) -> int:
-        return 0 if self.max_rows == ALL_ROWS else super().dequant_bytes(out, inp, dtype)  # AVX512: every row count on the codes
+        return 0
 
     def linear(self, x: torch.Tensor, parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        if x.shape[0] > self.max_rows:
-            return F.linear(x, self.dequantize(parts, dtype))
         return self.fused(x.to(self.dtype).contiguous(), parts).to(x.dtype)  # float32 sums, rounded once
 
 
@@ -194,7 +194,6 @@ class TiledInt4(TiledFormat):
 
     def __init__(self, portable: Int4Format, ops: Any) -> None:
         self.portable, self.dtype, self.group_size = portable, torch.bfloat16, portable.group_size
-        self.max_rows = tiled_max_rows()
         self.mm: Callable[..., torch.Tensor] = ops.int4_tiles_mm  # x [M, in] bf16 -> [M, out] float32 (a slot pool's: experts/dispatch.py)
 
     def fields(self, out: int, inp: int) -> list[Field]:
@@ -229,7 +228,6 @@ class TiledInt8(TiledFormat):
 
     def __init__(self, ops: Any) -> None:
         self.portable, self.dtype = Int8Format(), torch.bfloat16
-        self.max_rows = tiled_max_rows()
         self.mm: Callable[..., torch.Tensor] = ops.int8_tiles_mm  # x [M, in] bf16 -> [M, out] float32
 
     def fields(self, out: int, inp: int) -> list[Field]:
@@ -263,17 +261,6 @@ def untile_int8_columns(codes: torch.Tensor) -> torch.Tensor:
     out, inp = codes.shape
     b = codes.view(out // TILE_ROWS, inp // 4, TILE_ROWS, 2, 2)  # [T, in/4, r, c, half]
     return b.permute(1, 4, 3, 0, 2).reshape(inp, out)  # [in/4, half, c, T, r]: column 4b + 2 half + c, row 16T + r
-
-
-ALL_ROWS = 1 << 30
-TILED_AVX2_MAX_ROWS = 64  # AVX2 path: dequantize-then-matmul wins above ~64-128 rows (2048 x 2048 and 1024 x 2048, 2 threads)
-
-
-def tiled_max_rows() -> int:
-    """Rows up to which the tiled kernels multiply on the codes: all on AVX512-BF16 (each block unpacked once per four
-    rows, a GEMM at the bf16 dot product's peak: it beat dequantize-then-matmul at every row count measured, 1-512), 64
-    on the AVX2 path (float conversions per code: a float32 GEMM on a dequantized copy wins above that)."""
-    return ALL_ROWS if avx512_path() else TILED_AVX2_MAX_ROWS
 
 
 def tile_int4(codes: torch.Tensor) -> torch.Tensor:

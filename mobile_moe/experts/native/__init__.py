@@ -5,7 +5,7 @@ widths, docs/performance.md); `tiled.cpp` reads the same bytes with one bf16 dot
 weights (per 16 int8 weights, whose nibbles it takes apart the same way). It is built on first use into the
 compiled-code cache (`$MOBILE_MOE_COMPILED_DIR`, else the user cache dir's mobile-moe/compiled; `off`: never built,
 torch's kernels run), with a progress line, and loaded from there by every later process. The library takes its
-AVX512-BF16 path where the CPU has it, else AVX2 + FMA. Where it cannot be built (no compiler) or torch runs below
+AVX512-BF16 path where the CPU has it, else AVX2 (activations quantized to int8 per 32 columns). Where it cannot be built (no compiler) or torch runs below
 AVX2, torch's kernels run; so they do with $MOBILE_MOE_NATIVE_KERNELS=off (read when a model loads).
 """
 
@@ -41,12 +41,12 @@ def cache_dir() -> Path | None:
 
 def tiled_supported() -> bool:
     """Whether the tiled kernels run here: torch's CPU kernels run AVX2 or AVX512 (the kernels take AVX512-BF16 where the
-    CPU has it and ATEN_CPU_CAPABILITY does not lower it, else AVX2 + FMA)."""
+    CPU has it and ATEN_CPU_CAPABILITY does not lower it, else AVX2 on int8-quantized activations)."""
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def avx512_path() -> bool:
-    """Whether the library takes its AVX512-BF16 path (as it decides when it loads), rather than AVX2 + FMA."""
+    """Whether the library takes its AVX512-BF16 path (as it decides when it loads), rather than its AVX2 path."""
     return torch.backends.cpu.get_cpu_capability() == "AVX512" and bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 

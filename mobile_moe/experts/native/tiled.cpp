@@ -1,5 +1,6 @@
 // int4 and int8 weight-only matrix products on x86 CPUs, for mobile-moe (experts/kernels.py: TiledInt4, TiledInt8): an
-// AVX512-BF16 path, and an AVX2 + FMA path over the same layout for CPUs without the bf16 dot product (chosen at load).
+// AVX512-BF16 path, and an AVX2 path over the same layout for CPUs without the bf16 dot product (chosen at load), which
+// quantizes the activations to int8 per 32 columns and multiplies bytes (VPMADDUBSW), as llama.cpp's CPU kernels do.
 //
 // Layout (written by TiledInt4.from_portable): output rows in tiles of 16, one float lane per row. A tile's codes are
 // [in / 8] blocks of 64 bytes; 16-bit word 2r + c of block b holds, in nibble j, the code of row r, column 8b + 2j + c.
@@ -15,6 +16,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -24,6 +27,11 @@
 namespace {
 
 float bf16_to_float(uint16_t bits);
+const std::vector<int> kInt4Order = {0, 4, 1, 5, 2, 6, 3, 7};  // the columns of a code block's dword, low nibbles then high
+const std::vector<int> kInt8Order = {0, 2, 1, 3};              // ... its bytes
+// the same orders as byte shuffles within each 16-byte lane (VPSHUFB), for 32 activations in column order
+alignas(32) constexpr int8_t kInt4Shuffle[32] = {0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15, 0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15};
+alignas(32) constexpr int8_t kInt8Shuffle[32] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15, 0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
 
 constexpr int64_t kTile = 16;       // output rows per tile
 constexpr int64_t kBlockCols = 8;   // input columns per 64-byte block
@@ -32,11 +40,12 @@ constexpr int64_t kGrain = 4;       // tiles per parallel work item
 struct Problem {
   const uint8_t* codes;     // int4: [tiles, in / 8, 64]; int8: [tiles, in / 4, 64]
   const uint32_t* pairs;    // int4: [tiles, groups, 16] (scale, zero) bf16 pairs; int8: [out] bf16 scales
-  const uint16_t* x;        // [rows, in] bf16
-  const float* xf;          // the same rows in float32 (AVX2 path; null on AVX512)
-  const float* xsum;        // [rows, groups] sums of the bf16 activations (int8: one group, the whole row)
+  const uint16_t* x;        // [rows, in] bf16 (AVX512 path)
+  const int8_t* xq;         // AVX2 path: [rows, in] the activations quantized, x^ = xq * xd, in the codes' column order
+  const float* xd;          // AVX2 path: [rows, in / xblock] their scales
+  const float* xsum;        // [rows, groups] sums of the activations as multiplied (int8: one group, the whole row)
   float* y;                 // [rows, out]
-  int64_t rows, in, out, group;
+  int64_t rows, in, out, group, xblock;
 };
 
 // Rows m0 .. m0 + R - 1 of x times one tile: each 64-byte block is unpacked once and used by all R rows.
@@ -121,29 +130,42 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void tile_rows_int8(const
   }
 }
 
-// AVX2 + FMA (no bf16 dot product): the same tiles, codes converted to float and multiplied by float activations, two rows
-// per register block and two accumulators per half tile (8 rows per ymm), so no chain of dependent FMAs is longer than 4.
+// AVX2 (no bf16 dot product): the activations are quantized to int8 per block of 32 columns (scale max|x| / 127, as
+// llama.cpp's Q8_0) and VPMADDUBSW multiplies 32 codes by 32 of them at once, 16-bit sums taken into 32 bits once per
+// block; the products are exact, so the result is w times the quantized activations x^ (Activations::quantize),
+// float32 sums per block. The codes are the same tiles: dword r of a half block (8 rows) holds row r's 8 columns, its
+// low nibbles columns (0, 4, 1, 5) and its high nibbles (2, 6, 3, 7); x^ is stored in that order.
 template <int R>
 __attribute__((target("avx2,fma"))) void tile_rows_avx2(const Problem& p, int64_t tile, int64_t m0) {
-  const __m256i mask = _mm256_set1_epi32(0xF);
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
   const __m256i high = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
-  const int64_t groups = p.in / p.group, blocks = p.group / kBlockCols;
+  const int64_t groups = p.in / p.group, per_group = p.group / p.xblock, steps = p.xblock / kBlockCols, xblocks = p.in / p.xblock;
   const uint8_t* c = p.codes + tile * (p.in / kBlockCols) * 64;
   __m256 total[R][2];
   for (int r = 0; r < R; ++r) total[r][0] = total[r][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m256 acc[R][2][2];
-    for (int r = 0; r < R; ++r) acc[r][0][0] = acc[r][0][1] = acc[r][1][0] = acc[r][1][1] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < blocks; ++b, c += 64) {
-      const int64_t col = (g * blocks + b) * kBlockCols;
-      for (int h = 0; h < 2; ++h) {  // rows 8h .. 8h + 7: dword r holds column 2j (low word) and 2j + 1 (high word) in nibble j
-        const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * h));
-        for (int j = 0; j < 4; ++j)
-          for (int cc = 0; cc < 2; ++cc) {
-            const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(d, 16 * cc + 4 * j), mask));
-            for (int r = 0; r < R; ++r)
-              acc[r][h][cc] = _mm256_fmadd_ps(q, _mm256_broadcast_ss(p.xf + (m0 + r) * p.in + col + 2 * j + cc), acc[r][h][cc]);
-          }
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t k = g * per_group; k < (g + 1) * per_group; ++k) {  // x block k: at most 4 code blocks, so 16 bits hold the sums
+      __m256i sums[R][2];
+      for (int r = 0; r < R; ++r) sums[r][0] = sums[r][1] = _mm256_setzero_si256();
+      for (int64_t s = 0; s < steps; ++s, c += 64) {
+        const int64_t b = k * steps + s;  // the code block
+        const __m256i d0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c));
+        const __m256i d1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32));
+        const __m256i lo0 = _mm256_and_si256(d0, mask), hi0 = _mm256_and_si256(_mm256_srli_epi16(d0, 4), mask);
+        const __m256i lo1 = _mm256_and_si256(d1, mask), hi1 = _mm256_and_si256(_mm256_srli_epi16(d1, 4), mask);
+        for (int r = 0; r < R; ++r) {
+          const int32_t* xq = reinterpret_cast<const int32_t*>(p.xq + (m0 + r) * p.in);
+          const __m256i xlo = _mm256_set1_epi32(xq[2 * b]), xhi = _mm256_set1_epi32(xq[2 * b + 1]);
+          sums[r][0] = _mm256_add_epi16(sums[r][0], _mm256_add_epi16(_mm256_maddubs_epi16(lo0, xlo), _mm256_maddubs_epi16(hi0, xhi)));
+          sums[r][1] = _mm256_add_epi16(sums[r][1], _mm256_add_epi16(_mm256_maddubs_epi16(lo1, xlo), _mm256_maddubs_epi16(hi1, xhi)));
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m256 d = _mm256_set1_ps(p.xd[(m0 + r) * xblocks + k]);
+        for (int h = 0; h < 2; ++h) acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sums[r][h], ones)), d, acc[r][h]);
       }
     }
     for (int h = 0; h < 2; ++h) {
@@ -151,7 +173,7 @@ __attribute__((target("avx2,fma"))) void tile_rows_avx2(const Problem& p, int64_
       const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(sz, 16));
       const __m256 corr = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), scale, _mm256_castsi256_ps(_mm256_and_si256(sz, high)));  // zero - 8 scale
       for (int r = 0; r < R; ++r) {
-        total[r][h] = _mm256_fmadd_ps(_mm256_add_ps(acc[r][h][0], acc[r][h][1]), scale, total[r][h]);
+        total[r][h] = _mm256_fmadd_ps(acc[r][h], scale, total[r][h]);
         total[r][h] = _mm256_fmadd_ps(corr, _mm256_set1_ps(p.xsum[(m0 + r) * groups + g]), total[r][h]);
       }
     }
@@ -160,30 +182,40 @@ __attribute__((target("avx2,fma"))) void tile_rows_avx2(const Problem& p, int64_
     for (int h = 0; h < 2; ++h) _mm256_storeu_ps(p.y + (m0 + r) * p.out + tile * kTile + 8 * h, total[r][h]);
 }
 
-// int8 on AVX2: dword r of a half block holds, byte k, the u = q + 128 of column 4b + (0, 2, 1, 3)[k]; w = s (u - 128).
+// int8 on AVX2: dword r of a half block holds, byte k, the u = q + 128 of column 4b + (0, 2, 1, 3)[k]; w = s q. With
+// q = u ^ 0x80 (never -128: the quantizer clamps to +-127) VPMADDUBSW takes |x^| and q with x^'s sign, as llama.cpp's
+// q8 dot products do; 32-bit sums per block of x^.
 template <int R>
 __attribute__((target("avx2,fma"))) void tile_rows_int8_avx2(const Problem& p, int64_t tile, int64_t m0) {
-  const __m256i mask = _mm256_set1_epi32(0xFF);
-  constexpr int kColumn[4] = {0, 2, 1, 3};
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t steps = p.xblock / 4, xblocks = p.in / p.xblock;
   const uint8_t* c = p.codes + tile * (p.in / 4) * 64;
-  __m256 acc[R][2][2];
-  for (int r = 0; r < R; ++r) acc[r][0][0] = acc[r][0][1] = acc[r][1][0] = acc[r][1][1] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < p.in / 4; ++b, c += 64)
-    for (int h = 0; h < 2; ++h) {
-      const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * h));
-      for (int k = 0; k < 4; ++k) {
-        const __m256 u = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(d, 8 * k), mask));
-        for (int r = 0; r < R; ++r)
-          acc[r][h][k & 1] = _mm256_fmadd_ps(u, _mm256_broadcast_ss(p.xf + (m0 + r) * p.in + 4 * b + kColumn[k]), acc[r][h][k & 1]);
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < xblocks; ++k) {
+    __m256i sums[R][2];
+    for (int r = 0; r < R; ++r) sums[r][0] = sums[r][1] = _mm256_setzero_si256();
+    for (int64_t s = 0; s < steps; ++s, c += 64) {
+      const int64_t b = k * steps + s;
+      const __m256i q0 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)), flip);
+      const __m256i q1 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32)), flip);
+      for (int r = 0; r < R; ++r) {
+        const __m256i x = _mm256_set1_epi32(reinterpret_cast<const int32_t*>(p.xq + (m0 + r) * p.in)[b]);
+        const __m256i ax = _mm256_sign_epi8(x, x);  // |x^|
+        sums[r][0] = _mm256_add_epi32(sums[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(q0, x)), ones));
+        sums[r][1] = _mm256_add_epi32(sums[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(q1, x)), ones));
       }
     }
+    for (int r = 0; r < R; ++r) {
+      const __m256 d = _mm256_set1_ps(p.xd[(m0 + r) * xblocks + k]);
+      for (int h = 0; h < 2; ++h) acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r][h]), d, acc[r][h]);
+    }
+  }
   const uint16_t* scales = reinterpret_cast<const uint16_t*>(p.pairs) + tile * kTile;
   for (int h = 0; h < 2; ++h) {
     const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 8 * h))), 16));
-    for (int r = 0; r < R; ++r) {
-      const __m256 u = _mm256_fmadd_ps(_mm256_set1_ps(-128.0f), _mm256_set1_ps(p.xsum[m0 + r]), _mm256_add_ps(acc[r][h][0], acc[r][h][1]));
-      _mm256_storeu_ps(p.y + (m0 + r) * p.out + tile * kTile + 8 * h, _mm256_mul_ps(u, scale));
-    }
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(p.y + (m0 + r) * p.out + tile * kTile + 8 * h, _mm256_mul_ps(acc[r][h], scale));
   }
 }
 
@@ -221,13 +253,82 @@ void tile_int8_any(const Problem& p, int64_t t) {
     by_row_blocks<2>(0, p.rows, [&](auto r, int64_t m) { tile_rows_int8_avx2<decltype(r)::value>(p, t, m); });
 }
 
-std::vector<float> float_rows(const at::Tensor& x) {  // the AVX2 path's float32 activations (empty on AVX512)
-  std::vector<float> rows;
-  if (kAvx512) return rows;
+// One block of `order.size()` activations (groups not a multiple of 32): q in the code block's order; returns sum(q).
+int32_t quantize_block(const uint16_t* x, int8_t* q, float& scale, const std::vector<int>& order) {
+  const int64_t width = static_cast<int64_t>(order.size());
+  float amax = 0.0f;
+  for (int64_t j = 0; j < width; ++j) amax = std::max(amax, std::fabs(bf16_to_float(x[j])));
+  scale = amax / 127.0f;
+  const float inverse = scale != 0.0f ? 1.0f / scale : 0.0f;
+  int32_t sum = 0;
+  for (int64_t j = 0; j < width; ++j) {
+    q[j] = static_cast<int8_t>(std::nearbyint(bf16_to_float(x[order[j]]) * inverse));
+    sum += q[j];
+  }
+  return sum;
+}
+
+// 32 activations at once: converted, scaled, rounded to nearest even (as std::nearbyint), packed to bytes in column
+// order and shuffled into the code blocks' order (`shuffle`: per 8 bytes); returns sum(q).
+__attribute__((target("avx2,fma"))) int32_t quantize_32(const uint16_t* x, int8_t* q, float& scale, const int8_t* shuffle) {
+  __m256 v[4];
+  __m256 amax = _mm256_setzero_ps();
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + 8 * i))), 16));
+    amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], magnitude));
+  }
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  scale = _mm_cvtss_f32(m4) / 127.0f;
+  const __m256 inverse = _mm256_set1_ps(scale != 0.0f ? 1.0f / scale : 0.0f);
+  __m256i i32[4];
+  for (int i = 0; i < 4; ++i) i32[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inverse));  // rounds to nearest even
+  const __m256i total = _mm256_add_epi32(_mm256_add_epi32(i32[0], i32[1]), _mm256_add_epi32(i32[2], i32[3]));
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
+  const __m256i ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));  // columns 0 .. 31
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_shuffle_epi8(ordered, _mm256_load_si256(reinterpret_cast<const __m256i*>(shuffle))));
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+  return _mm_cvtsi128_si32(t);
+}
+
+// The activations as a path multiplies them: on AVX512 the bf16 rows and their sums per group; on AVX2 the rows quantized
+// to int8 per block of `block` columns (d = max|x| / 127, q = round(x / d), as llama.cpp's Q8_0), stored in the codes'
+// column order, and the sums of x^ = q d per group.
+struct Activations {
+  std::vector<int8_t> q;     // [rows, in]
+  std::vector<float> scale;  // [rows, in / block]
+  std::vector<float> sums;   // [rows, in / group]
+  int64_t block = 0;
+};
+
+// order: the column each position of a code block holds (int4: 8 columns, int8: 4); block: 32 where the group allows
+__attribute__((target("avx2,fma"))) Activations activations(const at::Tensor& x, int64_t group, const std::vector<int>& order) {
+  const int64_t rows = x.size(0), in = x.size(1), width = static_cast<int64_t>(order.size());
   const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  rows.resize(x.numel());
-  for (int64_t i = 0; i < x.numel(); ++i) rows[i] = bf16_to_float(xb[i]);
-  return rows;
+  Activations a;
+  a.sums.assign(rows * (in / group), 0.0f);
+  if (kAvx512) {
+    for (int64_t i = 0; i < rows * (in / group); ++i)
+      for (int64_t k = 0; k < group; ++k) a.sums[i] += bf16_to_float(xb[i * group + k]);
+    return a;
+  }
+  a.block = group % 32 == 0 ? 32 : width;
+  a.q.resize(rows * in);
+  a.scale.resize(rows * (in / a.block));
+  const int64_t blocks = in / a.block;
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t k = 0; k < blocks; ++k) {
+      const int64_t first = m * in + k * a.block;
+      float& scale = a.scale[m * blocks + k];
+      const int32_t sum = a.block == 32 ? quantize_32(xb + first, a.q.data() + first, scale, width == 8 ? kInt4Shuffle : kInt8Shuffle)
+                                        : quantize_block(xb + first, a.q.data() + first, scale, order);
+      a.sums[m * (in / group) + k * a.block / group] += static_cast<float>(sum) * scale;
+    }
+  return a;
 }
 
 float bf16_to_float(uint16_t bits) {
@@ -252,13 +353,9 @@ at::Tensor int4_tiles_mm(const at::Tensor& x, const at::Tensor& codes, const at:
   check(x, codes, scale_zeros, group);
   const int64_t rows = x.size(0), in = x.size(1), out = codes.size(0), groups = in / group;
   at::Tensor y = at::empty({rows, out}, x.options().dtype(at::kFloat));
-  const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  std::vector<float> xsum(rows * groups, 0.0f);
-  for (int64_t i = 0; i < rows * groups; ++i)
-    for (int64_t k = 0; k < group; ++k) xsum[i] += bf16_to_float(xb[i * group + k]);
-  const std::vector<float> xf = float_rows(x);
-  const Problem p{codes.data_ptr<uint8_t>(), reinterpret_cast<const uint32_t*>(scale_zeros.data_ptr()), xb, xf.data(), xsum.data(),
-                  y.data_ptr<float>(), rows, in, out, group};
+  const Activations a = activations(x, group, kInt4Order);
+  const Problem p{codes.data_ptr<uint8_t>(), reinterpret_cast<const uint32_t*>(scale_zeros.data_ptr()), reinterpret_cast<const uint16_t*>(x.data_ptr()),
+                  a.q.data(), a.scale.data(), a.sums.data(), y.data_ptr<float>(), rows, in, out, group, a.block};
   at::parallel_for(0, out / kTile, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) tile_int4_any(p, t);
   });
@@ -279,33 +376,22 @@ at::Tensor int4_tiles_experts(const at::Tensor& x, const at::Tensor& codes, cons
   for (int64_t i = 0; i < n; ++i) TORCH_CHECK(slot[i] >= 0 && slot[i] < codes.size(0), "int4_tiles_experts: slot out of range");
   at::Tensor y = at::empty({n, out}, x.options().dtype(at::kFloat));
   const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  std::vector<float> xsum(x.size(0) * groups, 0.0f);
-  for (int64_t i = 0; i < x.size(0) * groups; ++i)
-    for (int64_t k = 0; k < group; ++k) xsum[i] += bf16_to_float(xb[i * group + k]);
+  const Activations a = activations(x, group, kInt4Order);
   // a slot pool's fields are views into one buffer per slot: slots are stride(0) apart, each slot's field contiguous
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale_zeros.data_ptr());
   const int64_t row = x.size(0) == 1 ? 0 : 1, code_stride = codes.stride(0), pair_stride = scale_zeros.stride(0);
-  const std::vector<float> xf = float_rows(x);
+  const int64_t xblocks = a.block == 0 ? 0 : in / a.block;
   at::parallel_for(0, n * tiles, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t i = item / tiles, s = slot[i];
       const uint32_t* pairs = reinterpret_cast<const uint32_t*>(sp + s * pair_stride);
-      const Problem p{cp + s * code_stride, pairs, xb + i * row * in, xf.data() + (xf.empty() ? 0 : i * row * in), xsum.data() + i * row * groups,
-                      y.data_ptr<float>() + i * out, 1, in, out, group};
+      const Problem p{cp + s * code_stride, pairs, xb + i * row * in, a.q.data() + (a.q.empty() ? 0 : i * row * in), a.scale.data() + i * row * xblocks,
+                      a.sums.data() + i * row * groups, y.data_ptr<float>() + i * out, 1, in, out, group, a.block};
       tile_int4_any(p, item % tiles);
     }
   });
   return y;
-}
-
-std::vector<float> row_sums(const at::Tensor& x) {
-  const int64_t rows = x.size(0), in = x.size(1);
-  const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  std::vector<float> sums(rows, 0.0f);
-  for (int64_t m = 0; m < rows; ++m)
-    for (int64_t k = 0; k < in; ++k) sums[m] += bf16_to_float(xb[m * in + k]);
-  return sums;
 }
 
 void check_int8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
@@ -320,9 +406,9 @@ at::Tensor int8_tiles_mm(const at::Tensor& x, const at::Tensor& codes, const at:
   check_int8(x, codes, scales);
   const int64_t out = codes.size(0);
   at::Tensor y = at::empty({x.size(0), out}, x.options().dtype(at::kFloat));
-  const std::vector<float> xsum = row_sums(x), xf = float_rows(x);
+  const Activations a = activations(x, x.size(1), kInt8Order);
   const Problem p{codes.data_ptr<uint8_t>(), reinterpret_cast<const uint32_t*>(scales.data_ptr()), reinterpret_cast<const uint16_t*>(x.data_ptr()),
-                  xf.data(), xsum.data(), y.data_ptr<float>(), x.size(0), x.size(1), out, x.size(1)};
+                  a.q.data(), a.scale.data(), a.sums.data(), y.data_ptr<float>(), x.size(0), x.size(1), out, x.size(1), a.block};
   at::parallel_for(0, out / kTile, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) tile_int8_any(p, t);
   });
@@ -339,7 +425,8 @@ at::Tensor int8_tiles_experts(const at::Tensor& x, const at::Tensor& codes, cons
   const int64_t* slot = slots.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) TORCH_CHECK(slot[i] >= 0 && slot[i] < codes.size(0), "int8_tiles_experts: slot out of range");
   at::Tensor y = at::empty({n, out}, x.options().dtype(at::kFloat));
-  const std::vector<float> xsum = row_sums(x), xf = float_rows(x);
+  const Activations a = activations(x, in, kInt8Order);
+  const int64_t xblocks = a.block == 0 ? 0 : in / a.block;
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr());
   const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr());
@@ -348,8 +435,8 @@ at::Tensor int8_tiles_experts(const at::Tensor& x, const at::Tensor& codes, cons
     for (int64_t item = begin; item < end; ++item) {
       const int64_t i = item / tiles, s = slot[i];
       const uint32_t* scale = reinterpret_cast<const uint32_t*>(sp + s * scales.stride(0));  // read as 16-bit values
-      const Problem p{cp + s * codes.stride(0), scale, xb + i * row * in, xf.data() + (xf.empty() ? 0 : i * row * in), xsum.data() + i * row,
-                      y.data_ptr<float>() + i * out, 1, in, out, in};
+      const Problem p{cp + s * codes.stride(0), scale, xb + i * row * in, a.q.data() + (a.q.empty() ? 0 : i * row * in), a.scale.data() + i * row * xblocks,
+                      a.sums.data() + i * row, y.data_ptr<float>() + i * out, 1, in, out, in, a.block};
       tile_int8_any(p, item % tiles);
     }
   });
