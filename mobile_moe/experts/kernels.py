@@ -170,8 +170,8 @@ class FusedInt4(FusedFormat):
 
 
 class TiledFormat(FusedFormat):
-    """The project's tiled kernels (experts/native/tiled.cpp): bf16 activations, float32 sums rounded once to the
-    compute dtype; every row count on the codes (a prompt chunk is a GEMM on them: no dequantized copy to plan for).
+    """The project's tiled kernels (experts/native/tiled.cpp): bf16 activations (quantized to int8 inside on the AVX2
+    path), float32 sums rounded once to the compute dtype; every row count on the codes (a prompt chunk is a GEMM on them: no dequantized copy to plan for).
     On AVX512-BF16 they beat dequantize-then-matmul at every row count measured (1-512); on the AVX2 path, whose
     activations are quantized to int8, by 1.5-20x at 16-512 rows (2048 x 2048 and 1024 x 2048, 2 threads)."""
 
