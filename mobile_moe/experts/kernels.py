@@ -48,6 +48,7 @@ from mobile_moe.experts.formats import ExpertFormat, Field, Int4Format, Int8Form
 from mobile_moe.experts.native import tiled_ops
 from mobile_moe.experts.store import MATRICES, ExpertStore
 
+EVERY_ROW = 1 << 30  # a kernel's max_rows when every row count runs on the codes
 FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # compute dtypes with a fused path (float32: through bf16)
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes _weight_int4pack_mm_for_cpu accepts
 INT4_BLOCKS = (64, 32)  # the CPU kernel's packing interleaves output rows in blocks of this many: 64 under torch's AVX512 kernels, 32 under AVX2
@@ -175,7 +176,7 @@ class TiledFormat(FusedFormat):
     On AVX512-BF16 they beat dequantize-then-matmul at every row count measured (1-512); on the AVX2 path, whose
     activations are quantized to int8, by 1.5-20x at 16-512 rows (2048 x 2048 and 1024 x 2048, 2 threads)."""
 
-    max_rows = 1 << 30
+    max_rows = EVERY_ROW
 
     def dequant_bytes(self, out: int, inp: int, dtype: torch.dtype) -> int:
         return 0
@@ -338,7 +339,7 @@ class CudaInt4(FusedFormat):
 
     name = "int4"
     kernel = "_weight_int4pack_mm"
-    max_rows = 1 << 30  # every row count through the kernel until a GPU run measures the crossover
+    max_rows = EVERY_ROW  # every row count through the kernel until a GPU run measures the crossover
 
     def __init__(self, portable: Int4Format, device: torch.device, inner_k_tiles: int) -> None:
         self.portable, self.dtype, self.group_size = portable, torch.bfloat16, portable.group_size

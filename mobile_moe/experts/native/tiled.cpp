@@ -27,11 +27,24 @@
 namespace {
 
 float bf16_to_float(uint16_t bits);
-const std::vector<int> kInt4Order = {0, 4, 1, 5, 2, 6, 3, 7};  // the columns of a code block's dword, low nibbles then high
-const std::vector<int> kInt8Order = {0, 2, 1, 3};              // ... its bytes
-// the same orders as byte shuffles within each 16-byte lane (VPSHUFB), for 32 activations in column order
-alignas(32) constexpr int8_t kInt4Shuffle[32] = {0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15, 0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15};
-alignas(32) constexpr int8_t kInt8Shuffle[32] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15, 0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
+// The order of a code block's columns as the AVX2 path reads them: int4, a dword's low nibbles hold columns (0, 4, 1, 5),
+// its high nibbles (2, 6, 3, 7); int8, its bytes hold (0, 2, 1, 3). `shuffle` is the same order as a byte shuffle within
+// each 16-byte lane (VPSHUFB) of 32 activations in column order.
+struct ColumnOrder {
+  int width;        // columns per code block (per dword of one row)
+  int columns[8];   // the column each position holds
+  alignas(32) int8_t shuffle[32];
+};
+
+constexpr ColumnOrder column_order(int width, const int (&columns)[8]) {
+  ColumnOrder order{width, {}, {}};
+  for (int j = 0; j < 8; ++j) order.columns[j] = columns[j];
+  for (int j = 0; j < 32; ++j) order.shuffle[j] = static_cast<int8_t>((j % 16) / width * width + columns[j % width]);
+  return order;
+}
+
+constexpr ColumnOrder kInt4Order = column_order(8, {0, 4, 1, 5, 2, 6, 3, 7});
+constexpr ColumnOrder kInt8Order = column_order(4, {0, 2, 1, 3, 0, 0, 0, 0});
 
 constexpr int64_t kTile = 16;       // output rows per tile
 constexpr int64_t kBlockCols = 8;   // input columns per 64-byte block
@@ -253,24 +266,24 @@ void tile_int8_any(const Problem& p, int64_t t) {
     by_row_blocks<2>(0, p.rows, [&](auto r, int64_t m) { tile_rows_int8_avx2<decltype(r)::value>(p, t, m); });
 }
 
-// One block of `order.size()` activations (groups not a multiple of 32): q in the code block's order; returns sum(q).
-int32_t quantize_block(const uint16_t* x, int8_t* q, float& scale, const std::vector<int>& order) {
-  const int64_t width = static_cast<int64_t>(order.size());
+// One code block of activations (groups not a multiple of 32): q in the block's column order; returns sum(q).
+int32_t quantize_block(const uint16_t* x, int8_t* q, float& scale, const ColumnOrder& order) {
+  const int64_t width = order.width;
   float amax = 0.0f;
   for (int64_t j = 0; j < width; ++j) amax = std::max(amax, std::fabs(bf16_to_float(x[j])));
   scale = amax / 127.0f;
   const float inverse = scale != 0.0f ? 1.0f / scale : 0.0f;
   int32_t sum = 0;
   for (int64_t j = 0; j < width; ++j) {
-    q[j] = static_cast<int8_t>(std::nearbyint(bf16_to_float(x[order[j]]) * inverse));
+    q[j] = static_cast<int8_t>(std::nearbyint(bf16_to_float(x[order.columns[j]]) * inverse));
     sum += q[j];
   }
   return sum;
 }
 
 // 32 activations at once: converted, scaled, rounded to nearest even (as std::nearbyint), packed to bytes in column
-// order and shuffled into the code blocks' order (`shuffle`: per 8 bytes); returns sum(q).
-__attribute__((target("avx2,fma"))) int32_t quantize_32(const uint16_t* x, int8_t* q, float& scale, const int8_t* shuffle) {
+// order and shuffled into the code blocks' order; returns sum(q).
+__attribute__((target("avx2,fma"))) int32_t quantize_32(const uint16_t* x, int8_t* q, float& scale, const ColumnOrder& order) {
   __m256 v[4];
   __m256 amax = _mm256_setzero_ps();
   const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
@@ -288,7 +301,7 @@ __attribute__((target("avx2,fma"))) int32_t quantize_32(const uint16_t* x, int8_
   const __m256i total = _mm256_add_epi32(_mm256_add_epi32(i32[0], i32[1]), _mm256_add_epi32(i32[2], i32[3]));
   const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
   const __m256i ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));  // columns 0 .. 31
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_shuffle_epi8(ordered, _mm256_load_si256(reinterpret_cast<const __m256i*>(shuffle))));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_shuffle_epi8(ordered, _mm256_load_si256(reinterpret_cast<const __m256i*>(order.shuffle))));
   __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
   t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
   t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
@@ -305,9 +318,9 @@ struct Activations {
   int64_t block = 0;
 };
 
-// order: the column each position of a code block holds (int4: 8 columns, int8: 4); block: 32 where the group allows
-__attribute__((target("avx2,fma"))) Activations activations(const at::Tensor& x, int64_t group, const std::vector<int>& order) {
-  const int64_t rows = x.size(0), in = x.size(1), width = static_cast<int64_t>(order.size());
+// block: 32 columns where the group allows, else one code block
+__attribute__((target("avx2,fma"))) Activations activations(const at::Tensor& x, int64_t group, const ColumnOrder& order) {
+  const int64_t rows = x.size(0), in = x.size(1), width = order.width;
   const uint16_t* xb = reinterpret_cast<const uint16_t*>(x.data_ptr());
   Activations a;
   a.sums.assign(rows * (in / group), 0.0f);
@@ -324,8 +337,7 @@ __attribute__((target("avx2,fma"))) Activations activations(const at::Tensor& x,
     for (int64_t k = 0; k < blocks; ++k) {
       const int64_t first = m * in + k * a.block;
       float& scale = a.scale[m * blocks + k];
-      const int32_t sum = a.block == 32 ? quantize_32(xb + first, a.q.data() + first, scale, width == 8 ? kInt4Shuffle : kInt8Shuffle)
-                                        : quantize_block(xb + first, a.q.data() + first, scale, order);
+      const int32_t sum = a.block == 32 ? quantize_32(xb + first, a.q.data() + first, scale, order) : quantize_block(xb + first, a.q.data() + first, scale, order);
       a.sums[m * (in / group) + k * a.block / group] += static_cast<float>(sum) * scale;
     }
   return a;
